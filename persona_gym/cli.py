@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "persona_gym.data.cli",
     "training.distill",
     "training.personas",
+    "training.train",
     "persona_gym.demo",
 ]
 

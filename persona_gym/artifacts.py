@@ -1,0 +1,181 @@
+"""The artifacts directory: everything a simulator needs, described by ``manifest.json``.
+
+Layout (written by ``persona-gym distill``, ``personas`` and ``train``)::
+
+    items.parquet          catalogue with training-only averages (ItemCatalog.to_frame)
+    profiles.jsonl         Ms per user
+    memories.parquet       Ml per training interaction
+    split.json             the protocol split's parameters and user ids
+    embeddings/items.npy   catalogue item embeddings (retrieval)
+    personas.json          K, user → persona, persona cards
+    adapters/<name>/       one peft adapter folder per adapter (save_pretrained)
+    manifest.json          schema version, base model and its file hash, dataset, protocol,
+                           seeds, personas, adapters, prompt and training config, metrics,
+                           library versions
+
+``load_artifacts`` validates the manifest and fails with the reason and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from persona_gym.catalog import ItemCatalog
+from persona_gym.io import atomic_write_json
+from persona_gym.simulator.prompts import PromptConfig
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactsError(ValueError):
+    """An artifacts directory is missing, corrupted or does not match what is asked."""
+
+
+@dataclass
+class Artifacts:
+    """A loaded artifacts directory (everything but the models)."""
+
+    root: Path
+    manifest: dict
+    catalog: ItemCatalog
+    profiles: dict[int, str]
+    memories: pd.DataFrame
+    item_embeddings: np.ndarray
+    user_persona: dict[int, int]
+
+    @property
+    def user_ids(self) -> list[int]:
+        return sorted(self.profiles)
+
+    @property
+    def prompt_config(self) -> PromptConfig:
+        return PromptConfig(**self.manifest["prompt"])
+
+    @property
+    def adapter_dirs(self) -> dict[str, Path]:
+        return {name: self.root / rel for name, rel in self.manifest["adapters"].items()}
+
+    def adapter_of(self, user_id: int, variant: str = "persona") -> str:
+        """The adapter that simulates ``user_id`` under a variant (persona / single-max / ...)."""
+        if variant == "persona":
+            return f"persona-{self.user_persona[int(user_id)]}"
+        if variant == "user":
+            return f"user-{int(user_id)}"
+        return variant
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape results (for manifests)."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("persona-gym", "torch", "transformers", "peft", "sentence-transformers", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_manifest(root: Path, manifest: dict) -> Path:
+    """Write ``manifest.json`` atomically, stamping the schema version and library versions."""
+    manifest = {"schema_version": SCHEMA_VERSION, **manifest, "versions": library_versions()}
+    return atomic_write_json(Path(root) / MANIFEST, manifest)
+
+
+def read_manifest(root: str | Path) -> dict:
+    """Read and validate ``manifest.json`` (schema version, required fields, adapter folders)."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.exists():
+        raise ArtifactsError(
+            f"{path} not found: train a simulator with `persona-gym train --artifacts {root}` "
+            "(after `persona-gym distill` and `persona-gym personas`)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactsError(f"{path} is not valid JSON (line {err.lineno}): {err.msg}; "
+                             "re-run `persona-gym train` to rewrite it") from err
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ArtifactsError(
+            f"{path}: schema_version {version!r} is not supported by this persona-gym "
+            f"(supports <= {SCHEMA_VERSION}); upgrade persona-gym or retrain"
+        )
+    for field in ("base_model", "adapters", "prompt", "dataset"):
+        if field not in manifest:
+            raise ArtifactsError(f"{path}: required field {field!r} is missing; retrain to rewrite it")
+    for name, rel in manifest["adapters"].items():
+        folder = root / rel
+        for needed in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (folder / needed).exists():
+                raise ArtifactsError(
+                    f"{path}: adapter {name!r} lacks {folder / needed}; retrain it with "
+                    f"`persona-gym train --artifacts {root}`"
+                )
+    return manifest
+
+
+def check_base_model(manifest: dict, model_path: str) -> None:
+    """Fail when the resolved base model is not the one the adapters were trained on."""
+    from persona_gym.assets import model_source
+
+    expected = manifest["base_model"].get("sha256")
+    actual = model_source(model_path).get("sha256")
+    if expected and actual and expected != actual:
+        raise ArtifactsError(
+            f"the adapters were trained on base model {manifest['base_model'].get('model')} "
+            f"(sha256 {expected[:12]}…) but {model_path} has sha256 {actual[:12]}…; "
+            "load the same base model or retrain the adapters"
+        )
+
+
+def load_tables(root: str | Path) -> tuple[ItemCatalog, dict[int, str], pd.DataFrame, np.ndarray]:
+    """Catalogue, profiles, memories and item embeddings written by ``persona-gym distill``."""
+    root = Path(root)
+    needed = ["items.parquet", "profiles.jsonl", "memories.parquet", "embeddings/items.npy"]
+    for name in needed:
+        if not (root / name).exists():
+            raise ArtifactsError(
+                f"{root / name} not found: run `persona-gym distill --out {root}` first"
+            )
+    catalog = ItemCatalog.from_frame(pd.read_parquet(root / "items.parquet"))
+    profiles = {}
+    with open(root / "profiles.jsonl", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                row = json.loads(line)
+                profiles[int(row["user_id"])] = str(row["text"])
+            except (json.JSONDecodeError, KeyError, ValueError) as err:
+                raise ArtifactsError(
+                    f"{root / 'profiles.jsonl'} line {number}: not a profile record ({err}); "
+                    "re-run `persona-gym distill`"
+                ) from err
+    memories = pd.read_parquet(root / "memories.parquet")
+    embeddings = np.load(root / "embeddings" / "items.npy")
+    return catalog, profiles, memories, embeddings
+
+
+def load_personas(root: str | Path) -> dict[int, int]:
+    """``user_id → persona`` from ``personas.json``."""
+    path = Path(root) / "personas.json"
+    if not path.exists():
+        raise ArtifactsError(f"{path} not found: run `persona-gym personas --artifacts {root}` first")
+    data = json.loads(path.read_text())
+    return {int(u): int(p) for u, p in data["assignment"].items()}
+
+
+def load_artifacts(root: str | Path) -> Artifacts:
+    """Load and validate a trained artifacts directory."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    catalog, profiles, memories, embeddings = load_tables(root)
+    return Artifacts(root, manifest, catalog, profiles, memories, embeddings, load_personas(root))

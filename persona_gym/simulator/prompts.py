@@ -1,0 +1,175 @@
+"""The rating prompt, built one way for training, evaluation and the environment.
+
+A prompt is two token segments:
+
+* the **prefix**: the user's profile ``Ms`` as the system turn (static per user, so it can be
+  computed once and shared by every candidate the user rates);
+* the **block**: one user turn holding the short-term window, the retrieved ``Ml`` memories and
+  the candidate movie, then the assistant cue. The rating is read from the next-token logits of
+  the block's last token, restricted to the tokens "1".."5".
+
+With a chat template the segments are exactly the template's rendering of
+``[system, user]`` split at the user turn; without one a plain ``PERSONA:``/``RATING:`` layout is used.
+
+Token budget (``max_tokens`` for prefix + block): when a prompt is too long, memories are dropped
+first (least similar first), then the oldest window entries, then the profile is cut from its end.
+The candidate is never cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from persona_gym.catalog import ItemCatalog
+from persona_gym.memory import Interaction, format_window
+
+RATING_TOKENS = ("1", "2", "3", "4", "5")
+TASK = "Rate this movie from 1 (hated it) to 5 (loved it). Answer with one digit."
+
+
+@dataclass(frozen=True)
+class RatingRequest:
+    """One rating to predict: which user, which candidate, with what memories and adapter.
+
+    ``memories`` are the retrieved ``Ml`` texts, most similar first.
+    ``adapter`` names a loaded LoRA adapter, or ``"base"`` for the plain model.
+    """
+
+    user_id: int
+    profile: str
+    candidate: int  # catalogue index
+    window: tuple[Interaction, ...] = ()
+    memories: tuple[str, ...] = ()
+    adapter: str = "base"
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """What goes into a prompt.
+
+    Attributes:
+        window_size: short-term window length ``k`` (0 disables the window).
+        n_memories: retrieved ``Ml`` memories per prompt (0 disables retrieval).
+        use_profile: include ``Ms`` as the system prompt.
+        max_tokens: budget for prefix + block; see the module docstring for the cut order.
+    """
+
+    window_size: int = 5
+    n_memories: int = 1
+    use_profile: bool = True
+    max_tokens: int = 384
+
+    def __post_init__(self) -> None:
+        for name in ("window_size", "n_memories", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PromptConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_tokens < 64:
+            raise ValueError(f"PromptConfig.max_tokens must be >= 64, got {self.max_tokens}")
+
+
+@dataclass
+class PromptBuilder:
+    """Turns requests into token segments with a tokenizer's chat template."""
+
+    tokenizer: object
+    catalog: ItemCatalog
+    config: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        self.rating_token_ids = rating_token_ids(self.tokenizer)
+        self._chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self._prefix_cache: dict[str, list[int]] = {}
+
+    # -- text ---------------------------------------------------------------------------------
+    def block_text(self, request: RatingRequest, window: Sequence[Interaction], memories: Sequence[str]) -> str:
+        """The user-turn text for a candidate."""
+        lines = []
+        if self.config.window_size:
+            lines.append(format_window(window, self.catalog))
+        for memory in memories:
+            lines.append(f"Memory: {memory}")
+        lines.append(f"Movie: {self.catalog.describe(request.candidate)}")
+        lines.append(TASK)
+        return "\n".join(lines)
+
+    def _render(self, system: str, user: str | None) -> str:
+        if not self._chat:
+            text = f"PERSONA: {system}\n" if system else ""
+            return text if user is None else f"{text}{user}\nRATING:"
+        messages = [{"role": "system", "content": system}]
+        if user is None:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        messages.append({"role": "user", "content": user})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- tokens -------------------------------------------------------------------------------
+    def prefix_ids(self, profile: str) -> list[int]:
+        """Token ids of the static per-user prefix (cached by profile text)."""
+        profile = profile if self.config.use_profile else ""
+        ids = self._prefix_cache.get(profile)
+        if ids is None:
+            ids = self._encode(self._render(profile, None))
+            self._prefix_cache[profile] = ids
+        return ids
+
+    def block_ids(self, request: RatingRequest) -> list[int]:
+        """Token ids of the candidate block, budget applied (see module docstring)."""
+        prefix = self.prefix_ids(request.profile)
+        system_text = self._render(request.profile if self.config.use_profile else "", None)
+        window = list(request.window[-self.config.window_size :]) if self.config.window_size else []
+        memories = list(request.memories[: self.config.n_memories])
+        while True:
+            full = self._render(request.profile if self.config.use_profile else "", self.block_text(request, window, memories))
+            block = self._encode(full[len(system_text) :])
+            if len(prefix) + len(block) <= self.config.max_tokens:
+                return block
+            if memories:
+                memories.pop()
+            elif window:
+                window.pop(0)
+            else:
+                return block  # the profile is cut in segments()
+
+    def segments(self, request: RatingRequest) -> tuple[list[int], list[int]]:
+        """``(prefix_ids, block_ids)`` for a request, together within ``max_tokens``."""
+        prefix = self.prefix_ids(request.profile)
+        block = self.block_ids(request)
+        budget = self.config.max_tokens - len(block)
+        if len(prefix) > budget:
+            prefix = self._cut_profile(request.profile, budget)
+        return prefix, block
+
+    def _cut_profile(self, profile: str, budget: int) -> list[int]:
+        """Prefix ids within ``budget`` tokens, the profile cut from its end."""
+        profile_ids = self._encode(profile)
+        keep = len(profile_ids)
+        while True:
+            ids = self._encode(self._render(self.tokenizer.decode(profile_ids[:keep]), None))
+            excess = len(ids) - budget
+            if excess <= 0 or keep == 0:
+                return ids
+            keep = max(0, keep - excess)
+
+    def full_ids(self, request: RatingRequest) -> list[int]:
+        """Prefix and block as one sequence (the plain, uncached path)."""
+        prefix, block = self.segments(request)
+        return prefix + block
+
+
+def rating_token_ids(tokenizer) -> list[int]:
+    """Ids of the single tokens "1".."5"; fail clearly when a rating is not one token."""
+    ids = []
+    for token in RATING_TOKENS:
+        encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise ValueError(
+                f"the tokenizer encodes the rating {token!r} as {len(encoded)} tokens {encoded}; "
+                "persona-gym reads ratings from one forward pass and needs each of '1'..'5' to be "
+                "a single token - use a model whose tokenizer splits digits (Llama, Qwen2, SmolLM2, Phi-3)"
+            )
+        ids.append(encoded[0])
+    return ids

@@ -1,0 +1,201 @@
+"""RatingModel, prompt builder and artifacts manifest on a tiny random Llama of SmolLM2's shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from persona_gym.artifacts import ArtifactsError, read_manifest, write_manifest
+from persona_gym.memory import Interaction
+from persona_gym.simulator.engine import pack
+from persona_gym.simulator.prompts import (
+    PromptBuilder,
+    PromptConfig,
+    RatingRequest,
+    rating_token_ids,
+)
+from persona_gym.simulator.rating_model import RatingModel, attach_adapters
+from tests.conftest import make_tiny_llama
+
+PROFILE_A = "You rate generously and love animation and comedies."
+PROFILE_B = "You are a harsh critic of action films; dramas please you."
+
+
+def add_random_adapters(model, names, seed=0):
+    """Wrap ``model`` with LoRA adapters whose B matrices are random (so they change outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False, layers_to_transform=[2, 3])
+    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+        torch.manual_seed(seed + len(name))
+        for module in peft_model.modules():
+            if hasattr(module, "lora_B") and name in module.lora_B:
+                torch.nn.init.normal_(module.lora_B[name].weight, std=0.5)
+    return peft_model.eval()
+
+
+def requests(adapters=("base",)):
+    window = (Interaction(1, 4, 10), Interaction(2, 2, 20))
+    out = []
+    for n, candidate in enumerate([0, 2, 3, 5, 4, 1]):
+        out.append(RatingRequest(
+            user_id=n % 2, profile=PROFILE_A if n % 2 == 0 else PROFILE_B, candidate=candidate,
+            window=window[: n % 3], memories=("I rated Heat (1995) 5/5: crime is my thing",),
+            adapter=adapters[n % len(adapters)],
+        ))
+    return out
+
+
+@pytest.fixture
+def builder(tokenizer, catalog):
+    return PromptBuilder(tokenizer, catalog, PromptConfig(window_size=2, n_memories=1, max_tokens=256))
+
+
+def plain_logits(model, builder, request):
+    """The reference: the whole prompt through model.forward, last-token rating logits."""
+    ids = torch.tensor([builder.full_ids(request)])
+    with torch.no_grad():
+        return model(ids).logits[0, -1, builder.rating_token_ids]
+
+
+def test_probabilities_sum_to_one_and_match_plain_forward(tiny_llama, builder):
+    model = RatingModel(tiny_llama, builder)
+    batch = requests()
+    probs = model.score(batch)
+    assert probs.shape == (6, 5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+    reference = torch.stack([plain_logits(tiny_llama, builder, r) for r in batch]).softmax(-1)
+    np.testing.assert_allclose(probs, reference.double().numpy(), atol=1e-5)
+
+
+def test_grouped_multi_adapter_equals_each_adapter_alone(tokenizer, builder):
+    peft_model = add_random_adapters(make_tiny_llama(len(tokenizer)), ["p0", "p1"])
+    model = RatingModel(peft_model, builder)
+    mixed = requests(adapters=("p0", "p1", "base"))
+    probs = model.score(mixed)
+    for request, row in zip(mixed, probs, strict=True):
+        alone = model.score([request])[0]
+        np.testing.assert_allclose(row, alone, atol=1e-5)
+        if request.adapter == "base":
+            with peft_model.disable_adapter():
+                ref = plain_logits(peft_model, builder, request)
+        else:
+            peft_model.set_adapter(request.adapter)
+            ref = plain_logits(peft_model, builder, request)
+        np.testing.assert_allclose(row, ref.softmax(-1).double().numpy(), atol=1e-5)
+    # the adapters really differ from each other and from the base model
+    same = [r for r in mixed if r.user_id == 0][0]
+    outs = [model.score([RatingRequest(**{**same.__dict__, "adapter": a})])[0] for a in ("p0", "p1", "base")]
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3 and np.abs(outs[0] - outs[2]).max() > 1e-3
+
+
+def test_unknown_adapter_is_a_clear_error(tiny_llama, builder):
+    model = RatingModel(tiny_llama, builder)
+    with pytest.raises(KeyError, match="adapter 'persona-9' is not loaded"):
+        model.score([RatingRequest(0, PROFILE_A, 1, adapter="persona-9")])
+
+
+def test_same_seed_same_sample():
+    probs = np.random.default_rng(1).dirichlet(np.ones(5), size=200)
+    a = RatingModel.sample(probs, np.random.default_rng(7))
+    b = RatingModel.sample(probs, np.random.default_rng(7))
+    c = RatingModel.sample(probs, np.random.default_rng(8))
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any() and set(np.unique(a)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    onehot = np.eye(5)[[0, 4, 2]]
+    np.testing.assert_array_equal(RatingModel.sample(onehot, np.random.default_rng(0)), [1, 5, 3])
+    np.testing.assert_array_equal(RatingModel.expected(onehot), [1, 5, 3])
+    np.testing.assert_array_equal(RatingModel.mode(onehot), [1, 5, 3])
+
+
+def test_save_load_round_trip_gives_identical_scores(tmp_path, tokenizer, builder):
+    peft_model = add_random_adapters(make_tiny_llama(len(tokenizer)), ["p0", "p1"])
+    batch = requests(adapters=("p0", "p1"))
+    before = RatingModel(peft_model, builder).score(batch)
+    peft_model.save_pretrained(tmp_path)  # non-default names go to tmp_path/<name>
+    reloaded = attach_adapters(make_tiny_llama(len(tokenizer)), {"p0": tmp_path / "p0", "p1": tmp_path / "p1"})
+    after = RatingModel(reloaded, builder).score(batch)
+    np.testing.assert_array_equal(before, after)
+
+
+def test_missing_adapter_folder_fails_clearly(tmp_path, tiny_llama):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json.*persona-gym train"):
+        attach_adapters(tiny_llama, {"p0": tmp_path / "nowhere"})
+
+
+def test_manifest_validation(tmp_path):
+    with pytest.raises(ArtifactsError, match="persona-gym train"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{ not json")
+    with pytest.raises(ArtifactsError, match="not valid JSON"):
+        read_manifest(tmp_path)
+    base = {"base_model": {"model": "x"}, "adapters": {"persona-0": "adapters/persona-0"},
+            "prompt": {}, "dataset": "ml-100k"}
+    write_manifest(tmp_path, base)
+    with pytest.raises(ArtifactsError, match="adapter 'persona-0' lacks"):
+        read_manifest(tmp_path)
+    (tmp_path / "adapters" / "persona-0").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "adapters" / "persona-0" / name).write_text("{}")
+    assert read_manifest(tmp_path)["schema_version"] == 1
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["schema_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactsError, match="schema_version 99 is not supported"):
+        read_manifest(tmp_path)
+
+
+def test_base_model_mismatch_fails(tmp_path):
+    from persona_gym.artifacts import check_base_model
+    from persona_gym.assets import SOURCE_FILE
+
+    (tmp_path / SOURCE_FILE).write_text(json.dumps({"model": "other", "sha256": "b" * 64}))
+    with pytest.raises(ArtifactsError, match="trained on base model"):
+        check_base_model({"base_model": {"model": "smol", "sha256": "a" * 64}}, str(tmp_path))
+
+
+def test_rating_tokens_must_be_single_tokens():
+    class SplitsDigits:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [7, 8]}
+
+    with pytest.raises(ValueError, match="encodes the rating '1' as 2 tokens"):
+        rating_token_ids(SplitsDigits())
+
+
+def test_prompt_budget_cuts_memories_then_window_then_profile(tokenizer, catalog):
+    window = tuple(Interaction(i, 4, i) for i in range(5))
+    memories = ("I rated Heat (1995) 5/5 " + "because of its long heist scenes " * 3,) * 2
+    request = RatingRequest(0, PROFILE_A * 6, 0, window=window, memories=memories)
+    sizes = {}
+    for budget in (4096, 200, 150, 100):
+        b = PromptBuilder(tokenizer, catalog, PromptConfig(window_size=5, n_memories=2, max_tokens=budget))
+        prefix, block = b.segments(request)
+        text = tokenizer.decode(block)
+        sizes[budget] = (len(prefix), text.count("Memory:"), text.count("(1995)"))
+        assert len(prefix) + len(block) <= budget
+        assert "Toy Story (1995); Animation, Comedy" in text  # the candidate is never cut
+    assert sizes[4096][1:] == (2, 5 + 2 + 1)
+    assert sizes[200][1] < 2  # memories go first
+    assert sizes[100][0] < sizes[4096][0]  # the profile is cut last
+
+
+def test_pack_blocks_see_only_prefix_and_themselves(tiny_llama, tokenizer):
+    """A block's rating is the same whatever other blocks share its sequence."""
+    from persona_gym.simulator.engine import LayeredLM
+
+    layered = LayeredLM(tiny_llama, [33, 34, 35, 36, 37])
+    prefix, blocks = [1, 2, 3, 4, 5], [[6, 7], [8, 9, 10], [11]]
+    with torch.no_grad():
+        together = layered.forward(pack([(prefix, blocks)], 0))
+        alone = torch.cat([layered.forward(pack([(prefix, [b])], 0)) for b in blocks])
+        padded = layered.forward(pack([(prefix, blocks), ([1], [[2]])], 0))[:3]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,585 @@
+"""Stage 3: fine-tune LoRA adapters that rate movies like the users of a persona.
+
+``persona-gym train --artifacts DIR`` reads what ``distill`` and ``personas`` wrote into DIR and
+trains, with RAFT (retrieved ``Ml`` memories in every training prompt, as at inference):
+
+* ``persona``     one adapter per persona (θpersona), on its users' training interactions;
+* ``single-max``  one adapter for all users, sub-sampled per user to the largest persona's size;
+* ``single-min``  the same, to the smallest persona's size (the paper's θsingle max/min);
+* ``user``        one adapter per user (optional; costly).
+
+Objective: cross-entropy over the five rating tokens (the next-token distribution restricted to
+"1".."5", which is exactly what the simulator samples from), plus ``mse_weight`` × the squared
+error of the expected rating, which targets RMSE directly when the distribution is uncertain.
+
+Speed on a CPU: LoRA sits on the top ``lora_layers`` decoder layers only. The frozen layers
+below produce the same activations in every epoch and for every adapter, so they run ONCE
+(cached in memory and on disk); each training step runs just the upper layers. A user's
+profile prefix is shared by up to ``blocks_per_sequence`` of their examples in one packed
+sequence (see ``persona_gym.simulator.engine``), so it is paid once per sequence, not per example.
+
+Each adapter checkpoints every ``checkpoint_every`` steps; a killed run restarted with the same
+command resumes from the checkpoints (and says so). Early stopping watches the RMSE on a
+validation slice: the last ``val_per_user`` training interactions of each user (test data is
+never read: it is not in the artifacts directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import resource
+import shutil
+import tempfile
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from persona_gym.artifacts import library_versions, load_personas, load_tables, write_manifest
+from persona_gym.assets import DEFAULT_SLM, load_causal_lm, model_source, resolve_model
+from persona_gym.io import atomic_write, atomic_write_json
+from persona_gym.memory import Interaction, short_term_window
+from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.engine import LayeredLM, pack
+from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("persona", "single-max", "single-min", "user")
+RATINGS = torch.arange(1, 6, dtype=torch.float32)
+
+
+@dataclass
+class TrainConfig:
+    """Adapter training settings (all recorded in the manifest).
+
+    Attributes:
+        variants: which adapter sets to train (see module docstring).
+        base_model: base SLM (alias, local folder or hub id).
+        rank, alpha, dropout: LoRA rank r, scaling alpha and dropout.
+        target_modules: linear layers that get LoRA.
+        lora_layers: LoRA on the top N decoder layers (0 = all layers; no lower-layer cache).
+        learning_rate: AdamW learning rate (cosine decay to 10% after a 5% warm-up).
+        epochs: passes over each adapter's training examples.
+        batch_examples: examples per optimizer step.
+        blocks_per_sequence: examples of one user packed behind one profile prefix.
+        mse_weight: weight of the expected-rating squared error added to the cross-entropy.
+        max_examples_per_user: train on each user's most recent N training interactions
+            (before the validation slice); 0 = all.
+        val_per_user: the last N training interactions of each user form the validation slice.
+        eval_every: steps between validation passes (early stopping, best-state keeping).
+        patience: validation passes without improvement before stopping.
+        checkpoint_every: steps between checkpoints.
+        seed: seeds data order, sub-sampling and LoRA initialisation.
+    """
+
+    variants: tuple[str, ...] = ("persona", "single-max", "single-min")
+    base_model: str = DEFAULT_SLM
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+    lora_layers: int = 8
+    learning_rate: float = 5e-4
+    epochs: int = 1
+    batch_examples: int = 16
+    blocks_per_sequence: int = 8
+    mse_weight: float = 0.1
+    max_examples_per_user: int = 40
+    val_per_user: int = 3
+    eval_every: int = 50
+    patience: int = 3
+    checkpoint_every: int = 25
+    seed: int = 0
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt, dict):
+            self.prompt = PromptConfig(**self.prompt)
+        self.variants = tuple(self.variants)
+        self.target_modules = tuple(self.target_modules)
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"TrainConfig.variants: unknown {unknown}; choose from {VARIANTS}")
+        for name in ("rank", "alpha", "epochs", "batch_examples", "blocks_per_sequence",
+                     "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Hash of everything that changes the result (checkpoints from other configs are refused)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training/validation prompt with its label."""
+
+    user_id: int
+    request: RatingRequest
+    rating: int
+    validation: bool
+
+
+def build_examples(
+    profiles: dict[int, str],
+    memories,
+    index: MemoryIndex,
+    config: TrainConfig,
+) -> list[Example]:
+    """RAFT examples from each user's time-ordered training interactions (Ml table)."""
+    examples = []
+    prompt = config.prompt
+    for user_id in sorted(profiles):
+        rows = memories[memories["user_id"] == user_id].sort_values(["timestamp", "item_index"])
+        history = [
+            Interaction(int(i), float(r), int(t))
+            for i, r, t in zip(rows["item_index"], rows["rating"], rows["timestamp"], strict=True)
+        ]
+        n_val = min(config.val_per_user, max(0, len(history) - 1))
+        first_train = 0
+        if config.max_examples_per_user:
+            first_train = max(0, len(history) - n_val - config.max_examples_per_user)
+        for position in range(first_train, len(history)):
+            item = history[position]
+            retrieved = index.top_k(user_id, item.item_index, prompt.n_memories)
+            request = RatingRequest(
+                user_id=user_id,
+                profile=profiles[user_id],
+                candidate=item.item_index,
+                window=short_term_window(history, prompt.window_size, before=position),
+                memories=tuple(m.text for m in retrieved),
+            )
+            examples.append(Example(user_id, request, int(round(item.rating)),
+                                    position >= len(history) - n_val))
+    return examples
+
+
+class LowerCache:
+    """Frozen lower-layer activations: one prefix per user, one block per example."""
+
+    def __init__(self, prefix_ids, prefix_hidden, block_ids, block_hidden):
+        self.prefix_ids: dict[int, list[int]] = prefix_ids
+        self.prefix_hidden: dict[int, torch.Tensor] = prefix_hidden
+        self.block_ids: list[list[int]] = block_ids
+        self.block_hidden: list[torch.Tensor] = block_hidden
+
+    @classmethod
+    @torch.inference_mode()
+    def compute(cls, examples, builder, layered: LayeredLM, split_layer: int, pad_id: int,
+                blocks_per_sequence: int, progress: bool) -> LowerCache:
+        prefix_ids, prefix_hidden, block_ids = {}, {}, []
+        block_hidden: list[torch.Tensor | None] = [None] * len(examples)
+        by_user = defaultdict(list)
+        for n, example in enumerate(examples):
+            prefix, block = builder.segments(example.request)
+            prefix_ids[example.user_id] = prefix
+            block_ids.append(block)
+            by_user[example.user_id].append(n)
+        chunks = [(u, ns[i : i + blocks_per_sequence]) for u, ns in by_user.items()
+                  for i in range(0, len(ns), blocks_per_sequence)]
+        for start in tqdm(range(0, len(chunks), 4), desc="frozen layers", disable=not progress):
+            part = chunks[start : start + 4]
+            packed = pack([(prefix_ids[u], [block_ids[n] for n in ns]) for u, ns in part], pad_id)
+            hidden = layered.run_layers(layered.embed_tokens(packed), packed, 0, split_layer)
+            for row, (user, ns) in enumerate(part):
+                p = len(prefix_ids[user])
+                prefix_hidden.setdefault(user, hidden[row, :p].clone())
+                offset = p
+                for n in ns:
+                    m = len(block_ids[n])
+                    block_hidden[n] = hidden[row, offset : offset + m].clone()
+                    offset += m
+        return cls(prefix_ids, prefix_hidden, block_ids, block_hidden)
+
+    def assemble(self, chunks: list[tuple[int, list[int]]], pad_id: int):
+        """Packed batch and its lower-layer hidden states for ``[(user, [example, ...]), ...]``."""
+        packed = pack([(self.prefix_ids[u], [self.block_ids[n] for n in ns]) for u, ns in chunks], pad_id)
+        width = packed.input_ids.shape[1]
+        dim = next(iter(self.prefix_hidden.values())).shape[-1]
+        hidden = torch.zeros(len(chunks), width, dim, dtype=next(iter(self.prefix_hidden.values())).dtype)
+        for row, (user, ns) in enumerate(chunks):
+            parts = [self.prefix_hidden[user]] + [self.block_hidden[n] for n in ns]
+            joined = torch.cat(parts)
+            hidden[row, : len(joined)] = joined
+        return packed, hidden
+
+    def state(self) -> dict:
+        return {"prefix_ids": self.prefix_ids, "prefix_hidden": self.prefix_hidden,
+                "block_ids": self.block_ids, "block_hidden": self.block_hidden}
+
+
+def _chunks(indices: list[int], examples: list[Example], size: int, rng: np.random.Generator):
+    """Shuffle examples within users, cut into same-user chunks of ``size``, shuffle the chunks."""
+    by_user = defaultdict(list)
+    for n in indices:
+        by_user[examples[n].user_id].append(n)
+    chunks = []
+    for user in sorted(by_user):
+        ns = list(rng.permutation(by_user[user]))
+        chunks.extend((user, [int(n) for n in ns[i : i + size]]) for i in range(0, len(ns), size))
+    order = rng.permutation(len(chunks))
+    return [chunks[i] for i in order]
+
+
+def _batches(chunks, batch_examples: int):
+    """Group chunks into optimizer steps of about ``batch_examples`` examples."""
+    batch, count = [], 0
+    for chunk in chunks:
+        batch.append(chunk)
+        count += len(chunk[1])
+        if count >= batch_examples:
+            yield batch
+            batch, count = [], 0
+    if batch:
+        yield batch
+
+
+def adapter_datasets(examples: list[Example], user_persona: dict[int, int], config: TrainConfig,
+                     ) -> dict[str, tuple[list[int], list[int]]]:
+    """``{adapter name: (train example indices, validation example indices)}`` per variant."""
+    train_by_user, val_by_user = defaultdict(list), defaultdict(list)
+    for n, example in enumerate(examples):
+        (val_by_user if example.validation else train_by_user)[example.user_id].append(n)
+    personas = sorted(set(user_persona.values()))
+    sets: dict[str, tuple[list[int], list[int]]] = {}
+    persona_sizes = {}
+    for p in personas:
+        users = [u for u in sorted(train_by_user) if user_persona.get(u) == p]
+        train = [n for u in users for n in train_by_user[u]]
+        val = [n for u in users for n in val_by_user[u]]
+        persona_sizes[p] = len(train)
+        if "persona" in config.variants:
+            sets[f"persona-{p}"] = (train, val)
+    all_val = [n for u in sorted(val_by_user) for n in val_by_user[u]]
+    total = sum(len(v) for v in train_by_user.values())
+    for variant, size in (("single-max", max(persona_sizes.values(), default=0)),
+                          ("single-min", min(persona_sizes.values(), default=0))):
+        if variant not in config.variants:
+            continue
+        rng = np.random.default_rng([config.seed, zlib.crc32(variant.encode())])
+        fraction = size / total if total else 0.0
+        train = []
+        for user in sorted(train_by_user):
+            ns = train_by_user[user]
+            keep = max(1, round(fraction * len(ns)))
+            train.extend(int(n) for n in sorted(rng.choice(ns, size=keep, replace=False)))
+        sets[variant] = (train, all_val)
+    if "user" in config.variants:
+        for user in sorted(train_by_user):
+            sets[f"user-{user}"] = (train_by_user[user], val_by_user[user])
+    return sets
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, mse_weight: float) -> torch.Tensor:
+    ce = torch.nn.functional.cross_entropy(logits, labels - 1)
+    expected = logits.softmax(-1) @ RATINGS
+    return ce + mse_weight * ((expected - labels.float()) ** 2).mean()
+
+
+@torch.no_grad()
+def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, size) -> dict:
+    """Validation RMSE/MAE/NLL of the active adapter on ``indices``."""
+    if not indices:
+        return {"rmse": float("nan"), "mae": float("nan"), "nll": float("nan"), "n": 0}
+    model.eval()
+    chunks = _chunks(indices, examples, size, np.random.default_rng(0))
+    errors, nll = [], []
+    for batch in _batches(chunks, 64):
+        packed, hidden = cache.assemble(batch, pad_id)
+        logits = layered.forward(packed, start=split_layer, hidden=hidden)
+        labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns])
+        probs = logits.softmax(-1)
+        errors.append(probs @ RATINGS - labels.float())
+        nll.append(-probs[torch.arange(len(labels)), labels - 1].log())
+    err, nll_t = torch.cat(errors), torch.cat(nll)
+    model.train()
+    return {"rmse": float(err.pow(2).mean().sqrt()), "mae": float(err.abs().mean()),
+            "nll": float(nll_t.mean()), "n": len(err)}
+
+
+def _lora_state(model, name: str) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+
+
+def train_adapter(
+    name: str,
+    base: torch.nn.Module,
+    layered: LayeredLM,
+    cache: LowerCache,
+    examples: list[Example],
+    train_idx: list[int],
+    val_idx: list[int],
+    config: TrainConfig,
+    split_layer: int,
+    pad_id: int,
+    out_dir: Path,
+    progress: bool,
+) -> tuple[torch.nn.Module, dict]:
+    """Train one adapter (resuming from its checkpoint), save it; return the base model and metrics."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    n_layers = layered.n_layers
+    lora_config = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=list(range(split_layer, n_layers)) if config.lora_layers else None,
+    )
+    seed = config.seed * 1_000_003 + zlib.crc32(name.encode())
+    torch.manual_seed(seed)
+    model = get_peft_model(base, lora_config, adapter_name=name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch_examples)
+    total_steps = max(1, steps_per_epoch * config.epochs)
+    warmup = max(1, total_steps // 20)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    ckpt_path = out_dir / "checkpoints" / f"{name}.pt"
+    state = {"step": 0, "best": None, "best_val": float("inf"), "bad_evals": 0, "history": [],
+             "tokens": 0, "seconds": 0.0}
+    if ckpt_path.exists():
+        saved = torch.load(ckpt_path, weights_only=False)
+        if saved.get("config") == config.digest():
+            set_peft_model_state_dict(model, saved["lora"], adapter_name=name)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = saved["state"]
+            log.info("adapter %s: resumed from %s at step %d", name, ckpt_path, state["step"])
+        else:
+            log.warning("adapter %s: ignoring checkpoint %s made with another config", name, ckpt_path)
+
+    def checkpoint() -> None:
+        payload = {"config": config.digest(), "lora": _lora_state(model, name),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "torch_rng": torch.get_rng_state(), "state": state}
+        atomic_write(ckpt_path, lambda tmp: torch.save(payload, tmp))
+
+    model.train()
+    step, stopped = 0, False
+    bar = tqdm(total=total_steps, desc=f"train {name}", disable=not progress, initial=state["step"])
+    for epoch in range(config.epochs):
+        rng = np.random.default_rng([config.seed, zlib.crc32(name.encode()), epoch])
+        for batch in _batches(_chunks(train_idx, examples, config.blocks_per_sequence, rng),
+                              config.batch_examples):
+            if step < state["step"]:  # already done before the resume
+                step += 1
+                continue
+            started = time.perf_counter()
+            packed, hidden = cache.assemble(batch, pad_id)
+            labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns])
+            logits = layered.forward(packed, start=split_layer, hidden=hidden)
+            loss = _loss(logits, labels, config.mse_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            state["step"] = step
+            state["tokens"] += packed.n_tokens
+            state["seconds"] += time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", best_rmse=f"{state['best_val']:.3f}")
+            if step % config.eval_every == 0 or step == total_steps:
+                metrics = _evaluate(model, layered, cache, examples, val_idx, split_layer,
+                                    pad_id, config.blocks_per_sequence)
+                state["history"].append({"step": step, "loss": loss.item(), **metrics})
+                if metrics["rmse"] < state["best_val"] - 1e-4 or state["best"] is None:
+                    state["best_val"], state["bad_evals"] = metrics["rmse"], 0
+                    state["best"] = _lora_state(model, name)
+                else:
+                    state["bad_evals"] += 1
+                if state["bad_evals"] >= config.patience:
+                    log.info("adapter %s: early stop at step %d (val RMSE %.4f)", name, step,
+                             state["best_val"])
+                    stopped = True
+            if step % config.checkpoint_every == 0 or stopped:
+                checkpoint()
+            if stopped:
+                break
+        if stopped:
+            break
+    bar.close()
+    if state["best"] is not None:
+        set_peft_model_state_dict(model, state["best"], adapter_name=name)
+    _save_adapter(model, name, out_dir / "adapters" / name)
+    checkpoint()
+    metrics = {
+        "train_examples": len(train_idx), "val_examples": len(val_idx), "steps": state["step"],
+        "best_val_rmse": state["best_val"], "history": state["history"],
+        "train_tokens": state["tokens"], "train_seconds": round(state["seconds"], 1),
+        "train_tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+        "early_stopped": stopped,
+    }
+    return model.unload(), metrics
+
+
+def _save_adapter(model, name: str, folder: Path) -> None:
+    """``save_pretrained`` one adapter into ``folder`` atomically."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
+    try:
+        model.save_pretrained(tmp, selected_adapters=[name])
+        written = tmp / name if (tmp / name).is_dir() else tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        written.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progress: bool = True) -> dict:
+    """Train every adapter of ``config.variants`` into ``artifacts``; write the manifest."""
+    root = Path(artifacts)
+    started = time.perf_counter()
+    catalog, profiles, memories, item_embeddings = load_tables(root)
+    user_persona = load_personas(root)
+    index = MemoryIndex(memories, item_embeddings)
+    torch.manual_seed(config.seed)
+    model_path = resolve_model(config.base_model)
+    base, tokenizer = load_causal_lm(config.base_model, device=device)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    builder = PromptBuilder(tokenizer, catalog, config.prompt)
+    layered = LayeredLM(base, builder.rating_token_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    split_layer = layered.n_layers - config.lora_layers if config.lora_layers else 0
+    if not 0 <= split_layer < layered.n_layers:
+        raise ValueError(f"lora_layers={config.lora_layers} but the model has {layered.n_layers} layers")
+
+    examples = build_examples(profiles, memories, index, config)
+    sets = adapter_datasets(examples, user_persona, config)
+    log.info("%d examples (%d validation), adapters: %s", len(examples),
+             sum(e.validation for e in examples), ", ".join(f"{k}={len(v[0])}" for k, v in sets.items()))
+
+    cache_key = hashlib.sha256((config.digest() + model_source(model_path).get("sha256", model_path)
+                                + str(len(examples))).encode()).hexdigest()[:16]
+    cache_path = root / "cache" / f"lower-{cache_key}.pt"
+    lower_started = time.perf_counter()
+    if cache_path.exists():
+        cache = LowerCache(**torch.load(cache_path, weights_only=False))
+        log.info("reusing frozen-layer activations from %s", cache_path)
+    else:
+        cache = LowerCache.compute(examples, builder, layered, split_layer, pad_id,
+                                   config.blocks_per_sequence, progress)
+        atomic_write(cache_path, lambda tmp: torch.save(cache.state(), tmp))
+    lower_seconds = time.perf_counter() - lower_started
+
+    metrics: dict[str, dict] = {}
+    metrics_path = root / "checkpoints" / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text()).get(config.digest(), {})
+    for name, (train_idx, val_idx) in sets.items():
+        if name in metrics and (root / "adapters" / name / "adapter_config.json").exists():
+            log.info("adapter %s: already trained, skipping", name)
+            continue
+        base, metrics[name] = train_adapter(name, base, layered, cache, examples, train_idx, val_idx,
+                                            config, split_layer, pad_id, root, progress)
+        atomic_write_json(metrics_path, {config.digest(): metrics})
+
+    split_info = json.loads((root / "split.json").read_text()) if (root / "split.json").exists() else {}
+    personas: dict[str, list[int]] = defaultdict(list)
+    for user, p in sorted(user_persona.items()):
+        personas[str(p)].append(user)
+    summary = {
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "frozen_layer_seconds": round(lower_seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "examples": len(examples),
+    }
+    manifest = {
+        "base_model": model_source(model_path),
+        "dataset": split_info.get("dataset", split_info.get("params", {}).get("dataset", "unknown")),
+        "protocol": split_info,
+        "seeds": {"training": config.seed},
+        "personas": dict(personas),
+        "adapters": {name: f"adapters/{name}" for name in metrics},
+        "prompt": dataclasses.asdict(config.prompt),
+        "training": {**config.to_dict(), "split_layer": split_layer},
+        "metrics": {"adapters": metrics, "run": summary},
+    }
+    write_manifest(root, manifest)
+    log.info("trained %d adapters in %.0f s; manifest at %s", len(metrics), summary["wall_seconds"],
+             root / "manifest.json")
+    return manifest
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    defaults = TrainConfig()
+    parser = subparsers.add_parser(
+        "train", help="fine-tune persona LoRA adapters (stage 3)", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--artifacts", required=True, type=Path,
+                        help="directory written by `persona-gym distill` and `persona-gym personas`")
+    parser.add_argument("--variants", nargs="+", default=list(defaults.variants), choices=VARIANTS)
+    parser.add_argument("--base-model", default=defaults.base_model)
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--alpha", type=int, default=defaults.alpha)
+    parser.add_argument("--dropout", type=float, default=defaults.dropout)
+    parser.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules))
+    parser.add_argument("--lora-layers", type=int, default=defaults.lora_layers,
+                        help="LoRA on the top N layers (0 = all)")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-examples", type=int, default=defaults.batch_examples)
+    parser.add_argument("--max-examples-per-user", type=int, default=defaults.max_examples_per_user)
+    parser.add_argument("--mse-weight", type=float, default=defaults.mse_weight)
+    parser.add_argument("--window", type=int, default=defaults.prompt.window_size,
+                        help="short-term window size k (0 = none)")
+    parser.add_argument("--memories", type=int, default=defaults.prompt.n_memories,
+                        help="retrieved Ml memories per prompt (0 = none)")
+    parser.add_argument("--no-profile", action="store_true", help="leave Ms out of the prompt")
+    parser.add_argument("--max-tokens", type=int, default=defaults.prompt.max_tokens)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    prompt = PromptConfig(window_size=args.window, n_memories=args.memories,
+                          use_profile=not args.no_profile, max_tokens=args.max_tokens)
+    config = TrainConfig(
+        variants=tuple(args.variants), base_model=args.base_model, rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, target_modules=tuple(args.target_modules), lora_layers=args.lora_layers,
+        learning_rate=args.learning_rate, epochs=args.epochs, batch_examples=args.batch_examples,
+        max_examples_per_user=args.max_examples_per_user, mse_weight=args.mse_weight,
+        seed=args.seed, prompt=prompt,
+    )
+    manifest = train(args.artifacts, config, device=args.device, progress=not args.no_progress)
+    for name, m in manifest["metrics"]["adapters"].items():
+        print(f"{name:>14}: {m['train_examples']:5d} examples, {m['steps']:4d} steps, "
+              f"val RMSE {m['best_val_rmse']:.4f}, {m['train_tokens_per_s']:.0f} tokens/s")
+    print(json.dumps(manifest["metrics"]["run"]))
+    print(json.dumps(library_versions()))
+    return 0
