@@ -1,0 +1,326 @@
+"""Stage 2: cluster users into personas on their profile embeddings (paper §4, App. B).
+
+KMeans++ (scikit-learn, seeded, ``n_init`` restarts) on the unit embeddings of the ``Ms``
+texts. K is fixed, or chosen by the elbow method over ``k_min..k_max``:
+
+    Elbow rule ("max distance to the chord", the kneedle idea): scale K and inertia to [0, 1]
+    over the range, draw the chord from the first to the last point, and pick the K whose point
+    lies farthest below that chord. Silhouette scores are reported for every K, not used to pick.
+
+Each persona gets a card: size, user ids, most distinctive words (TF-IDF one-vs-rest over the
+``Ms`` texts: mean weight inside the cluster minus mean weight outside), mean training rating
+and top genres of its users. A 2-D PCA projection of the embeddings, coloured by persona, is
+saved as a PNG.
+
+``persona-gym personas --artifacts DIR`` reads ``profiles.jsonl``, ``memories.parquet`` and
+``items.parquet`` from the distill stage and writes ``personas.json``, ``personas.png`` and
+``embeddings/profiles.npy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from persona_gym.io import atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PersonaConfig", "PersonaResult", "cluster_profiles", "elbow_k", "persona_cards"]
+
+ELBOW_RULE = ("elbow: K with the largest distance below the chord joining the first and last "
+              "(K, inertia) points, both axes min-max scaled (kneedle)")
+
+
+@dataclass(frozen=True)
+class PersonaConfig:
+    """How personas are chosen."""
+
+    k: int | None = None  # fixed K; None: elbow over k_min..k_max
+    k_min: int = 2  # smallest K tried by the elbow
+    k_max: int = 10  # largest K tried by the elbow
+    seed: int = 0  # KMeans random_state
+    n_init: int = 10  # KMeans++ restarts; the best inertia is kept
+    n_words: int = 10  # distinctive words per card
+    n_genres: int = 3  # top genres per card
+
+    def __post_init__(self) -> None:
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.k is None and not 2 <= self.k_min < self.k_max:
+            raise ValueError(f"need 2 <= k_min < k_max, got k_min={self.k_min}, "
+                             f"k_max={self.k_max}")
+        if self.n_init < 1:
+            raise ValueError(f"n_init must be >= 1, got {self.n_init}")
+
+
+@dataclass
+class PersonaResult:
+    """Clustering outcome."""
+
+    k: int
+    labels: np.ndarray  # persona of each row of the embedding matrix
+    inertias: dict[int, float]  # K -> KMeans inertia (every K tried)
+    silhouettes: dict[int, float | None]  # K -> silhouette (None when undefined, e.g. K=1)
+    rule: str  # how K was chosen
+
+
+def elbow_k(ks: list[int], inertias: list[float]) -> int:
+    """K at the elbow: farthest point below the chord of the min-max scaled curve.
+
+    Ties go to the smaller K. With fewer than 3 points the first K is returned.
+    """
+    if len(ks) != len(inertias) or not ks:
+        raise ValueError("ks and inertias must be non-empty and of the same length")
+    if len(ks) < 3:
+        return ks[0]
+    x = np.asarray(ks, dtype=float)
+    y = np.asarray(inertias, dtype=float)
+    x = (x - x[0]) / (x[-1] - x[0])
+    span = y.max() - y.min()
+    y = (y - y.min()) / span if span > 0 else np.zeros_like(y)
+    chord = y[0] + (y[-1] - y[0]) * x  # straight line from first to last point
+    gap = chord - y  # decreasing convex curve: positive below the chord
+    return int(ks[int(np.argmax(gap))])
+
+
+def _kmeans(x: np.ndarray, k: int, config: PersonaConfig):
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, init="k-means++", n_init=config.n_init,
+                  random_state=config.seed).fit(x)
+
+
+def _silhouette(x: np.ndarray, labels: np.ndarray) -> float | None:
+    from sklearn.metrics import silhouette_score
+
+    n_labels = len(np.unique(labels))
+    if n_labels < 2 or n_labels >= len(x):
+        return None
+    return float(silhouette_score(x, labels, metric="euclidean"))
+
+
+def cluster_profiles(embeddings: np.ndarray, config: PersonaConfig) -> PersonaResult:
+    """KMeans++ on the profile embeddings with a fixed K or K by the elbow rule."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if config.k is not None:
+        if config.k > len(x):
+            raise ValueError(f"k={config.k} exceeds the {len(x)} profiles")
+        model = _kmeans(x, config.k, config)
+        return PersonaResult(config.k, model.labels_.astype(np.int64),
+                             {config.k: float(model.inertia_)},
+                             {config.k: _silhouette(x, model.labels_)}, "fixed")
+    ks = [k for k in range(config.k_min, config.k_max + 1) if k < len(x)]
+    if len(ks) < 1:
+        raise ValueError(f"{len(x)} profiles are too few for k_min={config.k_min}")
+    models = {k: _kmeans(x, k, config) for k in ks}
+    inertias = {k: float(m.inertia_) for k, m in models.items()}
+    silhouettes = {k: _silhouette(x, m.labels_) for k, m in models.items()}
+    k = elbow_k(ks, [inertias[k] for k in ks])
+    log.info("elbow picked K=%d; inertia %s; silhouette %s", k,
+             {k: round(v, 2) for k, v in inertias.items()},
+             {k: None if v is None else round(v, 3) for k, v in silhouettes.items()})
+    return PersonaResult(k, models[k].labels_.astype(np.int64), inertias, silhouettes,
+                         ELBOW_RULE)
+
+
+def distinctive_words(texts: list[str], labels: np.ndarray, n_words: int) -> dict[int, list]:
+    """Per cluster, the words whose mean TF-IDF weight inside most exceeds that outside."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    # words only: the numbers in Ms are evidence, not vocabulary
+    vectorizer = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[A-Za-z][A-Za-z'-]+\b",
+                                 lowercase=True)
+    matrix = vectorizer.fit_transform([_strip_numbers(t) for t in texts]).toarray()
+    vocab = np.asarray(vectorizer.get_feature_names_out())
+    out: dict[int, list] = {}
+    for c in np.unique(labels):
+        inside = labels == c
+        score = matrix[inside].mean(axis=0) - (matrix[~inside].mean(axis=0) if (~inside).any()
+                                               else 0.0)
+        order = np.lexsort((vocab, -score))[:n_words]
+        out[int(c)] = [{"word": str(vocab[i]), "score": round(float(score[i]), 4)}
+                       for i in order if score[i] > 0]
+    return out
+
+
+def _strip_numbers(text: str) -> str:
+    return re.sub(r"\d+(\.\d+)?", " ", text.replace("PERSONA:", " "))
+
+
+def persona_cards(user_ids: list[int], texts: list[str], labels: np.ndarray,
+                  memories: pd.DataFrame, items: pd.DataFrame,
+                  config: PersonaConfig) -> list[dict]:
+    """One card per persona: size, users, distinctive words, mean rating, top genres."""
+    words = distinctive_words(texts, labels, config.n_words)
+    genres_of = dict(zip(items["item_id"].astype(int), items["genres"], strict=True))
+    users = np.asarray(user_ids)
+    every = memories[memories["user_id"].isin(user_ids)]
+    all_shares = _genre_shares(every, genres_of)
+    cards = []
+    for c in range(int(labels.max()) + 1 if len(labels) else 0):
+        members = sorted(int(u) for u in users[labels == c])
+        rows = memories[memories["user_id"].isin(members)]
+        genre_rows = [(g, r) for i, r in zip(rows["item_id"], rows["rating"], strict=True)
+                      for g in genres_of.get(int(i), ())]
+        g = pd.DataFrame(genre_rows, columns=["genre", "rating"])
+        top = []
+        if len(g):
+            stats = g.groupby("genre")["rating"].agg(n="size", mean="mean").reset_index()
+            stats = stats.sort_values(["n", "genre"], ascending=[False, True])
+            total = max(1, len(rows))
+            top = [{"genre": str(s.genre), "share": round(float(s.n) / total, 3),
+                    "mean_rating": round(float(s.mean), 3)}
+                   for s in stats.head(config.n_genres).itertuples()]
+        shares = _genre_shares(rows, genres_of)
+        lift = (shares / all_shares.reindex(shares.index)).dropna()
+        lift = lift[shares.reindex(lift.index) >= 0.02].reset_index()
+        lift.columns = ["genre", "lift"]
+        lift = lift.sort_values(["lift", "genre"], ascending=[False, True]).head(config.n_genres)
+        cards.append({
+            "persona": c,
+            "size": len(members),
+            "user_ids": members,
+            "distinctive_words": words.get(c, []),
+            "mean_rating": round(float(rows["rating"].mean()), 3) if len(rows) else None,
+            "n_ratings": len(rows),
+            "top_genres": top,
+            # genres these users watch more than all users do (share ratio; share >= 2%)
+            "distinctive_genres": [{"genre": str(r.genre), "lift": round(float(r.lift), 3)}
+                                   for r in lift.itertuples()],
+        })
+    return cards
+
+
+def _genre_shares(rows: pd.DataFrame, genres_of: dict) -> pd.Series:
+    """Fraction of the rows' ratings whose item has each genre."""
+    counts: dict[str, int] = {}
+    for i in rows["item_id"]:
+        for g in genres_of.get(int(i), ()):
+            counts[str(g)] = counts.get(str(g), 0) + 1
+    return pd.Series(counts, dtype=float).sort_index() / max(1, len(rows))
+
+
+def plot_personas(path: Path, embeddings: np.ndarray, labels: np.ndarray, seed: int,
+                  title: str) -> None:
+    """PCA to 2-D, one colour per persona, saved atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    points = PCA(n_components=2, random_state=seed).fit_transform(embeddings)
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
+    cmap = plt.get_cmap("tab10")
+    for c in range(int(labels.max()) + 1):
+        sel = labels == c
+        ax.scatter(points[sel, 0], points[sel, 1], s=14, color=cmap(c % 10),
+                   label=f"persona {c} ({int(sel.sum())})")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}))
+    plt.close(fig)
+
+
+def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
+                       embedder_name: str | None = None) -> dict:
+    """Cluster the profiles of an artifacts directory and write the persona outputs."""
+    from persona_gym.embeddings import DEFAULT_EMBEDDER, Embedder
+
+    artifacts = Path(artifacts)
+    profiles_path = artifacts / "profiles.jsonl"
+    if not profiles_path.exists():
+        raise FileNotFoundError(
+            f"{profiles_path} is missing; run: persona-gym distill --dataset ml-100k "
+            f"--out {artifacts}"
+        )
+    rows = [json.loads(line) for line in profiles_path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    rows.sort(key=lambda r: int(r["user_id"]))
+    user_ids = [int(r["user_id"]) for r in rows]
+    texts = [r["text"] for r in rows]
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    embedder_name = embedder_name or DEFAULT_EMBEDDER
+    embeddings = Embedder(embedder_name).encode(texts)
+    timings["embed profiles"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    result = cluster_profiles(embeddings, config)
+    timings["kmeans"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    memories = pd.read_parquet(artifacts / "memories.parquet")
+    items = pd.read_parquet(artifacts / "items.parquet")
+    cards = persona_cards(user_ids, texts, result.labels, memories, items, config)
+    out = {
+        "k": result.k,
+        "rule": result.rule,
+        "config": asdict(config),
+        "embedder": embedder_name,
+        "assignment": {str(u): int(c) for u, c in zip(user_ids, result.labels, strict=True)},
+        "sizes": [card["size"] for card in cards],
+        "inertias": {str(k): round(v, 6) for k, v in result.inertias.items()},
+        "silhouettes": {str(k): None if v is None else round(v, 6)
+                        for k, v in result.silhouettes.items()},
+        "cards": cards,
+    }
+    atomic_write_json(artifacts / "personas.json", out)
+
+    def write_npy(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, embeddings.astype(np.float32))
+
+    atomic_write(artifacts / "embeddings" / "profiles.npy", write_npy)
+    plot_personas(artifacts / "personas.png", embeddings, result.labels, config.seed,
+                  f"{len(user_ids)} users, K={result.k} personas (PCA of profile embeddings)")
+    timings["cards+plot+write"] = time.perf_counter() - t0
+    log.info("timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
+    log.info("K=%d, sizes %s", result.k, out["sizes"])
+    return out
+
+
+def add_parser(subparsers) -> None:
+    """Add ``persona-gym personas``."""
+    p = subparsers.add_parser(
+        "personas",
+        help="cluster users into personas on their profile embeddings",
+        description=(
+            "Stage 2 of the paper: KMeans++ on the embeddings of the profiles (Ms) written by "
+            "'persona-gym distill'. K is --k, or chosen by the elbow method over "
+            "--k-min..--k-max (largest distance below the chord of the scaled inertia curve); "
+            "silhouette is reported for every K. Writes personas.json, personas.png and "
+            "embeddings/profiles.npy into the artifacts directory."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--artifacts", required=True, help="artifacts directory from distill")
+    p.add_argument("--k", type=int, default=None, help="fixed number of personas (skips elbow)")
+    p.add_argument("--k-min", type=int, default=2, help="smallest K tried by the elbow")
+    p.add_argument("--k-max", type=int, default=10, help="largest K tried by the elbow")
+    p.add_argument("--seed", type=int, default=0, help="KMeans seed")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = PersonaConfig(k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed)
+    out = run_personas_stage(args.artifacts, config)
+    for card in out["cards"]:
+        words = ", ".join(w["word"] for w in card["distinctive_words"][:6])
+        genres = ", ".join(g["genre"] for g in card["distinctive_genres"])
+        log.info("persona %d: %d users, mean rating %s, distinctive genres %s; words: %s", card["persona"],
+                 card["size"], card["mean_rating"], genres, words)
+    return 0
