@@ -84,10 +84,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(root: Path, manifest: dict) -> Path:
-    """Write ``manifest.json`` atomically, stamping the schema version and library versions."""
+def write_manifest(root: Path, manifest: dict) -> dict:
+    """Write ``manifest.json`` atomically, stamped with the schema and library versions; return it."""
     manifest = {"schema_version": SCHEMA_VERSION, **manifest, "versions": library_versions()}
-    return atomic_write_json(Path(root) / MANIFEST, manifest)
+    atomic_write_json(Path(root) / MANIFEST, manifest)
+    return manifest
 
 
 def read_manifest(root: str | Path) -> dict:

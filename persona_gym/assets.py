@@ -99,10 +99,11 @@ def resolve_embedder(name_or_path: str = DEFAULT_EMBEDDER) -> str:
 
 def model_source(model_path: str) -> dict:
     """Identity of a resolved model (id and file hash) for manifests."""
-    source = Path(model_path) / SOURCE_FILE
-    if source.exists():
-        return json.loads(source.read_text())
-    return {"model": model_path, "sha256": None}
+    folder = Path(model_path)
+    if (folder / SOURCE_FILE).exists():
+        return json.loads((folder / SOURCE_FILE).read_text())
+    weights = folder / "model.safetensors"
+    return {"model": model_path, "sha256": file_sha256(weights) if weights.exists() else None}
 
 
 def _converted_smollm2(root: Path) -> Path:

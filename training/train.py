@@ -272,17 +272,22 @@ def adapter_datasets(examples: list[Example], user_persona: dict[int, int], conf
             sets[f"persona-{p}"] = (train, val)
     all_val = [n for u in sorted(val_by_user) for n in val_by_user[u]]
     total = sum(len(v) for v in train_by_user.values())
+    # θsingle: every user sub-sampled in proportion to their data, to a persona's size
     for variant, size in (("single-max", max(persona_sizes.values(), default=0)),
                           ("single-min", min(persona_sizes.values(), default=0))):
         if variant not in config.variants:
             continue
         rng = np.random.default_rng([config.seed, zlib.crc32(variant.encode())])
-        fraction = size / total if total else 0.0
+        users = sorted(train_by_user)
+        quotas = np.array([size * len(train_by_user[u]) / total for u in users]) if total else np.zeros(0)
+        keep = np.floor(quotas).astype(int)
+        # largest remainders get the leftover examples, so the total matches `size` exactly
+        for i in np.argsort(-(quotas - keep), kind="stable")[: size - keep.sum()]:
+            keep[i] += 1
         train = []
-        for user in sorted(train_by_user):
-            ns = train_by_user[user]
-            keep = max(1, round(fraction * len(ns)))
-            train.extend(int(n) for n in sorted(rng.choice(ns, size=keep, replace=False)))
+        for user, n_keep in zip(users, keep, strict=True):
+            chosen = rng.choice(train_by_user[user], size=int(n_keep), replace=False)
+            train.extend(int(n) for n in sorted(chosen))
         sets[variant] = (train, all_val)
     if "user" in config.variants:
         for user in sorted(train_by_user):
@@ -481,7 +486,7 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
     log.info("%d examples (%d validation), adapters: %s", len(examples),
              sum(e.validation for e in examples), ", ".join(f"{k}={len(v[0])}" for k, v in sets.items()))
 
-    cache_key = hashlib.sha256((config.digest() + model_source(model_path).get("sha256", model_path)
+    cache_key = hashlib.sha256((config.digest() + str(model_source(model_path)["sha256"] or model_path)
                                 + str(len(examples))).encode()).hexdigest()[:16]
     cache_path = root / "cache" / f"lower-{cache_key}.pt"
     lower_started = time.perf_counter()
@@ -527,7 +532,7 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
         "training": {**config.to_dict(), "split_layer": split_layer},
         "metrics": {"adapters": metrics, "run": summary},
     }
-    write_manifest(root, manifest)
+    manifest = write_manifest(root, manifest)
     log.info("trained %d adapters in %.0f s; manifest at %s", len(metrics), summary["wall_seconds"],
              root / "manifest.json")
     return manifest

@@ -1,0 +1,148 @@
+"""Adapter training on a tiny random Llama: variants, artifacts, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from persona_gym.artifacts import load_artifacts
+from persona_gym.simulator.prompts import PromptConfig
+from tests.conftest import make_tiny_llama
+from training import train as train_module
+from training.train import TrainConfig, train
+
+
+@pytest.fixture
+def tiny_base(tmp_path_factory, tokenizer):
+    """A tiny random model of SmolLM2's layout saved as a local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-smollm2")
+    make_tiny_llama(len(tokenizer), layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def artifacts(tmp_path, catalog):
+    """A minimal artifacts directory as `distill` + `personas` write it: 4 users, 2 personas."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "art"
+    (root / "embeddings").mkdir(parents=True)
+    catalog.to_frame().to_parquet(root / "items.parquet", index=False)
+    emb = rng.normal(size=(len(catalog), 8)).astype(np.float32)
+    np.save(root / "embeddings" / "items.npy", emb / np.linalg.norm(emb, axis=1, keepdims=True))
+    rows, profiles = [], {}
+    for user in range(4):
+        profiles[user] = f"User {user}: rates {'high' if user % 2 else 'low'}, likes thrillers."
+        for t, item in enumerate(rng.permutation(len(catalog))):
+            rating = int(rng.integers(1, 6))
+            rows.append({"user_id": user, "item_id": int(catalog.item_ids[item]), "item_index": int(item),
+                         "rating": rating, "timestamp": 1000 + t,
+                         "text": f"I rated {catalog.title_year(item)} {rating}/5."})
+    pd.DataFrame(rows).to_parquet(root / "memories.parquet", index=False)
+    with open(root / "profiles.jsonl", "w") as handle:
+        for user, text in profiles.items():
+            handle.write(json.dumps({"user_id": user, "text": text}) + "\n")
+    (root / "personas.json").write_text(json.dumps({"k": 2, "assignment": {str(u): u % 2 for u in range(4)}}))
+    (root / "split.json").write_text(json.dumps({"dataset": "synthetic", "user_ids": list(range(4))}))
+    return root
+
+
+def config(base: str, **overrides) -> TrainConfig:
+    values = dict(
+        base_model=base, rank=4, alpha=8, lora_layers=2, epochs=2, batch_examples=4,
+        blocks_per_sequence=2, max_examples_per_user=0, val_per_user=1, eval_every=2,
+        patience=100, checkpoint_every=2, learning_rate=1e-2,
+        prompt=PromptConfig(window_size=2, n_memories=1, max_tokens=256),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def adapter_weights(root, name):
+    return load_file(root / "adapters" / name / "adapter_model.safetensors")
+
+
+def test_train_writes_every_variant_and_a_loadable_manifest(artifacts, tiny_base):
+    manifest = train(artifacts, config(tiny_base), progress=False)
+    assert set(manifest["adapters"]) == {"persona-0", "persona-1", "single-max", "single-min"}
+    loaded = load_artifacts(artifacts)
+    assert loaded.adapter_of(3) == "persona-1"
+    for name, folder in loaded.adapter_dirs.items():
+        assert (folder / "adapter_config.json").exists(), name
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["r"] == 4 and cfg["layers_to_transform"] == [2, 3]
+    metrics = manifest["metrics"]["adapters"]
+    # 4 users x 6 interactions, 1 validation each -> 5 training examples per user
+    assert metrics["persona-0"]["train_examples"] == 10 and metrics["persona-0"]["val_examples"] == 2
+    assert metrics["single-max"]["train_examples"] == 10 and metrics["single-min"]["val_examples"] == 4
+    assert np.isfinite(metrics["persona-0"]["best_val_rmse"])
+    assert manifest["versions"]["torch"] and manifest["schema_version"] == 1
+
+
+def test_training_changes_the_lora_weights_and_lowers_the_loss(artifacts, tiny_base):
+    manifest = train(artifacts, config(tiny_base, variants=("single-max",), epochs=6), progress=False)
+    history = manifest["metrics"]["adapters"]["single-max"]["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    weights = adapter_weights(artifacts, "single-max")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_same_seed_same_adapters(tmp_path, artifacts, tiny_base):
+    other = tmp_path / "other"
+    shutil.copytree(artifacts, other)
+    train(artifacts, config(tiny_base, variants=("persona",)), progress=False)
+    train(other, config(tiny_base, variants=("persona",)), progress=False)
+    a, b = adapter_weights(artifacts, "persona-1"), adapter_weights(other, "persona-1")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, artifacts, tiny_base, monkeypatch, caplog):
+    other = tmp_path / "other"
+    shutil.copytree(artifacts, other)
+    cfg = config(tiny_base, variants=("single-max",), epochs=3)
+    train(artifacts, cfg, progress=False)
+
+    real_loss, calls = train_module._loss, {"n": 0}
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(other, cfg, progress=False)
+    assert (other / "checkpoints" / "single-max.pt").exists()
+    assert not (other / "adapters" / "single-max").exists()
+    monkeypatch.setattr(train_module, "_loss", real_loss)
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        train(other, cfg, progress=False)
+    assert "resumed from" in caplog.text and "at step 4" in caplog.text
+    a, b = adapter_weights(artifacts, "single-max"), adapter_weights(other, "single-max")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="TrainConfig.variants: unknown"):
+        TrainConfig(variants=("everyone",))
+    with pytest.raises(ValueError, match="TrainConfig.rank must be >= 1"):
+        TrainConfig(rank=0)
+    with pytest.raises(ValueError, match="TrainConfig.dropout"):
+        TrainConfig(dropout=1.5)
+
+
+def test_missing_distill_outputs_name_the_command(tmp_path, tiny_base):
+    from persona_gym.artifacts import ArtifactsError
+
+    with pytest.raises(ArtifactsError, match="persona-gym distill"):
+        train(tmp_path, config(tiny_base), progress=False)
