@@ -3,9 +3,11 @@
 KMeans++ (scikit-learn, seeded, ``n_init`` restarts) on the unit embeddings of the ``Ms``
 texts. K is fixed, or chosen by the elbow method over ``k_min..k_max``:
 
-    Elbow rule ("max distance to the chord", the kneedle idea): scale K and inertia to [0, 1]
-    over the range, draw the chord from the first to the last point, and pick the K whose point
-    lies farthest below that chord. Silhouette scores are reported for every K, not used to pick.
+    Elbow rule ("max distance to the chord", the kneedle idea, on log inertia): scale K and
+    log(inertia) to [0, 1] over the range, draw the chord from the first to the last point, and
+    pick the K whose point lies farthest below that chord. The log keeps a late elbow (true K
+    near k_max) from being outweighed by the large early drops of the linear curve. Silhouette
+    scores are reported for every K, not used to pick.
 
 Each persona gets a card: size, user ids, most distinctive words (TF-IDF one-vs-rest over the
 ``Ms`` texts: mean weight inside the cluster minus mean weight outside), mean training rating
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PersonaConfig", "PersonaResult", "cluster_profiles", "elbow_k", "persona_cards"]
 
 ELBOW_RULE = ("elbow: K with the largest distance below the chord joining the first and last "
-              "(K, inertia) points, both axes min-max scaled (kneedle)")
+              "(K, log inertia) points, both axes min-max scaled (kneedle)")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class PersonaConfig:
     """How personas are chosen."""
 
     k: int | None = None  # fixed K; None: elbow over k_min..k_max
-    k_min: int = 2  # smallest K tried by the elbow
+    k_min: int = 2  # smallest K tried by the elbow (an elbow is never at an end: use 1 to allow K=2)
     k_max: int = 10  # largest K tried by the elbow
     seed: int = 0  # KMeans random_state
     n_init: int = 10  # KMeans++ restarts; the best inertia is kept
@@ -55,8 +57,8 @@ class PersonaConfig:
     def __post_init__(self) -> None:
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.k is None and not 2 <= self.k_min < self.k_max:
-            raise ValueError(f"need 2 <= k_min < k_max, got k_min={self.k_min}, "
+        if self.k is None and not 1 <= self.k_min < self.k_max:
+            raise ValueError(f"need 1 <= k_min < k_max, got k_min={self.k_min}, "
                              f"k_max={self.k_max}")
         if self.n_init < 1:
             raise ValueError(f"n_init must be >= 1, got {self.n_init}")
@@ -74,16 +76,19 @@ class PersonaResult:
 
 
 def elbow_k(ks: list[int], inertias: list[float]) -> int:
-    """K at the elbow: farthest point below the chord of the min-max scaled curve.
+    """K at the elbow: farthest point below the chord of the min-max scaled log-inertia curve.
 
-    Ties go to the smaller K. With fewer than 3 points the first K is returned.
+    The end points have no distance to the chord, so the elbow is never ``ks[0]`` or
+    ``ks[-1]`` (unless no point lies below the chord: then ``ks[0]``); start the range at 1
+    for K=2 to be a possible answer. Ties go to the smaller K. With fewer than 3 points the
+    first K is returned.
     """
     if len(ks) != len(inertias) or not ks:
         raise ValueError("ks and inertias must be non-empty and of the same length")
     if len(ks) < 3:
         return ks[0]
     x = np.asarray(ks, dtype=float)
-    y = np.asarray(inertias, dtype=float)
+    y = np.log(np.maximum(np.asarray(inertias, dtype=float), 1e-12))
     x = (x - x[0]) / (x[-1] - x[0])
     span = y.max() - y.min()
     y = (y - y.min()) / span if span > 0 else np.zeros_like(y)
