@@ -2,14 +2,14 @@
 
 A prompt is two token segments:
 
-* the **prefix**: the user's profile ``Ms`` as the system turn (static per user, so it can be
-  computed once and shared by every candidate the user rates);
+* the **prefix**: the system turn, the user's profile ``Ms`` followed by the rating task (static
+  per user, so it can be computed once and shared by every candidate the user rates);
 * the **block**: one user turn holding the short-term window, the retrieved ``Ml`` memories and
   the candidate movie, then the assistant cue. The rating is read from the next-token logits of
   the block's last token, restricted to the tokens "1".."5".
 
 With a chat template the segments are exactly the template's rendering of
-``[system, user]`` split at the user turn; without one a plain ``PERSONA:``/``RATING:`` layout is used.
+``[system, user]`` split at the user turn; without one, a plain ``system / user / RATING:`` layout is used.
 
 Token budget (``max_tokens`` for prefix + block): when a prompt is too long, memories are dropped
 first (least similar first), then the oldest window entries, then the profile is cut from its end.
@@ -55,7 +55,7 @@ class PromptConfig:
         max_tokens: budget for prefix + block; see the module docstring for the cut order.
     """
 
-    window_size: int = 5
+    window_size: int = 3
     n_memories: int = 1
     use_profile: bool = True
     max_tokens: int = 384
@@ -90,12 +90,15 @@ class PromptBuilder:
         for memory in memories:
             lines.append(f"Memory: {memory}")
         lines.append(f"Movie: {self.catalog.describe(request.candidate)}")
-        lines.append(TASK)
         return "\n".join(lines)
+
+    def system_text(self, profile: str) -> str:
+        """The system turn: the profile (when used) and the rating task."""
+        return f"{profile}\n{TASK}" if self.config.use_profile and profile else TASK
 
     def _render(self, system: str, user: str | None) -> str:
         if not self._chat:
-            text = f"PERSONA: {system}\n" if system else ""
+            text = f"{system}\n"
             return text if user is None else f"{text}{user}\nRATING:"
         messages = [{"role": "system", "content": system}]
         if user is None:
@@ -109,21 +112,22 @@ class PromptBuilder:
     # -- tokens -------------------------------------------------------------------------------
     def prefix_ids(self, profile: str) -> list[int]:
         """Token ids of the static per-user prefix (cached by profile text)."""
-        profile = profile if self.config.use_profile else ""
-        ids = self._prefix_cache.get(profile)
+        system = self.system_text(profile)
+        ids = self._prefix_cache.get(system)
         if ids is None:
-            ids = self._encode(self._render(profile, None))
-            self._prefix_cache[profile] = ids
+            ids = self._encode(self._render(system, None))
+            self._prefix_cache[system] = ids
         return ids
 
     def block_ids(self, request: RatingRequest) -> list[int]:
         """Token ids of the candidate block, budget applied (see module docstring)."""
         prefix = self.prefix_ids(request.profile)
-        system_text = self._render(request.profile if self.config.use_profile else "", None)
+        system = self.system_text(request.profile)
+        system_text = self._render(system, None)
         window = list(request.window[-self.config.window_size :]) if self.config.window_size else []
         memories = list(request.memories[: self.config.n_memories])
         while True:
-            full = self._render(request.profile if self.config.use_profile else "", self.block_text(request, window, memories))
+            full = self._render(system, self.block_text(request, window, memories))
             block = self._encode(full[len(system_text) :])
             if len(prefix) + len(block) <= self.config.max_tokens:
                 return block
@@ -148,7 +152,8 @@ class PromptBuilder:
         profile_ids = self._encode(profile)
         keep = len(profile_ids)
         while True:
-            ids = self._encode(self._render(self.tokenizer.decode(profile_ids[:keep]), None))
+            system = self.system_text(self.tokenizer.decode(profile_ids[:keep]))
+            ids = self._encode(self._render(system, None))
             excess = len(ids) - budget
             if excess <= 0 or keep == 0:
                 return ids
