@@ -3,7 +3,10 @@ and a small item catalogue."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 
 
@@ -64,3 +67,59 @@ def catalog():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer):
+    """A tiny random model of SmolLM2's layout saved as a local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-smollm2")
+    make_tiny_llama(len(tokenizer), layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def artifacts(tmp_path, catalog):
+    return write_tiny_artifacts(tmp_path / "art", catalog)
+
+
+def write_tiny_artifacts(root, catalog, n_users: int = 4):
+    """A minimal artifacts directory as `distill` + `personas` write it: 4 users, 2 personas."""
+    rng = np.random.default_rng(0)
+    (root / "embeddings").mkdir(parents=True)
+    catalog.to_frame().to_parquet(root / "items.parquet", index=False)
+    emb = rng.normal(size=(len(catalog), 8)).astype(np.float32)
+    np.save(root / "embeddings" / "items.npy", emb / np.linalg.norm(emb, axis=1, keepdims=True))
+    rows, profiles = [], {}
+    for user in range(n_users):
+        profiles[user] = f"User {user}: rates {'high' if user % 2 else 'low'}, likes thrillers."
+        for t, item in enumerate(rng.permutation(len(catalog))):
+            rating = int(rng.integers(1, 6))
+            rows.append({"user_id": user, "item_id": int(catalog.item_ids[item]), "item_index": int(item),
+                         "rating": rating, "timestamp": 1000 + t,
+                         "text": f"I rated {catalog.title_year(item)} {rating}/5."})
+    pd.DataFrame(rows).to_parquet(root / "memories.parquet", index=False)
+    with open(root / "profiles.jsonl", "w") as handle:
+        for user, text in profiles.items():
+            handle.write(json.dumps({"user_id": user, "text": text}) + "\n")
+    (root / "personas.json").write_text(json.dumps({"k": 2, "assignment": {str(u): u % 2 for u in range(n_users)}}))
+    (root / "split.json").write_text(json.dumps({"dataset": "synthetic", "user_ids": list(range(n_users))}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_artifacts(tmp_path_factory, catalog, tiny_base):
+    """Tiny artifacts with trained persona adapters (2 personas) and a single-max adapter,
+    on the tiny random base model. Read-only: copy it before changing anything."""
+    from persona_gym.simulator.prompts import PromptConfig
+    from training.train import TrainConfig, train
+
+    root = write_tiny_artifacts(tmp_path_factory.mktemp("trained") / "art", catalog)
+    config = TrainConfig(
+        base_model=tiny_base, variants=("persona", "single-max"), rank=4, alpha=8, lora_layers=2,
+        epochs=1, batch_examples=4, blocks_per_sequence=2, max_examples_per_user=0,
+        val_per_user=1, eval_every=2, checkpoint_every=100,
+        prompt=PromptConfig(window_size=2, n_memories=1, max_tokens=256),
+    )
+    train(root, config, progress=False)
+    return root

@@ -7,51 +7,14 @@ import logging
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from persona_gym.artifacts import load_artifacts
 from persona_gym.simulator.prompts import PromptConfig
-from tests.conftest import make_tiny_llama
 from training import train as train_module
 from training.train import TrainConfig, train
-
-
-@pytest.fixture
-def tiny_base(tmp_path_factory, tokenizer):
-    """A tiny random model of SmolLM2's layout saved as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-smollm2")
-    make_tiny_llama(len(tokenizer), layers=4).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture
-def artifacts(tmp_path, catalog):
-    """A minimal artifacts directory as `distill` + `personas` write it: 4 users, 2 personas."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "art"
-    (root / "embeddings").mkdir(parents=True)
-    catalog.to_frame().to_parquet(root / "items.parquet", index=False)
-    emb = rng.normal(size=(len(catalog), 8)).astype(np.float32)
-    np.save(root / "embeddings" / "items.npy", emb / np.linalg.norm(emb, axis=1, keepdims=True))
-    rows, profiles = [], {}
-    for user in range(4):
-        profiles[user] = f"User {user}: rates {'high' if user % 2 else 'low'}, likes thrillers."
-        for t, item in enumerate(rng.permutation(len(catalog))):
-            rating = int(rng.integers(1, 6))
-            rows.append({"user_id": user, "item_id": int(catalog.item_ids[item]), "item_index": int(item),
-                         "rating": rating, "timestamp": 1000 + t,
-                         "text": f"I rated {catalog.title_year(item)} {rating}/5."})
-    pd.DataFrame(rows).to_parquet(root / "memories.parquet", index=False)
-    with open(root / "profiles.jsonl", "w") as handle:
-        for user, text in profiles.items():
-            handle.write(json.dumps({"user_id": user, "text": text}) + "\n")
-    (root / "personas.json").write_text(json.dumps({"k": 2, "assignment": {str(u): u % 2 for u in range(4)}}))
-    (root / "split.json").write_text(json.dumps({"dataset": "synthetic", "user_ids": list(range(4))}))
-    return root
 
 
 def config(base: str, **overrides) -> TrainConfig:

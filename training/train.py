@@ -91,14 +91,14 @@ class TrainConfig:
     target_modules: tuple[str, ...] = (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )
-    lora_layers: int = 6
+    lora_layers: int = 4
     learning_rate: float = 5e-4
     epochs: int = 1
     batch_examples: int = 16
-    blocks_per_sequence: int = 8
+    blocks_per_sequence: int = 4
     mse_weight: float = 0.1
-    max_examples_per_user: int = 25
-    val_per_user: int = 3
+    max_examples_per_user: int = 20
+    val_per_user: int = 2
     eval_every: int = 40
     patience: int = 3
     checkpoint_every: int = 25

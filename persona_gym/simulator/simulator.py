@@ -1,0 +1,132 @@
+"""The simulated users of an artifacts directory: profiles, memories, adapters, one rating call.
+
+``UserSimulator.rate`` turns ``(user, candidate, short-term window)`` triples into rating
+distributions: it retrieves each candidate's top-k ``Ml`` memories, picks the user's adapter
+(their persona's, by default) and scores everything in one ``RatingModel.score`` call.
+The environment, the evaluator and the ranking agents all go through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from persona_gym.artifacts import Artifacts, check_base_model, load_artifacts
+from persona_gym.memory import Interaction
+from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
+from persona_gym.simulator.rating_model import BASE, RatingModel
+
+
+class UserSimulator:
+    """Simulated users backed by a rating model.
+
+    Args:
+        artifacts: the loaded artifacts directory.
+        rating_model: the model with the artifacts' adapters loaded.
+        variant: which adapter rates a user: ``"persona"`` (the user's persona adapter),
+            ``"base"`` (no adapter), or the name of one adapter for everyone (``"single-max"``).
+        delta: optional cosine-similarity threshold for memory retrieval.
+    """
+
+    def __init__(self, artifacts: Artifacts, rating_model: RatingModel, variant: str = "persona",
+                 delta: float | None = None):
+        self.artifacts = artifacts
+        self.model = rating_model
+        self.variant = variant
+        self.delta = delta
+        self.index = MemoryIndex(artifacts.memories, artifacts.item_embeddings)
+        self.prompt = rating_model.builder.config
+        known = set(rating_model.adapters) | {BASE}
+        if variant not in ("persona", "user") and variant not in known:
+            raise ValueError(f"variant {variant!r}: no such adapter; available: {sorted(known)}")
+
+    @classmethod
+    def load(
+        cls,
+        artifacts_dir: str | Path,
+        variant: str = "persona",
+        base_model: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        prompt: PromptConfig | None = None,
+        compile: bool = False,
+        delta: float | None = None,
+    ) -> UserSimulator:
+        """Load artifacts and the base model with the adapters the variant needs."""
+        from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model
+        from persona_gym.simulator.engine import LayeredLM
+        from persona_gym.simulator.rating_model import attach_adapters
+
+        artifacts = load_artifacts(artifacts_dir)
+        base_model = base_model or artifacts.manifest.get("training", {}).get("base_model", DEFAULT_SLM)
+        check_base_model(artifacts.manifest, resolve_model(base_model))
+        model, tokenizer = load_causal_lm(base_model, device=device, dtype=dtype)
+        adapters = artifacts.adapter_dirs
+        if variant == "persona":
+            adapters = {n: p for n, p in adapters.items() if n.startswith("persona-")}
+        elif variant == "user":
+            adapters = {n: p for n, p in adapters.items() if n.startswith("user-")}
+        elif variant == BASE:
+            adapters = {}
+        else:
+            if variant not in adapters:
+                raise ValueError(f"variant {variant!r}: the artifacts have adapters {sorted(adapters)}")
+            adapters = {variant: adapters[variant]}
+        model = attach_adapters(model, adapters).to(device)
+        builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
+        rating_model = RatingModel(model, builder)
+        if compile:
+            rating_model.layered = LayeredLM(model, builder.rating_token_ids, compile=True)
+        return cls(artifacts, rating_model, variant, delta)
+
+    @property
+    def user_ids(self) -> list[int]:
+        return self.artifacts.user_ids
+
+    @property
+    def catalog(self):
+        return self.artifacts.catalog
+
+    def adapter_of(self, user_id: int) -> str:
+        """The adapter that rates ``user_id`` under this simulator's variant."""
+        if self.variant == BASE:
+            return BASE
+        return self.artifacts.adapter_of(user_id, self.variant)
+
+    def history(self, user_id: int) -> tuple[Interaction, ...]:
+        """The user's time-ordered training interactions (the logged history)."""
+        memories = self.artifacts.memories
+        mine = memories[memories["user_id"] == user_id].sort_values(["timestamp", "item_index"])
+        return tuple(Interaction(int(i), float(r), int(t)) for i, r, t in
+                     zip(mine["item_index"], mine["rating"], mine["timestamp"], strict=True))
+
+    def request(self, user_id: int, candidate: int, window: Sequence[Interaction] = ()) -> RatingRequest:
+        """The rating request for one candidate, with retrieved memories and the user's adapter."""
+        if user_id not in self.artifacts.profiles:
+            raise KeyError(f"user {user_id} is not a simulated user of {self.artifacts.root}")
+        if not 0 <= candidate < len(self.catalog):
+            raise IndexError(f"candidate {candidate} is outside the catalogue (0..{len(self.catalog) - 1})")
+        memories = self.index.top_k(user_id, candidate, self.prompt.n_memories, delta=self.delta)
+        return RatingRequest(
+            user_id=user_id,
+            profile=self.artifacts.profiles[user_id],
+            candidate=int(candidate),
+            window=tuple(window)[-self.prompt.window_size :] if self.prompt.window_size else (),
+            memories=tuple(m.text for m in memories),
+            adapter=self.adapter_of(user_id),
+        )
+
+    def rate(
+        self,
+        user_ids: Sequence[int],
+        candidates: Sequence[int],
+        windows: Sequence[Sequence[Interaction]] | None = None,
+    ) -> np.ndarray:
+        """``(n, 5)`` rating distributions, one per ``(user, candidate, window)``, in one call."""
+        windows = windows if windows is not None else [()] * len(user_ids)
+        requests = [self.request(int(u), int(c), w) for u, c, w in
+                    zip(user_ids, candidates, windows, strict=True)]
+        return self.model.score(requests)
