@@ -18,8 +18,13 @@ Layout (written by ``persona-gym distill``, ``personas`` and ``train``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import platform
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +35,16 @@ from persona_gym.catalog import ItemCatalog
 from persona_gym.io import atomic_write_json
 from persona_gym.simulator.prompts import PromptConfig
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# Artifacts shipped inside the package: adapters, manifest and persona cards only. The tables
+# (profiles, memories, items) reproduce MovieLens content, which may not be redistributed, so
+# they are regenerated on first use by the deterministic data distiller from the local dataset.
+SHIPPED = {"ml-100k": "ml100k"}
+SHIPPED_DIR = Path(__file__).parent / "default_artifacts"
+TABLES = ("items.parquet", "profiles.jsonl", "memories.parquet", "embeddings/items.npy")
 
 
 class ArtifactsError(ValueError):
@@ -174,9 +187,114 @@ def load_personas(root: str | Path) -> dict[int, int]:
     return {int(u): int(p) for u, p in data["assignment"].items()}
 
 
+def tables_digest(root: str | Path) -> str:
+    """Content hash of the prompt-relevant tables (profiles, memories, item descriptions).
+
+    Recorded in the manifest at training time; regenerated tables are checked against it.
+    """
+    catalog, profiles, memories, _ = load_tables(root)
+    digest = hashlib.sha256()
+    for user in sorted(profiles):
+        digest.update(f"{user}\t{profiles[user]}\n".encode())
+    columns = ["user_id", "item_index", "rating", "timestamp", "text"]
+    for row in memories[columns].itertuples(index=False):
+        digest.update("\t".join(map(str, row)).encode() + b"\n")
+    for index in range(len(catalog)):
+        digest.update(catalog.describe(index).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None) -> Path:
+    """The artifacts directory for a shipped name (``"ml-100k"``) or a path.
+
+    A shipped name is materialised once into the cache: the package's manifest, adapters and
+    persona cards, plus the tables regenerated from the local dataset by the data distiller.
+    """
+    name = str(name_or_path)
+    if name not in SHIPPED:
+        root = Path(name_or_path).expanduser()
+        if not root.exists():
+            raise ArtifactsError(
+                f"artifacts directory {root} does not exist; produce one with\n"
+                f"  persona-gym distill --dataset ml-100k --out {root}\n"
+                f"  persona-gym personas --artifacts {root}\n"
+                f"  persona-gym train --artifacts {root}\n"
+                "(for ML-1M: `persona-gym data fetch ml-1m` first, then --dataset ml-1m)"
+            )
+        return root
+    from persona_gym.assets import cache_dir
+
+    shipped = SHIPPED_DIR / SHIPPED[name]
+    manifest = read_manifest(shipped)
+    target = cache_dir(cache) / "artifacts" / f"{SHIPPED[name]}-{manifest['tables_sha256'][:12]}"
+    if all((target / t).exists() for t in TABLES) and (target / MANIFEST).exists():
+        return target
+    log.info("materialising the shipped %s simulator into %s (once, about a minute)", name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        shutil.copytree(shipped, tmp / "art")
+        _regenerate_tables(tmp / "art", json.loads((shipped / "split.json").read_text()))
+        actual = tables_digest(tmp / "art")
+        if actual != manifest["tables_sha256"]:
+            warnings.warn(
+                f"the regenerated {name} tables differ from those the shipped adapters were "
+                "trained on (another dataset copy or library version); ratings may deviate "
+                "from the published evaluation", stacklevel=2)
+        if target.exists():  # an incomplete earlier attempt
+            shutil.rmtree(target)
+        (tmp / "art").rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+SHIPPABLE = ("manifest.json", "personas.json", "split.json", "distill.json", "adapters", "evaluation")
+
+
+def export_shippable(src: str | Path, dest: str | Path) -> Path:
+    """Copy what may ship inside the package (no MovieLens-derived tables) from ``src`` to ``dest``.
+
+    ``dest`` is replaced atomically. The manifest must carry ``tables_sha256``.
+    """
+    src, dest = Path(src), Path(dest)
+    manifest = read_manifest(src)
+    if "tables_sha256" not in manifest:
+        raise ArtifactsError(f"{src / MANIFEST} has no tables_sha256; retrain with this version")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+    try:
+        for name in SHIPPABLE:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+            elif (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _regenerate_tables(root: Path, split_info: dict) -> None:
+    """Re-run the deterministic data distiller for a shipped simulator's split."""
+    from persona_gym.data import load_dataset, protocol_split
+    from persona_gym.embeddings import DEFAULT_EMBEDDER, Embedder, embed_items
+    from training.distill import DataDistiller, write_artifacts
+
+    dataset = load_dataset(split_info["dataset"])
+    split = protocol_split(dataset, **split_info["params"])
+    catalog = ItemCatalog.from_frames(dataset.items, split.item_stats())
+    result = DataDistiller().distill(dataset, split, catalog)
+    embeddings = embed_items(catalog, Embedder(DEFAULT_EMBEDDER))
+    info = json.loads((root / "distill.json").read_text()) if (root / "distill.json").exists() else {}
+    write_artifacts(root, dataset, split, catalog, result, embeddings, info)
+
+
 def load_artifacts(root: str | Path) -> Artifacts:
-    """Load and validate a trained artifacts directory."""
-    root = Path(root)
+    """Load and validate an artifacts directory (a path, or a shipped name like ``"ml-100k"``)."""
+    root = resolve_artifacts(root)
     manifest = read_manifest(root)
     catalog, profiles, memories, embeddings = load_tables(root)
     return Artifacts(root, manifest, catalog, profiles, memories, embeddings, load_personas(root))

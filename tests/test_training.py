@@ -109,3 +109,30 @@ def test_missing_distill_outputs_name_the_command(tmp_path, tiny_base):
 
     with pytest.raises(ArtifactsError, match="persona-gym distill"):
         train(tmp_path, config(tiny_base), progress=False)
+
+
+@pytest.mark.integration
+def test_shipped_artifacts_regenerate_their_tables(tmp_path, tiny_base, monkeypatch):
+    """A shipped simulator carries no MovieLens tables; they are rebuilt identically on first use."""
+    import warnings
+
+    from persona_gym import artifacts as artifacts_module
+    from persona_gym.artifacts import export_shippable, resolve_artifacts
+    from persona_gym.cli import main
+
+    src = tmp_path / "src"
+    assert main(["distill", "--dataset", "ml-100k", "--out", str(src), "--n-users", "4",
+                 "--no-progress"]) == 0
+    assert main(["personas", "--artifacts", str(src), "--k", "2"]) == 0
+    train(src, config(tiny_base, variants=("persona",), epochs=1, max_examples_per_user=4), progress=False)
+    shipped = tmp_path / "package" / "ml100k"
+    export_shippable(src, shipped)
+    assert not (shipped / "memories.parquet").exists() and not (shipped / "profiles.jsonl").exists()
+    monkeypatch.setattr(artifacts_module, "SHIPPED_DIR", shipped.parent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a digest mismatch would warn
+        root = resolve_artifacts("ml-100k", cache=tmp_path / "cache")
+    assert (root / "memories.parquet").exists()
+    loaded = load_artifacts(root)
+    assert loaded.user_ids == json.loads((src / "split.json").read_text())["distilled_user_ids"]
+    assert resolve_artifacts("ml-100k", cache=tmp_path / "cache") == root  # second call reuses it

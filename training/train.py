@@ -45,7 +45,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from persona_gym.artifacts import library_versions, load_personas, load_tables, write_manifest
+from persona_gym.artifacts import (
+    library_versions,
+    load_personas,
+    load_tables,
+    tables_digest,
+    write_manifest,
+)
 from persona_gym.assets import DEFAULT_SLM, load_causal_lm, model_source, resolve_model
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.memory import Interaction, short_term_window
@@ -529,6 +535,7 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
         "base_model": model_source(model_path),
         "dataset": split_info.get("dataset", split_info.get("params", {}).get("dataset", "unknown")),
         "protocol": split_info,
+        "tables_sha256": tables_digest(root),
         "seeds": {"training": config.seed},
         "personas": dict(personas),
         "adapters": {name: f"adapters/{name}" for name in metrics},
