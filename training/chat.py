@@ -127,7 +127,7 @@ class OpenAIChatBackend:
     api_key_env: str = "OPENAI_API_KEY"  # env var holding the key; unset: no auth header
     temperature: float = 0.0
     max_tokens: int = 512  # reply length cap
-    timeout_s: float = 60.0  # per request
+    timeout_s: float = 300.0  # per request (slow local servers need minutes)
     max_retries: int = 3  # extra attempts after the first
     backoff_s: float = 1.0  # first wait; doubles each retry
 

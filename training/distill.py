@@ -539,7 +539,10 @@ class LLMDistiller:
         size = self.config.batch_size
         for start in range(0, len(lines), size):
             batch = lines[start:start + size]
+            t0 = time.perf_counter()
             reply = self.backend.complete(batch_prompt(profile or "", batch, self.config))
+            log.debug("user %d: batch %d/%d in %.1f s", user_id, start // size + 1,
+                      -(-len(lines) // size), time.perf_counter() - t0)
             replies.append(reply)
             got, new_profile = parse_reply(reply, len(batch))
             reasons.extend(got)

@@ -306,7 +306,7 @@ def add_parser(subparsers) -> None:
         description=(
             "Stage 2 of the paper: KMeans++ on the embeddings of the profiles (Ms) written by "
             "'persona-gym distill'. K is --k, or chosen by the elbow method over "
-            "--k-min..--k-max (largest distance below the chord of the scaled inertia curve); "
+            "--k-min..--k-max (largest distance below the chord of the scaled log-inertia curve); "
             "silhouette is reported for every K. Writes personas.json, personas.png and "
             "embeddings/profiles.npy into the artifacts directory."
         ),
