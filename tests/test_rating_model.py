@@ -199,3 +199,19 @@ def test_pack_blocks_see_only_prefix_and_themselves(tiny_llama, tokenizer):
         padded = layered.forward(pack([(prefix, blocks), ([1], [[2]])], 0))[:3]
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_is_reused_and_bounded(tiny_llama, builder):
+    model = RatingModel(tiny_llama, builder)
+    batch = requests()
+    first = model.score(batch)
+    blocks = sum(len(builder.segments(r)[1]) for r in batch)
+    prefixes = sum(len(builder.prefix_ids(p)) for p in (PROFILE_A, PROFILE_B))
+    assert model.tokens_processed == blocks + prefixes  # each prefix computed once
+    again = model.score(batch)
+    assert model.tokens_processed == 2 * blocks + prefixes  # second call: blocks only
+    np.testing.assert_array_equal(first, again)
+    model.max_cache_bytes = 1  # keeps only what the current call needs
+    model.score(batch[:1])
+    assert len(model._cache) == 1
+    np.testing.assert_allclose(model.score(batch), first, atol=1e-6)

@@ -107,6 +107,7 @@ class LayeredLM:
             ) from err
         self.rating_ids = torch.as_tensor(list(rating_ids), dtype=torch.long)
         self._layer_call = torch.compile(_layer_forward, dynamic=True) if compile else _layer_forward
+        self.attend = torch.compile(_attend, dynamic=True) if compile else _attend
 
     @property
     def n_layers(self) -> int:
@@ -127,12 +128,15 @@ class LayeredLM:
 
     def rating_logits(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """Logits over the five rating tokens at each block's last token: ``(N, 5)``."""
-        last = self.norm(hidden[batch.rows, batch.cols])
-        weight = self.lm_head.weight[self.rating_ids.to(last.device)]
-        logits = last @ weight.T
+        return self.head(hidden[batch.rows, batch.cols])
+
+    def head(self, last: torch.Tensor) -> torch.Tensor:
+        """Final norm and the LM head's five rating rows on last-token states ``(N, H)``."""
+        ids = self.rating_ids.to(last.device)
+        logits = self.norm(last) @ self.lm_head.weight[ids].T
         bias = getattr(self.lm_head, "bias", None)
         if bias is not None:
-            logits = logits + bias[self.rating_ids.to(last.device)]
+            logits = logits + bias[ids]
         return logits.float()
 
     def forward(self, batch: PackedBatch, start: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,3 +151,112 @@ class LayeredLM:
 def _layer_forward(layer, hidden, mask, position_ids, position_embeddings):
     return layer(hidden, attention_mask=mask, position_ids=position_ids,
                  position_embeddings=position_embeddings)
+
+
+class PrefixKV:
+    """Keys and values of one prefix in every layer: ``keys[l]`` is ``(kv_heads, P, head_dim)``."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _rows(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids ``(B, T)`` and lengths ``(B,)``."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for r, seq in enumerate(sequences):
+        ids[r, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+    return ids, lengths
+
+
+def _attend(layer, hidden, position_embeddings, past_k, past_v, mask):
+    """One Llama-layout decoder layer over new tokens attending to ``past`` keys/values too.
+
+    Returns the layer output and the new tokens' keys/values (after rotary embedding).
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    x = layer.input_layernorm(hidden)
+    shape = (batch, length, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys = torch.cat([past_k, k], dim=2) if past_k is not None else k
+    values = torch.cat([past_v, v], dim=2) if past_v is not None else v
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+    )
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, k, v
+
+
+@torch.inference_mode()
+def encode_prefixes(layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_id: int,
+                    device: torch.device | str) -> list[PrefixKV]:
+    """Run prefixes through every layer and keep their keys/values (the prefix KV cache)."""
+    ids, lengths = _rows(prefixes, pad_id)
+    ids, lengths = ids.to(device), lengths.to(device)
+    width = ids.shape[1]
+    positions = torch.arange(width, device=device).expand(len(prefixes), width)
+    valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    mask = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
+    hidden = layered.embed(ids)
+    position_embeddings = layered.rotary(hidden, position_ids=positions)
+    keys, values = [], []
+    for layer in layered.layers:
+        hidden, k, v = layered.attend(layer, hidden, position_embeddings, None, None, mask[:, None])
+        keys.append(k)
+        values.append(v)
+    return [PrefixKV([k[r, :, :n].clone() for k in keys], [v[r, :, :n].clone() for v in values])
+            for r, n in enumerate(lengths.tolist())]
+
+
+@torch.inference_mode()
+def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV], blocks: Sequence[Sequence[int]],
+                 pad_id: int, device: torch.device | str) -> torch.Tensor:
+    """Rating logits ``(B, 5)`` of block ``b`` after its cached prefix ``prefixes[b]``.
+
+    Each block attends to its own prefix's keys/values and causally to itself, exactly as in
+    the uncached ``prefix + block`` sequence; only the block's tokens are computed.
+    """
+    ids, lengths = _rows(blocks, pad_id)
+    ids, lengths = ids.to(device), lengths.to(device)
+    batch, width = ids.shape
+    prefix_len = torch.tensor([p.length for p in prefixes], device=device)
+    past = int(prefix_len.max())
+    positions = prefix_len[:, None] + torch.arange(width, device=device)[None, :]
+    past_valid = torch.arange(past, device=device)[None, :] < prefix_len[:, None]  # (B, P)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    block_valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
+    new_mask = (causal[None] & block_valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
+    mask = torch.cat([past_valid[:, None, :].expand(batch, width, past), new_mask], dim=2)[:, None]
+    hidden = layered.embed(ids)
+    position_embeddings = layered.rotary(hidden, position_ids=positions)
+    for index, layer in enumerate(layered.layers):
+        past_k = _stack_padded([p.keys[index] for p in prefixes], past).to(device)
+        past_v = _stack_padded([p.values[index] for p in prefixes], past).to(device)
+        hidden, _, _ = layered.attend(layer, hidden, position_embeddings, past_k, past_v, mask)
+    return layered.head(hidden[torch.arange(batch, device=device), lengths - 1])
+
+
+def _stack_padded(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack ``(heads, n_i, d)`` tensors into ``(B, heads, length, d)``, zero-padded at the end."""
+    heads, _, dim = tensors[0].shape
+    out = tensors[0].new_zeros((len(tensors), heads, length, dim))
+    for r, t in enumerate(tensors):
+        out[r, :, : t.shape[1]] = t
+    return out

@@ -2,8 +2,10 @@
 
 ``score`` reads the rating distribution from ONE forward pass: the next-token logits of the
 prompt's last token, restricted to the tokens "1".."5" and renormalised. Requests are grouped
-by adapter (each adapter runs once per call) and by user (the user's prefix is packed once with
-all of that user's candidates, see ``engine.pack``).
+by adapter (each adapter runs once per call). Each user's static prefix (system prompt and
+profile) is run once per adapter and its keys/values cached (``engine.encode_prefixes``); a
+rating then costs only its block's tokens (``engine.score_blocks``). The cache is an LRU bounded
+by ``max_cache_bytes``.
 
 ``generate`` is the paper's generative mode (sample a few tokens at temperature 0.3 and parse a
 digit), kept for comparison: a response without a digit 1-5 counts as unrelated (URR).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from persona_gym.simulator.engine import LayeredLM, pack
+from persona_gym.simulator.engine import LayeredLM, PrefixKV, encode_prefixes, score_blocks
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class RatingModel:
         model: a ``transformers`` causal LM, or a ``peft.PeftModel`` holding the adapters.
         builder: the prompt builder (tokenizer, catalogue, prompt config).
         max_batch_tokens: padded tokens per forward pass (bounds memory).
-        max_sequence_tokens: a packed sequence (one prefix + its blocks) is split beyond this.
+        max_cache_bytes: memory bound of the prefix key/value cache (least recently used evicted).
     """
 
     def __init__(
@@ -59,14 +61,16 @@ class RatingModel:
         model: torch.nn.Module,
         builder: PromptBuilder,
         max_batch_tokens: int = 8192,
-        max_sequence_tokens: int = 1024,
+        max_cache_bytes: int = 2 << 30,
     ):
         self.model = model.eval()
         self.builder = builder
         self.tokenizer = builder.tokenizer
         self.layered = LayeredLM(model, builder.rating_token_ids)
         self.max_batch_tokens = max_batch_tokens
-        self.max_sequence_tokens = max_sequence_tokens
+        self.max_cache_bytes = max_cache_bytes
+        self._cache: OrderedDict[tuple[str, tuple[int, ...]], PrefixKV] = OrderedDict()
+        self._cache_bytes = 0
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.tokens_processed = 0  # running count of real tokens through the model (benchmarks)
@@ -119,50 +123,55 @@ class RatingModel:
     def score_logits(self, requests: Sequence[RatingRequest]) -> torch.Tensor:
         """``(len(requests), 5)`` rating logits (float32, CPU), in request order."""
         out = torch.empty((len(requests), 5), dtype=torch.float32)
-        groups: dict[str, dict[tuple[int, ...], list[tuple[int, list[int]]]]] = defaultdict(dict)
+        groups: dict[str, list[tuple[int, tuple[int, ...], list[int]]]] = defaultdict(list)
         for index, request in enumerate(requests):
             prefix, block = self.builder.segments(request)
-            groups[request.adapter].setdefault(tuple(prefix), []).append((index, block))
-        for adapter, by_prefix in groups.items():
-            sequences = self._sequences(by_prefix)
+            groups[request.adapter].append((index, tuple(prefix), block))
+        for adapter, items in groups.items():
             with self._adapter_context(adapter):
-                for batch in self._batches(sequences):
-                    packed = pack([(p, [b for _, b in blocks]) for p, blocks in batch], self.pad_id)
-                    logits = self.layered.forward(packed.to(self.device)).cpu()
-                    self.tokens_processed += packed.n_tokens
-                    order = [i for _, blocks in batch for i, _ in blocks]
-                    out[order] = logits
+                kv = self._prefix_kv(adapter, {prefix for _, prefix, _ in items})
+                items.sort(key=lambda item: len(item[2]))  # similar lengths share a batch
+                for chunk in self._budget(items, lambda item: len(item[2])):
+                    logits = score_blocks(self.layered, [kv[p] for _, p, _ in chunk],
+                                          [b for _, _, b in chunk], self.pad_id, self.device)
+                    out[[i for i, _, _ in chunk]] = logits.cpu()
+                    self.tokens_processed += sum(len(b) for _, _, b in chunk)
         return out
 
-    def _sequences(self, by_prefix) -> list[tuple[list[int], list[tuple[int, list[int]]]]]:
-        """One packed sequence per prefix, split where it would exceed ``max_sequence_tokens``."""
-        sequences = []
-        for prefix, blocks in by_prefix.items():
-            current, length = [], len(prefix)
-            for index, block in blocks:
-                if current and length + len(block) > self.max_sequence_tokens:
-                    sequences.append((list(prefix), current))
-                    current, length = [], len(prefix)
-                current.append((index, block))
-                length += len(block)
-            sequences.append((list(prefix), current))
-        return sequences
+    def _prefix_kv(self, adapter: str, prefixes: set[tuple[int, ...]]) -> dict:
+        """Cached keys/values of each prefix under ``adapter``; missing ones are computed."""
+        missing = sorted((p for p in prefixes if (adapter, p) not in self._cache), key=len)
+        for chunk in self._budget(missing, len):
+            for prefix, kv in zip(chunk, encode_prefixes(self.layered, chunk, self.pad_id, self.device),
+                                  strict=True):
+                self._cache[(adapter, prefix)] = kv
+                self._cache_bytes += kv.nbytes
+                self.tokens_processed += len(prefix)
+        found = {}
+        for prefix in prefixes:
+            self._cache.move_to_end((adapter, prefix))
+            found[prefix] = self._cache[(adapter, prefix)]
+        while self._cache_bytes > self.max_cache_bytes and len(self._cache) > len(prefixes):
+            _, evicted = self._cache.popitem(last=False)  # least recently used
+            self._cache_bytes -= evicted.nbytes
+        return found
 
-    def _batches(self, sequences):
-        """Sequences sorted by length, grouped so padded tokens stay under ``max_batch_tokens``."""
-        def length(seq):
-            return len(seq[0]) + sum(len(b) for _, b in seq[1])
+    def clear_cache(self) -> None:
+        """Forget cached prefixes (needed only if adapter weights change in place)."""
+        self._cache.clear()
+        self._cache_bytes = 0
 
-        ordered = sorted(sequences, key=length)
-        batch: list = []
-        for seq in ordered:
-            width = length(seq)  # sorted ascending: the newest is the widest
-            if batch and width * (len(batch) + 1) > self.max_batch_tokens:
-                yield batch
+    def _budget(self, items: list, length) -> list[list]:
+        """Split length-sorted ``items`` into batches of at most ``max_batch_tokens`` padded tokens."""
+        batches, batch = [], []
+        for item in items:
+            if batch and length(item) * (len(batch) + 1) > self.max_batch_tokens:
+                batches.append(batch)
                 batch = []
-            batch.append(seq)
+            batch.append(item)
         if batch:
-            yield batch
+            batches.append(batch)
+        return batches
 
     # -- derived predictions ----------------------------------------------------------------
     @staticmethod
