@@ -4,3 +4,31 @@
 """
 
 __version__ = "0.1.0"
+
+
+def _register_envs() -> None:
+    """Register the environment ids with Gymnasium (string entry points: torch is not imported).
+
+    Kwargs are plain data: the config name; ``gym.make(id, artifacts=..., device=...)``
+    overrides single fields. ``nondeterministic=False``: every random draw comes from the env's
+    ``np_random`` and the rating model is deterministic on CPU (on GPU, batched kernels may
+    differ in the last bits between machines).
+    """
+    import gymnasium
+
+    from envs_config import read_config
+
+    for env_id, config in (("PersonaML100K-v0", "ml100k"), ("PersonaML1M-v0", "ml1m")):
+        if env_id in gymnasium.registry:
+            continue
+        gymnasium.register(
+            id=env_id,
+            entry_point="persona_gym.envs:PersonaRecEnv",
+            vector_entry_point="persona_gym.envs:PersonaRecVectorEnv",
+            max_episode_steps=int(read_config(config)[0]["max_episode_steps"]),
+            nondeterministic=False,
+            kwargs={"config": config},
+        )
+
+
+_register_envs()

@@ -1,0 +1,182 @@
+"""Typed, validated configuration of the recommendation environments.
+
+:class:`EnvConfig` holds every setting; the registered ids read theirs from
+``envs_config/<name>.yaml`` (:func:`load_env_config`) and ``gym.make`` kwargs override single
+fields (``gym.make("PersonaML100K-v0", artifacts="/path", device="cuda")``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+REWARDS = ("expected", "sampled")
+REPEAT_RULES = ("penalty", "terminate")
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Names of ``artifacts`` that mean "the artifacts shipped inside the package".
+DEFAULT_ARTIFACTS = {"ml-100k": "ml100k", "ml-1m": "ml1m"}
+
+__all__ = ["DEFAULT_ARTIFACTS", "EnvConfig", "default_artifacts_dir", "load_env_config",
+           "missing_artifacts_message", "resolve_artifacts"]
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Settings of :class:`~persona_gym.envs.PersonaRecEnv` and its vector form.
+
+    Attributes:
+        dataset: the dataset the artifacts come from (``"ml-100k"``, ``"ml-1m"`` or a
+            MovieLens folder); only used to name the commands in error messages.
+        artifacts: ``"ml-100k"`` / ``"ml-1m"`` (the artifacts shipped in
+            ``persona_gym/default_artifacts/``) or the path of an artifacts directory written by
+            ``persona-gym distill``, ``personas`` and ``train``.
+        variant: which adapter rates a user: ``"persona"`` (their persona's), ``"base"``, or
+            the name of one adapter for everyone (``"single-max"``).
+        base_model: base SLM (alias, folder or hub id); ``None`` = the manifest's.
+        device: torch device of the rating model (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        dtype: torch dtype of the rating model (``float32``, ``float16``, ``bfloat16``).
+        max_episode_steps: the horizon; ``truncated`` becomes true after this many steps (the
+            registered ids pass it to ``TimeLimit``; the vector env applies it itself). Also the
+            denominator of the observation's ``step_fraction``.
+        reward: ``"expected"`` (mean of the 5-way rating distribution, low variance) or
+            ``"sampled"`` (the rating the user actually gave this step, drawn with the env's RNG).
+        reward_scale, reward_offset: reward = ``reward_scale * rating + reward_offset``.
+        repeat_rule: what a masked action (an item the user already rated or was already
+            shown) does: ``"penalty"`` (reward ``repeat_penalty``, no model call, no memory
+            update, the step counts) or ``"terminate"`` (reward ``repeat_penalty`` and
+            ``terminated=True``). Never an exception.
+        repeat_penalty: reward of a masked action (not scaled).
+        mask_rated: mask the items the user rated in the logged history (not only those shown
+            in the episode).
+        leave_threshold: a rating ``<= leave_threshold`` is a low rating.
+        leave_prob: churn rule: after each low rating the user leaves (``terminated=True``)
+            with this probability, drawn with the env's RNG. ``0`` disables churn, ``1`` makes
+            the first low rating final.
+        like_threshold: logged ratings ``>= like_threshold`` define the profile embedding
+            (the mean of the liked items' embeddings).
+        obs_window: how many of the most recent interactions (logged history, then the
+            episode's) appear in the observation.
+    """
+
+    dataset: str = "ml-100k"
+    artifacts: str = "ml-100k"
+    variant: str = "persona"
+    base_model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_episode_steps: int = 20
+    reward: str = "expected"
+    reward_scale: float = 1.0
+    reward_offset: float = 0.0
+    repeat_rule: str = "penalty"
+    repeat_penalty: float = -1.0
+    mask_rated: bool = True
+    leave_threshold: float = 2.0
+    leave_prob: float = 0.3
+    like_threshold: float = 4.0
+    obs_window: int = 5
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _check_type(f.name, value, f.type)
+            if f.type == "float" and isinstance(value, int):
+                object.__setattr__(self, f.name, float(value))
+        if self.reward not in REWARDS:
+            raise ValueError(f"EnvConfig.reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.repeat_rule not in REPEAT_RULES:
+            raise ValueError(
+                f"EnvConfig.repeat_rule must be one of {REPEAT_RULES}, got {self.repeat_rule!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"EnvConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_episode_steps < 1:
+            raise ValueError(f"EnvConfig.max_episode_steps must be >= 1, got {self.max_episode_steps}")
+        if self.obs_window < 1:
+            raise ValueError(f"EnvConfig.obs_window must be >= 1, got {self.obs_window}")
+        if not 0.0 <= self.leave_prob <= 1.0:
+            raise ValueError(f"EnvConfig.leave_prob must be in [0, 1], got {self.leave_prob}")
+        if self.reward_scale == 0:
+            raise ValueError("EnvConfig.reward_scale must be non-zero, got 0")
+        if not self.artifacts:
+            raise ValueError("EnvConfig.artifacts must name 'ml-100k', 'ml-1m' or a directory, got ''")
+
+    def replace(self, **overrides: Any) -> EnvConfig:
+        """A copy with some fields changed (unknown names raise, naming the field)."""
+        _check_keys(overrides, "overrides")
+        return dataclasses.replace(self, **overrides)
+
+
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+          "str | None": (str, type(None))}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    allowed = _TYPES[annotation]
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        hint = " (YAML reads a bare 1e5 as a string: write 1.0e+5)" if isinstance(value, str) else ""
+        raise TypeError(f"EnvConfig.{name} must be {annotation}, got {value!r}{hint}")
+
+
+def _check_keys(mapping: dict[str, Any], where: str) -> None:
+    known = {f.name for f in fields(EnvConfig)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown EnvConfig field(s) {unknown}; known fields: {sorted(known)}"
+        )
+
+
+def load_env_config(name_or_path: str | Path | EnvConfig = "ml100k", **overrides: Any) -> EnvConfig:
+    """The :class:`EnvConfig` of ``envs_config/<name>.yaml`` (or a YAML path), with overrides.
+
+    An :class:`EnvConfig` passes through (overrides applied). Unknown keys in the file or in
+    ``overrides`` raise ``ValueError`` naming the key and the file.
+    """
+    if isinstance(name_or_path, EnvConfig):
+        return name_or_path.replace(**overrides)
+    from envs_config import read_config
+
+    data, path = read_config(name_or_path)
+    _check_keys(data, str(path))
+    _check_keys(overrides, f"overrides of {path}")
+    try:
+        return EnvConfig(**{**data, **overrides})
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{path}: {err}") from err
+
+
+def default_artifacts_dir(name: str) -> Path:
+    """``persona_gym/default_artifacts/<ml100k|ml1m>`` (the shipped artifacts' location)."""
+    return Path(__file__).resolve().parent.parent / "default_artifacts" / DEFAULT_ARTIFACTS[name]
+
+
+def missing_artifacts_message(config: EnvConfig, where: Path) -> str:
+    """How to produce the artifacts an environment asked for."""
+    dataset = config.dataset
+    out = "DIR" if config.artifacts in DEFAULT_ARTIFACTS else str(where)
+    fetch = ""
+    if dataset == "ml-1m":
+        fetch = ("`persona-gym data fetch ml-1m` (or pass the folder holding ratings.dat, "
+                 "users.dat, movies.dat as --dataset), then ")
+    return (
+        f"no trained simulator artifacts at {where} (no manifest.json). Produce them with: "
+        f"{fetch}`persona-gym distill --dataset {dataset} --out {out} && "
+        f"persona-gym personas --artifacts {out} && persona-gym train --artifacts {out}`, "
+        f"then pass artifacts={out!r} (e.g. gym.make(..., artifacts={out!r}))."
+    )
+
+
+def resolve_artifacts(config: EnvConfig) -> Path:
+    """The artifacts directory a config points at; ``FileNotFoundError`` with the commands."""
+    if config.artifacts in DEFAULT_ARTIFACTS:
+        where = default_artifacts_dir(config.artifacts)
+    else:
+        where = Path(config.artifacts).expanduser().resolve()
+    if not (where / "manifest.json").is_file():
+        raise FileNotFoundError(missing_artifacts_message(config, where))
+    return where

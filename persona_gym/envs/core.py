@@ -1,0 +1,343 @@
+"""The episode logic shared by the single and the vector environment (one definition).
+
+:class:`RecCore` owns the simulator, the spaces and the rules; :class:`EpisodeState` is one
+user's episode. Both environments call :meth:`RecCore.step` with their states, actions and
+random generators: the requests of all non-masked actions go to ONE ``UserSimulator.rate``
+call (grouped by adapter inside), then each state is advanced with its own generator, so a
+sub-environment of the vector env seeded ``s`` behaves exactly as a single env seeded ``s``.
+
+Random draws per step and state, in this order (only for actions the model rates): one
+uniform for the sampled rating (``RatingModel.sample``), one uniform for the churn rule. A masked
+action draws nothing. A reset draws one integer (the user) unless ``options["user_id"]`` is
+given.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from persona_gym.envs.config import EnvConfig, resolve_artifacts
+from persona_gym.memory import Interaction, format_window, short_term_window
+from persona_gym.simulator.rating_model import RatingModel
+
+__all__ = ["EpisodeState", "RecCore", "StepResult", "clear_simulator_cache", "get_simulator"]
+
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_simulator(config: EnvConfig):
+    """The process-wide :class:`UserSimulator` for a config (loaded once per key).
+
+    Key: (artifacts directory, variant, base model, device, dtype); so ``gym.make_vec(...,
+    vectorization_mode="sync")`` with 16 copies loads one model.
+    """
+    from persona_gym.simulator.simulator import UserSimulator
+
+    root = resolve_artifacts(config)
+    key = (str(root), config.variant, config.base_model, config.device, config.dtype)
+    with _CACHE_LOCK:
+        simulator = _CACHE.get(key)
+        if simulator is None:
+            simulator = UserSimulator.load(root, variant=config.variant, base_model=config.base_model,
+                                           device=config.device, dtype=config.dtype)
+            _CACHE[key] = simulator
+    return simulator
+
+
+def clear_simulator_cache() -> None:
+    """Forget the cached simulators (their memory is freed once no environment uses them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+@dataclass
+class EpisodeState:
+    """One user's episode: the logged history, what happened since reset, and the mask.
+
+    ``allowed[i]`` is false for items the user rated in the logged history (when
+    ``mask_rated``) and for items already shown in this episode.
+    """
+
+    user_id: int
+    persona: int
+    history: tuple[Interaction, ...]  # logged training interactions, time order
+    allowed: np.ndarray  # bool (n_items,)
+    episode: list[Interaction] = field(default_factory=list)  # rated steps of this episode
+    steps: int = 0
+    left: bool = False
+    last: dict[str, Any] = field(default_factory=dict)  # fields of the last step for info/text
+
+    def interactions(self) -> tuple[Interaction, ...]:
+        """Logged history followed by the episode's rated steps (the window's source)."""
+        return self.history + tuple(self.episode)
+
+
+@dataclass
+class StepResult:
+    """What one state's step produced (before the env adds horizon truncation)."""
+
+    reward: float
+    terminated: bool
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class _UserData:
+    history: tuple[Interaction, ...]
+    rated: np.ndarray  # bool (n_items,)
+    profile: np.ndarray  # float32 (dim,)
+
+
+class RecCore:
+    """Spaces, rules and per-user data of a recommendation environment.
+
+    Args:
+        config: the validated settings.
+
+    Observation (a flat ``Dict`` of ``Box`` es, float32; SB3 ``MultiInputPolicy`` reads it):
+
+    * ``profile`` ``(d,)``: the user's profile embedding: the normalised mean of the item
+      embeddings of the items they rated ``>= like_threshold`` in the logged history (all
+      their items when none), in the catalogue's embedding space (no extra model).
+    * ``recent_items`` ``(obs_window * d,)``: embeddings of the last ``obs_window``
+      interactions (logged history, then the episode's rated steps), oldest first,
+      zero-padded at the front, flattened row-major (slot ``j`` is ``[j*d:(j+1)*d]``; 1-D
+      because SB3 warns on 2-D non-image observations).
+    * ``recent_ratings`` ``(obs_window,)``: their ratings mapped to ``(r - 1) / 4`` in [0, 1].
+    * ``recent_mask`` ``(obs_window,)``: 1 where a slot holds an interaction, 0 for padding.
+    * ``step_fraction`` ``(1,)``: ``min(steps / max_episode_steps, 1)``.
+    """
+
+    def __init__(self, config: EnvConfig):
+        self.config = config
+        self.simulator = get_simulator(config)
+        self._init_static()
+
+    def _init_static(self) -> None:
+        sim = self.simulator
+        self.catalog = sim.catalog
+        self.n_items = len(self.catalog)
+        self.user_ids: list[int] = list(sim.user_ids)
+        self.window_size = sim.prompt.window_size
+        emb = np.asarray(sim.artifacts.item_embeddings, dtype=np.float32)
+        if emb.shape[0] != self.n_items:
+            raise ValueError(f"{sim.artifacts.root}: {emb.shape[0]} item embeddings for "
+                             f"{self.n_items} catalogue items; re-run `persona-gym distill`")
+        self.item_embeddings = emb
+        self.dim = emb.shape[1]
+        self._users: dict[int, _UserData] = {}
+        w = self.config.obs_window
+        self.observation_space = spaces.Dict({
+            "profile": spaces.Box(-1.0, 1.0, (self.dim,), np.float32),
+            "recent_items": spaces.Box(-1.0, 1.0, (w * self.dim,), np.float32),
+            "recent_ratings": spaces.Box(0.0, 1.0, (w,), np.float32),
+            "recent_mask": spaces.Box(0.0, 1.0, (w,), np.float32),
+            "step_fraction": spaces.Box(0.0, 1.0, (1,), np.float32),
+        })
+        self.action_space = spaces.Discrete(self.n_items)
+
+    # -- pickling: the model is reloaded (through the cache), never pickled ------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.config = state["config"]
+        self.simulator = get_simulator(self.config)
+        self._init_static()
+
+    # -- users -------------------------------------------------------------------------------
+    def user_data(self, user_id: int) -> _UserData:
+        data = self._users.get(user_id)
+        if data is None:
+            history = self.simulator.history(user_id)
+            rated = np.zeros(self.n_items, dtype=bool)
+            items = np.array([x.item_index for x in history], dtype=np.int64)
+            ratings = np.array([x.rating for x in history], dtype=np.float64)
+            rated[items] = True
+            liked = items[ratings >= self.config.like_threshold] if len(items) else items
+            chosen = liked if len(liked) else items
+            profile = (self.item_embeddings[chosen].mean(axis=0) if len(chosen)
+                       else np.zeros(self.dim, dtype=np.float32))
+            norm = float(np.linalg.norm(profile))
+            profile = (profile / norm if norm > 0 else profile).astype(np.float32)
+            data = _UserData(history, rated, profile)
+            self._users[user_id] = data
+        return data
+
+    def check_user(self, user_id: Any) -> int:
+        """The user id as an int, or ``ValueError`` naming the valid ids."""
+        try:
+            uid = int(user_id)
+        except (TypeError, ValueError):
+            uid = None
+        if uid is None or uid != user_id or uid not in self.simulator.artifacts.profiles:
+            ids = self.user_ids
+            examples = ", ".join(str(u) for u in ids[:5])
+            raise ValueError(
+                f"options['user_id']={user_id!r} is not a simulated user of "
+                f"{self.simulator.artifacts.root}: {len(ids)} users with ids in "
+                f"[{ids[0]}, {ids[-1]}] (not contiguous), e.g. {examples}; see env.unwrapped.user_ids"
+            )
+        return uid
+
+    def new_episode(self, rng: np.random.Generator, options: dict[str, Any] | None) -> EpisodeState:
+        """A fresh episode: the user from ``options["user_id"]`` or drawn with ``rng``."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - {"user_id"})
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; supported: ['user_id']")
+        if options.get("user_id") is not None:
+            user_id = self.check_user(options["user_id"])
+        else:
+            user_id = self.user_ids[int(rng.integers(len(self.user_ids)))]
+        data = self.user_data(user_id)
+        allowed = ~data.rated if self.config.mask_rated else np.ones(self.n_items, dtype=bool)
+        if not allowed.any():
+            raise ValueError(
+                f"user {user_id} rated every item of the catalogue in the logged history, so "
+                "nothing can be recommended with mask_rated=True; pass mask_rated=False"
+            )
+        persona = int(self.simulator.artifacts.user_persona.get(user_id, -1))
+        return EpisodeState(user_id, persona, data.history, allowed)
+
+    # -- steps -------------------------------------------------------------------------------
+    def check_action(self, action: Any) -> int:
+        """The action as an int, or ``ValueError`` naming the valid range."""
+        value = np.asarray(action)
+        if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+            raise ValueError(f"action {action!r} is not one integer item index "
+                             f"(the action space is Discrete({self.n_items}))")
+        item = int(value)
+        if not 0 <= item < self.n_items:
+            raise ValueError(f"action {item} is outside Discrete({self.n_items}): valid actions "
+                             f"are catalogue indices 0..{self.n_items - 1}")
+        return item
+
+    def window(self, state: EpisodeState) -> tuple[Interaction, ...]:
+        """The short-term window the user model sees (training's definition)."""
+        return short_term_window(state.interactions(), self.window_size)
+
+    def step(self, states: Sequence[EpisodeState], actions: Sequence[int],
+             rngs: Sequence[np.random.Generator]) -> list[StepResult]:
+        """Advance each state by its action; all model-rated actions in ONE simulator call."""
+        items = [self.check_action(a) for a in actions]
+        rated = [i for i, (s, a) in enumerate(zip(states, items, strict=True)) if s.allowed[a]]
+        probs = np.zeros((len(states), 5))
+        if rated:
+            probs[rated] = self.simulator.rate(
+                [states[i].user_id for i in rated], [items[i] for i in rated],
+                [self.window(states[i]) for i in rated],
+            )
+        results = []
+        for i, (state, item) in enumerate(zip(states, items, strict=True)):
+            if i in rated:
+                results.append(self._rated(state, item, probs[i], rngs[i]))
+            else:
+                results.append(self._masked(state, item))
+        return results
+
+    def _rated(self, state: EpisodeState, item: int, probs: np.ndarray,
+               rng: np.random.Generator) -> StepResult:
+        cfg = self.config
+        expected = float(RatingModel.expected(probs[None])[0])
+        sampled = float(RatingModel.sample(probs[None], rng)[0])
+        churn_draw = float(rng.random())
+        state.steps += 1
+        last_time = state.history[-1].timestamp if state.history else 0
+        state.episode.append(Interaction(item, sampled, last_time + state.steps))
+        state.allowed[item] = False
+        state.left = sampled <= cfg.leave_threshold and churn_draw < cfg.leave_prob
+        rating = expected if cfg.reward == "expected" else sampled
+        state.last = {"item": item, "probs": probs.astype(np.float64), "expected": expected,
+                      "sampled": sampled, "masked": False}
+        return StepResult(cfg.reward_scale * rating + cfg.reward_offset, state.left,
+                          not state.allowed.any())
+
+    def _masked(self, state: EpisodeState, item: int) -> StepResult:
+        state.steps += 1
+        state.left = False
+        state.last = {"item": item, "probs": np.full(5, np.nan), "expected": float("nan"),
+                      "sampled": float("nan"), "masked": True}
+        terminate = self.config.repeat_rule == "terminate"
+        return StepResult(float(self.config.repeat_penalty), terminate,
+                          not terminate and not state.allowed.any())
+
+    # -- views -------------------------------------------------------------------------------
+    def observation(self, state: EpisodeState) -> dict[str, np.ndarray]:
+        w = self.config.obs_window
+        recent = short_term_window(state.interactions(), w)
+        items = np.zeros((w, self.dim), dtype=np.float32)
+        ratings = np.zeros(w, dtype=np.float32)
+        mask = np.zeros(w, dtype=np.float32)
+        if recent:
+            n = len(recent)
+            items[w - n:] = self.item_embeddings[[x.item_index for x in recent]]
+            ratings[w - n:] = [(x.rating - 1.0) / 4.0 for x in recent]
+            mask[w - n:] = 1.0
+        fraction = min(state.steps / self.config.max_episode_steps, 1.0)
+        return {
+            "profile": self.user_data(state.user_id).profile.copy(),
+            "recent_items": np.clip(items, -1.0, 1.0).reshape(-1),
+            "recent_ratings": np.clip(ratings, 0.0, 1.0),
+            "recent_mask": mask,
+            "step_fraction": np.array([fraction], dtype=np.float32),
+        }
+
+    def info(self, state: EpisodeState, with_text: bool = False) -> dict[str, Any]:
+        """The documented info keys (same keys after reset and after every step).
+
+        ``user_id``, ``persona``, ``step``; the last recommendation: ``item_index`` (the
+        action; -1 after reset), ``item_id`` (dataset id; -1 after reset), ``title``,
+        ``rating_probs`` (5,), ``expected_rating``, ``sampled_rating`` (NaN after reset and for
+        masked actions), ``masked_action``; ``left`` (the user left); ``action_mask``
+        (``(n_items,)`` bool, true = allowed). ``text`` only when ``with_text``.
+        """
+        last = state.last
+        item = int(last.get("item", -1))
+        info: dict[str, Any] = {
+            "user_id": int(state.user_id),
+            "persona": int(state.persona),
+            "step": int(state.steps),
+            "item_index": item,
+            "item_id": int(self.catalog.item_ids[item]) if item >= 0 else -1,
+            "title": self.catalog.title_year(item) if item >= 0 else "",
+            "rating_probs": np.asarray(last.get("probs", np.full(5, np.nan)), dtype=np.float64),
+            "expected_rating": float(last.get("expected", np.nan)),
+            "sampled_rating": float(last.get("sampled", np.nan)),
+            "masked_action": bool(last.get("masked", False)),
+            "left": bool(state.left),
+            "action_mask": state.allowed.copy(),
+        }
+        if with_text:
+            info["text"] = self.text(state)
+        return info
+
+    def text(self, state: EpisodeState) -> str:
+        """The text view: user, profile, short-term window, last recommendation and rating."""
+        profile = self.simulator.artifacts.profiles[state.user_id]
+        lines = [
+            f"User {state.user_id} (persona {state.persona}), step {state.steps}/"
+            f"{self.config.max_episode_steps}",
+            f"Profile: {profile}",
+            format_window(self.window(state), self.catalog),
+        ]
+        last = state.last
+        if last:
+            title = self.catalog.title_year(int(last["item"]))
+            if last["masked"]:
+                lines.append(f"Last: {title} was masked (already rated or shown): "
+                             f"{self.config.repeat_rule}")
+            else:
+                lines.append(f"Last: recommended {title}; rated {last['sampled']:.0f} "
+                             f"(expected {last['expected']:.2f})")
+        if state.left:
+            lines.append("The user left.")
+        return "\n".join(lines)
+

@@ -1,0 +1,148 @@
+"""``PersonaRecVectorEnv``: ``num_envs`` users at once, one rating-model call per step.
+
+The native vector form of :class:`~persona_gym.envs.PersonaRecEnv` (``gym.make_vec(id,
+num_envs=N)``). Each sub-environment has its own random generator: ``reset(seed=s)`` seeds
+sub-environment ``i`` with ``s + i`` (a list of seeds sets them one by one), so its episodes,
+rewards and infos equal those of a single env reset with seed ``s + i`` and given the same
+actions. Autoreset is ``NEXT_STEP``: the step after a sub-environment terminates or truncates
+resets it (its action is ignored, its reward is 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from persona_gym.envs.config import EnvConfig, load_env_config
+from persona_gym.envs.core import EpisodeState, RecCore
+
+__all__ = ["PersonaRecVectorEnv"]
+
+
+class PersonaRecVectorEnv(VectorEnv):
+    """Batched recommendation environment (see :class:`~persona_gym.envs.PersonaRecEnv`).
+
+    Args:
+        num_envs: number of sub-environments.
+        config: a bundled config name, a YAML path or an :class:`EnvConfig`.
+        max_episode_steps: the horizon (``None`` = the config's); each sub-environment
+            truncates after this many steps.
+        render_mode: ``None`` or ``"ansi"`` (``render()`` returns the sub-environments'
+            text views joined by blank lines).
+        **overrides: single :class:`EnvConfig` fields.
+
+    ``info`` holds the single env's keys as arrays with ``_key`` masks (``_add_info``), without
+    ``text``.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 1, config: str | EnvConfig = "ml100k",
+                 max_episode_steps: int | None = None, render_mode: str | None = None,
+                 **overrides: Any):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if max_episode_steps is not None:
+            overrides["max_episode_steps"] = max_episode_steps
+        self.config = load_env_config(config, **overrides)
+        self.num_envs = num_envs
+        self.max_episode_steps = self.config.max_episode_steps
+        self.render_mode = render_mode
+        self.core = RecCore(self.config)
+        self.single_observation_space = self.core.observation_space
+        self.single_action_space = self.core.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.states: list[EpisodeState | None] = [None] * num_envs
+        self.rngs: list[np.random.Generator] = [seeding.np_random()[0] for _ in range(num_envs)]
+        self.autoreset = np.zeros(num_envs, dtype=bool)
+
+    @property
+    def user_ids(self) -> list[int]:
+        """Ids of the simulated users (valid ``options["user_id"]`` values)."""
+        return list(self.core.user_ids)
+
+    def reset(self, *, seed: int | list[int | None] | None = None,
+              options: dict[str, Any] | None = None):
+        """Reset every sub-environment.
+
+        ``seed``: ``s`` seeds sub-environment ``i`` with ``s + i``; a list gives one seed per
+        sub-environment. ``options``: ``{"user_id": u}`` (every sub-environment gets user u),
+        ``{"user_id": [u0, u1, ...]}`` (one per sub-environment) and/or ``{"reset_mask": m}``
+        (reset only where ``m`` is true; the others keep their episodes).
+        """
+        options = dict(options or {})
+        mask = np.asarray(options.pop("reset_mask", np.ones(self.num_envs, dtype=bool)), dtype=bool)
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"options['reset_mask'] must have shape ({self.num_envs},), got {mask.shape}")
+        if isinstance(seed, int) or seed is None:
+            super().reset(seed=seed)
+            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} sub-environments")
+        users = options.pop("user_id", None)
+        if not isinstance(users, list | tuple | np.ndarray):
+            users = [users] * self.num_envs
+        if len(users) != self.num_envs:
+            raise ValueError(f"options['user_id'] has {len(users)} ids for {self.num_envs} "
+                             "sub-environments")
+        infos: dict[str, Any] = {}
+        for i in range(self.num_envs):
+            if mask[i]:
+                if seeds[i] is not None:
+                    self.rngs[i] = seeding.np_random(seeds[i])[0]
+                sub_options = {**options, "user_id": users[i]} if users[i] is not None else options
+                self.states[i] = self.core.new_episode(self.rngs[i], sub_options)
+                self.autoreset[i] = False
+            infos = self._add_info(infos, self.core.info(self._state(i)), i)
+        return self._observations(), infos
+
+    def step(self, actions):
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        stepping = []
+        for i in range(self.num_envs):
+            if self.autoreset[i]:
+                self.states[i] = self.core.new_episode(self.rngs[i], None)
+            else:
+                stepping.append(i)
+        results = self.core.step([self._state(i) for i in stepping], [actions[i] for i in stepping],
+                                 [self.rngs[i] for i in stepping])
+        for i, result in zip(stepping, results, strict=True):
+            rewards[i] = result.reward
+            terminated[i] = result.terminated
+            truncated[i] = result.truncated or self._state(i).steps >= self.max_episode_steps
+        self.autoreset = terminated | truncated
+        infos: dict[str, Any] = {}
+        for i in range(self.num_envs):
+            infos = self._add_info(infos, self.core.info(self._state(i)), i)
+        return self._observations(), rewards, terminated, truncated, infos
+
+    def action_masks(self) -> np.ndarray:
+        """``(num_envs, n_items)`` bool, true where the action is allowed."""
+        return np.stack([self._state(i).allowed for i in range(self.num_envs)])
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        return "\n\n".join(self.core.text(s) for s in self.states if s is not None)
+
+    def _state(self, i: int) -> EpisodeState:
+        state = self.states[i]
+        if state is None:
+            raise RuntimeError("call reset() before step()")
+        return state
+
+    def _observations(self) -> dict[str, np.ndarray]:
+        singles = [self.core.observation(self._state(i)) for i in range(self.num_envs)]
+        return {key: np.stack([o[key] for o in singles]) for key in self.single_observation_space}
