@@ -1,0 +1,307 @@
+"""Collaborative-filtering baselines on the protocol split (numpy, seeded, CPU-seconds).
+
+Every model is fitted on the information the simulator may use — the selected users' TRAINING
+interactions plus the other users' ratings (``Split.train`` + ``Split.background``) — and
+predicts ratings for ``(user_id, item_id)`` pairs. Test ratings are never read by ``fit``.
+
+* :class:`GlobalMean`  the mean training rating.
+* :class:`ItemMean`    the item's mean training rating, optionally shrunk toward the global
+  mean by ``shrinkage`` pseudo-ratings (0 = the plain mean); unseen items get the global mean.
+* :class:`BiasModel`   ``mu + b_u + b_i`` with L2 penalties ``reg_user`` / ``reg_item``, fitted
+  by alternating closed-form updates (exact coordinate descent on the ridge objective).
+* :class:`BiasedMF`    ``mu + b_u + b_i + p_u . q_i`` (Koren et al.), fitted by alternating
+  least squares: each user's ``[p_u, b_u]`` and each item's ``[q_i, b_i]`` is a small ridge
+  solve given the other side; factors start from a seeded normal draw.
+
+Predictions are clipped to [1, 5]. Unknown users/items fall back to the parts that are known.
+
+Hyper-parameters are chosen on a **validation slice of the training part**
+(:func:`validation_split`: the last ``fraction`` of each selected user's time-ordered training
+interactions), fitting on the rest of train + background; the chosen setting is then refitted
+on all of train + background and only then asked about the test pairs (:func:`run_baselines`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from persona_gym.evaluation.metrics import mae, rmse
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_GRIDS",
+    "BiasModel",
+    "BiasedMF",
+    "GlobalMean",
+    "ItemMean",
+    "fit_frame",
+    "run_baselines",
+    "tune",
+    "validation_split",
+]
+
+
+class _Model:
+    """Shared id handling: dense indices of the users and items seen in ``fit``."""
+
+    def _index(self, ratings: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        for column in ("user_id", "item_id", "rating"):
+            if column not in ratings:
+                raise ValueError(f"ratings need a {column!r} column; have {list(ratings.columns)}")
+        if not len(ratings):
+            raise ValueError("cannot fit on an empty ratings table")
+        self.users_ = np.unique(ratings["user_id"].to_numpy(np.int64))
+        self.items_ = np.unique(ratings["item_id"].to_numpy(np.int64))
+        u = np.searchsorted(self.users_, ratings["user_id"].to_numpy(np.int64))
+        i = np.searchsorted(self.items_, ratings["item_id"].to_numpy(np.int64))
+        r = ratings["rating"].to_numpy(np.float64)
+        self.mu_ = float(r.mean())
+        return u, i, r
+
+    @staticmethod
+    def _lookup(known: np.ndarray, ids) -> np.ndarray:
+        """Dense index of each id, -1 where unknown."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(known):
+            return np.full(len(ids), -1)
+        pos = np.clip(np.searchsorted(known, ids), 0, len(known) - 1)
+        return np.where(known[pos] == ids, pos, -1)
+
+    def params(self) -> dict:
+        return {}
+
+    def predict(self, user_ids, item_ids) -> np.ndarray:
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if user_ids.shape != item_ids.shape:
+            raise ValueError("user_ids and item_ids differ in length")
+        return np.clip(self._predict(self._lookup(self.users_, user_ids),
+                                     self._lookup(self.items_, item_ids)), 1.0, 5.0)
+
+    def _predict(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class GlobalMean(_Model):
+    """Predicts the mean training rating for everyone."""
+
+    name = "global mean"
+
+    def fit(self, ratings: pd.DataFrame) -> GlobalMean:
+        self._index(ratings)
+        return self
+
+    def _predict(self, u, i):
+        return np.full(len(u), self.mu_)
+
+
+class ItemMean(_Model):
+    """The item's mean rating, shrunk by ``shrinkage`` pseudo-ratings at the global mean."""
+
+    name = "item mean"
+
+    def __init__(self, shrinkage: float = 0.0):
+        self.shrinkage = float(shrinkage)
+
+    def params(self) -> dict:
+        return {"shrinkage": self.shrinkage}
+
+    def fit(self, ratings: pd.DataFrame) -> ItemMean:
+        _, i, r = self._index(ratings)
+        sums = np.bincount(i, weights=r, minlength=len(self.items_))
+        counts = np.bincount(i, minlength=len(self.items_))
+        self.item_mean_ = (sums + self.shrinkage * self.mu_) / (counts + self.shrinkage)
+        return self
+
+    def _predict(self, u, i):
+        return np.where(i >= 0, self.item_mean_[np.maximum(i, 0)], self.mu_)
+
+
+class BiasModel(_Model):
+    """``mu + b_u + b_i`` with ridge penalties, by alternating exact updates."""
+
+    name = "user+item bias"
+
+    def __init__(self, reg_user: float = 5.0, reg_item: float = 5.0, n_iter: int = 20):
+        self.reg_user, self.reg_item, self.n_iter = float(reg_user), float(reg_item), int(n_iter)
+
+    def params(self) -> dict:
+        return {"reg_user": self.reg_user, "reg_item": self.reg_item}
+
+    def fit(self, ratings: pd.DataFrame) -> BiasModel:
+        u, i, r = self._index(ratings)
+        n_u, n_i = len(self.users_), len(self.items_)
+        cu, ci = np.bincount(u, minlength=n_u), np.bincount(i, minlength=n_i)
+        bu, bi = np.zeros(n_u), np.zeros(n_i)
+        resid = r - self.mu_
+        for _ in range(self.n_iter):
+            bi = np.bincount(i, weights=resid - bu[u], minlength=n_i) / (ci + self.reg_item)
+            bu = np.bincount(u, weights=resid - bi[i], minlength=n_u) / (cu + self.reg_user)
+        self.bu_, self.bi_ = bu, bi
+        return self
+
+    def _predict(self, u, i):
+        bu = np.where(u >= 0, self.bu_[np.maximum(u, 0)], 0.0)
+        bi = np.where(i >= 0, self.bi_[np.maximum(i, 0)], 0.0)
+        return self.mu_ + bu + bi
+
+
+class BiasedMF(_Model):
+    """Biased matrix factorisation ``mu + b_u + b_i + p_u . q_i`` fitted by ALS."""
+
+    name = "matrix factorisation"
+
+    def __init__(self, factors: int = 10, reg: float = 10.0, reg_bias: float = 5.0,
+                 n_iter: int = 15, seed: int = 0, init_scale: float = 0.1):
+        self.factors, self.reg, self.reg_bias = int(factors), float(reg), float(reg_bias)
+        self.n_iter, self.seed, self.init_scale = int(n_iter), int(seed), float(init_scale)
+
+    def params(self) -> dict:
+        return {"factors": self.factors, "reg": self.reg, "reg_bias": self.reg_bias,
+                "n_iter": self.n_iter, "seed": self.seed}
+
+    @staticmethod
+    def _solve(rows_of: list[np.ndarray], other: np.ndarray, other_bias: np.ndarray,
+               target_idx: np.ndarray, resid: np.ndarray, reg: float, reg_bias: float,
+               n: int, f: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each entity e: ridge solve of ``[x_e, b_e]`` on ``resid - other_bias`` ≈
+        ``[other, 1] @ [x_e, b_e]`` over its ratings."""
+        x, b = np.zeros((n, f)), np.zeros(n)
+        penalty = np.diag(np.r_[np.full(f, reg), reg_bias])
+        for e, rows in enumerate(rows_of):
+            if not len(rows):
+                continue
+            j = target_idx[rows]
+            design = np.c_[other[j], np.ones(len(rows))]
+            y = resid[rows] - other_bias[j]
+            sol = np.linalg.solve(design.T @ design + penalty, design.T @ y)
+            x[e], b[e] = sol[:f], sol[f]
+        return x, b
+
+    def fit(self, ratings: pd.DataFrame) -> BiasedMF:
+        u, i, r = self._index(ratings)
+        n_u, n_i, f = len(self.users_), len(self.items_), self.factors
+        rng = np.random.default_rng(self.seed)
+        q = rng.normal(0.0, self.init_scale, size=(n_i, f))
+        bi = np.zeros(n_i)
+        resid = r - self.mu_
+        by_user = _group_rows(u, n_u)
+        by_item = _group_rows(i, n_i)
+        p, bu = np.zeros((n_u, f)), np.zeros(n_u)
+        for _ in range(self.n_iter):
+            p, bu = self._solve(by_user, q, bi, i, resid, self.reg, self.reg_bias, n_u, f)
+            q, bi = self._solve(by_item, p, bu, u, resid, self.reg, self.reg_bias, n_i, f)
+        self.p_, self.bu_, self.q_, self.bi_ = p, bu, q, bi
+        return self
+
+    def _predict(self, u, i):
+        ku, ki = u >= 0, i >= 0
+        uu, ii = np.maximum(u, 0), np.maximum(i, 0)
+        bu = np.where(ku, self.bu_[uu], 0.0)
+        bi = np.where(ki, self.bi_[ii], 0.0)
+        dot = np.where(ku & ki, np.einsum("nf,nf->n", self.p_[uu], self.q_[ii]), 0.0)
+        return self.mu_ + bu + bi + dot
+
+
+def _group_rows(index: np.ndarray, n: int) -> list[np.ndarray]:
+    order = np.argsort(index, kind="stable")
+    bounds = np.searchsorted(index[order], np.arange(n + 1))
+    return [order[bounds[e] : bounds[e + 1]] for e in range(n)]
+
+
+# Hyper-parameter grids searched on the validation slice (small: the whole search is seconds).
+DEFAULT_GRIDS: dict[str, tuple[type, dict[str, list]]] = {
+    "global mean": (GlobalMean, {}),
+    "item mean": (ItemMean, {"shrinkage": [0.0]}),
+    "item mean (shrunk)": (ItemMean, {"shrinkage": [1.0, 3.0, 10.0, 25.0]}),
+    "user+item bias": (BiasModel, {"reg_user": [5.0, 15.0, 30.0], "reg_item": [0.3, 1.0, 3.0]}),
+    "matrix factorisation": (BiasedMF, {"factors": [2, 5, 10], "reg": [2.0, 5.0, 10.0, 20.0],
+                                        "reg_bias": [5.0]}),
+}
+
+
+def fit_frame(train: pd.DataFrame, background: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The ratings a baseline may fit on: train + background (``user_id, item_id, rating``)."""
+    frames = [train[["user_id", "item_id", "rating"]]]
+    if background is not None and len(background):
+        frames.append(background[["user_id", "item_id", "rating"]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def validation_split(train: pd.DataFrame, fraction: float = 0.2,
+                     min_keep: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(fit_part, validation)``: the last ``ceil(fraction * n)`` time-ordered training
+    interactions of each user go to validation (at least ``min_keep`` stay in fit_part)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    ordered = train.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    rank = ordered.groupby("user_id").cumcount().to_numpy()
+    n = ordered.groupby("user_id")["user_id"].transform("size").to_numpy()
+    n_val = np.minimum(np.ceil(n * fraction - 1e-9).astype(int), np.maximum(n - min_keep, 0))
+    is_val = rank >= n - n_val
+    return ordered[~is_val].reset_index(drop=True), ordered[is_val].reset_index(drop=True)
+
+
+def _settings(grid: dict[str, list]) -> Iterable[dict]:
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        yield dict(zip(keys, values, strict=True))
+
+
+def tune(cls: type, grid: dict[str, list], fit_on: pd.DataFrame, validation: pd.DataFrame,
+         extra: dict | None = None) -> tuple[dict, float, list[dict]]:
+    """Best setting of ``grid`` by validation RMSE: ``(params, val_rmse, all_trials)``."""
+    trials = []
+    for setting in _settings(grid):
+        model = cls(**setting, **(extra or {})).fit(fit_on)
+        pred = model.predict(validation["user_id"], validation["item_id"])
+        trials.append({"params": setting, "val_rmse": rmse(pred, validation["rating"])})
+    best = min(trials, key=lambda t: t["val_rmse"])
+    return best["params"], best["val_rmse"], trials
+
+
+def run_baselines(
+    train: pd.DataFrame,
+    background: pd.DataFrame | None,
+    test: pd.DataFrame,
+    seed: int = 0,
+    grids: dict | None = None,
+    val_fraction: float = 0.2,
+    subsets: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """Tune on the validation slice, refit on train + background, score the test pairs.
+
+    ``test`` needs ``user_id, item_id, rating``. ``subsets`` maps a name to a boolean mask over
+    ``test`` rows for extra scores (e.g. the rows the simulator was evaluated on).
+    Returns ``{name: {"params", "val_rmse", "rmse", "mae", "n", "predictions", "subsets"}}``
+    (``predictions`` aligned with ``test`` rows).
+    """
+    grids = grids or DEFAULT_GRIDS
+    fit_part, validation = validation_split(train, val_fraction)
+    tune_on = fit_frame(fit_part, background)
+    full = fit_frame(train, background)
+    real = test["rating"].to_numpy(np.float64)
+    results = {}
+    for name, (cls, grid) in grids.items():
+        extra = {"seed": seed} if cls is BiasedMF else None
+        params, val_rmse, trials = tune(cls, grid, tune_on, validation, extra) if len(validation) \
+            else ({k: v[0] for k, v in grid.items()}, float("nan"), [])
+        model = cls(**params, **(extra or {})).fit(full)
+        pred = model.predict(test["user_id"], test["item_id"])
+        entry = {"params": model.params(), "val_rmse": val_rmse, "trials": trials,
+                 "n": int(len(test)), "rmse": rmse(pred, real), "mae": mae(pred, real),
+                 "predictions": pred, "subsets": {}}
+        for subset, mask in (subsets or {}).items():
+            mask = np.asarray(mask, dtype=bool)
+            entry["subsets"][subset] = {"n": int(mask.sum()), "rmse": rmse(pred[mask], real[mask]),
+                                        "mae": mae(pred[mask], real[mask])}
+        log.info("baseline %s %s: val RMSE %.4f, test RMSE %.4f MAE %.4f", name, params, val_rmse,
+                 entry["rmse"], entry["mae"])
+        results[name] = entry
+    return results
