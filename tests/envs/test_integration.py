@@ -1,0 +1,55 @@
+"""PersonaML100K-v0 on the shipped SmolLM2-135M persona adapters (``persona_gym/default_artifacts``)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import persona_gym  # noqa: F401  (registers the ids)
+from persona_gym.envs.config import default_artifacts_dir
+
+
+@pytest.fixture(scope="module")
+def shipped() -> str:
+    root = default_artifacts_dir("ml-100k")
+    if not (root / "manifest.json").is_file():
+        pytest.fail(f"the default ML-100k artifacts are not shipped: {root}/manifest.json is missing. "
+                    "Copy a trained artifacts directory there (persona-gym distill --dataset ml-100k "
+                    "--out DIR && persona-gym personas --artifacts DIR && persona-gym train "
+                    "--artifacts DIR).")
+    return str(root)
+
+
+@pytest.mark.integration
+def test_default_env_20_step_episode(shipped):
+    env = gym.make("PersonaML100K-v0", render_mode="ansi")
+    assert env.unwrapped.config.artifacts == "ml-100k" and env.spec.max_episode_steps == 20
+    obs, info = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    rewards = []
+    for _ in range(20):
+        action = int(rng.choice(np.flatnonzero(info["action_mask"])))
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert env.observation_space.contains(obs) and not info["masked_action"]
+        assert 1.0 <= info["expected_rating"] <= 5.0 and reward == pytest.approx(info["expected_rating"])
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    assert truncated or info["left"]
+    assert "Recently rated:" in info["text"]
+
+
+@pytest.mark.integration
+def test_default_vector_env_matches_single(shipped):
+    vec = gym.make_vec("PersonaML100K-v0", num_envs=2)
+    single = gym.make("PersonaML100K-v0")
+    vec.reset(seed=5)
+    single.reset(seed=5)
+    for step in range(3):
+        action = np.array([10 + step, 20 + step])
+        _, rewards, terminated, truncated, _ = vec.step(action)
+        _, reward, *_ = single.step(int(action[0]))
+        assert rewards[0] == pytest.approx(reward, abs=1e-5)
+        if terminated[0] or truncated[0]:
+            break
