@@ -249,7 +249,8 @@ def _check_no_leakage(test: pd.DataFrame, memories: pd.DataFrame) -> None:
 class _Models:
     """One base model with every adapter of the artifacts, shared by all configurations."""
 
-    def __init__(self, artifacts, base_model: str | None, device: str, dtype: str):
+    def __init__(self, artifacts, base_model: str | None, device: str, dtype: str,
+                 compile: bool = False):
         from persona_gym.artifacts import check_base_model
         from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model
         from persona_gym.simulator.rating_model import attach_adapters
@@ -260,14 +261,22 @@ class _Models:
         self.model = attach_adapters(model, artifacts.adapter_dirs).to(device)
         self.artifacts = artifacts
         self.adapters = set(artifacts.adapter_dirs)
+        self.compile = compile
+        self._layered = None  # one compiled LayeredLM shared by every configuration
 
     def simulator(self, config: EvalConfig, prompt):
+        from persona_gym.simulator.engine import LayeredLM
         from persona_gym.simulator.prompts import PromptBuilder
         from persona_gym.simulator.rating_model import RatingModel
         from persona_gym.simulator.simulator import UserSimulator
 
         builder = PromptBuilder(self.tokenizer, self.artifacts.catalog, prompt)
-        return UserSimulator(self.artifacts, RatingModel(self.model, builder), config.variant)
+        rating_model = RatingModel(self.model, builder)
+        if self.compile:
+            if self._layered is None:
+                self._layered = LayeredLM(self.model, builder.rating_token_ids, compile=True)
+            rating_model.layered = self._layered
+        return UserSimulator(self.artifacts, rating_model, config.variant)
 
     def missing(self, config: EvalConfig, users) -> list[str]:
         if config.variant == "base":
@@ -292,6 +301,7 @@ def evaluate(
     base_model: str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    compile: bool = False,
     out_dir: str | Path | None = None,
     write: bool = True,
     chunk_users: int = 16,
@@ -306,6 +316,8 @@ def evaluate(
         train, background: what the baselines fit on when ``test`` is given (default: the
             artifacts' memories, i.e. the logged training interactions; no background).
         write: write the report into ``out_dir`` (default ``<artifacts>/evaluation``).
+        compile: run the decoder layers through ``torch.compile`` (about 3x faster on CPU after
+            a one-off ~1 min warm-up; same results).
     """
     from persona_gym.artifacts import load_artifacts
     from persona_gym.evaluation.baselines import run_baselines
@@ -359,7 +371,7 @@ def evaluate(
     predictions = rows[["user_id", "item_id", "item_index", "rating", "timestamp"]].copy()
     predictions["persona"] = personas
 
-    models = _Models(artifacts, base_model, device, dtype) if configs else None
+    models = _Models(artifacts, base_model, device, dtype, compile) if configs else None
     history_cache: dict[int, tuple] = {}
     generation_rows = np.flatnonzero(
         rows.groupby("user_id").cumcount().to_numpy() < generation_per_user) if generation else None
@@ -661,6 +673,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base-model", default=None, help="default: the one the adapters were trained on")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder layers (~3x faster on CPU after ~1 min warm-up)")
     p.add_argument("--out", type=Path, default=None, help="default: <artifacts>/evaluation")
     p.set_defaults(func=run_evaluate)
 
@@ -674,7 +688,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.artifacts, configs, args.max_test_per_user, args.seed, subsample=args.subsample,
         generation=args.generation, generation_per_user=args.generation_per_user,
         baselines=not args.no_baselines, base_model=args.base_model, device=args.device,
-        dtype=args.dtype, out_dir=args.out,
+        dtype=args.dtype, compile=args.compile, out_dir=args.out,
     )
     print(render_markdown(results))
     print(f"written to {results['out_dir']} in {results['seconds']} s")
