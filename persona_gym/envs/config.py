@@ -40,7 +40,10 @@ class EnvConfig:
         dtype: torch dtype of the rating model (``float32``, ``float16``, ``bfloat16``).
         max_episode_steps: the horizon; ``truncated`` becomes true after this many steps (the
             registered ids pass it to ``TimeLimit``; the vector env applies it itself). Also the
-            denominator of the observation's ``step_fraction``.
+            denominator of the observation's ``step_fraction``. Note: ``gym.make(id,
+            max_episode_steps=N)`` changes only the ``TimeLimit`` (Gymnasium does not pass it to
+            the env); to change ``step_fraction`` too, use a YAML config or an ``EnvConfig``
+            with the same value. ``gym.make_vec`` passes it to the vector env.
         reward: ``"expected"`` (mean of the 5-way rating distribution, low variance) or
             ``"sampled"`` (the rating the user actually gave this step, drawn with the env's RNG).
         reward_scale, reward_offset: reward = ``reward_scale * rating + reward_offset``.
