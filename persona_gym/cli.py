@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "training.distill",
     "training.personas",
     "training.train",
+    "training.evaluate",
     "persona_gym.demo",
 ]
 

@@ -1,0 +1,285 @@
+"""Benchmark of the rating engine: ratings/s, tokens per rating and achieved GFLOP/s per mode.
+
+Modes, from the paper's way to ours (each on the same synthetic workload of ``--users`` users
+spread over ``--personas`` random LoRA adapters, a ``--prefix``-token profile prefix and a
+``--block``-token candidate block per rating):
+
+    generate     paper-style: generate 4 tokens per request (temperature 0.3), one at a time
+    forward      one full forward per request (whole prompt, full-vocabulary head)
+    batched      padded batches, adapters mixed in a batch via peft ``adapter_names``
+    grouped      batches grouped by persona, one ``set_adapter`` per group, rating head only
+    prefix-cache grouped + the user's prefix keys/values cached: a rating pays its block only
+
+It also measures the machine's matmul peak and, when ``--train`` is given, LoRA training
+tokens/s. Weights are random (speed does not depend on their values), so it runs where no model
+files exist: ``--shape smollm2`` (135M) or ``--shape qwen2.5-0.5b``.
+
+    python benchmarks/simulator.py                       # CPU, float32, SmolLM2 shape
+    python benchmarks/simulator.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --rank 256
+
+Prints a table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from persona_gym.simulator.engine import LayeredLM, encode_prefixes, pack, score_blocks
+
+SHAPES = {
+    # SmolLM2-135M-Instruct: LlamaForCausalLM
+    "smollm2": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    tie_word_embeddings=True, rope_theta=100000.0),
+    # Qwen2.5-0.5B-Instruct
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         tie_word_embeddings=True, rope_theta=1000000.0),
+}
+RATING_IDS = [33, 34, 35, 36, 37]
+
+
+def build_model(shape: str, personas: int, rank: int, device: str, dtype: torch.dtype):
+    """Random model of the shape with ``personas`` random LoRA adapters (q,k,v,o)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params = dict(SHAPES[shape])
+    config = AutoConfig.for_model(params.pop("model_type"), **params)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      init_lora_weights=False)
+    model = get_peft_model(model, lora, adapter_name="persona-0")
+    for p in range(1, personas):
+        model.add_adapter(f"persona-{p}", lora)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def non_embedding_params(model) -> int:
+    base = model.get_base_model()
+    return sum(p.numel() for n, p in base.named_parameters() if "embed_tokens" not in n)
+
+
+def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a square matmul (the machine's practical peak)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def workload(users: int, personas: int, prefix: int, block: int, ratings: int, seed: int = 0):
+    """Synthetic requests: (user, persona, prefix ids, block ids) with user-specific prefixes."""
+    rng = np.random.default_rng(seed)
+    prefixes = [rng.integers(100, 40000, prefix).tolist() for _ in range(users)]
+    out = []
+    for n in range(ratings):
+        user = n % users
+        out.append((user, f"persona-{user % personas}", prefixes[user], rng.integers(100, 40000, block).tolist()))
+    return out
+
+
+def run_generate(model, requests, device):
+    for _, adapter, prefix, block in requests:
+        model.set_adapter(adapter)
+        ids = torch.tensor([prefix + block], device=device)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                       temperature=0.3, top_p=0.9, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    return sum(len(p) + len(b) + 4 for _, _, p, b in requests)
+
+
+@torch.inference_mode()
+def run_forward(model, requests, device):
+    for _, adapter, prefix, block in requests:
+        model.set_adapter(adapter)
+        logits = model(torch.tensor([prefix + block], device=device)).logits
+        logits[0, -1, RATING_IDS].softmax(-1)
+    return sum(len(p) + len(b) for _, _, p, b in requests)
+
+
+@torch.inference_mode()
+def run_batched(model, requests, device, batch_size):
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        width = max(len(p) + len(b) for _, _, p, b in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (_, _, p, b) in enumerate(chunk):  # left padding: the last token is the rating slot
+            seq = p + b
+            ids[r, width - len(seq):] = torch.tensor(seq)
+            mask[r, width - len(seq):] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1,
+                       adapter_names=[a for _, a, _, _ in chunk]).logits
+        logits[:, -1, RATING_IDS].softmax(-1)
+    return sum(len(p) + len(b) for _, _, p, b in requests)
+
+
+def by_persona(requests):
+    groups: dict[str, list] = {}
+    for request in requests:
+        groups.setdefault(request[1], []).append(request)
+    return groups
+
+
+@torch.inference_mode()
+def run_grouped(model, layered, requests, device, batch_size):
+    for adapter, group in by_persona(requests).items():
+        model.set_adapter(adapter)
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            packed = pack([(p, [b]) for _, _, p, b in chunk], 0).to(device)
+            layered.forward(packed).softmax(-1)
+    return sum(len(p) + len(b) for _, _, p, b in requests)
+
+
+@torch.inference_mode()
+def run_prefix_cache(model, layered, requests, device, batch_size, cache):
+    """Steady state of an environment: prefixes are already cached (``cache`` warmed)."""
+    for adapter, group in by_persona(requests).items():
+        model.set_adapter(adapter)
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            kv = [cache[(adapter, u)] for u, _, _, _ in chunk]
+            score_blocks(layered, kv, [b for _, _, _, b in chunk], 0, device).softmax(-1)
+    return sum(len(b) for _, _, _, b in requests)
+
+
+@torch.inference_mode()
+def warm_cache(model, layered, requests, device):
+    cache = {}
+    for adapter, group in by_persona(requests).items():
+        model.set_adapter(adapter)
+        users = sorted({u for u, _, _, _ in group})
+        prefixes = {u: p for u, _, p, _ in group}
+        for user, kv in zip(users, encode_prefixes(layered, [prefixes[u] for u in users], 0, device),
+                            strict=True):
+            cache[(adapter, user)] = kv
+    return cache
+
+
+def run_train(model, layered, requests, device, batch_size, steps=3):
+    model.set_adapter("persona-0")
+    model.train()
+    params = [p for n, p in model.named_parameters() if "persona-0" in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    tokens = 0
+    for step in range(steps + 1):
+        chunk = requests[:batch_size]
+        packed = pack([(p, [b]) for _, _, p, b in chunk], 0).to(device)
+        if step == 1:  # the first step warms up
+            sync(device)
+            start, tokens = time.perf_counter(), 0
+        loss = torch.nn.functional.cross_entropy(layered.forward(packed),
+                                                 torch.zeros(len(chunk), dtype=torch.long, device=device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        tokens += packed.n_tokens
+    sync(device)
+    model.eval()
+    return tokens / (time.perf_counter() - start)
+
+
+def timed(fn, device, ratings):
+    sync(device)
+    start = time.perf_counter()
+    tokens = fn()
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"ratings_per_s": ratings / seconds, "tokens_per_rating": tokens / ratings,
+            "tokens_per_s": tokens / seconds, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    parser.add_argument("--personas", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--users", type=int, default=64)
+    parser.add_argument("--prefix", type=int, default=150, help="profile prefix tokens")
+    parser.add_argument("--block", type=int, default=125, help="candidate block tokens")
+    parser.add_argument("--ratings", type=int, default=64, help="ratings per exact mode")
+    parser.add_argument("--generate-ratings", type=int, default=8, help="ratings for the slow generate mode")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", default=["generate", "forward", "batched", "grouped", "prefix-cache"])
+    parser.add_argument("--train", action="store_true", help="also measure LoRA training tokens/s")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    device = args.device
+
+    model = build_model(args.shape, args.personas, args.rank, device, dtype)
+    layered = LayeredLM(model, RATING_IDS)
+    flops_per_token = 2 * non_embedding_params(model)
+    peak = matmul_peak(device, dtype)
+    requests = workload(args.users, args.personas, args.prefix, args.block, args.ratings)
+    results = {}
+    runners = {
+        "generate": lambda: run_generate(model, requests[: args.generate_ratings], device),
+        "forward": lambda: run_forward(model, requests, device),
+        "batched": lambda: run_batched(model, requests, device, args.batch_size),
+        "grouped": lambda: run_grouped(model, layered, requests, device, args.batch_size),
+    }
+    for mode in args.modes:
+        if mode == "prefix-cache":
+            cache = warm_cache(model, layered, requests, device)
+            runner = lambda: run_prefix_cache(model, layered, requests, device, args.batch_size, cache)  # noqa: E731
+        else:
+            runner = runners[mode]
+        n = args.generate_ratings if mode == "generate" else args.ratings
+        runner() if mode != "generate" else None  # warm-up (kernels, allocator)
+        results[mode] = timed(runner, device, n)
+        results[mode]["gflops"] = results[mode]["tokens_per_s"] * flops_per_token / 1e9
+        results[mode]["fraction_of_peak"] = results[mode]["gflops"] / peak
+    if args.train:
+        results["train_tokens_per_s"] = run_train(model, layered, requests, device, args.batch_size)
+    report = {
+        "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
+        "args": {k: str(v) for k, v in vars(args).items()}, "matmul_peak_gflops": peak,
+        "flops_per_token": flops_per_token, "modes": results,
+    }
+    print(f"device: {report['device']}  dtype: {args.dtype}  shape: {args.shape}  personas: {args.personas}"
+          f"  rank: {args.rank}  matmul peak: {peak:.0f} GFLOP/s")
+    print(f"{'mode':<14}{'ratings/s':>12}{'tokens/rating':>15}{'GFLOP/s':>10}{'% peak':>8}{'x generate':>12}")
+    base = results.get("generate", {}).get("ratings_per_s")
+    for mode in args.modes:
+        r = results[mode]
+        speedup = f"{r['ratings_per_s'] / base:.1f}" if base else "-"
+        print(f"{mode:<14}{r['ratings_per_s']:>12.1f}{r['tokens_per_rating']:>15.0f}{r['gflops']:>10.1f}"
+              f"{100 * r['fraction_of_peak']:>7.0f}%{speedup:>12}")
+    if args.train:
+        print(f"training: {results['train_tokens_per_s']:.0f} tokens/s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
