@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         if mode == "prefix-cache":
             cache = warm_cache(model, layered, requests, device)
-            runner = lambda: run_prefix_cache(model, layered, requests, device, args.batch_size, cache)  # noqa: E731
-        else:
-            runner = runners[mode]
+            runners[mode] = lambda c=cache: run_prefix_cache(model, layered, requests, device,
+                                                             args.batch_size, c)
+        runner = runners[mode]
         n = args.generate_ratings if mode == "generate" else args.ratings
         runner() if mode != "generate" else None  # warm-up (kernels, allocator)
         results[mode] = timed(runner, device, n)
