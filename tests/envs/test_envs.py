@@ -64,10 +64,13 @@ def test_gymnasium_check_env(tiny_kwargs):
     assert unexpected == []
 
 
-def test_sb3_check_env_no_warnings(tiny_kwargs):
+@pytest.mark.parametrize("flatten", [False, True])
+def test_sb3_check_env_no_warnings(tiny_kwargs, flatten):
     from stable_baselines3.common.env_checker import check_env
 
     env = make(tiny_kwargs)
+    if flatten:  # one Box, for MlpPolicy
+        env = gym.wrappers.FlattenObservation(env)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env, warn=True)
