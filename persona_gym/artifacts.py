@@ -241,6 +241,7 @@ def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None)
                 f"the regenerated {name} tables differ from those the shipped adapters were "
                 "trained on (another dataset copy or library version); ratings may deviate "
                 "from the published evaluation", stacklevel=2)
+        _make_readable(tmp / "art")
         if target.exists():  # an incomplete earlier attempt
             shutil.rmtree(target)
         (tmp / "art").rename(target)
@@ -269,12 +270,20 @@ def export_shippable(src: str | Path, dest: str | Path) -> Path:
                 shutil.copytree(src / name, tmp / name)
             elif (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
+        _make_readable(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _make_readable(root: Path) -> None:
+    """Usual modes (dirs 755, files 644) for a tree built in a private temporary directory."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _regenerate_tables(root: Path, split_info: dict) -> None:
