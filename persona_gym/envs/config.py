@@ -175,11 +175,19 @@ def missing_artifacts_message(config: EnvConfig, where: Path) -> str:
 
 
 def resolve_artifacts(config: EnvConfig) -> Path:
-    """The artifacts directory a config points at; ``FileNotFoundError`` with the commands."""
+    """The artifacts directory a config points at; ``FileNotFoundError`` with the commands.
+
+    A shipped name is materialised into the cache on first use (its MovieLens-derived tables
+    are regenerated; see ``persona_gym.artifacts.resolve_artifacts``).
+    """
+    from persona_gym import artifacts
+
     if config.artifacts in DEFAULT_ARTIFACTS:
         where = default_artifacts_dir(config.artifacts)
     else:
         where = Path(config.artifacts).expanduser().resolve()
     if not (where / "manifest.json").is_file():
         raise FileNotFoundError(missing_artifacts_message(config, where))
+    if config.artifacts in artifacts.SHIPPED:
+        return artifacts.resolve_artifacts(config.artifacts)
     return where

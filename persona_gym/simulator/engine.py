@@ -178,7 +178,8 @@ def _rows(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
 
 
 def _attend(layer, hidden, position_embeddings, past_k, past_v, mask):
-    """One Llama-layout decoder layer over new tokens attending to ``past`` keys/values too.
+    """One Llama-layout decoder layer over new tokens attending to ``past`` keys/values too
+    (``past`` may hold zero positions).
 
     Returns the layer output and the new tokens' keys/values (after rotary embedding).
     """
@@ -193,8 +194,8 @@ def _attend(layer, hidden, position_embeddings, past_k, past_v, mask):
     v = attn.v_proj(x).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    keys = torch.cat([past_k, k], dim=2) if past_k is not None else k
-    values = torch.cat([past_v, v], dim=2) if past_v is not None else v
+    keys = torch.cat([past_k, k], dim=2)
+    values = torch.cat([past_v, v], dim=2)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
     )
@@ -217,8 +218,11 @@ def encode_prefixes(layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_i
     hidden = layered.embed(ids)
     position_embeddings = layered.rotary(hidden, position_ids=positions)
     keys, values = [], []
+    attn = layered.layers[0].self_attn
+    heads = attn.k_proj.out_features // attn.head_dim
+    no_past = hidden.new_zeros((len(prefixes), heads, 0, attn.head_dim))  # same types as blocks'
     for layer in layered.layers:
-        hidden, k, v = layered.attend(layer, hidden, position_embeddings, None, None, mask[:, None])
+        hidden, k, v = layered.attend(layer, hidden, position_embeddings, no_past, no_past, mask[:, None])
         keys.append(k)
         values.append(v)
     return [PrefixKV([k[r, :, :n].clone() for k in keys], [v[r, :, :n].clone() for v in values])
