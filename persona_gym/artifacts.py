@@ -266,8 +266,8 @@ def export_shippable(src: str | Path, dest: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
     try:
         for name in SHIPPABLE:
-            if (src / name).is_dir():
-                shutil.copytree(src / name, tmp / name)
+            if (src / name).is_dir():  # per-rating tables (e.g. predictions) hold MovieLens ratings
+                shutil.copytree(src / name, tmp / name, ignore=shutil.ignore_patterns("*.parquet"))
             elif (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
         _make_readable(tmp)
