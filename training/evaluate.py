@@ -262,7 +262,7 @@ class _Models:
         self.artifacts = artifacts
         self.adapters = set(artifacts.adapter_dirs)
         self.compile = compile
-        self._layered = None  # one compiled LayeredLM shared by every configuration
+        self._layered = None  # one LayeredLM (and its compiled kernels) for every configuration
 
     def simulator(self, config: EvalConfig, prompt):
         from persona_gym.simulator.engine import LayeredLM
@@ -271,11 +271,9 @@ class _Models:
         from persona_gym.simulator.simulator import UserSimulator
 
         builder = PromptBuilder(self.tokenizer, self.artifacts.catalog, prompt)
-        rating_model = RatingModel(self.model, builder)
-        if self.compile:
-            if self._layered is None:
-                self._layered = LayeredLM(self.model, builder.rating_token_ids, compile=True)
-            rating_model.layered = self._layered
+        if self._layered is None:
+            self._layered = LayeredLM(self.model, builder.rating_token_ids, compile=self.compile)
+        rating_model = RatingModel(self.model, builder, layered=self._layered)
         return UserSimulator(self.artifacts, rating_model, config.variant)
 
     def missing(self, config: EvalConfig, users) -> list[str]:

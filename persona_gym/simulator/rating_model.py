@@ -54,6 +54,8 @@ class RatingModel:
         builder: the prompt builder (tokenizer, catalogue, prompt config).
         max_batch_tokens: padded tokens per forward pass (bounds memory).
         max_cache_bytes: memory bound of the prefix key/value cache (least recently used evicted).
+        compile: run the decoder layers through ``torch.compile`` (faster after a warm-up).
+        layered: an existing ``LayeredLM`` of ``model`` to share (its compiled kernels too).
     """
 
     def __init__(
@@ -62,11 +64,13 @@ class RatingModel:
         builder: PromptBuilder,
         max_batch_tokens: int = 8192,
         max_cache_bytes: int = 2 << 30,
+        compile: bool = False,
+        layered: LayeredLM | None = None,
     ):
         self.model = model.eval()
         self.builder = builder
         self.tokenizer = builder.tokenizer
-        self.layered = LayeredLM(model, builder.rating_token_ids)
+        self.layered = layered or LayeredLM(model, builder.rating_token_ids, compile=compile)
         self.max_batch_tokens = max_batch_tokens
         self.max_cache_bytes = max_cache_bytes
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], PrefixKV] = OrderedDict()
@@ -83,26 +87,6 @@ class RatingModel:
     def adapters(self) -> list[str]:
         """Names of the loaded adapters (``"base"`` is always available)."""
         return sorted(getattr(self.model, "peft_config", {}).keys())
-
-    @classmethod
-    def load(
-        cls,
-        base_model: str,
-        adapters: dict[str, str | Path],
-        builder_factory,
-        device: str = "cpu",
-        dtype: str = "float32",
-        **kwargs,
-    ) -> RatingModel:
-        """Load a base model by name/path and attach ``{name: adapter_folder}``.
-
-        ``builder_factory(tokenizer) -> PromptBuilder`` builds the prompts for that tokenizer.
-        """
-        from persona_gym.assets import load_causal_lm
-
-        model, tokenizer = load_causal_lm(base_model, device=device, dtype=dtype)
-        model = attach_adapters(model, adapters)
-        return cls(model.to(device), builder_factory(tokenizer), **kwargs)
 
     def _adapter_context(self, name: str):
         if name == BASE:

@@ -57,7 +57,6 @@ class UserSimulator:
     ) -> UserSimulator:
         """Load artifacts and the base model with the adapters the variant needs."""
         from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model
-        from persona_gym.simulator.engine import LayeredLM
         from persona_gym.simulator.rating_model import attach_adapters
 
         artifacts = load_artifacts(artifacts_dir)
@@ -77,9 +76,7 @@ class UserSimulator:
             adapters = {variant: adapters[variant]}
         model = attach_adapters(model, adapters).to(device)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
-        rating_model = RatingModel(model, builder)
-        if compile:
-            rating_model.layered = LayeredLM(model, builder.rating_token_ids, compile=True)
+        rating_model = RatingModel(model, builder, compile=compile)
         return cls(artifacts, rating_model, variant, delta)
 
     @property
