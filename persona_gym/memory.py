@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from persona_gym.catalog import ItemCatalog
 
-__all__ = ["Interaction", "format_window", "short_term_window"]
+__all__ = ["Interaction", "format_window", "logged_history", "short_term_window"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +57,12 @@ def format_window(window: Sequence[Interaction], catalog: ItemCatalog) -> str:
 def _rating_text(rating: float) -> str:
     value = float(rating)
     return str(int(value)) if value.is_integer() else f"{value:.1f}"
+
+
+def logged_history(memories, user_id: int) -> tuple[Interaction, ...]:
+    """A user's time-ordered training interactions from a memories table (``Ml`` rows)."""
+    rows = memories[memories["user_id"] == user_id].sort_values(["timestamp", "item_index"])
+    return tuple(
+        Interaction(int(i), float(r), int(t))
+        for i, r, t in zip(rows["item_index"], rows["rating"], rows["timestamp"], strict=True)
+    )

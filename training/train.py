@@ -54,7 +54,7 @@ from persona_gym.artifacts import (
 )
 from persona_gym.assets import DEFAULT_SLM, load_causal_lm, model_source, resolve_model
 from persona_gym.io import atomic_write, atomic_write_json
-from persona_gym.memory import Interaction, short_term_window
+from persona_gym.memory import logged_history, short_term_window
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.engine import LayeredLM, pack
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
@@ -156,11 +156,7 @@ def build_examples(
     examples = []
     prompt = config.prompt
     for user_id in sorted(profiles):
-        rows = memories[memories["user_id"] == user_id].sort_values(["timestamp", "item_index"])
-        history = [
-            Interaction(int(i), float(r), int(t))
-            for i, r, t in zip(rows["item_index"], rows["rating"], rows["timestamp"], strict=True)
-        ]
+        history = logged_history(memories, user_id)
         n_val = min(config.val_per_user, max(0, len(history) - 1))
         first_train = 0
         if config.max_examples_per_user:

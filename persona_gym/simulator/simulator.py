@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from persona_gym.artifacts import Artifacts, check_base_model, load_artifacts
-from persona_gym.memory import Interaction
+from persona_gym.memory import Interaction, logged_history
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import BASE, RatingModel
@@ -95,10 +95,7 @@ class UserSimulator:
 
     def history(self, user_id: int) -> tuple[Interaction, ...]:
         """The user's time-ordered training interactions (the logged history)."""
-        memories = self.artifacts.memories
-        mine = memories[memories["user_id"] == user_id].sort_values(["timestamp", "item_index"])
-        return tuple(Interaction(int(i), float(r), int(t)) for i, r, t in
-                     zip(mine["item_index"], mine["rating"], mine["timestamp"], strict=True))
+        return logged_history(self.artifacts.memories, user_id)
 
     def request(self, user_id: int, candidate: int, window: Sequence[Interaction] = ()) -> RatingRequest:
         """The rating request for one candidate, with retrieved memories and the user's adapter."""
