@@ -136,3 +136,16 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, tiny_base, monkeypa
     loaded = load_artifacts(root)
     assert loaded.user_ids == json.loads((src / "split.json").read_text())["distilled_user_ids"]
     assert resolve_artifacts("ml-100k", cache=tmp_path / "cache") == root  # second call reuses it
+
+
+def test_adding_a_variant_keeps_trained_adapters_and_activations(artifacts, tiny_base, caplog):
+    train(artifacts, config(tiny_base, variants=("persona",)), progress=False)
+    before = adapter_weights(artifacts, "persona-0")
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        manifest = train(artifacts, config(tiny_base, variants=("persona", "single-max")), progress=False)
+    assert "adapter persona-0: already trained, skipping" in caplog.text
+    assert "reusing frozen-layer activations" in caplog.text
+    assert set(manifest["adapters"]) == {"persona-0", "persona-1", "single-max"}
+    after = adapter_weights(artifacts, "persona-0")
+    for key in before:
+        torch.testing.assert_close(before[key], after[key], rtol=0, atol=0)

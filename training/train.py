@@ -132,8 +132,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Hash of everything that changes the result (checkpoints from other configs are refused)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of everything that changes an adapter (checkpoints from other configs are refused).
+
+        ``variants`` is left out: which other adapters a run trains does not change this one.
+        """
+        values = {k: v for k, v in self.to_dict().items() if k != "variants"}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    def activations_digest(self) -> str:
+        """Hash of what the cached frozen-layer activations depend on."""
+        keys = ("base_model", "lora_layers", "max_examples_per_user", "val_per_user", "prompt")
+        values = {k: v for k, v in self.to_dict().items() if k in keys}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -492,7 +502,7 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
     log.info("%d examples (%d validation), adapters: %s", len(examples),
              sum(e.validation for e in examples), ", ".join(f"{k}={len(v[0])}" for k, v in sets.items()))
 
-    cache_key = hashlib.sha256((config.digest() + str(model_source(model_path)["sha256"] or model_path)
+    cache_key = hashlib.sha256((config.activations_digest() + str(model_source(model_path)["sha256"] or model_path)
                                 + str(len(examples))).encode()).hexdigest()[:16]
     cache_path = root / "cache" / f"lower-{cache_key}.pt"
     lower_started = time.perf_counter()
