@@ -251,14 +251,10 @@ class _Models:
 
     def __init__(self, artifacts, base_model: str | None, device: str, dtype: str,
                  compile: bool = False):
-        from persona_gym.artifacts import check_base_model
-        from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model
-        from persona_gym.simulator.rating_model import attach_adapters
+        from persona_gym.simulator.simulator import load_model
 
-        name = base_model or artifacts.manifest.get("training", {}).get("base_model", DEFAULT_SLM)
-        check_base_model(artifacts.manifest, resolve_model(name))
-        model, self.tokenizer = load_causal_lm(name, device=device, dtype=dtype)
-        self.model = attach_adapters(model, artifacts.adapter_dirs).to(device)
+        self.model, self.tokenizer = load_model(artifacts, artifacts.adapter_dirs, base_model,
+                                                device, dtype)
         self.artifacts = artifacts
         self.adapters = set(artifacts.adapter_dirs)
         self.compile = compile

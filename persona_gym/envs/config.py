@@ -155,7 +155,9 @@ def load_env_config(name_or_path: str | Path | EnvConfig = "ml100k", **overrides
 
 def default_artifacts_dir(name: str) -> Path:
     """``persona_gym/default_artifacts/<ml100k|ml1m>`` (the shipped artifacts' location)."""
-    return Path(__file__).resolve().parent.parent / "default_artifacts" / DEFAULT_ARTIFACTS[name]
+    from persona_gym.artifacts import SHIPPED_DIR
+
+    return SHIPPED_DIR / DEFAULT_ARTIFACTS[name]
 
 
 def missing_artifacts_message(config: EnvConfig, where: Path) -> str:

@@ -56,13 +56,7 @@ class UserSimulator:
         delta: float | None = None,
     ) -> UserSimulator:
         """Load artifacts and the base model with the adapters the variant needs."""
-        from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model
-        from persona_gym.simulator.rating_model import attach_adapters
-
         artifacts = load_artifacts(artifacts_dir)
-        base_model = base_model or artifacts.manifest.get("training", {}).get("base_model", DEFAULT_SLM)
-        check_base_model(artifacts.manifest, resolve_model(base_model))
-        model, tokenizer = load_causal_lm(base_model, device=device, dtype=dtype)
         adapters = artifacts.adapter_dirs
         if variant == "persona":
             adapters = {n: p for n, p in adapters.items() if n.startswith("persona-")}
@@ -74,7 +68,7 @@ class UserSimulator:
             if variant not in adapters:
                 raise ValueError(f"variant {variant!r}: the artifacts have adapters {sorted(adapters)}")
             adapters = {variant: adapters[variant]}
-        model = attach_adapters(model, adapters).to(device)
+        model, tokenizer = load_model(artifacts, adapters, base_model, device, dtype)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
         rating_model = RatingModel(model, builder, compile=compile)
         return cls(artifacts, rating_model, variant, delta)
@@ -124,3 +118,16 @@ class UserSimulator:
         requests = [self.request(int(u), int(c), w) for u, c, w in
                     zip(user_ids, candidates, windows, strict=True)]
         return self.model.score(requests)
+
+
+def load_model(artifacts: Artifacts, adapters: dict[str, Path], base_model: str | None = None,
+               device: str = "cpu", dtype: str = "float32"):
+    """The artifacts' base model (checked against the manifest) with ``adapters`` attached,
+    and its tokenizer. ``base_model`` None = the one the adapters were trained on."""
+    from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model
+    from persona_gym.simulator.rating_model import attach_adapters
+
+    name = base_model or artifacts.manifest.get("training", {}).get("base_model", DEFAULT_SLM)
+    check_base_model(artifacts.manifest, resolve_model(name))
+    model, tokenizer = load_causal_lm(name, device=device, dtype=dtype)
+    return attach_adapters(model, adapters).to(device), tokenizer
