@@ -9,13 +9,16 @@ spread over ``--personas`` random LoRA adapters, a ``--prefix``-token profile pr
     batched      padded batches, adapters mixed in a batch via peft ``adapter_names``
     grouped      batches grouped by persona, one ``set_adapter`` per group, rating head only
     prefix-cache grouped + the user's prefix keys/values cached: a rating pays its block only
+    base         prefix-cache with the adapters disabled: the base model's bound for this
+                 workload (``prefix-cache`` / ``base`` is the share of it kept with 8 personas)
 
 It also measures the machine's matmul peak and, when ``--train`` is given, LoRA training
 tokens/s. Weights are random (speed does not depend on their values), so it runs where no model
 files exist: ``--shape smollm2`` (135M) or ``--shape qwen2.5-0.5b``.
 
     python benchmarks/simulator.py                       # CPU, float32, SmolLM2 shape
-    python benchmarks/simulator.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --rank 256
+    python benchmarks/simulator.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --rank 256 \
+        --batch-size 512 --users 512 --ratings 4096
 
 Prints a table and writes JSON (``--out``).
 """
@@ -45,6 +48,8 @@ SHAPES = {
                          tie_word_embeddings=True, rope_theta=1000000.0),
 }
 RATING_IDS = [33, 34, 35, 36, 37]
+MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base")
+PER_REQUEST = ("generate", "forward")
 
 
 def build_model(shape: str, personas: int, rank: int, device: str, dtype: torch.dtype):
@@ -69,7 +74,7 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for n, p in base.named_parameters() if "embed_tokens" not in n)
 
 
-def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(device: str, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
     """GFLOP/s of a square matmul (the machine's practical peak)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -176,7 +181,7 @@ def warm_cache(model, layered, requests, device):
     return cache
 
 
-def run_train(model, layered, requests, device, batch_size, steps=3):
+def run_train(model, layered, requests, device, batch_size, steps=5):
     model.set_adapter("persona-0")
     model.train()
     params = [p for n, p in model.named_parameters() if "persona-0" in n]
@@ -222,10 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=int, default=150, help="profile prefix tokens")
     parser.add_argument("--block", type=int, default=125, help="candidate block tokens")
     parser.add_argument("--ratings", type=int, default=64, help="ratings per exact mode")
-    parser.add_argument("--generate-ratings", type=int, default=8, help="ratings for the slow generate mode")
+    parser.add_argument("--per-request-ratings", type=int, default=8,
+                        help="ratings for the one-request-at-a-time modes (generate, forward)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", default=["generate", "forward", "batched", "grouped", "prefix-cache"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--train", action="store_true", help="also measure LoRA training tokens/s")
+    parser.add_argument("--train-batch-size", type=int, default=16, help="sequences per training step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (engine modes)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
     args = parser.parse_args(argv)
@@ -235,30 +243,40 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
 
     model = build_model(args.shape, args.personas, args.rank, device, dtype)
-    layered = LayeredLM(model, RATING_IDS)
+    layered = LayeredLM(model, RATING_IDS, compile=args.compile)
     flops_per_token = 2 * non_embedding_params(model)
-    peak = matmul_peak(device, dtype)
+    peak = matmul_peak(device, dtype, 8192 if device.startswith("cuda") else 2048)
     requests = workload(args.users, args.personas, args.prefix, args.block, args.ratings)
     results = {}
     runners = {
-        "generate": lambda: run_generate(model, requests[: args.generate_ratings], device),
-        "forward": lambda: run_forward(model, requests, device),
+        "generate": lambda: run_generate(model, requests[: args.per_request_ratings], device),
+        "forward": lambda: run_forward(model, requests[: args.per_request_ratings], device),
         "batched": lambda: run_batched(model, requests, device, args.batch_size),
         "grouped": lambda: run_grouped(model, layered, requests, device, args.batch_size),
     }
+    if {"prefix-cache", "base"} & set(args.modes):
+        cache = warm_cache(model, layered, requests, device)
+        runners["prefix-cache"] = lambda: run_prefix_cache(model, layered, requests, device, args.batch_size, cache)
+
+        def run_base():
+            with model.disable_adapter():
+                return run_prefix_cache(model, layered, requests, device, args.batch_size, cache)
+
+        runners["base"] = run_base
     for mode in args.modes:
-        if mode == "prefix-cache":
-            cache = warm_cache(model, layered, requests, device)
-            runners[mode] = lambda c=cache: run_prefix_cache(model, layered, requests, device,
-                                                             args.batch_size, c)
         runner = runners[mode]
-        n = args.generate_ratings if mode == "generate" else args.ratings
-        runner() if mode != "generate" else None  # warm-up (kernels, allocator)
+        n = args.per_request_ratings if mode in PER_REQUEST else args.ratings
+        if mode != "generate":
+            runner()  # warm-up (kernels, allocator)
         results[mode] = timed(runner, device, n)
         results[mode]["gflops"] = results[mode]["tokens_per_s"] * flops_per_token / 1e9
         results[mode]["fraction_of_peak"] = results[mode]["gflops"] / peak
+        print(f"  {mode}: {results[mode]['ratings_per_s']:.1f} ratings/s", flush=True)
+    if "prefix-cache" in results and "base" in results:
+        results["prefix-cache"]["fraction_of_base"] = (results["prefix-cache"]["ratings_per_s"]
+                                                       / results["base"]["ratings_per_s"])
     if args.train:
-        results["train_tokens_per_s"] = run_train(model, layered, requests, device, args.batch_size)
+        results["train_tokens_per_s"] = run_train(model, layered, requests, device, args.train_batch_size)
     report = {
         "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
@@ -274,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         speedup = f"{r['ratings_per_s'] / base:.1f}" if base else "-"
         print(f"{mode:<14}{r['ratings_per_s']:>12.1f}{r['tokens_per_rating']:>15.0f}{r['gflops']:>10.1f}"
               f"{100 * r['fraction_of_peak']:>7.0f}%{speedup:>12}")
+    if "fraction_of_base" in results.get("prefix-cache", {}):
+        print(f"prefix-cache with {args.personas} personas keeps "
+              f"{100 * results['prefix-cache']['fraction_of_base']:.0f}% of the base model's rate")
     if args.train:
         print(f"training: {results['train_tokens_per_s']:.0f} tokens/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -215,3 +215,17 @@ def test_prefix_cache_is_reused_and_bounded(tiny_llama, builder):
     model.score(batch[:1])
     assert len(model._cache) == 1
     np.testing.assert_allclose(model.score(batch), first, atol=1e-6)
+
+
+def test_repeated_kv_heads_give_the_same_attention():
+    """The CUDA path (key/value heads repeated) equals the CPU path (``enable_gqa``)."""
+    from persona_gym.simulator.engine import _sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 3, 8, generator=gen)
+    k, v = torch.randn(2, 2, 7, 8, generator=gen), torch.randn(2, 2, 7, 8, generator=gen)
+    mask = torch.rand(2, 1, 3, 7, generator=gen) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    torch.testing.assert_close(_sdpa(q, k, v, mask, 0.3, repeat_kv=True),
+                               _sdpa(q, k, v, mask, 0.3, repeat_kv=False))
+

@@ -154,18 +154,18 @@ def _layer_forward(layer, hidden, mask, position_ids, position_embeddings):
 
 
 class PrefixKV:
-    """Keys and values of one prefix in every layer: ``keys[l]`` is ``(kv_heads, P, head_dim)``."""
+    """Keys and values of one prefix in every layer: ``keys`` is ``(layers, kv_heads, P, head_dim)``."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.keys, self.values = keys, values
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys.shape[2]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return 2 * self.keys.numel() * self.keys.element_size()
 
 
 def _rows(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,12 +196,26 @@ def _attend(layer, hidden, position_embeddings, past_k, past_v, mask):
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     keys = torch.cat([past_k, k], dim=2)
     values = torch.cat([past_v, v], dim=2)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-    )
+    out = _sdpa(q, keys, values, mask, attn.scaling, repeat_kv=q.is_cuda)
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, k, v
+
+
+def _sdpa(q, keys, values, mask, scale: float, repeat_kv: bool) -> torch.Tensor:
+    """Masked attention with grouped key/value heads.
+
+    ``repeat_kv`` expands the key/value heads to the query heads first: on CUDA, SDPA's kernels
+    that take an arbitrary mask do not take ``enable_gqa``, so GQA + mask would fall back to the
+    slow math kernel. On CPU, ``enable_gqa`` avoids the copy. Both give the same result.
+    """
+    if repeat_kv:
+        groups = q.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=not repeat_kv
+    )
 
 
 @torch.inference_mode()
@@ -225,7 +239,8 @@ def encode_prefixes(layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_i
         hidden, k, v = layered.attend(layer, hidden, position_embeddings, no_past, no_past, mask[:, None])
         keys.append(k)
         values.append(v)
-    return [PrefixKV([k[r, :, :n].clone() for k in keys], [v[r, :, :n].clone() for v in values])
+    keys, values = torch.stack(keys), torch.stack(values)  # (layers, B, heads, P, d)
+    return [PrefixKV(keys[:, r, :, :n].clone(), values[:, r, :, :n].clone())
             for r, n in enumerate(lengths.tolist())]
 
 
@@ -250,17 +265,20 @@ def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV], blocks: Seque
     mask = torch.cat([past_valid[:, None, :].expand(batch, width, past), new_mask], dim=2)[:, None]
     hidden = layered.embed(ids)
     position_embeddings = layered.rotary(hidden, position_ids=positions)
+    past_k = _stack_padded([p.keys for p in prefixes]).to(device)  # (layers, B, heads, P, d)
+    past_v = _stack_padded([p.values for p in prefixes]).to(device)
     for index, layer in enumerate(layered.layers):
-        past_k = _stack_padded([p.keys[index] for p in prefixes], past).to(device)
-        past_v = _stack_padded([p.values[index] for p in prefixes], past).to(device)
-        hidden, _, _ = layered.attend(layer, hidden, position_embeddings, past_k, past_v, mask)
+        hidden, _, _ = layered.attend(layer, hidden, position_embeddings, past_k[index], past_v[index], mask)
     return layered.head(hidden[torch.arange(batch, device=device), lengths - 1])
 
 
-def _stack_padded(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
-    """Stack ``(heads, n_i, d)`` tensors into ``(B, heads, length, d)``, zero-padded at the end."""
-    heads, _, dim = tensors[0].shape
-    out = tensors[0].new_zeros((len(tensors), heads, length, dim))
+def _stack_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack ``(layers, heads, n_i, d)`` tensors into ``(layers, B, heads, max n_i, d)``, zero-padded
+    at the end (one copy per prefix for all layers: fewer, larger copies than per layer)."""
+    if all(t.shape[2] == tensors[0].shape[2] for t in tensors):
+        return torch.stack(tensors, dim=1)
+    layers, heads, _, dim = tensors[0].shape
+    out = tensors[0].new_zeros((layers, len(tensors), heads, max(t.shape[2] for t in tensors), dim))
     for r, t in enumerate(tensors):
-        out[r, :, : t.shape[1]] = t
+        out[:, r, :, : t.shape[2]] = t
     return out
