@@ -18,6 +18,8 @@ _COMMAND_MODULES = [
     "training.personas",
     "training.train",
     "training.evaluate",
+    "agents.train",
+    "agents.evaluate",
     "persona_gym.demo",
 ]
 

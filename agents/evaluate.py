@@ -1,0 +1,365 @@
+"""``persona-gym evaluate-policy``: judge policies in the simulator and on logged held-out data.
+
+**In the simulator** each policy plays ``--episodes`` episodes per seed. Episode ``e`` of seed
+``s`` draws its user and every rating/churn draw from ``np.random.default_rng([s, e])`` — the
+same users for every policy — and runs the environments' own episode logic
+(:class:`persona_gym.envs.core.RecCore`, ``--batch`` episodes per simulator call). Per policy,
+with a 95% percentile-bootstrap interval over all episodes of all seeds:
+
+* ``return``          sum of rewards (the env's reward: expected rating by default);
+* ``mean_rating``     mean expected rating of the recommended movies;
+* ``share_ge4``       share of ratings the user gave (sampled) that are >= 4;
+* ``churn``           share of episodes the user left;
+* ``coverage``        distinct recommended movies / catalogue size;
+* ``diversity``       intra-episode genre diversity (mean pairwise 1 - Jaccard);
+* ``novelty``         mean self-information -log2(share of users who rated the movie).
+
+**On logged data** (the protocol's test interactions, never seen in training): each user's state
+after their logged training history (the env's reset state), the policy's top ``k``:
+
+* ``hit_rate``, ``ndcg``   HR@k (a test movie in the top k) and binary NDCG@k vs the test movies;
+* ``hit_rating``           mean real rating of the hits;
+* ``replay``               top-k replay (Li et al., 2011, with a top-k acceptance): walk each
+  user's test interactions in time order; an interaction whose movie is in the policy's current
+  top k is accepted — its real rating counts and it joins the user's history (the policy's next
+  observation) — else skipped. The estimate is the mean accepted rating (``replay_accepted``
+  interactions).
+
+**Agreement**: Kendall's tau / Spearman's rho between the policies' simulator ordering (mean
+rating) and their logged ordering (NDCG@k, replay): do simulator wins carry to logged data?
+
+Writes ``results.json``, ``report.md`` and ``policies.png`` (bars with intervals) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agents.metrics import (
+    bootstrap_ci,
+    intra_list_diversity,
+    ndcg_hit_at_k,
+    novelty,
+    rank_agreement,
+)
+from agents.policies import BASELINES, Batch, Policy, make_policy
+from persona_gym.envs.core import EpisodeState, RecCore
+from persona_gym.io import atomic_write_json, atomic_write_text
+from persona_gym.memory import Interaction
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SIM_METRICS", "LOGGED_METRICS", "evaluate_logged", "evaluate_policies", "simulate",
+           "summarize_episodes"]
+
+SIM_METRICS = ("return", "mean_rating", "share_ge4", "churn", "coverage", "diversity", "novelty")
+LOGGED_METRICS = ("hit_rate", "ndcg", "hit_rating", "replay")
+
+
+def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
+    """The policy's view of some episodes: stacked observations, masks, users, states."""
+    singles = [core.observation(s) for s in states]
+    obs = {key: np.stack([o[key] for o in singles]) for key in core.observation_space}
+    return Batch(obs, np.stack([s.allowed for s in states]),
+                 np.array([s.user_id for s in states], dtype=np.int64), states)
+
+
+# -- in the simulator ---------------------------------------------------------------------------
+def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, batch: int = 16) -> list[dict]:
+    """Play ``episodes`` episodes (see module docstring); one record per episode."""
+    records = []
+    horizon = core.config.max_episode_steps
+    for start in range(0, episodes, batch):
+        ids = list(range(start, min(start + batch, episodes)))
+        rngs = [np.random.default_rng([seed, e]) for e in ids]
+        states = [core.new_episode(rng, None) for rng in rngs]
+        policy.seed(seed * 1_000_003 + start)
+        recs = [{"seed": seed, "episode": e, "user_id": s.user_id, "persona": s.persona, "return": 0.0,
+                 "items": [], "expected": [], "sampled": [], "masked": 0, "left": False}
+                for e, s in zip(ids, states, strict=True)]
+        active = list(range(len(states)))
+        while active:
+            actions = policy.act(make_batch(core, [states[i] for i in active]))
+            results = core.step([states[i] for i in active], list(actions), [rngs[i] for i in active])
+            still = []
+            for i, action, result in zip(active, actions, results, strict=True):
+                rec, last = recs[i], states[i].last
+                rec["return"] += result.reward
+                if last["masked"]:
+                    rec["masked"] += 1
+                else:
+                    rec["items"].append(int(action))
+                    rec["expected"].append(last["expected"])
+                    rec["sampled"].append(last["sampled"])
+                if result.terminated or result.truncated or states[i].steps >= horizon:
+                    rec["left"] = bool(states[i].left)
+                else:
+                    still.append(i)
+            active = still
+        records += recs
+    return records
+
+
+def summarize_episodes(records: list[dict], core: RecCore, n_users: int, seed: int = 0) -> dict:
+    """Each simulator metric with its bootstrap interval over the episodes."""
+    genres = core.catalog.genres
+    per_episode = {
+        "return": np.array([r["return"] for r in records]),
+        "mean_rating": np.array([np.mean(r["expected"]) if r["expected"] else np.nan for r in records]),
+        "share_ge4": np.array([np.mean(np.array(r["sampled"]) >= 4) if r["sampled"] else np.nan
+                               for r in records]),
+        "churn": np.array([float(r["left"]) for r in records]),
+        "diversity": np.array([intra_list_diversity([genres[i] for i in r["items"]]) for r in records]),
+        "novelty": np.array([novelty(r["items"], core.catalog.n_ratings, n_users) for r in records]),
+    }
+    out = {}
+    for name, values in per_episode.items():
+        out[name] = _ci(len(records), lambda idx, v=values: float(np.nanmean(v[idx])), seed)
+    items = [set(r["items"]) for r in records]
+    out["coverage"] = _ci(len(records), lambda idx: len(set().union(*(items[i] for i in idx)))
+                          / core.n_items, seed)
+    out["episodes"] = len(records)
+    return out
+
+
+def _ci(n: int, statistic, seed: int) -> dict:
+    value, low, high = bootstrap_ci(n, statistic, seed=seed)
+    return {"mean": value, "low": low, "high": high}
+
+
+# -- on logged data -------------------------------------------------------------------------------
+def _top_k(scores: np.ndarray, k: int) -> list[list[int]]:
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[int(i) for i in row if np.isfinite(scores[r, i])] for r, row in enumerate(order)]
+
+
+def evaluate_logged(policy: Policy, core: RecCore, test: pd.DataFrame, k: int = 10,
+                    seed: int = 0) -> dict:
+    """HR@k, NDCG@k, mean rating of hits and the top-k replay estimate (module docstring).
+
+    ``test``: ``user_id, item_index, rating, timestamp`` rows of the simulator's users.
+    """
+    unknown = sorted(set(test["user_id"]) - set(core.user_ids))
+    if unknown:
+        raise ValueError(f"test interactions of users the simulator does not have: {unknown[:5]}")
+    users = sorted(set(test["user_id"]))
+    if not users:
+        raise ValueError("no test interactions to evaluate on")
+    policy.seed(seed)
+    events = {u: g.sort_values(["timestamp", "item_index"], kind="stable")
+              for u, g in test.groupby("user_id")}
+    rng = np.random.default_rng(seed)  # unused by new_episode with a user id; required by its API
+    states = [core.new_episode(rng, {"user_id": u}) for u in users]
+    ranked = _top_k(policy.scores(make_batch(core, states)), k)
+    ndcgs, hits, hit_ratings = [], [], []
+    for user, top in zip(users, ranked, strict=True):
+        g = events[user]
+        value, n_hits = ndcg_hit_at_k(top, g["item_index"], k)
+        ndcgs.append(value)
+        hits.append(float(n_hits > 0))
+        rating_of = dict(zip(g["item_index"].astype(int), g["rating"].astype(float), strict=True))
+        hit_ratings.append([rating_of[i] for i in top if i in rating_of])
+
+    accepted: list[list[float]] = [[] for _ in users]
+    sequences = [list(zip(events[u]["item_index"].astype(int), events[u]["rating"].astype(float),
+                          events[u]["timestamp"].astype(int), strict=True)) for u in users]
+    for t in range(max(len(s) for s in sequences)):
+        rows = [r for r, s in enumerate(sequences) if t < len(s)]
+        tops = _top_k(policy.scores(make_batch(core, [states[r] for r in rows])), k)
+        for r, top in zip(rows, tops, strict=True):
+            item, rating, stamp = sequences[r][t]
+            if item in top:
+                state = states[r]
+                state.episode.append(Interaction(item, rating, stamp))
+                state.allowed[item] = False
+                state.steps += 1
+                accepted[r].append(rating)
+
+    n = len(users)
+    ndcgs, hits = np.array(ndcgs), np.array(hits)
+    flat_hits = [x for h in hit_ratings for x in h]
+    flat_accepted = [x for a in accepted for x in a]
+    return {
+        "users": n,
+        "k": k,
+        "hit_rate": _ci(n, lambda idx: float(hits[idx].mean()), seed),
+        "ndcg": _ci(n, lambda idx: float(ndcgs[idx].mean()), seed),
+        "hit_rating": _ci(n, lambda idx: _pooled_mean([hit_ratings[i] for i in idx]), seed)
+        if flat_hits else None,
+        "replay": _ci(n, lambda idx: _pooled_mean([accepted[i] for i in idx]), seed)
+        if flat_accepted else None,
+        "replay_accepted": len(flat_accepted),
+        "test_interactions": int(sum(len(s) for s in sequences)),
+    }
+
+
+def _pooled_mean(groups: list[list[float]]) -> float:
+    values = [x for g in groups for x in g]
+    return float(np.mean(values)) if values else float("nan")
+
+
+# -- all together -------------------------------------------------------------------------------
+@dataclass
+class PolicyEvalConfig:
+    """Settings of :func:`evaluate_policies`.
+
+    Attributes:
+        episodes: simulator episodes per seed and policy.
+        seeds: simulator seeds (each gives the same users to every policy).
+        batch: episodes stepped together (one simulator call per step).
+        k: cut-off of HR / NDCG / replay.
+        logged: also evaluate on the logged test interactions.
+    """
+
+    episodes: int = 32
+    seeds: tuple[int, ...] = (0,)
+    batch: int = 16
+    k: int = 10
+    logged: bool = True
+
+
+def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: PolicyEvalConfig,
+                      test: pd.DataFrame | None, n_users: int) -> dict[str, Any]:
+    """Simulator and logged metrics of each policy, and the agreement of their orderings."""
+    import time
+
+    results: dict[str, Any] = {"policies": {}, "config": vars(config) | {"seeds": list(config.seeds)}}
+    for name, policy in policies.items():
+        started = time.perf_counter()
+        records = [r for s in config.seeds for r in simulate(policy, core, config.episodes, s, config.batch)]
+        entry = {"simulator": summarize_episodes(records, core, n_users, seed=0)}
+        if config.logged and test is not None:
+            entry["logged"] = evaluate_logged(policy, core, test, config.k)
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        results["policies"][name] = entry
+        log.info("%s: mean rating %.3f (%.1f s)", name, entry["simulator"]["mean_rating"]["mean"],
+                 entry["seconds"])
+    names = list(policies)
+    if len(names) >= 2 and config.logged and test is not None:
+        sim = [results["policies"][n]["simulator"]["mean_rating"]["mean"] for n in names]
+        agreement = {}
+        for metric in ("ndcg", "replay"):
+            logged = [(results["policies"][n]["logged"][metric] or {"mean": np.nan})["mean"] for n in names]
+            if not np.isnan(logged).any():
+                agreement[f"mean_rating_vs_{metric}"] = rank_agreement(sim, logged)
+        results["agreement"] = agreement
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A markdown table: one row per policy, value [low, high] per metric."""
+    def cell(entry):
+        return "-" if not entry else f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+    logged = any("logged" in p for p in results["policies"].values())
+    head = ["policy", *SIM_METRICS] + (list(LOGGED_METRICS) if logged else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, entry in results["policies"].items():
+        row = [name] + [cell(entry["simulator"][m]) for m in SIM_METRICS]
+        if logged:
+            row += [cell(entry.get("logged", {}).get(m)) for m in LOGGED_METRICS]
+        lines.append("| " + " | ".join(row) + " |")
+    for key, value in results.get("agreement", {}).items():
+        lines.append(f"\nAgreement {key}: Kendall tau {value['kendall_tau']:.2f} "
+                     f"(p={value['kendall_p']:.2f}), Spearman rho {value['spearman_rho']:.2f} "
+                     f"over {value['n_policies']} policies")
+    return "\n".join(lines)
+
+
+def plot_policies(results: dict[str, Any], path: Path) -> Path:
+    """Bars with 95% intervals for every metric, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["policies"])
+    panels = [("simulator", m) for m in SIM_METRICS] + [("logged", m) for m in LOGGED_METRICS]
+    panels = [(s, m) for s, m in panels if any(results["policies"][n].get(s, {}).get(m) for n in names)]
+    cols = 4
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (section, metric) in zip(axes.flat, panels, strict=False):
+        entries = [results["policies"][n].get(section, {}).get(metric) or {} for n in names]
+        means = [e.get("mean", np.nan) for e in entries]
+        errors = [[m - e.get("low", m) for m, e in zip(means, entries, strict=True)],
+                  [e.get("high", m) - m for m, e in zip(means, entries, strict=True)]]
+        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
+        ax.set_title(f"{metric} ({section})", fontsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out: Path, header: str = "") -> Path:
+    """``results.json``, ``policies.png`` and ``report.md`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    plot_policies(results, out / "policies.png")
+    text = (f"# Policy evaluation\n\n{header}\n\nValues: mean [95% bootstrap interval].\n\n"
+            f"{format_table(results)}\n\n![policies](policies.png)\n")
+    atomic_write_text(out / "report.md", text)
+    return out / "report.md"
+
+
+def load_evaluation(env_id: str, dtype: str = "float32", **overrides: Any):
+    """``(core, ratings, test, n_users)``: the env's episode logic on its shipped or configured
+    simulator, the train + background ratings the baselines fit on, the logged test interactions
+    of the simulator's users, and the number of users in the dataset (for novelty)."""
+    from agents.sb3_env import env_config_name
+    from persona_gym.envs.config import load_env_config
+    from persona_gym.evaluation.baselines import fit_frame
+    from training.evaluate import data_from_split
+
+    core = RecCore(load_env_config(env_config_name(env_id), dtype=dtype, **overrides))
+    data = data_from_split(core.simulator.artifacts)
+    ratings = fit_frame(data.train, data.background)
+    return core, ratings, data.test, int(ratings["user_id"].nunique())
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate-policy", help="judge policies in the simulator and on logged data",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", dest="env_id", default="PersonaML100K-v0",
+                        choices=["PersonaML100K-v0", "PersonaML1M-v0"])
+    parser.add_argument("--policies", nargs="+", default=["random", "most-popular", "item-mean", "mf"],
+                        help=f"baselines {list(BASELINES)} and/or run folders / model.zip of train-agent")
+    defaults = PolicyEvalConfig()
+    parser.add_argument("--episodes", type=int, default=defaults.episodes, help="episodes per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--k", type=int, default=defaults.k)
+    parser.add_argument("--no-logged", action="store_true", help="skip the logged-data metrics")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
+    parser.add_argument("--out", type=Path, default=Path("runs/policy-eval"))
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {"artifacts": args.artifacts} if args.artifacts else {}
+    core, ratings, test, n_users = load_evaluation(args.env_id, args.dtype, **overrides)
+    policies = {}
+    mf = None
+    for name in args.policies:
+        policy = make_policy(name, core, ratings, mf=mf)
+        mf = policy if name == "mf" else mf
+        policies[policy.name if name in BASELINES else name] = policy
+    config = PolicyEvalConfig(args.episodes, tuple(args.seeds), args.batch, args.k, not args.no_logged)
+    results = evaluate_policies(core, policies, config, None if args.no_logged else test, n_users)
+    report = write_report(results, args.out, f"Environment `{args.env_id}`; {args.episodes} episodes "
+                          f"x seeds {list(args.seeds)}; logged k={args.k}.")
+    print(format_table(results))
+    print(f"report: {report}")
+    return 0

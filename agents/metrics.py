@@ -1,0 +1,71 @@
+"""Pure metric functions of the policy evaluation (checked against hand-computed cases)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["bootstrap_ci", "intra_list_diversity", "ndcg_hit_at_k", "novelty", "rank_agreement"]
+
+
+def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], seed: int = 0,
+                 n_boot: int = 1000, level: float = 0.95) -> tuple[float, float, float]:
+    """``(value, low, high)``: ``statistic`` of all ``n`` units (episodes) and its percentile
+    bootstrap interval (units resampled with replacement, seeded)."""
+    if n < 1:
+        raise ValueError("bootstrap_ci needs at least one unit")
+    everything = np.arange(n)
+    value = float(statistic(everything))
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_boot)])
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
+    return value, float(low), float(high)
+
+
+def ndcg_hit_at_k(ranked: Sequence[int], relevant: Iterable[int], k: int = 10) -> tuple[float, int]:
+    """``(NDCG@k, hits)`` of a ranked list against a set of relevant items (binary gains).
+
+    DCG = sum over relevant items at rank r (1-based, r <= k) of 1 / log2(r + 1); the ideal
+    ranks ``min(k, |relevant|)`` relevant items first. No relevant items: ``(0.0, 0)``.
+    """
+    relevant = set(int(i) for i in relevant)
+    top = [int(i) for i in ranked[:k]]
+    gains = [1.0 / np.log2(r + 2) for r, item in enumerate(top) if item in relevant]
+    ideal = sum(1.0 / np.log2(r + 2) for r in range(min(k, len(relevant))))
+    return (float(sum(gains) / ideal) if ideal else 0.0), len(gains)
+
+
+def intra_list_diversity(genres: Sequence[Sequence[str]]) -> float:
+    """Mean pairwise genre distance ``1 - Jaccard`` of a list's items (0 for fewer than 2)."""
+    sets = [set(g) for g in genres]
+    if len(sets) < 2:
+        return 0.0
+    distances = []
+    for a in range(len(sets)):
+        for b in range(a + 1, len(sets)):
+            union = sets[a] | sets[b]
+            distances.append(1.0 - (len(sets[a] & sets[b]) / len(union) if union else 1.0))
+    return float(np.mean(distances))
+
+
+def novelty(items: Sequence[int], n_ratings: np.ndarray, n_users: int) -> float:
+    """Mean self-information ``-log2(p_i)`` of the items, ``p_i`` = share of users who rated
+    item ``i`` (at least ``1 / n_users``). Higher = less popular recommendations."""
+    if not len(items):
+        return 0.0
+    share = np.maximum(np.asarray(n_ratings, dtype=np.float64)[list(items)], 1.0) / n_users
+    return float(np.mean(-np.log2(np.minimum(share, 1.0))))
+
+
+def rank_agreement(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Kendall's tau and Spearman's rho between two scorings of the same policies."""
+    from scipy.stats import kendalltau, spearmanr
+
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("rank_agreement needs two equally long lists of at least 2 scores")
+    tau = kendalltau(a, b)
+    rho = spearmanr(a, b)
+    return {"kendall_tau": float(tau.statistic), "kendall_p": float(tau.pvalue),
+            "spearman_rho": float(rho.statistic), "n_policies": len(a)}

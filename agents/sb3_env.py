@@ -1,0 +1,121 @@
+"""Stable-Baselines3 view of :class:`persona_gym.envs.PersonaRecVectorEnv`.
+
+SB3 has its own ``VecEnv`` API (autoreset inside ``step`` with ``terminal_observation`` in the
+info, lists of info dicts). :class:`SB3VecEnv` adapts the native vector env to it, so every
+step of all sub-environments is ONE batched simulator call (wrapping single envs in SB3's
+``DummyVecEnv`` would call the rating model once per sub-environment). ``env_method(
+"action_masks")`` serves sb3-contrib's MaskablePPO.
+
+Seeding: ``seed(s)`` (SB3 calls it with the algorithm's seed) makes the next ``reset`` seed
+sub-environment ``i`` with ``s + i``, like ``gym.make_vec``; later resets continue each
+sub-environment's generator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
+
+from persona_gym.envs import PersonaRecVectorEnv
+
+__all__ = ["SB3VecEnv", "env_config_name"]
+
+_ENV_CONFIGS = {"PersonaML100K-v0": "ml100k", "PersonaML1M-v0": "ml1m"}
+
+
+def env_config_name(env_id: str) -> str:
+    """The bundled config of a registered env id (``PersonaML100K-v0`` -> ``ml100k``)."""
+    try:
+        return _ENV_CONFIGS[env_id]
+    except KeyError:
+        raise ValueError(f"unknown env id {env_id!r}; choose from {sorted(_ENV_CONFIGS)}") from None
+
+
+class SB3VecEnv(VecEnv):
+    """``num_envs`` simulated users in SB3's ``VecEnv`` API (see module docstring).
+
+    Args:
+        env_id: a registered id (``PersonaML100K-v0``, ``PersonaML1M-v0``).
+        num_envs: sub-environments stepped together.
+        **overrides: :class:`~persona_gym.envs.config.EnvConfig` fields (``dtype="bfloat16"``).
+    """
+
+    def __init__(self, env_id: str = "PersonaML100K-v0", num_envs: int = 8, **overrides: Any):
+        self.venv = PersonaRecVectorEnv(num_envs, config=env_config_name(env_id), **overrides)
+        self.env_id = env_id
+        self.render_mode = None
+        super().__init__(num_envs, self.venv.single_observation_space, self.venv.single_action_space)
+        self._actions: np.ndarray | None = None
+
+    @property
+    def core(self):
+        """The shared episode logic (simulator, catalogue) of the sub-environments."""
+        return self.venv.core
+
+    def reset(self):
+        seeds = self._seeds if any(s is not None for s in self._seeds) else None
+        obs, infos = self.venv.reset(seed=seeds)
+        self.reset_infos = _split_infos(infos, self.num_envs)
+        self._reset_seeds()
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions).reshape(self.num_envs)
+
+    def step_wait(self):
+        obs, rewards, terminated, truncated, infos = self.venv.step(self._actions)
+        dones = terminated | truncated
+        out = _split_infos(infos, self.num_envs)
+        for i in np.flatnonzero(dones):
+            out[i]["terminal_observation"] = {k: v[i] for k, v in obs.items()}
+            out[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+        if dones.any():  # SB3 semantics: a finished sub-environment returns its next first obs
+            obs, reset_infos = self.venv.reset(options={"reset_mask": dones})
+            for i, info in enumerate(_split_infos(reset_infos, self.num_envs)):
+                if dones[i]:
+                    self.reset_infos[i] = info
+        return obs, rewards.astype(np.float32), dones, out
+
+    def action_masks(self) -> np.ndarray:
+        """``(num_envs, n_items)`` bool."""
+        return self.venv.action_masks()
+
+    def close(self) -> None:
+        self.venv.close()
+
+    # -- attribute access SB3 and sb3-contrib use ---------------------------------------------
+    def has_attr(self, attr_name: str) -> bool:
+        return attr_name == "action_masks" or hasattr(self.venv, attr_name)
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        value = getattr(self, attr_name) if attr_name == "render_mode" else getattr(self.venv, attr_name)
+        return [value for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        raise AttributeError(f"SB3VecEnv does not set sub-environment attributes ({attr_name!r})")
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None,
+                   **method_kwargs) -> list[Any]:
+        rows = list(self._get_indices(indices))
+        if method_name == "action_masks":
+            masks = self.action_masks()
+            return [masks[i] for i in rows]
+        raise AttributeError(f"SB3VecEnv supports env_method('action_masks') only, not {method_name!r}")
+
+    def env_is_wrapped(self, wrapper_class, indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+
+def _split_infos(infos: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Gymnasium's dict of arrays (with ``_key`` masks) -> SB3's list of per-env dicts."""
+    out: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, values in infos.items():
+        if key.startswith("_"):
+            continue
+        present = infos.get(f"_{key}", np.ones(n, dtype=bool))
+        for i in range(n):
+            if present[i]:
+                out[i][key] = values[i]
+    return out

@@ -1,0 +1,101 @@
+"""Baseline policies, simulator and logged-data evaluation on the tiny trained artifacts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agents.evaluate import evaluate_logged, make_batch, simulate, summarize_episodes
+from agents.policies import BASELINES, Policy, make_policy
+
+
+class FixedScores(Policy):
+    """Scores items by a fixed vector (for hand-computed cases)."""
+
+    name = "fixed"
+
+    def __init__(self, scores):
+        self.item_scores = np.asarray(scores, dtype=float)
+
+    def scores(self, batch):
+        return np.where(batch.masks, self.item_scores[None, :], -np.inf)
+
+
+def test_every_baseline_respects_action_masks(core, ratings):
+    rng = np.random.default_rng(0)
+    for name in BASELINES:
+        policy = make_policy(name, core, ratings, seed=0)
+        for trial in range(3):
+            states = [core.new_episode(rng, {"user_id": u}) for u in core.user_ids]
+            for state in states:  # mask a random subset, keep at least one item
+                state.allowed[:] = rng.random(core.n_items) < 0.5
+                state.allowed[rng.integers(core.n_items)] = True
+            batch = make_batch(core, states)
+            actions = policy.act(batch)
+            assert batch.masks[np.arange(len(states)), actions].all(), (name, trial)
+            assert np.isneginf(policy.scores(batch)[~batch.masks]).all(), name
+
+
+def test_data_driven_baselines_rank_as_their_models(core, ratings):
+    states = [core.new_episode(np.random.default_rng(0), {"user_id": u}) for u in core.user_ids]
+    batch = make_batch(core, states)
+    popular = make_policy("most-popular", core).scores(batch)[0]
+    assert np.argmax(popular) == int(np.argmax(core.catalog.n_ratings))
+    mf = make_policy("mf", core, ratings)
+    np.testing.assert_allclose(mf.scores(batch)[1], mf.model.predict(
+        np.full(core.n_items, core.user_ids[1]), core.catalog.item_ids))
+
+
+def test_simulation_is_deterministic_under_a_seed(core, ratings):
+    policy = make_policy("random", core)
+    first = simulate(policy, core, episodes=5, seed=3, batch=2)
+    again = simulate(make_policy("random", core), core, episodes=5, seed=3, batch=2)
+    assert first == again
+    other = simulate(policy, core, episodes=5, seed=4, batch=2)
+    assert other != first
+    # the same episodes (users, items) whatever the batch size, for a deterministic policy;
+    # ratings equal up to the last bits (batch shapes change the float summation order)
+    mf = make_policy("mf", core, ratings)
+    small, large = simulate(mf, core, 5, seed=3, batch=2), simulate(mf, core, 5, seed=3, batch=5)
+    assert [(r["user_id"], r["items"]) for r in small] == [(r["user_id"], r["items"]) for r in large]
+    np.testing.assert_allclose([r["return"] for r in small], [r["return"] for r in large], rtol=1e-6)
+    summary = summarize_episodes(first, core, n_users=4)
+    for metric in ("return", "mean_rating", "share_ge4", "churn", "coverage", "diversity", "novelty"):
+        entry = summary[metric]
+        assert entry["low"] <= entry["mean"] <= entry["high"], metric
+    assert summary == summarize_episodes(first, core, n_users=4)
+    assert 1.0 <= summary["mean_rating"]["mean"] <= 5.0
+
+
+def test_logged_metrics_and_replay_by_hand(core):
+    user = core.user_ids[0]
+    # the policy prefers item 0, then 1, 2, ...; k = 2
+    policy = FixedScores([6, 5, 4, 3, 2, 1])
+    test = pd.DataFrame({"user_id": [user] * 3, "item_index": [1, 3, 2], "rating": [4.0, 2.0, 5.0],
+                         "timestamp": [10, 11, 12]})
+    result = evaluate_logged(policy, core, test, k=2)
+    # static top-2 = [0, 1]: item 1 is a hit at rank 2; ideal: 2 hits at ranks 1-2
+    assert result["hit_rate"]["mean"] == 1.0
+    assert result["ndcg"]["mean"] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    assert result["hit_rating"]["mean"] == 4.0
+    # replay: item 1 in [0, 1] -> accepted (4), then top = [0, 2]: item 3 skipped, item 2 accepted (5)
+    assert result["replay"]["mean"] == pytest.approx(4.5)
+    assert result["replay_accepted"] == 2 and result["test_interactions"] == 3
+
+
+def test_logged_evaluation_rejects_unknown_users(core):
+    test = pd.DataFrame({"user_id": [999], "item_index": [0], "rating": [3.0], "timestamp": [1]})
+    with pytest.raises(ValueError, match="does not have"):
+        evaluate_logged(make_policy("random", core), core, test)
+
+
+def test_unknown_policy_is_a_clear_error(core, ratings, tmp_path):
+    with pytest.raises(ValueError, match="unknown policy 'greedy'"):
+        make_policy("greedy", core, ratings)
+    with pytest.raises(ValueError, match="needs the training ratings"):
+        make_policy("mf", core)
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        make_policy(str(tmp_path), core, ratings)

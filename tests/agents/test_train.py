@@ -1,0 +1,69 @@
+"""``persona-gym train-agent`` and the SB3 vector env on the tiny trained artifacts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents.evaluate import make_batch
+from agents.policies import SB3Policy, make_policy
+from agents.sb3_env import SB3VecEnv
+from agents.train import AgentConfig, read_run, train_agent
+
+
+def config(tmp_path, tiny_kwargs, **kwargs) -> AgentConfig:
+    values = dict(timesteps=16, n_envs=2, n_steps=4, batch_size=4, checkpoint_every=8,
+                  out=str(tmp_path), env_kwargs=dict(tiny_kwargs))
+    return AgentConfig(**{**values, **kwargs})
+
+
+def test_sb3_vec_env_autoresets_like_sb3(tiny_kwargs):
+    env = SB3VecEnv("PersonaML100K-v0", 2, max_episode_steps=3, **tiny_kwargs)
+    env.seed(5)
+    obs = env.reset()
+    assert set(obs) == set(env.observation_space.spaces) and obs["profile"].shape[0] == 2
+    for _ in range(3):
+        masks = np.stack(env.env_method("action_masks"))
+        actions = masks.argmax(axis=1)
+        obs, rewards, dones, infos = env.step(actions)
+    assert dones.all() and rewards.dtype == np.float32
+    assert all("terminal_observation" in i and i["TimeLimit.truncated"] for i in infos)
+    assert (obs["step_fraction"] == 0).all()  # already the next episodes' first observations
+    assert env.has_attr("action_masks") and env.env_is_wrapped(object) == [False, False]
+
+
+def test_maskable_ppo_trains_saves_reloads_and_resumes(tmp_path, tiny_kwargs, core):
+    run_dir = train_agent(config(tmp_path, tiny_kwargs), progress=False)
+    assert run_dir.name.startswith("PersonaML100K-v0_maskable-ppo_s0_")
+    for name in ("model.zip", "run.json", "monitor.csv", "learning_curve.png"):
+        assert (run_dir / name).exists(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "model_16_steps.zip", "model_8_steps.zip"]
+    assert any((run_dir / "tb").rglob("events.out.tfevents.*"))
+    policy = make_policy(str(run_dir), core)
+    assert isinstance(policy, SB3Policy)
+    states = [core.new_episode(np.random.default_rng(0), {"user_id": u}) for u in core.user_ids]
+    states[0].allowed[:3] = False
+    batch = make_batch(core, states)
+    assert batch.masks[np.arange(len(states)), policy.act(batch)].all()
+    np.testing.assert_array_equal(policy.scores(batch), SB3Policy.load(run_dir / "model.zip").scores(batch))
+    # resume: continues from the latest checkpoint to the new total
+    resumed = train_agent(config(tmp_path, tiny_kwargs, timesteps=24), resume=run_dir, progress=False)
+    assert resumed == run_dir and read_run(run_dir)["timesteps"] == 24
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_ppo_and_dqn_train(tmp_path, tiny_kwargs, algo):
+    run_dir = train_agent(config(tmp_path, tiny_kwargs, algo=algo, seed=1), progress=False)
+    assert read_run(run_dir)["algo"] == algo and (run_dir / "model.zip").exists()
+
+
+def test_bad_agent_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="choose from"):
+        AgentConfig(algo="a2c")
+    with pytest.raises(ValueError, match="timesteps must be >= 1"):
+        AgentConfig(timesteps=0)
+    with pytest.raises(ValueError, match="unknown env id"):
+        SB3VecEnv("CartPole-v1", 1)
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        train_agent(AgentConfig(), resume=tmp_path)
