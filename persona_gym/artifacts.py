@@ -69,7 +69,7 @@ class Artifacts:
 
     @property
     def prompt_config(self) -> PromptConfig:
-        return PromptConfig(**self.manifest["prompt"])
+        return PromptConfig(**{"crowd_cue": False, **self.manifest["prompt"]})  # older manifests lack it
 
     @property
     def adapter_dirs(self) -> dict[str, Path]:

@@ -229,3 +229,27 @@ def test_repeated_kv_heads_give_the_same_attention():
     torch.testing.assert_close(_sdpa(q, k, v, mask, 0.3, repeat_kv=True),
                                _sdpa(q, k, v, mask, 0.3, repeat_kv=False))
 
+
+
+def test_crowd_cue_starts_the_answer_with_the_item_average(tokenizer, catalog):
+    """The block ends with the candidate's average right before the rating is read."""
+    config = PromptConfig(window_size=0, n_memories=0, max_tokens=256)
+    cued = PromptBuilder(tokenizer, catalog, config)
+    plain = PromptBuilder(tokenizer, catalog, PromptConfig(window_size=0, n_memories=0, max_tokens=256,
+                                                           crowd_cue=False))
+    request = RatingRequest(user_id=0, profile=PROFILE_A, candidate=0)
+    text = tokenizer.decode(cued.block_ids(request))
+    assert text.endswith("<|im_start|>assistant\nViewers' average: 3.9. My rating:")
+    assert tokenizer.decode(plain.block_ids(request)).endswith("<|im_start|>assistant\n")
+    unrated = RatingRequest(user_id=0, profile=PROFILE_A, candidate=5)  # no training ratings
+    assert tokenizer.decode(cued.block_ids(unrated)).endswith("Viewers' average: none. My rating:")
+
+
+def test_manifests_from_before_the_crowd_cue_load_without_it(tmp_path, catalog):
+    from persona_gym.artifacts import Artifacts
+
+    manifest = {"prompt": {"window_size": 3, "n_memories": 1, "use_profile": True, "max_tokens": 384}}
+    old = Artifacts(tmp_path, manifest, catalog, {}, None, None, {})
+    assert old.prompt_config.crowd_cue is False
+    manifest["prompt"]["crowd_cue"] = True
+    assert Artifacts(tmp_path, manifest, catalog, {}, None, None, {}).prompt_config.crowd_cue is True

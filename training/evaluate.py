@@ -150,7 +150,8 @@ class EvalConfig:
         k = self.n_memories if self.n_memories is not None else (trained.n_memories or 1)
         window = self.window_size if self.window_size is not None else trained.window_size
         return PromptConfig(window_size=window, n_memories=k if use_ml else 0,
-                            use_profile=use_profile, max_tokens=trained.max_tokens)
+                            use_profile=use_profile, max_tokens=trained.max_tokens,
+                            crowd_cue=trained.crowd_cue)
 
 
 def parse_config(spec: str) -> EvalConfig:

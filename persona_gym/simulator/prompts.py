@@ -5,8 +5,15 @@ A prompt is two token segments:
 * the **prefix**: the system turn, the user's profile ``Ms`` followed by the rating task (static
   per user, so it can be computed once and shared by every candidate the user rates);
 * the **block**: one user turn holding the short-term window, the retrieved ``Ml`` memories and
-  the candidate movie, then the assistant cue. The rating is read from the next-token logits of
+  the candidate movie, then the assistant cue and, with ``crowd_cue``, the start of the answer:
+  ``"Viewers' average: 3.8. My rating:"``. The rating is read from the next-token logits of
   the block's last token, restricted to the tokens "1".."5".
+
+Why the answer starts with the crowd's average: a small LM attends to what is next to the
+answer. With the average only inside the user turn, adapters trained on SmolLM2-135M learned
+each user's level and ignored the movie (within-user correlation of predictions with the
+item mean ~0); with it right before the answer, even the untuned model's prediction follows
+the movie (correlation 0.78 on a probe of 12 users x 16 movies).
 
 With a chat template the segments are exactly the template's rendering of
 ``[system, user]`` split at the user turn; without one, a plain ``system / user / RATING:`` layout is used.
@@ -53,12 +60,15 @@ class PromptConfig:
         n_memories: retrieved ``Ml`` memories per prompt (0 disables retrieval).
         use_profile: include ``Ms`` as the system prompt.
         max_tokens: budget for prefix + block; see the module docstring for the cut order.
+        crowd_cue: start the answer with the candidate's average rating (module docstring);
+            artifacts trained before this option existed load with ``False``.
     """
 
     window_size: int = 3
     n_memories: int = 1
     use_profile: bool = True
     max_tokens: int = 384
+    crowd_cue: bool = True
 
     def __post_init__(self) -> None:
         for name in ("window_size", "n_memories", "max_tokens"):
@@ -96,15 +106,24 @@ class PromptBuilder:
         """The system turn: the profile (when used) and the rating task."""
         return f"{profile}\n{TASK}" if self.config.use_profile and profile else TASK
 
-    def _render(self, system: str, user: str | None) -> str:
+    def answer_start(self, candidate: int) -> str:
+        """Text after the assistant cue: the crowd's average when ``crowd_cue``, else nothing."""
+        if not self.config.crowd_cue:
+            return ""
+        if not self.catalog.n_ratings[candidate]:
+            return "Viewers' average: none. My rating:"
+        return f"Viewers' average: {self.catalog.mean_rating[candidate]:.1f}. My rating:"
+
+    def _render(self, system: str, user: str | None, answer: str = "") -> str:
         if not self._chat:
             text = f"{system}\n"
-            return text if user is None else f"{text}{user}\nRATING:"
+            return text if user is None else f"{text}{user}\n{answer or 'RATING:'}"
         messages = [{"role": "system", "content": system}]
         if user is None:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         messages.append({"role": "user", "content": user})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        cue = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return cue + answer
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -127,7 +146,8 @@ class PromptBuilder:
         window = list(request.window[-self.config.window_size :]) if self.config.window_size else []
         memories = list(request.memories[: self.config.n_memories])
         while True:
-            full = self._render(system, self.block_text(request, window, memories))
+            full = self._render(system, self.block_text(request, window, memories),
+                                self.answer_start(request.candidate))
             block = self._encode(full[len(system_text) :])
             if len(prefix) + len(block) <= self.config.max_tokens:
                 return block
