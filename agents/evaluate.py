@@ -235,14 +235,14 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
         started = time.perf_counter()
         records = [r for s in config.seeds for r in simulate(policy, core, config.episodes, s, config.batch)]
         entry = {"simulator": summarize_episodes(records, core, n_users, seed=0)}
-        if config.logged and test is not None:
+        if config.logged and test is not None and policy.logged_eval:
             entry["logged"] = evaluate_logged(policy, core, test, config.k)
         entry["seconds"] = round(time.perf_counter() - started, 1)
         results["policies"][name] = entry
         log.info("%s: mean rating %.3f (%.1f s)", name, entry["simulator"]["mean_rating"]["mean"],
                  entry["seconds"])
-    names = list(policies)
-    if len(names) >= 2 and config.logged and test is not None:
+    names = [n for n in policies if "logged" in results["policies"][n]]
+    if len(names) >= 2:
         sim = [results["policies"][n]["simulator"]["mean_rating"]["mean"] for n in names]
         agreement = {}
         for metric in ("ndcg", "replay"):

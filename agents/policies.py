@@ -62,9 +62,13 @@ class Batch:
 
 
 class Policy:
-    """Scores items for a batch; acts greedily on the scores."""
+    """Scores items for a batch; acts greedily on the scores.
+
+    ``logged_eval`` is false for policies too costly to replay on logged data.
+    """
 
     name = "policy"
+    logged_eval = True
 
     def scores(self, batch: Batch) -> np.ndarray:
         """``(B, n_items)`` float scores, ``-inf`` where masked; higher = recommend first."""
@@ -155,6 +159,7 @@ class SimulatorGreedyPolicy(Policy):
     ``n_candidates`` allowed items, given the episode's window (one simulator call per step)."""
 
     name = "simulator-greedy"
+    logged_eval = False  # the top-k replay would cost ~200k simulator ratings on ML-100k
 
     def __init__(self, core: RecCore, mf: MFPolicy, n_candidates: int = 20):
         self.core, self.mf, self.n_candidates = core, mf, int(n_candidates)

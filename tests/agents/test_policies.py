@@ -99,3 +99,23 @@ def test_unknown_policy_is_a_clear_error(core, ratings, tmp_path):
         make_policy("mf", core)
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         make_policy(str(tmp_path), core, ratings)
+
+
+def test_evaluate_policies_writes_the_report(tmp_path, core, ratings):
+    from agents.evaluate import PolicyEvalConfig, evaluate_policies, write_report
+
+    users = core.user_ids
+    test = pd.DataFrame({"user_id": users * 2, "item_index": [0] * len(users) + [3] * len(users),
+                         "rating": [5.0] * len(users) + [2.0] * len(users),
+                         "timestamp": [1] * len(users) + [2] * len(users)})
+    policies = {name: make_policy(name, core, ratings) for name in ("random", "mf", "item-mean",
+                                                                    "simulator-greedy")}
+    results = evaluate_policies(core, policies, PolicyEvalConfig(episodes=3, seeds=(0, 1), batch=2, k=2),
+                                test, n_users=4)
+    assert results["policies"]["random"]["simulator"]["episodes"] == 6
+    assert "logged" not in results["policies"]["simulator-greedy"]  # too costly to replay
+    assert results["agreement"]["mean_rating_vs_ndcg"]["n_policies"] == 3
+    report = write_report(results, tmp_path, "tiny")
+    text = report.read_text()
+    assert "| simulator-greedy |" in text and "Agreement" in text
+    assert (tmp_path / "policies.png").stat().st_size > 0 and (tmp_path / "results.json").exists()
