@@ -226,7 +226,9 @@ def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None)
 
     shipped = SHIPPED_DIR / SHIPPED[name]
     manifest = read_manifest(shipped)
-    target = cache_dir(cache) / "artifacts" / f"{SHIPPED[name]}-{manifest['tables_sha256'][:12]}"
+    # keyed by the manifest's bytes: a package update with new adapters gets a fresh copy
+    key = hashlib.sha256((shipped / MANIFEST).read_bytes()).hexdigest()[:12]
+    target = cache_dir(cache) / "artifacts" / f"{SHIPPED[name]}-{key}"
     if all((target / t).exists() for t in TABLES) and (target / MANIFEST).exists():
         return target
     log.info("materialising the shipped %s simulator into %s (once, about a minute)", name, target)

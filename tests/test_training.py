@@ -136,6 +136,11 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, tiny_base, monkeypa
     loaded = load_artifacts(root)
     assert loaded.user_ids == json.loads((src / "split.json").read_text())["distilled_user_ids"]
     assert resolve_artifacts("ml-100k", cache=tmp_path / "cache") == root  # second call reuses it
+    # a package update with retrained adapters (a new manifest) gets its own copy, not the stale one
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    (shipped / "manifest.json").write_text(json.dumps({**manifest, "note": "retrained"}))
+    updated = resolve_artifacts("ml-100k", cache=tmp_path / "cache")
+    assert updated != root and json.loads((updated / "manifest.json").read_text())["note"] == "retrained"
 
 
 def test_adding_a_variant_keeps_trained_adapters_and_activations(artifacts, tiny_base, caplog):
