@@ -10,7 +10,8 @@ with a 95% percentile-bootstrap interval over all episodes of all seeds:
 * ``mean_rating``     mean expected rating of the recommended movies;
 * ``share_ge4``       share of ratings the user gave (sampled) that are >= 4;
 * ``churn``           share of episodes the user left;
-* ``coverage``        distinct recommended movies / catalogue size;
+* ``coverage``        distinct recommended movies / catalogue size (its bootstrap interval is
+  biased low: a resample repeats episodes and so covers fewer movies);
 * ``diversity``       intra-episode genre diversity (mean pairwise 1 - Jaccard);
 * ``novelty``         mean self-information -log2(share of users who rated the movie).
 
@@ -289,8 +290,10 @@ def plot_policies(results: dict[str, Any], path: Path) -> Path:
     for ax, (section, metric) in zip(axes.flat, panels, strict=False):
         entries = [results["policies"][n].get(section, {}).get(metric) or {} for n in names]
         means = [e.get("mean", np.nan) for e in entries]
-        errors = [[m - e.get("low", m) for m, e in zip(means, entries, strict=True)],
-                  [e.get("high", m) - m for m, e in zip(means, entries, strict=True)]]
+        # clipped at 0: a bootstrap interval need not contain the full-sample value (coverage's
+        # resamples repeat episodes, so they cover fewer movies than all episodes together)
+        errors = [[max(m - e.get("low", m), 0.0) for m, e in zip(means, entries, strict=True)],
+                  [max(e.get("high", m) - m, 0.0) for m, e in zip(means, entries, strict=True)]]
         ax.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         ax.set_title(f"{metric} ({section})", fontsize=8)
