@@ -358,7 +358,10 @@ def run(args: argparse.Namespace) -> int:
     for name in args.policies:
         policy = make_policy(name, core, ratings, mf=mf)
         mf = policy if name == "mf" else mf
-        policies[policy.name if name in BASELINES else name] = policy
+        key = policy.name
+        while key in policies:  # two runs with the same algorithm, seed and length
+            key += "'"
+        policies[key] = policy
     config = PolicyEvalConfig(args.episodes, tuple(args.seeds), args.batch, args.k, not args.no_logged)
     results = evaluate_policies(core, policies, config, None if args.no_logged else test, n_users)
     report = write_report(results, args.out, f"Environment `{args.env_id}`; {args.episodes} episodes "

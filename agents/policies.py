@@ -209,7 +209,7 @@ class SB3Policy(Policy):
             raise FileNotFoundError(f"{zip_path}: no trained model; train one with "
                                     "`persona-gym train-agent` (or pass the run folder)")
         model = algo.load(zip_path, device="cpu")
-        return cls(model, name or f"{run['algo']}:{zip_path.parent.name}")
+        return cls(model, name or f"{run['algo']}:s{run['config']['seed']}:{run.get('timesteps', '?')}")
 
     def scores(self, batch: Batch) -> np.ndarray:
         import torch
