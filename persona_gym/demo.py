@@ -10,7 +10,7 @@
 4. prints the comparison and writes ``report.md``, ``results.json`` and ``policies.png`` to
    ``--out`` (the PPO run folder, with its learning curve, goes to ``--out/agents``).
 
-About 10 minutes on a 2-core CPU. ``persona-gym train-agent`` and ``persona-gym
+About 6 minutes on a 2-core CPU. ``persona-gym train-agent`` and ``persona-gym
 evaluate-policy`` do each part at any size.
 """
 
