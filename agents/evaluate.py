@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,7 @@ LOGGED_METRICS = ("hit_rate", "ndcg", "hit_rating", "replay")
 
 def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
     """The policy's view of some episodes: stacked observations, masks, users, states."""
-    singles = [core.observation(s) for s in states]
-    obs = {key: np.stack([o[key] for o in singles]) for key in core.observation_space}
-    return Batch(obs, np.stack([s.allowed for s in states]),
+    return Batch(core.observations(states), np.stack([s.allowed for s in states]),
                  np.array([s.user_id for s in states], dtype=np.int64), states)
 
 
@@ -229,8 +228,6 @@ class PolicyEvalConfig:
 def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: PolicyEvalConfig,
                       test: pd.DataFrame | None, n_users: int) -> dict[str, Any]:
     """Simulator and logged metrics of each policy, and the agreement of their orderings."""
-    import time
-
     results: dict[str, Any] = {"policies": {}, "config": vars(config) | {"seeds": list(config.seeds)}}
     for name, policy in policies.items():
         started = time.perf_counter()

@@ -181,7 +181,8 @@ class SimulatorGreedyPolicy(Policy):
         if items:
             probs = self.core.simulator.rate(users, items, windows)
             # below any candidate: the MF order, squashed into (-1, 0)
-            out[np.isfinite(prior)] = -1.0 / (1.0 + np.exp(-prior[np.isfinite(prior)]))
+            finite = np.isfinite(prior)
+            out[finite] = -1.0 / (1.0 + np.exp(-prior[finite]))
             out[rows, items] = probs @ np.arange(1.0, 6.0)
         return out
 

@@ -290,6 +290,11 @@ class RecCore:
             "step_fraction": np.array([fraction], dtype=np.float32),
         }
 
+    def observations(self, states: Sequence[EpisodeState]) -> dict[str, np.ndarray]:
+        """The observations of several episodes, stacked per key (a batch)."""
+        singles = [self.observation(s) for s in states]
+        return {key: np.stack([o[key] for o in singles]) for key in self.observation_space}
+
     def info(self, state: EpisodeState, with_text: bool = False) -> dict[str, Any]:
         """The documented info keys (same keys after reset and after every step).
 

@@ -144,5 +144,4 @@ class PersonaRecVectorEnv(VectorEnv):
         return state
 
     def _observations(self) -> dict[str, np.ndarray]:
-        singles = [self.core.observation(self._state(i)) for i in range(self.num_envs)]
-        return {key: np.stack([o[key] for o in singles]) for key in self.single_observation_space}
+        return self.core.observations([self._state(i) for i in range(self.num_envs)])
