@@ -11,9 +11,14 @@ spread over ``--personas`` random LoRA adapters, a ``--prefix``-token profile pr
     prefix-cache grouped + the user's prefix keys/values cached: a rating pays its block only
     base         prefix-cache with the adapters disabled: the base model's bound for this
                  workload (``prefix-cache`` / ``base`` is the share of it kept with 8 personas)
+    compact      prefix-cache with item tokens (``PromptConfig.item_tokens``): a
+                 ``--compact-block``-token block with ``--compact-items`` soft item tokens, each
+                 persona's random item projection injected at the first of the top 4 layers
 
-It also measures the machine's matmul peak and, when ``--train`` is given, LoRA training
-tokens/s. Weights are random (speed does not depend on their values), so it runs where no model
+It also measures the machine's matmul peak, with ``--train`` LoRA training tokens/s, and with
+``--env ARTIFACTS [...]`` the environment itself (real model and data: the shipped ``ml-100k``
+or an artifacts directory): env steps/s of one ``PersonaML100K-v0`` and of ``make_vec`` with
+16 and 64 sub-environments, random allowed actions, and the model tokens per env step. Weights are random (speed does not depend on their values), so it runs where no model
 files exist: ``--shape smollm2`` (135M) or ``--shape qwen2.5-0.5b``.
 
     python benchmarks/simulator.py                       # CPU, float32, SmolLM2 shape
@@ -35,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from persona_gym.simulator.engine import LayeredLM, encode_prefixes, pack, score_blocks
+from persona_gym.simulator.engine import ItemTokens, LayeredLM, encode_prefixes, pack, score_blocks
 
 SHAPES = {
     # SmolLM2-135M-Instruct: LlamaForCausalLM
@@ -48,7 +53,7 @@ SHAPES = {
                          tie_word_embeddings=True, rope_theta=1000000.0),
 }
 RATING_IDS = [33, 34, 35, 36, 37]
-MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base")
+MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base", "compact")
 PER_REQUEST = ("generate", "forward")
 
 
@@ -181,6 +186,80 @@ def warm_cache(model, layered, requests, device):
     return cache
 
 
+def compact_workload(requests, block: int, n_items: int, seed: int = 1):
+    """The same users and prefixes with item-token blocks: ``n_items`` item ids spread over a
+    ``block``-token block, the last one at the rating slot's side (the candidate)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for user, adapter, prefix, _ in requests:
+        ids = rng.integers(100, 40000, block).tolist()
+        for slot in np.linspace(0, block - 13, n_items).astype(int):  # the crowd cue stays text
+            ids[slot] = -int(rng.integers(1, 1683))
+        out.append((user, adapter, prefix, ids))
+    return out
+
+
+def item_projections(model, personas: int, device: str, dtype: torch.dtype) -> dict[str, ItemTokens]:
+    """One random item projection per persona (ML-100k's 1,682 items, 384-d embeddings)."""
+    torch.manual_seed(1)
+    embeddings = torch.randn(1682, 384)
+    layers = model.get_base_model().config.num_hidden_layers
+    out = {}
+    for p in range(personas):
+        items = ItemTokens(embeddings, model.get_base_model().config.hidden_size, layers - 4)
+        torch.nn.init.normal_(items.proj.weight, std=0.02)
+        out[f"persona-{p}"] = items.to(device=device, dtype=dtype).eval()
+    return out
+
+
+@torch.inference_mode()
+def run_compact(model, layered, requests, device, batch_size, cache, items):
+    for adapter, group in by_persona(requests).items():
+        model.set_adapter(adapter)
+        layered.items = items[adapter]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            kv = [cache[(adapter, u)] for u, _, _, _ in chunk]
+            score_blocks(layered, kv, [b for _, _, _, b in chunk], 0, device).softmax(-1)
+    layered.items = None
+    return sum(len(b) for _, _, _, b in requests)
+
+
+def env_throughput(artifacts: str, dtype: str, steps: int, seed: int = 0) -> dict:
+    """Env steps/s of one env and of make_vec(16), make_vec(64) on real artifacts."""
+    import gymnasium as gym
+
+    import persona_gym  # noqa: F401  (registers the ids)
+
+    out = {}
+    for n_envs in (1, 16, 64):
+        env = gym.make_vec("PersonaML100K-v0", num_envs=n_envs, vectorization_mode="vector_entry_point",
+                           artifacts=artifacts, dtype=dtype)
+        rating_model = env.unwrapped.core.simulator.model
+        rng = np.random.default_rng(seed)
+        env.reset(seed=seed)
+        env.step(_random_actions(env, rng))  # warm-up: prefixes cached, kernels ready
+        tokens, start = rating_model.tokens_processed, time.perf_counter()
+        n_steps = max(2, steps // n_envs)
+        for _ in range(n_steps):
+            env.step(_random_actions(env, rng))
+        seconds = time.perf_counter() - start
+        out[f"make_vec({n_envs})"] = {
+            "env_steps_per_s": n_steps * n_envs / seconds,
+            "tokens_per_env_step": (rating_model.tokens_processed - tokens) / (n_steps * n_envs),
+            "seconds": seconds,
+        }
+        env.close()
+        print(f"  env {artifacts} make_vec({n_envs}): {out[f'make_vec({n_envs})']['env_steps_per_s']:.1f} "
+              "env steps/s", flush=True)
+    return out
+
+
+def _random_actions(env, rng) -> np.ndarray:
+    masks = env.unwrapped.action_masks()
+    return np.array([rng.choice(np.flatnonzero(m)) for m in masks])
+
+
 def run_train(model, layered, requests, device, batch_size, steps=5):
     model.set_adapter("persona-0")
     model.train()
@@ -230,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-request-ratings", type=int, default=8,
                         help="ratings for the one-request-at-a-time modes (generate, forward)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--compact-block", type=int, default=45,
+                        help="item-token block tokens (45 = the shipped prompts with --item-tokens)")
+    parser.add_argument("--compact-items", type=int, default=5, help="item tokens per compact block")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--env", nargs="*", default=[], metavar="ARTIFACTS",
+                        help="also env steps/s on these artifacts (ml-100k = shipped; needs the data)")
+    parser.add_argument("--env-steps", type=int, default=128, help="env steps per vector size")
     parser.add_argument("--train", action="store_true", help="also measure LoRA training tokens/s")
     parser.add_argument("--train-batch-size", type=int, default=16, help="sequences per training step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (engine modes)")
@@ -254,8 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         "batched": lambda: run_batched(model, requests, device, args.batch_size),
         "grouped": lambda: run_grouped(model, layered, requests, device, args.batch_size),
     }
-    if {"prefix-cache", "base"} & set(args.modes):
+    if {"prefix-cache", "base", "compact"} & set(args.modes):
         cache = warm_cache(model, layered, requests, device)
+        compact = compact_workload(requests, args.compact_block, args.compact_items)
+        items = item_projections(model, args.personas, device, dtype)
+        runners["compact"] = lambda: run_compact(model, layered, compact, device, args.batch_size, cache, items)
         runners["prefix-cache"] = lambda: run_prefix_cache(model, layered, requests, device, args.batch_size, cache)
 
         def run_base():
@@ -277,11 +365,12 @@ def main(argv: list[str] | None = None) -> int:
                                                        / results["base"]["ratings_per_s"])
     if args.train:
         results["train_tokens_per_s"] = run_train(model, layered, requests, device, args.train_batch_size)
+    env_results = {name: env_throughput(name, args.dtype, args.env_steps) for name in args.env}
     report = {
         "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
         "args": {k: str(v) for k, v in vars(args).items()}, "matmul_peak_gflops": peak,
-        "flops_per_token": flops_per_token, "modes": results,
+        "flops_per_token": flops_per_token, "modes": results, "env": env_results,
     }
     print(f"device: {report['device']}  dtype: {args.dtype}  shape: {args.shape}  personas: {args.personas}"
           f"  rank: {args.rank}  matmul peak: {peak:.0f} GFLOP/s")
@@ -297,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * results['prefix-cache']['fraction_of_base']:.0f}% of the base model's rate")
     if args.train:
         print(f"training: {results['train_tokens_per_s']:.0f} tokens/s")
+    for name, sizes in env_results.items():
+        for size, r in sizes.items():
+            print(f"env {name} {size}: {r['env_steps_per_s']:.1f} env steps/s, "
+                  f"{r['tokens_per_env_step']:.0f} tokens per env step")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -67,10 +67,13 @@ def test_same_seed_same_adapters(tmp_path, artifacts, tiny_base):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path, artifacts, tiny_base, monkeypatch, caplog):
+@pytest.mark.parametrize("item_tokens", [False, True])
+def test_killed_run_resumes_to_the_same_result(tmp_path, artifacts, tiny_base, monkeypatch, caplog,
+                                               item_tokens):
     other = tmp_path / "other"
     shutil.copytree(artifacts, other)
-    cfg = config(tiny_base, variants=("single-max",), epochs=3)
+    prompt = PromptConfig(window_size=2, n_memories=1, max_tokens=256, item_tokens=item_tokens)
+    cfg = config(tiny_base, variants=("single-max",), epochs=3, prompt=prompt)
     train(artifacts, cfg, progress=False)
 
     real_loss, calls = train_module._loss, {"n": 0}
@@ -93,6 +96,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, artifacts, tiny_base, m
     a, b = adapter_weights(artifacts, "single-max"), adapter_weights(other, "single-max")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    if item_tokens:  # the item projection resumes too
+        a, b = (torch.load(root / "adapters" / "single-max" / "item_tokens.pt", weights_only=True)
+                for root in (artifacts, other))
+        torch.testing.assert_close(a["weight"], b["weight"], rtol=1e-5, atol=1e-6)
+        assert a["weight"].abs().sum() > 0
 
 
 def test_bad_config_values_are_named():

@@ -151,7 +151,7 @@ class EvalConfig:
         window = self.window_size if self.window_size is not None else trained.window_size
         return PromptConfig(window_size=window, n_memories=k if use_ml else 0,
                             use_profile=use_profile, max_tokens=trained.max_tokens,
-                            crowd_cue=trained.crowd_cue)
+                            crowd_cue=trained.crowd_cue, item_tokens=trained.item_tokens)
 
 
 def parse_config(spec: str) -> EvalConfig:
@@ -252,10 +252,15 @@ class _Models:
 
     def __init__(self, artifacts, base_model: str | None, device: str, dtype: str,
                  compile: bool = False):
+        from persona_gym.simulator.rating_model import load_item_tokens
         from persona_gym.simulator.simulator import load_model
 
         self.model, self.tokenizer = load_model(artifacts, artifacts.adapter_dirs, base_model,
                                                 device, dtype)
+        self.item_tokens = None
+        if artifacts.prompt_config.item_tokens:
+            self.item_tokens = {name: items.to(device) for name, items in
+                                load_item_tokens(artifacts.adapter_dirs, artifacts.item_embeddings).items()}
         self.artifacts = artifacts
         self.adapters = set(artifacts.adapter_dirs)
         self.compile = compile
@@ -269,13 +274,15 @@ class _Models:
 
         builder = PromptBuilder(self.tokenizer, self.artifacts.catalog, prompt)
         if self._layered is None:
-            self._layered = LayeredLM(self.model, builder.rating_token_ids, compile=self.compile)
-        rating_model = RatingModel(self.model, builder, layered=self._layered)
+            self._layered = LayeredLM(self.model, builder.rating_token_ids, compile=self.compile,
+                                      placeholder_id=builder.item_placeholder_id)
+        rating_model = RatingModel(self.model, builder, layered=self._layered, item_tokens=self.item_tokens)
         return UserSimulator(self.artifacts, rating_model, config.variant)
 
     def missing(self, config: EvalConfig, users) -> list[str]:
         if config.variant == "base":
-            return []
+            # item tokens are learned with the adapters: the plain model has no projection
+            return ["an item projection for the base model"] if self.item_tokens else []
         needed = {self.artifacts.adapter_of(int(u), config.variant) for u in users}
         return sorted(needed - self.adapters)
 
@@ -351,7 +358,7 @@ def evaluate(
              len(rows), len(np.unique(users)), data.source, len(configs))
 
     results: dict = {
-        "artifacts": str(artifacts.root),
+        "artifacts": str(artifacts_dir),  # as given: a shipped name stays a name, not a cache path
         "data": {"source": data.source, "n_users": int(len(np.unique(users))),
                  "n_test_total": int(len(full_test)), "n_evaluated": int(len(rows)),
                  "max_test_per_user": max_test_per_user, "subsample": subsample, "seed": seed,
@@ -380,7 +387,7 @@ def evaluate(
         }
         missing = models.missing(config, np.unique(users))
         if missing:
-            entry.update(status="skipped", reason=f"adapters not in the artifacts: {missing}")
+            entry.update(status="skipped", reason=f"not in the artifacts: {missing}")
             log.warning("%s: skipped (%s)", config.spec, entry["reason"])
             results["configs"].append(entry)
             continue
@@ -405,7 +412,9 @@ def evaluate(
         predictions[f"pred:{config.spec}"] = probs @ np.arange(1, 6)
         for r in range(5):
             predictions[f"p{r + 1}:{config.spec}"] = probs[:, r].astype(np.float32)
-        if generation:
+        if generation and prompt.item_tokens:
+            log.info("%s: no paper-style generation with item tokens (soft tokens are not text)", config.spec)
+        elif generation:
             requests = [simulator.request(int(users[i]), int(items[i]), windows[i]) for i in generation_rows]
             t0 = time.perf_counter()
             generated = simulator.model.generate(requests, seed=seed)

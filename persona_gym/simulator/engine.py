@@ -14,6 +14,13 @@ rating rows of the LM head) so that:
   mixes personas; only the layers that carry LoRA run per adapter group;
 * training can cache the frozen lower layers' output once and train the upper layers on it.
 
+Soft item tokens (``PromptConfig.item_tokens``): a negative id ``-(i + 1)`` in a block stands
+for catalogue item ``i``. The layers below ``ItemTokens.layer`` see a fixed placeholder token
+there; before that layer the placeholder's hidden state is replaced by a projection of the
+item's text embedding (:class:`ItemTokens`). Injecting at the first LoRA layer rather than at
+the input keeps the frozen lower layers identical for every adapter, so their training cache
+and the persona-shared part of a batch stay valid, and a movie costs one token instead of ~15.
+
 Supported: decoder-only models with the Llama layout (``model.model.embed_tokens``, ``.layers``,
 ``.rotary_emb``, ``.norm``, ``model.lm_head``): Llama, SmolLM2, Qwen2, Mistral, Phi-3.
 """
@@ -87,10 +94,45 @@ def pack(sequences: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad
     )
 
 
-class LayeredLM:
-    """Runs a Llama-layout causal LM in pieces: embed, a range of layers, rating head."""
+class ItemTokens(torch.nn.Module):
+    """Soft item tokens: each movie as one vector projected from its text embedding.
 
-    def __init__(self, model: torch.nn.Module, rating_ids: Sequence[int], compile: bool = False):
+    Args:
+        embeddings: ``(n_items, E)`` item text embeddings (the artifacts' ``item_embeddings``);
+            standardised per dimension so the projection starts on a unit scale.
+        hidden_size: the LM's hidden size.
+        layer: index of the decoder layer whose input gets the item vectors (the first LoRA layer).
+    """
+
+    def __init__(self, embeddings, hidden_size: int, layer: int):
+        super().__init__()
+        emb = torch.as_tensor(embeddings, dtype=torch.float32)
+        emb = (emb - emb.mean(0)) / emb.std(0).clamp_min(1e-6)
+        self.register_buffer("embeddings", emb, persistent=False)
+        self.layer = layer
+        self.proj = torch.nn.Linear(emb.shape[1], hidden_size)
+        torch.nn.init.zeros_(self.proj.weight)  # starts as a constant vector: the bias
+
+    def inject(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``hidden`` with the positions of item ids (``< 0``) replaced by their item vectors."""
+        rows, cols = (ids < 0).nonzero(as_tuple=True)
+        if not len(rows):
+            return hidden
+        items = -ids[rows, cols] - 1
+        vectors = self.proj(self.embeddings[items.to(self.embeddings.device)])
+        vectors = vectors.to(hidden.device, hidden.dtype)
+        return hidden.index_put((rows, cols), vectors)
+
+
+class LayeredLM:
+    """Runs a Llama-layout causal LM in pieces: embed, a range of layers, rating head.
+
+    ``items``: the :class:`ItemTokens` of the active adapter when blocks hold item ids
+    (set by the caller per adapter); ``placeholder_id`` is the token the lower layers see there.
+    """
+
+    def __init__(self, model: torch.nn.Module, rating_ids: Sequence[int], compile: bool = False,
+                 placeholder_id: int = 0):
         """``compile=True`` runs each decoder layer through ``torch.compile`` (dynamic shapes):
         about 3x faster on CPU once compiled (~1 min the first time), same results."""
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -108,13 +150,25 @@ class LayeredLM:
         self.rating_ids = torch.as_tensor(list(rating_ids), dtype=torch.long)
         self._layer_call = torch.compile(_layer_forward, dynamic=True) if compile else _layer_forward
         self.attend = torch.compile(_attend, dynamic=True) if compile else _attend
+        self.placeholder_id = placeholder_id
+        self.items: ItemTokens | None = None
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids; item ids (``< 0``) get the placeholder token's."""
+        return self.embed(torch.where(ids < 0, self.placeholder_id, ids))
+
     def embed_tokens(self, batch: PackedBatch) -> torch.Tensor:
-        return self.embed(batch.input_ids)
+        return self.embed_ids(batch.input_ids)
+
+    def before_layer(self, index: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Inject the item vectors when layer ``index`` is the item layer; else ``hidden``."""
+        if self.items is not None and index == self.items.layer:
+            return self.items.inject(hidden, ids)
+        return hidden
 
     def run_layers(self, hidden: torch.Tensor, batch: PackedBatch, start: int, end: int) -> torch.Tensor:
         """Decoder layers ``start..end-1`` on hidden states ``(B, T, H)``."""
@@ -122,8 +176,10 @@ class LayeredLM:
             return hidden
         position_embeddings = self.rotary(hidden, position_ids=batch.position_ids)
         mask = batch.attention_mask
-        for layer in self.layers[start:end]:
-            hidden = self._layer_call(layer, hidden, mask, batch.position_ids, position_embeddings)
+        for index in range(start, end):
+            hidden = self.before_layer(index, hidden, batch.input_ids)
+            hidden = self._layer_call(self.layers[index], hidden, mask, batch.position_ids,
+                                      position_embeddings)
         return hidden
 
     def rating_logits(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -229,7 +285,7 @@ def encode_prefixes(layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_i
     valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     mask = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
-    hidden = layered.embed(ids)
+    hidden = layered.embed_ids(ids)
     position_embeddings = layered.rotary(hidden, position_ids=positions)
     keys, values = [], []
     attn = layered.layers[0].self_attn
@@ -263,11 +319,12 @@ def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV], blocks: Seque
     block_valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
     new_mask = (causal[None] & block_valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
     mask = torch.cat([past_valid[:, None, :].expand(batch, width, past), new_mask], dim=2)[:, None]
-    hidden = layered.embed(ids)
+    hidden = layered.embed_ids(ids)
     position_embeddings = layered.rotary(hidden, position_ids=positions)
     past_k = _stack_padded([p.keys for p in prefixes]).to(device)  # (layers, B, heads, P, d)
     past_v = _stack_padded([p.values for p in prefixes]).to(device)
     for index, layer in enumerate(layered.layers):
+        hidden = layered.before_layer(index, hidden, ids)
         hidden, _, _ = layered.attend(layer, hidden, position_embeddings, past_k[index], past_v[index], mask)
     return layered.head(hidden[torch.arange(batch, device=device), lengths - 1])
 

@@ -18,6 +18,12 @@ the movie (correlation 0.78 on a probe of 12 users x 16 movies).
 With a chat template the segments are exactly the template's rendering of
 ``[system, user]`` split at the user turn; without one, a plain ``system / user / RATING:`` layout is used.
 
+With ``item_tokens`` (the compact mode) every movie in the block (window, memories, candidate)
+is ONE soft token instead of its ~15-token title: the block holds id ``-(i + 1)`` for catalogue
+item ``i`` and the engine replaces it by a learned projection of the item's text embedding
+(``engine.ItemTokens``, trained with each adapter). Memories then read ``"Memory: <item> 5"``.
+A block shrinks from ~135 to ~45 tokens with SmolLM2's chat template.
+
 Token budget (``max_tokens`` for prefix + block): when a prompt is too long, memories are dropped
 first (least similar first), then the oldest window entries, then the profile is cut from its end.
 The candidate is never cut.
@@ -32,6 +38,7 @@ from persona_gym.catalog import ItemCatalog
 from persona_gym.memory import Interaction, format_window
 
 RATING_TOKENS = ("1", "2", "3", "4", "5")
+ITEM_MARK = "\ue000"  # stands for an item token in block text (a private-use character)
 TASK = "Rate this movie from 1 (hated it) to 5 (loved it). Answer with one digit."
 
 
@@ -39,7 +46,8 @@ TASK = "Rate this movie from 1 (hated it) to 5 (loved it). Answer with one digit
 class RatingRequest:
     """One rating to predict: which user, which candidate, with what memories and adapter.
 
-    ``memories`` are the retrieved ``Ml`` texts, most similar first.
+    ``memories`` are the retrieved ``Ml`` texts, most similar first; ``memory_items`` the same
+    memories as ``(item index, rating)`` (what an ``item_tokens`` prompt shows).
     ``adapter`` names a loaded LoRA adapter, or ``"base"`` for the plain model.
     """
 
@@ -49,6 +57,7 @@ class RatingRequest:
     window: tuple[Interaction, ...] = ()
     memories: tuple[str, ...] = ()
     adapter: str = "base"
+    memory_items: tuple[tuple[int, float], ...] = ()  # (item index, rating) of each memory
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class PromptConfig:
         max_tokens: budget for prefix + block; see the module docstring for the cut order.
         crowd_cue: start the answer with the candidate's average rating (module docstring);
             artifacts trained before this option existed load with ``False``.
+        item_tokens: each movie is one soft token (the compact mode; module docstring). Needs
+            adapters trained with it (``persona-gym train --item-tokens``).
     """
 
     window_size: int = 3
@@ -69,6 +80,7 @@ class PromptConfig:
     use_profile: bool = True
     max_tokens: int = 384
     crowd_cue: bool = True
+    item_tokens: bool = False
 
     def __post_init__(self) -> None:
         for name in ("window_size", "n_memories", "max_tokens"):
@@ -88,19 +100,32 @@ class PromptBuilder:
 
     def __post_init__(self) -> None:
         self.rating_token_ids = rating_token_ids(self.tokenizer)
+        # what the frozen lower layers see where an item token goes
+        self.item_placeholder_id = self._encode(" movie")[-1]
         self._chat = bool(getattr(self.tokenizer, "chat_template", None))
         self._prefix_cache: dict[str, list[int]] = {}
 
     # -- text ---------------------------------------------------------------------------------
-    def block_text(self, request: RatingRequest, window: Sequence[Interaction], memories: Sequence[str]) -> str:
-        """The user-turn text for a candidate."""
+    def block_text(self, request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> str:
+        """The user-turn text for a candidate (with ``item_tokens``: ``ITEM_MARK`` per movie,
+        in the order of :meth:`block_items`; ``memories`` are then ``(item, rating)`` pairs)."""
+        if not self.config.item_tokens:
+            lines = [format_window(window, self.catalog)] if self.config.window_size else []
+            lines += [f"Memory: {memory}" for memory in memories]
+            lines.append(f"Movie: {self.catalog.describe(request.candidate)}")
+            return "\n".join(lines)
         lines = []
         if self.config.window_size:
-            lines.append(format_window(window, self.catalog))
-        for memory in memories:
-            lines.append(f"Memory: {memory}")
-        lines.append(f"Movie: {self.catalog.describe(request.candidate)}")
+            lines.append("Recently rated: " + ("; ".join(f"{ITEM_MARK} {x.rating:g}" for x in window)
+                                               or "nothing yet"))
+        lines += [f"Memory: {ITEM_MARK} {rating:g}" for _, rating in memories]
+        lines.append(f"Movie: {ITEM_MARK}")
         return "\n".join(lines)
+
+    @staticmethod
+    def block_items(request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> list[int]:
+        """Catalogue indices of the movies an ``item_tokens`` block shows, in text order."""
+        return [x.item_index for x in window] + [int(i) for i, _ in memories] + [request.candidate]
 
     def system_text(self, profile: str) -> str:
         """The system turn: the profile (when used) and the rating task."""
@@ -128,6 +153,16 @@ class PromptBuilder:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _encode_items(self, text: str, items: Sequence[int]) -> list[int]:
+        """Token ids of ``text`` with each ``ITEM_MARK`` replaced by item id ``-(item + 1)``."""
+        pieces = text.split(ITEM_MARK)
+        if len(pieces) != len(items) + 1:
+            raise ValueError(f"block text has {len(pieces) - 1} item marks for {len(items)} items")
+        ids = self._encode(pieces[0])
+        for item, piece in zip(items, pieces[1:], strict=True):
+            ids += [-(item + 1)] + self._encode(piece)
+        return ids
+
     # -- tokens -------------------------------------------------------------------------------
     def prefix_ids(self, profile: str) -> list[int]:
         """Token ids of the static per-user prefix (cached by profile text)."""
@@ -144,11 +179,16 @@ class PromptBuilder:
         system = self.system_text(request.profile)
         system_text = self._render(system, None)
         window = list(request.window[-self.config.window_size :]) if self.config.window_size else []
-        memories = list(request.memories[: self.config.n_memories])
+        memories = list((request.memory_items if self.config.item_tokens else request.memories)
+                        [: self.config.n_memories])
         while True:
             full = self._render(system, self.block_text(request, window, memories),
                                 self.answer_start(request.candidate))
-            block = self._encode(full[len(system_text) :])
+            text = full[len(system_text) :]
+            if self.config.item_tokens:
+                block = self._encode_items(text, self.block_items(request, window, memories))
+            else:
+                block = self._encode(text)
             if len(prefix) + len(block) <= self.config.max_tokens:
                 return block
             if memories:

@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from persona_gym.simulator.engine import LayeredLM, PrefixKV, encode_prefixes, score_blocks
+from persona_gym.simulator.engine import (
+    ItemTokens,
+    LayeredLM,
+    PrefixKV,
+    encode_prefixes,
+    score_blocks,
+)
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 BASE = "base"
 RATINGS = np.arange(1, 6, dtype=np.float64)
 _DIGIT = re.compile(r"[1-5]")
+ITEM_TOKENS_FILE = "item_tokens.pt"  # an adapter's item projection (item_tokens prompts)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ class RatingModel:
         max_cache_bytes: memory bound of the prefix key/value cache (least recently used evicted).
         compile: run the decoder layers through ``torch.compile`` (faster after a warm-up).
         layered: an existing ``LayeredLM`` of ``model`` to share (its compiled kernels too).
+        item_tokens: each adapter's :class:`ItemTokens` (:func:`load_item_tokens`), needed when
+            the prompt config has ``item_tokens``.
     """
 
     def __init__(
@@ -66,11 +75,19 @@ class RatingModel:
         max_cache_bytes: int = 2 << 30,
         compile: bool = False,
         layered: LayeredLM | None = None,
+        item_tokens: dict[str, ItemTokens] | None = None,
     ):
         self.model = model.eval()
         self.builder = builder
         self.tokenizer = builder.tokenizer
-        self.layered = layered or LayeredLM(model, builder.rating_token_ids, compile=compile)
+        self.layered = layered or LayeredLM(model, builder.rating_token_ids, compile=compile,
+                                            placeholder_id=builder.item_placeholder_id)
+        self.item_tokens = item_tokens or {}
+        if builder.config.item_tokens:
+            missing = sorted(set(self.adapters) - set(self.item_tokens))
+            if missing:
+                raise ValueError(f"the prompt uses item tokens but adapters {missing} have no "
+                                 f"{ITEM_TOKENS_FILE}: train them with `persona-gym train --item-tokens`")
         self.max_batch_tokens = max_batch_tokens
         self.max_cache_bytes = max_cache_bytes
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], PrefixKV] = OrderedDict()
@@ -112,6 +129,10 @@ class RatingModel:
             prefix, block = self.builder.segments(request)
             groups[request.adapter].append((index, tuple(prefix), block))
         for adapter, items in groups.items():
+            if self.builder.config.item_tokens and adapter not in self.item_tokens:
+                raise ValueError(f"adapter {adapter!r} has no item projection: item-token prompts "
+                                 "need adapters trained with `persona-gym train --item-tokens`")
+            self.layered.items = self.item_tokens.get(adapter)
             with self._adapter_context(adapter):
                 kv = self._prefix_kv(adapter, {prefix for _, prefix, _ in items})
                 items.sort(key=lambda item: len(item[2]))  # similar lengths share a batch
@@ -187,6 +208,9 @@ class RatingModel:
         max_new_tokens: int = 4,
     ) -> GenerationResult:
         """Sample a short answer per request and parse its first digit 1-5 (the paper's way)."""
+        if self.builder.config.item_tokens:
+            raise ValueError("paper-style generation needs text prompts; item_tokens prompts hold "
+                             "soft tokens (use score)")
         ratings, texts = np.full(len(requests), np.nan), []
         generator_seed = seed
         for index, request in enumerate(requests):
@@ -209,6 +233,31 @@ class RatingModel:
             if match:
                 ratings[index] = float(match.group())
         return GenerationResult(ratings, texts)
+
+
+def save_item_tokens(items: ItemTokens, folder: str | Path) -> None:
+    """Write an adapter's item projection next to its LoRA weights."""
+    state = {"layer": items.layer, "weight": items.proj.weight.detach().cpu().clone(),
+             "bias": items.proj.bias.detach().cpu().clone()}
+    torch.save(state, Path(folder) / ITEM_TOKENS_FILE)
+
+
+def load_item_tokens(adapters: dict[str, str | Path], embeddings: np.ndarray) -> dict[str, ItemTokens]:
+    """Each ``{name: folder}`` adapter's :class:`ItemTokens` over the artifacts' item embeddings."""
+    out = {}
+    for name, folder in adapters.items():
+        path = Path(folder) / ITEM_TOKENS_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: adapter {name!r} was trained without "
+                                    "item tokens; retrain with `persona-gym train --item-tokens`")
+        state = torch.load(path, weights_only=True)
+        if state["weight"].shape[1] != embeddings.shape[1]:
+            raise ValueError(f"{path}: projects {state['weight'].shape[1]}-d item embeddings but the "
+                             f"artifacts' are {embeddings.shape[1]}-d")
+        items = ItemTokens(embeddings, state["weight"].shape[0], state["layer"])
+        items.proj.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+        out[name] = items.eval()
+    return out
 
 
 def attach_adapters(model: torch.nn.Module, adapters: dict[str, str | Path]) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from persona_gym.artifacts import Artifacts, check_base_model, load_artifacts
 from persona_gym.memory import Interaction, logged_history
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
-from persona_gym.simulator.rating_model import BASE, RatingModel
+from persona_gym.simulator.rating_model import BASE, RatingModel, load_item_tokens
 
 
 class UserSimulator:
@@ -70,7 +70,9 @@ class UserSimulator:
             adapters = {variant: adapters[variant]}
         model, tokenizer = load_model(artifacts, adapters, base_model, device, dtype)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
-        rating_model = RatingModel(model, builder, compile=compile)
+        items = load_item_tokens(adapters, artifacts.item_embeddings) if builder.config.item_tokens else None
+        rating_model = RatingModel(model, builder, compile=compile,
+                                   item_tokens=items and {n: t.to(device) for n, t in items.items()})
         return cls(artifacts, rating_model, variant, delta)
 
     @property
@@ -105,6 +107,7 @@ class UserSimulator:
             window=tuple(window)[-self.prompt.window_size :] if self.prompt.window_size else (),
             memories=tuple(m.text for m in memories),
             adapter=self.adapter_of(user_id),
+            memory_items=tuple((m.item_index, m.rating) for m in memories),
         )
 
     def rate(
