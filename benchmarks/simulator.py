@@ -51,6 +51,10 @@ SHAPES = {
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          tie_word_embeddings=True, rope_theta=1000000.0),
+    # for the test that runs every mode
+    "tiny": dict(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 tie_word_embeddings=True, rope_theta=100000.0),
 }
 RATING_IDS = [33, 34, 35, 36, 37]
 MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base", "compact")
