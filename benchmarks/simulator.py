@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-request-ratings", type=int, default=8,
                         help="ratings for the one-request-at-a-time modes (generate, forward)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--compact-block", type=int, default=45,
-                        help="item-token block tokens (45 = the shipped prompts with --item-tokens)")
+    parser.add_argument("--compact-block", type=int, default=43,
+                        help="item-token block tokens (43 = the ML-100k prompts with --item-tokens)")
     parser.add_argument("--compact-items", type=int, default=5, help="item tokens per compact block")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--env", nargs="*", default=[], metavar="ARTIFACTS",

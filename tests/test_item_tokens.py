@@ -52,7 +52,7 @@ def test_block_holds_one_item_id_per_movie_in_text_order(tokenizer, catalog):
     block = soft.block_ids(request(4))
     assert [i for i in block if i < 0] == [-2, -3, -4, -5]  # window 1, 2; memory 3; candidate 4
     decoded = tokenizer.decode([i for i in block if i >= 0])
-    assert "Recently rated:  4;  2.5" in decoded and "Memory:  5" in decoded
+    assert "Recently rated:4;2.5\nMemory:5\nMovie:" in decoded
     assert decoded.rstrip().endswith("My rating:")  # the crowd cue stays text
     assert len(block) < len(text.block_ids(request(4))) - 20
     empty = soft.block_ids(request(4, window=()))
