@@ -229,7 +229,7 @@ def run_compact(model, layered, requests, device, batch_size, cache, items):
     return sum(len(b) for _, _, _, b in requests)
 
 
-def env_throughput(artifacts: str, dtype: str, steps: int, seed: int = 0) -> dict:
+def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: int = 0) -> dict:
     """Env steps/s of one env and of make_vec(16), make_vec(64) on real artifacts."""
     import gymnasium as gym
 
@@ -238,7 +238,7 @@ def env_throughput(artifacts: str, dtype: str, steps: int, seed: int = 0) -> dic
     out = {}
     for n_envs in (1, 16, 64):
         env = gym.make_vec("PersonaML100K-v0", num_envs=n_envs, vectorization_mode="vector_entry_point",
-                           artifacts=artifacts, dtype=dtype)
+                           artifacts=artifacts, dtype=dtype, compile=compile)
         rating_model = env.unwrapped.core.simulator.model
         rng = np.random.default_rng(seed)
         env.reset(seed=seed)
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env-steps", type=int, default=128, help="env steps per vector size")
     parser.add_argument("--train", action="store_true", help="also measure LoRA training tokens/s")
     parser.add_argument("--train-batch-size", type=int, default=16, help="sequences per training step")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (engine modes)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (engine modes, env)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
     args = parser.parse_args(argv)
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        / results["base"]["ratings_per_s"])
     if args.train:
         results["train_tokens_per_s"] = run_train(model, layered, requests, device, args.train_batch_size)
-    env_results = {name: env_throughput(name, args.dtype, args.env_steps) for name in args.env}
+    env_results = {name: env_throughput(name, args.dtype, args.compile, args.env_steps) for name in args.env}
     report = {
         "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",

@@ -38,6 +38,8 @@ class EnvConfig:
         base_model: base SLM (alias, folder or hub id); ``None`` = the manifest's.
         device: torch device of the rating model (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         dtype: torch dtype of the rating model (``float32``, ``float16``, ``bfloat16``).
+        compile: run the rating model's decoder layers through ``torch.compile`` (same ratings;
+            on a CPU ~2-3x faster once compiled, after a ~1 min warm-up on the first step).
         max_episode_steps: the horizon; ``truncated`` becomes true after this many steps (the
             registered ids pass it to ``TimeLimit``; the vector env applies it itself). Also the
             denominator of the observation's ``step_fraction``. Note: ``gym.make(id,
@@ -70,6 +72,7 @@ class EnvConfig:
     base_model: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    compile: bool = False
     max_episode_steps: int = 20
     reward: str = "expected"
     reward_scale: float = 1.0

@@ -35,18 +35,19 @@ _CACHE_LOCK = threading.Lock()
 def get_simulator(config: EnvConfig):
     """The process-wide :class:`UserSimulator` for a config (loaded once per key).
 
-    Key: (artifacts directory, variant, base model, device, dtype); so ``gym.make_vec(...,
-    vectorization_mode="sync")`` with 16 copies loads one model.
+    Key: (artifacts directory, variant, base model, device, dtype, compile); so
+    ``gym.make_vec(..., vectorization_mode="sync")`` with 16 copies loads one model.
     """
     from persona_gym.simulator.simulator import UserSimulator
 
     root = resolve_artifacts(config)
-    key = (str(root), config.variant, config.base_model, config.device, config.dtype)
+    key = (str(root), config.variant, config.base_model, config.device, config.dtype, config.compile)
     with _CACHE_LOCK:
         simulator = _CACHE.get(key)
         if simulator is None:
             simulator = UserSimulator.load(root, variant=config.variant, base_model=config.base_model,
-                                           device=config.device, dtype=config.dtype)
+                                           device=config.device, dtype=config.dtype,
+                                           compile=config.compile)
             _CACHE[key] = simulator
     return simulator
 

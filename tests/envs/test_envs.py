@@ -123,6 +123,12 @@ def test_same_seed_same_trajectory_50_steps(tiny_kwargs):
     assert not all(same(x, y) for x, y in zip(a, c, strict=False))
 
 
+def test_compiled_rating_model_gives_the_same_rewards(tiny_kwargs):
+    eager = rollout(make(tiny_kwargs), seed=3, n_steps=4)
+    compiled = rollout(make(tiny_kwargs, compile=True), seed=3, n_steps=4)
+    np.testing.assert_allclose([r for _, r, *_ in compiled], [r for _, r, *_ in eager], atol=1e-4)
+
+
 def test_pickle_round_trip(tiny_kwargs):
     env = make(tiny_kwargs, reward="sampled", leave_prob=0.3, leave_threshold=3.0)
     env.reset(seed=3)
