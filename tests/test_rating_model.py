@@ -17,7 +17,7 @@ from persona_gym.simulator.prompts import (
     RatingRequest,
     rating_token_ids,
 )
-from persona_gym.simulator.rating_model import RatingModel, attach_adapters
+from persona_gym.simulator.rating_model import RatingModel, attach_adapters, parse_rating
 from tests.conftest import make_tiny_llama
 
 PROFILE_A = "You rate generously and love animation and comedies."
@@ -253,3 +253,12 @@ def test_manifests_from_before_the_crowd_cue_load_without_it(tmp_path, catalog):
     assert old.prompt_config.crowd_cue is False
     manifest["prompt"]["crowd_cue"] = True
     assert Artifacts(tmp_path, manifest, catalog, {}, None, None, {}).prompt_config.crowd_cue is True
+
+
+def test_generated_answers_parse_to_ratings():
+    assert parse_rating(" 4") == 4.0
+    assert parse_rating(" 3.6") == 4.0  # the crowd cue's format: rounded, not truncated to 3
+    assert parse_rating(" 3.4 stars") == 3.0 and parse_rating("2.5") == 3.0
+    assert parse_rating("My rating: 5/5") == 5.0
+    for unrelated in ("", " great movie", " 0", " 7", " 10"):
+        assert np.isnan(parse_rating(unrelated)), unrelated

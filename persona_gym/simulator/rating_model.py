@@ -7,8 +7,9 @@ profile) is run once per adapter and its keys/values cached (``engine.encode_pre
 rating then costs only its block's tokens (``engine.score_blocks``). The cache is an LRU bounded
 by ``max_cache_bytes``.
 
-``generate`` is the paper's generative mode (sample a few tokens at temperature 0.3 and parse a
-digit), kept for comparison: a response without a digit 1-5 counts as unrelated (URR).
+``generate`` is the paper's generative mode (sample a few tokens at temperature 0.3 and parse the
+rating, :func:`parse_rating`), kept for comparison: a response without a number in 1..5 counts
+as unrelated (URR).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 BASE = "base"
 RATINGS = np.arange(1, 6, dtype=np.float64)
-_DIGIT = re.compile(r"[1-5]")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 ITEM_TOKENS_FILE = "item_tokens.pt"  # an adapter's item projection (item_tokens prompts)
 
 
@@ -207,7 +208,7 @@ class RatingModel:
         top_p: float = 0.9,
         max_new_tokens: int = 4,
     ) -> GenerationResult:
-        """Sample a short answer per request and parse its first digit 1-5 (the paper's way)."""
+        """Sample a short answer per request and parse its rating (the paper's way)."""
         if self.builder.config.item_tokens:
             raise ValueError("paper-style generation needs text prompts; item_tokens prompts hold "
                              "soft tokens (use score)")
@@ -229,10 +230,22 @@ class RatingModel:
             self.tokens_processed += ids.shape[1] + max_new_tokens
             text = self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
             texts.append(text)
-            match = _DIGIT.search(text)
-            if match:
-                ratings[index] = float(match.group())
+            ratings[index] = parse_rating(text)
         return GenerationResult(ratings, texts)
+
+
+def parse_rating(text: str) -> float:
+    """The rating in a generated answer: its first number, rounded half up, if within 1..5;
+    NaN (an unrelated response) otherwise.
+
+    Rounding matters with ``crowd_cue`` prompts: the model answers in the cue's format
+    (``" 3.6"``), and taking the first digit would read 3.
+    """
+    match = _NUMBER.search(text)
+    if not match:
+        return float("nan")
+    value = float(match.group())
+    return float(np.floor(value + 0.5)) if 1.0 <= value <= 5.0 else float("nan")
 
 
 def save_item_tokens(items: ItemTokens, folder: str | Path) -> None:
