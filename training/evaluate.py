@@ -37,9 +37,10 @@ Protocol details:
   memory setting, so such rows are not like-for-like with the paper's.
 * Prediction rules: the expected rating of the 5-way distribution (headline; URR = 0 by
   construction), its argmax, and with ``--generation`` the paper's generation mode (4 sampled
-  tokens at temperature 0.3, first digit 1-5 parsed; slow: on the first
-  ``--generation-per-user`` evaluated interactions of each user). Generation RMSE/MAE are over
-  the parsed answers; URR is the share without a digit.
+  tokens at temperature 0.3, the first number rounded and kept if in 1..5 — with the crowd cue
+  the model answers like " 3.6"; slow: on the first ``--generation-per-user`` evaluated
+  interactions of each user). Generation RMSE/MAE are over the parsed answers; URR is the share
+  without a rating.
 * Baselines (``persona_gym.evaluation.baselines``) are fitted on train + background, tuned on
   a validation slice of train, and scored on exactly the rows the simulator was scored on (and
   on the full test set).
