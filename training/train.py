@@ -344,10 +344,14 @@ def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, siz
             "nll": float(nll_t.mean()), "n": len(err)}
 
 
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 def _lora_state(model, name: str) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    return _clone(get_peft_model_state_dict(model, adapter_name=name))
 
 
 def train_adapter(
@@ -488,10 +492,6 @@ def train_adapter(
         "early_stopped": stopped,
     }
     return model.unload(), metrics
-
-
-def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _save_adapter(model, name: str, folder: Path, items: ItemTokens | None = None) -> None:
