@@ -260,8 +260,7 @@ class _Models:
                                                 device, dtype)
         self.item_tokens = None
         if artifacts.prompt_config.item_tokens:
-            self.item_tokens = {name: items.to(device) for name, items in
-                                load_item_tokens(artifacts.adapter_dirs, artifacts.item_embeddings).items()}
+            self.item_tokens = load_item_tokens(artifacts.adapter_dirs, artifacts.item_embeddings, device)
         self.artifacts = artifacts
         self.adapters = set(artifacts.adapter_dirs)
         self.compile = compile

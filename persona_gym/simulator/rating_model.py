@@ -255,8 +255,10 @@ def save_item_tokens(items: ItemTokens, folder: str | Path) -> None:
     torch.save(state, Path(folder) / ITEM_TOKENS_FILE)
 
 
-def load_item_tokens(adapters: dict[str, str | Path], embeddings: np.ndarray) -> dict[str, ItemTokens]:
-    """Each ``{name: folder}`` adapter's :class:`ItemTokens` over the artifacts' item embeddings."""
+def load_item_tokens(adapters: dict[str, str | Path], embeddings: np.ndarray,
+                     device: torch.device | str = "cpu") -> dict[str, ItemTokens]:
+    """Each ``{name: folder}`` adapter's :class:`ItemTokens` over the artifacts' item embeddings,
+    on ``device``."""
     out = {}
     for name, folder in adapters.items():
         path = Path(folder) / ITEM_TOKENS_FILE
@@ -269,7 +271,7 @@ def load_item_tokens(adapters: dict[str, str | Path], embeddings: np.ndarray) ->
                              f"artifacts' are {embeddings.shape[1]}-d")
         items = ItemTokens(embeddings, state["weight"].shape[0], state["layer"])
         items.proj.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
-        out[name] = items.eval()
+        out[name] = items.to(device).eval()
     return out
 
 

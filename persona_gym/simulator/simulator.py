@@ -70,9 +70,9 @@ class UserSimulator:
             adapters = {variant: adapters[variant]}
         model, tokenizer = load_model(artifacts, adapters, base_model, device, dtype)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
-        items = load_item_tokens(adapters, artifacts.item_embeddings) if builder.config.item_tokens else None
-        rating_model = RatingModel(model, builder, compile=compile,
-                                   item_tokens=items and {n: t.to(device) for n, t in items.items()})
+        items = (load_item_tokens(adapters, artifacts.item_embeddings, device)
+                 if builder.config.item_tokens else None)
+        rating_model = RatingModel(model, builder, compile=compile, item_tokens=items)
         return cls(artifacts, rating_model, variant, delta)
 
     @property
