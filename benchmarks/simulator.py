@@ -11,9 +11,13 @@ spread over ``--personas`` random LoRA adapters, a ``--prefix``-token profile pr
     prefix-cache grouped + the user's prefix keys/values cached: a rating pays its block only
     base         prefix-cache with the adapters disabled: the base model's bound for this
                  workload (``prefix-cache`` / ``base`` is the share of it kept with 8 personas)
-    compact      prefix-cache with item tokens (``PromptConfig.item_tokens``): a
-                 ``--compact-block``-token block with ``--compact-items`` soft item tokens, each
-                 persona's random item projection injected at the first of the top 4 layers
+    compact      prefix-cache with item tokens (``PromptConfig.item_tokens``): a block of
+                 ``--compact-state`` state tokens (3 soft item tokens: the window) and
+                 ``--compact-candidate`` candidate tokens (2: memory and movie), each persona's
+                 random item projection injected at the first of the top 4 layers
+    ranking      compact with ``--candidates`` candidates per state (a ranking policy's or an
+                 evaluator's call): the state tokens are shared (``engine.share_rows``), a rating
+                 pays its candidate tokens and a share of the state
 
 It also measures the machine's matmul peak, with ``--train`` LoRA training tokens/s, and with
 ``--env ARTIFACTS [...]`` the environment itself (real model and data: the shipped ``ml-100k``
@@ -40,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from persona_gym.simulator.engine import ItemTokens, LayeredLM, encode_prefixes, pack, score_blocks
+from persona_gym.simulator.engine import ItemTokens, LayeredLM, encode_prefixes, pack, score_blocks, share_rows
 
 SHAPES = {
     # SmolLM2-135M-Instruct: LlamaForCausalLM
@@ -57,7 +61,7 @@ SHAPES = {
                  tie_word_embeddings=True, rope_theta=100000.0),
 }
 RATING_IDS = [33, 34, 35, 36, 37]
-MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base", "compact")
+MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base", "compact", "ranking")
 PER_REQUEST = ("generate", "forward")
 
 
@@ -173,7 +177,7 @@ def run_prefix_cache(model, layered, requests, device, batch_size, cache):
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
             kv = [cache[(adapter, u)] for u, _, _, _ in chunk]
-            score_blocks(layered, kv, [b for _, _, _, b in chunk], 0, device).softmax(-1)
+            score_blocks(layered, kv, [([], [b]) for _, _, _, b in chunk], 0, device).softmax(-1)
     return sum(len(b) for _, _, _, b in requests)
 
 
@@ -190,16 +194,25 @@ def warm_cache(model, layered, requests, device):
     return cache
 
 
-def compact_workload(requests, block: int, n_items: int, seed: int = 1):
-    """The same users and prefixes with item-token blocks: ``n_items`` item ids spread over a
-    ``block``-token block, the last one at the rating slot's side (the candidate)."""
+def compact_blocks(rng, state: int, candidate: int, n: int) -> tuple[list[int], list[list[int]]]:
+    """One state of an item-token prompt and ``n`` candidate parts: the state (chat turn and
+    window) holds 3 item ids, each candidate part 2 (its memory and its movie)."""
+    def tokens(length, n_items):
+        ids = rng.integers(100, 40000, length).tolist()
+        for slot in np.linspace(0, length - 8, n_items).astype(int):  # the average stays text
+            ids[slot] = -int(rng.integers(1, 1683))
+        return ids
+
+    return tokens(state, 3), [tokens(candidate, 2) for _ in range(n)]
+
+
+def compact_workload(requests, state: int, candidate: int, n_candidates: int, seed: int = 1):
+    """The same users and prefixes with item-token blocks, ``n_candidates`` per state."""
     rng = np.random.default_rng(seed)
     out = []
     for user, adapter, prefix, _ in requests:
-        ids = rng.integers(100, 40000, block).tolist()
-        for slot in np.linspace(0, block - 13, n_items).astype(int):  # the crowd cue stays text
-            ids[slot] = -int(rng.integers(1, 1683))
-        out.append((user, adapter, prefix, ids))
+        shared, parts = compact_blocks(rng, state, candidate, n_candidates)
+        out.append((user, adapter, prefix, [shared + part for part in parts]))
     return out
 
 
@@ -217,16 +230,21 @@ def item_projections(model, personas: int, device: str, dtype: torch.dtype) -> d
 
 
 @torch.inference_mode()
-def run_compact(model, layered, requests, device, batch_size, cache, items):
-    for adapter, group in by_persona(requests).items():
+def run_compact(model, layered, states, device, batch_size, cache, items):
+    """Item-token blocks after cached prefixes; the blocks of one state go through
+    ``share_rows`` as in ``RatingModel.score`` (with one candidate per state: one block a row)."""
+    tokens = 0
+    for adapter, group in by_persona(states).items():
         model.set_adapter(adapter)
         layered.items = items[adapter]
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            kv = [cache[(adapter, u)] for u, _, _, _ in chunk]
-            score_blocks(layered, kv, [b for _, _, _, b in chunk], 0, device).softmax(-1)
+        rows = [(u, row) for u, _, _, blocks in group for row in share_rows(blocks, list(range(len(blocks))))]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            kv = [cache[(adapter, u)] for u, _ in chunk]
+            score_blocks(layered, kv, [row.segments() for _, row in chunk], 0, device).softmax(-1)
+            tokens += sum(row.width for _, row in chunk)
     layered.items = None
-    return sum(len(b) for _, _, _, b in requests)
+    return tokens
 
 
 def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: int = 0) -> dict:
@@ -313,9 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-request-ratings", type=int, default=8,
                         help="ratings for the one-request-at-a-time modes (generate, forward)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--compact-block", type=int, default=43,
-                        help="item-token block tokens (43 = the ML-100k prompts with --item-tokens)")
-    parser.add_argument("--compact-items", type=int, default=5, help="item tokens per compact block")
+    parser.add_argument("--compact-state", type=int, default=20,
+                        help="item-token block: state tokens (chat turn + window of 3 movies; 20 with SmolLM2)")
+    parser.add_argument("--compact-candidate", type=int, default=14,
+                        help="item-token block: candidate tokens (memory, movie, average, cue; 14 with SmolLM2)")
+    parser.add_argument("--candidates", type=int, default=20,
+                        help="candidates ranked per state in the ranking mode (SimulatorGreedyPolicy's 20)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--env", nargs="*", default=[], metavar="ARTIFACTS",
                         help="also env steps/s on these artifacts (ml-100k = shipped; needs the data)")
@@ -343,11 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         "batched": lambda: run_batched(model, requests, device, args.batch_size),
         "grouped": lambda: run_grouped(model, layered, requests, device, args.batch_size),
     }
-    if {"prefix-cache", "base", "compact"} & set(args.modes):
+    if {"prefix-cache", "base", "compact", "ranking"} & set(args.modes):
         cache = warm_cache(model, layered, requests, device)
-        compact = compact_workload(requests, args.compact_block, args.compact_items)
+        compact = compact_workload(requests, args.compact_state, args.compact_candidate, 1)
+        ranking = compact_workload(requests, args.compact_state, args.compact_candidate, args.candidates)
         items = item_projections(model, args.personas, device, dtype)
         runners["compact"] = lambda: run_compact(model, layered, compact, device, args.batch_size, cache, items)
+        runners["ranking"] = lambda: run_compact(model, layered, ranking, device, args.batch_size, cache, items)
         runners["prefix-cache"] = lambda: run_prefix_cache(model, layered, requests, device, args.batch_size, cache)
 
         def run_base():
@@ -358,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         runner = runners[mode]
         n = args.per_request_ratings if mode in PER_REQUEST else args.ratings
+        n *= args.candidates if mode == "ranking" else 1
         if mode != "generate":
             runner()  # warm-up (kernels, allocator)
         results[mode] = timed(runner, device, n)

@@ -21,6 +21,7 @@ def test_benchmark_measures_every_mode(tmp_path, capsys):
     assert set(report["modes"]) == set(module.MODES)
     for mode, result in report["modes"].items():
         assert result["ratings_per_s"] > 0, mode
-    assert report["modes"]["compact"]["tokens_per_rating"] == 43
+    assert report["modes"]["compact"]["tokens_per_rating"] == 20 + 14
+    assert report["modes"]["ranking"]["tokens_per_rating"] == 14 + 20 / 20  # the state is shared
     assert report["modes"]["prefix-cache"]["tokens_per_rating"] == 125
     assert report["matmul_peak_gflops"] > 0 and "compact" in capsys.readouterr().out

@@ -52,11 +52,14 @@ def test_block_holds_one_item_id_per_movie_in_text_order(tokenizer, catalog):
     block = soft.block_ids(request(4))
     assert [i for i in block if i < 0] == [-2, -3, -4, -5]  # window 1, 2; memory 3; candidate 4
     decoded = tokenizer.decode([i for i in block if i >= 0])
-    assert "Recently rated:4;2.5\nMemory:5\nMovie:" in decoded
-    assert decoded.rstrip().endswith("My rating:")  # the crowd cue stays text
+    assert "user\nRecently rated:4;2.5<|im_end|>" in decoded  # the state: the window only
+    assert decoded.endswith("assistant\nMemory:5 Movie: Average:3.5 Rating:")  # the candidate's part
     assert len(block) < len(text.block_ids(request(4))) - 20
     empty = soft.block_ids(request(4, window=()))
     assert "Recently rated: nothing yet" in tokenizer.decode([i for i in empty if i >= 0])
+    # candidates in one state differ only in their last tokens (what RatingModel shares)
+    other = soft.block_ids(RatingRequest(0, PROFILE_A, 0, window=WINDOW, memory_items=((5, 2.0),)))
+    assert other[: len(block) - 14] == block[: len(block) - 14]
 
 
 def test_item_layer_zero_equals_the_model_fed_the_item_vectors(tokenizer, catalog, tiny_llama):

@@ -205,11 +205,12 @@ def test_prefix_cache_is_reused_and_bounded(tiny_llama, builder):
     model = RatingModel(tiny_llama, builder)
     batch = requests()
     first = model.score(batch)
-    blocks = sum(len(builder.segments(r)[1]) for r in batch)
     prefixes = sum(len(builder.prefix_ids(p)) for p in (PROFILE_A, PROFILE_B))
-    assert model.tokens_processed == blocks + prefixes  # each prefix computed once
+    with_prefixes = model.tokens_processed
     again = model.score(batch)
-    assert model.tokens_processed == 2 * blocks + prefixes  # second call: blocks only
+    blocks = model.tokens_processed - with_prefixes  # second call: blocks only
+    assert with_prefixes == blocks + prefixes  # each prefix computed once
+    assert blocks <= sum(len(builder.segments(r)[1]) for r in batch)
     np.testing.assert_array_equal(first, again)
     model.max_cache_bytes = 1  # keeps only what the current call needs
     model.score(batch[:1])
@@ -262,3 +263,40 @@ def test_generated_answers_parse_to_ratings():
     assert parse_rating("My rating: 5/5") == 5.0
     for unrelated in ("", " great movie", " 0", " 7", " 10"):
         assert np.isnan(parse_rating(unrelated)), unrelated
+
+
+def test_candidates_in_one_state_share_their_block_start(tiny_llama, builder):
+    """Ranking: many movies for one user and window compute the window part once, with the
+    ratings of the plain one-prompt-per-candidate path."""
+    window = (Interaction(1, 4, 10), Interaction(2, 2, 20))
+    batch = [RatingRequest(0, PROFILE_A, c, window=window, memories=(f"memory {c}",)) for c in range(6)]
+    model = RatingModel(tiny_llama, builder)
+    model.score(batch[:1])  # caches the prefix
+    before = model.tokens_processed
+    probs = model.score(batch)
+    reference = torch.stack([plain_logits(tiny_llama, builder, r) for r in batch]).softmax(-1)
+    np.testing.assert_allclose(probs, reference.double().numpy(), atol=1e-5)
+    blocks = [builder.segments(r)[1] for r in batch]
+    common = 0
+    while len({tuple(b[: common + 1]) for b in blocks}) == 1:
+        common += 1
+    assert common > 10  # the chat turn and the window
+    assert model.tokens_processed - before == sum(len(b) for b in blocks) - 5 * common
+
+
+def test_share_rows_never_costs_more_and_keeps_every_block():
+    from persona_gym.simulator.engine import share_rows
+
+    rng = np.random.default_rng(0)
+    states = [rng.integers(0, 5, 12).tolist() for _ in range(3)]
+    blocks = [states[n % 3] + rng.integers(0, 5, int(rng.integers(1, 6))).tolist() for n in range(30)]
+    blocks += [[7], [7], [7, 1]]  # duplicates and a one-token block
+    rows = share_rows(blocks, list(range(len(blocks))), max_width=60)
+    assert sorted(k for row in rows for k in row.keys) == list(range(len(blocks)))
+    assert sum(row.width for row in rows) < sum(len(b) for b in blocks)
+    for row in rows:
+        shared, suffixes = row.segments()
+        assert row.width <= 60 or len(row.blocks) == 1
+        assert row.width == len(shared) + sum(len(s) for s in suffixes)
+        for key, suffix in zip(row.keys, suffixes, strict=True):
+            assert suffix and shared + suffix == blocks[key]  # the rating token stays in the block

@@ -4,7 +4,9 @@ Many candidate blocks of one user are packed after that user's prefix in ONE seq
 attention mask lets each block attend to the prefix and to itself only, and each block's position
 ids restart where the prefix ends, so every block sees exactly what it would see alone
 (``prefix + block``) while the prefix is computed once. Sequences of several users are padded
-into a batch.
+into a batch. With the prefix's keys/values cached (:func:`encode_prefixes`), :func:`score_blocks`
+computes only the blocks; blocks that start alike (candidates rated in one state) share that
+start in one row, computed once (:func:`share_rows`).
 
 The forward pass is run layer by layer (embeddings → decoder layers → final norm → the five
 rating rows of the LM head) so that:
@@ -31,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+ROW_TOKENS = 512  # widest row of blocks sharing a start (see share_rows)
 
 
 @dataclass
@@ -301,24 +305,25 @@ def encode_prefixes(layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_i
 
 
 @torch.inference_mode()
-def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV], blocks: Sequence[Sequence[int]],
+def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV],
+                 rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                  pad_id: int, device: torch.device | str) -> torch.Tensor:
-    """Rating logits ``(B, 5)`` of block ``b`` after its cached prefix ``prefixes[b]``.
+    """Rating logits ``(N, 5)`` of every block of ``rows`` (row order, then block order).
 
-    Each block attends to its own prefix's keys/values and causally to itself, exactly as in
-    the uncached ``prefix + block`` sequence; only the block's tokens are computed.
+    Row ``r`` is ``(shared, [block, ...])`` after its cached prefix ``prefixes[r]``: the shared
+    tokens attend to the prefix and causally to themselves, each block to the prefix, the shared
+    tokens and itself (:func:`pack`), exactly as in the uncached ``prefix + shared + block``
+    sequence; only the new tokens are computed, the shared ones once for all blocks of the row.
     """
-    ids, lengths = _rows(blocks, pad_id)
-    ids, lengths = ids.to(device), lengths.to(device)
+    packed = pack(rows, pad_id).to(device)
+    ids = packed.input_ids
     batch, width = ids.shape
     prefix_len = torch.tensor([p.length for p in prefixes], device=device)
     past = int(prefix_len.max())
-    positions = prefix_len[:, None] + torch.arange(width, device=device)[None, :]
+    positions = prefix_len[:, None] + packed.position_ids
     past_valid = torch.arange(past, device=device)[None, :] < prefix_len[:, None]  # (B, P)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    block_valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
-    new_mask = (causal[None] & block_valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
-    mask = torch.cat([past_valid[:, None, :].expand(batch, width, past), new_mask], dim=2)[:, None]
+    mask = torch.cat([past_valid[:, None, :].expand(batch, width, past), packed.attention_mask[:, 0]],
+                     dim=2)[:, None]
     hidden = layered.embed_ids(ids)
     position_embeddings = layered.rotary(hidden, position_ids=positions)
     past_k = _stack_padded([p.keys for p in prefixes]).to(device)  # (layers, B, heads, P, d)
@@ -326,7 +331,59 @@ def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV], blocks: Seque
     for index, layer in enumerate(layered.layers):
         hidden = layered.before_layer(index, hidden, ids)
         hidden, _, _ = layered.attend(layer, hidden, position_embeddings, past_k[index], past_v[index], mask)
-    return layered.head(hidden[torch.arange(batch, device=device), lengths - 1])
+    return layered.head(hidden[packed.rows, packed.cols])
+
+
+@dataclass
+class SharedRow:
+    """Blocks scored in one row of :func:`score_blocks`: their first ``shared`` tokens are equal
+    and computed once. ``keys`` are the caller's labels of the blocks (e.g. request indices)."""
+
+    blocks: list[list[int]]
+    keys: list
+    shared: int
+
+    @property
+    def width(self) -> int:
+        """New tokens the row computes."""
+        return sum(len(b) for b in self.blocks) - (len(self.blocks) - 1) * self.shared
+
+    def segments(self) -> tuple[list[int], list[list[int]]]:
+        """``(shared tokens, [block suffix, ...])``, the row as :func:`score_blocks` takes it."""
+        if len(self.blocks) == 1:
+            return [], self.blocks
+        return self.blocks[0][: self.shared], [b[self.shared :] for b in self.blocks]
+
+
+def share_rows(blocks: Sequence[Sequence[int]], keys: Sequence, max_width: int = ROW_TOKENS) -> list[SharedRow]:
+    """Group blocks that follow the same prefix into rows sharing their common leading tokens.
+
+    Candidates scored in the same state (same window, different movies) differ only at the end
+    of their blocks, so sorting the blocks puts them next to each other and their common start
+    is computed once. A block joins the current row only when that does not make the row cost
+    more tokens than the block alone would, and the row stays within ``max_width`` new tokens
+    (wide rows spend more on masked attention than the sharing saves). Every block keeps at
+    least its last token for itself (the rating is read there).
+    """
+    rows: list[SharedRow] = []
+    for block, key in sorted(zip((list(b) for b in blocks), keys, strict=True), key=lambda bk: bk[0]):
+        row = rows[-1] if rows else None
+        if row is not None:
+            first = row.blocks[0]
+            common = 0
+            limit = min(len(first), len(block)) - 1
+            while common < limit and first[common] == block[common]:
+                common += 1
+            n = len(row.blocks)
+            shared = min(common, row.shared)
+            width = row.width + (n - 1) * row.shared + len(block) - n * shared
+            if shared > 0 and n * shared >= (n - 1) * row.shared and width <= max_width:
+                row.blocks.append(block)
+                row.keys.append(key)
+                row.shared = shared
+                continue
+        rows.append(SharedRow([block], [key], shared=len(block) - 1))  # a row of one shares all but its last token
+    return rows
 
 
 def _stack_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

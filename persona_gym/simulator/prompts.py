@@ -21,9 +21,15 @@ With a chat template the segments are exactly the template's rendering of
 With ``item_tokens`` (the compact mode) every movie in the block (window, memories, candidate)
 is ONE soft token instead of its ~15-token title: the block holds id ``-(i + 1)`` for catalogue
 item ``i`` and the engine replaces it by a learned projection of the item's text embedding
-(``engine.ItemTokens``, trained with each adapter). The block then reads
-``"Recently rated:<item>4;<item>5\nMemory:<item>5\nMovie:<item>"`` plus the chat template and
-the crowd cue: ~43 tokens instead of ~136 with SmolLM2 and the default prompt.
+(``engine.ItemTokens``, trained with each adapter). The layout puts what depends on the
+candidate last, so that candidates scored in the same state share everything before it: the
+user turn holds only the window, and the answer starts with the candidate's part::
+
+    <user turn> Recently rated:<item>4;<item>5;<item>3 <assistant turn> Memory:<item>5 Movie:<item> Average:3.8 Rating:
+
+With SmolLM2 that is 20 state tokens and 14 candidate tokens (~34 in all, against ~136 for the
+text block), and ranking many candidates in one state costs ~14 tokens each
+(``RatingModel.score`` shares the state part of their blocks).
 
 Token budget (``max_tokens`` for prefix + block): when a prompt is too long, memories are dropped
 first (least similar first), then the oldest window entries, then the profile is cut from its end.
@@ -108,21 +114,17 @@ class PromptBuilder:
 
     # -- text ---------------------------------------------------------------------------------
     def block_text(self, request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> str:
-        """The user-turn text for a candidate (with ``item_tokens``: ``ITEM_MARK`` per movie,
-        in the order of :meth:`block_items`; ``memories`` are then ``(item, rating)`` pairs)."""
+        """The user-turn text for a candidate (with ``item_tokens``: the window only, an
+        ``ITEM_MARK`` per movie; memories and candidate go to :meth:`answer_start`)."""
         if not self.config.item_tokens:
             lines = [format_window(window, self.catalog)] if self.config.window_size else []
             lines += [f"Memory: {memory}" for memory in memories]
             lines.append(f"Movie: {self.catalog.describe(request.candidate)}")
             return "\n".join(lines)
         # no spaces around item tokens: SmolLM2-style tokenizers spend a token on each
-        lines = []
-        if self.config.window_size:
-            lines.append("Recently rated:" + (";".join(f"{ITEM_MARK}{x.rating:g}" for x in window)
-                                              or " nothing yet"))
-        lines += [f"Memory:{ITEM_MARK}{rating:g}" for _, rating in memories]
-        lines.append(f"Movie:{ITEM_MARK}")
-        return "\n".join(lines)
+        if not self.config.window_size:
+            return "Rate the next movie."
+        return "Recently rated:" + (";".join(f"{ITEM_MARK}{x.rating:g}" for x in window) or " nothing yet")
 
     @staticmethod
     def block_items(request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> list[int]:
@@ -133,11 +135,18 @@ class PromptBuilder:
         """The system turn: the profile (when used) and the rating task."""
         return f"{profile}\n{TASK}" if self.config.use_profile and profile else TASK
 
-    def answer_start(self, candidate: int) -> str:
-        """Text after the assistant cue: the crowd's average when ``crowd_cue``, else nothing."""
+    def answer_start(self, candidate: int, memories: Sequence = ()) -> str:
+        """Text after the assistant cue: the crowd's average when ``crowd_cue``, else nothing;
+        with ``item_tokens`` the candidate's part of the block (memories, movie, average)."""
+        known = bool(self.catalog.n_ratings[candidate])
+        if self.config.item_tokens:
+            parts = [f"Memory:{ITEM_MARK}{rating:g}" for _, rating in memories] + [f"Movie:{ITEM_MARK}"]
+            if self.config.crowd_cue:
+                parts.append(f"Average:{self.catalog.mean_rating[candidate]:.1f}" if known else "Average:none")
+            return " ".join(parts + ["Rating:"])
         if not self.config.crowd_cue:
             return ""
-        if not self.catalog.n_ratings[candidate]:
+        if not known:
             return "Viewers' average: none. My rating:"
         return f"Viewers' average: {self.catalog.mean_rating[candidate]:.1f}. My rating:"
 
@@ -185,7 +194,7 @@ class PromptBuilder:
                         [: self.config.n_memories])
         while True:
             full = self._render(system, self.block_text(request, window, memories),
-                                self.answer_start(request.candidate))
+                                self.answer_start(request.candidate, memories))
             text = full[len(system_text) :]
             if self.config.item_tokens:
                 block = self._encode_items(text, self.block_items(request, window, memories))

@@ -4,8 +4,10 @@
 prompt's last token, restricted to the tokens "1".."5" and renormalised. Requests are grouped
 by adapter (each adapter runs once per call). Each user's static prefix (system prompt and
 profile) is run once per adapter and its keys/values cached (``engine.encode_prefixes``); a
-rating then costs only its block's tokens (``engine.score_blocks``). The cache is an LRU bounded
-by ``max_cache_bytes``.
+rating then costs only its block's tokens (``engine.score_blocks``). Blocks of one user that start
+alike (candidates rated in the same state: same window, different movies) share that start in
+one row and compute it once (``engine.share_rows``). The cache is an LRU bounded by
+``max_cache_bytes``.
 
 ``generate`` is the paper's generative mode (sample a few tokens at temperature 0.3 and parse the
 rating, :func:`parse_rating`), kept for comparison: a response without a number in 1..5 counts
@@ -31,6 +33,7 @@ from persona_gym.simulator.engine import (
     PrefixKV,
     encode_prefixes,
     score_blocks,
+    share_rows,
 )
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
 
@@ -136,12 +139,17 @@ class RatingModel:
             self.layered.items = self.item_tokens.get(adapter)
             with self._adapter_context(adapter):
                 kv = self._prefix_kv(adapter, {prefix for _, prefix, _ in items})
-                items.sort(key=lambda item: len(item[2]))  # similar lengths share a batch
-                for chunk in self._budget(items, lambda item: len(item[2])):
-                    logits = score_blocks(self.layered, [kv[p] for _, p, _ in chunk],
-                                          [b for _, _, b in chunk], self.pad_id, self.device)
-                    out[[i for i, _, _ in chunk]] = logits.cpu()
-                    self.tokens_processed += sum(len(b) for _, _, b in chunk)
+                by_prefix: dict[tuple[int, ...], list] = defaultdict(list)
+                for index, prefix, block in items:
+                    by_prefix[prefix].append((index, block))
+                rows = [(prefix, row) for prefix, blocks in by_prefix.items()
+                        for row in share_rows([b for _, b in blocks], [i for i, _ in blocks])]
+                rows.sort(key=lambda r: r[1].width)  # similar widths share a batch
+                for chunk in self._budget(rows, lambda r: r[1].width):
+                    logits = score_blocks(self.layered, [kv[p] for p, _ in chunk],
+                                          [row.segments() for _, row in chunk], self.pad_id, self.device)
+                    out[[i for _, row in chunk for i in row.keys]] = logits.cpu()
+                    self.tokens_processed += sum(row.width for _, row in chunk)
         return out
 
     def _prefix_kv(self, adapter: str, prefixes: set[tuple[int, ...]]) -> dict:
