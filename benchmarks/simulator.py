@@ -44,7 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from persona_gym.simulator.engine import ItemTokens, LayeredLM, encode_prefixes, pack, score_blocks, share_rows
+from persona_gym.simulator.engine import (
+    ItemTokens,
+    LayeredLM,
+    encode_prefixes,
+    pack,
+    score_blocks,
+    share_rows,
+)
 
 SHAPES = {
     # SmolLM2-135M-Instruct: LlamaForCausalLM
