@@ -300,3 +300,9 @@ def test_share_rows_never_costs_more_and_keeps_every_block():
         assert row.width == len(shared) + sum(len(s) for s in suffixes)
         for key, suffix in zip(row.keys, suffixes, strict=True):
             assert suffix and shared + suffix == blocks[key]  # the rating token stays in the block
+
+
+def test_batches_bound_padding_and_tokens(tiny_llama, builder):
+    model = RatingModel(tiny_llama, builder, max_batch_tokens=1000)
+    batches = model._budget([100] * 12 + [110, 300], lambda n: n)
+    assert batches == [[100] * 9, [100] * 3 + [110], [300]]  # 1000 tokens; the long row alone

@@ -360,10 +360,12 @@ def share_rows(blocks: Sequence[Sequence[int]], keys: Sequence, max_width: int =
 
     Candidates scored in the same state (same window, different movies) differ only at the end
     of their blocks, so sorting the blocks puts them next to each other and their common start
-    is computed once. A block joins the current row only when that does not make the row cost
-    more tokens than the block alone would, and the row stays within ``max_width`` new tokens
-    (wide rows spend more on masked attention than the sharing saves). Every block keeps at
-    least its last token for itself (the rating is read there).
+    is computed once. A block joins the current row only when it shares at least a quarter of
+    its tokens (a few shared tokens do not pay for the padding a wider row brings into its
+    batch: blocks of one user in different states share just the chat-turn start), the row
+    does not cost more tokens than the block alone would, and the row stays within
+    ``max_width`` new tokens (wide rows spend more on masked attention than the sharing saves).
+    Every block keeps at least its last token for itself (the rating is read there).
     """
     rows: list[SharedRow] = []
     for block, key in sorted(zip((list(b) for b in blocks), keys, strict=True), key=lambda bk: bk[0]):
@@ -377,7 +379,7 @@ def share_rows(blocks: Sequence[Sequence[int]], keys: Sequence, max_width: int =
             n = len(row.blocks)
             shared = min(common, row.shared)
             width = row.width + (n - 1) * row.shared + len(block) - n * shared
-            if shared > 0 and n * shared >= (n - 1) * row.shared and width <= max_width:
+            if 4 * shared >= len(block) and n * shared >= (n - 1) * row.shared and width <= max_width:
                 row.blocks.append(block)
                 row.keys.append(key)
                 row.shared = shared

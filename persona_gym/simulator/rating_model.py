@@ -176,13 +176,18 @@ class RatingModel:
         self._cache_bytes = 0
 
     def _budget(self, items: list, length) -> list[list]:
-        """Split length-sorted ``items`` into batches of at most ``max_batch_tokens`` padded tokens."""
-        batches, batch = [], []
+        """Split length-sorted ``items`` into batches of at most ``max_batch_tokens`` padded
+        tokens, a quarter of them padding at most (a few long rows go to a batch of their own
+        rather than pad every row of a large batch to their length)."""
+        batches, batch, real = [], [], 0
         for item in items:
-            if batch and length(item) * (len(batch) + 1) > self.max_batch_tokens:
+            n = length(item)
+            padded = n * (len(batch) + 1)
+            if batch and (padded > self.max_batch_tokens or padded > 1.25 * (real + n)):
                 batches.append(batch)
-                batch = []
+                batch, real = [], 0
             batch.append(item)
+            real += n
         if batch:
             batches.append(batch)
         return batches
