@@ -304,5 +304,6 @@ def test_share_rows_never_costs_more_and_keeps_every_block():
 
 def test_batches_bound_padding_and_tokens(tiny_llama, builder):
     model = RatingModel(tiny_llama, builder, max_batch_tokens=1000)
-    batches = model._budget([100] * 12 + [110, 300], lambda n: n)
-    assert batches == [[100] * 9, [100] * 3 + [110], [300]]  # 1000 tokens; the long row alone
+    assert model._budget([100] * 12, lambda n: n) == [[100] * 10, [100] * 2]
+    model.max_batch_tokens = 10_000
+    assert model._budget([100] * 12 + [110, 300], lambda n: n) == [[100] * 12 + [110], [300]]  # the long row alone
