@@ -73,20 +73,19 @@ def pack(sequences: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad
     rows, cols = [], []
     for r, (prefix, blocks) in enumerate(sequences):
         n = len(prefix)
-        input_ids[r, :n] = torch.as_tensor(list(prefix), dtype=torch.long)
-        position_ids[r, :n] = torch.arange(n)
-        segment[r, :n] = 0
-        start = n
+        ids, positions, segments = list(prefix), list(range(n)), [0] * n
         for b, block in enumerate(blocks):
             m = len(block)
             if m == 0:
                 raise ValueError("empty block: every candidate needs at least one token")
-            input_ids[r, start : start + m] = torch.as_tensor(list(block), dtype=torch.long)
-            position_ids[r, start : start + m] = torch.arange(n, n + m)
-            segment[r, start : start + m] = b + 1
+            ids += block
+            positions += range(n, n + m)
+            segments += [b + 1] * m
             rows.append(r)
-            cols.append(start + m - 1)
-            start += m
+            cols.append(len(ids) - 1)
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        position_ids[r, : len(ids)] = torch.tensor(positions, dtype=torch.long)
+        segment[r, : len(ids)] = torch.tensor(segments, dtype=torch.long)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
     mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
