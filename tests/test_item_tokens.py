@@ -89,7 +89,7 @@ def test_cached_scoring_equals_the_packed_path_and_follows_the_item(tokenizer, c
     batch = [request(c, user=c % 2, adapter=("p0", "p1")[c % 2]) for c in range(6)]
     probs = model.score(batch)
     for row, r in zip(probs, batch, strict=True):
-        model._adapter_context(r.adapter)
+        peft_model.set_adapter(r.adapter)
         model.layered.items = items[r.adapter]
         prefix, block = builder.segments(r)
         packed = pack([(prefix, [block])], model.pad_id)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 ROW_TOKENS = 512  # widest row of blocks sharing a start (see share_rows)
+RECOMPILE_LIMIT = 64  # compiled graphs per function: one per adapter and shape class
 
 
 @dataclass
@@ -151,6 +152,10 @@ class LayeredLM:
                 "(model.embed_tokens, .layers, .rotary_emb, .norm, lm_head)"
             ) from err
         self.rating_ids = torch.as_tensor(list(rating_ids), dtype=torch.long)
+        if compile:
+            # dynamo guards on peft's active adapter name: each adapter gets its own graph
+            # (compiled once, ~1 s); past the default limit of 8 the rest would run eagerly
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self._layer_call = torch.compile(_layer_forward, dynamic=True) if compile else _layer_forward
         self.attend = torch.compile(_attend, dynamic=True) if compile else _attend
         self.placeholder_id = placeholder_id
