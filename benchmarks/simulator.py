@@ -255,8 +255,10 @@ def run_compact(model, layered, states, device, batch_size, cache, items):
     return tokens
 
 
-def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: int = 0) -> dict:
-    """Env steps/s of one env and of make_vec(16), make_vec(64) on real artifacts."""
+def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: int = 0,
+                   warmup: int = 32) -> dict:
+    """Env steps/s of one env and of make_vec(16), make_vec(64) on real artifacts, after
+    ``warmup`` env steps (compiled kernels are built per adapter on first use)."""
     import gymnasium as gym
 
     import persona_gym  # noqa: F401  (registers the ids)
@@ -268,7 +270,8 @@ def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: 
         rating_model = env.unwrapped.core.simulator.model
         rng = np.random.default_rng(seed)
         env.reset(seed=seed)
-        env.step(_random_actions(env, rng))  # warm-up: prefixes cached, kernels ready
+        for _ in range(max(1, warmup // n_envs)):  # warm-up: every persona's kernels compiled
+            env.step(_random_actions(env, rng))
         tokens, start = rating_model.tokens_processed, time.perf_counter()
         n_steps = max(2, steps // n_envs)
         for _ in range(n_steps):
