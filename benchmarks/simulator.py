@@ -52,7 +52,6 @@ from persona_gym.simulator.engine import (
     score_blocks,
     share_rows,
 )
-from persona_gym.simulator.rating_model import activate_adapter
 
 SHAPES = {
     # SmolLM2-135M-Instruct: LlamaForCausalLM
@@ -126,7 +125,7 @@ def workload(users: int, personas: int, prefix: int, block: int, ratings: int, s
 
 def run_generate(model, requests, device):
     for _, adapter, prefix, block in requests:
-        activate_adapter(model, adapter)
+        model.set_adapter(adapter)
         ids = torch.tensor([prefix + block], device=device)
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                        temperature=0.3, top_p=0.9, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
@@ -136,7 +135,7 @@ def run_generate(model, requests, device):
 @torch.inference_mode()
 def run_forward(model, requests, device):
     for _, adapter, prefix, block in requests:
-        activate_adapter(model, adapter)
+        model.set_adapter(adapter)
         logits = model(torch.tensor([prefix + block], device=device)).logits
         logits[0, -1, RATING_IDS].softmax(-1)
     return sum(len(p) + len(b) for _, _, p, b in requests)
@@ -169,7 +168,7 @@ def by_persona(requests):
 @torch.inference_mode()
 def run_grouped(model, layered, requests, device, batch_size):
     for adapter, group in by_persona(requests).items():
-        activate_adapter(model, adapter)
+        model.set_adapter(adapter)
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
             packed = pack([(p, [b]) for _, _, p, b in chunk], 0).to(device)
@@ -181,7 +180,7 @@ def run_grouped(model, layered, requests, device, batch_size):
 def run_prefix_cache(model, layered, requests, device, batch_size, cache):
     """Steady state of an environment: prefixes are already cached (``cache`` warmed)."""
     for adapter, group in by_persona(requests).items():
-        activate_adapter(model, adapter)
+        model.set_adapter(adapter)
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
             kv = [cache[(adapter, u)] for u, _, _, _ in chunk]
@@ -193,7 +192,7 @@ def run_prefix_cache(model, layered, requests, device, batch_size, cache):
 def warm_cache(model, layered, requests, device):
     cache = {}
     for adapter, group in by_persona(requests).items():
-        activate_adapter(model, adapter)
+        model.set_adapter(adapter)
         users = sorted({u for u, _, _, _ in group})
         prefixes = {u: p for u, _, p, _ in group}
         for user, kv in zip(users, encode_prefixes(layered, [prefixes[u] for u in users], 0, device),
@@ -243,7 +242,7 @@ def run_compact(model, layered, states, device, batch_size, cache, items):
     ``share_rows`` as in ``RatingModel.score`` (with one candidate per state: one block a row)."""
     tokens = 0
     for adapter, group in by_persona(states).items():
-        activate_adapter(model, adapter)
+        model.set_adapter(adapter)
         layered.items = items[adapter]
         rows = [(u, row) for u, _, _, blocks in group for row in share_rows(blocks, list(range(len(blocks))))]
         for start in range(0, len(rows), batch_size):

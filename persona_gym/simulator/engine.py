@@ -388,7 +388,7 @@ def share_rows(blocks: Sequence[Sequence[int]], keys: Sequence, max_width: int =
                 row.keys.append(key)
                 row.shared = shared
                 continue
-        rows.append(SharedRow([block], [key], shared=len(block) - 1))  # a row of one shares all but its last token
+        rows.append(SharedRow([block], [key], shared=len(block) - 1))  # alone: all but its last
     return rows
 
 

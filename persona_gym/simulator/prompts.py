@@ -28,8 +28,8 @@ user turn holds only the window, and the answer starts with the candidate's part
     <user turn> Recently rated:<item>4;<item>5;<item>3 <assistant turn> Memory:<item>5 Movie:<item> Average:3.8 Rating:
 
 With SmolLM2 that is 20 state tokens and 14 candidate tokens (~34 in all, against ~136 for the
-text block), and ranking many candidates in one state costs ~14 tokens each
-(``RatingModel.score`` shares the state part of their blocks).
+text block), and ranking 20 candidates in one state costs ~15 tokens each: 14 and a share of
+the state (``RatingModel.score`` computes the common start of their blocks once).
 
 Token budget (``max_tokens`` for prefix + block): when a prompt is too long, memories are dropped
 first (least similar first), then the oldest window entries, then the profile is cut from its end.

@@ -20,7 +20,7 @@ import logging
 import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,17 +109,15 @@ class RatingModel:
         """Names of the loaded adapters (``"base"`` is always available)."""
         return sorted(getattr(self.model, "peft_config", {}).keys())
 
-    @contextmanager
     def _adapter_context(self, name: str):
         if name == BASE:
-            with self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext():
-                yield
-            self.model.requires_grad_(False)  # peft makes the active adapter trainable again on exit
-            return
+            if hasattr(self.model, "disable_adapter"):
+                return self.model.disable_adapter()
+            return nullcontext()
         if name not in self.adapters:
             raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.adapters + [BASE]}")
-        activate_adapter(self.model, name)
-        yield
+        self.model.set_adapter(name)
+        return nullcontext()
 
     # -- exact scoring ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -247,18 +245,6 @@ class RatingModel:
             texts.append(text)
             ratings[index] = parse_rating(text)
         return GenerationResult(ratings, texts)
-
-
-def activate_adapter(model: torch.nn.Module, name: str) -> None:
-    """Make ``name`` the active adapter of a peft model used for inference.
-
-    peft's ``set_adapter`` also makes the adapter trainable (``requires_grad=True``, the others
-    ``False``). ``torch.compile`` guards on ``requires_grad``, so every switch of persona would
-    recompile the layers, and past 8 personas (dynamo's recompile limit) they would run eagerly.
-    Every parameter stays frozen instead: scoring needs no gradients.
-    """
-    model.set_adapter(name)
-    model.requires_grad_(False)
 
 
 def parse_rating(text: str) -> float:
