@@ -18,6 +18,7 @@ spread over ``--personas`` random LoRA adapters, a ``--prefix``-token profile pr
     ranking      compact with ``--candidates`` candidates per state (a ranking policy's or an
                  evaluator's call): the state tokens are shared (``engine.share_rows``), a rating
                  pays its candidate tokens and a share of the state
+    ranking-base ranking with the adapters disabled: its base-model bound
 
 It also measures the machine's matmul peak, with ``--train`` LoRA training tokens/s, and with
 ``--env ARTIFACTS [...]`` the environment itself (real model and data: the shipped ``ml-100k``
@@ -68,7 +69,9 @@ SHAPES = {
                  tie_word_embeddings=True, rope_theta=100000.0),
 }
 RATING_IDS = [33, 34, 35, 36, 37]
-MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base", "compact", "ranking")
+MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base", "compact", "ranking",
+         "ranking-base")
+BASE_OF = {"prefix-cache": "base", "ranking": "ranking-base"}  # a mode and its bound without adapters
 PER_REQUEST = ("generate", "forward")
 
 
@@ -374,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "batched": lambda: run_batched(model, requests, device, args.batch_size),
         "grouped": lambda: run_grouped(model, layered, requests, device, args.batch_size),
     }
-    if {"prefix-cache", "base", "compact", "ranking"} & set(args.modes):
+    if {"prefix-cache", "base", "compact", "ranking", "ranking-base"} & set(args.modes):
         cache = warm_cache(model, layered, requests, device)
         compact = compact_workload(requests, args.compact_state, args.compact_candidate, 1)
         ranking = compact_workload(requests, args.compact_state, args.compact_candidate, args.candidates)
@@ -383,24 +386,27 @@ def main(argv: list[str] | None = None) -> int:
         runners["ranking"] = lambda: run_compact(model, layered, ranking, device, args.batch_size, cache, items)
         runners["prefix-cache"] = lambda: run_prefix_cache(model, layered, requests, device, args.batch_size, cache)
 
-        def run_base():
-            with model.disable_adapter():
-                return run_prefix_cache(model, layered, requests, device, args.batch_size, cache)
+        def without_adapters(runner):
+            def run():
+                with model.disable_adapter():
+                    return runner()
+            return run
 
-        runners["base"] = run_base
+        for mode, base in BASE_OF.items():
+            runners[base] = without_adapters(runners[mode])
     for mode in args.modes:
         runner = runners[mode]
         n = args.per_request_ratings if mode in PER_REQUEST else args.ratings
-        n *= args.candidates if mode == "ranking" else 1
+        n *= args.candidates if mode.startswith("ranking") else 1
         if mode != "generate":
             runner()  # warm-up (kernels, allocator)
         results[mode] = timed(runner, device, n)
         results[mode]["gflops"] = results[mode]["tokens_per_s"] * flops_per_token / 1e9
         results[mode]["fraction_of_peak"] = results[mode]["gflops"] / peak
         print(f"  {mode}: {results[mode]['ratings_per_s']:.1f} ratings/s", flush=True)
-    if "prefix-cache" in results and "base" in results:
-        results["prefix-cache"]["fraction_of_base"] = (results["prefix-cache"]["ratings_per_s"]
-                                                       / results["base"]["ratings_per_s"])
+    for mode, base in BASE_OF.items():
+        if mode in results and base in results:
+            results[mode]["fraction_of_base"] = results[mode]["ratings_per_s"] / results[base]["ratings_per_s"]
     if args.train:
         results["train_tokens_per_s"] = run_train(model, layered, requests, device, args.train_batch_size)
     env_results = {name: env_throughput(name, args.dtype, args.compile, args.env_steps) for name in args.env}
@@ -419,9 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         speedup = f"{r['ratings_per_s'] / base:.1f}" if base else "-"
         print(f"{mode:<14}{r['ratings_per_s']:>12.1f}{r['tokens_per_rating']:>15.0f}{r['gflops']:>10.1f}"
               f"{100 * r['fraction_of_peak']:>7.0f}%{speedup:>12}")
-    if "fraction_of_base" in results.get("prefix-cache", {}):
-        print(f"prefix-cache with {args.personas} personas keeps "
-              f"{100 * results['prefix-cache']['fraction_of_base']:.0f}% of the base model's rate")
+    for mode in BASE_OF:
+        if "fraction_of_base" in results.get(mode, {}):
+            print(f"{mode} with {args.personas} personas keeps "
+                  f"{100 * results[mode]['fraction_of_base']:.0f}% of the base model's rate")
     if args.train:
         print(f"training: {results['train_tokens_per_s']:.0f} tokens/s")
     for name, sizes in env_results.items():
