@@ -23,7 +23,8 @@ spread over ``--personas`` random LoRA adapters, a ``--prefix``-token profile pr
 It also measures the machine's matmul peak, with ``--train`` LoRA training tokens/s, and with
 ``--env ARTIFACTS [...]`` the environment itself (real model and data: the shipped ``ml-100k``
 or an artifacts directory): env steps/s of one ``PersonaML100K-v0`` and of ``make_vec`` with
-16 and 64 sub-environments, random allowed actions, and the model tokens per env step. Weights are random (speed does not depend on their values), so it runs where no model
+16 and 64 sub-environments, random allowed actions, and the model tokens per env step, and the
+simulator ranking 20 candidates in each of 8 user states in one call. Weights are random (speed does not depend on their values), so it runs where no model
 files exist: ``--shape smollm2`` (135M) or ``--shape qwen2.5-0.5b``.
 
     python benchmarks/simulator.py                       # CPU, float32, SmolLM2 shape
@@ -291,6 +292,27 @@ def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: 
     return out
 
 
+def ranking_throughput(artifacts: str, dtype: str, compile: bool, states: int = 8, candidates: int = 20,
+                       seed: int = 0) -> dict:
+    """Ratings/s of the real simulator scoring ``candidates`` movies in each of ``states`` user
+    states in one ``rate`` call (what ``SimulatorGreedyPolicy`` does every step)."""
+    from persona_gym.simulator.simulator import UserSimulator
+
+    sim = UserSimulator.load(artifacts, dtype=dtype, compile=compile)
+    rng = np.random.default_rng(seed)
+    users = [int(u) for u in rng.choice(sim.user_ids, states, replace=False)]
+    items = [int(i) for i in rng.choice(len(sim.catalog), candidates, replace=False)]
+    calls = ([u for u in users for _ in items], items * states,
+             [sim.history(u)[-3:] for u in users for _ in items])
+    sim.rate(*calls)  # warm-up: prefixes cached, kernels ready
+    tokens, start = sim.model.tokens_processed, time.perf_counter()
+    sim.rate(*calls)
+    seconds = time.perf_counter() - start
+    n = states * candidates
+    print(f"  ranking {artifacts}: {n / seconds:.1f} ratings/s", flush=True)
+    return {"ratings_per_s": n / seconds, "tokens_per_rating": (sim.model.tokens_processed - tokens) / n}
+
+
 def _random_actions(env, rng) -> np.ndarray:
     masks = env.unwrapped.action_masks()
     return np.array([rng.choice(np.flatnonzero(m)) for m in masks])
@@ -411,11 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         results["train_tokens_per_s"] = run_train(model, layered, requests, device, args.train_batch_size)
     env_results = {name: env_throughput(name, args.dtype, args.compile, args.env_steps) for name in args.env}
+    ranking_results = {name: ranking_throughput(name, args.dtype, args.compile) for name in args.env}
     report = {
         "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
         "args": {k: str(v) for k, v in vars(args).items()}, "matmul_peak_gflops": peak,
         "flops_per_token": flops_per_token, "modes": results, "env": env_results,
+        "simulator_ranking": ranking_results,
     }
     print(f"device: {report['device']}  dtype: {args.dtype}  shape: {args.shape}  personas: {args.personas}"
           f"  rank: {args.rank}  matmul peak: {peak:.0f} GFLOP/s")
@@ -436,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         for size, r in sizes.items():
             print(f"env {name} {size}: {r['env_steps_per_s']:.1f} env steps/s, "
                   f"{r['tokens_per_env_step']:.0f} tokens per env step")
+    for name, r in ranking_results.items():
+        print(f"simulator {name}, 20 candidates per state: {r['ratings_per_s']:.1f} ratings/s, "
+              f"{r['tokens_per_rating']:.1f} tokens per rating")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     return 0
