@@ -175,7 +175,7 @@ def run_grouped(model, layered, requests, device, batch_size):
         model.set_adapter(adapter)
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
-            packed = pack([(p, [b]) for _, _, p, b in chunk], 0).to(device)
+            packed = pack([(p, [b]) for _, _, p, b in chunk], 0, device)
             layered.forward(packed).softmax(-1)
     return sum(len(p) + len(b) for _, _, p, b in requests)
 
@@ -328,7 +328,7 @@ def run_train(model, layered, requests, device, batch_size, steps=5):
     tokens = 0
     for step in range(steps + 1):
         chunk = requests[:batch_size]
-        packed = pack([(p, [b]) for _, _, p, b in chunk], 0).to(device)
+        packed = pack([(p, [b]) for _, _, p, b in chunk], 0, device)
         if step == 1:  # the first step warms up
             sync(device)
             start, tokens = time.perf_counter(), 0

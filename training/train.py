@@ -216,8 +216,9 @@ class LowerCache:
                   for i in range(0, len(ns), blocks_per_sequence)]
         for start in tqdm(range(0, len(chunks), 4), desc="frozen layers", disable=not progress):
             part = chunks[start : start + 4]
-            packed = pack([(prefix_ids[u], [block_ids[n] for n in ns]) for u, ns in part], pad_id)
-            hidden = layered.run_layers(layered.embed_tokens(packed), packed, 0, split_layer)
+            packed = pack([(prefix_ids[u], [block_ids[n] for n in ns]) for u, ns in part], pad_id,
+                          layered.device)
+            hidden = layered.run_layers(layered.embed_tokens(packed), packed, 0, split_layer).cpu()
             for row, (user, ns) in enumerate(part):
                 p = len(prefix_ids[user])
                 prefix_hidden.setdefault(user, hidden[row, :p].clone())
@@ -228,9 +229,11 @@ class LowerCache:
                     offset += m
         return cls(prefix_ids, prefix_hidden, block_ids, block_hidden)
 
-    def assemble(self, chunks: list[tuple[int, list[int]]], pad_id: int):
-        """Packed batch and its lower-layer hidden states for ``[(user, [example, ...]), ...]``."""
-        packed = pack([(self.prefix_ids[u], [self.block_ids[n] for n in ns]) for u, ns in chunks], pad_id)
+    def assemble(self, chunks: list[tuple[int, list[int]]], pad_id: int, device: torch.device):
+        """Packed batch and its lower-layer hidden states for ``[(user, [example, ...]), ...]``,
+        on ``device`` (the cache itself stays in CPU memory)."""
+        packed = pack([(self.prefix_ids[u], [self.block_ids[n] for n in ns]) for u, ns in chunks], pad_id,
+                      device)
         width = packed.input_ids.shape[1]
         dim = next(iter(self.prefix_hidden.values())).shape[-1]
         hidden = torch.zeros(len(chunks), width, dim, dtype=next(iter(self.prefix_hidden.values())).dtype)
@@ -238,7 +241,7 @@ class LowerCache:
             parts = [self.prefix_hidden[user]] + [self.block_hidden[n] for n in ns]
             joined = torch.cat(parts)
             hidden[row, : len(joined)] = joined
-        return packed, hidden
+        return packed, hidden.to(device)
 
     def placeholder_mean(self, indices: list[int]) -> torch.Tensor:
         """Mean frozen-layer state at the item tokens of examples ``indices``."""
@@ -319,7 +322,7 @@ def adapter_datasets(examples: list[Example], user_persona: dict[int, int], conf
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, mse_weight: float) -> torch.Tensor:
     ce = torch.nn.functional.cross_entropy(logits, labels - 1)
-    expected = logits.softmax(-1) @ RATINGS
+    expected = logits.softmax(-1) @ RATINGS.to(logits.device)
     return ce + mse_weight * ((expected - labels.float()) ** 2).mean()
 
 
@@ -332,11 +335,11 @@ def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, siz
     chunks = _chunks(indices, examples, size, np.random.default_rng(0))
     errors, nll = [], []
     for batch in _batches(chunks, 64):
-        packed, hidden = cache.assemble(batch, pad_id)
+        packed, hidden = cache.assemble(batch, pad_id, layered.device)
         logits = layered.forward(packed, start=split_layer, hidden=hidden)
-        labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns])
+        labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns], device=layered.device)
         probs = logits.softmax(-1)
-        errors.append(probs @ RATINGS - labels.float())
+        errors.append(probs @ RATINGS.to(probs.device) - labels.float())
         nll.append(-probs[torch.arange(len(labels)), labels - 1].log())
     err, nll_t = torch.cat(errors), torch.cat(nll)
     model.train()
@@ -441,8 +444,8 @@ def train_adapter(
                 step += 1
                 continue
             started = time.perf_counter()
-            packed, hidden = cache.assemble(batch, pad_id)
-            labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns])
+            packed, hidden = cache.assemble(batch, pad_id, layered.device)
+            labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns], device=layered.device)
             logits = layered.forward(packed, start=split_layer, hidden=hidden)
             loss = _loss(logits, labels, config.mse_weight)
             optimizer.zero_grad(set_to_none=True)

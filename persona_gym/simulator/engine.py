@@ -54,47 +54,45 @@ class PackedBatch:
     n_tokens: int  # real (non-pad) tokens
     n_pad: int  # padding tokens
 
-    def to(self, device: torch.device | str) -> PackedBatch:
-        """The same batch on another device."""
-        tensors = (self.input_ids, self.position_ids, self.attention_mask, self.rows, self.cols)
-        return PackedBatch(*(t.to(device) for t in tensors), self.n_tokens, self.n_pad)
 
-
-def pack(sequences: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int) -> PackedBatch:
-    """Pack ``[(prefix_ids, [block_ids, ...]), ...]`` into one padded batch.
+def pack(sequences: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
+         device: torch.device | str = "cpu") -> PackedBatch:
+    """Pack ``[(prefix_ids, [block_ids, ...]), ...]`` into one padded batch on ``device``.
 
     Each sequence is ``prefix + block_1 + block_2 + ...``; block tokens attend causally within
-    their block and to the whole prefix; padding attends only to itself.
+    their block and to the whole prefix; padding attends only to itself. The ``(B, T, T)`` mask
+    is built on ``device`` from the ``(B, T)`` segment ids: on a GPU that spares the CPU building
+    and copying it (22 ms for 1024 × 125 × 125 on a 2-core CPU).
     """
     lengths = [len(p) + sum(len(b) for b in blocks) for p, blocks in sequences]
-    batch, width = len(sequences), max(lengths)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((batch, width), dtype=torch.long)
-    segment = torch.full((batch, width), -1, dtype=torch.long)  # 0 prefix, b+1 block b, -1 pad
+    width = max(lengths)
+    ids, positions, segments = [], [], []  # segment: 0 prefix, b+1 block b, -1 pad
     rows, cols = [], []
     for r, (prefix, blocks) in enumerate(sequences):
-        n = len(prefix)
-        ids, positions, segments = list(prefix), list(range(n)), [0] * n
+        n, pad = len(prefix), width - lengths[r]
+        row_ids, row_positions, row_segments = list(prefix), list(range(n)), [0] * n
         for b, block in enumerate(blocks):
             m = len(block)
             if m == 0:
                 raise ValueError("empty block: every candidate needs at least one token")
-            ids += block
-            positions += range(n, n + m)
-            segments += [b + 1] * m
+            row_ids += block
+            row_positions += range(n, n + m)
+            row_segments += [b + 1] * m
             rows.append(r)
-            cols.append(len(ids) - 1)
-        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        position_ids[r, : len(ids)] = torch.tensor(positions, dtype=torch.long)
-        segment[r, : len(ids)] = torch.tensor(segments, dtype=torch.long)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+            cols.append(len(row_ids) - 1)
+        ids.append(row_ids + [pad_id] * pad)
+        positions.append(row_positions + [0] * pad)
+        segments.append(row_segments + [-1] * pad)
+    segment = torch.tensor(segments, dtype=torch.long).to(device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
     mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    mask |= torch.eye(width, dtype=torch.bool)  # pad rows attend to themselves (no NaN)
-    n_pad = int((segment < 0).sum())
+    mask |= torch.eye(width, dtype=torch.bool, device=device)  # pad rows attend to themselves (no NaN)
+    n_pad = sum(width - n for n in lengths)
     return PackedBatch(
-        input_ids, position_ids, mask[:, None], torch.tensor(rows), torch.tensor(cols),
-        n_tokens=batch * width - n_pad, n_pad=n_pad,
+        torch.tensor(ids, dtype=torch.long).to(device), torch.tensor(positions, dtype=torch.long).to(device),
+        mask[:, None], torch.tensor(rows).to(device), torch.tensor(cols).to(device),
+        n_tokens=sum(lengths), n_pad=n_pad,
     )
 
 
@@ -164,6 +162,11 @@ class LayeredLM:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (batches are built there)."""
+        return self.embed.weight.device
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids; item ids (``< 0``) get the placeholder token's."""
@@ -319,7 +322,7 @@ def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV],
     tokens and itself (:func:`pack`), exactly as in the uncached ``prefix + shared + block``
     sequence; only the new tokens are computed, the shared ones once for all blocks of the row.
     """
-    packed = pack(rows, pad_id).to(device)
+    packed = pack(rows, pad_id, device)
     ids = packed.input_ids
     batch, width = ids.shape
     prefix_len = torch.tensor([p.length for p in prefixes], device=device)
