@@ -310,7 +310,8 @@ def ranking_throughput(artifacts: str, dtype: str, compile: bool, states: int = 
     seconds = time.perf_counter() - start
     n = states * candidates
     print(f"  ranking {artifacts}: {n / seconds:.1f} ratings/s", flush=True)
-    return {"ratings_per_s": n / seconds, "tokens_per_rating": (sim.model.tokens_processed - tokens) / n}
+    return {"ratings_per_s": n / seconds, "tokens_per_rating": (sim.model.tokens_processed - tokens) / n,
+            "candidates_per_state": candidates}
 
 
 def _random_actions(env, rng) -> np.ndarray:
@@ -461,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"env {name} {size}: {r['env_steps_per_s']:.1f} env steps/s, "
                   f"{r['tokens_per_env_step']:.0f} tokens per env step")
     for name, r in ranking_results.items():
-        print(f"simulator {name}, 20 candidates per state: {r['ratings_per_s']:.1f} ratings/s, "
+        print(f"simulator {name}, {r['candidates_per_state']} candidates per state: "
+              f"{r['ratings_per_s']:.1f} ratings/s, "
               f"{r['tokens_per_rating']:.1f} tokens per rating")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -340,7 +340,7 @@ def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, siz
         labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns], device=layered.device)
         probs = logits.softmax(-1)
         errors.append(probs @ RATINGS.to(probs.device) - labels.float())
-        nll.append(-probs[torch.arange(len(labels)), labels - 1].log())
+        nll.append(-probs[torch.arange(len(labels), device=probs.device), labels - 1].log())
     err, nll_t = torch.cat(errors), torch.cat(nll)
     model.train()
     return {"rmse": float(err.pow(2).mean().sqrt()), "mae": float(err.abs().mean()),
