@@ -313,7 +313,7 @@ def write_report(results: dict[str, Any], out: Path, header: str = "") -> Path:
     return out / "report.md"
 
 
-def load_evaluation(env_id: str, dtype: str = "float32", **overrides: Any):
+def load_evaluation(env_id: str, dtype: str = "auto", **overrides: Any):
     """``(core, ratings, test, n_users)``: the env's episode logic on its shipped or configured
     simulator, the train + background ratings the baselines fit on, the logged test interactions
     of the simulator's users, and the number of users in the dataset (for novelty)."""
@@ -341,7 +341,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--k", type=int, default=defaults.k)
     parser.add_argument("--no-logged", action="store_true", help="skip the logged-data metrics")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
     parser.add_argument("--out", type=Path, default=Path("runs/policy-eval"))
     parser.set_defaults(func=run)

@@ -79,7 +79,7 @@ class AgentConfig:
     gamma: float = 0.9
     ent_coef: float = 0.01
     checkpoint_every: int = 2048
-    dtype: str = "float32"
+    dtype: str = "auto"
     out: str = "runs/agents"
     env_kwargs: dict = field(default_factory=dict)
 
@@ -212,7 +212,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("learning_rate", "gamma", "ent_coef"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
     parser.add_argument("--out", default=defaults.out, help="parent folder of run folders")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")

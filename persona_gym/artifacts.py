@@ -7,6 +7,7 @@ Layout (written by ``persona-gym distill``, ``personas`` and ``train``)::
     memories.parquet       Ml per training interaction
     split.json             the protocol split's parameters and user ids
     embeddings/items.npy   catalogue item embeddings (retrieval)
+    collaborative.npz      matrix factorisation fitted on train + background (prompt cues)
     personas.json          K, user → persona, persona cards
     adapters/<name>/       one peft adapter folder per adapter (save_pretrained)
     manifest.json          schema version, base model and its file hash, dataset, protocol,
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from persona_gym.catalog import ItemCatalog
+from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collaborative
 from persona_gym.io import atomic_write_json
 from persona_gym.simulator.prompts import PromptConfig
 
@@ -44,7 +46,7 @@ MANIFEST = "manifest.json"
 # they are regenerated on first use by the deterministic data distiller from the local dataset.
 SHIPPED = {"ml-100k": "ml100k"}
 SHIPPED_DIR = Path(__file__).parent / "default_artifacts"
-TABLES = ("items.parquet", "profiles.jsonl", "memories.parquet", "embeddings/items.npy")
+TABLES = ("items.parquet", "profiles.jsonl", "memories.parquet", "embeddings/items.npy", CF_FILE)
 
 
 class ArtifactsError(ValueError):
@@ -62,6 +64,7 @@ class Artifacts:
     memories: pd.DataFrame
     item_embeddings: np.ndarray
     user_persona: dict[int, int]
+    collaborative: CollaborativeModel | None = None  # None for artifacts distilled before it existed
 
     @property
     def user_ids(self) -> list[int]:
@@ -74,6 +77,19 @@ class Artifacts:
     @property
     def adapter_dirs(self) -> dict[str, Path]:
         return {name: self.root / rel for name, rel in self.manifest["adapters"].items()}
+
+    def item_token_features(self, prompt: PromptConfig) -> np.ndarray:
+        """What a soft item token is projected from: the text embedding, with ``cf_items`` followed
+        by the item's collaborative factors and bias."""
+        if not prompt.cf_items:
+            return self.item_embeddings
+        return np.c_[self.item_embeddings, self.require_collaborative().item_features()]
+
+    def require_collaborative(self) -> CollaborativeModel:
+        if self.collaborative is None:
+            raise ArtifactsError(f"{self.root / CF_FILE} not found: the prompt uses collaborative "
+                                 f"cues; re-run `persona-gym distill --out {self.root}` with this version")
+        return self.collaborative
 
     def adapter_of(self, user_id: int, variant: str = "persona") -> str:
         """The adapter that simulates ``user_id`` under a variant (persona / single-max / ...)."""
@@ -201,6 +217,11 @@ def tables_digest(root: str | Path) -> str:
         digest.update("\t".join(map(str, row)).encode() + b"\n")
     for index in range(len(catalog)):
         digest.update(catalog.describe(index).encode() + b"\n")
+    cf_path = Path(root) / CF_FILE
+    if cf_path.exists():  # rounded: the fit's last bits may differ between BLAS builds
+        cf = load_collaborative(cf_path)
+        for array in (cf.user_bias, cf.user_factors, cf.item_bias, cf.item_factors, cf.logged_predictions):
+            digest.update(np.round(np.asarray(array, dtype=np.float64), 3).tobytes())
     return digest.hexdigest()
 
 
@@ -308,4 +329,5 @@ def load_artifacts(root: str | Path) -> Artifacts:
     root = resolve_artifacts(root)
     manifest = read_manifest(root)
     catalog, profiles, memories, embeddings = load_tables(root)
-    return Artifacts(root, manifest, catalog, profiles, memories, embeddings, load_personas(root))
+    cf = load_collaborative(root / CF_FILE) if (root / CF_FILE).exists() else None
+    return Artifacts(root, manifest, catalog, profiles, memories, embeddings, load_personas(root), cf)

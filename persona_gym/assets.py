@@ -153,18 +153,42 @@ def _converted_smollm2(root: Path) -> Path:
     return target
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16 in /proc/cpuinfo).
+
+    Without it, eager bfloat16 matmuls are emulated and slower than float32 (3.5x on an
+    AVX2-only CPU: benchmarks/README.md).
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """``"auto"`` → ``"bfloat16"`` where it is fast (CUDA; a CPU with AMX or AVX512-BF16),
+    ``"float32"`` elsewhere; any other name is returned as given."""
+    if dtype != "auto":
+        return dtype
+    if str(device).startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if str(device) == "cpu" and cpu_has_fast_bf16() else "float32"
+
+
 def load_causal_lm(
     name_or_path: str = DEFAULT_SLM,
     device: str = "cpu",
     dtype: str = "float32",
     cache: str | os.PathLike | None = None,
 ):
-    """Load a causal LM and its tokenizer by name, path or hub id, in eval mode."""
+    """Load a causal LM and its tokenizer by name, path or hub id, in eval mode
+    (``dtype="auto"``: :func:`resolve_dtype`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path, cache)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, resolve_dtype(dtype, device)))
     model.to(device).eval()
     return model, tokenizer

@@ -149,7 +149,7 @@ def held_out(trained_tiny_artifacts, tmp_path_factory):
 def evaluated(held_out):
     root, test = held_out
     configs = ["base:Ms+Ml", "single-max:Ms", "single-min:Ms+Ml", "persona:Ms+Ml", "persona:Ms+Ml:w0"]
-    return evaluate(root, configs, test=test, generation=True, generation_per_user=1), root, test
+    return evaluate(root, configs, test=test, generation=True, generation_per_user=1, dtype="float32"), root, test
 
 
 def test_evaluate_end_to_end(evaluated):
@@ -187,7 +187,7 @@ def test_predictions_do_not_read_test_ratings(held_out, evaluated):
     root, test = held_out
     first = pd.read_parquet(root / "evaluation" / "predictions.parquet")
     flipped = test.assign(rating=6 - test["rating"])
-    again = evaluate(root, ["persona:Ms+Ml"], test=flipped, write=False)
+    again = evaluate(root, ["persona:Ms+Ml"], test=flipped, write=False, dtype="float32")
     persona = again["configs"][0]["expected"]
     assert persona["rmse"] != evaluated[0]["configs"][3]["expected"]["rmse"]
     from training.evaluate import _Models, parse_config as parse  # noqa: I001

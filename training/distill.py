@@ -572,12 +572,17 @@ def write_artifacts(out: str | Path, dataset, split, catalog: ItemCatalog,
     """Write the artifacts directory, every file atomically.
 
     ``items.parquet`` (the catalogue), ``profiles.jsonl`` (user_id, text, traits),
-    ``memories.parquet``, ``split.json`` (parameters, user ids, counts; no ratings),
+    ``memories.parquet``, ``collaborative.npz`` (the collaborative model the prompts' cues and
+    item tokens use, :mod:`persona_gym.collaborative`), ``split.json`` (parameters, user ids,
+    counts; no ratings),
     ``embeddings/items.npy`` (catalogue order) and ``distill.json`` (backend and text lengths).
     """
+    from persona_gym.collaborative import CF_FILE, fit_collaborative
+
     out = Path(out)
     atomic_write_parquet(out / "items.parquet", catalog.to_frame())
     result.save(out)
+    fit_collaborative(split.train, split.background, catalog, seed=split.seed).save(out / CF_FILE)
     atomic_write_json(out / "split.json", {
         "dataset": dataset.name,
         "params": split.params,

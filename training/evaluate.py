@@ -68,6 +68,7 @@ import pandas as pd
 
 from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
 from persona_gym.io import atomic_write, atomic_write_json, atomic_write_parquet, atomic_write_text
+from persona_gym.memory import logged_history
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +146,11 @@ class EvalConfig:
 
     def prompt(self, trained) -> object:
         """The PromptConfig of this configuration, from the training prompt ``trained``."""
-        from persona_gym.simulator.prompts import PromptConfig
-
         use_profile, use_ml = _MEMORIES[self.memories]
         k = self.n_memories if self.n_memories is not None else (trained.n_memories or 1)
         window = self.window_size if self.window_size is not None else trained.window_size
-        return PromptConfig(window_size=window, n_memories=k if use_ml else 0,
-                            use_profile=use_profile, max_tokens=trained.max_tokens,
-                            crowd_cue=trained.crowd_cue, item_tokens=trained.item_tokens)
+        return dataclasses.replace(trained, window_size=window, n_memories=k if use_ml else 0,
+                                   use_profile=use_profile)
 
 
 def parse_config(spec: str) -> EvalConfig:
@@ -260,7 +258,8 @@ class _Models:
                                                 device, dtype)
         self.item_tokens = None
         if artifacts.prompt_config.item_tokens:
-            self.item_tokens = load_item_tokens(artifacts.adapter_dirs, artifacts.item_embeddings, device)
+            self.item_tokens = load_item_tokens(artifacts.adapter_dirs,
+                                                artifacts.item_token_features(artifacts.prompt_config), device)
         self.artifacts = artifacts
         self.adapters = set(artifacts.adapter_dirs)
         self.compile = compile
@@ -302,11 +301,13 @@ def evaluate(
     baselines: bool = True,
     base_model: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     compile: bool = False,
     out_dir: str | Path | None = None,
     write: bool = True,
     chunk_users: int = 16,
+    studies: bool = True,
+    study_rows_per_user: int = 15,
 ) -> dict:
     """Evaluate the simulated users of ``artifacts_dir``; return (and write) every figure.
 
@@ -320,6 +321,9 @@ def evaluate(
         write: write the report into ``out_dir`` (default ``<artifacts>/evaluation``).
         compile: run the decoder layers through ``torch.compile`` (about 3x faster on CPU after
             a one-off ~1 min warm-up; same results).
+        studies: also run the persona-specificity, memory-slope and reward-landscape studies of
+            the persona simulator (:mod:`persona_gym.evaluation.fidelity`) on the first
+            ``study_rows_per_user`` test interactions of each user (needs ``split.json``).
     """
     from persona_gym.artifacts import load_artifacts
     from persona_gym.evaluation.baselines import run_baselines
@@ -447,12 +451,66 @@ def evaluate(
                 "full_test": {"n": fit["n"], "rmse": fit["rmse"], "mae": fit["mae"]},
                 "evaluated_rows": fidelity_report(users, real, pred=pred, groups=personas),
             }
+    persona = parse_config("persona:Ms+Ml")
+    if studies and test is None and models is not None and not models.missing(persona, np.unique(users)):
+        t0 = time.perf_counter()
+        results["studies"] = _studies(models, artifacts, data, full_test, trained_prompt, seed,
+                                      study_rows_per_user, chunk_users)
+        results["studies"]["seconds"] = round(time.perf_counter() - t0, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
     if write:
         out = Path(out_dir) if out_dir is not None else Path(artifacts.root) / "evaluation"
         write_report(results, predictions, out)
         results["out_dir"] = str(out)
     return results
+
+
+def _studies(models: _Models, artifacts, data: EvalData, full_test: pd.DataFrame, prompt, seed: int,
+             per_user: int, chunk_users: int) -> dict:
+    """Persona specificity, memory slope and reward landscape of the persona simulator."""
+    from persona_gym.evaluation import fidelity
+
+    simulators: dict = {}
+
+    def rate(variant, users, items, windows):
+        if variant not in simulators:
+            simulators[variant] = models.simulator(EvalConfig(variant, variant, "Ms+Ml"), prompt)
+        simulator = simulators[variant]
+        users = np.asarray(users, dtype=np.int64)
+        probs = np.zeros((len(users), 5))
+        unique = list(dict.fromkeys(users.tolist()))
+        for start in range(0, len(unique), chunk_users):
+            index = np.flatnonzero(np.isin(users, unique[start : start + chunk_users]))
+            probs[index] = simulator.rate(users[index].tolist(), [int(items[i]) for i in index],
+                                          [windows[i] for i in index])
+        return probs
+
+    k = prompt.window_size
+    histories = {u: logged_history(artifacts.memories, u) for u in artifacts.user_ids}
+    last = {u: (h[-k:] if k else ()) for u, h in histories.items()}
+    rows = select_test(full_test, per_user)
+    out = {"rows_per_user": per_user}
+    log.info("studies: persona specificity on %d rows x %d adapters", len(rows),
+             len(set(artifacts.user_persona.values())))
+    out["persona_specificity"] = fidelity.persona_specificity(
+        rate, rows["user_id"].to_numpy(), rows["item_index"].to_numpy(), rows["rating"].to_numpy(np.float64),
+        [last[int(u)] for u in rows["user_id"]], artifacts.user_persona)
+    catalog = artifacts.catalog
+    global_mean = float(np.average(catalog.mean_rating, weights=np.maximum(catalog.n_ratings, 1e-9)))
+    item_bias = catalog.mean_rating - global_mean
+    memories = artifacts.memories
+    history = pd.concat([memories[["user_id", "item_index", "rating", "timestamp"]].assign(is_test=False),
+                         full_test[["user_id", "item_index", "rating", "timestamp"]].assign(is_test=True)],
+                        ignore_index=True)
+    user_mean = memories.groupby("user_id")["rating"].mean().to_dict()
+    log.info("studies: memory slope")
+    out["memory"] = fidelity.memory_slope(rate, history, user_mean, item_bias, per_user)
+    seen = history.groupby("user_id")["item_index"].agg(set).to_dict()
+    cf = artifacts.collaborative
+    log.info("studies: reward landscape")
+    out["landscape"] = fidelity.landscape(rate, seen, len(catalog), last,
+                                          cf.predict if cf is not None else None, seed=seed)
+    return out
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -555,6 +613,41 @@ def render_markdown(results: dict) -> str:
         lines += ["", f"## Per persona ({best['spec']})", "", "| persona | n | RMSE | MAE |", "|---|---|---|---|"]
         for p, g in best["expected"].get("per_group", {}).items():
             lines.append(f"| {p} | {g['n']} | {_f(g['rmse'])} | {_f(g['mae'])} |")
+    lines += ["", "## Within-user fidelity", "",
+              "Per user over the evaluated test interactions, then averaged over users: Pearson and "
+              "Spearman correlation of predicted vs real ratings, and the spread of the predictions "
+              "(an expected rating is a mean: its spread is below the real one). Histogram distance: "
+              "total variation between the sampled-rating histogram and the real one.", "",
+              "| Config / baseline | within-user Pearson | Spearman | std of predictions | "
+              "std of real ratings | user-mean Pearson | ECE | histogram distance |",
+              "|---|---|---|---|---|---|---|---|"]
+    reports = [(c["spec"], c["expected"]) for c in results["configs"] if c["status"] == "ok"]
+    reports += [(f"baseline: {n}", b["evaluated_rows"]) for n, b in results["baselines"].items()]
+    for label, e in reports:
+        w = e.get("within_user", {})
+        lines.append(f"| {label} | {_f(w.get('pearson'))} | {_f(w.get('spearman'))} | "
+                     f"{_f(w.get('std_pred'))} | {_f(w.get('std_real'))} | {_f(e['user_mean_pearson'])} | "
+                     f"{_f(e.get('ece'))} | {_f(e.get('histogram_distance'))} |")
+    studies = results.get("studies")
+    if studies:
+        spec, mem, land = studies["persona_specificity"], studies["memory"], studies["landscape"]
+        lines += ["", "## Persona specificity, memory and reward landscape", "",
+                  f"On the first {studies['rows_per_user']} test interactions of each user.", "",
+                  f"- **Persona specificity** ({spec['users']} users, {spec['personas']} persona "
+                  f"adapters): RMSE under the user's own adapter {_f(spec['own_rmse'])}, under the "
+                  f"others {_f(spec['other_rmse'])}; the own adapter is the best for "
+                  f"{_f(spec['own_best_share'], percent=True)} of users (chance "
+                  f"{_f(spec['chance'], percent=True)}).",
+                  f"- **Memory slope** (residual of a rating on the mean residual of the previous 3 "
+                  f"real ratings): real {_f(mem['real_slope'])} over {mem['real_rows']} test ratings "
+                  f"({_f(mem['real_slope_same_rows'])} on the simulated rows), simulated "
+                  f"{_f(mem['simulated_slope'])} over {mem['simulated_rows']} ({_f(mem['ratio'], 2)}x).",
+                  "", "| reward landscape (random unseen movies) | users | movies per user | "
+                  "within-user std | top-10 minus mean | share of variance between users |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in land.items():
+            lines.append(f"| {name} | {r['users']} | {r['items_per_user']:.0f} | {_f(r['within_user_std'])} | "
+                         f"{_f(r['top_minus_mean'])} | {_f(r['between_user_share'], percent=True)} |")
     lines += ["", "Plots: [histograms](histograms.png), [calibration](calibration.png), "
               "[per-persona RMSE](persona_rmse.png). All figures: `results.json`.", ""]
     return "\n".join(lines)
@@ -676,7 +769,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip the CF baselines")
     p.add_argument("--base-model", default=None, help="default: the one the adapters were trained on")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 where the hardware has it (CUDA, AMX/AVX512-BF16), else float32")
+    p.add_argument("--no-studies", action="store_true",
+                   help="skip the persona-specificity, memory-slope and reward-landscape studies")
+    p.add_argument("--study-rows-per-user", type=int, default=15,
+                   help="test interactions per user the studies use")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layers (~3x faster on CPU after ~1 min warm-up)")
     p.add_argument("--out", type=Path, default=None, help="default: <artifacts>/evaluation")
@@ -692,7 +790,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.artifacts, configs, args.max_test_per_user, args.seed, subsample=args.subsample,
         generation=args.generation, generation_per_user=args.generation_per_user,
         baselines=not args.no_baselines, base_model=args.base_model, device=args.device,
-        dtype=args.dtype, compile=args.compile, out_dir=args.out,
+        dtype=args.dtype, compile=args.compile, out_dir=args.out, studies=not args.no_studies,
+        study_rows_per_user=args.study_rows_per_user,
     )
     print(render_markdown(results))
     print(f"written to {results['out_dir']} in {results['seconds']} s")

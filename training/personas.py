@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PersonaConfig", "PersonaResult", "cluster_profiles", "elbow_k", "persona_cards"]
 
+FEATURES = ("profile", "behaviour", "both")
 ELBOW_RULE = ("elbow: K with the largest distance below the chord joining the first and last "
               "(K, log inertia) points, both axes min-max scaled (kneedle)")
 
@@ -53,8 +54,14 @@ class PersonaConfig:
     n_init: int = 10  # KMeans++ restarts; the best inertia is kept
     n_words: int = 10  # distinctive words per card
     n_genres: int = 3  # top genres per card
+    # what users are clustered on: "profile" (the Ms text embeddings, the paper's), "behaviour"
+    # (how they rate: level, spread, extremes, drift from the collaborative model, its user
+    # factors; see behaviour_features) or "both"
+    features: str = "behaviour"
 
     def __post_init__(self) -> None:
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.k is None and not 1 <= self.k_min < self.k_max:
@@ -135,6 +142,30 @@ def cluster_profiles(embeddings: np.ndarray, config: PersonaConfig) -> PersonaRe
              {k: None if v is None else round(v, 3) for k, v in silhouettes.items()})
     return PersonaResult(k, models[k].labels_.astype(np.int64), inertias, silhouettes,
                          ELBOW_RULE)
+
+
+def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborative) -> np.ndarray:
+    """``(n_users, d)`` standardised rating behaviour of each user, from training data only.
+
+    Columns: mean rating, its standard deviation, share of 5s, share of ratings <= 2, the mean
+    and spread of the residual from the out-of-fold collaborative predictions (what the
+    collaborative model misses about the user), then the collaborative user factors (scaled so
+    that together they weigh as much as one column).
+    """
+    rows = memories[memories["user_id"].isin(user_ids)]
+    residual = rows["rating"].to_numpy() - collaborative.predict(rows["user_id"], rows["item_index"])
+    stats = rows.assign(residual=residual, five=rows["rating"] >= 5, low=rows["rating"] <= 2)
+    grouped = stats.groupby("user_id").agg(mean=("rating", "mean"), std=("rating", "std"),
+                                           five=("five", "mean"), low=("low", "mean"),
+                                           res_mean=("residual", "mean"), res_std=("residual", "std"))
+    table = grouped.reindex(user_ids).fillna(0.0).to_numpy(np.float64)
+    factor_rows = collaborative._user_rows(user_ids)
+    factors = np.where(factor_rows[:, None] >= 0, collaborative.user_factors[np.maximum(factor_rows, 0)], 0.0)
+
+    def standardise(a: np.ndarray) -> np.ndarray:
+        return (a - a.mean(0)) / np.where(a.std(0) > 0, a.std(0), 1.0)
+
+    return np.c_[standardise(table), standardise(factors) / np.sqrt(max(factors.shape[1], 1))]
 
 
 def distinctive_words(texts: list[str], labels: np.ndarray, n_words: int) -> dict[int, list]:
@@ -263,12 +294,20 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     embeddings = Embedder(embedder_name).encode(texts)
     timings["embed profiles"] = time.perf_counter() - t0
 
+    memories = pd.read_parquet(artifacts / "memories.parquet")
     t0 = time.perf_counter()
-    result = cluster_profiles(embeddings, config)
+    features = embeddings
+    if config.features != "profile":
+        from persona_gym.collaborative import CF_FILE, load_collaborative
+
+        behaviour = behaviour_features(user_ids, memories, load_collaborative(artifacts / CF_FILE))
+        # the unit profile embeddings have a total variance near 1; give behaviour the same weight
+        behaviour = behaviour / np.sqrt(behaviour.shape[1])
+        features = behaviour if config.features == "behaviour" else np.c_[embeddings, behaviour]
+    result = cluster_profiles(features, config)
     timings["kmeans"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    memories = pd.read_parquet(artifacts / "memories.parquet")
     items = pd.read_parquet(artifacts / "items.parquet")
     cards = persona_cards(user_ids, texts, result.labels, memories, items, config)
     out = {
@@ -290,8 +329,8 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
             np.save(handle, embeddings.astype(np.float32))
 
     atomic_write(artifacts / "embeddings" / "profiles.npy", write_npy)
-    plot_personas(artifacts / "personas.png", embeddings, result.labels, config.seed,
-                  f"{len(user_ids)} users, K={result.k} personas (PCA of profile embeddings)")
+    plot_personas(artifacts / "personas.png", features, result.labels, config.seed,
+                  f"{len(user_ids)} users, K={result.k} personas (PCA of {config.features} features)")
     timings["cards+plot+write"] = time.perf_counter() - t0
     log.info("timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
     log.info("K=%d, sizes %s", result.k, out["sizes"])
@@ -317,11 +356,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--k-min", type=int, default=2, help="smallest K tried by the elbow")
     p.add_argument("--k-max", type=int, default=10, help="largest K tried by the elbow")
     p.add_argument("--seed", type=int, default=0, help="KMeans seed")
+    p.add_argument("--features", choices=FEATURES, default=PersonaConfig.features,
+                   help="cluster on the profile texts' embeddings (the paper), on rating behaviour "
+                        "(level, spread, drift from the collaborative model, its user factors), or both")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = PersonaConfig(k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed)
+    config = PersonaConfig(k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed,
+                           features=args.features)
     out = run_personas_stage(args.artifacts, config)
     for card in out["cards"]:
         words = ", ".join(w["word"] for w in card["distinctive_words"][:6])

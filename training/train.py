@@ -53,6 +53,7 @@ from persona_gym.artifacts import (
     write_manifest,
 )
 from persona_gym.assets import DEFAULT_SLM, load_causal_lm, model_source, resolve_model
+from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collaborative
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.memory import logged_history, short_term_window
 from persona_gym.retrieval import MemoryIndex
@@ -165,8 +166,16 @@ def build_examples(
     memories,
     index: MemoryIndex,
     config: TrainConfig,
+    collaborative: CollaborativeModel | None = None,
 ) -> list[Example]:
-    """RAFT examples from each user's time-ordered training interactions (Ml table)."""
+    """RAFT examples from each user's time-ordered training interactions (Ml table).
+
+    With collaborative cues in the prompt, ``collaborative`` gives them (out-of-fold for
+    these logged interactions, see :mod:`persona_gym.collaborative`).
+    """
+    cued = config.prompt.cf_cue or config.prompt.surprise_cue
+    if cued and collaborative is None:
+        raise ValueError("the prompt has collaborative cues but no collaborative model was given")
     examples = []
     prompt = config.prompt
     for user_id in sorted(profiles):
@@ -178,13 +187,18 @@ def build_examples(
         for position in range(first_train, len(history)):
             item = history[position]
             retrieved = index.top_k(user_id, item.item_index, prompt.n_memories)
+            window = short_term_window(history, prompt.window_size, before=position)
+            prediction, surprise = (collaborative.cues(user_id, item.item_index, window) if cued
+                                    else (None, None))
             request = RatingRequest(
                 user_id=user_id,
                 profile=profiles[user_id],
                 candidate=item.item_index,
-                window=short_term_window(history, prompt.window_size, before=position),
+                window=window,
                 memories=tuple(m.text for m in retrieved),
                 memory_items=tuple((m.item_index, m.rating) for m in retrieved),
+                cf_prediction=prediction,
+                surprise=surprise,
             )
             examples.append(Example(user_id, request, int(round(item.rating)),
                                     position >= len(history) - n_val))
@@ -522,8 +536,13 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
     root = Path(artifacts)
     started = time.perf_counter()
     catalog, profiles, memories, item_embeddings = load_tables(root)
+    collaborative = None
+    if config.prompt.uses_collaborative:
+        collaborative = load_collaborative(root / CF_FILE)
+        if config.prompt.cf_items:
+            item_embeddings = np.c_[item_embeddings, collaborative.item_features()]
     user_persona = load_personas(root)
-    index = MemoryIndex(memories, item_embeddings)
+    index = MemoryIndex(memories, load_tables(root)[3])
     torch.manual_seed(config.seed)
     model_path = resolve_model(config.base_model)
     base, tokenizer = load_causal_lm(config.base_model, device=device)
@@ -537,7 +556,7 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
     if not 0 <= split_layer < layered.n_layers:
         raise ValueError(f"lora_layers={config.lora_layers} but the model has {layered.n_layers} layers")
 
-    examples = build_examples(profiles, memories, index, config)
+    examples = build_examples(profiles, memories, index, config, collaborative)
     sets = adapter_datasets(examples, user_persona, config)
     log.info("%d examples (%d validation), adapters: %s", len(examples),
              sum(e.validation for e in examples), ", ".join(f"{k}={len(v[0])}" for k, v in sets.items()))
@@ -628,6 +647,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--item-tokens", action="store_true",
                         help="compact prompts: each movie is one soft token projected from its "
                              "embedding, trained with each adapter (~3x fewer tokens per rating)")
+    parser.add_argument("--cf-cue", action="store_true",
+                        help="show the collaborative model's prediction next to the answer")
+    parser.add_argument("--surprise-cue", action="store_true",
+                        help="show how the window's ratings deviated from the collaborative predictions")
+    parser.add_argument("--cf-items", action="store_true",
+                        help="item tokens carry collaborative factors (needs --item-tokens)")
+    parser.add_argument("--val-per-user", type=int, default=defaults.val_per_user,
+                        help="the last N training interactions of each user form the validation slice")
     parser.add_argument("--item-learning-rate", type=float, default=defaults.item_learning_rate)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="cpu")
@@ -640,13 +667,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     prompt = PromptConfig(window_size=args.window, n_memories=args.memories,
                           use_profile=not args.no_profile, max_tokens=args.max_tokens,
-                          item_tokens=args.item_tokens)
+                          item_tokens=args.item_tokens, cf_cue=args.cf_cue,
+                          surprise_cue=args.surprise_cue, cf_items=args.cf_items)
     config = TrainConfig(
         variants=tuple(args.variants), base_model=args.base_model, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, target_modules=tuple(args.target_modules), lora_layers=args.lora_layers,
         learning_rate=args.learning_rate, epochs=args.epochs, batch_examples=args.batch_examples,
         max_examples_per_user=args.max_examples_per_user, mse_weight=args.mse_weight,
         seed=args.seed, prompt=prompt, item_learning_rate=args.item_learning_rate,
+        val_per_user=args.val_per_user,
     )
     manifest = train(args.artifacts, config, device=args.device, progress=not args.no_progress,
                      compile=not args.no_compile)

@@ -14,7 +14,7 @@ from typing import Any
 
 REWARDS = ("expected", "sampled")
 REPEAT_RULES = ("penalty", "terminate")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 # Names of ``artifacts`` that mean "the artifacts shipped inside the package".
 DEFAULT_ARTIFACTS = {"ml-100k": "ml100k", "ml-1m": "ml1m"}
@@ -37,7 +37,9 @@ class EnvConfig:
             the name of one adapter for everyone (``"single-max"``).
         base_model: base SLM (alias, folder or hub id); ``None`` = the manifest's.
         device: torch device of the rating model (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-        dtype: torch dtype of the rating model (``float32``, ``float16``, ``bfloat16``).
+        dtype: torch dtype of the rating model: ``auto`` (bfloat16 on CUDA and on CPUs with AMX
+            or AVX512-BF16, float32 elsewhere: ``persona_gym.assets.resolve_dtype``),
+            ``float32``, ``float16`` or ``bfloat16``.
         compile: run the rating model's decoder layers through ``torch.compile`` (same ratings;
             on a CPU ~2-3x faster once compiled, after a ~1 min warm-up on the first step).
         max_episode_steps: the horizon; ``truncated`` becomes true after this many steps (the
@@ -71,7 +73,7 @@ class EnvConfig:
     variant: str = "persona"
     base_model: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     compile: bool = False
     max_episode_steps: int = 20
     reward: str = "expected"

@@ -37,6 +37,7 @@ __all__ = [
     "RATING_VALUES",
     "expected_calibration_error",
     "fidelity_report",
+    "histogram_distance",
     "mae",
     "mean_distribution",
     "ndcg_at_k",
@@ -45,9 +46,12 @@ __all__ = [
     "per_group",
     "rating_histogram",
     "reliability",
+    "reward_landscape",
     "rmse",
+    "slope",
     "urr",
     "user_mean_correlation",
+    "within_user",
 ]
 
 
@@ -250,6 +254,7 @@ def fidelity_report(
         "urr": urr(pred),
         "user_mean_pearson": user_mean_correlation(user_ids, pred, real),
         f"ndcg@{k}": ndcg_at_k(user_ids, pred, real, k),
+        "within_user": within_user(user_ids, pred, real),
         "histogram_real": rating_histogram(real).tolist(),
         "histogram_pred_rounded": rating_histogram(pred).tolist(),
     }
@@ -260,6 +265,7 @@ def fidelity_report(
             "mae_argmax": mae(mode, real),
             "nll": nll(probs, real),
             "ece": expected_calibration_error(probs, real, n_bins),
+            "histogram_distance": histogram_distance(probs, real),
             "histogram_pred_mean_distribution": mean_distribution(probs).tolist(),
             "reliability": {key: np.asarray(v).tolist() for key, v in
                             reliability(probs, real, n_bins).items()},
@@ -275,3 +281,68 @@ def fidelity_report(
             if probs is not None:
                 entry["histogram_pred_mean_distribution"] = mean_distribution(probs[rows]).tolist()
     return report
+
+
+# -- within-user fidelity (DESIGN.md §8) ----------------------------------------------------------
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a @ a) * (b @ b))
+    return float(a @ b / denom) if denom > 0 else float("nan")
+
+
+def within_user(user_ids, pred, real, min_items: int = 3) -> dict:
+    """Does the prediction tell a user's movies apart? Per user with ``min_items`` or more
+    finite predictions: Pearson and Spearman correlation of predicted vs real ratings (users
+    where either side is constant are left out of the correlations) and the standard deviation
+    of the predictions and of the real ratings; each averaged over users."""
+    from scipy.stats import rankdata
+
+    pred, real = _pair(pred, real)
+    pearson, spearman, std_pred, std_real = [], [], [], []
+    for rows in _groups(np.asarray(user_ids).ravel()).values():
+        rows = rows[np.isfinite(pred[rows])]
+        if len(rows) < min_items:
+            continue
+        p, r = pred[rows], real[rows]
+        std_pred.append(p.std())
+        std_real.append(r.std())
+        if p.std() > 0 and r.std() > 0:
+            pearson.append(_correlation(p, r))
+            spearman.append(_correlation(rankdata(p), rankdata(r)))
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    return {"users": len(std_pred), "pearson": mean(pearson), "spearman": mean(spearman),
+            "std_pred": mean(std_pred), "std_real": mean(std_real)}
+
+
+def histogram_distance(probs, real) -> float:
+    """Total-variation distance between the histogram of ratings sampled from ``probs`` (in
+    expectation: the mean distribution) and the real ratings' histogram (0 = identical, 1 =
+    disjoint)."""
+    return float(0.5 * np.abs(mean_distribution(probs) - rating_histogram(real)).sum())
+
+
+def slope(x, y) -> float:
+    """Least-squares slope of ``y`` on ``x`` (with an intercept); NaN when ``x`` is constant."""
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
+    return float(x @ y / (x @ x)) if len(x) > 1 and x @ x > 0 else float("nan")
+
+
+def reward_landscape(user_ids, pred, top: int = 10) -> dict:
+    """What a policy can gain by choosing: per user, the spread of predicted ratings over a
+    random sample of movies they never rated. ``within_user_std`` and ``top_minus_mean`` (mean
+    of the ``top`` best minus the mean) are averaged over users; ``between_user_share`` is the
+    share of the total variance that lies between the users' means."""
+    pred = np.asarray(pred, dtype=np.float64).ravel()
+    groups = list(_groups(np.asarray(user_ids).ravel()).values())
+    means = np.array([pred[rows].mean() for rows in groups])
+    within = np.array([pred[rows].var() for rows in groups])
+    total = float(pred.var())
+    return {
+        "users": len(groups), "items_per_user": float(np.mean([len(r) for r in groups])),
+        "within_user_std": float(np.mean(np.sqrt(within))),
+        "top_minus_mean": float(np.mean([np.sort(pred[rows])[-top:].mean() - pred[rows].mean()
+                                         for rows in groups])),
+        "between_user_share": float(means.var() / total) if total > 0 else float("nan"),
+    }

@@ -65,6 +65,8 @@ class RatingRequest:
     memories: tuple[str, ...] = ()
     adapter: str = "base"
     memory_items: tuple[tuple[int, float], ...] = ()  # (item index, rating) of each memory
+    cf_prediction: float | None = None  # the collaborative model's rating of the candidate
+    surprise: float | None = None  # mean of (rating - collaborative prediction) over the window
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,12 @@ class PromptConfig:
             artifacts trained before this option existed load with ``False``.
         item_tokens: each movie is one soft token (the compact mode; module docstring). Needs
             adapters trained with it (``persona-gym train --item-tokens``).
+        cf_cue: the answer shows the collaborative model's prediction for the candidate
+            (``Predicted:3.6``, :mod:`persona_gym.collaborative`).
+        surprise_cue: the window shows how far the user's recent ratings fell from the
+            collaborative predictions (``Surprise:+0.4``): the episode's mood.
+        cf_items: item tokens carry the item's collaborative factors and bias next to its text
+            embedding (with ``item_tokens``).
     """
 
     window_size: int = 3
@@ -88,6 +96,9 @@ class PromptConfig:
     max_tokens: int = 384
     crowd_cue: bool = True
     item_tokens: bool = False
+    cf_cue: bool = False
+    surprise_cue: bool = False
+    cf_items: bool = False
 
     def __post_init__(self) -> None:
         for name in ("window_size", "n_memories", "max_tokens"):
@@ -95,6 +106,13 @@ class PromptConfig:
                 raise ValueError(f"PromptConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_tokens < 64:
             raise ValueError(f"PromptConfig.max_tokens must be >= 64, got {self.max_tokens}")
+        if self.cf_items and not self.item_tokens:
+            raise ValueError("PromptConfig.cf_items needs item_tokens=True (it shapes the item tokens)")
+
+    @property
+    def uses_collaborative(self) -> bool:
+        """Whether prompts need the artifacts' collaborative model."""
+        return self.cf_cue or self.surprise_cue or self.cf_items
 
 
 @dataclass
@@ -116,15 +134,31 @@ class PromptBuilder:
     def block_text(self, request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> str:
         """The user-turn text for a candidate (with ``item_tokens``: the window only, an
         ``ITEM_MARK`` per movie; memories and candidate go to :meth:`answer_start`)."""
+        surprise = self._surprise(request, window)
         if not self.config.item_tokens:
-            lines = [format_window(window, self.catalog)] if self.config.window_size else []
+            lines = [format_window(window, self.catalog) + surprise] if self.config.window_size else []
             lines += [f"Memory: {memory}" for memory in memories]
             lines.append(f"Movie: {self.catalog.describe(request.candidate)}")
             return "\n".join(lines)
         # no spaces around item tokens: SmolLM2-style tokenizers spend a token on each
         if not self.config.window_size:
             return "Rate the next movie."
-        return "Recently rated:" + (";".join(f"{ITEM_MARK}{x.rating:g}" for x in window) or " nothing yet")
+        return ("Recently rated:" + (";".join(f"{ITEM_MARK}{x.rating:g}" for x in window) or " nothing yet")
+                + surprise)
+
+    def _surprise(self, request: RatingRequest, window: Sequence[Interaction]) -> str:
+        if not self.config.surprise_cue or not window:
+            return ""
+        if request.surprise is None:
+            raise ValueError("the prompt has surprise_cue but the request carries no surprise")
+        return f" Surprise:{request.surprise:+.1f}"
+
+    def _prediction(self, request: RatingRequest) -> str:
+        if not self.config.cf_cue:
+            return ""
+        if request.cf_prediction is None:
+            raise ValueError("the prompt has cf_cue but the request carries no cf_prediction")
+        return f"Predicted:{request.cf_prediction:.1f}"
 
     @staticmethod
     def block_items(request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> list[int]:
@@ -135,20 +169,27 @@ class PromptBuilder:
         """The system turn: the profile (when used) and the rating task."""
         return f"{profile}\n{TASK}" if self.config.use_profile and profile else TASK
 
-    def answer_start(self, candidate: int, memories: Sequence = ()) -> str:
-        """Text after the assistant cue: the crowd's average when ``crowd_cue``, else nothing;
-        with ``item_tokens`` the candidate's part of the block (memories, movie, average)."""
+    def answer_start(self, request: RatingRequest, memories: Sequence = ()) -> str:
+        """Text after the assistant cue: the crowd's average when ``crowd_cue`` and the
+        collaborative prediction when ``cf_cue``, else nothing; with ``item_tokens`` the
+        candidate's part of the block (memories, movie, average, prediction)."""
+        candidate = request.candidate
         known = bool(self.catalog.n_ratings[candidate])
+        predicted = self._prediction(request)
         if self.config.item_tokens:
             parts = [f"Memory:{ITEM_MARK}{rating:g}" for _, rating in memories] + [f"Movie:{ITEM_MARK}"]
             if self.config.crowd_cue:
                 parts.append(f"Average:{self.catalog.mean_rating[candidate]:.1f}" if known else "Average:none")
-            return " ".join(parts + ["Rating:"])
-        if not self.config.crowd_cue:
+            return " ".join(parts + ([predicted] if predicted else []) + ["Rating:"])
+        if not self.config.crowd_cue and not predicted:
             return ""
-        if not known:
-            return "Viewers' average: none. My rating:"
-        return f"Viewers' average: {self.catalog.mean_rating[candidate]:.1f}. My rating:"
+        parts = []
+        if self.config.crowd_cue:
+            average = f"{self.catalog.mean_rating[candidate]:.1f}" if known else "none"
+            parts.append(f"Viewers' average: {average}.")
+        if predicted:
+            parts.append(predicted.replace(":", ": ") + ".")
+        return " ".join(parts + ["My rating:"])
 
     def _render(self, system: str, user: str | None, answer: str = "") -> str:
         if not self._chat:
@@ -194,7 +235,7 @@ class PromptBuilder:
                         [: self.config.n_memories])
         while True:
             full = self._render(system, self.block_text(request, window, memories),
-                                self.answer_start(request.candidate, memories))
+                                self.answer_start(request, memories))
             text = full[len(system_text) :]
             if self.config.item_tokens:
                 block = self._encode_items(text, self.block_items(request, window, memories))

@@ -50,7 +50,7 @@ class UserSimulator:
         variant: str = "persona",
         base_model: str | None = None,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",
         prompt: PromptConfig | None = None,
         compile: bool = False,
         delta: float | None = None,
@@ -70,7 +70,7 @@ class UserSimulator:
             adapters = {variant: adapters[variant]}
         model, tokenizer = load_model(artifacts, adapters, base_model, device, dtype)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
-        items = (load_item_tokens(adapters, artifacts.item_embeddings, device)
+        items = (load_item_tokens(adapters, artifacts.item_token_features(builder.config), device)
                  if builder.config.item_tokens else None)
         rating_model = RatingModel(model, builder, compile=compile, item_tokens=items)
         return cls(artifacts, rating_model, variant, delta)
@@ -100,14 +100,20 @@ class UserSimulator:
         if not 0 <= candidate < len(self.catalog):
             raise IndexError(f"candidate {candidate} is outside the catalogue (0..{len(self.catalog) - 1})")
         memories = self.index.top_k(user_id, candidate, self.prompt.n_memories, delta=self.delta)
+        window = tuple(window)[-self.prompt.window_size :] if self.prompt.window_size else ()
+        prediction = surprise = None
+        if self.prompt.cf_cue or self.prompt.surprise_cue:
+            prediction, surprise = self.artifacts.require_collaborative().cues(user_id, candidate, window)
         return RatingRequest(
             user_id=user_id,
             profile=self.artifacts.profiles[user_id],
             candidate=int(candidate),
-            window=tuple(window)[-self.prompt.window_size :] if self.prompt.window_size else (),
+            window=window,
             memories=tuple(m.text for m in memories),
             adapter=self.adapter_of(user_id),
             memory_items=tuple((m.item_index, m.rating) for m in memories),
+            cf_prediction=prediction,
+            surprise=surprise,
         )
 
     def rate(
@@ -124,7 +130,7 @@ class UserSimulator:
 
 
 def load_model(artifacts: Artifacts, adapters: dict[str, Path], base_model: str | None = None,
-               device: str = "cpu", dtype: str = "float32"):
+               device: str = "cpu", dtype: str = "auto"):
     """The artifacts' base model (checked against the manifest) with ``adapters`` attached,
     and its tokenizer. ``base_model`` None = the one the adapters were trained on."""
     from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model

@@ -1,0 +1,158 @@
+"""The collaborative signal the simulated users are given: biased matrix factorisation.
+
+A small language model reads titles and profiles, but what a user will think of a movie is
+mostly in who else liked it. As LLM recommenders do (CoLLM, LLaRA, BinLLM), the simulator hands
+the SLM a collaborative model fitted on the data it may use (the selected users' TRAINING
+interactions plus the other users' ratings, never the test split):
+
+* its prediction for the (user, candidate) pair, as a numeric cue next to the answer;
+* the window's surprise: how the user's recent ratings deviated from the model's predictions
+  (the short-term mood the model cannot see);
+* each item's factors and bias, appended to the item's text embedding in the soft item tokens.
+
+The model is :class:`~persona_gym.evaluation.baselines.BiasedMF`, tuned on the validation slice
+of the training part exactly as the matrix-factorisation baseline is, so the simulator's
+figures compare against the very predictions it is given. Training prompts must not show a
+prediction fitted on their own label: :func:`fit_collaborative` also returns out-of-fold
+predictions of every training interaction (``folds`` random folds of the selected users'
+training rows, background always in the fit), which the training prompts and the logged
+history's window use instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from persona_gym.catalog import ItemCatalog
+from persona_gym.evaluation.baselines import DEFAULT_GRIDS, BiasedMF, fit_frame, tune, validation_split
+from persona_gym.io import atomic_write
+
+__all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative"]
+
+CF_FILE = "collaborative.npz"
+
+
+@dataclass(frozen=True)
+class CollaborativeModel:
+    """``mu + b_u + b_i + p_u . q_i`` over the catalogue's indices (items the fit never saw
+    have zero bias and factors; users it never saw predict the item side only)."""
+
+    mu: float
+    user_ids: np.ndarray  # (U,) int64, sorted
+    user_bias: np.ndarray  # (U,)
+    user_factors: np.ndarray  # (U, F)
+    item_bias: np.ndarray  # (n_items,) in catalogue order
+    item_factors: np.ndarray  # (n_items, F)
+    params: dict
+    # out-of-fold predictions of the logged training interactions, keyed user * n_items + item
+    logged_keys: np.ndarray  # (L,) int64, sorted
+    logged_predictions: np.ndarray  # (L,)
+
+    def _user_rows(self, user_ids) -> np.ndarray:
+        ids = np.asarray(user_ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.user_ids, ids), 0, max(len(self.user_ids) - 1, 0))
+        return np.where(len(self.user_ids) and self.user_ids[pos] == ids, pos, -1)
+
+    def predict(self, user_ids, item_indices) -> np.ndarray:
+        """Predicted ratings of ``(user id, catalogue index)`` pairs, clipped to 1..5.
+
+        A pair that is a logged training interaction gets its out-of-fold prediction (the one
+        its training prompt showed), any other pair the full fit's.
+        """
+        users = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        items = np.asarray(item_indices, dtype=np.int64).reshape(-1)
+        rows = self._user_rows(users)
+        known = rows >= 0
+        safe = np.maximum(rows, 0)
+        dot = np.einsum("nf,nf->n", self.user_factors[safe], self.item_factors[items])
+        value = self.mu + self.item_bias[items] + np.where(known, self.user_bias[safe] + dot, 0.0)
+        value = np.clip(value, 1.0, 5.0)
+        if len(self.logged_keys):
+            keys = users * len(self.item_bias) + items
+            pos = np.clip(np.searchsorted(self.logged_keys, keys), 0, len(self.logged_keys) - 1)
+            logged = self.logged_keys[pos] == keys
+            value = np.where(logged, self.logged_predictions[pos], value)
+        return value
+
+    def cues(self, user_id: int, candidate: int, window) -> tuple[float, float]:
+        """The prompt's collaborative cues for one request: the candidate's predicted rating
+        and the window's surprise (mean rating minus prediction; 0 for an empty window)."""
+        items = [candidate] + [x.item_index for x in window]
+        predicted = self.predict([user_id] * len(items), items)
+        surprise = float(np.mean([x.rating for x in window] - predicted[1:])) if len(window) else 0.0
+        return float(predicted[0]), surprise
+
+    def item_features(self) -> np.ndarray:
+        """``(n_items, F + 1)``: each catalogue item's factors and bias."""
+        return np.c_[self.item_factors, self.item_bias].astype(np.float32)
+
+    def save(self, path: str | Path) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, mu=np.float64(self.mu), user_ids=self.user_ids,
+                         user_bias=self.user_bias, user_factors=self.user_factors,
+                         item_bias=self.item_bias, item_factors=self.item_factors,
+                         params=np.array(json.dumps(self.params, sort_keys=True)), logged_keys=self.logged_keys, logged_predictions=self.logged_predictions)
+
+        atomic_write(Path(path), write)
+
+
+def load_collaborative(path: str | Path) -> CollaborativeModel:
+    """Read a model written by :meth:`CollaborativeModel.save`; fail with the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `persona-gym distill --out {path.parent}` "
+                                "(this version writes the collaborative model with the tables)")
+    with np.load(path) as data:
+        model = CollaborativeModel(
+            float(data["mu"]), data["user_ids"].astype(np.int64), data["user_bias"],
+            data["user_factors"], data["item_bias"], data["item_factors"],
+            json.loads(str(data["params"])),
+            data["logged_keys"].astype(np.int64), data["logged_predictions"])
+    arrays = (model.user_bias, model.user_factors, model.item_bias, model.item_factors,
+              model.logged_predictions)
+    if not all(np.isfinite(a).all() for a in arrays) or not np.isfinite(model.mu):
+        raise ValueError(f"{path}: non-finite values in the collaborative model; re-run `persona-gym distill`")
+    return model
+
+
+def _to_catalog(model: BiasedMF, catalog: ItemCatalog) -> tuple[np.ndarray, np.ndarray]:
+    rows = model._lookup(model.items_, catalog.item_ids)
+    known = rows >= 0
+    bias = np.where(known, model.bi_[np.maximum(rows, 0)], 0.0)
+    factors = np.where(known[:, None], model.q_[np.maximum(rows, 0)], 0.0)
+    return bias, factors
+
+
+def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: ItemCatalog,
+                      seed: int = 0, folds: int = 5) -> CollaborativeModel:
+    """Tune and fit the collaborative model, with out-of-fold predictions of ``train``.
+
+    ``train`` is the selected users' training part (``user_id, item_id, rating, timestamp``),
+    ``background`` the other users' ratings. The out-of-fold prediction of a ``train`` row comes
+    from a model fitted without that row's fold (``folds`` seeded random folds).
+    """
+    cls, grid = DEFAULT_GRIDS["matrix factorisation"]
+    fit_part, validation = validation_split(train, 0.2)
+    params, _, _ = tune(cls, grid, fit_frame(fit_part, background), validation, {"seed": seed})
+    full = BiasedMF(**params, seed=seed).fit(fit_frame(train, background))
+    fold = np.random.default_rng([seed, folds]).integers(0, folds, len(train))
+    oof = np.zeros(len(train))
+    for f in range(folds):
+        held = fold == f
+        if not held.any():
+            continue
+        part = BiasedMF(**params, seed=seed).fit(fit_frame(train[~held], background))
+        rows = train[held]
+        oof[held] = np.clip(part.predict(rows["user_id"], rows["item_id"]), 1.0, 5.0)
+    bias, factors = _to_catalog(full, catalog)
+    keys = (train["user_id"].to_numpy(np.int64) * len(catalog)
+            + catalog.indices_of(train["item_id"]).astype(np.int64))
+    order = np.argsort(keys, kind="stable")
+    return CollaborativeModel(full.mu_, full.users_, full.bu_, full.p_, bias, factors, full.params(),
+                              keys[order], oof[order])
