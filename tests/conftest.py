@@ -10,6 +10,12 @@ import pandas as pd
 import pytest
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--record-rollouts", action="store_true",
+                     help="re-record the seeded rollouts of tests/envs/test_regression.py "
+                          "(after an intended change of behaviour or a new shipped simulator)")
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The default SLM converted into the cache (once per machine, ~25 s)."""
