@@ -12,7 +12,7 @@ import gymnasium as gym
 import pytest
 
 import persona_gym
-from tests.envs.rollouts import DATA, assert_same, rollout, simulator_sha256, save
+from tests.envs.rollouts import DATA, assert_same, rollout, save, simulator_sha256
 
 TINY = DATA / "rollouts_tiny.json"
 ML100K = DATA / "rollouts_ml100k.json"
