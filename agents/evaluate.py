@@ -224,6 +224,15 @@ class PolicyEvalConfig:
     k: int = 10
     logged: bool = True
 
+    def __post_init__(self) -> None:
+        from persona_gym.errors import ConfigError
+
+        for name in ("episodes", "batch", "k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"PolicyEvalConfig.{name} (--{name}) must be >= 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ConfigError("PolicyEvalConfig.seeds (--seeds) must name at least one seed")
+
 
 def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: PolicyEvalConfig,
                       test: pd.DataFrame | None, n_users: int) -> dict[str, Any]:
@@ -348,6 +357,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from persona_gym.errors import ConfigError
+
+    config = PolicyEvalConfig(args.episodes, tuple(args.seeds), args.batch, args.k, not args.no_logged)
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; --out names the folder that receives "
+                          "results.json, report.md and policies.png")
+    args.out.mkdir(parents=True, exist_ok=True)  # a permission problem shows now, not after the work
     overrides = {"artifacts": args.artifacts} if args.artifacts else {}
     core, ratings, test, n_users = load_evaluation(args.env_id, args.dtype, **overrides)
     policies = {}
@@ -359,7 +375,6 @@ def run(args: argparse.Namespace) -> int:
         while key in policies:  # two runs with the same algorithm, seed and length
             key += "'"
         policies[key] = policy
-    config = PolicyEvalConfig(args.episodes, tuple(args.seeds), args.batch, args.k, not args.no_logged)
     results = evaluate_policies(core, policies, config, None if args.no_logged else test, n_users)
     report = write_report(results, args.out, f"Environment `{args.env_id}`; {args.episodes} episodes "
                           f"x seeds {list(args.seeds)}; logged k={args.k}.")

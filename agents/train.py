@@ -106,7 +106,12 @@ def read_run(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a run folder of "
                                 "`persona-gym train-agent`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        from persona_gym.errors import ConfigError
+
+        raise ConfigError(f"{path} is not valid JSON ({err}); start a new run instead of --resume") from err
 
 
 def _latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
@@ -208,7 +213,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--env", dest="env_id", default=defaults.env_id,
                         choices=["PersonaML100K-v0", "PersonaML1M-v0"])
     parser.add_argument("--algo", default=defaults.algo, choices=ALGO_NAMES)
-    for name in ("timesteps", "n_envs", "seed", "n_steps", "batch_size", "checkpoint_every"):
+    parser.add_argument("--timesteps", type=int, default=None,
+                        help=f"total env steps (default {defaults.timesteps}; with --resume: the run's)")
+    for name in ("n_envs", "seed", "n_steps", "batch_size", "checkpoint_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("learning_rate", "gamma", "ent_coef"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
@@ -222,8 +229,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(AgentConfig)}
-    config = AgentConfig(**{k: v for k, v in vars(args).items() if k in fields},
-                         env_kwargs={"artifacts": args.artifacts} if args.artifacts else {})
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.timesteps is None and args.resume:  # keep the length the run was started with
+        values["timesteps"] = read_run(args.resume)["config"]["timesteps"]
+    config = AgentConfig(**values, env_kwargs={"artifacts": args.artifacts} if args.artifacts else {})
     run_dir = train_agent(config, resume=args.resume, progress=not args.no_progress)
     info = read_run(run_dir)
     print(f"trained {info['algo']} for {info['timesteps']} steps in {info['train_seconds']:.0f} s "

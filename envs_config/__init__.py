@@ -41,8 +41,20 @@ def config_path(name_or_path: str | Path) -> Path:
 
 def read_config(name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
     """The mapping stored in a config file (``yaml.safe_load``) and the file's path."""
+    from persona_gym.errors import ConfigError
+
     path = config_path(name_or_path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}); "
+                          "fix the file (one `field: value` per line)") from err
+    if data is None:
+        raise ConfigError(f"{path} is empty: write the EnvConfig fields that differ from the "
+                          "defaults (e.g. `artifacts: path/to/artifacts`), or use a bundled config "
+                          f"{available()}")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of EnvConfig fields, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of EnvConfig fields, got {type(data).__name__}")
     return data, path

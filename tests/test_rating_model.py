@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from persona_gym.artifacts import ArtifactsError, read_manifest, write_manifest
+from persona_gym.artifacts import SCHEMA_VERSION, ArtifactsError, read_manifest, write_manifest
 from persona_gym.memory import Interaction
 from persona_gym.simulator.engine import pack
 from persona_gym.simulator.prompts import (
@@ -136,7 +136,7 @@ def test_manifest_validation(tmp_path):
     (tmp_path / "manifest.json").write_text("{ not json")
     with pytest.raises(ArtifactsError, match="not valid JSON"):
         read_manifest(tmp_path)
-    base = {"base_model": {"model": "x"}, "adapters": {"persona-0": "adapters/persona-0"},
+    base = {"base_model": {"model": "x", "sha256": None}, "adapters": {"persona-0": "adapters/persona-0"},
             "prompt": {}, "dataset": "ml-100k"}
     write_manifest(tmp_path, base)
     with pytest.raises(ArtifactsError, match="adapter 'persona-0' lacks"):
@@ -144,7 +144,7 @@ def test_manifest_validation(tmp_path):
     (tmp_path / "adapters" / "persona-0").mkdir(parents=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (tmp_path / "adapters" / "persona-0" / name).write_text("{}")
-    assert read_manifest(tmp_path)["schema_version"] == 1
+    assert read_manifest(tmp_path)["schema_version"] == SCHEMA_VERSION
     data = json.loads((tmp_path / "manifest.json").read_text())
     data["schema_version"] = 99
     (tmp_path / "manifest.json").write_text(json.dumps(data))

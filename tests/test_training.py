@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from persona_gym.artifacts import load_artifacts
+from persona_gym.artifacts import SCHEMA_VERSION, load_artifacts
 from persona_gym.simulator.prompts import PromptConfig
 from training import train as train_module
 from training.train import TrainConfig, train
@@ -46,7 +46,7 @@ def test_train_writes_every_variant_and_a_loadable_manifest(artifacts, tiny_base
     assert metrics["persona-0"]["train_examples"] == 10 and metrics["persona-0"]["val_examples"] == 2
     assert metrics["single-max"]["train_examples"] == 10 and metrics["single-min"]["val_examples"] == 4
     assert np.isfinite(metrics["persona-0"]["best_val_rmse"])
-    assert manifest["versions"]["torch"] and manifest["schema_version"] == 1
+    assert manifest["versions"]["torch"] and manifest["schema_version"] == SCHEMA_VERSION
 
 
 def test_training_changes_the_lora_weights_and_lowers_the_loss(artifacts, tiny_base):
@@ -147,6 +147,7 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, tiny_base, monkeypa
     # a package update with retrained adapters (a new manifest) gets its own copy, not the stale one
     manifest = json.loads((shipped / "manifest.json").read_text())
     (shipped / "manifest.json").write_text(json.dumps({**manifest, "note": "retrained"}))
+    artifacts_module.rehash(shipped)  # what export_shippable does for a retrained simulator
     updated = resolve_artifacts("ml-100k", cache=tmp_path / "cache")
     assert updated != root and json.loads((updated / "manifest.json").read_text())["note"] == "retrained"
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -24,16 +25,35 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from persona_gym.assets import DEFAULT_SLM
+from persona_gym.errors import PersonaGymError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChatBackend", "ChatBackendError", "HFChatBackend", "OpenAIChatBackend"]
+__all__ = ["ChatBackend", "ChatBackendError", "HFChatBackend", "OpenAIChatBackend", "redact"]
 
 Message = dict[str, str]
+QUOTE_CHARS = 200  # how much of a server's reply an error or log line quotes
+_SECRETS = re.compile(
+    r"(?i)(\bbearer\s+|\bbasic\s+|\b(?:authorization|proxy-authorization|x-api-key|api[-_]?key|"
+    r"access[-_]?token|auth[-_]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+|basic\s+)?)"
+    r"[^\s\"',;&}]+")
+_KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|hf|ghp|gho|xox[abp])[-_][A-Za-z0-9_\-]{8,}")
 
 
-class ChatBackendError(RuntimeError):
+class ChatBackendError(PersonaGymError, RuntimeError):
     """A chat backend failed for good (after its retries); the message names the endpoint."""
+
+
+def redact(text: str, secrets: tuple[str, ...] = (), limit: int = QUOTE_CHARS) -> str:
+    """``text`` safe to quote in an error or a log: the given secret values, bearer/basic
+    credentials, ``key: value`` pairs of auth headers and API-key fields, and strings shaped like
+    API keys (``sk-...``) become ``[REDACTED]``; cut to ``limit`` characters."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    text = _SECRETS.sub(lambda m: m.group(1) + "[REDACTED]", text)
+    text = _KEY_LIKE.sub("[REDACTED]", text)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class ChatBackend(Protocol):
@@ -119,7 +139,8 @@ class OpenAIChatBackend:
 
     Transient failures (connection errors, timeouts, HTTP 429/5xx, a reply that is not the
     OpenAI JSON shape) are retried ``max_retries`` times with exponential backoff; other HTTP
-    errors fail at once. The final error names the URL and quotes the bad response.
+    errors fail at once. The final error names the URL and quotes the start of the bad response
+    with credentials removed (:func:`redact`).
     """
 
     base_url: str  # e.g. "https://api.openai.com/v1" or "http://localhost:8000/v1"
@@ -157,6 +178,7 @@ class OpenAIChatBackend:
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        secrets = (key,) if key else ()
         last = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -166,23 +188,24 @@ class OpenAIChatBackend:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     raw = response.read().decode("utf-8", errors="replace")
             except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", errors="replace")[:500]
+                detail = redact(err.read().decode("utf-8", errors="replace"), secrets)
                 last = f"HTTP {err.code}: {detail}"
                 if err.code != 429 and err.code < 500:
-                    raise ChatBackendError(f"{self.url} refused the request: {last}") from err
-                log.warning("%s: %s (attempt %d)", self.url, last, attempt + 1)
+                    raise ChatBackendError(f"{redact(self.url)} refused the request: {last}") from err
+                log.warning("%s: %s (attempt %d)", redact(self.url), last, attempt + 1)
                 continue
             except (urllib.error.URLError, TimeoutError, OSError) as err:
-                last = f"{type(err).__name__}: {err}"
-                log.warning("%s: %s (attempt %d)", self.url, last, attempt + 1)
+                last = redact(f"{type(err).__name__}: {err}", secrets)
+                log.warning("%s: %s (attempt %d)", redact(self.url), last, attempt + 1)
                 continue
             content = _content_of(raw)
             if content is not None:
                 return content
-            last = f"malformed response: {raw[:500]!r}"
-            log.warning("%s: %s (attempt %d)", self.url, last, attempt + 1)
+            last = f"malformed response: {redact(raw, secrets)!r}"
+            log.warning("%s: %s (attempt %d)", redact(self.url), last, attempt + 1)
         raise ChatBackendError(
-            f"{self.url} failed after {self.max_retries + 1} attempts; last error: {last}"
+            f"{redact(self.url)} failed after {self.max_retries + 1} attempts; last error: {last}; "
+            "check that the server runs and serves the model (--base-url, --model)"
         )
 
 

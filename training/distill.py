@@ -396,8 +396,22 @@ def _memories_frame(rows: pd.DataFrame, texts: list[str]) -> pd.DataFrame:
 
 _SYSTEM = ("You study one person's movie ratings and explain them in the first person, as that "
            "person. Be brief and concrete.")
+# Generated text is refused (the data distiller's text is used instead) when it carries chat
+# markup or special tokens, or addresses the rating model instead of describing a taste.
+_MARKUP = re.compile(r"<\|[^<>|]{0,40}\|>|</?s>|\[/?INST\]|<</?SYS>>|<\|?(?:im_start|im_end|endoftext)"
+                     r"|^\s*(?:system|assistant|user)\s*:", re.IGNORECASE | re.MULTILINE)
+_INJECTION = re.compile(
+    r"\b(?:ignore|disregard|forget|override)\b.{0,40}\b(?:instructions?|prompts?|rules|above|previous)\b"
+    r"|\b(?:new|updated|real) instructions?\b|\bsystem prompt\b|\byou are now\b|\bas an ai\b"
+    r"|\b(?:always|only)\s+(?:answer|rate|reply|respond|say|output)\b"
+    r"|\b(?:answer|reply|respond|output)\s+(?:with\s+)?(?:only\s+)?(?:a\s+|the\s+)?[1-5]\b",
+    re.IGNORECASE | re.DOTALL)
 _LINE = re.compile(r"^\s*(?:\**)?(\d{1,2})\s*[.):\-]\s*(.+?)\s*$", re.MULTILINE)
 _PROFILE = re.compile(r"PROFILE\s*:\s*(.+)", re.IGNORECASE | re.DOTALL)
+
+
+_MAX_REASON_CHARS = 1000  # a generated reason or profile beyond this is cut (then to words)
+_MAX_PROFILE_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -428,18 +442,39 @@ def batch_prompt(profile: str, lines: list[str], config: LLMDistillerConfig) -> 
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
 
 
+def accepted_text(text: str | None, limit: int) -> str | None:
+    """A generated reason or profile fit to store, or None when it must be refused.
+
+    Refused: chat markup or special tokens (``<|im_end|>``, ``[INST]``, ``system:`` lines) and
+    text that addresses the rating model (``"ignore previous instructions"``, ``"always answer
+    5"``). Kept text has control characters and newlines turned into single spaces and is cut to
+    ``limit`` characters (prompts cut it again to ``FIELD_LIMITS``).
+    """
+    from persona_gym.simulator.prompts import clean_field
+
+    if text is None:
+        return None
+    reason = "markup" if _MARKUP.search(text) else "instructions" if _INJECTION.search(text) else None
+    if reason:
+        log.warning("refused a distiller reply with %s: %r", reason, text[:80])
+        return None
+    text = " ".join(clean_field(text, len(text) + 1).split())
+    return clean_field(text, limit) or None
+
+
 def parse_reply(reply: str, n: int) -> tuple[list[str | None], str | None]:
-    """Reasons for items 1..n (None where missing) and the profile (None if missing)."""
+    """Reasons for items 1..n (None where missing or refused by :func:`accepted_text`) and the
+    profile (None if missing or refused)."""
     match = _PROFILE.search(reply)
     profile = match.group(1).strip() if match else None
     head = reply[: match.start()] if match else reply
     reasons: list[str | None] = [None] * n
     for m in _LINE.finditer(head):
         k = int(m.group(1))
-        text = m.group(2).strip().strip("*").strip()
-        if 1 <= k <= n and reasons[k - 1] is None and len(text) >= 3:
+        text = accepted_text(m.group(2).strip().strip("*").strip(), _MAX_REASON_CHARS)
+        if 1 <= k <= n and reasons[k - 1] is None and text is not None and len(text) >= 3:
             reasons[k - 1] = text
-    return reasons, profile or None
+    return reasons, accepted_text(profile or None, _MAX_PROFILE_CHARS)
 
 
 def _words(text: str, limit: int) -> str:
@@ -493,6 +528,9 @@ class LLMDistiller:
                             disable=not self.config.progress):
             group = rows[rows["user_id"] == user_id]
             result = self._user(user_id, group, catalog, identity)
+            # cached results may predate the checks of parse_reply
+            result["reasons"] = [accepted_text(r, _MAX_REASON_CHARS) for r in result["reasons"]]
+            result["profile"] = accepted_text(result["profile"], _MAX_PROFILE_CHARS)
             fallback = [memory_text(catalog, int(i), float(r), traits[user_id], self.data_config)
                         for i, r in zip(group["item_index"], group["rating"], strict=True)]
             user_texts = []
@@ -629,11 +667,28 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-users", type=int, default=None,
                    help="distil only the first N split users (quick LLM runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing artifacts directory --out (its personas and adapters too)")
     p.set_defaults(func=run_distill)
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    """Body of ``persona-gym distill``."""
+    """Body of ``persona-gym distill``: builds the directory aside and swaps it in whole
+    (:func:`persona_gym.artifacts.staged_dir`)."""
+    from persona_gym.artifacts import staged_dir
+    from persona_gym.errors import ConfigError
+
+    for name in ("n_users", "max_users"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.backend == "openai" and (not args.base_url or not args.model):
+        raise ConfigError("--backend openai needs --base-url and --model")
+    with staged_dir(args.out, force=args.force) as work:
+        return _distill_into(args, work)
+
+
+def _distill_into(args: argparse.Namespace, out: Path) -> int:
     from persona_gym.data import load_dataset, protocol_split
     from persona_gym.embeddings import DEFAULT_EMBEDDER, Embedder, embed_items
 
@@ -647,7 +702,6 @@ def run_distill(args: argparse.Namespace) -> int:
     user_ids = None
     if args.max_users is not None:
         user_ids = [int(u) for u in split.user_ids[: args.max_users]]
-    out = Path(args.out)
     if args.backend == "data":
         distiller: Any = DataDistiller(user_ids=user_ids)
     else:
@@ -659,8 +713,6 @@ def run_distill(args: argparse.Namespace) -> int:
         else:
             from training.chat import OpenAIChatBackend
 
-            if not args.base_url or not args.model:
-                raise SystemExit("--backend openai needs --base-url and --model")
             backend = OpenAIChatBackend(base_url=args.base_url, model=args.model,
                                         max_tokens=args.max_new_tokens)
         config = LLMDistillerConfig(cache_dir=str(out / "llm_cache"),
@@ -705,7 +757,7 @@ def run_distill(args: argparse.Namespace) -> int:
     timings["write"] = time.perf_counter() - t0
     log.info("timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
     log.info("wrote %s: %d profiles (median Ms %s tokens), %d memories (median Ml %s tokens)",
-             out, len(result.profiles), info["ms_tokens"]["median"], len(result.memories),
+             args.out, len(result.profiles), info["ms_tokens"]["median"], len(result.memories),
              info["ml_tokens"]["median"])
     return 0
 

@@ -271,8 +271,13 @@ def plot_personas(path: Path, embeddings: np.ndarray, labels: np.ndarray, seed: 
 
 
 def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
-                       embedder_name: str | None = None) -> dict:
-    """Cluster the profiles of an artifacts directory and write the persona outputs."""
+                       embedder_name: str | None = None, force: bool = False) -> dict:
+    """Cluster the profiles of an artifacts directory and write the persona outputs.
+
+    Refuses to replace existing personas unless ``force``, which also deletes what was built
+    on them (adapters, manifest: :func:`persona_gym.artifacts.prepare_stage`).
+    """
+    from persona_gym.artifacts import load_tables, prepare_stage
     from persona_gym.embeddings import DEFAULT_EMBEDDER, Embedder
 
     artifacts = Path(artifacts)
@@ -282,6 +287,8 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
             f"{profiles_path} is missing; run: persona-gym distill --dataset ml-100k "
             f"--out {artifacts}"
         )
+    load_tables(artifacts)  # fails with the file and the fix on a broken table
+    prepare_stage(artifacts, "personas", force=force)
     rows = [json.loads(line) for line in profiles_path.read_text(encoding="utf-8").splitlines()
             if line.strip()]
     rows.sort(key=lambda r: int(r["user_id"]))
@@ -359,13 +366,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--features", choices=FEATURES, default=PersonaConfig.features,
                    help="cluster on the profile texts' embeddings (the paper), on rating behaviour "
                         "(level, spread, drift from the collaborative model, its user factors), or both")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing personas (deletes the adapters and manifest trained on them)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     config = PersonaConfig(k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed,
                            features=args.features)
-    out = run_personas_stage(args.artifacts, config)
+    out = run_personas_stage(args.artifacts, config, force=args.force)
     for card in out["cards"]:
         words = ", ".join(w["word"] for w in card["distinctive_words"][:6])
         genres = ", ".join(g["genre"] for g in card["distinctive_genres"])

@@ -49,6 +49,7 @@ from persona_gym.artifacts import (
     library_versions,
     load_personas,
     load_tables,
+    prepare_stage,
     tables_digest,
     write_manifest,
 )
@@ -527,13 +528,27 @@ def _save_adapter(model, name: str, folder: Path, items: ItemTokens | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _trained_with(root: Path, config: TrainConfig) -> bool:
+    """Whether ``root``'s manifest records adapters of ``config`` (the same digest: other
+    variants may be added to them)."""
+    try:
+        recorded = json.loads((root / "manifest.json").read_text())["training"]
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in recorded.items() if k in names}).digest() == config.digest()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progress: bool = True,
-          compile: bool = False) -> dict:
+          compile: bool = False, force: bool = False) -> dict:
     """Train every adapter of ``config.variants`` into ``artifacts``; write the manifest.
 
     ``compile`` runs the decoder layers through ``torch.compile`` (faster on CPU after ~1 min).
+    A directory with adapters of another config is refused unless ``force``, which deletes them
+    (and the manifest, checkpoints and evaluation) first; the same config resumes or adds variants.
     """
     root = Path(artifacts)
+    prepare_stage(root, "train", force=force, same_run=_trained_with(root, config))
     started = time.perf_counter()
     catalog, profiles, memories, item_embeddings = load_tables(root)
     collaborative = None
@@ -659,6 +674,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--force", action="store_true",
+                        help="replace adapters trained with another config (and their evaluation)")
     parser.add_argument("--no-compile", action="store_true",
                         help="run eagerly instead of through torch.compile (slower, no warm-up)")
     parser.set_defaults(func=_run)
@@ -678,7 +695,7 @@ def _run(args: argparse.Namespace) -> int:
         val_per_user=args.val_per_user,
     )
     manifest = train(args.artifacts, config, device=args.device, progress=not args.no_progress,
-                     compile=not args.no_compile)
+                     compile=not args.no_compile, force=args.force)
     for name, m in manifest["metrics"]["adapters"].items():
         print(f"{name:>14}: {m['train_examples']:5d} examples, {m['steps']:4d} steps, "
               f"val RMSE {m['best_val_rmse']:.4f}, {m['train_tokens_per_s']:.0f} tokens/s")

@@ -218,6 +218,8 @@ def _read_text(path: Path, encoding: str) -> str:
             f"{path}: file not found. Check the folder holds the MovieLens files."
         )
     data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (editors add one): not data
+        data = data[3:]
     if not data.strip():
         raise _fail(
             path,
@@ -265,11 +267,15 @@ def _lines(text: str) -> list[tuple[int, str]]:
 
 def _to_int(path: Path, line: int, field: str, value: str) -> int:
     try:
-        return int(value.strip())
+        number = int(value.strip())
     except ValueError:
         raise _fail(
             path, line, f"field {field!r} is {value!r}, not an integer", "Fix or remove that line."
         ) from None
+    if not -(2**63) <= number < 2**63:
+        raise _fail(path, line, f"field {field!r} is {number}, beyond the 64-bit integer range",
+                    "Fix or remove that line.")
+    return number
 
 
 def _split_fields(
@@ -321,7 +327,7 @@ def _read_ratings(path: Path, sep: str, encoding: str) -> tuple[pd.DataFrame, st
             )
             if len(df) == len(_nonblank_line_numbers(text, limit=None)):
                 return df, text
-        except (ValueError, TypeError, pd.errors.ParserError) as e:
+        except (ValueError, TypeError, OverflowError, pd.errors.ParserError) as e:
             logger.debug("fast parse of %s failed (%s); re-reading line by line", path, e)
     rows = _parse_small(
         path,

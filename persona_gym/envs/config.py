@@ -8,9 +8,13 @@ fields (``gym.make("PersonaML100K-v0", artifacts="/path", device="cuda")``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from persona_gym.errors import ConfigError, ConfigTypeError
 
 REWARDS = ("expected", "sampled")
 REPEAT_RULES = ("penalty", "terminate")
@@ -19,8 +23,10 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Names of ``artifacts`` that mean "the artifacts shipped inside the package".
 DEFAULT_ARTIFACTS = {"ml-100k": "ml100k", "ml-1m": "ml1m"}
 
-__all__ = ["DEFAULT_ARTIFACTS", "EnvConfig", "default_artifacts_dir", "load_env_config",
-           "missing_artifacts_message", "resolve_artifacts"]
+__all__ = ["DEFAULT_ARTIFACTS", "EnvConfig", "check_device", "default_artifacts_dir",
+           "load_env_config", "missing_artifacts_message", "resolve_artifacts"]
+
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(?::(\d+))?")
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,9 @@ class EnvConfig:
         variant: which adapter rates a user: ``"persona"`` (their persona's), ``"base"``, or
             the name of one adapter for everyone (``"single-max"``).
         base_model: base SLM (alias, folder or hub id); ``None`` = the manifest's.
-        device: torch device of the rating model (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        device: torch device of the rating model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``,
+            ``"xpu"``); checked when the config is made (:func:`check_device`), so an unusable
+            device fails at ``gym.make``.
         dtype: torch dtype of the rating model: ``auto`` (bfloat16 on CUDA and on CPUs with AMX
             or AVX512-BF16, float32 elsewhere: ``persona_gym.assets.resolve_dtype``),
             ``float32``, ``float16`` or ``bfloat16``.
@@ -50,7 +58,8 @@ class EnvConfig:
             with the same value. ``gym.make_vec`` passes it to the vector env.
         reward: ``"expected"`` (mean of the 5-way rating distribution, low variance) or
             ``"sampled"`` (the rating the user actually gave this step, drawn with the env's RNG).
-        reward_scale, reward_offset: reward = ``reward_scale * rating + reward_offset``.
+        reward_scale, reward_offset: reward = ``reward_scale * rating + reward_offset``. Every
+            float field must be finite (NaN and inf, also YAML's ``.nan``/``.inf``, are refused).
         repeat_rule: what a masked action (an item the user already rated or was already
             shown) does: ``"penalty"`` (reward ``repeat_penalty``, no model call, no memory
             update, the step counts) or ``"terminate"`` (reward ``repeat_penalty`` and
@@ -91,26 +100,30 @@ class EnvConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             _check_type(f.name, value, f.type)
-            if f.type == "float" and isinstance(value, int):
-                object.__setattr__(self, f.name, float(value))
+            if f.type == "float":
+                if isinstance(value, int):
+                    object.__setattr__(self, f.name, float(value))
+                if not math.isfinite(value):
+                    raise ConfigError(f"EnvConfig.{f.name} must be a finite number, got {value!r}")
         if self.reward not in REWARDS:
-            raise ValueError(f"EnvConfig.reward must be one of {REWARDS}, got {self.reward!r}")
+            raise ConfigError(f"EnvConfig.reward must be one of {REWARDS}, got {self.reward!r}")
         if self.repeat_rule not in REPEAT_RULES:
-            raise ValueError(
+            raise ConfigError(
                 f"EnvConfig.repeat_rule must be one of {REPEAT_RULES}, got {self.repeat_rule!r}"
             )
         if self.dtype not in DTYPES:
-            raise ValueError(f"EnvConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"EnvConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_episode_steps < 1:
-            raise ValueError(f"EnvConfig.max_episode_steps must be >= 1, got {self.max_episode_steps}")
+            raise ConfigError(f"EnvConfig.max_episode_steps must be >= 1, got {self.max_episode_steps}")
         if self.obs_window < 1:
-            raise ValueError(f"EnvConfig.obs_window must be >= 1, got {self.obs_window}")
+            raise ConfigError(f"EnvConfig.obs_window must be >= 1, got {self.obs_window}")
         if not 0.0 <= self.leave_prob <= 1.0:
-            raise ValueError(f"EnvConfig.leave_prob must be in [0, 1], got {self.leave_prob}")
+            raise ConfigError(f"EnvConfig.leave_prob must be in [0, 1], got {self.leave_prob}")
         if self.reward_scale == 0:
-            raise ValueError("EnvConfig.reward_scale must be non-zero, got 0")
+            raise ConfigError("EnvConfig.reward_scale must be non-zero, got 0")
         if not self.artifacts:
-            raise ValueError("EnvConfig.artifacts must name 'ml-100k', 'ml-1m' or a directory, got ''")
+            raise ConfigError("EnvConfig.artifacts must name 'ml-100k', 'ml-1m' or a directory, got ''")
+        check_device(self.device)
 
     def replace(self, **overrides: Any) -> EnvConfig:
         """A copy with some fields changed (unknown names raise, naming the field)."""
@@ -127,16 +140,39 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:
         hint = " (YAML reads a bare 1e5 as a string: write 1.0e+5)" if isinstance(value, str) else ""
-        raise TypeError(f"EnvConfig.{name} must be {annotation}, got {value!r}{hint}")
+        raise ConfigTypeError(f"EnvConfig.{name} must be {annotation}, got {value!r}{hint}")
 
 
 def _check_keys(mapping: dict[str, Any], where: str) -> None:
     known = {f.name for f in fields(EnvConfig)}
     unknown = sorted(set(mapping) - known)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: unknown EnvConfig field(s) {unknown}; known fields: {sorted(known)}"
         )
+
+
+def check_device(device: str) -> None:
+    """Fail (:class:`ConfigError`) unless ``device`` names a torch device usable here."""
+    match = _DEVICE.fullmatch(device)
+    if match is None:
+        raise ConfigError(f"EnvConfig.device={device!r} is not a device; use 'cpu', 'cuda', "
+                          "'cuda:N', 'mps' or 'xpu'")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cpu":
+        if index not in (None, "0"):
+            raise ConfigError(f"EnvConfig.device={device!r}: the CPU has no index {index}; use 'cpu'")
+        return
+    import torch
+
+    backend = getattr(torch, kind, None) if kind != "mps" else torch.backends.mps
+    if backend is None or not backend.is_available():
+        raise ConfigError(f"EnvConfig.device={device!r}: no {kind} device is available on this "
+                          f"machine (torch {torch.__version__}); use device='cpu'")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if index is not None and int(index) >= count:
+        raise ConfigError(f"EnvConfig.device={device!r}: this machine has {count} {kind} "
+                          f"device(s), numbered 0..{count - 1}")
 
 
 def load_env_config(name_or_path: str | Path | EnvConfig = "ml100k", **overrides: Any) -> EnvConfig:
@@ -154,8 +190,10 @@ def load_env_config(name_or_path: str | Path | EnvConfig = "ml100k", **overrides
     _check_keys(overrides, f"overrides of {path}")
     try:
         return EnvConfig(**{**data, **overrides})
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{path}: {err}") from err
+    except ConfigTypeError as err:
+        raise ConfigTypeError(f"{path}: {err}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
 
 
 def default_artifacts_dir(name: str) -> Path:

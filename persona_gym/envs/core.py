@@ -174,11 +174,9 @@ class RecCore:
 
     def check_user(self, user_id: Any) -> int:
         """The user id as an int, or ``ValueError`` naming the valid ids."""
-        try:
-            uid = int(user_id)
-        except (TypeError, ValueError):
-            uid = None
-        if uid is None or uid != user_id or uid not in self.simulator.artifacts.profiles:
+        is_int = isinstance(user_id, int | np.integer) and not isinstance(user_id, bool | np.bool_)
+        uid = int(user_id) if is_int else None
+        if uid is None or uid not in self.simulator.artifacts.profiles:
             ids = self.user_ids
             examples = ", ".join(str(u) for u in ids[:5])
             raise ValueError(

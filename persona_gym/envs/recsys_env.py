@@ -40,6 +40,10 @@ class PersonaRecEnv(gym.Env):
     * ``terminated``: the user left (churn rule) or a masked action under ``"terminate"``;
       ``truncated``: every item is masked (nothing left to recommend); the horizon
       ``max_episode_steps`` is applied by ``TimeLimit`` (``gym.make``).
+    * After ``terminated`` or ``truncated`` from the env itself, ``step`` raises
+      ``gymnasium.error.ResetNeeded`` until ``reset`` (as ``OrderEnforcing`` does before the
+      first reset). A ``TimeLimit`` truncation happens in the wrapper, which does not refuse
+      further steps; the env then keeps the episode going, as every Gymnasium env does.
     * Observation and info keys: see :class:`~persona_gym.envs.core.RecCore` and
       :meth:`~persona_gym.envs.core.RecCore.info`.
     """
@@ -59,6 +63,7 @@ class PersonaRecEnv(gym.Env):
         self.observation_space = self.core.observation_space
         self.action_space = self.core.action_space
         self.state: EpisodeState | None = None
+        self._ended = False  # the last step terminated or truncated the episode
 
     @property
     def simulator(self):
@@ -73,12 +78,17 @@ class PersonaRecEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self.state = self.core.new_episode(self.np_random, options)
+        self._ended = False
         return self.core.observation(self.state), self._info()
 
     def step(self, action):
         if self.state is None:
-            raise RuntimeError("call reset() before step()")
+            raise gym.error.ResetNeeded("call reset() before step()")
+        if self._ended:
+            raise gym.error.ResetNeeded("the episode ended (terminated or truncated); call reset() "
+                                        "before step()")
         result = self.core.step([self.state], [action], [self.np_random])[0]
+        self._ended = bool(result.terminated or result.truncated)
         return (self.core.observation(self.state), float(result.reward), result.terminated,
                 result.truncated, self._info())
 

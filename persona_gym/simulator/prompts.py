@@ -34,10 +34,19 @@ the state (``RatingModel.score`` computes the common start of their blocks once)
 Token budget (``max_tokens`` for prefix + block): when a prompt is too long, memories are dropped
 first (least similar first), then the oldest window entries, then the profile is cut from its end.
 The candidate is never cut.
+
+Data text is never trusted (:func:`clean_field`): in titles, genres, profiles and memories,
+control characters (newlines, tabs, ...) become spaces, so a field cannot add prompt lines, and
+the tokenizer's special tokens are broken up (``<|im_end|>`` becomes the text ``< |im_end|>``),
+so a field cannot open or close a chat turn. Each field is cut to its :data:`FIELD_LIMITS`
+length. Ordinary text passes unchanged: prompts are byte-identical to those the shipped adapters
+were trained on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +56,44 @@ from persona_gym.memory import Interaction, format_window
 RATING_TOKENS = ("1", "2", "3", "4", "5")
 ITEM_MARK = "\ue000"  # stands for an item token in block text (a private-use character)
 TASK = "Rate this movie from 1 (hated it) to 5 (loved it). Answer with one digit."
+# Longest text (characters) of each data field a prompt shows; a longer one is cut and ends with
+# "…". They never bind on MovieLens data (longest title 81 characters, distilled profiles under
+# 1,000 and memories under 400) and keep a broken or hostile field from flooding the token
+# budget, where the candidate's line is never cut.
+FIELD_LIMITS = {"title": 200, "genre": 40, "profile": 2000, "memory": 1000}
+_BLANKED = {"Cc", "Zl", "Zp"}  # control characters, line and paragraph separators
+
+
+def special_token_strings(tokenizer) -> tuple[str, ...]:
+    """The texts a tokenizer turns into special tokens (``<|im_start|>``, ``<|endoftext|>`` ...)."""
+    found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token.content))
+    return tuple(sorted((t for t in found if len(t) > 1), key=len, reverse=True))
+
+
+def clean_field(text: str, limit: int, special_tokens: Sequence[str] = ()) -> str:
+    """Data text made safe to put in a prompt; the identity for ordinary text.
+
+    Control characters and line separators become spaces; each of ``special_tokens`` found in
+    the text gets a space after its first character, so it stays text (``<|im_end|>`` →
+    ``< |im_end|>``); the private-use character that stands for item tokens becomes a space; the
+    result is cut to ``limit`` characters (the last one ``"…"``).
+    """
+    if not (text.isprintable() and "<" not in text):
+        text = "".join(" " if ch == ITEM_MARK or unicodedata.category(ch) in _BLANKED else ch
+                       for ch in text)
+        changed = True
+        while changed:  # a replacement can complete another token ("<|im_<|x|>end|>")
+            changed = False
+            for token in special_tokens:
+                if token in text:
+                    text = text.replace(token, f"{token[0]} {token[1:]}")
+                    changed = True
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
 
 
 @dataclass(frozen=True)
@@ -129,6 +176,22 @@ class PromptBuilder:
         self.item_placeholder_id = self._encode(" movie")[-1]
         self._chat = bool(getattr(self.tokenizer, "chat_template", None))
         self._prefix_cache: dict[str, list[int]] = {}
+        self._special = special_token_strings(self.tokenizer)
+        self.text_catalog = self._clean_catalog(self.catalog)
+
+    def _clean_catalog(self, catalog: ItemCatalog) -> ItemCatalog:
+        """The catalogue with its titles and genres passed through :func:`clean_field` (the
+        same object when nothing changes)."""
+        titles = tuple(clean_field(t, FIELD_LIMITS["title"], self._special) for t in catalog.titles)
+        genres = tuple(tuple(clean_field(g, FIELD_LIMITS["genre"], self._special) for g in gs)
+                       for gs in catalog.genres)
+        if titles == catalog.titles and genres == catalog.genres:
+            return catalog
+        return dataclasses.replace(catalog, titles=titles, genres=genres)
+
+    def clean_profile(self, profile: str) -> str:
+        """The profile as a prompt shows it (:func:`clean_field`)."""
+        return clean_field(profile, FIELD_LIMITS["profile"], self._special)
 
     # -- text ---------------------------------------------------------------------------------
     def block_text(self, request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> str:
@@ -136,9 +199,11 @@ class PromptBuilder:
         ``ITEM_MARK`` per movie; memories and candidate go to :meth:`answer_start`)."""
         surprise = self._surprise(request, window)
         if not self.config.item_tokens:
-            lines = [format_window(window, self.catalog) + surprise] if self.config.window_size else []
-            lines += [f"Memory: {memory}" for memory in memories]
-            lines.append(f"Movie: {self.catalog.describe(request.candidate)}")
+            catalog = self.text_catalog
+            lines = [format_window(window, catalog) + surprise] if self.config.window_size else []
+            lines += [f"Memory: {clean_field(memory, FIELD_LIMITS['memory'], self._special)}"
+                      for memory in memories]
+            lines.append(f"Movie: {catalog.describe(request.candidate)}")
             return "\n".join(lines)
         # no spaces around item tokens: SmolLM2-style tokenizers spend a token on each
         if not self.config.window_size:
@@ -166,7 +231,8 @@ class PromptBuilder:
         return [x.item_index for x in window] + [int(i) for i, _ in memories] + [request.candidate]
 
     def system_text(self, profile: str) -> str:
-        """The system turn: the profile (when used) and the rating task."""
+        """The system turn: the profile (when used, cleaned) and the rating task."""
+        profile = self.clean_profile(profile)
         return f"{profile}\n{TASK}" if self.config.use_profile and profile else TASK
 
     def answer_start(self, request: RatingRequest, memories: Sequence = ()) -> str:
@@ -256,7 +322,7 @@ class PromptBuilder:
         block = self.block_ids(request)
         budget = self.config.max_tokens - len(block)
         if len(prefix) > budget:
-            prefix = self._cut_profile(request.profile, budget)
+            prefix = self._cut_profile(self.clean_profile(request.profile), budget)
         return prefix, block
 
     def _cut_profile(self, profile: str, budget: int) -> list[int]:

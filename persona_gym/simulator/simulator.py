@@ -57,6 +57,7 @@ class UserSimulator:
     ) -> UserSimulator:
         """Load artifacts and the base model with the adapters the variant needs."""
         artifacts = load_artifacts(artifacts_dir)
+        artifacts.require_variant(variant)  # every user has an adapter: fail here, not at a step
         adapters = artifacts.adapter_dirs
         if variant == "persona":
             adapters = {n: p for n, p in adapters.items() if n.startswith("persona-")}
