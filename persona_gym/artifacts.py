@@ -419,6 +419,33 @@ def verify_artifacts(root: str | Path, manifest: dict, tables: bool = True) -> N
                                  f"it was written; {_fix(root, rel, manifest)}")
 
 
+def check_adapters(root: str | Path, manifest: dict) -> None:
+    """Each adapter folder holds a peft config (JSON with ``peft_type``) and a readable
+    safetensors file (its header parses and its tensors lie inside the file); else one line
+    naming the file and the fix, instead of a parser's error at load time."""
+    root = Path(root)
+    for name, rel in manifest["adapters"].items():
+        folder = root / rel
+        fix = _fix(root, f"adapters/{name}", manifest)
+        config = _read_json(folder / "adapter_config.json", fix)
+        if not isinstance(config, dict) or "peft_type" not in config:
+            raise ArtifactsError(f"{folder / 'adapter_config.json'} is not a peft adapter config "
+                                 f"(no peft_type); {fix}")
+        weights = folder / "adapter_model.safetensors"
+        size = weights.stat().st_size
+        try:
+            with open(weights, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                if not 0 < length <= size - 8:
+                    raise ValueError(f"header length {length} for a {size}-byte file")
+                header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            if not ends or max(ends) > size - 8 - length:
+                raise ValueError("tensors beyond the end of the file")
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ArtifactsError(f"{weights} is not a readable safetensors file ({err}); {fix}") from err
+
+
 def check_base_model(manifest: dict, model_path: str) -> None:
     """Fail when the resolved base model is not the one the adapters were trained on."""
     from persona_gym.assets import model_source
@@ -612,7 +639,12 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             _remove(child)
     if (out / "llm_cache").is_dir() and not (staging / "llm_cache").exists():
         shutil.copytree(out / "llm_cache", staging / "llm_cache")
-    yield staging
+    try:
+        yield staging
+    except BaseException:
+        if not any(staging.iterdir()):  # failed before writing anything: leave no trace
+            staging.rmdir()
+        raise
     old = out.parent / f".{out.name}.old"
     if old.exists():
         _remove(old)
@@ -758,6 +790,7 @@ def load_artifacts(root: str | Path) -> Artifacts:
     root = resolve_artifacts(root)
     manifest = read_manifest(root)
     verify_artifacts(root, manifest)
+    check_adapters(root, manifest)
     catalog, profiles, memories, embeddings = load_tables(root)
     cf = load_collaborative(root / CF_FILE) if (root / CF_FILE).exists() else None
     return Artifacts(root, manifest, catalog, profiles, memories, embeddings, load_personas(root), cf)

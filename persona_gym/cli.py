@@ -59,13 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
-    """Accept ``-v`` after a subcommand too (``persona-gym train ... -v``)."""
+    """Accept ``-v`` after a subcommand too (``persona-gym train ... -v``); record each
+    subcommand's name for error lines (``persona-gym data info: error: ...``)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 if not any("-v" in a.option_strings for a in sub._actions):
                     sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                                      help="log at DEBUG level and print tracebacks of errors")
+                sub.set_defaults(command_name=sub.prog)
                 _add_verbose_everywhere(sub)
 
 
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except ORDINARY_ERRORS as error:
         if verbose:
             traceback.print_exc()
-        sys.stderr.write(f"persona-gym {args.command}: error: {error_line(error)}\n")
+        name = getattr(args, "command_name", f"persona-gym {args.command}")
+        sys.stderr.write(f"{name}: error: {error_line(error)}\n")
         return EXIT_ERROR
 
 
