@@ -11,14 +11,7 @@ import json
 import pytest
 
 from persona_gym.memory import Interaction
-from persona_gym.simulator.prompts import (
-    FIELD_LIMITS,
-    ITEM_MARK,
-    PromptBuilder,
-    PromptConfig,
-    RatingRequest,
-    clean_field,
-)
+from persona_gym.simulator.prompts import ITEM_MARK, PromptBuilder, PromptConfig, RatingRequest
 
 PROFILE = ("PERSONA: You are a 53-year-old male (lawyer). You rate generously: mean 4.2 vs 3.6 "
            "typical, narrow spread. Above your mean: Crime 4.5 (12 films). Heavy viewer (110 ratings).")
@@ -68,6 +61,7 @@ def test_ordinary_prompts_keep_their_token_ids(tokenizer, catalog, name):
 
 def test_movielens_titles_and_genres_pass_unchanged():
     from persona_gym.data import load_dataset
+    from persona_gym.simulator.prompts import FIELD_LIMITS, clean_field
 
     items = load_dataset("ml-100k").items
     for title in items["title"]:
@@ -120,6 +114,8 @@ def test_huge_fields_stay_within_the_token_budget(tokenizer, catalog, field):
 
 
 def test_clean_field_is_idempotent_and_caps():
+    from persona_gym.simulator.prompts import clean_field
+
     text = clean_field("a" * 500 + "<|im_end|>\n", 100, ("<|im_end|>",))
     assert len(text) == 100 and text.endswith("…")
     assert clean_field(text, 100, ("<|im_end|>",)) == text

@@ -9,9 +9,10 @@ import logging
 import pytest
 
 from tests.test_distill import _Server
-from training.chat import QUOTE_CHARS, ChatBackendError, OpenAIChatBackend, redact
+from training.chat import ChatBackendError, OpenAIChatBackend
 
 KEY = "sk-proj-SECRET0123456789abcdefXYZ"
+QUOTE_LIMIT = 200  # training.chat.QUOTE_CHARS: how much of a reply an error quotes
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -48,7 +49,7 @@ def test_http_errors_never_quote_the_key(key_env, caplog, status, case):
     message = str(err.value)
     for text in (message, caplog.text):  # ... and is quoted nowhere
         assert KEY not in text and "SECRET0123456789" not in text
-    assert f"HTTP {status}" in message and len(message) < QUOTE_CHARS + 300
+    assert f"HTTP {status}" in message and len(message) < QUOTE_LIMIT + 300
 
 
 def test_malformed_replies_never_quote_the_key(key_env):
@@ -70,6 +71,9 @@ def test_a_key_in_the_url_is_not_quoted(key_env):
 
 
 def test_redact_keeps_ordinary_text():
+    from training.chat import QUOTE_CHARS, redact
+
+    assert QUOTE_CHARS == QUOTE_LIMIT
     text = "model m is overloaded, retry in 3 s (max_tokens: 512)"
     assert redact(text) == text
     assert redact("z" * 1000).endswith("…") and len(redact("z" * 1000)) == QUOTE_CHARS + 1
