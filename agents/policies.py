@@ -29,6 +29,7 @@ import pandas as pd
 
 from persona_gym.envs.core import EpisodeState, RecCore
 from persona_gym.evaluation.baselines import BiasedMF, ItemMean
+from persona_gym.ratings import RATING_VALUES
 
 __all__ = [
     "BASELINES",
@@ -179,11 +180,11 @@ class SimulatorGreedyPolicy(Policy):
             rows += [r] * len(allowed)
         out = np.full(prior.shape, -np.inf)
         if items:
-            probs = self.core.simulator.rate(users, items, windows)
+            probs = self.core.rater.rate(users, items, windows)
             # below any candidate: the MF order, squashed into (-1, 0)
             finite = np.isfinite(prior)
             out[finite] = -1.0 / (1.0 + np.exp(-prior[finite]))
-            out[rows, items] = probs @ np.arange(1.0, 6.0)
+            out[rows, items] = probs @ RATING_VALUES
         return out
 
 

@@ -271,7 +271,7 @@ def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: 
     for n_envs in (1, 16, 64):
         env = gym.make_vec("PersonaML100K-v0", num_envs=n_envs, vectorization_mode="vector_entry_point",
                            artifacts=artifacts, dtype=dtype, compile=compile)
-        rating_model = env.unwrapped.core.simulator.model
+        rating_model = env.unwrapped.core.rater.model
         rng = np.random.default_rng(seed)
         env.reset(seed=seed)
         for _ in range(max(1, warmup // n_envs)):  # warm-up: every persona's kernels compiled

@@ -70,7 +70,6 @@ class MemoryIndex:
         user_id: int,
         candidate_index: int,
         k: int,
-        delta: float | None = None,
         exclude_item: bool = True,
     ) -> list[RetrievedMemory]:
         """The user's ``k`` memories most similar to the candidate item, best first.
@@ -79,7 +78,6 @@ class MemoryIndex:
             user_id: whose memories to search (unknown users have none: ``[]``).
             candidate_index: catalogue index of the item about to be rated (the query).
             k: how many at most.
-            delta: keep only memories with cosine similarity ``>= delta`` (None: no threshold).
             exclude_item: drop memories about the candidate item itself (needed in training:
                 the memory of the rated interaction states its label).
 
@@ -94,8 +92,6 @@ class MemoryIndex:
         keep = np.ones(len(rows), dtype=bool)
         if exclude_item:
             keep &= self._item_index[rows] != int(candidate_index)
-        if delta is not None:
-            keep &= scores >= delta
         cand = np.flatnonzero(keep)
         if not len(cand):
             return []

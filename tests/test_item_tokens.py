@@ -8,14 +8,10 @@ import torch
 
 from persona_gym.artifacts import load_artifacts
 from persona_gym.memory import Interaction
+from persona_gym.simulator.adapters import ITEM_TOKENS_FILE, load_item_tokens, save_item_tokens
 from persona_gym.simulator.engine import ItemTokens, pack
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
-from persona_gym.simulator.rating_model import (
-    ITEM_TOKENS_FILE,
-    RatingModel,
-    load_item_tokens,
-    save_item_tokens,
-)
+from persona_gym.simulator.rating_model import RatingModel
 from persona_gym.simulator.simulator import UserSimulator
 from tests.test_rating_model import PROFILE_A, PROFILE_B, add_random_adapters
 from tests.test_training import config

@@ -10,6 +10,7 @@ import torch
 
 from persona_gym.artifacts import SCHEMA_VERSION, ArtifactsError, read_manifest, write_manifest
 from persona_gym.memory import Interaction
+from persona_gym.simulator.adapters import attach_adapters
 from persona_gym.simulator.engine import pack
 from persona_gym.simulator.prompts import (
     PromptBuilder,
@@ -17,7 +18,7 @@ from persona_gym.simulator.prompts import (
     RatingRequest,
     rating_token_ids,
 )
-from persona_gym.simulator.rating_model import RatingModel, attach_adapters, parse_rating
+from persona_gym.simulator.rating_model import RatingModel, parse_rating
 from tests.conftest import make_tiny_llama
 
 PROFILE_A = "You rate generously and love animation and comedies."
@@ -100,19 +101,6 @@ def test_unknown_adapter_is_a_clear_error(tiny_llama, builder):
     model = RatingModel(tiny_llama, builder)
     with pytest.raises(KeyError, match="adapter 'persona-9' is not loaded"):
         model.score([RatingRequest(0, PROFILE_A, 1, adapter="persona-9")])
-
-
-def test_same_seed_same_sample():
-    probs = np.random.default_rng(1).dirichlet(np.ones(5), size=200)
-    a = RatingModel.sample(probs, np.random.default_rng(7))
-    b = RatingModel.sample(probs, np.random.default_rng(7))
-    c = RatingModel.sample(probs, np.random.default_rng(8))
-    np.testing.assert_array_equal(a, b)
-    assert (a != c).any() and set(np.unique(a)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
-    onehot = np.eye(5)[[0, 4, 2]]
-    np.testing.assert_array_equal(RatingModel.sample(onehot, np.random.default_rng(0)), [1, 5, 3])
-    np.testing.assert_array_equal(RatingModel.expected(onehot), [1, 5, 3])
-    np.testing.assert_array_equal(RatingModel.mode(onehot), [1, 5, 3])
 
 
 def test_save_load_round_trip_gives_identical_scores(tmp_path, tokenizer, builder):
@@ -212,23 +200,23 @@ def test_prefix_cache_is_reused_and_bounded(tiny_llama, builder):
     assert with_prefixes == blocks + prefixes  # each prefix computed once
     assert blocks <= sum(len(builder.segments(r)[1]) for r in batch)
     np.testing.assert_array_equal(first, again)
-    model.max_cache_bytes = 1  # keeps only what the current call needs
+    model.cache.max_bytes = 1  # keeps only what the current call needs
     model.score(batch[:1])
-    assert len(model._cache) == 1
+    assert len(model.cache) == 1
     np.testing.assert_allclose(model.score(batch), first, atol=1e-6)
 
 
 def test_repeated_kv_heads_give_the_same_attention():
     """The CUDA path (key/value heads repeated) equals the CPU path (``enable_gqa``)."""
-    from persona_gym.simulator.engine import _sdpa
+    from persona_gym.simulator.engine.attention import sdpa
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 6, 3, 8, generator=gen)
     k, v = torch.randn(2, 2, 7, 8, generator=gen), torch.randn(2, 2, 7, 8, generator=gen)
     mask = torch.rand(2, 1, 3, 7, generator=gen) > 0.3
     mask[..., 0] = True  # every query sees at least one key
-    torch.testing.assert_close(_sdpa(q, k, v, mask, 0.3, repeat_kv=True),
-                               _sdpa(q, k, v, mask, 0.3, repeat_kv=False))
+    torch.testing.assert_close(sdpa(q, k, v, mask, 0.3, repeat_kv=True),
+                               sdpa(q, k, v, mask, 0.3, repeat_kv=False))
 
 
 

@@ -46,11 +46,8 @@ def test_include_own_memory_when_asked() -> None:
     assert got[0].item_index == 0 and got[0].score == pytest.approx(1.0)
 
 
-def test_delta_threshold_and_empty_results() -> None:
+def test_empty_results() -> None:
     index = MemoryIndex(_memories(), ITEMS)
-    got = index.top_k(7, candidate_index=0, k=10, delta=0.9)
-    assert [m.item_index for m in got] == [1]
-    assert index.top_k(7, candidate_index=0, k=10, delta=1.01) == []
     assert index.top_k(999, candidate_index=0, k=3) == []  # unknown user
     assert index.top_k(7, candidate_index=0, k=0) == []
     # another user's memories never leak in

@@ -251,7 +251,7 @@ class _Models:
 
     def __init__(self, artifacts, base_model: str | None, device: str, dtype: str,
                  compile: bool = False):
-        from persona_gym.simulator.rating_model import load_item_tokens
+        from persona_gym.simulator.adapters import load_item_tokens
         from persona_gym.simulator.simulator import load_model
 
         self.model, self.tokenizer = load_model(artifacts, artifacts.adapter_dirs, base_model,

@@ -60,7 +60,7 @@ from persona_gym.memory import logged_history, short_term_window
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.engine import ItemTokens, LayeredLM, pack
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
-from persona_gym.simulator.rating_model import save_item_tokens
+from persona_gym.simulator.adapters import save_item_tokens
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,11 @@
 """The episode logic shared by the single and the vector environment (one definition).
 
-:class:`RecCore` owns the simulator, the spaces and the rules; :class:`EpisodeState` is one
-user's episode. Both environments call :meth:`RecCore.step` with their states, actions and
-random generators: the requests of all non-masked actions go to ONE ``UserSimulator.rate``
-call (grouped by adapter inside), then each state is advanced with its own generator, so a
-sub-environment of the vector env seeded ``s`` behaves exactly as a single env seeded ``s``.
-
-Random draws per step and state, in this order (only for actions the model rates): one
-uniform for the sampled rating (``RatingModel.sample``), one uniform for the churn rule. A masked
-action draws nothing. A reset draws one integer (the user) unless ``options["user_id"]`` is
-given.
+:class:`RecCore` owns the rater (:class:`~persona_gym.rater.Rater`), the spaces and the rules;
+:class:`EpisodeState` is one user's episode. Both environments call :meth:`RecCore.step` with
+their states, actions and random generators: the non-masked actions go to ONE ``Rater.rate``
+call, then each state is advanced with its own generator, so a sub-environment of the vector
+env seeded ``s`` behaves exactly as a single env seeded ``s``. The rules themselves are
+documented once, in :class:`~persona_gym.envs.PersonaRecEnv`'s docstring.
 """
 
 from __future__ import annotations
@@ -22,9 +18,10 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
+from persona_gym import ratings
 from persona_gym.envs.config import EnvConfig, resolve_artifacts
 from persona_gym.memory import Interaction, format_window, short_term_window
-from persona_gym.simulator.rating_model import RatingModel
+from persona_gym.rater import Rater
 
 __all__ = ["EpisodeState", "RecCore", "StepResult", "clear_simulator_cache", "get_simulator"]
 
@@ -32,8 +29,8 @@ _CACHE: dict[tuple, Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def get_simulator(config: EnvConfig):
-    """The process-wide :class:`UserSimulator` for a config (loaded once per key).
+def get_simulator(config: EnvConfig) -> Rater:
+    """The process-wide SLM :class:`UserSimulator` of a config (loaded once per key).
 
     Key: (artifacts directory, variant, base model, device, dtype, compile); so
     ``gym.make_vec(..., vectorization_mode="sync")`` with 16 copies loads one model.
@@ -79,6 +76,18 @@ class EpisodeState:
         """Logged history followed by the episode's rated steps (the window's source)."""
         return self.history + tuple(self.episode)
 
+    def record(self, item: int, rating: float, timestamp: int | None = None) -> None:
+        """The transition of a rated step: the step counts, ``(item, rating)`` joins the episode
+        (and so the next windows and observations), and the item is no longer allowed.
+
+        ``timestamp`` defaults to the last logged timestamp plus the step number.
+        """
+        self.steps += 1
+        if timestamp is None:
+            timestamp = (self.history[-1].timestamp if self.history else 0) + self.steps
+        self.episode.append(Interaction(item, rating, timestamp))
+        self.allowed[item] = False
+
 
 @dataclass
 class StepResult:
@@ -101,35 +110,26 @@ class RecCore:
 
     Args:
         config: the validated settings.
-
-    Observation (a flat ``Dict`` of ``Box`` es, float32; SB3 ``MultiInputPolicy`` reads it):
-
-    * ``profile`` ``(d,)``: the user's profile embedding: the normalised mean of the item
-      embeddings of the items they rated ``>= like_threshold`` in the logged history (all
-      their items when none), in the catalogue's embedding space (no extra model).
-    * ``recent_items`` ``(obs_window * d,)``: embeddings of the last ``obs_window``
-      interactions (logged history, then the episode's rated steps), oldest first,
-      zero-padded at the front, flattened row-major (slot ``j`` is ``[j*d:(j+1)*d]``; 1-D
-      because SB3 warns on 2-D non-image observations).
-    * ``recent_ratings`` ``(obs_window,)``: their ratings mapped to ``(r - 1) / 4`` in [0, 1].
-    * ``recent_mask`` ``(obs_window,)``: 1 where a slot holds an interaction, 0 for padding.
-    * ``step_fraction`` ``(1,)``: ``min(steps / max_episode_steps, 1)``.
+        rater: the simulated users; ``None`` loads the SLM simulator of ``config`` (shared by
+            every environment of the process with the same key, :func:`get_simulator`).
     """
 
-    def __init__(self, config: EnvConfig):
+    def __init__(self, config: EnvConfig, rater: Rater | None = None):
         self.config = config
-        self.simulator = get_simulator(config)
+        self._injected = rater  # pickled with the env; the SLM simulator is reloaded instead
+        self.rater: Rater = rater if rater is not None else get_simulator(config)
         self._init_static()
 
     def _init_static(self) -> None:
-        sim = self.simulator
-        self.catalog = sim.catalog
+        rater = self.rater
+        self.catalog = rater.catalog
         self.n_items = len(self.catalog)
-        self.user_ids: list[int] = list(sim.user_ids)
-        self.window_size = sim.prompt.window_size
-        emb = np.asarray(sim.artifacts.item_embeddings, dtype=np.float32)
+        self.user_ids: list[int] = list(rater.user_ids)
+        self._known_users = set(self.user_ids)
+        self.window_size = rater.window_size
+        emb = np.asarray(rater.item_embeddings, dtype=np.float32)
         if emb.shape[0] != self.n_items:
-            raise ValueError(f"{sim.artifacts.root}: {emb.shape[0]} item embeddings for "
+            raise ValueError(f"{rater.source}: {emb.shape[0]} item embeddings for "
                              f"{self.n_items} catalogue items; re-run `persona-gym distill`")
         self.item_embeddings = emb
         self.dim = emb.shape[1]
@@ -146,18 +146,20 @@ class RecCore:
 
     # -- pickling: the model is reloaded (through the cache), never pickled ------------------
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config}
+        return {"config": self.config, "rater": self._injected}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.config = state["config"]
-        self.simulator = get_simulator(self.config)
+        self._injected = state["rater"]
+        self.rater = self._injected if self._injected is not None else get_simulator(self.config)
         self._init_static()
 
     # -- users -------------------------------------------------------------------------------
     def user_data(self, user_id: int) -> _UserData:
+        """The user's logged history, its mask and profile embedding (computed once)."""
         data = self._users.get(user_id)
         if data is None:
-            history = self.simulator.history(user_id)
+            history = self.rater.history(user_id)
             rated = np.zeros(self.n_items, dtype=bool)
             items = np.array([x.item_index for x in history], dtype=np.int64)
             ratings = np.array([x.rating for x in history], dtype=np.float64)
@@ -176,12 +178,12 @@ class RecCore:
         """The user id as an int, or ``ValueError`` naming the valid ids."""
         is_int = isinstance(user_id, int | np.integer) and not isinstance(user_id, bool | np.bool_)
         uid = int(user_id) if is_int else None
-        if uid is None or uid not in self.simulator.artifacts.profiles:
+        if uid is None or uid not in self._known_users:
             ids = self.user_ids
             examples = ", ".join(str(u) for u in ids[:5])
             raise ValueError(
                 f"options['user_id']={user_id!r} is not a simulated user of "
-                f"{self.simulator.artifacts.root}: {len(ids)} users with ids in "
+                f"{self.rater.source}: {len(ids)} users with ids in "
                 f"[{ids[0]}, {ids[-1]}] (not contiguous), e.g. {examples}; see env.unwrapped.user_ids"
             )
         return uid
@@ -203,7 +205,7 @@ class RecCore:
                 f"user {user_id} rated every item of the catalogue in the logged history, so "
                 "nothing can be recommended with mask_rated=True; pass mask_rated=False"
             )
-        persona = int(self.simulator.artifacts.user_persona.get(user_id, -1))
+        persona = int(self.rater.persona(user_id))
         return EpisodeState(user_id, persona, data.history, allowed)
 
     # -- steps -------------------------------------------------------------------------------
@@ -223,14 +225,19 @@ class RecCore:
         """The short-term window the user model sees (training's definition)."""
         return short_term_window(state.interactions(), self.window_size)
 
+    def at_horizon(self, state: EpisodeState) -> bool:
+        """Whether the episode reached ``max_episode_steps`` (the vector env and the policy
+        evaluation truncate there; ``gym.make``'s ``TimeLimit`` does it for the single env)."""
+        return state.steps >= self.config.max_episode_steps
+
     def step(self, states: Sequence[EpisodeState], actions: Sequence[int],
              rngs: Sequence[np.random.Generator]) -> list[StepResult]:
-        """Advance each state by its action; all model-rated actions in ONE simulator call."""
+        """Advance each state by its action; all rated actions in ONE ``Rater.rate`` call."""
         items = [self.check_action(a) for a in actions]
         rated = [i for i, (s, a) in enumerate(zip(states, items, strict=True)) if s.allowed[a]]
         probs = np.zeros((len(states), 5))
         if rated:
-            probs[rated] = self.simulator.rate(
+            probs[rated] = self.rater.rate(
                 [states[i].user_id for i in rated], [items[i] for i in rated],
                 [self.window(states[i]) for i in rated],
             )
@@ -245,13 +252,10 @@ class RecCore:
     def _rated(self, state: EpisodeState, item: int, probs: np.ndarray,
                rng: np.random.Generator) -> StepResult:
         cfg = self.config
-        expected = float(RatingModel.expected(probs[None])[0])
-        sampled = float(RatingModel.sample(probs[None], rng)[0])
+        expected = float(ratings.expected(probs[None])[0])
+        sampled = float(ratings.sample(probs[None], rng)[0])
         churn_draw = float(rng.random())
-        state.steps += 1
-        last_time = state.history[-1].timestamp if state.history else 0
-        state.episode.append(Interaction(item, sampled, last_time + state.steps))
-        state.allowed[item] = False
+        state.record(item, sampled)
         state.left = sampled <= cfg.leave_threshold and churn_draw < cfg.leave_prob
         rating = expected if cfg.reward == "expected" else sampled
         state.last = {"item": item, "probs": probs.astype(np.float64), "expected": expected,
@@ -270,21 +274,22 @@ class RecCore:
 
     # -- views -------------------------------------------------------------------------------
     def observation(self, state: EpisodeState) -> dict[str, np.ndarray]:
+        """The observation of one episode (keys and shapes: ``PersonaRecEnv``'s docstring)."""
         w = self.config.obs_window
         recent = short_term_window(state.interactions(), w)
         items = np.zeros((w, self.dim), dtype=np.float32)
-        ratings = np.zeros(w, dtype=np.float32)
+        scores = np.zeros(w, dtype=np.float32)
         mask = np.zeros(w, dtype=np.float32)
         if recent:
             n = len(recent)
             items[w - n:] = self.item_embeddings[[x.item_index for x in recent]]
-            ratings[w - n:] = [(x.rating - 1.0) / 4.0 for x in recent]
+            scores[w - n:] = [ratings.to_unit(x.rating) for x in recent]
             mask[w - n:] = 1.0
         fraction = min(state.steps / self.config.max_episode_steps, 1.0)
         return {
             "profile": self.user_data(state.user_id).profile.copy(),
             "recent_items": np.clip(items, -1.0, 1.0).reshape(-1),
-            "recent_ratings": np.clip(ratings, 0.0, 1.0),
+            "recent_ratings": np.clip(scores, 0.0, 1.0),
             "recent_mask": mask,
             "step_fraction": np.array([fraction], dtype=np.float32),
         }
@@ -295,14 +300,8 @@ class RecCore:
         return {key: np.stack([o[key] for o in singles]) for key in self.observation_space}
 
     def info(self, state: EpisodeState, with_text: bool = False) -> dict[str, Any]:
-        """The documented info keys (same keys after reset and after every step).
-
-        ``user_id``, ``persona``, ``step``; the last recommendation: ``item_index`` (the
-        action; -1 after reset), ``item_id`` (dataset id; -1 after reset), ``title``,
-        ``rating_probs`` (5,), ``expected_rating``, ``sampled_rating`` (NaN after reset and for
-        masked actions), ``masked_action``; ``left`` (the user left); ``action_mask``
-        (``(n_items,)`` bool, true = allowed). ``text`` only when ``with_text``.
-        """
+        """The info of one episode (keys: ``PersonaRecEnv``'s docstring); ``text`` only when
+        ``with_text``."""
         last = state.last
         item = int(last.get("item", -1))
         info: dict[str, Any] = {
@@ -325,7 +324,7 @@ class RecCore:
 
     def text(self, state: EpisodeState) -> str:
         """The text view: user, profile, short-term window, last recommendation and rating."""
-        profile = self.simulator.artifacts.profiles[state.user_id]
+        profile = self.rater.profile(state.user_id)
         lines = [
             f"User {state.user_id} (persona {state.persona}), step {state.steps}/"
             f"{self.config.max_episode_steps}",

@@ -1,11 +1,12 @@
 """``PersonaRecVectorEnv``: ``num_envs`` users at once, one rating-model call per step.
 
 The native vector form of :class:`~persona_gym.envs.PersonaRecEnv` (``gym.make_vec(id,
-num_envs=N)``). Each sub-environment has its own random generator: ``reset(seed=s)`` seeds
-sub-environment ``i`` with ``s + i`` (a list of seeds sets them one by one), so its episodes,
-rewards and infos equal those of a single env reset with seed ``s + i`` and given the same
-actions. Autoreset is ``NEXT_STEP``: the step after a sub-environment terminates or truncates
-resets it (its action is ignored, its reward is 0).
+num_envs=N)``), whose docstring is the contract of both. Each sub-environment has its own
+random generator: ``reset(seed=s)`` seeds sub-environment ``i`` with ``s + i`` (a list of seeds
+sets them one by one), so its episodes, rewards and infos equal those of a single env reset
+with seed ``s + i`` and given the same actions. Autoreset is ``NEXT_STEP``: the step after a
+sub-environment terminates or truncates resets it; its action is ignored and its reward on
+that step is 0.0 (with ``terminated`` and ``truncated`` false and the new episode's info).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gymnasium.vector.utils import batch_space
 
 from persona_gym.envs.config import EnvConfig, load_env_config
 from persona_gym.envs.core import EpisodeState, RecCore
+from persona_gym.rater import Rater
 
 __all__ = ["PersonaRecVectorEnv"]
 
@@ -33,6 +35,7 @@ class PersonaRecVectorEnv(VectorEnv):
             truncates after this many steps.
         render_mode: ``None`` or ``"ansi"`` (``render()`` returns the sub-environments'
             text views joined by blank lines).
+        rater: the simulated users (``None``: the config's SLM simulator).
         **overrides: single :class:`EnvConfig` fields.
 
     ``info`` holds the single env's keys as arrays with ``_key`` masks (``_add_info``), without
@@ -43,7 +46,7 @@ class PersonaRecVectorEnv(VectorEnv):
 
     def __init__(self, num_envs: int = 1, config: str | EnvConfig = "ml100k",
                  max_episode_steps: int | None = None, render_mode: str | None = None,
-                 **overrides: Any):
+                 rater: Rater | None = None, **overrides: Any):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if max_episode_steps is not None:
@@ -52,7 +55,7 @@ class PersonaRecVectorEnv(VectorEnv):
         self.num_envs = num_envs
         self.max_episode_steps = self.config.max_episode_steps
         self.render_mode = render_mode
-        self.core = RecCore(self.config)
+        self.core = RecCore(self.config, rater)
         self.single_observation_space = self.core.observation_space
         self.single_action_space = self.core.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -121,7 +124,7 @@ class PersonaRecVectorEnv(VectorEnv):
         for i, result in zip(stepping, results, strict=True):
             rewards[i] = result.reward
             terminated[i] = result.terminated
-            truncated[i] = result.truncated or self._state(i).steps >= self.max_episode_steps
+            truncated[i] = result.truncated or self.core.at_horizon(self._state(i))
         self.autoreset = terminated | truncated
         infos: dict[str, Any] = {}
         for i in range(self.num_envs):

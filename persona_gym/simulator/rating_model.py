@@ -3,11 +3,12 @@
 ``score`` reads the rating distribution from ONE forward pass: the next-token logits of the
 prompt's last token, restricted to the tokens "1".."5" and renormalised. Requests are grouped
 by adapter (each adapter runs once per call). Each user's static prefix (system prompt and
-profile) is run once per adapter and its keys/values cached (``engine.encode_prefixes``); a
-rating then costs only its block's tokens (``engine.score_blocks``). Blocks of one user that start
-alike (candidates rated in the same state: same window, different movies) share that start in
-one row and compute it once (``engine.share_rows``). The cache is an LRU bounded by
-``max_cache_bytes``.
+profile) is run once per adapter and its keys/values cached (``engine.encode_prefixes``, kept
+in a :class:`~.prefix_cache.PrefixCache` bounded by ``max_cache_bytes``); a rating then costs
+only its block's tokens (``engine.score_blocks``). Blocks of one user that start alike
+(candidates rated in the same state: same window, different movies) share that start in one
+row and compute it once (``engine.share_rows``); rows are batched under a token budget
+(:meth:`RatingModel._budget`).
 
 ``generate`` is the paper's generative mode (sample a few tokens at temperature 0.3 and parse the
 rating, :func:`parse_rating`), kept for comparison: a response without a number in 1..5 counts
@@ -18,31 +19,34 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from persona_gym.adapter_names import BASE
+from persona_gym.ratings import MAX_RATING, MIN_RATING, N_LEVELS
+from persona_gym.simulator.adapters import ITEM_TOKENS_FILE
 from persona_gym.simulator.engine import (
     ItemTokens,
     LayeredLM,
-    PrefixKV,
     encode_prefixes,
     score_blocks,
     share_rows,
 )
+from persona_gym.simulator.prefix_cache import PrefixCache
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
 
 log = logging.getLogger(__name__)
 
-BASE = "base"
-RATINGS = np.arange(1, 6, dtype=np.float64)
+__all__ = ["GenerationResult", "RatingModel", "parse_rating"]
+
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-ITEM_TOKENS_FILE = "item_tokens.pt"  # an adapter's item projection (item_tokens prompts)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,7 @@ class RatingModel:
                 raise ValueError(f"the prompt uses item tokens but adapters {missing} have no "
                                  f"{ITEM_TOKENS_FILE}: train them with `persona-gym train --item-tokens`")
         self.max_batch_tokens = max_batch_tokens
-        self.max_cache_bytes = max_cache_bytes
-        self._cache: OrderedDict[tuple[str, tuple[int, ...]], PrefixKV] = OrderedDict()
-        self._cache_bytes = 0
+        self.cache = PrefixCache(max_cache_bytes)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.tokens_processed = 0  # running count of real tokens through the model (benchmarks)
@@ -109,7 +111,7 @@ class RatingModel:
         """Names of the loaded adapters (``"base"`` is always available)."""
         return sorted(getattr(self.model, "peft_config", {}).keys())
 
-    def _adapter_context(self, name: str):
+    def _adapter_context(self, name: str) -> AbstractContextManager[Any]:
         if name == BASE:
             if hasattr(self.model, "disable_adapter"):
                 return self.model.disable_adapter()
@@ -127,7 +129,7 @@ class RatingModel:
 
     def score_logits(self, requests: Sequence[RatingRequest]) -> torch.Tensor:
         """``(len(requests), 5)`` rating logits (float32, CPU), in request order."""
-        out = torch.empty((len(requests), 5), dtype=torch.float32)
+        out = torch.empty((len(requests), N_LEVELS), dtype=torch.float32)
         groups: dict[str, list[tuple[int, tuple[int, ...], list[int]]]] = defaultdict(list)
         for index, request in enumerate(requests):
             prefix, block = self.builder.segments(request)
@@ -138,7 +140,7 @@ class RatingModel:
                                  "need adapters trained with `persona-gym train --item-tokens`")
             self.layered.items = self.item_tokens.get(adapter)
             with self._adapter_context(adapter):
-                kv = self._prefix_kv(adapter, {prefix for _, prefix, _ in items})
+                kv = self.cache.get_or_encode(adapter, {prefix for _, prefix, _ in items}, self._encode)
                 by_prefix: dict[tuple[int, ...], list] = defaultdict(list)
                 for index, prefix, block in items:
                     by_prefix[prefix].append((index, block))
@@ -152,30 +154,15 @@ class RatingModel:
                     self.tokens_processed += sum(row.width for _, row in chunk)
         return out
 
-    def _prefix_kv(self, adapter: str, prefixes: set[tuple[int, ...]]) -> dict:
-        """Cached keys/values of each prefix under ``adapter``; missing ones are computed."""
-        missing = sorted((p for p in prefixes if (adapter, p) not in self._cache), key=len)
-        for chunk in self._budget(missing, len):
-            for prefix, kv in zip(chunk, encode_prefixes(self.layered, chunk, self.pad_id, self.device),
-                                  strict=True):
-                self._cache[(adapter, prefix)] = kv
-                self._cache_bytes += kv.nbytes
-                self.tokens_processed += len(prefix)
-        found = {}
-        for prefix in prefixes:
-            self._cache.move_to_end((adapter, prefix))
-            found[prefix] = self._cache[(adapter, prefix)]
-        while self._cache_bytes > self.max_cache_bytes and len(self._cache) > len(prefixes):
-            _, evicted = self._cache.popitem(last=False)  # least recently used
-            self._cache_bytes -= evicted.nbytes
-        return found
+    def _encode(self, prefixes: list[tuple[int, ...]]) -> list:
+        """Keys/values of prefixes under the active adapter, in token-budgeted batches."""
+        out = []
+        for chunk in self._budget(prefixes, len):
+            out += encode_prefixes(self.layered, chunk, self.pad_id, self.device)
+            self.tokens_processed += sum(len(p) for p in chunk)
+        return out
 
-    def clear_cache(self) -> None:
-        """Forget cached prefixes (needed only if adapter weights change in place)."""
-        self._cache.clear()
-        self._cache_bytes = 0
-
-    def _budget(self, items: list, length) -> list[list]:
+    def _budget(self, items: list[T], length: Callable[[T], int]) -> list[list[T]]:
         """Split length-sorted ``items`` into batches of at most ``max_batch_tokens`` padded
         tokens, a quarter of them padding at most (a few long rows go to a batch of their own
         rather than pad every row of a large batch to their length)."""
@@ -191,25 +178,6 @@ class RatingModel:
         if batch:
             batches.append(batch)
         return batches
-
-    # -- derived predictions ----------------------------------------------------------------
-    @staticmethod
-    def expected(probs: np.ndarray) -> np.ndarray:
-        """Expected rating of each distribution."""
-        return np.asarray(probs) @ RATINGS
-
-    @staticmethod
-    def mode(probs: np.ndarray) -> np.ndarray:
-        """Most likely rating of each distribution."""
-        return np.asarray(probs).argmax(-1) + 1.0
-
-    @staticmethod
-    def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One rating drawn from each distribution with ``rng`` (same rng state, same draws)."""
-        probs = np.asarray(probs)
-        cdf = probs.cumsum(-1)
-        u = rng.random(len(probs)) * cdf[:, -1]
-        return (u[:, None] >= cdf).sum(-1).clip(0, 4) + 1.0
 
     # -- paper-style generation -------------------------------------------------------------
     @torch.inference_mode()
@@ -258,54 +226,4 @@ def parse_rating(text: str) -> float:
     if not match:
         return float("nan")
     value = float(match.group())
-    return float(np.floor(value + 0.5)) if 1.0 <= value <= 5.0 else float("nan")
-
-
-def save_item_tokens(items: ItemTokens, folder: str | Path) -> None:
-    """Write an adapter's item projection next to its LoRA weights."""
-    state = {"layer": items.layer, "weight": items.proj.weight.detach().cpu().clone(),
-             "bias": items.proj.bias.detach().cpu().clone()}
-    torch.save(state, Path(folder) / ITEM_TOKENS_FILE)
-
-
-def load_item_tokens(adapters: dict[str, str | Path], embeddings: np.ndarray,
-                     device: torch.device | str = "cpu") -> dict[str, ItemTokens]:
-    """Each ``{name: folder}`` adapter's :class:`ItemTokens` over the artifacts' item embeddings,
-    on ``device``."""
-    out = {}
-    for name, folder in adapters.items():
-        path = Path(folder) / ITEM_TOKENS_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: adapter {name!r} was trained without "
-                                    "item tokens; retrain with `persona-gym train --item-tokens`")
-        state = torch.load(path, weights_only=True)
-        if state["weight"].shape[1] != embeddings.shape[1]:
-            raise ValueError(f"{path}: projects {state['weight'].shape[1]}-d item embeddings but the "
-                             f"artifacts' are {embeddings.shape[1]}-d")
-        items = ItemTokens(embeddings, state["weight"].shape[0], state["layer"])
-        items.proj.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
-        out[name] = items.to(device).eval()
-    return out
-
-
-def attach_adapters(model: torch.nn.Module, adapters: dict[str, str | Path]) -> torch.nn.Module:
-    """Wrap ``model`` in a ``PeftModel`` holding each ``{name: folder}`` adapter (eval mode)."""
-    if not adapters:
-        return model
-    from peft import PeftModel
-
-    peft_model = None
-    for name, folder in adapters.items():
-        if name == BASE:
-            raise ValueError(f"'{BASE}' is reserved for the model without adapter; rename it")
-        folder = Path(folder)
-        if not (folder / "adapter_config.json").exists():
-            raise FileNotFoundError(
-                f"adapter {name!r}: {folder} has no adapter_config.json; train it with "
-                "`persona-gym train` or point the manifest at the right folder"
-            )
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
-        else:
-            peft_model.load_adapter(folder, adapter_name=name)
-    return peft_model.eval()
+    return float(np.floor(value + 0.5)) if MIN_RATING <= value <= MAX_RATING else float("nan")

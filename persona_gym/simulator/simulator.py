@@ -1,9 +1,9 @@
-"""The simulated users of an artifacts directory: profiles, memories, adapters, one rating call.
+"""The SLM simulated users of an artifacts directory: profiles, memories, adapters, one call.
 
-``UserSimulator.rate`` turns ``(user, candidate, short-term window)`` triples into rating
-distributions: it retrieves each candidate's top-k ``Ml`` memories, picks the user's adapter
-(their persona's, by default) and scores everything in one ``RatingModel.score`` call.
-The environment, the evaluator and the ranking agents all go through it.
+``UserSimulator`` is the local-model :class:`~persona_gym.rater.Rater`: ``rate`` turns
+``(user, candidate, short-term window)`` triples into rating distributions. It retrieves each
+candidate's top-k ``Ml`` memories, picks the user's adapter (their persona's, by default) and
+scores everything in one ``RatingModel.score`` call.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from persona_gym.adapter_names import BASE, adapter_of, variant_adapters
 from persona_gym.artifacts import Artifacts, check_base_model, load_artifacts
-from persona_gym.memory import Interaction, logged_history
+from persona_gym.catalog import ItemCatalog
+from persona_gym.memory import Interaction, logged_history, short_term_window
 from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.adapters import attach_adapters, load_item_tokens
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
-from persona_gym.simulator.rating_model import BASE, RatingModel, load_item_tokens
+from persona_gym.simulator.rating_model import RatingModel
 
 
 class UserSimulator:
@@ -28,15 +31,12 @@ class UserSimulator:
         rating_model: the model with the artifacts' adapters loaded.
         variant: which adapter rates a user: ``"persona"`` (the user's persona adapter),
             ``"base"`` (no adapter), or the name of one adapter for everyone (``"single-max"``).
-        delta: optional cosine-similarity threshold for memory retrieval.
     """
 
-    def __init__(self, artifacts: Artifacts, rating_model: RatingModel, variant: str = "persona",
-                 delta: float | None = None):
+    def __init__(self, artifacts: Artifacts, rating_model: RatingModel, variant: str = "persona"):
         self.artifacts = artifacts
         self.model = rating_model
         self.variant = variant
-        self.delta = delta
         self.index = MemoryIndex(artifacts.memories, artifacts.item_embeddings)
         self.prompt = rating_model.builder.config
         known = set(rating_model.adapters) | {BASE}
@@ -53,42 +53,48 @@ class UserSimulator:
         dtype: str = "auto",
         prompt: PromptConfig | None = None,
         compile: bool = False,
-        delta: float | None = None,
     ) -> UserSimulator:
         """Load artifacts and the base model with the adapters the variant needs."""
         artifacts = load_artifacts(artifacts_dir)
         artifacts.require_variant(variant)  # every user has an adapter: fail here, not at a step
-        adapters = artifacts.adapter_dirs
-        if variant == "persona":
-            adapters = {n: p for n, p in adapters.items() if n.startswith("persona-")}
-        elif variant == "user":
-            adapters = {n: p for n, p in adapters.items() if n.startswith("user-")}
-        elif variant == BASE:
-            adapters = {}
-        else:
-            if variant not in adapters:
-                raise ValueError(f"variant {variant!r}: the artifacts have adapters {sorted(adapters)}")
-            adapters = {variant: adapters[variant]}
+        adapters = variant_adapters(variant, artifacts.adapter_dirs)
         model, tokenizer = load_model(artifacts, adapters, base_model, device, dtype)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
         items = (load_item_tokens(adapters, artifacts.item_token_features(builder.config), device)
                  if builder.config.item_tokens else None)
         rating_model = RatingModel(model, builder, compile=compile, item_tokens=items)
-        return cls(artifacts, rating_model, variant, delta)
+        return cls(artifacts, rating_model, variant)
+
+    # -- the Rater protocol -------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        return str(self.artifacts.root)
 
     @property
     def user_ids(self) -> list[int]:
         return self.artifacts.user_ids
 
     @property
-    def catalog(self):
+    def catalog(self) -> ItemCatalog:
         return self.artifacts.catalog
+
+    @property
+    def item_embeddings(self) -> np.ndarray:
+        return self.artifacts.item_embeddings
+
+    @property
+    def window_size(self) -> int:
+        return self.prompt.window_size
+
+    def profile(self, user_id: int) -> str:
+        return self.artifacts.profiles[int(user_id)]
+
+    def persona(self, user_id: int) -> int:
+        return int(self.artifacts.user_persona.get(int(user_id), -1))
 
     def adapter_of(self, user_id: int) -> str:
         """The adapter that rates ``user_id`` under this simulator's variant."""
-        if self.variant == BASE:
-            return BASE
-        return self.artifacts.adapter_of(user_id, self.variant)
+        return adapter_of(self.variant, user_id, self.artifacts.user_persona)
 
     def history(self, user_id: int) -> tuple[Interaction, ...]:
         """The user's time-ordered training interactions (the logged history)."""
@@ -100,8 +106,8 @@ class UserSimulator:
             raise KeyError(f"user {user_id} is not a simulated user of {self.artifacts.root}")
         if not 0 <= candidate < len(self.catalog):
             raise IndexError(f"candidate {candidate} is outside the catalogue (0..{len(self.catalog) - 1})")
-        memories = self.index.top_k(user_id, candidate, self.prompt.n_memories, delta=self.delta)
-        window = tuple(window)[-self.prompt.window_size :] if self.prompt.window_size else ()
+        memories = self.index.top_k(user_id, candidate, self.prompt.n_memories)
+        window = short_term_window(tuple(window), self.prompt.window_size)
         prediction = surprise = None
         if self.prompt.cf_cue or self.prompt.surprise_cue:
             prediction, surprise = self.artifacts.require_collaborative().cues(user_id, candidate, window)
@@ -135,7 +141,6 @@ def load_model(artifacts: Artifacts, adapters: dict[str, Path], base_model: str 
     """The artifacts' base model (checked against the manifest) with ``adapters`` attached,
     and its tokenizer. ``base_model`` None = the one the adapters were trained on."""
     from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model
-    from persona_gym.simulator.rating_model import attach_adapters
 
     name = base_model or artifacts.manifest.get("training", {}).get("base_model", DEFAULT_SLM)
     check_base_model(artifacts.manifest, resolve_model(name))

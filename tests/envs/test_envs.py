@@ -134,7 +134,7 @@ def test_pickle_round_trip(tiny_kwargs):
     env.reset(seed=3)
     env.step(1)
     clone = pickle.loads(pickle.dumps(env))
-    assert clone.unwrapped.simulator is env.unwrapped.simulator  # reloaded through the cache
+    assert clone.unwrapped.rater is env.unwrapped.rater  # reloaded through the cache
     for action in (0, 1, 2, 3):
         assert_same(env.step(action), clone.step(action))
 
@@ -152,7 +152,7 @@ def test_vector_env_equals_single_envs(tiny_kwargs):
         assert_same(single_obs["profile"], obs["profile"][i])
     actions = np.random.default_rng(0)
     done = np.zeros(n, dtype=bool)
-    calls_before = vec.unwrapped.core.simulator.model.tokens_processed
+    calls_before = vec.unwrapped.core.rater.model.tokens_processed
     for _ in range(25):
         action = actions.integers(6, size=n)
         obs, rewards, terminated, truncated, infos = vec.step(action)
@@ -169,7 +169,7 @@ def test_vector_env_equals_single_envs(tiny_kwargs):
             np.testing.assert_allclose(obs["recent_ratings"][i], single_obs["recent_ratings"], atol=1e-6)
             np.testing.assert_array_equal(vec.unwrapped.action_masks()[i], env.unwrapped.action_masks())
         done = terminated | truncated
-    assert vec.unwrapped.core.simulator.model.tokens_processed > calls_before
+    assert vec.unwrapped.core.rater.model.tokens_processed > calls_before
     assert infos["rating_probs"].shape == (n, 5) and infos["action_mask"].shape == (n, 6)
 
 
@@ -179,7 +179,7 @@ def test_make_vec_sync_shares_one_simulator(tiny_kwargs):
     assert obs["profile"].shape == (3, vec.single_observation_space["profile"].shape[0])
     obs, rewards, terminated, truncated, infos = vec.step(np.array([0, 1, 2]))
     assert rewards.shape == (3,) and infos["expected_rating"].shape == (3,)
-    simulators = {id(e.unwrapped.simulator) for e in vec.envs}
+    simulators = {id(e.unwrapped.rater) for e in vec.envs}
     assert len(simulators) == 1
 
 
@@ -196,7 +196,7 @@ def test_repeat_penalty_without_model_call(tiny_kwargs):
     env = make(tiny_kwargs, repeat_penalty=-2.5)
     env.reset(seed=0)
     env.step(3)
-    model = env.unwrapped.simulator.model
+    model = env.unwrapped.rater.model
     before = model.tokens_processed
     _, reward, terminated, truncated, info = env.step(3)
     assert reward == -2.5 and not terminated and info["masked_action"]
