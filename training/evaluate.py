@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -66,6 +65,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from persona_gym.data.protocol import EvalData, logged_data
 from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
 from persona_gym.io import atomic_write, atomic_write_json, atomic_write_parquet, atomic_write_text
 from persona_gym.memory import logged_history
@@ -80,7 +80,6 @@ __all__ = [
     "EvalConfig",
     "EvalData",
     "add_parser",
-    "data_from_split",
     "evaluate",
     "parse_config",
     "select_test",
@@ -172,53 +171,6 @@ def parse_config(spec: str) -> EvalConfig:
     return EvalConfig(spec, parts[0], parts[1], window, k)
 
 
-@dataclass
-class EvalData:
-    """What the evaluation reads: test interactions, and train/background for the baselines."""
-
-    test: pd.DataFrame  # user_id, item_id, item_index, rating, timestamp
-    train: pd.DataFrame  # user_id, item_id, rating, timestamp (the selected users' training part)
-    background: pd.DataFrame  # other users' ratings (may be empty)
-    source: str
-
-
-def data_from_split(artifacts) -> EvalData:
-    """Rebuild the protocol split recorded in ``split.json`` and check it matches the artifacts."""
-    from persona_gym.data import load_dataset, protocol_split
-
-    path = Path(artifacts.root) / "split.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the artifacts were not written by `persona-gym "
-                                "distill`; pass the test interactions to evaluate(test=...) instead")
-    info = json.loads(path.read_text())
-    if "params" not in info or "dataset" not in info:
-        raise ValueError(f"{path} lacks 'dataset'/'params' (written by an older distill?); re-run "
-                         "`persona-gym distill` or pass evaluate(test=...)")
-    dataset = load_dataset(info["dataset"])
-    split = protocol_split(dataset, **info["params"])
-    recorded = [int(u) for u in info.get("user_ids", [])]
-    if recorded != [int(u) for u in split.user_ids]:
-        diff = sorted(set(recorded) ^ {int(u) for u in split.user_ids})
-        raise ValueError(
-            f"{path}: the rebuilt {info['dataset']} split ({info['params']}) selects other users "
-            f"than the artifacts record ({len(diff)} differ, e.g. {diff[:5]}): the dataset files or "
-            "the split code changed since `persona-gym distill`; re-distil and retrain"
-        )
-    users = set(artifacts.user_ids)
-    memories = artifacts.memories
-    train_mine = split.train[split.train["user_id"].isin(users)]
-    logged = set(zip(memories["user_id"], memories["item_id"], memories["rating"], strict=True))
-    expected = set(zip(train_mine["user_id"], train_mine["item_id"], train_mine["rating"], strict=True))
-    if logged != expected:
-        raise ValueError(
-            f"{artifacts.root}/memories.parquet does not hold exactly the training interactions of "
-            f"the rebuilt split ({len(logged ^ expected)} differ): re-run `persona-gym distill`"
-        )
-    test = split.test[split.test["user_id"].isin(users)].copy()
-    test["item_index"] = artifacts.catalog.indices_of(test["item_id"])
-    return EvalData(test, split.train, split.background, f"{info['dataset']} protocol split {info['params']}")
-
-
 def select_test(test: pd.DataFrame, max_per_user: int | None = None, subsample: str = "first",
                 seed: int = 0) -> pd.DataFrame:
     """Each user's test rows in time order; with ``max_per_user``, the first N (``subsample=
@@ -260,6 +212,11 @@ class _Models:
         if artifacts.prompt_config.item_tokens:
             self.item_tokens = load_item_tokens(artifacts.adapter_dirs,
                                                 artifacts.item_token_features(artifacts.prompt_config), device)
+        self.priors = None
+        if artifacts.prompt_config.cf_prior:
+            from persona_gym.simulator.prior import load_rating_priors
+
+            self.priors = load_rating_priors(artifacts.adapter_dirs)
         self.artifacts = artifacts
         self.adapters = set(artifacts.adapter_dirs)
         self.compile = compile
@@ -275,7 +232,8 @@ class _Models:
         if self._layered is None:
             self._layered = LayeredLM(self.model, builder.rating_token_ids, compile=self.compile,
                                       placeholder_id=builder.item_placeholder_id)
-        rating_model = RatingModel(self.model, builder, layered=self._layered, item_tokens=self.item_tokens)
+        rating_model = RatingModel(self.model, builder, layered=self._layered, item_tokens=self.item_tokens,
+                                   priors=self.priors)
         return UserSimulator(self.artifacts, rating_model, config.variant)
 
     def missing(self, config: EvalConfig, users) -> list[str]:
@@ -315,7 +273,7 @@ def evaluate(
         configs: specs or :class:`EvalConfig` (default :data:`DEFAULT_CONFIGS`). Configurations
             whose adapters the artifacts lack are reported as skipped.
         test: the test interactions (``user_id, item_id, item_index, rating, timestamp``);
-            default: rebuilt from ``split.json`` (:func:`data_from_split`).
+            default: rebuilt from ``split.json`` (:func:`persona_gym.data.protocol.logged_data`).
         train, background: what the baselines fit on when ``test`` is given (default: the
             artifacts' memories, i.e. the logged training interactions; no background).
         write: write the report into ``out_dir`` (default ``<artifacts>/evaluation``).
@@ -332,7 +290,7 @@ def evaluate(
     artifacts = load_artifacts(artifacts_dir)
     configs = [c if isinstance(c, EvalConfig) else parse_config(c) for c in (configs or DEFAULT_CONFIGS)]
     if test is None:
-        data = data_from_split(artifacts)
+        data = logged_data(artifacts)
     else:
         missing_cols = {"user_id", "item_id", "item_index", "rating", "timestamp"} - set(test.columns)
         if missing_cols:
@@ -414,6 +372,7 @@ def evaluate(
         entry.update(status="ok", seconds=round(seconds, 2),
                      ratings_per_s=round(len(rows) / max(seconds, 1e-9), 1), expected=report)
         predictions[f"pred:{config.spec}"] = probs @ np.arange(1, 6)
+        entry["first_3"] = _first_3(rows, probs @ np.arange(1, 6), real)
         for r in range(5):
             predictions[f"p{r + 1}:{config.spec}"] = probs[:, r].astype(np.float32)
         if generation and prompt.item_tokens:
@@ -450,9 +409,13 @@ def evaluate(
                 "params": fit["params"], "val_rmse": fit["val_rmse"],
                 "full_test": {"n": fit["n"], "rmse": fit["rmse"], "mae": fit["mae"]},
                 "evaluated_rows": fidelity_report(users, real, pred=pred, groups=personas),
+                "first_3": _first_3(rows, pred, real),
             }
+    if models is not None and models.priors and artifacts.collaborative is not None:
+        results["baselines"]["collaborative prior alone (no SLM)"] = _prior_alone(
+            models.priors, artifacts, rows, full_test, personas)
     persona = parse_config("persona:Ms+Ml")
-    if studies and test is None and models is not None and not models.missing(persona, np.unique(users)):
+    if studies and models is not None and not models.missing(persona, np.unique(users)):
         t0 = time.perf_counter()
         results["studies"] = _studies(models, artifacts, data, full_test, trained_prompt, seed,
                                       study_rows_per_user, chunk_users)
@@ -463,6 +426,41 @@ def evaluate(
         write_report(results, predictions, out)
         results["out_dir"] = str(out)
     return results
+
+
+def _prior_alone(priors: dict, artifacts, rows: pd.DataFrame, full_test: pd.DataFrame,
+                 personas: np.ndarray) -> dict:
+    """The simulator's collaborative prior without the SLM's logits: what the SLM adds is the
+    difference between this row and the simulator's."""
+    import torch
+
+    def probs_of(frame: pd.DataFrame) -> np.ndarray:
+        users = frame["user_id"].to_numpy(np.int64)
+        predictions = torch.tensor(artifacts.collaborative.predict(users, frame["item_index"]))
+        out = np.zeros((len(frame), 5))
+        adapters = np.array([artifacts.adapter_of(int(u)) for u in users])
+        with torch.no_grad():
+            for name in np.unique(adapters):
+                index = np.flatnonzero(adapters == name)
+                logits = priors[name](torch.zeros(len(index), 5), predictions[index])
+                out[index] = logits.softmax(-1).double().numpy()
+        return out
+
+    real = rows["rating"].to_numpy(np.float64)
+    probs = probs_of(rows)
+    full = probs_of(full_test) @ np.arange(1, 6)
+    return {"params": {"from": "each adapter's learned prior"}, "val_rmse": float("nan"),
+            "full_test": {"n": int(len(full_test)), "rmse": rmse(full, full_test["rating"]),
+                          "mae": mae(full, full_test["rating"])},
+            "evaluated_rows": fidelity_report(rows["user_id"].to_numpy(), real, probs=probs, groups=personas),
+            "first_3": _first_3(rows, probs @ np.arange(1, 6), real)}
+
+
+def _first_3(rows: pd.DataFrame, pred: np.ndarray, real: np.ndarray) -> dict:
+    """RMSE and MAE on each user's first 3 evaluated test interactions (the shipped report's
+    historical 600-row subset)."""
+    first = rows.groupby("user_id").cumcount().to_numpy() < 3
+    return {"n": int(first.sum()), "rmse": rmse(pred[first], real[first]), "mae": mae(pred[first], real[first])}
 
 
 def _studies(models: _Models, artifacts, data: EvalData, full_test: pd.DataFrame, prompt, seed: int,
@@ -579,16 +577,24 @@ def render_markdown(results: dict) -> str:
             cells += ["-", "-", "-"]
         lines.append(f"| {no if no is not None else '+'} | {base} | {c['adapter']} | {label} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "## Baselines on the same split", "",
+    lines += ["", "## The simulator beside the baselines on the same split", "",
               "Fitted on train + background, hyper-parameters tuned on the last 20% of each "
               "selected user's training interactions (never on test).", "",
-              "| Baseline | params | val RMSE | RMSE (evaluated rows) | MAE (evaluated rows) | "
-              "RMSE (full test) | MAE (full test) |", "|---|---|---|---|---|---|---|"]
+              "| Model | params | val RMSE | RMSE (evaluated rows) | MAE (evaluated rows) | "
+              "RMSE (first 3 per user) | RMSE (full test) | MAE (full test) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in results["configs"]:
+        if c["status"] == "ok" and not c.get("prompt_differs_from_training") and c["variant"] != "base":
+            e = c["expected"]
+            full = _f(e["rmse"]) if data["n_evaluated"] == data["n_test_total"] else "-"
+            mae_full = _f(e["mae"]) if full != "-" else "-"
+            lines.append(f"| simulator `{c['spec']}` | - | - | {_f(e['rmse'])} | {_f(e['mae'])} | "
+                         f"{_f(c['first_3']['rmse'])} | {full} | {mae_full} |")
     for name, b in results["baselines"].items():
         ev, full = b["evaluated_rows"], b["full_test"]
         params = ", ".join(f"{k}={v}" for k, v in b["params"].items() if k != "seed") or "-"
         lines.append(f"| {name} | {params} | {_f(b['val_rmse'])} | {_f(ev['rmse'])} | {_f(ev['mae'])} | "
-                     f"{_f(full['rmse'])} | {_f(full['mae'])} |")
+                     f"{_f(b['first_3']['rmse'])} | {_f(full['rmse'])} | {_f(full['mae'])} |")
     lines += ["", "## Distributional fidelity", "",
               f"NDCG@10 of a random order (floor): {_f(results['ndcg@10_random_order'])}. ECE: "
               "top-label, 10 bins. NDCG gains 2^r − 1.", "",

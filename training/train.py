@@ -53,12 +53,13 @@ from persona_gym.artifacts import (
     tables_digest,
     write_manifest,
 )
-from persona_gym.assets import DEFAULT_SLM, load_causal_lm, model_source, resolve_model
+from persona_gym.assets import DEFAULT_SLM, load_causal_lm, model_source, resolve_dtype, resolve_model
 from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collaborative
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.memory import logged_history, short_term_window
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.engine import ItemTokens, LayeredLM, pack
+from persona_gym.simulator.prior import RatingPrior
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
 from persona_gym.simulator.adapters import save_item_tokens
 
@@ -92,6 +93,9 @@ class TrainConfig:
         seed: seeds data order, sub-sampling and LoRA initialisation.
         item_learning_rate: learning rate of the item projection (``prompt.item_tokens``); it
             starts from zero weights, so it gets a larger rate than the LoRA matrices.
+        lower_dtype: dtype of the one-off pass through the frozen lower layers (``"auto"``:
+            bfloat16 where the hardware has it, as the simulator runs there; see
+            ``persona_gym.assets.resolve_dtype``). The trained upper layers stay float32.
     """
 
     variants: tuple[str, ...] = ("persona", "single-max", "single-min")
@@ -116,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     prompt: PromptConfig = field(default_factory=PromptConfig)
     item_learning_rate: float = 5e-3
+    lower_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, dict):
@@ -147,8 +152,10 @@ class TrainConfig:
 
     def activations_digest(self) -> str:
         """Hash of what the cached frozen-layer activations depend on."""
-        keys = ("base_model", "lora_layers", "max_examples_per_user", "val_per_user", "prompt")
+        keys = ("base_model", "lora_layers", "max_examples_per_user", "val_per_user", "prompt",
+                "lower_dtype")
         values = {k: v for k, v in self.to_dict().items() if k in keys}
+        values["prompt"] = {k: v for k, v in values["prompt"].items() if k != "cf_items"}  # injected above
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -233,7 +240,7 @@ class LowerCache:
             part = chunks[start : start + 4]
             packed = pack([(prefix_ids[u], [block_ids[n] for n in ns]) for u, ns in part], pad_id,
                           layered.device)
-            hidden = layered.run_layers(layered.embed_tokens(packed), packed, 0, split_layer).cpu()
+            hidden = layered.run_layers(layered.embed_tokens(packed), packed, 0, split_layer).float().cpu()
             for row, (user, ns) in enumerate(part):
                 p = len(prefix_ids[user])
                 prefix_hidden.setdefault(user, hidden[row, :p].clone())
@@ -266,6 +273,21 @@ class LowerCache:
     def state(self) -> dict:
         return {"prefix_ids": self.prefix_ids, "prefix_hidden": self.prefix_hidden,
                 "block_ids": self.block_ids, "block_hidden": self.block_hidden}
+
+
+def _frozen_pass(examples, builder, layered: LayeredLM, config: TrainConfig, split_layer: int,
+                 pad_id: int, device: str, compile: bool, progress: bool) -> LowerCache:
+    """The frozen lower layers' activations of every example, in ``config.lower_dtype`` (a
+    second, low-precision copy of the base model when that is not float32)."""
+    dtype = resolve_dtype(config.lower_dtype, device)
+    lower = layered
+    if dtype != "float32":
+        model, _ = load_causal_lm(config.base_model, device=device, dtype=dtype)
+        lower = LayeredLM(model, builder.rating_token_ids, compile=compile,
+                          placeholder_id=builder.item_placeholder_id)
+    log.info("frozen layers 0..%d in %s for %d examples", split_layer - 1, dtype, len(examples))
+    return LowerCache.compute(examples, builder, lower, split_layer, pad_id, config.blocks_per_sequence,
+                              progress)
 
 
 def _chunks(indices: list[int], examples: list[Example], size: int, rng: np.random.Generator):
@@ -341,8 +363,19 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, mse_weight: float) -> torc
     return ce + mse_weight * ((expected - labels.float()) ** 2).mean()
 
 
+def _rating_logits(layered: LayeredLM, packed, hidden, split_layer: int, prior: RatingPrior | None,
+                   examples: list[Example], batch) -> torch.Tensor:
+    """The adapter's rating logits of a batch, with its collaborative prior when it has one."""
+    logits = layered.forward(packed, start=split_layer, hidden=hidden)
+    if prior is None:
+        return logits
+    predictions = torch.tensor([examples[n].request.cf_prediction for _, ns in batch for n in ns])
+    return prior(logits, predictions)
+
+
 @torch.no_grad()
-def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, size) -> dict:
+def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, size,
+              prior: RatingPrior | None = None) -> dict:
     """Validation RMSE/MAE/NLL of the active adapter on ``indices``."""
     if not indices:
         return {"rmse": float("nan"), "mae": float("nan"), "nll": float("nan"), "n": 0}
@@ -351,7 +384,7 @@ def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, siz
     errors, nll = [], []
     for batch in _batches(chunks, 64):
         packed, hidden = cache.assemble(batch, pad_id, layered.device)
-        logits = layered.forward(packed, start=split_layer, hidden=hidden)
+        logits = _rating_logits(layered, packed, hidden, split_layer, prior, examples, batch)
         labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns], device=layered.device)
         probs = logits.softmax(-1)
         errors.append(probs @ RATINGS.to(probs.device) - labels.float())
@@ -386,12 +419,14 @@ def train_adapter(
     out_dir: Path,
     progress: bool,
     items: ItemTokens | None = None,
+    prior: RatingPrior | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train one adapter (resuming from its checkpoint), save it; return the base model and metrics.
 
     ``items``: the adapter's item projection, trained with it (``prompt.item_tokens``); its bias
     starts at the mean frozen-layer state of the placeholder, so training starts from the model
-    that sees the placeholder.
+    that sees the placeholder. ``prior``: its collaborative prior (``prompt.cf_prior``), also
+    trained with it. Both learn at ``item_learning_rate``.
     """
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -409,8 +444,10 @@ def train_adapter(
     if items is not None:
         with torch.no_grad():
             items.proj.bias.copy_(cache.placeholder_mean(train_idx))
-        groups.append({"params": list(items.parameters()), "lr": config.item_learning_rate})
-        params = params + list(items.parameters())
+    extras = {key: module for key, module in (("items", items), ("prior", prior)) if module is not None}
+    for module in extras.values():
+        groups.append({"params": list(module.parameters()), "lr": config.item_learning_rate})
+        params = params + list(module.parameters())
     layered.items = items
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_examples)
@@ -431,8 +468,8 @@ def train_adapter(
         saved = torch.load(ckpt_path, weights_only=False)
         if saved.get("config") == config.digest():
             set_peft_model_state_dict(model, saved["lora"], adapter_name=name)
-            if items is not None:
-                items.load_state_dict(saved["items"])
+            for key, module in extras.items():
+                module.load_state_dict(saved["extras"][key])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             torch.set_rng_state(saved["torch_rng"])
@@ -443,7 +480,7 @@ def train_adapter(
 
     def checkpoint() -> None:
         payload = {"config": config.digest(), "lora": _lora_state(model, name),
-                   "items": _clone(items.state_dict()) if items is not None else None,
+                   "extras": {key: _clone(m.state_dict()) for key, m in extras.items()},
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "torch_rng": torch.get_rng_state(), "state": state}
         atomic_write(ckpt_path, lambda tmp: torch.save(payload, tmp))
@@ -461,7 +498,7 @@ def train_adapter(
             started = time.perf_counter()
             packed, hidden = cache.assemble(batch, pad_id, layered.device)
             labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns], device=layered.device)
-            logits = layered.forward(packed, start=split_layer, hidden=hidden)
+            logits = _rating_logits(layered, packed, hidden, split_layer, prior, examples, batch)
             loss = _loss(logits, labels, config.mse_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -476,12 +513,12 @@ def train_adapter(
             bar.set_postfix(loss=f"{loss.item():.3f}", best_rmse=f"{state['best_val']:.3f}")
             if step % config.eval_every == 0 or step == total_steps:
                 metrics = _evaluate(model, layered, cache, examples, val_idx, split_layer,
-                                    pad_id, config.blocks_per_sequence)
+                                    pad_id, config.blocks_per_sequence, prior)
                 state["history"].append({"step": step, "loss": loss.item(), **metrics})
                 if metrics["rmse"] < state["best_val"] - 1e-4 or state["best"] is None:
                     state["best_val"], state["bad_evals"] = metrics["rmse"], 0
                     state["best"] = _lora_state(model, name)
-                    state["best_items"] = _clone(items.state_dict()) if items is not None else None
+                    state["best_extras"] = {key: _clone(m.state_dict()) for key, m in extras.items()}
                 else:
                     state["bad_evals"] += 1
                 if state["bad_evals"] >= config.patience:
@@ -497,9 +534,9 @@ def train_adapter(
     bar.close()
     if state["best"] is not None:
         set_peft_model_state_dict(model, state["best"], adapter_name=name)
-        if items is not None:
-            items.load_state_dict(state["best_items"])
-    _save_adapter(model, name, out_dir / "adapters" / name, items)
+        for key, module in extras.items():
+            module.load_state_dict(state["best_extras"][key])
+    _save_adapter(model, name, out_dir / "adapters" / name, items, prior)
     layered.items = None
     checkpoint()
     metrics = {
@@ -512,8 +549,10 @@ def train_adapter(
     return model.unload(), metrics
 
 
-def _save_adapter(model, name: str, folder: Path, items: ItemTokens | None = None) -> None:
-    """``save_pretrained`` one adapter (and its item projection) into ``folder`` atomically."""
+def _save_adapter(model, name: str, folder: Path, items: ItemTokens | None = None,
+                  prior: RatingPrior | None = None) -> None:
+    """``save_pretrained`` one adapter (with its item projection and prior) into ``folder``
+    atomically."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
     try:
@@ -521,6 +560,8 @@ def _save_adapter(model, name: str, folder: Path, items: ItemTokens | None = Non
         written = tmp / name if (tmp / name).is_dir() else tmp
         if items is not None:
             save_item_tokens(items, written)
+        if prior is not None:
+            prior.save(written)
         if folder.exists():
             shutil.rmtree(folder)
         written.rename(folder)
@@ -584,8 +625,8 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
         cache = LowerCache(**torch.load(cache_path, weights_only=False))
         log.info("reusing frozen-layer activations from %s", cache_path)
     else:
-        cache = LowerCache.compute(examples, builder, layered, split_layer, pad_id,
-                                   config.blocks_per_sequence, progress)
+        cache = _frozen_pass(examples, builder, layered, config, split_layer, pad_id, device,
+                             compile, progress)
         atomic_write(cache_path, lambda tmp: torch.save(cache.state(), tmp))
     lower_seconds = time.perf_counter() - lower_started
 
@@ -600,8 +641,9 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
         items = None
         if config.prompt.item_tokens:
             items = ItemTokens(item_embeddings, base.config.hidden_size, split_layer).to(device)
+        prior = RatingPrior().to(device) if config.prompt.cf_prior else None
         base, metrics[name] = train_adapter(name, base, layered, cache, examples, train_idx, val_idx,
-                                            config, split_layer, pad_id, root, progress, items)
+                                            config, split_layer, pad_id, root, progress, items, prior)
         atomic_write_json(metrics_path, {config.digest(): metrics})
 
     split_info = json.loads((root / "split.json").read_text()) if (root / "split.json").exists() else {}
@@ -651,6 +693,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-examples", type=int, default=defaults.batch_examples)
+    parser.add_argument("--blocks-per-sequence", type=int, default=defaults.blocks_per_sequence,
+                        help="examples of one user packed behind one profile prefix")
     parser.add_argument("--max-examples-per-user", type=int, default=defaults.max_examples_per_user)
     parser.add_argument("--mse-weight", type=float, default=defaults.mse_weight)
     parser.add_argument("--window", type=int, default=defaults.prompt.window_size,
@@ -666,11 +710,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="show the collaborative model's prediction next to the answer")
     parser.add_argument("--surprise-cue", action="store_true",
                         help="show how the window's ratings deviated from the collaborative predictions")
+    parser.add_argument("--cf-prior", action="store_true",
+                        help="add a learned Gaussian prior around the collaborative prediction to the "
+                             "rating logits (needs --cf-cue)")
     parser.add_argument("--cf-items", action="store_true",
                         help="item tokens carry collaborative factors (needs --item-tokens)")
     parser.add_argument("--val-per-user", type=int, default=defaults.val_per_user,
                         help="the last N training interactions of each user form the validation slice")
     parser.add_argument("--item-learning-rate", type=float, default=defaults.item_learning_rate)
+    parser.add_argument("--lower-dtype", default=defaults.lower_dtype, choices=["auto", "float32", "bfloat16"],
+                        help="dtype of the one-off frozen-layer pass (auto: bfloat16 where the hardware has it)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -685,14 +734,16 @@ def _run(args: argparse.Namespace) -> int:
     prompt = PromptConfig(window_size=args.window, n_memories=args.memories,
                           use_profile=not args.no_profile, max_tokens=args.max_tokens,
                           item_tokens=args.item_tokens, cf_cue=args.cf_cue,
-                          surprise_cue=args.surprise_cue, cf_items=args.cf_items)
+                          surprise_cue=args.surprise_cue, cf_items=args.cf_items,
+                          cf_prior=args.cf_prior)
     config = TrainConfig(
         variants=tuple(args.variants), base_model=args.base_model, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, target_modules=tuple(args.target_modules), lora_layers=args.lora_layers,
         learning_rate=args.learning_rate, epochs=args.epochs, batch_examples=args.batch_examples,
         max_examples_per_user=args.max_examples_per_user, mse_weight=args.mse_weight,
         seed=args.seed, prompt=prompt, item_learning_rate=args.item_learning_rate,
-        val_per_user=args.val_per_user,
+        val_per_user=args.val_per_user, lower_dtype=args.lower_dtype,
+        blocks_per_sequence=args.blocks_per_sequence,
     )
     manifest = train(args.artifacts, config, device=args.device, progress=not args.no_progress,
                      compile=not args.no_compile, force=args.force)

@@ -105,6 +105,8 @@ def landscape(rate: Rate, seen: dict[int, set[int]], n_items: int, windows: dict
         pick = rng.choice(unseen, size=min(per_user, len(unseen)), replace=False)
         users += [user] * len(pick)
         items += pick.tolist()
+    if not users:  # every movie rated by every chosen user
+        return {}
     users_a, items_a = np.asarray(users), np.asarray(items)
     pred = rate("persona", users, items, [windows[u] for u in users]) @ RATING_VALUES
     out = {"simulator": reward_landscape(users_a, pred)}
