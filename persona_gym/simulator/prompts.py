@@ -135,6 +135,8 @@ class PromptConfig:
             collaborative predictions (``Surprise:+0.4``): the episode's mood.
         cf_items: item tokens carry the item's collaborative factors and bias next to its text
             embedding (with ``item_tokens``).
+        cf_prior: the rating logits get a learned Gaussian prior around the collaborative
+            prediction (with ``cf_cue``; ``persona_gym.simulator.prior``).
     """
 
     window_size: int = 3
@@ -146,6 +148,7 @@ class PromptConfig:
     cf_cue: bool = False
     surprise_cue: bool = False
     cf_items: bool = False
+    cf_prior: bool = False
 
     def __post_init__(self) -> None:
         for name in ("window_size", "n_memories", "max_tokens"):
@@ -155,6 +158,8 @@ class PromptConfig:
             raise ValueError(f"PromptConfig.max_tokens must be >= 64, got {self.max_tokens}")
         if self.cf_items and not self.item_tokens:
             raise ValueError("PromptConfig.cf_items needs item_tokens=True (it shapes the item tokens)")
+        if self.cf_prior and not self.cf_cue:
+            raise ValueError("PromptConfig.cf_prior needs cf_cue=True (the prior is centred on that prediction)")
 
     @property
     def uses_collaborative(self) -> bool:

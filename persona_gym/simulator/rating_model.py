@@ -39,6 +39,7 @@ from persona_gym.simulator.engine import (
     share_rows,
 )
 from persona_gym.simulator.prefix_cache import PrefixCache
+from persona_gym.simulator.prior import PRIOR_FILE, RatingPrior
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class RatingModel:
         layered: an existing ``LayeredLM`` of ``model`` to share (its compiled kernels too).
         item_tokens: each adapter's :class:`ItemTokens` (:func:`load_item_tokens`), needed when
             the prompt config has ``item_tokens``.
+        priors: each adapter's collaborative :class:`~persona_gym.simulator.prior.RatingPrior`
+            (:func:`~persona_gym.simulator.prior.load_rating_priors`), needed when the prompt
+            config has ``cf_prior``.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class RatingModel:
         compile: bool = False,
         layered: LayeredLM | None = None,
         item_tokens: dict[str, ItemTokens] | None = None,
+        priors: dict[str, RatingPrior] | None = None,
     ):
         self.model = model.eval()
         self.builder = builder
@@ -96,6 +101,12 @@ class RatingModel:
             if missing:
                 raise ValueError(f"the prompt uses item tokens but adapters {missing} have no "
                                  f"{ITEM_TOKENS_FILE}: train them with `persona-gym train --item-tokens`")
+        self.priors = priors or {}
+        if builder.config.cf_prior:
+            missing = sorted(set(self.adapters) - set(self.priors))
+            if missing:
+                raise ValueError(f"the prompt uses a collaborative prior but adapters {missing} have "
+                                 f"no {PRIOR_FILE}: train them with `persona-gym train --cf-prior`")
         self.max_batch_tokens = max_batch_tokens
         self.cache = PrefixCache(max_cache_bytes)
         pad = self.tokenizer.pad_token_id
@@ -152,6 +163,13 @@ class RatingModel:
                                           [row.segments() for _, row in chunk], self.pad_id, self.device)
                     out[[i for _, row in chunk for i in row.keys]] = logits.cpu()
                     self.tokens_processed += sum(row.width for _, row in chunk)
+            if self.builder.config.cf_prior:
+                if adapter not in self.priors:
+                    raise ValueError(f"adapter {adapter!r} has no collaborative prior: prompts with "
+                                     "cf_prior need adapters trained with `persona-gym train --cf-prior`")
+                index = [i for i, _, _ in items]
+                predictions = torch.tensor([requests[i].cf_prediction for i in index])
+                out[index] = self.priors[adapter](out[index], predictions)
         return out
 
     def _encode(self, prefixes: list[tuple[int, ...]]) -> list:

@@ -19,6 +19,7 @@ from persona_gym.catalog import ItemCatalog
 from persona_gym.memory import Interaction, logged_history, short_term_window
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.adapters import attach_adapters, load_item_tokens
+from persona_gym.simulator.prior import load_rating_priors
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import RatingModel
 
@@ -62,7 +63,8 @@ class UserSimulator:
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
         items = (load_item_tokens(adapters, artifacts.item_token_features(builder.config), device)
                  if builder.config.item_tokens else None)
-        rating_model = RatingModel(model, builder, compile=compile, item_tokens=items)
+        priors = load_rating_priors(adapters) if builder.config.cf_prior else None
+        rating_model = RatingModel(model, builder, compile=compile, item_tokens=items, priors=priors)
         return cls(artifacts, rating_model, variant)
 
     # -- the Rater protocol -------------------------------------------------------------------
