@@ -52,17 +52,16 @@ from agents.metrics import (
     rank_agreement,
 )
 from agents.policies import BASELINES, Batch, Policy, make_policy
+from agents.report import format_table, write_report
+from persona_gym.config_cli import add_config_arguments, config_from_args
 from persona_gym.envs.core import EpisodeState, RecCore
-from persona_gym.io import atomic_write_json, atomic_write_text
-from persona_gym.memory import Interaction
+from persona_gym.rater import Rater
+from persona_gym.registry import ENV_IDS, env_config_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SIM_METRICS", "LOGGED_METRICS", "evaluate_logged", "evaluate_policies", "simulate",
-           "summarize_episodes"]
-
-SIM_METRICS = ("return", "mean_rating", "share_ge4", "churn", "coverage", "diversity", "novelty")
-LOGGED_METRICS = ("hit_rate", "ndcg", "hit_rating", "replay")
+__all__ = ["PolicyEvalConfig", "evaluate_logged", "evaluate_policies", "load_evaluation",
+           "make_batch", "simulate", "summarize_episodes"]
 
 
 def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
@@ -75,7 +74,6 @@ def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
 def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, batch: int = 16) -> list[dict]:
     """Play ``episodes`` episodes (see module docstring); one record per episode."""
     records = []
-    horizon = core.config.max_episode_steps
     for start in range(0, episodes, batch):
         ids = list(range(start, min(start + batch, episodes)))
         rngs = [np.random.default_rng([seed, e]) for e in ids]
@@ -98,7 +96,7 @@ def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, batch: int
                     rec["items"].append(int(action))
                     rec["expected"].append(last["expected"])
                     rec["sampled"].append(last["sampled"])
-                if result.terminated or result.truncated or states[i].steps >= horizon:
+                if result.terminated or result.truncated or core.at_horizon(states[i]):
                     rec["left"] = bool(states[i].left)
                 else:
                     still.append(i)
@@ -176,10 +174,7 @@ def evaluate_logged(policy: Policy, core: RecCore, test: pd.DataFrame, k: int = 
         for r, top in zip(rows, tops, strict=True):
             item, rating, stamp = sequences[r][t]
             if item in top:
-                state = states[r]
-                state.episode.append(Interaction(item, rating, stamp))
-                state.allowed[item] = False
-                state.steps += 1
+                states[r].record(item, rating, stamp)
                 accepted[r].append(rating)
 
     n = len(users)
@@ -260,79 +255,20 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
     return results
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """A markdown table: one row per policy, value [low, high] per metric."""
-    def cell(entry):
-        return "-" if not entry else f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
-
-    logged = any("logged" in p for p in results["policies"].values())
-    head = ["policy", *SIM_METRICS] + (list(LOGGED_METRICS) if logged else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, entry in results["policies"].items():
-        row = [name] + [cell(entry["simulator"][m]) for m in SIM_METRICS]
-        if logged:
-            row += [cell(entry.get("logged", {}).get(m)) for m in LOGGED_METRICS]
-        lines.append("| " + " | ".join(row) + " |")
-    for key, value in results.get("agreement", {}).items():
-        lines.append(f"\nAgreement {key}: Kendall tau {value['kendall_tau']:.2f} "
-                     f"(p={value['kendall_p']:.2f}), Spearman rho {value['spearman_rho']:.2f} "
-                     f"over {value['n_policies']} policies")
-    return "\n".join(lines)
-
-
-def plot_policies(results: dict[str, Any], path: Path) -> Path:
-    """Bars with 95% intervals for every metric, one panel per metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results["policies"])
-    panels = [("simulator", m) for m in SIM_METRICS] + [("logged", m) for m in LOGGED_METRICS]
-    panels = [(s, m) for s, m in panels if any(results["policies"][n].get(s, {}).get(m) for n in names)]
-    cols = 4
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax, (section, metric) in zip(axes.flat, panels, strict=False):
-        entries = [results["policies"][n].get(section, {}).get(metric) or {} for n in names]
-        means = [e.get("mean", np.nan) for e in entries]
-        # clipped at 0: a bootstrap interval need not contain the full-sample value (coverage's
-        # resamples repeat episodes, so they cover fewer movies than all episodes together)
-        errors = [[max(m - e.get("low", m), 0.0) for m, e in zip(means, entries, strict=True)],
-                  [max(e.get("high", m) - m, 0.0) for m, e in zip(means, entries, strict=True)]]
-        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
-        ax.set_title(f"{metric} ({section})", fontsize=8)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_report(results: dict[str, Any], out: Path, header: str = "") -> Path:
-    """``results.json``, ``policies.png`` and ``report.md`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", results)
-    plot_policies(results, out / "policies.png")
-    text = (f"# Policy evaluation\n\n{header}\n\nValues: mean [95% bootstrap interval].\n\n"
-            f"{format_table(results)}\n\n![policies](policies.png)\n")
-    atomic_write_text(out / "report.md", text)
-    return out / "report.md"
-
-
-def load_evaluation(env_id: str, dtype: str = "auto", **overrides: Any):
+def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None,
+                    **overrides: Any) -> tuple[RecCore, pd.DataFrame, pd.DataFrame, int]:
     """``(core, ratings, test, n_users)``: the env's episode logic on its shipped or configured
-    simulator, the train + background ratings the baselines fit on, the logged test interactions
-    of the simulator's users, and the number of users in the dataset (for novelty)."""
-    from agents.sb3_env import env_config_name
-    from persona_gym.envs.config import load_env_config
+    simulator (or ``rater``), the train + background ratings the baselines fit on, the logged
+    test interactions of the simulator's users (the protocol split rebuilt from the artifacts'
+    ``split.json``), and the number of users in the dataset (for novelty)."""
+    from persona_gym.artifacts import load_artifacts
+    from persona_gym.data.protocol import logged_data
+    from persona_gym.envs.config import load_env_config, resolve_artifacts
     from persona_gym.evaluation.baselines import fit_frame
-    from training.evaluate import data_from_split
 
-    core = RecCore(load_env_config(env_config_name(env_id), dtype=dtype, **overrides))
-    data = data_from_split(core.simulator.artifacts)
+    config = load_env_config(env_config_name(env_id), dtype=dtype, **overrides)
+    core = RecCore(config, rater)
+    data = logged_data(load_artifacts(resolve_artifacts(config)))
     ratings = fit_frame(data.train, data.background)
     return core, ratings, data.test, int(ratings["user_id"].nunique())
 
@@ -340,16 +276,10 @@ def load_evaluation(env_id: str, dtype: str = "auto", **overrides: Any):
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate-policy", help="judge policies in the simulator and on logged data",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", dest="env_id", default="PersonaML100K-v0",
-                        choices=["PersonaML100K-v0", "PersonaML1M-v0"])
+    parser.add_argument("--env", dest="env_id", default="PersonaML100K-v0", choices=ENV_IDS)
     parser.add_argument("--policies", nargs="+", default=["random", "most-popular", "item-mean", "mf"],
                         help=f"baselines {list(BASELINES)} and/or run folders / model.zip of train-agent")
-    defaults = PolicyEvalConfig()
-    parser.add_argument("--episodes", type=int, default=defaults.episodes, help="episodes per seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
-    parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--k", type=int, default=defaults.k)
-    parser.add_argument("--no-logged", action="store_true", help="skip the logged-data metrics")
+    add_config_arguments(parser, PolicyEvalConfig)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
     parser.add_argument("--out", type=Path, default=Path("runs/policy-eval"))
@@ -359,7 +289,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from persona_gym.errors import ConfigError
 
-    config = PolicyEvalConfig(args.episodes, tuple(args.seeds), args.batch, args.k, not args.no_logged)
+    config = config_from_args(PolicyEvalConfig, args)
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; --out names the folder that receives "
                           "results.json, report.md and policies.png")
@@ -375,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         while key in policies:  # two runs with the same algorithm, seed and length
             key += "'"
         policies[key] = policy
-    results = evaluate_policies(core, policies, config, None if args.no_logged else test, n_users)
+    results = evaluate_policies(core, policies, config, test if config.logged else None, n_users)
     report = write_report(results, args.out, f"Environment `{args.env_id}`; {args.episodes} episodes "
                           f"x seeds {list(args.seeds)}; logged k={args.k}.")
     print(format_table(results))

@@ -201,7 +201,7 @@ class SB3Policy(Policy):
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> SB3Policy:
         """Load ``model.zip`` (or a run folder holding one) written by ``persona-gym train-agent``."""
-        from agents.train import algorithm, read_run
+        from agents.runs import algorithm, read_run
 
         path = Path(path)
         zip_path = path / "model.zip" if path.is_dir() else path

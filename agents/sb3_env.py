@@ -19,18 +19,10 @@ import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
 from persona_gym.envs import PersonaRecVectorEnv
+from persona_gym.rater import Rater
+from persona_gym.registry import env_config_name
 
-__all__ = ["SB3VecEnv", "env_config_name"]
-
-_ENV_CONFIGS = {"PersonaML100K-v0": "ml100k", "PersonaML1M-v0": "ml1m"}
-
-
-def env_config_name(env_id: str) -> str:
-    """The bundled config of a registered env id (``PersonaML100K-v0`` -> ``ml100k``)."""
-    try:
-        return _ENV_CONFIGS[env_id]
-    except KeyError:
-        raise ValueError(f"unknown env id {env_id!r}; choose from {sorted(_ENV_CONFIGS)}") from None
+__all__ = ["SB3VecEnv"]
 
 
 class SB3VecEnv(VecEnv):
@@ -39,11 +31,13 @@ class SB3VecEnv(VecEnv):
     Args:
         env_id: a registered id (``PersonaML100K-v0``, ``PersonaML1M-v0``).
         num_envs: sub-environments stepped together.
+        rater: the simulated users (``None``: the env config's SLM simulator).
         **overrides: :class:`~persona_gym.envs.config.EnvConfig` fields (``dtype="bfloat16"``).
     """
 
-    def __init__(self, env_id: str = "PersonaML100K-v0", num_envs: int = 8, **overrides: Any):
-        self.venv = PersonaRecVectorEnv(num_envs, config=env_config_name(env_id), **overrides)
+    def __init__(self, env_id: str = "PersonaML100K-v0", num_envs: int = 8, rater: Rater | None = None,
+                 **overrides: Any):
+        self.venv = PersonaRecVectorEnv(num_envs, config=env_config_name(env_id), rater=rater, **overrides)
         self.env_id = env_id
         self.render_mode = None
         super().__init__(num_envs, self.venv.single_observation_space, self.venv.single_action_space)

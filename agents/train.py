@@ -17,33 +17,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+from agents.runs import ALGO_NAMES, algorithm, latest_checkpoint, read_run
+from persona_gym.config_cli import add_config_arguments, config_from_args
 from persona_gym.io import atomic_write_json
+from persona_gym.rater import Rater
+from persona_gym.registry import ENV_IDS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALGO_NAMES", "AgentConfig", "algorithm", "learning_curve", "read_run", "train_agent"]
-
-
-ALGO_NAMES = ("ppo", "dqn", "maskable-ppo")
-
-
-def algorithm(name: str) -> type:
-    """The SB3 class of an algorithm name (imported here to keep ``persona-gym --help`` fast)."""
-    from sb3_contrib import MaskablePPO
-    from stable_baselines3 import DQN, PPO
-
-    classes = {"ppo": PPO, "dqn": DQN, "maskable-ppo": MaskablePPO}
-    if name not in classes:
-        raise ValueError(f"unknown algorithm {name!r}; choose from {list(ALGO_NAMES)}")
-    return classes[name]
+__all__ = ["AgentConfig", "learning_curve", "train_agent"]
 
 
 @dataclass
@@ -53,7 +42,8 @@ class AgentConfig:
     Attributes:
         env_id: registered environment id.
         algo: ``ppo``, ``dqn`` or ``maskable-ppo`` (sb3-contrib; uses the env's action masks).
-        timesteps: total environment steps (summed over sub-environments).
+        timesteps: total environment steps (summed over sub-environments); ``--resume``
+            without ``--timesteps`` keeps the run's.
         n_envs: sub-environments stepped together (one batched simulator call per step).
         seed: seeds the algorithm (network init, sampling) and the environments.
         n_steps: PPO rollout length per sub-environment (a rollout is ``n_steps * n_envs``).
@@ -100,34 +90,10 @@ class AgentConfig:
         return dict(common, n_steps=self.n_steps, n_epochs=10, ent_coef=self.ent_coef)
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """``run.json`` of a run folder, with a clear error when it is not one."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run folder of "
-                                "`persona-gym train-agent`")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        from persona_gym.errors import ConfigError
-
-        raise ConfigError(f"{path} is not valid JSON ({err}); start a new run instead of --resume") from err
-
-
-def _latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
-    found = []
-    for path in (run_dir / "checkpoints").glob("model_*_steps.zip"):
-        match = re.fullmatch(r"model_(\d+)_steps\.zip", path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    if not found:
-        return None
-    steps, path = max(found)
-    return path, steps
-
-
-def train_agent(config: AgentConfig, resume: str | Path | None = None, progress: bool = True) -> Path:
-    """Train and save a policy; returns the run folder (see module docstring)."""
+def train_agent(config: AgentConfig, resume: str | Path | None = None, progress: bool = True,
+                rater: Rater | None = None) -> Path:
+    """Train and save a policy; returns the run folder (see module docstring). ``rater``
+    replaces the env config's simulated users (e.g. a ``TableRater``)."""
     from stable_baselines3.common.callbacks import CheckpointCallback
     from stable_baselines3.common.vec_env import VecMonitor
 
@@ -138,7 +104,7 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
         run_dir = Path(resume)
         recorded = read_run(run_dir)["config"]
         config = AgentConfig(**{**recorded, "timesteps": config.timesteps})
-        latest = _latest_checkpoint(run_dir)
+        latest = latest_checkpoint(run_dir)
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(config.out) / f"{config.env_id}_{config.algo}_s{config.seed}_{stamp}"
@@ -146,7 +112,7 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
         latest = None
     atomic_write_json(run_dir / "run.json", {"config": dataclasses.asdict(config), "algo": config.algo})
 
-    env = SB3VecEnv(config.env_id, config.n_envs, dtype=config.dtype, **config.env_kwargs)
+    env = SB3VecEnv(config.env_id, config.n_envs, rater=rater, dtype=config.dtype, **config.env_kwargs)
     algo = algorithm(config.algo)
     if latest is not None:
         path, start_steps = latest
@@ -207,32 +173,23 @@ def learning_curve(run_dir: str | Path, window: int = 50) -> Path | None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    defaults = AgentConfig()
     parser = subparsers.add_parser("train-agent", help="train PPO / DQN / MaskablePPO on an environment",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", dest="env_id", default=defaults.env_id,
-                        choices=["PersonaML100K-v0", "PersonaML1M-v0"])
-    parser.add_argument("--algo", default=defaults.algo, choices=ALGO_NAMES)
-    parser.add_argument("--timesteps", type=int, default=None,
-                        help=f"total env steps (default {defaults.timesteps}; with --resume: the run's)")
-    for name in ("n_envs", "seed", "n_steps", "batch_size", "checkpoint_every"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("learning_rate", "gamma", "ent_coef"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16"])
+    add_config_arguments(parser, AgentConfig, skip=("env_kwargs",), flags={"env_id": "--env"},
+                         choices={"env_id": ENV_IDS, "algo": ALGO_NAMES,
+                                  "dtype": ("auto", "float32", "bfloat16")},
+                         defaults={"timesteps": None})  # with --resume: the run's
     parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
-    parser.add_argument("--out", default=defaults.out, help="parent folder of run folders")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = {f.name for f in dataclasses.fields(AgentConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    extra: dict[str, Any] = {"env_kwargs": {"artifacts": args.artifacts} if args.artifacts else {}}
     if args.timesteps is None and args.resume:  # keep the length the run was started with
-        values["timesteps"] = read_run(args.resume)["config"]["timesteps"]
-    config = AgentConfig(**values, env_kwargs={"artifacts": args.artifacts} if args.artifacts else {})
+        extra["timesteps"] = read_run(args.resume)["config"]["timesteps"]
+    config = config_from_args(AgentConfig, args, **extra)
     run_dir = train_agent(config, resume=args.resume, progress=not args.no_progress)
     info = read_run(run_dir)
     print(f"trained {info['algo']} for {info['timesteps']} steps in {info['train_seconds']:.0f} s "

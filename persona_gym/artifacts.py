@@ -772,12 +772,11 @@ def _make_readable(root: Path) -> None:
 
 def _regenerate_tables(root: Path, split_info: dict) -> None:
     """Re-run the deterministic data distiller for a shipped simulator's split."""
-    from persona_gym.data import load_dataset, protocol_split
+    from persona_gym.data.protocol import rebuild_split
+    from persona_gym.distill import DataDistiller, write_artifacts
     from persona_gym.embeddings import DEFAULT_EMBEDDER, Embedder, embed_items
-    from training.distill import DataDistiller, write_artifacts
 
-    dataset = load_dataset(split_info["dataset"])
-    split = protocol_split(dataset, **split_info["params"])
+    dataset, split = rebuild_split(split_info)
     catalog = ItemCatalog.from_frames(dataset.items, split.item_stats())
     result = DataDistiller().distill(dataset, split, catalog)
     embeddings = embed_items(catalog, Embedder(DEFAULT_EMBEDDER))

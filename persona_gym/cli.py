@@ -31,7 +31,7 @@ _COMMAND_MODULES = [
     "training.evaluate",
     "agents.train",
     "agents.evaluate",
-    "persona_gym.demo",
+    "agents.demo",
     "persona_gym.artifacts",
 ]
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["MemoryIndex", "RetrievedMemory"]
+from persona_gym.distill.memories import MEMORY_COLUMNS
 
-MEMORY_COLUMNS = ("user_id", "item_id", "item_index", "rating", "timestamp", "text")
+__all__ = ["MemoryIndex", "RetrievedMemory"]
 
 
 @dataclass(frozen=True)

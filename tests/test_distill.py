@@ -13,15 +13,9 @@ import pytest
 
 from persona_gym.catalog import ItemCatalog
 from persona_gym.data import RatingsDataset, load_dataset, protocol_split
+from persona_gym.distill import MEMORY_COLUMNS, DataDistiller, UserMemories
 from training.chat import ChatBackendError, HFChatBackend, OpenAIChatBackend
-from training.distill import (
-    MEMORY_COLUMNS,
-    DataDistiller,
-    LLMDistiller,
-    LLMDistillerConfig,
-    UserMemories,
-    parse_reply,
-)
+from training.distill import LLMDistiller, LLMDistillerConfig, parse_reply
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
 

@@ -215,7 +215,7 @@ def test_leaking_test_set_is_refused(trained_tiny_artifacts):
 
 def test_split_json_mismatch_is_named(held_out, tmp_path):
     from persona_gym.artifacts import load_artifacts
-    from training.evaluate import data_from_split
+    from persona_gym.data.protocol import logged_data
 
     root, _ = held_out
     copy = tmp_path / "art"
@@ -224,7 +224,7 @@ def test_split_json_mismatch_is_named(held_out, tmp_path):
         "n_users": 4, "min_interactions": 100, "max_interactions": 200, "train_fraction": 0.6,
         "seed": 0}, "user_ids": [0, 1, 2, 3]}))
     with pytest.raises(ValueError, match="selects other users"):
-        data_from_split(load_artifacts(copy))
+        logged_data(load_artifacts(copy))
 
 
 def test_cli_parser():

@@ -38,14 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agents.evaluate import (
-        PolicyEvalConfig,
-        evaluate_policies,
-        format_table,
-        load_evaluation,
-        write_report,
-    )
+    from agents.evaluate import PolicyEvalConfig, evaluate_policies, load_evaluation
     from agents.policies import SB3Policy, make_policy
+    from agents.report import format_table, write_report
     from agents.train import AgentConfig, train_agent
     from persona_gym.data import load_dataset
 

@@ -1,0 +1,55 @@
+"""Run folders of ``persona-gym train-agent`` and the SB3 algorithms they hold.
+
+A run folder holds ``run.json`` (settings, timings), ``model.zip``, ``checkpoints/`` and the
+monitor logs (see :mod:`agents.train`); training writes it, :class:`agents.policies.SB3Policy`
+reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ALGO_NAMES", "algorithm", "latest_checkpoint", "read_run"]
+
+ALGO_NAMES = ("ppo", "dqn", "maskable-ppo")
+
+
+def algorithm(name: str) -> Any:
+    """The SB3 class of an algorithm name (imported here to keep ``persona-gym --help`` fast)."""
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3 import DQN, PPO
+
+    classes = {"ppo": PPO, "dqn": DQN, "maskable-ppo": MaskablePPO}
+    if name not in classes:
+        raise ValueError(f"unknown algorithm {name!r}; choose from {list(ALGO_NAMES)}")
+    return classes[name]
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run folder, with a clear error when it is not one."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run folder of "
+                                "`persona-gym train-agent`")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        from persona_gym.errors import ConfigError
+
+        raise ConfigError(f"{path} is not valid JSON ({err}); start a new run instead of --resume") from err
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The newest ``checkpoints/model_{N}_steps.zip`` of a run and its step count ``N``."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("model_*_steps.zip"):
+        match = re.fullmatch(r"model_(\d+)_steps\.zip", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    if not found:
+        return None
+    steps, path = max(found)
+    return path, steps

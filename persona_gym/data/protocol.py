@@ -1,0 +1,82 @@
+"""The protocol split an artifacts directory was distilled from, rebuilt from ``split.json``.
+
+``split.json`` records the dataset and the :func:`~persona_gym.data.splits.protocol_split`
+parameters, never ratings (MovieLens may not be redistributed). :func:`rebuild_split` reruns
+the split from the local dataset; :func:`logged_data` also checks that it is the split the
+artifacts hold and returns the simulated users' held-out test interactions with the
+train/background ratings, for every evaluation on logged data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from persona_gym.data.movielens import RatingsDataset, load_dataset
+from persona_gym.data.splits import Split, protocol_split
+
+if TYPE_CHECKING:
+    from persona_gym.artifacts import Artifacts
+
+__all__ = ["EvalData", "logged_data", "read_split_record", "rebuild_split"]
+
+
+@dataclass
+class EvalData:
+    """What an evaluation on logged data reads: test interactions, and train/background."""
+
+    test: pd.DataFrame  # user_id, item_id, item_index, rating, timestamp
+    train: pd.DataFrame  # user_id, item_id, rating, timestamp (the selected users' training part)
+    background: pd.DataFrame  # other users' ratings (may be empty)
+    source: str
+
+
+def read_split_record(root: str | Path) -> dict[str, Any]:
+    """``split.json`` of an artifacts directory, checked to name a dataset and parameters."""
+    path = Path(root) / "split.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the artifacts were not written by `persona-gym "
+                                "distill`; pass the test interactions to evaluate(test=...) instead")
+    info = json.loads(path.read_text())
+    if "params" not in info or "dataset" not in info:
+        raise ValueError(f"{path} lacks 'dataset'/'params' (written by an older distill?); re-run "
+                         "`persona-gym distill` or pass evaluate(test=...)")
+    return info
+
+
+def rebuild_split(info: dict[str, Any]) -> tuple[RatingsDataset, Split]:
+    """The dataset and protocol split a ``split.json`` record names, from the local dataset."""
+    dataset = load_dataset(info["dataset"])
+    return dataset, protocol_split(dataset, **info["params"])
+
+
+def logged_data(artifacts: Artifacts) -> EvalData:
+    """Rebuild the protocol split recorded in ``split.json`` and check it matches the artifacts."""
+    path = Path(artifacts.root) / "split.json"
+    info = read_split_record(artifacts.root)
+    _, split = rebuild_split(info)
+    recorded = [int(u) for u in info.get("user_ids", [])]
+    if recorded != [int(u) for u in split.user_ids]:
+        diff = sorted(set(recorded) ^ {int(u) for u in split.user_ids})
+        raise ValueError(
+            f"{path}: the rebuilt {info['dataset']} split ({info['params']}) selects other users "
+            f"than the artifacts record ({len(diff)} differ, e.g. {diff[:5]}): the dataset files or "
+            "the split code changed since `persona-gym distill`; re-distil and retrain"
+        )
+    users = set(artifacts.user_ids)
+    memories = artifacts.memories
+    train_mine = split.train[split.train["user_id"].isin(users)]
+    logged = set(zip(memories["user_id"], memories["item_id"], memories["rating"], strict=True))
+    expected = set(zip(train_mine["user_id"], train_mine["item_id"], train_mine["rating"], strict=True))
+    if logged != expected:
+        raise ValueError(
+            f"{artifacts.root}/memories.parquet does not hold exactly the training interactions of "
+            f"the rebuilt split ({len(logged ^ expected)} differ): re-run `persona-gym distill`"
+        )
+    test = split.test[split.test["user_id"].isin(users)].copy()
+    test["item_index"] = artifacts.catalog.indices_of(test["item_id"])
+    return EvalData(test, split.train, split.background, f"{info['dataset']} protocol split {info['params']}")
