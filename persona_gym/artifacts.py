@@ -54,7 +54,7 @@ from persona_gym.catalog import ItemCatalog
 from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collaborative
 from persona_gym.errors import PersonaGymError, StageError
 from persona_gym.io import _json_default, atomic_write_json
-from persona_gym.simulator.prompts import PromptConfig
+from persona_gym.prompt_config import PromptConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,13 @@ import numpy as np
 import pandas as pd
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.evaluation.baselines import DEFAULT_GRIDS, BiasedMF, fit_frame, tune, validation_split
+from persona_gym.evaluation.baselines import (
+    DEFAULT_GRIDS,
+    BiasedMF,
+    fit_frame,
+    tune,
+    validation_split,
+)
 from persona_gym.io import atomic_write
 
 __all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative"]

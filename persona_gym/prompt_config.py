@@ -1,0 +1,63 @@
+"""What goes into a rating prompt: :class:`PromptConfig`, recorded in each manifest.
+
+The prompt config is part of an artifacts directory's schema (``manifest.json["prompt"]``):
+training writes it, the artifacts read it back, and the simulator builds its prompts with it
+(:mod:`persona_gym.simulator.prompts`, whose module docstring describes the layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["PromptConfig"]
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """What goes into a prompt.
+
+    Attributes:
+        window_size: short-term window length ``k`` (0 disables the window).
+        n_memories: retrieved ``Ml`` memories per prompt (0 disables retrieval).
+        use_profile: include ``Ms`` as the system prompt.
+        max_tokens: budget for prefix + block; see the module docstring for the cut order.
+        crowd_cue: start the answer with the candidate's average rating (module docstring);
+            artifacts trained before this option existed load with ``False``.
+        item_tokens: each movie is one soft token (the compact mode; module docstring). Needs
+            adapters trained with it (``persona-gym train --item-tokens``).
+        cf_cue: the answer shows the collaborative model's prediction for the candidate
+            (``Predicted:3.6``, :mod:`persona_gym.collaborative`).
+        surprise_cue: the window shows how far the user's recent ratings fell from the
+            collaborative predictions (``Surprise:+0.4``): the episode's mood.
+        cf_items: item tokens carry the item's collaborative factors and bias next to its text
+            embedding (with ``item_tokens``).
+        cf_prior: the rating logits get a learned Gaussian prior around the collaborative
+            prediction (with ``cf_cue``; ``persona_gym.simulator.prior``).
+    """
+
+    window_size: int = 3
+    n_memories: int = 1
+    use_profile: bool = True
+    max_tokens: int = 384
+    crowd_cue: bool = True
+    item_tokens: bool = False
+    cf_cue: bool = False
+    surprise_cue: bool = False
+    cf_items: bool = False
+    cf_prior: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("window_size", "n_memories", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PromptConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_tokens < 64:
+            raise ValueError(f"PromptConfig.max_tokens must be >= 64, got {self.max_tokens}")
+        if self.cf_items and not self.item_tokens:
+            raise ValueError("PromptConfig.cf_items needs item_tokens=True (it shapes the item tokens)")
+        if self.cf_prior and not self.cf_cue:
+            raise ValueError("PromptConfig.cf_prior needs cf_cue=True (the prior is centred on that prediction)")
+
+    @property
+    def uses_collaborative(self) -> bool:
+        """Whether prompts need the artifacts' collaborative model."""
+        return self.cf_cue or self.surprise_cue or self.cf_items
