@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 tokenizer, tiny random models of the SmolLM2 architecture,
-and a small item catalogue."""
+a small item catalogue, tiny artifacts (with trained adapters, or tables only) and the table
+rater over them (the fast user model of the environment and agent tests)."""
 
 from __future__ import annotations
 
@@ -129,3 +130,35 @@ def trained_tiny_artifacts(tmp_path_factory, catalog, tiny_base):
     )
     train(root, config, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def table_artifacts(tmp_path_factory, catalog):
+    """Tiny artifacts tables (4 users who rated all 6 items, 2 personas), no adapters."""
+    return write_tiny_artifacts(tmp_path_factory.mktemp("tables") / "art", catalog)
+
+
+class CountingRater:
+    """A rater that counts the ``rate`` calls and rows it passes to another one."""
+
+    def __init__(self, rater):
+        self.inner, self.calls, self.rows = rater, 0, 0
+
+    def __getattr__(self, name):  # the Rater's properties
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def rate(self, user_ids, items, windows=None):
+        self.calls += 1
+        self.rows += len(user_ids)
+        return self.inner.rate(user_ids, items, windows)
+
+
+@pytest.fixture
+def table_rater(table_artifacts) -> CountingRater:
+    """The table rater of :func:`table_artifacts` (window of 2, as the tiny adapters were
+    trained with), counting its calls; a fresh one per test."""
+    from persona_gym.simulator.table import TableRater
+
+    return CountingRater(TableRater.from_artifacts(table_artifacts, window_size=2))

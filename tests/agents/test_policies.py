@@ -1,4 +1,4 @@
-"""Baseline policies, simulator and logged-data evaluation on the tiny trained artifacts."""
+"""Baseline policies, simulator and logged-data evaluation on the tiny tables (table rater)."""
 
 from __future__ import annotations
 

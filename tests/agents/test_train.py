@@ -1,4 +1,4 @@
-"""``persona-gym train-agent`` and the SB3 vector env on the tiny trained artifacts."""
+"""``persona-gym train-agent`` and the SB3 vector env on the tiny tables (table rater)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import pytest
 from agents.evaluate import make_batch
 from agents.policies import SB3Policy, make_policy
 from agents.sb3_env import SB3VecEnv
-from agents.train import AgentConfig, read_run, train_agent
+from agents.runs import read_run
+from agents.train import AgentConfig, train_agent
 
 
-def config(tmp_path, tiny_kwargs, **kwargs) -> AgentConfig:
+def config(tmp_path, tiny_config, **kwargs) -> AgentConfig:
     values = dict(timesteps=16, n_envs=2, n_steps=4, batch_size=4, checkpoint_every=8,
-                  out=str(tmp_path), env_kwargs=dict(tiny_kwargs))
+                  out=str(tmp_path), env_kwargs=dict(tiny_config))
     return AgentConfig(**{**values, **kwargs})
 
 
@@ -32,8 +33,8 @@ def test_sb3_vec_env_autoresets_like_sb3(tiny_kwargs):
     assert env.has_attr("action_masks") and env.env_is_wrapped(object) == [False, False]
 
 
-def test_maskable_ppo_trains_saves_reloads_and_resumes(tmp_path, tiny_kwargs, core):
-    run_dir = train_agent(config(tmp_path, tiny_kwargs), progress=False)
+def test_maskable_ppo_trains_saves_reloads_and_resumes(tmp_path, tiny_config, table_rater, core):
+    run_dir = train_agent(config(tmp_path, tiny_config), progress=False, rater=table_rater)
     assert run_dir.name.startswith("PersonaML100K-v0_maskable-ppo_s0_")
     for name in ("model.zip", "run.json", "monitor.csv", "learning_curve.png"):
         assert (run_dir / name).exists(), name
@@ -48,13 +49,15 @@ def test_maskable_ppo_trains_saves_reloads_and_resumes(tmp_path, tiny_kwargs, co
     assert batch.masks[np.arange(len(states)), policy.act(batch)].all()
     np.testing.assert_array_equal(policy.scores(batch), SB3Policy.load(run_dir / "model.zip").scores(batch))
     # resume: continues from the latest checkpoint to the new total
-    resumed = train_agent(config(tmp_path, tiny_kwargs, timesteps=24), resume=run_dir, progress=False)
+    resumed = train_agent(config(tmp_path, tiny_config, timesteps=24), resume=run_dir, progress=False,
+                          rater=table_rater)
     assert resumed == run_dir and read_run(run_dir)["timesteps"] == 24
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
-def test_ppo_and_dqn_train(tmp_path, tiny_kwargs, algo):
-    run_dir = train_agent(config(tmp_path, tiny_kwargs, algo=algo, seed=1), progress=False)
+def test_ppo_and_dqn_train(tmp_path, tiny_config, table_rater, algo):
+    run_dir = train_agent(config(tmp_path, tiny_config, algo=algo, seed=1), progress=False,
+                          rater=table_rater)
     assert read_run(run_dir)["algo"] == algo and (run_dir / "model.zip").exists()
 
 

@@ -25,20 +25,20 @@ def _compare_or_record(request, path, episodes, **meta) -> None:
     assert_same(episodes, json.loads(path.read_text())["episodes"])
 
 
-def test_tiny_simulator_rollout_is_unchanged(request, tiny_kwargs):
+def test_tiny_simulator_rollout_is_unchanged(request, slm_kwargs):
     """The env on the tiny trained artifacts (random base model, trained LoRAs), churn on."""
-    env = gym.make("PersonaML100K-v0", **{**tiny_kwargs, "leave_prob": 0.5, "dtype": "float32"})
+    env = gym.make("PersonaML100K-v0", **{**slm_kwargs, "leave_prob": 0.5})
     episodes = rollout(env, seeds=(0, 1, 2), steps=8)
     _compare_or_record(request, TINY, episodes)
 
 
-def test_tiny_vector_rollout_matches_the_single_env_recording(tiny_kwargs):
+def test_tiny_vector_rollout_matches_the_single_env_recording(slm_kwargs):
     """The vector env's sub-environment ``i`` seeded ``s + i`` replays the single-env record
     (ratings to 1e-4: a batch of users sums in another order than one user alone)."""
     import numpy as np
 
     recorded = json.loads(TINY.read_text())["episodes"]
-    kwargs = {**tiny_kwargs, "leave_prob": 0.5, "dtype": "float32"}
+    kwargs = {**slm_kwargs, "leave_prob": 0.5}
     vec = gym.make_vec("PersonaML100K-v0", num_envs=len(recorded), vectorization_mode="vector_entry_point",
                        **kwargs)
     _, infos = vec.reset(seed=recorded[0]["seed"])
