@@ -261,14 +261,14 @@ def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None
     simulator (or ``rater``), the train + background ratings the baselines fit on, the logged
     test interactions of the simulator's users (the protocol split rebuilt from the artifacts'
     ``split.json``), and the number of users in the dataset (for novelty)."""
-    from persona_gym.artifacts import load_artifacts
+    from persona_gym.artifacts import load_artifacts, resolve_artifacts
     from persona_gym.data.protocol import logged_data
-    from persona_gym.envs.config import load_env_config, resolve_artifacts
+    from persona_gym.envs.config import load_env_config
     from persona_gym.evaluation.baselines import fit_frame
 
     config = load_env_config(env_config_name(env_id), dtype=dtype, **overrides)
     core = RecCore(config, rater)
-    data = logged_data(load_artifacts(resolve_artifacts(config)))
+    data = logged_data(load_artifacts(resolve_artifacts(config.artifacts, dataset=config.dataset)))
     ratings = fit_frame(data.train, data.background)
     return core, ratings, data.test, int(ratings["user_id"].nunique())
 

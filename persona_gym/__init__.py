@@ -1,6 +1,7 @@
 """persona-gym: recommender-system environments whose users are persona-LoRA small language models.
 
-``import persona_gym`` registers the environments (``PersonaML100K-v0``, ``PersonaML1M-v0``).
+``import persona_gym`` registers the environments of :data:`persona_gym.registry.ENVS`
+(``PersonaML100K-v0``, ``PersonaML1M-v0``).
 """
 
 __version__ = "0.1.0"
@@ -17,17 +18,18 @@ def _register_envs() -> None:
     import gymnasium
 
     from envs_config import read_config
+    from persona_gym.registry import ENVS
 
-    for env_id, config in (("PersonaML100K-v0", "ml100k"), ("PersonaML1M-v0", "ml1m")):
-        if env_id in gymnasium.registry:
+    for entry in ENVS:
+        if entry.env_id in gymnasium.registry:
             continue
         gymnasium.register(
-            id=env_id,
+            id=entry.env_id,
             entry_point="persona_gym.envs:PersonaRecEnv",
             vector_entry_point="persona_gym.envs:PersonaRecVectorEnv",
-            max_episode_steps=int(read_config(config)[0]["max_episode_steps"]),
+            max_episode_steps=int(read_config(entry.config)[0]["max_episode_steps"]),
             nondeterministic=False,
-            kwargs={"config": config},
+            kwargs={"config": entry.config},
         )
 
 

@@ -55,6 +55,7 @@ from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collabor
 from persona_gym.errors import PersonaGymError, StageError
 from persona_gym.io import _json_default, atomic_write_json
 from persona_gym.prompt_config import PromptConfig
+from persona_gym.registry import SHIPPED_DIR, SIMULATORS
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ SEAL = "manifest_sha256"
 # Artifacts shipped inside the package: adapters, manifest and persona cards only. The tables
 # (profiles, memories, items) reproduce MovieLens content, which may not be redistributed, so
 # they are regenerated on first use by the deterministic data distiller from the local dataset.
-SHIPPED = {"ml-100k": "ml100k"}
-SHIPPED_DIR = Path(__file__).parent / "default_artifacts"
 TABLES = ("items.parquet", "profiles.jsonl", "memories.parquet", "embeddings/items.npy", CF_FILE)
 # What each stage writes, in pipeline order; a forced re-run deletes its own and later products.
 STAGE_PRODUCTS = {
@@ -676,8 +675,30 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None) -> Path:
-    """The artifacts directory for a shipped name (``"ml-100k"``) or a path.
+class MissingArtifactsError(ArtifactsError, FileNotFoundError):
+    """No trained simulator where one was asked for (the message gives the commands)."""
+
+
+def missing_artifacts_message(where: Path, dataset: str = "ml-100k", named: bool = False) -> str:
+    """How to produce the simulator artifacts asked for at ``where`` (``named``: through a
+    simulator name of :data:`persona_gym.registry.SIMULATORS`, so the commands write to DIR)."""
+    out = "DIR" if named else str(where)
+    fetch = ""
+    if dataset == "ml-1m":
+        fetch = ("`persona-gym data fetch ml-1m` (or pass the folder holding ratings.dat, "
+                 "users.dat, movies.dat as --dataset), then ")
+    return (
+        f"{where / MANIFEST} not found: no trained simulator there. Produce one with: "
+        f"{fetch}`persona-gym distill --dataset {dataset} --out {out} && "
+        f"persona-gym personas --artifacts {out} && persona-gym train --artifacts {out}`, "
+        f"then pass artifacts={out!r} (e.g. gym.make(..., artifacts={out!r}))."
+    )
+
+
+def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None,
+                      dataset: str | None = None) -> Path:
+    """The artifacts directory of a simulator name (``"ml-100k"``) or a path;
+    :class:`MissingArtifactsError` naming the commands (for ``dataset``) when it has no manifest.
 
     A shipped name is materialised once into the cache: the package's manifest, adapters and
     persona cards (verified against the manifest), plus the tables regenerated from the local
@@ -685,25 +706,21 @@ def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None)
     same copy take turns (a file lock); the later ones reuse the first one's copy.
     """
     name = str(name_or_path)
-    if name not in SHIPPED:
-        root = Path(name_or_path).expanduser()
-        if not root.exists():
-            raise ArtifactsError(
-                f"artifacts directory {root} does not exist; produce one with "
-                f"`persona-gym distill --dataset ml-100k --out {root}`, "
-                f"`persona-gym personas --artifacts {root}`, "
-                f"`persona-gym train --artifacts {root}` "
-                "(for ML-1M: `persona-gym data fetch ml-1m` first, then --dataset ml-1m)"
-            )
+    named = name in SIMULATORS
+    root = SHIPPED_DIR / SIMULATORS[name] if named else Path(name_or_path).expanduser()
+    if not (root / MANIFEST).is_file():
+        raise MissingArtifactsError(missing_artifacts_message(root, dataset or (name if named else "ml-100k"),
+                                                              named))
+    if not named:
         return root
     from persona_gym.assets import cache_dir
 
-    shipped = SHIPPED_DIR / SHIPPED[name]
+    shipped = root
     manifest = read_manifest(shipped)
     verify_artifacts(shipped, manifest, tables=False)
     # keyed by the manifest's bytes: a package update with new adapters gets a fresh copy
     key = hashlib.sha256((shipped / MANIFEST).read_bytes()).hexdigest()[:12]
-    target = cache_dir(cache) / "artifacts" / f"{SHIPPED[name]}-{key}"
+    target = cache_dir(cache) / "artifacts" / f"{SIMULATORS[name]}-{key}"
     if (target / MANIFEST).exists():
         return target
     with _file_lock(target.parent / f".{target.name}.lock"):

@@ -20,11 +20,7 @@ REWARDS = ("expected", "sampled")
 REPEAT_RULES = ("penalty", "terminate")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
-# Names of ``artifacts`` that mean "the artifacts shipped inside the package".
-DEFAULT_ARTIFACTS = {"ml-100k": "ml100k", "ml-1m": "ml1m"}
-
-__all__ = ["DEFAULT_ARTIFACTS", "EnvConfig", "check_device", "default_artifacts_dir",
-           "load_env_config", "missing_artifacts_message", "resolve_artifacts"]
+__all__ = ["EnvConfig", "check_device", "load_env_config"]
 
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(?::(\d+))?")
 
@@ -194,45 +190,3 @@ def load_env_config(name_or_path: str | Path | EnvConfig = "ml100k", **overrides
         raise ConfigTypeError(f"{path}: {err}") from err
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
-
-
-def default_artifacts_dir(name: str) -> Path:
-    """``persona_gym/default_artifacts/<ml100k|ml1m>`` (the shipped artifacts' location)."""
-    from persona_gym.artifacts import SHIPPED_DIR
-
-    return SHIPPED_DIR / DEFAULT_ARTIFACTS[name]
-
-
-def missing_artifacts_message(config: EnvConfig, where: Path) -> str:
-    """How to produce the artifacts an environment asked for."""
-    dataset = config.dataset
-    out = "DIR" if config.artifacts in DEFAULT_ARTIFACTS else str(where)
-    fetch = ""
-    if dataset == "ml-1m":
-        fetch = ("`persona-gym data fetch ml-1m` (or pass the folder holding ratings.dat, "
-                 "users.dat, movies.dat as --dataset), then ")
-    return (
-        f"no trained simulator artifacts at {where} (no manifest.json). Produce them with: "
-        f"{fetch}`persona-gym distill --dataset {dataset} --out {out} && "
-        f"persona-gym personas --artifacts {out} && persona-gym train --artifacts {out}`, "
-        f"then pass artifacts={out!r} (e.g. gym.make(..., artifacts={out!r}))."
-    )
-
-
-def resolve_artifacts(config: EnvConfig) -> Path:
-    """The artifacts directory a config points at; ``FileNotFoundError`` with the commands.
-
-    A shipped name is materialised into the cache on first use (its MovieLens-derived tables
-    are regenerated; see ``persona_gym.artifacts.resolve_artifacts``).
-    """
-    from persona_gym import artifacts
-
-    if config.artifacts in DEFAULT_ARTIFACTS:
-        where = default_artifacts_dir(config.artifacts)
-    else:
-        where = Path(config.artifacts).expanduser().resolve()
-    if not (where / "manifest.json").is_file():
-        raise FileNotFoundError(missing_artifacts_message(config, where))
-    if config.artifacts in artifacts.SHIPPED:
-        return artifacts.resolve_artifacts(config.artifacts)
-    return where

@@ -19,7 +19,8 @@ import numpy as np
 from gymnasium import spaces
 
 from persona_gym import ratings
-from persona_gym.envs.config import EnvConfig, resolve_artifacts
+from persona_gym.artifacts import resolve_artifacts
+from persona_gym.envs.config import EnvConfig
 from persona_gym.memory import Interaction, format_window, short_term_window
 from persona_gym.rater import Rater
 
@@ -37,7 +38,7 @@ def get_simulator(config: EnvConfig) -> Rater:
     """
     from persona_gym.simulator.simulator import UserSimulator
 
-    root = resolve_artifacts(config)
+    root = resolve_artifacts(config.artifacts, dataset=config.dataset)
     key = (str(root), config.variant, config.base_model, config.device, config.dtype, config.compile)
     with _CACHE_LOCK:
         simulator = _CACHE.get(key)

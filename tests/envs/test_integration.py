@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 import persona_gym  # noqa: F401  (registers the ids)
-from persona_gym.envs.config import default_artifacts_dir
+from persona_gym.registry import simulator_dir
 
 
 @pytest.fixture(scope="module")
 def shipped() -> str:
-    root = default_artifacts_dir("ml-100k")
+    root = simulator_dir("ml-100k")
     if not (root / "manifest.json").is_file():
         pytest.fail(f"the default ML-100k artifacts are not shipped: {root}/manifest.json is missing. "
                     "Copy a trained artifacts directory there (persona-gym distill --dataset ml-100k "
