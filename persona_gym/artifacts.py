@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 import pandas as pd
 
+from persona_gym import adapter_names
 from persona_gym.catalog import ItemCatalog
 from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collaborative
 from persona_gym.errors import PersonaGymError, StageError
@@ -124,11 +125,7 @@ class Artifacts:
 
     def adapter_of(self, user_id: int, variant: str = "persona") -> str:
         """The adapter that simulates ``user_id`` under a variant (persona / single-max / ...)."""
-        if variant == "persona":
-            return f"persona-{self.user_persona[int(user_id)]}"
-        if variant == "user":
-            return f"user-{int(user_id)}"
-        return variant
+        return adapter_names.adapter_of(variant, user_id, self.user_persona)
 
     def require_variant(self, variant: str) -> None:
         """Fail now, naming the users and the fix, when some user has no adapter under ``variant``

@@ -376,12 +376,12 @@ def test_binary_file_rejected(tmp_path: Path) -> None:
 
 
 def test_undecodable_bytes_name_line_and_encoding(tmp_path: Path) -> None:
-    from persona_gym.data import movielens
+    from persona_gym.data.validation import read_text
 
     path = tmp_path / "x.dat"
     path.write_bytes(b"ok line\nbad \xe9 line\n")
     with pytest.raises(DataValidationError, match=r"x\.dat, line 2: cannot decode.*as utf-8"):
-        movielens._read_text(path, "utf-8")
+        read_text(path, "utf-8")
 
 
 def test_missing_file(tmp_path: Path) -> None:

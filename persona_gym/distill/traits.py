@@ -14,6 +14,7 @@ import pandas as pd
 
 from persona_gym.catalog import ItemCatalog
 from persona_gym.distill.memories import training_rows
+from persona_gym.ratings import MAX_RATING, MIN_RATING
 
 __all__ = ["DataDistillerConfig", "compute_traits"]
 
@@ -139,7 +140,7 @@ def _user_traits(group: pd.DataFrame, catalog: ItemCatalog, config: DataDistille
         "days_active": _r((ts.max() - ts.min()) / 86400, 1),
         "mean": _r(mean),
         "std": _r(std),
-        "rating_counts": {str(k): int((ratings == k).sum()) for k in range(1, 6)},
+        "rating_counts": {str(k): int((ratings == k).sum()) for k in range(MIN_RATING, MAX_RATING + 1)},
         "genres": genres,
         "likes": likes[: config.max_likes],
         "dislikes": dislikes[: config.max_dislikes],

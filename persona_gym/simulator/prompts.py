@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from persona_gym.catalog import ItemCatalog
 from persona_gym.memory import Interaction, format_window
 from persona_gym.prompt_config import PromptConfig
+from persona_gym.ratings import RATING_TOKENS
 
-RATING_TOKENS = ("1", "2", "3", "4", "5")
 ITEM_MARK = "\ue000"  # stands for an item token in block text (a private-use character)
 TASK = "Rate this movie from 1 (hated it) to 5 (loved it). Answer with one digit."
 # Longest text (characters) of each data field a prompt shows; a longer one is cut and ends with
