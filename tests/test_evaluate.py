@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from persona_gym.artifacts import rehash
 from persona_gym.evaluation import metrics as M
 from training.evaluate import (
     DEFAULT_CONFIGS,
@@ -136,6 +137,7 @@ def _held_out_artifacts(src, dst, n_test: int = 2):
     memories = pd.read_parquet(dst / "memories.parquet").sort_values(["user_id", "timestamp"])
     last = memories.groupby("user_id").cumcount(ascending=False) < n_test
     memories[~last].to_parquet(dst / "memories.parquet", index=False)
+    rehash(dst)  # a deliberate change of the artifacts: record it, or loading refuses the copy
     test = memories[last][["user_id", "item_id", "item_index", "rating", "timestamp"]]
     return dst, test.reset_index(drop=True)
 
@@ -223,6 +225,7 @@ def test_split_json_mismatch_is_named(held_out, tmp_path):
     (copy / "split.json").write_text(json.dumps({"dataset": "ml-100k", "params": {
         "n_users": 4, "min_interactions": 100, "max_interactions": 200, "train_fraction": 0.6,
         "seed": 0}, "user_ids": [0, 1, 2, 3]}))
+    rehash(copy)
     with pytest.raises(ValueError, match="selects other users"):
         logged_data(load_artifacts(copy))
 
