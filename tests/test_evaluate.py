@@ -181,7 +181,7 @@ def test_evaluate_end_to_end(evaluated):
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == 8 and "pred:persona:Ms+Ml" in predictions and "baseline:item mean" in predictions
     # the CLI-facing renderer works on the written JSON too
-    assert "Baselines" in render_markdown(results)
+    assert "beside the baselines" in render_markdown(results)
 
 
 def test_predictions_do_not_read_test_ratings(held_out, evaluated):
