@@ -25,6 +25,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check persona_gym agents training envs_config tests
+	$(PY) -m mypy
 	$(PY) -m pytest -q -rs
 
 lint: install

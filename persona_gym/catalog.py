@@ -50,13 +50,6 @@ class ItemCatalog:
     def __len__(self) -> int:
         return len(self.item_ids)
 
-    def index_of(self, item_id: int) -> int:
-        """Catalogue index of a dataset item id (KeyError naming the id when unknown)."""
-        lookup = self._lookup()
-        if int(item_id) not in lookup:
-            raise KeyError(f"item id {item_id} is not in the catalogue of {len(self)} items")
-        return lookup[int(item_id)]
-
     def indices_of(self, item_ids) -> np.ndarray:
         """Catalogue indices of many dataset item ids."""
         lookup = self._lookup()

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class Embedder:
         self.batch_size = batch_size
         root = Path(cache_dir) if cache_dir is not None else _default_cache()
         self.cache_path = root / _slug(name_or_path)
-        self._model = None
+        self._model: Any = None  # the SentenceTransformer, loaded on first use
         self._cache: dict[str, np.ndarray] | None = None
         self._dim: int | None = None
 

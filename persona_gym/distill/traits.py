@@ -73,8 +73,9 @@ def compute_traits(dataset, split, catalog: ItemCatalog,
         return {}
     counts = np.array([t["n_ratings"] for t in raw.values()], dtype=float)
     entropies = np.array([t["genre_entropy"] for t in raw.values()], dtype=float)
-    n_cuts = tuple(float(x) for x in np.quantile(counts, [1 / 3, 2 / 3]))
-    e_cuts = tuple(float(x) for x in np.quantile(entropies, [1 / 3, 2 / 3]))
+    n_low, n_high = (float(x) for x in np.quantile(counts, [1 / 3, 2 / 3]))
+    e_low, e_high = (float(x) for x in np.quantile(entropies, [1 / 3, 2 / 3]))
+    n_cuts, e_cuts = (n_low, n_high), (e_low, e_high)
 
     traits: dict[int, dict] = {}
     for user_id, t in raw.items():

@@ -95,7 +95,7 @@ class EnvConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            _check_type(f.name, value, f.type)
+            _check_type(f.name, value, str(f.type))
             if f.type == "float":
                 if isinstance(value, int):
                     object.__setattr__(self, f.name, float(value))

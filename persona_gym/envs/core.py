@@ -231,7 +231,7 @@ class RecCore:
         evaluation truncate there; ``gym.make``'s ``TimeLimit`` does it for the single env)."""
         return state.steps >= self.config.max_episode_steps
 
-    def step(self, states: Sequence[EpisodeState], actions: Sequence[int],
+    def step(self, states: Sequence[EpisodeState], actions: Sequence[Any],
              rngs: Sequence[np.random.Generator]) -> list[StepResult]:
         """Advance each state by its action; all rated actions in ONE ``Rater.rate`` call."""
         items = [self.check_action(a) for a in actions]

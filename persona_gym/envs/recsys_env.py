@@ -19,7 +19,7 @@ from persona_gym.rater import Rater
 __all__ = ["ActType", "ObsType", "PersonaRecEnv"]
 
 
-ObsType = dict[str, np.ndarray]
+ObsType = dict[str, Any]  # the arrays of the Observation Space table
 ActType = np.int64
 
 

@@ -135,7 +135,7 @@ class PersonaRecVectorEnv(VectorEnv):
         """``(num_envs, n_items)`` bool, true where the action is allowed."""
         return np.stack([self._state(i).allowed for i in range(self.num_envs)])
 
-    def render(self) -> str | None:
+    def render(self) -> str | None:  # type: ignore[override]  # one text, not one frame per env
         if self.render_mode != "ansi":
             return None
         return "\n\n".join(self.core.text(s) for s in self.states if s is not None)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -257,7 +258,7 @@ def _settings(grid: dict[str, list]) -> Iterable[dict]:
 def tune(cls: type, grid: dict[str, list], fit_on: pd.DataFrame, validation: pd.DataFrame,
          extra: dict | None = None) -> tuple[dict, float, list[dict]]:
     """Best setting of ``grid`` by validation RMSE: ``(params, val_rmse, all_trials)``."""
-    trials = []
+    trials: list[dict[str, Any]] = []
     for setting in _settings(grid):
         model = cls(**setting, **(extra or {})).fit(fit_on)
         pred = model.predict(validation["user_id"], validation["item_id"])

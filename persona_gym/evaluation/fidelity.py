@@ -37,14 +37,16 @@ def persona_specificity(rate: Rate, users: np.ndarray, items: np.ndarray, real: 
     for p in personas:
         pred = rate(f"persona-{p}", users.tolist(), np.asarray(items).tolist(), windows) @ RATING_VALUES
         errors[p] = (pred - real) ** 2
-    own, other, best = [], [], []
+    own: list[float] = []
+    other: list[float] = []
+    best: list[bool] = []
     for user in np.unique(users):
         rows = users == user
         per = {p: float(np.sqrt(errors[p][rows].mean())) for p in personas}
         mine = user_persona[int(user)]
         own.append(per[mine])
-        other.append(np.mean([v for p, v in per.items() if p != mine]) if len(per) > 1 else np.nan)
-        best.append(min(per, key=per.get) == mine)
+        other.append(float(np.mean([v for p, v in per.items() if p != mine])) if len(per) > 1 else np.nan)
+        best.append(min(per, key=lambda p: per[p]) == mine)
     return {"personas": len(personas), "users": len(own), "rows": int(len(users)),
             "own_rmse": float(np.mean(own)), "other_rmse": float(np.nanmean(other)),
             "own_best_share": float(np.mean(best)), "chance": 1.0 / max(len(personas), 1)}

@@ -271,9 +271,9 @@ def fidelity_report(
                             reliability(probs, real, n_bins).items()},
         })
     if groups is not None:
-        groups = np.asarray(groups).ravel()
-        report["per_group"] = per_group(groups, pred, real)
-        for key, rows in _groups(groups).items():
+        group_of = np.asarray(groups).ravel()
+        report["per_group"] = per_group(group_of, pred, real)
+        for key, rows in _groups(group_of).items():
             key = key.item() if hasattr(key, "item") else key
             entry = report["per_group"][key]
             entry["histogram_real"] = rating_histogram(real[rows]).tolist()

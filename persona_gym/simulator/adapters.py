@@ -7,6 +7,7 @@ projection (:data:`ITEM_TOKENS_FILE`). Names follow :mod:`persona_gym.adapter_na
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def save_item_tokens(items: ItemTokens, folder: str | Path) -> None:
     torch.save(state, Path(folder) / ITEM_TOKENS_FILE)
 
 
-def load_item_tokens(adapters: dict[str, str | Path], embeddings: np.ndarray,
+def load_item_tokens(adapters: Mapping[str, str | Path], embeddings: np.ndarray,
                      device: torch.device | str = "cpu") -> dict[str, ItemTokens]:
     """Each ``{name: folder}`` adapter's :class:`ItemTokens` over the artifacts' item embeddings,
     on ``device``."""
@@ -47,7 +48,7 @@ def load_item_tokens(adapters: dict[str, str | Path], embeddings: np.ndarray,
     return out
 
 
-def attach_adapters(model: torch.nn.Module, adapters: dict[str, str | Path]) -> torch.nn.Module:
+def attach_adapters(model: torch.nn.Module, adapters: Mapping[str, str | Path]) -> torch.nn.Module:
     """Wrap ``model`` in a ``PeftModel`` holding each ``{name: folder}`` adapter (eval mode)."""
     if not adapters:
         return model
@@ -67,4 +68,5 @@ def attach_adapters(model: torch.nn.Module, adapters: dict[str, str | Path]) -> 
             peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
         else:
             peft_model.load_adapter(folder, adapter_name=name)
+    assert peft_model is not None  # adapters is not empty
     return peft_model.eval()

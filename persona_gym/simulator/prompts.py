@@ -49,6 +49,7 @@ import dataclasses
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from persona_gym.catalog import ItemCatalog
 from persona_gym.memory import Interaction, format_window
@@ -121,7 +122,7 @@ class RatingRequest:
 class PromptBuilder:
     """Turns requests into token segments with a tokenizer's chat template."""
 
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     catalog: ItemCatalog
     config: PromptConfig = field(default_factory=PromptConfig)
 

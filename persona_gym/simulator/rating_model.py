@@ -90,9 +90,9 @@ class RatingModel:
         item_tokens: dict[str, ItemTokens] | None = None,
         priors: dict[str, RatingPrior] | None = None,
     ):
-        self.model = model.eval()
+        self.model: Any = model.eval()  # a transformers / peft model (attributes by name)
         self.builder = builder
-        self.tokenizer = builder.tokenizer
+        self.tokenizer: Any = builder.tokenizer
         self.layered = layered or LayeredLM(model, builder.rating_token_ids, compile=compile,
                                             placeholder_id=builder.item_placeholder_id)
         self.item_tokens = item_tokens or {}
@@ -143,8 +143,8 @@ class RatingModel:
         out = torch.empty((len(requests), N_LEVELS), dtype=torch.float32)
         groups: dict[str, list[tuple[int, tuple[int, ...], list[int]]]] = defaultdict(list)
         for index, request in enumerate(requests):
-            prefix, block = self.builder.segments(request)
-            groups[request.adapter].append((index, tuple(prefix), block))
+            prefix_ids, block_ids = self.builder.segments(request)
+            groups[request.adapter].append((index, tuple(prefix_ids), block_ids))
         for adapter, items in groups.items():
             if self.builder.config.item_tokens and adapter not in self.item_tokens:
                 raise ValueError(f"adapter {adapter!r} has no item projection: item-token prompts "
@@ -167,9 +167,9 @@ class RatingModel:
                 if adapter not in self.priors:
                     raise ValueError(f"adapter {adapter!r} has no collaborative prior: prompts with "
                                      "cf_prior need adapters trained with `persona-gym train --cf-prior`")
-                index = [i for i, _, _ in items]
-                predictions = torch.tensor([requests[i].cf_prediction for i in index])
-                out[index] = self.priors[adapter](out[index], predictions)
+                positions = [i for i, _, _ in items]
+                predictions = torch.tensor([requests[i].cf_prediction for i in positions])
+                out[positions] = self.priors[adapter](out[positions], predictions)
         return out
 
     def _encode(self, prefixes: list[tuple[int, ...]]) -> list:
@@ -184,7 +184,9 @@ class RatingModel:
         """Split length-sorted ``items`` into batches of at most ``max_batch_tokens`` padded
         tokens, a quarter of them padding at most (a few long rows go to a batch of their own
         rather than pad every row of a large batch to their length)."""
-        batches, batch, real = [], [], 0
+        batches: list[list[T]] = []
+        batch: list[T] = []
+        real = 0
         for item in items:
             n = length(item)
             padded = n * (len(batch) + 1)

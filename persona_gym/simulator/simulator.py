@@ -8,7 +8,7 @@ scores everything in one ``RatingModel.score`` call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ class UserSimulator:
         """Load artifacts and the base model with the adapters the variant needs."""
         artifacts = load_artifacts(artifacts_dir)
         artifacts.require_variant(variant)  # every user has an adapter: fail here, not at a step
-        adapters = variant_adapters(variant, artifacts.adapter_dirs)
+        adapters: dict[str, str | Path] = variant_adapters(variant, artifacts.adapter_dirs)
         model, tokenizer = load_model(artifacts, adapters, base_model, device, dtype)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
         items = (load_item_tokens(adapters, artifacts.item_token_features(builder.config), device)
@@ -138,7 +138,7 @@ class UserSimulator:
         return self.model.score(requests)
 
 
-def load_model(artifacts: Artifacts, adapters: dict[str, Path], base_model: str | None = None,
+def load_model(artifacts: Artifacts, adapters: Mapping[str, str | Path], base_model: str | None = None,
                device: str = "cpu", dtype: str = "auto"):
     """The artifacts' base model (checked against the manifest) with ``adapters`` attached,
     and its tokenizer. ``base_model`` None = the one the adapters were trained on."""

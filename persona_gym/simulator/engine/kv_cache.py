@@ -55,15 +55,15 @@ def encode_prefixes(layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_i
     mask = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
     hidden = layered.embed_ids(ids)
     position_embeddings = layered.rotary(hidden, position_ids=positions)
-    keys, values = [], []
+    key_list, value_list = [], []
     attn = layered.layers[0].self_attn
     heads = attn.k_proj.out_features // attn.head_dim
     no_past = hidden.new_zeros((len(prefixes), heads, 0, attn.head_dim))  # same types as blocks'
     for layer in layered.layers:
         hidden, k, v = layered.attend(layer, hidden, position_embeddings, no_past, no_past, mask[:, None])
-        keys.append(k)
-        values.append(v)
-    keys, values = torch.stack(keys), torch.stack(values)  # (layers, B, heads, P, d)
+        key_list.append(k)
+        value_list.append(v)
+    keys, values = torch.stack(key_list), torch.stack(value_list)  # (layers, B, heads, P, d)
     return [PrefixKV(keys[:, r, :, :n].clone(), values[:, r, :, :n].clone())
             for r, n in enumerate(lengths.tolist())]
 
@@ -102,7 +102,7 @@ def _stack_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack ``(layers, heads, n_i, d)`` tensors into ``(layers, B, heads, max n_i, d)``, zero-padded
     at the end (one copy per prefix for all layers: fewer, larger copies than per layer)."""
     if all(t.shape[2] == tensors[0].shape[2] for t in tensors):
-        return torch.stack(tensors, dim=1)
+        return torch.stack(list(tensors), dim=1)
     layers, heads, _, dim = tensors[0].shape
     out = tensors[0].new_zeros((layers, len(tensors), heads, max(t.shape[2] for t in tensors), dim))
     for r, t in enumerate(tensors):

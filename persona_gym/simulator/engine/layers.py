@@ -9,6 +9,7 @@ placeholder positions by projected item embeddings before the first LoRA layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -21,6 +22,8 @@ RECOMPILE_LIMIT = 64  # compiled graphs per function: one per adapter and shape 
 
 
 class ItemTokens(torch.nn.Module):
+    embeddings: torch.Tensor  # (n_items, E), a buffer
+
     """Soft item tokens: each movie as one vector projected from its text embedding.
 
     Args:
@@ -61,7 +64,9 @@ class LayeredLM:
                  placeholder_id: int = 0):
         """``compile=True`` runs each decoder layer through ``torch.compile`` (dynamic shapes):
         about 3x faster on CPU once compiled (~1 min the first time), same results."""
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # a peft wrapper or the bare model; its submodules are looked up by name
+        get_base = getattr(model, "get_base_model", None)
+        inner: Any = get_base() if get_base is not None else model
         try:
             self.embed = inner.model.embed_tokens
             self.layers = inner.model.layers
