@@ -150,7 +150,7 @@ def test_distiller_refuses_injected_reasons_and_caps_long_ones():
 
 
 def test_llm_distiller_stores_the_data_profile_instead_of_an_injection(tmp_path):
-    from tests.test_distill import synthetic_split
+    from tests.distill.test_distill import synthetic_split
     from training.distill import LLMDistiller, LLMDistillerConfig
 
     class Hostile:

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from tests.test_distill import _Server
+from tests.distill.test_distill import _Server
 from training.chat import ChatBackendError, OpenAIChatBackend
 
 KEY = "sk-proj-SECRET0123456789abcdefXYZ"

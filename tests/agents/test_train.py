@@ -7,8 +7,8 @@ import pytest
 
 from agents.evaluate import make_batch
 from agents.policies import SB3Policy, make_policy
-from agents.sb3_env import SB3VecEnv
 from agents.runs import read_run
+from agents.sb3_env import SB3VecEnv
 from agents.train import AgentConfig, train_agent
 
 

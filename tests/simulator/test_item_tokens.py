@@ -13,8 +13,8 @@ from persona_gym.simulator.engine import ItemTokens, pack
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import RatingModel
 from persona_gym.simulator.simulator import UserSimulator
-from tests.test_rating_model import PROFILE_A, PROFILE_B, add_random_adapters
-from tests.test_training import config
+from tests.simulator.test_rating_model import PROFILE_A, PROFILE_B, add_random_adapters
+from tests.training.test_train import config
 from training.train import train
 
 WINDOW = (Interaction(1, 4, 10), Interaction(2, 2.5, 20))
