@@ -10,8 +10,7 @@
 4. prints the comparison and writes ``report.md``, ``results.json`` and ``policies.png`` to
    ``--out`` (the PPO run folder, with its learning curve, goes to ``--out/agents``).
 
-About 6 minutes on a 2-core CPU. ``persona-gym train-agent`` and ``persona-gym
-evaluate-policy`` do each part at any size.
+``persona-gym train-agent`` and ``persona-gym evaluate-policy`` do each part at any size.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--episodes", type=int, default=16, help="simulator episodes per policy")
     parser.add_argument("--ppo-steps", type=int, default=1024, help="MaskablePPO env steps (0 = skip)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="simulator dtype (bfloat16: ~2x faster on CPUs with AMX)")
+                        help="simulator dtype (bfloat16: faster on CPUs with AMX)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.set_defaults(func=run)
 

@@ -52,7 +52,7 @@ class AgentConfig:
         gamma: discount (episodes are short: 20 steps by default).
         ent_coef: PPO entropy bonus (keeps exploring a 1,682-item action space).
         checkpoint_every: env steps between checkpoints.
-        dtype: the simulator's dtype (``bfloat16`` is ~2x faster on CPUs with AMX).
+        dtype: the simulator's dtype (``bfloat16`` is faster on CPUs with AMX).
         out: parent folder of run folders.
         env_kwargs: other :class:`~persona_gym.envs.config.EnvConfig` fields, e.g.
             ``{"artifacts": "artifacts/ml100k"}`` for a simulator you trained.

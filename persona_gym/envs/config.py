@@ -45,7 +45,7 @@ class EnvConfig:
             or AVX512-BF16, float32 elsewhere: ``persona_gym.assets.resolve_dtype``),
             ``float32``, ``float16`` or ``bfloat16``.
         compile: run the rating model's decoder layers through ``torch.compile`` (same ratings;
-            on a CPU ~2-3x faster once compiled, after a ~1 min warm-up on the first step).
+            faster once compiled, after a warm-up on the first step: benchmarks/README.md).
         max_episode_steps: the horizon; ``truncated`` becomes true after this many steps (the
             registered ids pass it to ``TimeLimit``; the vector env applies it itself). Also the
             denominator of the observation's ``step_fraction``. Note: ``gym.make(id,

@@ -11,9 +11,8 @@ A prompt is two token segments:
 
 Why the answer starts with the crowd's average: a small LM attends to what is next to the
 answer. With the average only inside the user turn, adapters trained on SmolLM2-135M learned
-each user's level and ignored the movie (within-user correlation of predictions with the
-item mean ~0); with it right before the answer, even the untuned model's prediction follows
-the movie (correlation 0.78 on a probe of 12 users x 16 movies).
+each user's level and ignored the movie; with it right before the answer, even the untuned
+model's prediction follows the movie (the probe: benchmarks/README.md).
 
 With a chat template the segments are exactly the template's rendering of
 ``[system, user]`` split at the user turn; without one, a plain ``system / user / RATING:`` layout is used.

@@ -63,7 +63,7 @@ class LayeredLM:
     def __init__(self, model: torch.nn.Module, rating_ids: Sequence[int], compile: bool = False,
                  placeholder_id: int = 0):
         """``compile=True`` runs each decoder layer through ``torch.compile`` (dynamic shapes):
-        about 3x faster on CPU once compiled (~1 min the first time), same results."""
+        faster once compiled, after a warm-up, with the same results (benchmarks/README.md)."""
         # a peft wrapper or the bare model; its submodules are looked up by name
         get_base = getattr(model, "get_base_model", None)
         inner: Any = get_base() if get_base is not None else model
@@ -81,7 +81,7 @@ class LayeredLM:
         self.rating_ids = torch.as_tensor(list(rating_ids), dtype=torch.long)
         if compile:
             # dynamo guards on peft's active adapter name: each adapter gets its own graph
-            # (compiled once, ~1 s); past the default limit of 8 the rest would run eagerly
+            # (compiled once); past the default limit of 8 the rest would run eagerly
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self._layer_call = torch.compile(_layer_forward, dynamic=True) if compile else _layer_forward
         self.attend = torch.compile(attend, dynamic=True) if compile else attend

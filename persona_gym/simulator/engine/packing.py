@@ -42,7 +42,7 @@ def pack(sequences: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad
     Each sequence is ``prefix + block_1 + block_2 + ...``; block tokens attend causally within
     their block and to the whole prefix; padding attends only to itself. The ``(B, T, T)`` mask
     is built on ``device`` from the ``(B, T)`` segment ids: on a GPU that spares the CPU building
-    and copying it (22 ms for 1024 × 125 × 125 on a 2-core CPU).
+    and copying it (timing: benchmarks/README.md).
     """
     lengths = [len(p) + sum(len(b) for b in blocks) for p, blocks in sequences]
     width = max(lengths)
