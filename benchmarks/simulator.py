@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from persona_gym.assets import cpu_has_fast_bf16
 from persona_gym.simulator.engine import (
     ItemTokens,
     LayeredLM,
@@ -354,6 +355,17 @@ def timed(fn, device, ratings):
             "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -438,10 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
-        "args": {k: str(v) for k, v in vars(args).items()}, "matmul_peak_gflops": peak,
+        "cpu": cpu_model(), "cpu_fast_bf16": cpu_has_fast_bf16(),
+        # file arguments by name only: no paths of the machine in committed results
+        "args": {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+        "matmul_peak_gflops": peak,
         "flops_per_token": flops_per_token, "modes": results, "env": env_results,
         "simulator_ranking": ranking_results,
     }
+    print(f"cpu: {report['cpu']} (hardware bf16: {'yes' if report['cpu_fast_bf16'] else 'no'})")
     print(f"device: {report['device']}  dtype: {args.dtype}  shape: {args.shape}  personas: {args.personas}"
           f"  rank: {args.rank}  matmul peak: {peak:.0f} GFLOP/s")
     print(f"{'mode':<14}{'ratings/s':>12}{'tokens/rating':>15}{'GFLOP/s':>10}{'% peak':>8}{'x generate':>12}")

@@ -53,15 +53,21 @@ from persona_gym.artifacts import (
     tables_digest,
     write_manifest,
 )
-from persona_gym.assets import DEFAULT_SLM, load_causal_lm, model_source, resolve_dtype, resolve_model
+from persona_gym.assets import (
+    DEFAULT_SLM,
+    load_causal_lm,
+    model_source,
+    resolve_dtype,
+    resolve_model,
+)
 from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collaborative
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.memory import logged_history, short_term_window
 from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.adapters import save_item_tokens
 from persona_gym.simulator.engine import ItemTokens, LayeredLM, pack
 from persona_gym.simulator.prior import RatingPrior
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
-from persona_gym.simulator.adapters import save_item_tokens
 
 log = logging.getLogger(__name__)
 
@@ -549,6 +555,16 @@ def train_adapter(
     return model.unload(), metrics
 
 
+def _strip_machine_path(config_file: Path) -> None:
+    """peft records the base model's local folder; keep only its name (the manifest records
+    the model and its file hash), so adapters carry no path of the machine that trained them."""
+    config = json.loads(config_file.read_text())
+    base = config.get("base_model_name_or_path")
+    if base and Path(base).is_absolute():
+        config["base_model_name_or_path"] = Path(base).name
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _save_adapter(model, name: str, folder: Path, items: ItemTokens | None = None,
                   prior: RatingPrior | None = None) -> None:
     """``save_pretrained`` one adapter (with its item projection and prior) into ``folder``
@@ -558,6 +574,7 @@ def _save_adapter(model, name: str, folder: Path, items: ItemTokens | None = Non
     try:
         model.save_pretrained(tmp, selected_adapters=[name])
         written = tmp / name if (tmp / name).is_dir() else tmp
+        _strip_machine_path(written / "adapter_config.json")
         if items is not None:
             save_item_tokens(items, written)
         if prior is not None:
