@@ -32,7 +32,7 @@ _COMMAND_MODULES = [
     "agents.train",
     "agents.evaluate",
     "agents.demo",
-    "persona_gym.artifacts",
+    "persona_gym.artifacts.cli",
 ]
 
 # What counts as an ordinary error: our own family, the OS's (missing files, permissions, a

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ENVS", "ENV_IDS", "SHIPPED_DIR", "SIMULATORS", "EnvEntry", "env_config_name",
-           "shipped_simulators", "simulator_dir"]
+           "simulator_dir"]
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,6 @@ def env_config_name(env_id: str) -> str:
     raise ValueError(f"unknown env id {env_id!r}; choose from {list(ENV_IDS)}")
 
 
-def simulator_dir(name: str, shipped_dir: Path | None = None) -> Path:
+def simulator_dir(name: str) -> Path:
     """The package folder of a simulator name (``"ml-100k"`` -> ``.../default_artifacts/ml100k``)."""
-    return (shipped_dir or SHIPPED_DIR) / SIMULATORS[name]
-
-
-def shipped_simulators(shipped_dir: Path | None = None) -> dict[str, str]:
-    """The simulator names whose artifacts ship inside the package, with their folder names."""
-    root = shipped_dir or SHIPPED_DIR
-    return {name: folder for name, folder in SIMULATORS.items()
-            if (root / folder / "manifest.json").is_file()}
+    return SHIPPED_DIR / SIMULATORS[name]

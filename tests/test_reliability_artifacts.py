@@ -22,7 +22,9 @@ import pytest
 
 import persona_gym  # noqa: F401  (registers the env ids)
 from persona_gym import artifacts as artifacts_module
+from persona_gym import registry
 from persona_gym.artifacts import ArtifactsError, load_artifacts, read_manifest
+from persona_gym.artifacts import shipped as shipped_module  # what resolves a simulator name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,7 +305,7 @@ def shipped(tmp_path, art, monkeypatch) -> Path:
     copying them from the source (the real regeneration runs the data distiller on ML-100k)."""
     package = tmp_path / "package"
     artifacts_module.export_shippable(art, package / "ml100k")
-    monkeypatch.setattr(artifacts_module, "SHIPPED_DIR", package)
+    monkeypatch.setattr(registry, "SHIPPED_DIR", package)
     calls = []
 
     def regenerate(root: Path, split_info: dict) -> None:
@@ -313,8 +315,8 @@ def shipped(tmp_path, art, monkeypatch) -> Path:
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(art / name, root / name)
 
-    monkeypatch.setattr(artifacts_module, "_regenerate_tables", regenerate)
-    monkeypatch.setattr(artifacts_module, "tables_digest",
+    monkeypatch.setattr(shipped_module, "_regenerate_tables", regenerate)
+    monkeypatch.setattr(shipped_module, "tables_digest",
                         lambda root: json.loads((art / "manifest.json").read_text())["tables_sha256"])
     return package / "ml100k", calls
 
@@ -346,7 +348,7 @@ def test_tampered_shipped_adapter_fails_before_materialising(shipped, tmp_path):
 def test_two_processes_materialise_the_shipped_cache_once(shipped, tmp_path, monkeypatch):
     package, calls = shipped
     entered = threading.Semaphore(0)
-    real_lock, real_regenerate = artifacts_module._file_lock, artifacts_module._regenerate_tables
+    real_lock, real_regenerate = shipped_module._file_lock, shipped_module._regenerate_tables
 
     def counting_lock(path):
         entered.release()
@@ -357,8 +359,8 @@ def test_two_processes_materialise_the_shipped_cache_once(shipped, tmp_path, mon
             assert entered.acquire(timeout=30)
         real_regenerate(root, split_info)
 
-    monkeypatch.setattr(artifacts_module, "_file_lock", counting_lock)
-    monkeypatch.setattr(artifacts_module, "_regenerate_tables", slow_regenerate)
+    monkeypatch.setattr(shipped_module, "_file_lock", counting_lock)
+    monkeypatch.setattr(shipped_module, "_regenerate_tables", slow_regenerate)
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(
         artifacts_module.resolve_artifacts("ml-100k", cache=tmp_path / "cache"))) for _ in range(2)]

@@ -124,8 +124,8 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, tiny_base, monkeypa
     """A shipped simulator carries no MovieLens tables; they are rebuilt identically on first use."""
     import warnings
 
-    from persona_gym import artifacts as artifacts_module
-    from persona_gym.artifacts import export_shippable, resolve_artifacts
+    from persona_gym import registry
+    from persona_gym.artifacts import export_shippable, rehash, resolve_artifacts
     from persona_gym.cli import main
 
     src = tmp_path / "src"
@@ -136,7 +136,7 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, tiny_base, monkeypa
     shipped = tmp_path / "package" / "ml100k"
     export_shippable(src, shipped)
     assert not (shipped / "memories.parquet").exists() and not (shipped / "profiles.jsonl").exists()
-    monkeypatch.setattr(artifacts_module, "SHIPPED_DIR", shipped.parent)
+    monkeypatch.setattr(registry, "SHIPPED_DIR", shipped.parent)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a digest mismatch would warn
         root = resolve_artifacts("ml-100k", cache=tmp_path / "cache")
@@ -147,7 +147,7 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, tiny_base, monkeypa
     # a package update with retrained adapters (a new manifest) gets its own copy, not the stale one
     manifest = json.loads((shipped / "manifest.json").read_text())
     (shipped / "manifest.json").write_text(json.dumps({**manifest, "note": "retrained"}))
-    artifacts_module.rehash(shipped)  # what export_shippable does for a retrained simulator
+    rehash(shipped)  # what export_shippable does for a retrained simulator
     updated = resolve_artifacts("ml-100k", cache=tmp_path / "cache")
     assert updated != root and json.loads((updated / "manifest.json").read_text())["note"] == "retrained"
 
