@@ -150,10 +150,7 @@ class RecCore:
         return {"config": self.config, "rater": self._injected}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.config = state["config"]
-        self._injected = state["rater"]
-        self.rater = self._injected if self._injected is not None else get_simulator(self.config)
-        self._init_static()
+        RecCore.__init__(self, state["config"], state["rater"])
 
     # -- users -------------------------------------------------------------------------------
     def user_data(self, user_id: int) -> _UserData:

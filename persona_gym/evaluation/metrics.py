@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-RATING_VALUES = np.arange(1, 6, dtype=np.float64)
+from persona_gym.ratings import RATING_VALUES
 
 __all__ = [
     "RATING_VALUES",
