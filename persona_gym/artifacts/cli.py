@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from persona_gym.artifacts import load_artifacts
 from persona_gym.artifacts.manifest import MANIFEST, rehash
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

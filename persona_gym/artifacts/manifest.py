@@ -11,24 +11,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import platform
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-import numpy as np
-import pandas as pd
-
-from persona_gym import adapter_names, registry
-from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import CF_FILE, CollaborativeModel
+from persona_gym import registry
+from persona_gym.collaborative import CF_FILE
 from persona_gym.errors import PersonaGymError
 from persona_gym.io import _json_default, atomic_write_json
-from persona_gym.prompt_config import PromptConfig
-
-log = logging.getLogger(__name__)
-
 
 # 2: the manifest records the hash of every file (``files``) and of itself (``manifest_sha256``)
 SCHEMA_VERSION = 2
@@ -53,72 +43,6 @@ _HASH_CACHE_MAX = 20_000  # entries kept in the user-cache record of file hashes
 
 class ArtifactsError(PersonaGymError, ValueError):
     """An artifacts directory is missing, corrupted or does not match what is asked."""
-
-
-@dataclass
-class Artifacts:
-    """A loaded artifacts directory (everything but the models)."""
-
-    root: Path
-    manifest: dict
-    catalog: ItemCatalog
-    profiles: dict[int, str]
-    memories: pd.DataFrame
-    item_embeddings: np.ndarray
-    user_persona: dict[int, int]
-    collaborative: CollaborativeModel | None = None  # None for artifacts distilled before it existed
-
-    @property
-    def user_ids(self) -> list[int]:
-        return sorted(self.profiles)
-
-    @property
-    def prompt_config(self) -> PromptConfig:
-        return PromptConfig(**{"crowd_cue": False, **self.manifest["prompt"]})  # older manifests lack it
-
-    @property
-    def adapter_dirs(self) -> dict[str, Path]:
-        return {name: self.root / rel for name, rel in self.manifest["adapters"].items()}
-
-    def item_token_features(self, prompt: PromptConfig) -> np.ndarray:
-        """What a soft item token is projected from: the text embedding, with ``cf_items`` followed
-        by the item's collaborative factors and bias."""
-        if not prompt.cf_items:
-            return self.item_embeddings
-        return np.c_[self.item_embeddings, self.require_collaborative().item_features()]
-
-    def require_collaborative(self) -> CollaborativeModel:
-        if self.collaborative is None:
-            raise ArtifactsError(f"{self.root / CF_FILE} not found: the prompt uses collaborative "
-                                 f"cues; re-run `persona-gym distill --out {self.root} --force` with this version")
-        return self.collaborative
-
-    def adapter_of(self, user_id: int, variant: str = "persona") -> str:
-        """The adapter that simulates ``user_id`` under a variant (persona / single-max / ...)."""
-        return adapter_names.adapter_of(variant, user_id, self.user_persona)
-
-    def require_variant(self, variant: str) -> None:
-        """Fail now, naming the users and the fix, when some user has no adapter under ``variant``
-        (so an environment fails at creation, not at the first step of that user)."""
-        if variant not in ("persona", "user"):
-            return  # one adapter for everyone: the simulator checks that it exists
-        users = self.user_ids
-        if variant == "persona":
-            lost = [u for u in users if u not in self.user_persona]
-            if lost:
-                raise ArtifactsError(
-                    f"{self.root / 'personas.json'} assigns no persona to {len(lost)} of the "
-                    f"{len(users)} users of profiles.jsonl (e.g. {lost[:5]}): the files come from "
-                    f"different runs; re-run `persona-gym personas --artifacts {self.root} --force` "
-                    f"and `persona-gym train --artifacts {self.root} --force`")
-        lost = [u for u in users if self.adapter_of(u, variant) not in self.manifest["adapters"]]
-        if lost:
-            missing = sorted({self.adapter_of(u, variant) for u in lost})
-            variants = "persona" if variant == "persona" else "user"
-            raise ArtifactsError(
-                f"{self.root / MANIFEST} has no adapter {missing[:3]} for {len(lost)} of the "
-                f"{len(users)} users (e.g. {lost[:5]}) under variant={variant!r}; train them with "
-                f"`persona-gym train --artifacts {self.root} --variants {variants}`")
 
 
 def library_versions() -> dict[str, str]:
