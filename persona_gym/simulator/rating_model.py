@@ -96,17 +96,14 @@ class RatingModel:
         self.layered = layered or LayeredLM(model, builder.rating_token_ids, compile=compile,
                                             placeholder_id=builder.item_placeholder_id)
         self.item_tokens = item_tokens or {}
-        if builder.config.item_tokens:
-            missing = sorted(set(self.adapters) - set(self.item_tokens))
-            if missing:
-                raise ValueError(f"the prompt uses item tokens but adapters {missing} have no "
-                                 f"{ITEM_TOKENS_FILE}: train them with `persona-gym train --item-tokens`")
         self.priors = priors or {}
-        if builder.config.cf_prior:
-            missing = sorted(set(self.adapters) - set(self.priors))
+        for needed, per_adapter, what, file, flag in (
+                (builder.config.item_tokens, self.item_tokens, "item tokens", ITEM_TOKENS_FILE, "--item-tokens"),
+                (builder.config.cf_prior, self.priors, "a collaborative prior", PRIOR_FILE, "--cf-prior")):
+            missing = sorted(set(self.adapters) - set(per_adapter)) if needed else []
             if missing:
-                raise ValueError(f"the prompt uses a collaborative prior but adapters {missing} have "
-                                 f"no {PRIOR_FILE}: train them with `persona-gym train --cf-prior`")
+                raise ValueError(f"the prompt uses {what} but adapters {missing} have no {file}: "
+                                 f"train them with `persona-gym train {flag}`")
         self.max_batch_tokens = max_batch_tokens
         self.cache = PrefixCache(max_cache_bytes)
         pad = self.tokenizer.pad_token_id
