@@ -18,6 +18,7 @@ from persona_gym.errors import ConfigError, ConfigTypeError
 
 REWARDS = ("expected", "sampled")
 REPEAT_RULES = ("penalty", "terminate")
+LEAVE_RULES = ("threshold", "model")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 __all__ = ["EnvConfig", "check_device", "load_env_config"]
@@ -66,7 +67,13 @@ class EnvConfig:
         leave_threshold: a rating ``<= leave_threshold`` is a low rating.
         leave_prob: churn rule: after each low rating the user leaves (``terminated=True``)
             with this probability, drawn with the env's RNG. ``0`` disables churn, ``1`` makes
-            the first low rating final.
+            the first low rating final. Used by ``leave_rule="threshold"``.
+        leave_rule: how users leave: ``"threshold"`` (the rule above) or ``"model"`` (after
+            each rated step the user leaves with the probability of the leave model fitted on
+            MovieLens sessions, :mod:`persona_gym.leave`, drawn with the env's RNG; masked
+            steps never churn).
+        leave_model: path of the leave model's JSON for ``leave_rule="model"``; ``None`` = the
+            shipped one (``persona_gym/default_artifacts/leave_model.json``).
         like_threshold: logged ratings ``>= like_threshold`` define the profile embedding
             (the mean of the liked items' embeddings).
         obs_window: how many of the most recent interactions (logged history, then the
@@ -89,6 +96,8 @@ class EnvConfig:
     mask_rated: bool = True
     leave_threshold: float = 2.0
     leave_prob: float = 0.3
+    leave_rule: str = "threshold"
+    leave_model: str | None = None
     like_threshold: float = 4.0
     obs_window: int = 5
 
@@ -106,6 +115,10 @@ class EnvConfig:
         if self.repeat_rule not in REPEAT_RULES:
             raise ConfigError(
                 f"EnvConfig.repeat_rule must be one of {REPEAT_RULES}, got {self.repeat_rule!r}"
+            )
+        if self.leave_rule not in LEAVE_RULES:
+            raise ConfigError(
+                f"EnvConfig.leave_rule must be one of {LEAVE_RULES}, got {self.leave_rule!r}"
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"EnvConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -21,6 +21,7 @@ from gymnasium import spaces
 from persona_gym import ratings
 from persona_gym.artifacts import resolve_artifacts
 from persona_gym.envs.config import EnvConfig
+from persona_gym.leave import LeaveModel, episode_features, load_leave_model
 from persona_gym.memory import Interaction, format_window, short_term_window
 from persona_gym.rater import Rater
 
@@ -119,6 +120,8 @@ class RecCore:
         self.config = config
         self._injected = rater  # pickled with the env; the SLM simulator is reloaded instead
         self.rater: Rater = rater if rater is not None else get_simulator(config)
+        self.leave_model: LeaveModel | None = (
+            load_leave_model(config.leave_model) if config.leave_rule == "model" else None)
         self._init_static()
 
     def _init_static(self) -> None:
@@ -254,12 +257,25 @@ class RecCore:
         sampled = float(ratings.sample(probs[None], rng)[0])
         churn_draw = float(rng.random())
         state.record(item, sampled)
-        state.left = sampled <= cfg.leave_threshold and churn_draw < cfg.leave_prob
+        if self.leave_model is None:
+            state.left = sampled <= cfg.leave_threshold and churn_draw < cfg.leave_prob
+        else:
+            state.left = churn_draw < self.leave_probability(state)
         rating = expected if cfg.reward == "expected" else sampled
         state.last = {"item": item, "probs": probs.astype(np.float64), "expected": expected,
                       "sampled": sampled, "masked": False}
         return StepResult(cfg.reward_scale * rating + cfg.reward_offset, state.left,
                           not state.allowed.any())
+
+    def leave_probability(self, state: EpisodeState) -> float:
+        """The leave model's P(leave) after the state's last rated step (the episode is one
+        session; the user's mean is that of their logged history)."""
+        if self.leave_model is None:
+            raise ValueError("leave_probability needs leave_rule='model'")
+        history = self.user_data(state.user_id).history
+        user_mean = float(np.mean([x.rating for x in history])) if history else 3.0
+        features = episode_features([x.rating for x in state.episode], user_mean)
+        return float(self.leave_model.probability(features))
 
     def _masked(self, state: EpisodeState, item: int) -> StepResult:
         state.steps += 1

@@ -77,8 +77,10 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
 
     ## Episode End
 
-    * ``terminated``: the user left (after a rating ``<= leave_threshold`` they leave with
-      probability ``leave_prob``), or a masked action under ``repeat_rule="terminate"``;
+    * ``terminated``: the user left (``leave_rule="threshold"``: after a rating
+      ``<= leave_threshold`` they leave with probability ``leave_prob``; ``"model"``: after each
+      rated step with the probability of the fitted leave model, :mod:`persona_gym.leave`), or
+      a masked action under ``repeat_rule="terminate"``;
     * ``truncated``: every item is masked (nothing left to recommend), or the horizon
       ``max_episode_steps`` (applied by ``gym.make``'s ``TimeLimit``).
 
@@ -111,7 +113,8 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
     |                 |             | episode: ``artifacts``, ``variant``, ``reward``,          |
     |                 |             | ``reward_scale``, ``reward_offset``, ``repeat_rule``,     |
     |                 |             | ``repeat_penalty``, ``mask_rated``, ``leave_threshold``,  |
-    |                 |             | ``leave_prob``, ``like_threshold``, ``obs_window``,       |
+    |                 |             | ``leave_prob``, ``leave_rule``, ``leave_model``,          |
+    |                 |             | ``like_threshold``, ``obs_window``,                       |
     |                 |             | ``max_episode_steps``; of the model: ``base_model``,      |
     |                 |             | ``device``, ``dtype``, ``compile`` (each documented in    |
     |                 |             | :class:`EnvConfig`)                                       |
