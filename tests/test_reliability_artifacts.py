@@ -424,15 +424,15 @@ def test_train_killed_mid_run_leaves_nothing_loadable_then_completes(art, tmp_pa
     script = tmp_path / "train_killed.py"
     script.write_text(f"""
 import json, os, signal, sys
-from training import train as t
+from training import adapter_training as a, train as t
 kill = int(sys.argv[1])
-real, count = t._loss, [0]
-def dying(*a, **k):
+real, count = a._loss, [0]
+def dying(*args, **kw):
     count[0] += 1
     if count[0] == kill:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(*a, **k)
-t._loss = dying
+    return real(*args, **kw)
+a._loss = dying
 recorded = json.loads({json.dumps(json.dumps(recorded))})
 names = set(t.TrainConfig.__dataclass_fields__)
 config = t.TrainConfig(**{{**{{k: v for k, v in recorded.items() if k in names}}, "rank": 8}})

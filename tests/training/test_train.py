@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from persona_gym.artifacts import SCHEMA_VERSION, load_artifacts
 from persona_gym.simulator.prompts import PromptConfig
-from training import train as train_module
+from training import adapter_training as train_module
 from training.train import TrainConfig, train
 
 
@@ -90,7 +90,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, artifacts, tiny_base, m
     assert (other / "checkpoints" / "single-max.pt").exists()
     assert not (other / "adapters" / "single-max").exists()
     monkeypatch.setattr(train_module, "_loss", real_loss)
-    with caplog.at_level(logging.INFO, logger="training.train"):
+    with caplog.at_level(logging.INFO, logger="training.adapter_training"):
         train(other, cfg, progress=False)
     assert "resumed from" in caplog.text and "at step 4" in caplog.text
     a, b = adapter_weights(artifacts, "single-max"), adapter_weights(other, "single-max")
