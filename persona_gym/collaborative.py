@@ -59,7 +59,8 @@ class CollaborativeModel:
     logged_keys: np.ndarray  # (L,) int64, sorted
     logged_predictions: np.ndarray  # (L,)
 
-    def _user_rows(self, user_ids) -> np.ndarray:
+    def user_rows(self, user_ids) -> np.ndarray:
+        """Row of each user id in the user arrays, -1 for users the fit never saw."""
         ids = np.asarray(user_ids, dtype=np.int64)
         pos = np.clip(np.searchsorted(self.user_ids, ids), 0, max(len(self.user_ids) - 1, 0))
         return np.where(len(self.user_ids) and self.user_ids[pos] == ids, pos, -1)
@@ -72,7 +73,7 @@ class CollaborativeModel:
         """
         users = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         items = np.asarray(item_indices, dtype=np.int64).reshape(-1)
-        rows = self._user_rows(users)
+        rows = self.user_rows(users)
         known = rows >= 0
         safe = np.maximum(rows, 0)
         dot = np.einsum("nf,nf->n", self.user_factors[safe], self.item_factors[items])

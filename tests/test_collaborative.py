@@ -47,8 +47,8 @@ def test_logged_pairs_get_out_of_fold_predictions(fitted):
     items = catalog.indices_of(train["item_id"])
     logged = model.predict(train["user_id"], items)
     # refitting the full model on everything predicts the training rows far better (in-sample)
-    in_sample = (model.mu + model.item_bias[items] + model.user_bias[model._user_rows(train["user_id"])]
-                 + np.einsum("nf,nf->n", model.user_factors[model._user_rows(train["user_id"])],
+    in_sample = (model.mu + model.item_bias[items] + model.user_bias[model.user_rows(train["user_id"])]
+                 + np.einsum("nf,nf->n", model.user_factors[model.user_rows(train["user_id"])],
                              model.item_factors[items]))
     real = train["rating"].to_numpy()
     assert np.sqrt(np.mean((logged - real) ** 2)) > np.sqrt(np.mean((np.clip(in_sample, 1, 5) - real) ** 2))

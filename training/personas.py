@@ -159,7 +159,7 @@ def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborativ
                                            five=("five", "mean"), low=("low", "mean"),
                                            res_mean=("residual", "mean"), res_std=("residual", "std"))
     table = grouped.reindex(user_ids).fillna(0.0).to_numpy(np.float64)
-    factor_rows = collaborative._user_rows(user_ids)
+    factor_rows = collaborative.user_rows(user_ids)
     factors = np.where(factor_rows[:, None] >= 0, collaborative.user_factors[np.maximum(factor_rows, 0)], 0.0)
 
     def standardise(a: np.ndarray) -> np.ndarray:
