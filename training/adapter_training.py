@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from persona_gym.io import atomic_write
+from persona_gym.ratings import RATING_VALUES
 from persona_gym.simulator.adapters import save_item_tokens
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
 from persona_gym.simulator.prior import RatingPrior
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
-RATINGS = torch.arange(1, 6, dtype=torch.float32)
+RATINGS = torch.as_tensor(RATING_VALUES, dtype=torch.float32)
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, mse_weight: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from persona_gym.evaluation.metrics import fidelity_report, mae, rmse
 from persona_gym.memory import logged_history
+from persona_gym.ratings import expected
 from training.eval_configs import EvalConfig, select_test
 
 if TYPE_CHECKING:
@@ -42,12 +43,12 @@ def _prior_alone(priors: dict, artifacts, rows: pd.DataFrame, full_test: pd.Data
 
     real = rows["rating"].to_numpy(np.float64)
     probs = probs_of(rows)
-    full = probs_of(full_test) @ np.arange(1, 6)
+    full = expected(probs_of(full_test))
     return {"params": {"from": "each adapter's learned prior"}, "val_rmse": float("nan"),
             "full_test": {"n": int(len(full_test)), "rmse": rmse(full, full_test["rating"]),
                           "mae": mae(full, full_test["rating"])},
             "evaluated_rows": fidelity_report(rows["user_id"].to_numpy(), real, probs=probs, groups=personas),
-            "first_3": _first_3(rows, probs @ np.arange(1, 6), real)}
+            "first_3": _first_3(rows, expected(probs), real)}
 
 
 def _first_3(rows: pd.DataFrame, pred: np.ndarray, real: np.ndarray) -> dict:

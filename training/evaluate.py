@@ -65,6 +65,7 @@ import pandas as pd
 
 from persona_gym.data.protocol import EvalData, logged_data
 from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
+from persona_gym.ratings import expected
 from training.eval_configs import (
     DEFAULT_CONFIGS,
     EXTRA_CONFIGS,
@@ -277,8 +278,8 @@ def evaluate(
         report = fidelity_report(users, real, probs=probs, groups=personas)
         entry.update(status="ok", seconds=round(seconds, 2),
                      ratings_per_s=round(len(rows) / max(seconds, 1e-9), 1), expected=report)
-        predictions[f"pred:{config.spec}"] = probs @ np.arange(1, 6)
-        entry["first_3"] = _first_3(rows, probs @ np.arange(1, 6), real)
+        predictions[f"pred:{config.spec}"] = expected(probs)
+        entry["first_3"] = _first_3(rows, expected(probs), real)
         for r in range(5):
             predictions[f"p{r + 1}:{config.spec}"] = probs[:, r].astype(np.float32)
         if generation and prompt.item_tokens:
@@ -294,7 +295,7 @@ def evaluate(
                 "seconds": round(time.perf_counter() - t0, 2),
                 "examples": generated.texts[:5],
                 # the expected-rating rule on the same rows, for a like-for-like comparison
-                "expected_rule_rmse_same_rows": rmse(probs[generation_rows] @ np.arange(1, 6), g_real),
+                "expected_rule_rmse_same_rows": rmse(expected(probs[generation_rows]), g_real),
             }
         log.info("%-22s RMSE %.4f MAE %.4f NLL %.3f (%.0f ratings/s)%s", config.spec, report["rmse"],
                  report["mae"], report["nll"], entry["ratings_per_s"],

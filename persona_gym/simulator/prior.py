@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from persona_gym.ratings import RATING_VALUES
+
 PRIOR_FILE = "rating_prior.pt"
-RATINGS = torch.arange(1, 6, dtype=torch.float32)
+RATINGS = torch.as_tensor(RATING_VALUES, dtype=torch.float32)
 
 __all__ = ["PRIOR_FILE", "RatingPrior", "load_rating_prior", "load_rating_priors"]
 
