@@ -19,12 +19,14 @@ import argparse
 import time
 from pathlib import Path
 
+from persona_gym.config_cli import plain
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the main job on the embedded default (offline)",
-        description=__doc__,
+        description=plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the episodes and of PPO")

@@ -3,7 +3,7 @@
 **In the simulator** each policy plays ``--episodes`` episodes per seed. Episode ``e`` of seed
 ``s`` draws its user and every rating/churn draw from ``np.random.default_rng([s, e])`` — the
 same users for every policy — and runs the environments' own episode logic
-(:class:`persona_gym.envs.core.RecCore`, ``--batch`` episodes per simulator call). Per policy,
+(:class:`persona_gym.envs.core.RecCore`, ``--n-envs`` episodes per simulator call). Per policy,
 with a 95% percentile-bootstrap interval over all episodes of all seeds:
 
 * ``return``          sum of rewards (the env's reward: expected rating by default);
@@ -25,6 +25,10 @@ after their logged training history (the env's reset state), the policy's top ``
   top k is accepted — its real rating counts and it joins the user's history (the policy's next
   observation) — else skipped. The estimate is the mean accepted rating (``replay_accepted``
   interactions).
+
+**Paired differences**: every policy meets the same users, so each pair of policies is compared
+episode by episode: the mean of the per-episode difference in return and in mean rating, with
+its bootstrap interval; a pair whose interval contains 0 is *not distinguishable*.
 
 **Agreement**: Kendall's tau / Spearman's rho between the policies' simulator ordering (mean
 rating) and their logged ordering (NDCG@k, replay): do simulator wins carry to logged data?
@@ -53,7 +57,7 @@ from agents.metrics import (
 )
 from agents.policies import BASELINES, Batch, Policy, make_policy
 from agents.report import format_table, write_report
-from persona_gym.config_cli import add_config_arguments, config_from_args
+from persona_gym.config_cli import add_config_arguments, config_from_args, plain
 from persona_gym.envs.core import EpisodeState, RecCore
 from persona_gym.rater import Rater
 from persona_gym.registry import ENV_IDS, env_config_name
@@ -61,7 +65,7 @@ from persona_gym.registry import ENV_IDS, env_config_name
 log = logging.getLogger(__name__)
 
 __all__ = ["PolicyEvalConfig", "evaluate_logged", "evaluate_policies", "load_evaluation",
-           "make_batch", "simulate", "summarize_episodes"]
+           "make_batch", "paired_differences", "simulate", "summarize_episodes"]
 
 
 def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
@@ -71,11 +75,11 @@ def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
 
 
 # -- in the simulator ---------------------------------------------------------------------------
-def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, batch: int = 16) -> list[dict]:
+def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, n_envs: int = 16) -> list[dict]:
     """Play ``episodes`` episodes (see module docstring); one record per episode."""
     records = []
-    for start in range(0, episodes, batch):
-        ids = list(range(start, min(start + batch, episodes)))
+    for start in range(0, episodes, n_envs):
+        ids = list(range(start, min(start + n_envs, episodes)))
         rngs = [np.random.default_rng([seed, e]) for e in ids]
         states = [core.new_episode(rng, None) for rng in rngs]
         policy.seed(seed * 1_000_003 + start)
@@ -124,6 +128,33 @@ def summarize_episodes(records: list[dict], core: RecCore, n_users: int, seed: i
     out["coverage"] = _ci(len(records), lambda idx: len(set().union(*(items[i] for i in idx)))
                           / core.n_items, seed)
     out["episodes"] = len(records)
+    return out
+
+
+def paired_differences(per_episode: dict[str, list[dict]], seed: int = 0) -> list[dict]:
+    """For each pair of policies (in the given order) and for ``return`` and ``mean_rating``:
+    the mean over episodes of ``a - b`` on the same (seed, episode), i.e. the same user and
+    draws, its bootstrap interval and whether the interval excludes 0."""
+    names = list(per_episode)
+    for name in names[1:]:
+        keys = [(r["seed"], r["episode"], r["user_id"]) for r in per_episode[name]]
+        if keys != [(r["seed"], r["episode"], r["user_id"]) for r in per_episode[names[0]]]:
+            raise ValueError(f"policies {names[0]!r} and {name!r} met different episodes; "
+                             "paired differences need the same seeds and episodes")
+
+    def values(name: str, metric: str) -> np.ndarray:
+        if metric == "return":
+            return np.array([r["return"] for r in per_episode[name]])
+        return np.array([np.mean(r["expected"]) if r["expected"] else np.nan for r in per_episode[name]])
+
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for metric in ("return", "mean_rating"):
+                diff = values(a, metric) - values(b, metric)
+                ci = _ci(len(diff), lambda idx, d=diff: float(np.nanmean(d[idx])), seed)
+                out.append({"a": a, "b": b, "metric": metric, **ci,
+                            "distinguishable": bool(ci["low"] > 0 or ci["high"] < 0)})
     return out
 
 
@@ -208,23 +239,24 @@ class PolicyEvalConfig:
     Attributes:
         episodes: simulator episodes per seed and policy.
         seeds: simulator seeds (each gives the same users to every policy).
-        batch: episodes stepped together (one simulator call per step).
+        n_envs: episodes stepped together (one simulator call per step; train-agent's
+            ``--n-envs``).
         k: cut-off of HR / NDCG / replay.
         logged: also evaluate on the logged test interactions.
     """
 
     episodes: int = 32
     seeds: tuple[int, ...] = (0,)
-    batch: int = 16
+    n_envs: int = 16
     k: int = 10
     logged: bool = True
 
     def __post_init__(self) -> None:
         from persona_gym.errors import ConfigError
 
-        for name in ("episodes", "batch", "k"):
+        for name in ("episodes", "n_envs", "k"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"PolicyEvalConfig.{name} (--{name}) must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"PolicyEvalConfig.{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
         if not self.seeds:
             raise ConfigError("PolicyEvalConfig.seeds (--seeds) must name at least one seed")
 
@@ -233,9 +265,11 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
                       test: pd.DataFrame | None, n_users: int) -> dict[str, Any]:
     """Simulator and logged metrics of each policy, and the agreement of their orderings."""
     results: dict[str, Any] = {"policies": {}, "config": vars(config) | {"seeds": list(config.seeds)}}
+    per_episode: dict[str, list[dict]] = {}
     for name, policy in policies.items():
         started = time.perf_counter()
-        records = [r for s in config.seeds for r in simulate(policy, core, config.episodes, s, config.batch)]
+        records = [r for s in config.seeds for r in simulate(policy, core, config.episodes, s, config.n_envs)]
+        per_episode[name] = records
         entry = {"simulator": summarize_episodes(records, core, n_users, seed=0)}
         if config.logged and test is not None and policy.logged_eval:
             entry["logged"] = evaluate_logged(policy, core, test, config.k)
@@ -243,6 +277,7 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
         results["policies"][name] = entry
         log.info("%s: mean rating %.3f (%.1f s)", name, entry["simulator"]["mean_rating"]["mean"],
                  entry["seconds"])
+    results["differences"] = paired_differences(per_episode)
     names = [n for n in policies if "logged" in results["policies"][n]]
     if len(names) >= 2:
         sim = [results["policies"][n]["simulator"]["mean_rating"]["mean"] for n in names]
@@ -275,7 +310,7 @@ def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate-policy", help="judge policies in the simulator and on logged data",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", dest="env_id", default="PersonaML100K-v0", choices=ENV_IDS)
     parser.add_argument("--policies", nargs="+", default=["random", "most-popular", "item-mean", "mf"],
                         help=f"baselines {list(BASELINES)} and/or run folders / model.zip of train-agent")

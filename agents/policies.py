@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,9 @@ import pandas as pd
 from persona_gym.envs.core import EpisodeState, RecCore
 from persona_gym.evaluation.baselines import BiasedMF, ItemMean
 from persona_gym.ratings import RATING_VALUES
+
+if TYPE_CHECKING:
+    from agents.item_policy import CFFeatures
 
 __all__ = [
     "BASELINES",
@@ -195,13 +198,13 @@ class SB3Policy(Policy):
     observation; the env's mask is applied on top (for MaskablePPO exactly as in training).
     """
 
-    def __init__(self, model: Any, name: str):
-        self.model, self.name = model, name
+    def __init__(self, model: Any, name: str, features: CFFeatures | None = None):
+        self.model, self.name, self.features = model, name, features
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> SB3Policy:
         """Load ``model.zip`` (or a run folder holding one) written by ``persona-gym train-agent``."""
-        from agents.runs import algorithm, read_run
+        from agents.runs import FEATURES_FILE, algorithm, read_run
 
         path = Path(path)
         zip_path = path / "model.zip" if path.is_dir() else path
@@ -211,13 +214,22 @@ class SB3Policy(Policy):
             raise FileNotFoundError(f"{zip_path}: no trained model; train one with "
                                     "`persona-gym train-agent` (or pass the run folder)")
         model = algo.load(zip_path, device="cpu")
-        return cls(model, name or f"{run['algo']}:s{run['config']['seed']}:{run.get('timesteps', '?')}")
+        features = None
+        if run["config"].get("policy", "mlp") == "items":
+            from agents.item_policy import CFFeatures
+
+            features = CFFeatures.load(zip_path.parent / FEATURES_FILE)
+        return cls(model, name or f"{run['algo']}:s{run['config']['seed']}:{run.get('timesteps', '?')}",
+                   features)
 
     def scores(self, batch: Batch) -> np.ndarray:
         import torch
 
+        from agents.item_policy import add_user_features
+
         policy = self.model.policy
-        obs, _ = policy.obs_to_tensor(batch.obs)
+        raw = batch.obs if self.features is None else add_user_features(batch.obs, batch.user_ids, self.features)
+        obs, _ = policy.obs_to_tensor(raw)
         with torch.no_grad():
             if hasattr(policy, "q_net"):
                 values = policy.q_net(obs)

@@ -32,6 +32,7 @@ def format_table(results: dict[str, Any]) -> str:
         if logged:
             row += [cell(entry.get("logged", {}).get(m)) for m in LOGGED_METRICS]
         lines.append("| " + " | ".join(row) + " |")
+    lines += _differences(results)
     for key, value in results.get("agreement", {}).items():
         lines.append(f"\nAgreement {key}: Kendall tau {value['kendall_tau']:.2f} "
                      f"(p={value['kendall_p']:.2f}), Spearman rho {value['spearman_rho']:.2f} "
@@ -39,8 +40,31 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _differences(results: dict[str, Any]) -> list[str]:
+    """Lines on each policy vs the next one by mean rating: their paired difference, and
+    whether the two can be told apart at 95%."""
+    diffs = {(d["a"], d["b"], d["metric"]): d for d in results.get("differences", [])}
+    if not diffs:
+        return []
+    ranked = sorted(results["policies"], key=lambda n: -results["policies"][n]["simulator"]["mean_rating"]["mean"])
+    lines = ["", "Paired differences (same users and draws; 95% bootstrap over episodes), each policy "
+             "vs the next by mean rating:"]
+    for a, b in zip(ranked, ranked[1:], strict=False):
+        parts = []
+        for metric in ("mean_rating", "return"):
+            d = diffs.get((a, b, metric))
+            sign = 1.0
+            if d is None:
+                d, sign = diffs[(b, a, metric)], -1.0
+            low, high = sorted((sign * d["low"], sign * d["high"]))
+            verdict = "" if d["distinguishable"] else " **not distinguishable**"
+            parts.append(f"{metric} {sign * d['mean']:+.3f} [{low:+.3f}, {high:+.3f}]{verdict}")
+        lines.append(f"- {a} − {b}: " + "; ".join(parts))
+    return lines
+
+
 def plot_policies(results: dict[str, Any], path: Path) -> Path:
-    """Bars with 95% intervals for every metric, one panel per metric."""
+    """Each policy's value with its 95% interval, one panel per metric (axes fitted to the values)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,11 +79,11 @@ def plot_policies(results: dict[str, Any], path: Path) -> Path:
     for ax, (section, metric) in zip(axes.flat, panels, strict=False):
         entries = [results["policies"][n].get(section, {}).get(metric) or {} for n in names]
         means = [e.get("mean", np.nan) for e in entries]
-        # clipped at 0: a bootstrap interval need not contain the full-sample value (coverage's
-        # resamples repeat episodes, so they cover fewer movies than all episodes together)
         errors = [[max(m - e.get("low", m), 0.0) for m, e in zip(means, entries, strict=True)],
                   [max(e.get("high", m) - m, 0.0) for m, e in zip(means, entries, strict=True)]]
-        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+        # points with intervals on an axis fitted to them: bars from 0 hide differences of 0.1
+        ax.errorbar(range(len(names)), means, yerr=errors, fmt="o", capsize=3, color="tab:blue")
+        ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         ax.set_title(f"{metric} ({section})", fontsize=8)
     for ax in axes.flat[len(panels):]:

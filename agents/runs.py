@@ -12,9 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ALGO_NAMES", "algorithm", "latest_checkpoint", "read_run"]
+__all__ = ["ALGO_NAMES", "FEATURES_FILE", "POLICY_NAMES", "algorithm", "latest_checkpoint", "read_run"]
 
 ALGO_NAMES = ("ppo", "dqn", "maskable-ppo")
+POLICY_NAMES = ("mlp", "items")
+FEATURES_FILE = "features.npz"  # the collaborative features of an ``items`` policy
 
 
 def algorithm(name: str) -> Any:

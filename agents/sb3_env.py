@@ -6,6 +6,10 @@ step of all sub-environments is ONE batched simulator call (wrapping single envs
 ``DummyVecEnv`` would call the rating model once per sub-environment). ``env_method(
 "action_masks")`` serves sb3-contrib's MaskablePPO.
 
+With ``features`` (:class:`agents.item_policy.CFFeatures`) each observation also carries the
+user's collaborative vector under ``"user"`` (what :class:`~agents.item_policy.ItemScoringPolicy`
+reads).
+
 Seeding: ``seed(s)`` (SB3 calls it with the algorithm's seed) makes the next ``reset`` seed
 sub-environment ``i`` with ``s + i``, like ``gym.make_vec``; later resets continue each
 sub-environment's generator.
@@ -16,8 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
+from agents.item_policy import USER_KEY, CFFeatures, add_user_features, user_space
 from persona_gym.envs import PersonaRecVectorEnv
 from persona_gym.rater import Rater
 from persona_gym.registry import env_config_name
@@ -32,16 +38,27 @@ class SB3VecEnv(VecEnv):
         env_id: a registered id (``PersonaML100K-v0``, ``PersonaML1M-v0``).
         num_envs: sub-environments stepped together.
         rater: the simulated users (``None``: the env config's SLM simulator).
+        features: adds the users' collaborative vectors to the observations (module docstring).
         **overrides: :class:`~persona_gym.envs.config.EnvConfig` fields (``dtype="bfloat16"``).
     """
 
     def __init__(self, env_id: str = "PersonaML100K-v0", num_envs: int = 8, rater: Rater | None = None,
-                 **overrides: Any):
+                 features: CFFeatures | None = None, **overrides: Any):
         self.venv = PersonaRecVectorEnv(num_envs, config=env_config_name(env_id), rater=rater, **overrides)
         self.env_id = env_id
         self.render_mode = None
-        super().__init__(num_envs, self.venv.single_observation_space, self.venv.single_action_space)
+        self.features = features
+        space = self.venv.single_observation_space
+        if features is not None:
+            space = spaces.Dict({**space.spaces, USER_KEY: user_space(features)})
+        super().__init__(num_envs, space, self.venv.single_action_space)
         self._actions: np.ndarray | None = None
+
+    def _with_users(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.features is None:
+            return obs
+        users = np.array([s.user_id for s in self.venv.states if s is not None], dtype=np.int64)
+        return add_user_features(obs, users, self.features)
 
     @property
     def core(self):
@@ -53,13 +70,14 @@ class SB3VecEnv(VecEnv):
         obs, infos = self.venv.reset(seed=seeds)
         self.reset_infos = _split_infos(infos, self.num_envs)
         self._reset_seeds()
-        return obs
+        return self._with_users(obs)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = np.asarray(actions).reshape(self.num_envs)
 
     def step_wait(self):
         obs, rewards, terminated, truncated, infos = self.venv.step(self._actions)
+        obs = self._with_users(obs)
         dones = terminated | truncated
         out = _split_infos(infos, self.num_envs)
         for i in np.flatnonzero(dones):
@@ -67,6 +85,7 @@ class SB3VecEnv(VecEnv):
             out[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
         if dones.any():  # SB3 semantics: a finished sub-environment returns its next first obs
             obs, reset_infos = self.venv.reset(options={"reset_mask": dones})
+            obs = self._with_users(obs)
             for i, info in enumerate(_split_infos(reset_infos, self.num_envs)):
                 if dones[i]:
                     self.reset_infos[i] = info

@@ -18,17 +18,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agents.runs import ALGO_NAMES, algorithm, latest_checkpoint, read_run
-from persona_gym.config_cli import add_config_arguments, config_from_args
+import numpy as np
+
+from agents.runs import (
+    ALGO_NAMES,
+    FEATURES_FILE,
+    POLICY_NAMES,
+    algorithm,
+    latest_checkpoint,
+    read_run,
+)
+from persona_gym.config_cli import add_config_arguments, config_from_args, plain
 from persona_gym.io import atomic_write_json
 from persona_gym.rater import Rater
-from persona_gym.registry import ENV_IDS
+from persona_gym.registry import ENV_IDS, env_config_name
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +55,9 @@ class AgentConfig:
     Attributes:
         env_id: registered environment id.
         algo: ``ppo``, ``dqn`` or ``maskable-ppo`` (sb3-contrib; uses the env's action masks).
+        policy: ``mlp`` (SB3's ``MultiInputPolicy``: one output per item) or ``items``
+            (:class:`agents.item_policy.ItemScoringPolicy`: items scored through their vectors,
+            with the MF baseline's collaborative features; ``maskable-ppo`` only).
         timesteps: total environment steps (summed over sub-environments); ``--resume``
             without ``--timesteps`` keeps the run's.
         n_envs: sub-environments stepped together (one batched simulator call per step).
@@ -52,6 +68,10 @@ class AgentConfig:
         gamma: discount (episodes are short: 20 steps by default).
         ent_coef: PPO entropy bonus (keeps exploring a 1,682-item action space).
         checkpoint_every: env steps between checkpoints.
+        eval_every: env steps between evaluations of the greedy policy (0 = none): the same
+            ``eval_episodes`` users each time (seed ``EVAL_SEED``, apart from evaluate-policy's
+            seeds), written to ``eval.csv``, TensorBoard (``eval/*``) and the learning curve.
+        eval_episodes: episodes per periodic evaluation.
         dtype: the simulator's dtype (``bfloat16`` is faster on CPUs with AMX).
         out: parent folder of run folders.
         env_kwargs: other :class:`~persona_gym.envs.config.EnvConfig` fields, e.g.
@@ -60,6 +80,7 @@ class AgentConfig:
 
     env_id: str = "PersonaML100K-v0"
     algo: str = "maskable-ppo"
+    policy: str = "mlp"
     timesteps: int = 20_000
     n_envs: int = 16
     seed: int = 0
@@ -69,6 +90,8 @@ class AgentConfig:
     gamma: float = 0.9
     ent_coef: float = 0.01
     checkpoint_every: int = 2048
+    eval_every: int = 0
+    eval_episodes: int = 32
     dtype: str = "auto"
     out: str = "runs/agents"
     env_kwargs: dict = field(default_factory=dict)
@@ -76,7 +99,13 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.algo not in ALGO_NAMES:
             raise ValueError(f"AgentConfig.algo={self.algo!r}; choose from {list(ALGO_NAMES)}")
-        for name in ("timesteps", "n_envs", "n_steps", "batch_size", "checkpoint_every"):
+        if self.eval_every < 0:
+            raise ValueError(f"AgentConfig.eval_every must be >= 0, got {self.eval_every}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"AgentConfig.policy={self.policy!r}; choose from {list(POLICY_NAMES)}")
+        if self.policy == "items" and self.algo != "maskable-ppo":
+            raise ValueError(f"AgentConfig.policy='items' needs algo='maskable-ppo', got {self.algo!r}")
+        for name in ("timesteps", "n_envs", "n_steps", "batch_size", "checkpoint_every", "eval_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -91,9 +120,11 @@ class AgentConfig:
 
 
 def train_agent(config: AgentConfig, resume: str | Path | None = None, progress: bool = True,
-                rater: Rater | None = None) -> Path:
+                rater: Rater | None = None, ratings: pd.DataFrame | None = None) -> Path:
     """Train and save a policy; returns the run folder (see module docstring). ``rater``
-    replaces the env config's simulated users (e.g. a ``TableRater``)."""
+    replaces the env config's simulated users (e.g. a ``TableRater``); ``ratings`` the train +
+    background ratings an ``items`` policy's collaborative features are fitted on (default:
+    the artifacts' protocol split, as the MF baseline)."""
     from stable_baselines3.common.callbacks import CheckpointCallback
     from stable_baselines3.common.vec_env import VecMonitor
 
@@ -112,7 +143,11 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
         latest = None
     atomic_write_json(run_dir / "run.json", {"config": dataclasses.asdict(config), "algo": config.algo})
 
-    env = SB3VecEnv(config.env_id, config.n_envs, rater=rater, dtype=config.dtype, **config.env_kwargs)
+    features = None
+    if config.policy == "items":
+        features = _features(config, rater, ratings, run_dir)
+    env = SB3VecEnv(config.env_id, config.n_envs, rater=rater, features=features, dtype=config.dtype,
+                    **config.env_kwargs)
     algo = algorithm(config.algo)
     if latest is not None:
         path, start_steps = latest
@@ -121,14 +156,35 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
         model = algo.load(path, env=monitored, device="cpu")
     else:
         monitored = VecMonitor(env, str(run_dir / "monitor.csv"))
-        model = algo("MultiInputPolicy", monitored, tensorboard_log=str(run_dir / "tb"),
-                     **config.algo_kwargs())
+        policy: Any = "MultiInputPolicy"
+        kwargs = config.algo_kwargs()
+        if features is not None:
+            from agents.item_policy import ItemScoringPolicy
+
+            policy = ItemScoringPolicy
+            kwargs["policy_kwargs"] = {"item_side": features.item_side, "item_vectors": features.item_vectors}
+        model = algo(policy, monitored, tensorboard_log=str(run_dir / "tb"), **kwargs)
     checkpoints = CheckpointCallback(save_freq=max(config.checkpoint_every // config.n_envs, 1),
                                      save_path=str(run_dir / "checkpoints"), name_prefix="model")
     started = time.perf_counter()
     remaining = max(config.timesteps - start_steps, 0)
-    model.learn(total_timesteps=remaining, callback=checkpoints, progress_bar=progress,
-                reset_num_timesteps=latest is None, tb_log_name="run")
+    callbacks: list[Any] = [checkpoints]
+    if not progress:
+        callbacks.append(progress_lines(config.timesteps))
+    if config.eval_every:
+        callbacks.append(periodic_eval(env.core, features, config, run_dir))
+    try:
+        model.learn(total_timesteps=remaining, callback=callbacks, progress_bar=progress,
+                    reset_num_timesteps=latest is None, tb_log_name="run")
+    except KeyboardInterrupt:  # keep what was learnt: --resume continues from here
+        path = run_dir / "checkpoints" / f"model_{model.num_timesteps}_steps.zip"
+        tmp = path.with_suffix(".tmp.zip")
+        path.parent.mkdir(exist_ok=True)
+        model.save(tmp)
+        tmp.replace(path)
+        log.warning("interrupted at %d env steps; saved %s", model.num_timesteps, path)
+        env.close()
+        raise
     seconds = time.perf_counter() - started
     tmp = run_dir / "model.tmp.zip"
     model.save(tmp)
@@ -143,8 +199,111 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
     return run_dir
 
 
+def progress_lines(total: int, every: float = 0.05) -> Any:
+    """An SB3 callback that logs a progress line at each ``every`` share of ``total`` env steps
+    (steps, rate, time left, mean return of the last 50 episodes): the bar's content as lines a
+    log file or CI keeps."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class _Lines(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.started, self.first = time.perf_counter(), self.num_timesteps
+            self.next_at = self.num_timesteps + max(int(total * every), 1)
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= self.next_at or self.num_timesteps >= total:
+                done = self.num_timesteps - self.first
+                rate = done / max(time.perf_counter() - self.started, 1e-9)
+                left = max(total - self.num_timesteps, 0) / max(rate, 1e-9)
+                returns = [e["r"] for e in self.model.ep_info_buffer]
+                mean = f", mean return {np.mean(returns):.2f} (last {len(returns)} episodes)" if returns else ""
+                log.info("step %d/%d (%.0f%%), %.1f env steps/s, %.0f s left%s", self.num_timesteps, total,
+                         100 * self.num_timesteps / total, rate, left, mean)
+                self.next_at = self.num_timesteps + max(int(total * every), 1)
+            return True
+
+    return _Lines()
+
+
+EVAL_SEED = 1_000  # the periodic evaluation's users; evaluate-policy uses seeds 0, 1, 2, ...
+
+
+def periodic_eval(core: Any, features: Any, config: AgentConfig, run_dir: Path) -> Any:
+    """An SB3 callback: every ``eval_every`` env steps (and before the first update) it plays
+    ``eval_episodes`` episodes of the greedy policy on the same users and logs their mean
+    rating, return and churn (``eval.csv``, TensorBoard ``eval/*``).
+
+    The greedy policy on fixed users is the learning curve to read: the training monitor's
+    running mean mixes exploration with which episodes happen to end first."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from agents.evaluate import simulate
+    from agents.policies import SB3Policy
+    from persona_gym.envs.core import RecCore
+
+    eval_core = RecCore(core.config, core.rater)  # its own episodes, the same simulated users
+    path = run_dir / "eval.csv"
+
+    class _Callback(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.next_at = 0
+
+        def _evaluate(self) -> None:
+            policy = SB3Policy(self.model, "agent", features)
+            records = simulate(policy, eval_core, config.eval_episodes, EVAL_SEED)
+            rating = float(np.mean([np.mean(r["expected"]) for r in records if r["expected"]]))
+            ret = float(np.mean([r["return"] for r in records]))
+            churn = float(np.mean([r["left"] for r in records]))
+            steps = int(self.num_timesteps)
+            for key, value in (("mean_rating", rating), ("return", ret), ("churn", churn)):
+                self.logger.record(f"eval/{key}", value)
+            new = not path.exists()
+            with path.open("a") as f:  # one line per evaluation; a resumed run appends
+                f.write("steps,mean_rating,return,churn\n" if new else "")
+                f.write(f"{steps},{rating:.4f},{ret:.4f},{churn:.4f}\n")
+            log.info("eval at %d steps: mean rating %.3f, return %.2f, churn %.2f", steps, rating, ret, churn)
+            self.next_at = steps + config.eval_every
+
+        def _on_training_start(self) -> None:
+            if self.num_timesteps == 0:
+                self._evaluate()
+            else:
+                self.next_at = self.num_timesteps + config.eval_every
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= self.next_at:
+                self._evaluate()
+            return True
+
+    return _Callback()
+
+
+def _features(config: AgentConfig, rater: Rater | None, ratings: pd.DataFrame | None,
+              run_dir: Path) -> Any:
+    """The MF baseline's collaborative features of the env's users and items, saved in the run
+    folder (``features.npz``) so evaluation reads the very vectors the agent trained with."""
+    from agents.evaluate import load_evaluation
+    from agents.item_policy import CFFeatures
+    from persona_gym.envs import load_env_config
+    from persona_gym.envs.core import RecCore
+
+    path = run_dir / FEATURES_FILE
+    if path.is_file():
+        return CFFeatures.load(path)
+    if ratings is None:
+        core, ratings, _, _ = load_evaluation(config.env_id, config.dtype, rater, **config.env_kwargs)
+    else:
+        core = RecCore(load_env_config(env_config_name(config.env_id), dtype=config.dtype,
+                                       **config.env_kwargs), rater)
+    features = CFFeatures.from_ratings(ratings, core.catalog, core.item_embeddings)
+    features.save(path)
+    return features
+
+
 def learning_curve(run_dir: str | Path, window: int = 50) -> Path | None:
-    """Plot episode returns (rolling mean over ``window`` episodes) against env steps."""
+    """Plot the training episodes' returns (rolling mean over ``window`` episodes) and, when the
+    run has ``eval.csv``, the periodic evaluation's mean rating, against env steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,13 +317,21 @@ def learning_curve(run_dir: str | Path, window: int = 50) -> Path | None:
         return None
     episodes = pd.concat(frames, ignore_index=True)
     steps = episodes["l"].cumsum()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    evals = pd.read_csv(run_dir / "eval.csv") if (run_dir / "eval.csv").is_file() else None
+    fig, axes = plt.subplots(1, 2 if evals is not None else 1, figsize=(11 if evals is not None else 6, 3.5),
+                             squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, episodes["r"], ".", alpha=0.2, markersize=3, label="episode return")
     ax.plot(steps, episodes["r"].rolling(window, min_periods=1).mean(), label=f"mean of {window}")
     ax.set_xlabel("environment steps")
-    ax.set_ylabel("return")
-    ax.set_title(run_dir.name, fontsize=8)
+    ax.set_ylabel("training return (sampled actions)")
     ax.legend()
+    if evals is not None:
+        ax = axes[0, 1]
+        ax.plot(evals["steps"], evals["mean_rating"], "o-")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("mean rating, greedy policy, fixed users")
+    fig.suptitle(run_dir.name, fontsize=8)
     fig.tight_layout()
     path = run_dir / "learning_curve.png"
     fig.savefig(path, dpi=120)
@@ -174,23 +341,52 @@ def learning_curve(run_dir: str | Path, window: int = 50) -> Path | None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train-agent", help="train PPO / DQN / MaskablePPO on an environment",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, AgentConfig, skip=("env_kwargs",), flags={"env_id": "--env"},
-                         choices={"env_id": ENV_IDS, "algo": ALGO_NAMES,
+                         choices={"env_id": ENV_IDS, "algo": ALGO_NAMES, "policy": POLICY_NAMES,
                                   "dtype": ("auto", "float32", "bfloat16")},
                          defaults={"timesteps": None})  # with --resume: the run's
     parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--env-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="environment settings as gym.make keywords (EnvConfig fields, values "
+                             "read as YAML), e.g. max_episode_steps=30 leave_rule=model compile=true "
+                             "reward=sampled device=cuda")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint "
+                        "(a Ctrl-C'd run folder too)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: progress is logged as lines (also when stderr is not a terminal)")
     parser.set_defaults(func=run)
 
 
+def env_kwargs_from_args(pairs: list[str]) -> dict[str, Any]:
+    """``["max_episode_steps=30", "compile=true"]`` -> ``{"max_episode_steps": 30, "compile": True}``,
+    checked against :class:`~persona_gym.envs.config.EnvConfig` (one clear error per bad pair)."""
+    import yaml
+
+    from persona_gym.envs.config import EnvConfig
+    from persona_gym.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env-kwargs {pair!r}: write KEY=VALUE, e.g. max_episode_steps=30")
+        out[key] = yaml.safe_load(value) if value else ""
+    EnvConfig().replace(**out)  # unknown fields and bad values fail here, before any work
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    extra: dict[str, Any] = {"env_kwargs": {"artifacts": args.artifacts} if args.artifacts else {}}
+    env_kwargs = env_kwargs_from_args(args.env_kwargs)
+    if args.artifacts:
+        env_kwargs["artifacts"] = args.artifacts
+    extra: dict[str, Any] = {"env_kwargs": env_kwargs}
     if args.timesteps is None and args.resume:  # keep the length the run was started with
         extra["timesteps"] = read_run(args.resume)["config"]["timesteps"]
     config = config_from_args(AgentConfig, args, **extra)
-    run_dir = train_agent(config, resume=args.resume, progress=not args.no_progress)
+    args.resume_hint = f"continue with `persona-gym train-agent --resume {args.resume}`" if args.resume else \
+        f"continue with `persona-gym train-agent --resume RUN_DIR` (the run folder under {config.out})"
+    run_dir = train_agent(config, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
     info = read_run(run_dir)
     print(f"trained {info['algo']} for {info['timesteps']} steps in {info['train_seconds']:.0f} s "
           f"({info['env_steps_per_s']:.1f} env steps/s): {run_dir}/model.zip")

@@ -21,6 +21,7 @@ import traceback
 from persona_gym.errors import PersonaGymError
 
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 # Modules providing subcommands, in the order --help lists them.
 _COMMAND_MODULES = [
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        name = getattr(args, "command_name", f"persona-gym {args.command}")
+        resume = getattr(args, "resume_hint", None)
+        sys.stderr.write(f"{name}: interrupted" + (f"; {resume}" if resume else "") + "\n")
+        return EXIT_INTERRUPTED
     except ORDINARY_ERRORS as error:
         if verbose:
             traceback.print_exc()

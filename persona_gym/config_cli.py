@@ -21,6 +21,15 @@ C = TypeVar("C")
 _ENTRY = re.compile(r"^(\s+)([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*):\s*(.*)$")
 
 
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr):`~?([^`]+)`")
+
+
+def plain(text: str) -> str:
+    """Docstring text as ``--help`` shows it: ````x```` -> x, :class:`~a.B` -> B."""
+    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), text)
+    return text.replace("``", "")
+
+
 def field_help(cls: type) -> dict[str, str]:
     """``{field: text}`` from the ``Attributes:`` section of ``cls``'s docstring (an entry may
     name several fields, ``a, b: text``; continuation lines are joined)."""
@@ -66,7 +75,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
             default = defaults[f.name]
         kind, optional = _unwrap(hints[f.name])
         option = (flags or {}).get(f.name, f"--{f.name.replace('_', '-')}")
-        text = helps.get(f.name, "").replace("%", "%%")
+        text = plain(helps.get(f.name, "")).replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": f.name, "default": default,
                                   "help": f"{text} (default: {default})" if text else None}
         if choices and f.name in choices:

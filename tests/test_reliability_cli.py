@@ -213,7 +213,7 @@ def test_evaluate_policy_out_is_a_file(capsys, tmp_path, no_evaluation_work):
                     str(out), "is a file")
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--episodes", "0"), ("--k", "0"), ("--batch", "0"),
+@pytest.mark.parametrize(("flag", "value"), [("--episodes", "0"), ("--k", "0"), ("--n-envs", "0"),
                                              ("--episodes", "-3")])
 def test_evaluate_policy_bad_numbers_fail_before_work(capsys, tmp_path, no_evaluation_work, flag, value):
     result = run(capsys, "evaluate-policy", "--out", tmp_path / "out", flag, value)

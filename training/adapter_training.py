@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from persona_gym.io import atomic_write
 from persona_gym.ratings import RATING_VALUES
-from persona_gym.simulator.adapters import save_item_tokens
+from persona_gym.simulator.adapters import quiet_peft, save_item_tokens
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
 from persona_gym.simulator.prior import RatingPrior
 from training.examples import Example, LowerCache, _batches, _chunks
@@ -112,7 +112,8 @@ def train_adapter(
     )
     seed = config.seed * 1_000_003 + zlib.crc32(name.encode())
     torch.manual_seed(seed)
-    model = get_peft_model(base, lora_config, adapter_name=name)
+    with quiet_peft():
+        model = get_peft_model(base, lora_config, adapter_name=name)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": config.learning_rate}]
     if items is not None:

@@ -29,6 +29,30 @@ def _best(results: dict) -> dict | None:
     return ok[0] if ok else None
 
 
+def _beside_baselines(results: dict, data: dict) -> list[str]:
+    """The simulator's configs beside the CF baselines on the same rows (only with baselines)."""
+    lines: list[str] = []
+    lines += ["", "## The simulator beside the baselines on the same split", "",
+              "Fitted on train + background, hyper-parameters tuned on the last 20% of each "
+              "selected user's training interactions (never on test).", "",
+              "| Model | params | val RMSE | RMSE (evaluated rows) | MAE (evaluated rows) | "
+              "RMSE (first 3 per user) | RMSE (full test) | MAE (full test) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in results["configs"]:
+        if c["status"] == "ok" and not c.get("prompt_differs_from_training") and c["variant"] != "base":
+            e = c["expected"]
+            full = _f(e["rmse"]) if data["n_evaluated"] == data["n_test_total"] else "-"
+            mae_full = _f(e["mae"]) if full != "-" else "-"
+            lines.append(f"| simulator `{c['spec']}` | - | - | {_f(e['rmse'])} | {_f(e['mae'])} | "
+                         f"{_f(c['first_3']['rmse'])} | {full} | {mae_full} |")
+    for name, b in results["baselines"].items():
+        ev, full = b["evaluated_rows"], b["full_test"]
+        params = ", ".join(f"{k}={v}" for k, v in b["params"].items() if k != "seed") or "-"
+        lines.append(f"| {name} | {params} | {_f(b['val_rmse'])} | {_f(ev['rmse'])} | {_f(ev['mae'])} | "
+                     f"{_f(b['first_3']['rmse'])} | {_f(full['rmse'])} | {_f(full['mae'])} |")
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     """The report: Table 1 layout with the paper beside us, baselines, fidelity, notes."""
     data = results["data"]
@@ -79,42 +103,32 @@ def render_markdown(results: dict) -> str:
             cells += ["-", "-", "-"]
         lines.append(f"| {no if no is not None else '+'} | {base} | {c['adapter']} | {label} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "## The simulator beside the baselines on the same split", "",
-              "Fitted on train + background, hyper-parameters tuned on the last 20% of each "
-              "selected user's training interactions (never on test).", "",
-              "| Model | params | val RMSE | RMSE (evaluated rows) | MAE (evaluated rows) | "
-              "RMSE (first 3 per user) | RMSE (full test) | MAE (full test) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for c in results["configs"]:
-        if c["status"] == "ok" and not c.get("prompt_differs_from_training") and c["variant"] != "base":
-            e = c["expected"]
-            full = _f(e["rmse"]) if data["n_evaluated"] == data["n_test_total"] else "-"
-            mae_full = _f(e["mae"]) if full != "-" else "-"
-            lines.append(f"| simulator `{c['spec']}` | - | - | {_f(e['rmse'])} | {_f(e['mae'])} | "
-                         f"{_f(c['first_3']['rmse'])} | {full} | {mae_full} |")
-    for name, b in results["baselines"].items():
-        ev, full = b["evaluated_rows"], b["full_test"]
-        params = ", ".join(f"{k}={v}" for k, v in b["params"].items() if k != "seed") or "-"
-        lines.append(f"| {name} | {params} | {_f(b['val_rmse'])} | {_f(ev['rmse'])} | {_f(ev['mae'])} | "
-                     f"{_f(b['first_3']['rmse'])} | {_f(full['rmse'])} | {_f(full['mae'])} |")
+    if results["baselines"]:
+        lines += _beside_baselines(results, data)
+    ndcg_ok = data["max_test_per_user"] != 1
     lines += ["", "## Distributional fidelity", "",
               f"NDCG@10 of a random order (floor): {_f(results['ndcg@10_random_order'])}. ECE: "
-              "top-label, 10 bins. NDCG gains 2^r − 1.", "",
+              "top-label, 10 bins. NDCG gains 2^r − 1."
+              + ("" if ndcg_ok else " NDCG@10 is not reported: with one test row per user "
+                 "(--max-test-per-user 1) every order scores 1.0; use 2 or more."), "",
               "| Config / baseline | NLL | ECE | user-mean Pearson | NDCG@10 | predicted histogram "
               "(mean distribution, 1..5) | real histogram |", "|---|---|---|---|---|---|---|"]
 
     def hist(h):
         return " ".join(f"{x:.2f}" for x in h)
 
+    def ndcg(e):
+        return _f(e["ndcg@10"]) if ndcg_ok else "-"
+
     for c in results["configs"]:
         if c["status"] == "ok":
             e = c["expected"]
             lines.append(f"| {c['spec']} | {_f(e['nll'])} | {_f(e['ece'])} | {_f(e['user_mean_pearson'])} | "
-                         f"{_f(e['ndcg@10'])} | {hist(e['histogram_pred_mean_distribution'])} | "
+                         f"{ndcg(e)} | {hist(e['histogram_pred_mean_distribution'])} | "
                          f"{hist(e['histogram_real'])} |")
     for name, b in results["baselines"].items():
         e = b["evaluated_rows"]
-        lines.append(f"| baseline: {name} | - | - | {_f(e['user_mean_pearson'])} | {_f(e['ndcg@10'])} | "
+        lines.append(f"| baseline: {name} | - | - | {_f(e['user_mean_pearson'])} | {ndcg(e)} | "
                      f"{hist(e['histogram_pred_rounded'])} (rounded) | {hist(e['histogram_real'])} |")
     best = _best(results)
     if best is not None:

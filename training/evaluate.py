@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from persona_gym.config_cli import plain
 from persona_gym.data.protocol import EvalData, logged_data
 from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
 from persona_gym.ratings import expected
@@ -215,6 +216,9 @@ def evaluate(
     full_test = data.test[data.test["user_id"].isin(artifacts.user_ids)]
     full_test = select_test(full_test, None)
     rows = select_test(full_test, max_test_per_user, subsample, seed)
+    if max_test_per_user == 1:
+        log.warning("max_test_per_user=1: one test row per user, so NDCG@10 is 1.0 for any order; "
+                    "the report leaves it out (use 2 or more to rank within users)")
     if not len(rows):
         raise ValueError("no test interactions to evaluate")
     _check_no_leakage(rows, artifacts.memories)
@@ -341,7 +345,7 @@ def add_parser(subparsers) -> None:
     """Add ``persona-gym evaluate``."""
     p = subparsers.add_parser(
         "evaluate", help="RMSE/MAE/URR of the paper's Table 1, CF baselines and fidelity plots",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--artifacts", required=True, type=Path, help="trained artifacts directory")
     p.add_argument("--configs", nargs="+", default=None,

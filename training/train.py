@@ -55,6 +55,7 @@ from persona_gym.assets import (
     resolve_model,
 )
 from persona_gym.collaborative import CF_FILE, load_collaborative
+from persona_gym.config_cli import plain
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
@@ -270,7 +271,7 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     parser = subparsers.add_parser(
-        "train", help="fine-tune persona LoRA adapters (stage 3)", description=__doc__,
+        "train", help="fine-tune persona LoRA adapters (stage 3)", description=plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--artifacts", required=True, type=Path,

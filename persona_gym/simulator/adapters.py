@@ -7,7 +7,9 @@ projection (:data:`ITEM_TOKENS_FILE`). Names follow :mod:`persona_gym.adapter_na
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,16 @@ def load_item_tokens(adapters: Mapping[str, str | Path], embeddings: np.ndarray,
     return out
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence the FutureWarning transformers raises each time peft wraps a model (peft reads
+    the deprecated ``is_gradient_checkpointing``): nothing for our users to change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def attach_adapters(model: torch.nn.Module, adapters: Mapping[str, str | Path]) -> torch.nn.Module:
     """Wrap ``model`` in a ``PeftModel`` holding each ``{name: folder}`` adapter (eval mode)."""
     if not adapters:
@@ -65,7 +77,8 @@ def attach_adapters(model: torch.nn.Module, adapters: Mapping[str, str | Path]) 
                 "`persona-gym train` or point the manifest at the right folder"
             )
         if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+            with quiet_peft():
+                peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
         else:
             peft_model.load_adapter(folder, adapter_name=name)
     assert peft_model is not None  # adapters is not empty

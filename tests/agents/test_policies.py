@@ -51,15 +51,15 @@ def test_data_driven_baselines_rank_as_their_models(core, ratings):
 
 def test_simulation_is_deterministic_under_a_seed(core, ratings):
     policy = make_policy("random", core)
-    first = simulate(policy, core, episodes=5, seed=3, batch=2)
-    again = simulate(make_policy("random", core), core, episodes=5, seed=3, batch=2)
+    first = simulate(policy, core, episodes=5, seed=3, n_envs=2)
+    again = simulate(make_policy("random", core), core, episodes=5, seed=3, n_envs=2)
     assert first == again
-    other = simulate(policy, core, episodes=5, seed=4, batch=2)
+    other = simulate(policy, core, episodes=5, seed=4, n_envs=2)
     assert other != first
     # the same episodes (users, items) whatever the batch size, for a deterministic policy;
     # ratings equal up to the last bits (batch shapes change the float summation order)
     mf = make_policy("mf", core, ratings)
-    small, large = simulate(mf, core, 5, seed=3, batch=2), simulate(mf, core, 5, seed=3, batch=5)
+    small, large = simulate(mf, core, 5, seed=3, n_envs=2), simulate(mf, core, 5, seed=3, n_envs=5)
     assert [(r["user_id"], r["items"]) for r in small] == [(r["user_id"], r["items"]) for r in large]
     np.testing.assert_allclose([r["return"] for r in small], [r["return"] for r in large], rtol=1e-6)
     summary = summarize_episodes(first, core, n_users=4)
@@ -111,7 +111,7 @@ def test_evaluate_policies_writes_the_report(tmp_path, core, ratings):
                          "timestamp": [1] * len(users) + [2] * len(users)})
     policies = {name: make_policy(name, core, ratings) for name in ("random", "mf", "item-mean",
                                                                     "simulator-greedy")}
-    results = evaluate_policies(core, policies, PolicyEvalConfig(episodes=3, seeds=(0, 1), batch=2, k=2),
+    results = evaluate_policies(core, policies, PolicyEvalConfig(episodes=3, seeds=(0, 1), n_envs=2, k=2),
                                 test, n_users=4)
     assert results["policies"]["random"]["simulator"]["episodes"] == 6
     assert "logged" not in results["policies"]["simulator-greedy"]  # too costly to replay

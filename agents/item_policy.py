@@ -1,0 +1,232 @@
+"""A MaskablePPO policy that scores the catalogue through item vectors (the RL agent of persona-gym).
+
+A plain ``MultiInputPolicy`` maps its state to 1,682 (ML-100k) or 3,706 (ML-1M) independent
+logits and must learn every item from scratch. :class:`ItemScoringPolicy` scores item ``i`` in
+state ``s`` as
+
+    logit(s, i) = h(s) · W e_i  +  c_i  +  a · cf(u, i)
+
+* ``e_i``: the item's fixed features (:class:`CFFeatures.item_side`): its collaborative factors
+  and bias, log popularity and the leading principal components of its text embedding;
+* ``h(s)``: an MLP of the observation (profile, recent movies and ratings, step) and the user's
+  collaborative vector, so the ranking can follow what happened in the episode;
+* ``c_i``: a learned per-item correction; ``a``: a learned weight (starting at 0) of the
+  collaborative prediction ``cf(u, i)``, the dot product of the user's and the item's vectors.
+
+The agent therefore knows what the matrix-factorisation baseline knows (the same ``BiasedMF``
+fitted on train + background) and learns, from the simulated users' ratings alone, how far to
+trust it and what to add. The collaborative user vector reaches the policy as the observation key
+``"user"`` (:func:`add_user_features`), added by :class:`agents.sb3_env.SB3VecEnv` in training
+and by :class:`agents.policies.SB3Policy` in evaluation.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from gymnasium import spaces
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+from persona_gym.evaluation.baselines import BiasedMF
+from persona_gym.io import atomic_write
+
+__all__ = ["CFFeatures", "ItemScoringPolicy", "add_user_features"]
+
+USER_KEY = "user"
+CF_GAIN = 30.0
+
+
+@dataclass
+class CFFeatures:
+    """The collaborative vectors of users and items, from the MF baseline's ``BiasedMF``.
+
+    ``user_vectors[u] · item_vectors[i]`` is the MF prediction of user ``u`` for catalogue item
+    ``i`` (before clipping to 1..5); ``item_side`` holds standardised item features for the
+    policy's learned scorer.
+    """
+
+    user_ids: np.ndarray  # (n_users,) int64, sorted
+    user_vectors: np.ndarray  # (n_users, f + 2) float32: [p_u, mu + b_u, 1]
+    item_vectors: np.ndarray  # (n_items, f + 2) float32: [q_i, 1, b_i]
+    item_side: np.ndarray  # (n_items, F) float32
+
+    @classmethod
+    def fit(cls, model: BiasedMF, item_ids: np.ndarray, n_ratings: np.ndarray,
+            item_embeddings: np.ndarray, n_text: int = 16, seed: int = 0) -> CFFeatures:
+        """From a fitted ``BiasedMF`` and the catalogue (ids, training counts, text embeddings)."""
+        items = BiasedMF._lookup(model.items_, item_ids)
+        known = items >= 0
+        f = model.factors
+        q = np.where(known[:, None], model.q_[np.maximum(items, 0)], 0.0)
+        bi = np.where(known, model.bi_[np.maximum(items, 0)], 0.0)
+        item_vectors = np.c_[q, np.ones(len(items)), bi]
+        user_vectors = np.c_[model.p_, model.mu_ + model.bu_, np.ones(len(model.users_))]
+        text = np.asarray(item_embeddings, dtype=np.float64)
+        text = text - text.mean(axis=0)
+        n_text = min(n_text, *text.shape)
+        _, _, vt = np.linalg.svd(text[np.random.default_rng(seed).permutation(len(text))],
+                                 full_matrices=False)
+        side = np.c_[q, bi, np.log1p(np.asarray(n_ratings, dtype=np.float64)), text @ vt[:n_text].T]
+        side = (side - side.mean(axis=0)) / np.maximum(side.std(axis=0), 1e-6)
+        assert user_vectors.shape[1] == f + 2
+        return cls(model.users_.astype(np.int64), user_vectors.astype(np.float32),
+                   item_vectors.astype(np.float32), side.astype(np.float32))
+
+    @classmethod
+    def from_ratings(cls, ratings: pd.DataFrame, catalog: Any, item_embeddings: np.ndarray,
+                     factors: int = 5, reg: float = 5.0, reg_bias: float = 5.0, seed: int = 0) -> CFFeatures:
+        """Fit the MF baseline's model (``agents.policies.MFPolicy``'s settings) on ``ratings``
+        (train + background) and build the features of ``catalog``'s items."""
+        model = BiasedMF(factors=factors, reg=reg, reg_bias=reg_bias, seed=seed).fit(ratings)
+        return cls.fit(model, catalog.item_ids, catalog.n_ratings, item_embeddings, seed=seed)
+
+    def save(self, path: str | Path) -> None:
+        """Write the arrays to ``path`` (``.npz``, atomically)."""
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        atomic_write(path, lambda tmp: tmp.write_bytes(_npz_bytes(arrays)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CFFeatures:
+        """Read what :meth:`save` wrote (a clear error if the file is not such an archive)."""
+        try:
+            with np.load(path) as data:
+                return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"{path}: not the collaborative features of an items policy ({err}); "
+                             "retrain the agent (`persona-gym train-agent --policy items`)") from err
+
+    @property
+    def dim(self) -> int:
+        return int(self.user_vectors.shape[1])
+
+    def users(self, user_ids: np.ndarray) -> np.ndarray:
+        """``(B, f + 2)`` user vectors (zeros but the constant for users MF never saw)."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        rows = BiasedMF._lookup(self.user_ids, user_ids)
+        out = np.zeros((len(user_ids), self.dim), dtype=np.float32)
+        out[:, -1] = 1.0
+        out[rows >= 0] = self.user_vectors[rows[rows >= 0]]
+        return out
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def add_user_features(obs: dict[str, np.ndarray], user_ids: np.ndarray,
+                      features: CFFeatures) -> dict[str, np.ndarray]:
+    """The observation batch with the users' collaborative vectors under ``"user"``."""
+    return {**obs, USER_KEY: features.users(user_ids)}
+
+
+def user_space(features: CFFeatures) -> spaces.Box:
+    """The observation space of the ``"user"`` key."""
+    return spaces.Box(-np.inf, np.inf, (features.dim,), np.float32)
+
+
+class _StateExtractor(BaseFeaturesExtractor):
+    """Flattens the observation dict: the user vector first, then every other key (sorted)."""
+
+    def __init__(self, observation_space: spaces.Dict):
+        self.keys = [USER_KEY] + sorted(k for k in observation_space.spaces if k != USER_KEY)
+        dim = sum(int(np.prod(observation_space.spaces[k].shape)) for k in self.keys)
+        super().__init__(observation_space, features_dim=dim)
+        self.user_dim = int(observation_space.spaces[USER_KEY].shape[0])
+
+    def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([observations[k].flatten(1) for k in self.keys], dim=1)
+
+
+class _Extractor(nn.Module):
+    """Actor latent = [MLP(state), raw user vector]; critic latent = MLP(state)."""
+
+    def __init__(self, features_dim: int, user_dim: int, hidden: int):
+        super().__init__()
+        self.user_dim, self.hidden = user_dim, hidden
+        self.latent_dim_pi = hidden + user_dim
+        self.latent_dim_vf = hidden
+
+        def mlp() -> nn.Sequential:
+            return nn.Sequential(nn.Linear(features_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+
+        self.policy_net, self.value_net = mlp(), mlp()
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_actor(features), self.forward_critic(features)
+
+    def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.policy_net(features), features[:, : self.user_dim]], dim=1)
+
+    def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
+        return self.value_net(features)
+
+
+class _ItemScorer(nn.Module):
+    """``logits = h · W e_i + c_i + a · (user · item_vector_i)`` for every catalogue item."""
+
+    def __init__(self, hidden: int, item_side: np.ndarray, item_vectors: np.ndarray, dim: int):
+        super().__init__()
+        self.hidden = hidden
+        self.register_buffer("item_side", torch.as_tensor(item_side, dtype=torch.float32))
+        self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32))
+        self.query = nn.Linear(hidden, dim)
+        nn.init.normal_(self.query.weight, std=0.01)  # start near uniform, as SB3's 0.01 action-net gain
+        nn.init.zeros_(self.query.bias)
+        self.keys = nn.Linear(item_side.shape[1], dim, bias=False)
+        self.item_bias = nn.Parameter(torch.zeros(len(item_side)))
+        self.cf_weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        h, user = latent[:, : self.hidden], latent[:, self.hidden:]
+        learned = self.query(h) @ self.keys(self.item_side).T
+        # the gain lets Adam's ~lr-sized steps move the weight to a useful sharpness in a few
+        # hundred updates (the MF predictions of one user span only about 2 stars)
+        return learned + self.item_bias + CF_GAIN * self.cf_weight * (user @ self.item_vectors.T)
+
+
+class ItemScoringPolicy(MaskableActorCriticPolicy):
+    """MaskablePPO actor-critic whose logits score items through their vectors (module docstring).
+
+    Extra keyword arguments (``policy_kwargs``, saved with the model):
+        item_side: ``(n_items, F)`` standardised item features (``CFFeatures.item_side``).
+        item_vectors: ``(n_items, f + 2)`` collaborative item vectors (``CFFeatures.item_vectors``).
+        hidden: width of the state MLPs.
+        dim: width of the item/state embedding the two sides meet in.
+    """
+
+    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Discrete, lr_schedule: Any,
+                 item_side: np.ndarray, item_vectors: np.ndarray, hidden: int = 64, dim: int = 32,
+                 **kwargs: Any):
+        if USER_KEY not in observation_space.spaces:
+            raise ValueError(f"ItemScoringPolicy needs the observation key {USER_KEY!r} "
+                             "(train with `persona-gym train-agent --policy items`)")
+        if len(item_side) != action_space.n or len(item_vectors) != action_space.n:
+            raise ValueError(f"ItemScoringPolicy: {len(item_side)} item vectors for Discrete({action_space.n})")
+        self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
+        self.hidden, self.dim = int(hidden), int(dim)
+        kwargs.setdefault("features_extractor_class", _StateExtractor)
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _build_mlp_extractor(self) -> None:
+        user_dim = int(self.observation_space.spaces[USER_KEY].shape[0])
+        self.mlp_extractor = _Extractor(self.features_dim, user_dim, self.hidden)
+
+    def _build(self, lr_schedule: Any) -> None:
+        super()._build(lr_schedule)
+        self.action_net = _ItemScorer(self.hidden, self.item_side, self.item_vectors, self.dim)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(item_side=self.item_side, item_vectors=self.item_vectors, hidden=self.hidden, dim=self.dim)
+        return data
