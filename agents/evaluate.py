@@ -30,6 +30,9 @@ after their logged training history (the env's reset state), the policy's top ``
 episode by episode: the mean of the per-episode difference in return and in mean rating, with
 its bootstrap interval; a pair whose interval contains 0 is *not distinguishable*.
 
+**Gap closed** (with ``random`` and ``simulator-greedy`` among the policies): ``(policy - random)
+/ (simulator-greedy - random)`` of mean return and mean rating.
+
 **Agreement**: Kendall's tau / Spearman's rho between the policies' simulator ordering (mean
 rating) and their logged ordering (NDCG@k, replay): do simulator wins carry to logged data?
 
@@ -58,6 +61,7 @@ from agents.metrics import (
 from agents.policies import BASELINES, Batch, Policy, make_policy
 from agents.report import format_table, write_report
 from persona_gym.config_cli import add_config_arguments, config_from_args, plain
+from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
 from persona_gym.envs.core import EpisodeState, RecCore
 from persona_gym.rater import Rater
 from persona_gym.registry import ENV_IDS, env_config_name
@@ -65,7 +69,7 @@ from persona_gym.registry import ENV_IDS, env_config_name
 log = logging.getLogger(__name__)
 
 __all__ = ["PolicyEvalConfig", "evaluate_logged", "evaluate_policies", "load_evaluation",
-           "make_batch", "paired_differences", "simulate", "summarize_episodes"]
+           "gap_closed", "make_batch", "paired_differences", "simulate", "summarize_episodes"]
 
 
 def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
@@ -128,6 +132,19 @@ def summarize_episodes(records: list[dict], core: RecCore, n_users: int, seed: i
     out["coverage"] = _ci(len(records), lambda idx: len(set().union(*(items[i] for i in idx)))
                           / core.n_items, seed)
     out["episodes"] = len(records)
+    return out
+
+
+def gap_closed(entries: dict[str, dict], low: str = "random", high: str = "simulator-greedy") -> dict:
+    """``(policy - random) / (simulator-greedy - random)`` of each policy's mean return and mean
+    rating: the share of the gap to the myopic oracle a policy closes (empty without both)."""
+    if low not in entries or high not in entries:
+        return {}
+    out = {}
+    for metric in ("return", "mean_rating"):
+        lo, hi = (entries[n]["simulator"][metric]["mean"] for n in (low, high))
+        if hi != lo:
+            out[metric] = {n: (e["simulator"][metric]["mean"] - lo) / (hi - lo) for n, e in entries.items()}
     return out
 
 
@@ -278,6 +295,7 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
         log.info("%s: mean rating %.3f (%.1f s)", name, entry["simulator"]["mean_rating"]["mean"],
                  entry["seconds"])
     results["differences"] = paired_differences(per_episode)
+    results["gap_closed"] = gap_closed(results["policies"])
     names = [n for n in policies if "logged" in results["policies"][n]]
     if len(names) >= 2:
         sim = [results["policies"][n]["simulator"]["mean_rating"]["mean"] for n in names]
@@ -315,9 +333,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--policies", nargs="+", default=["random", "most-popular", "item-mean", "mf"],
                         help=f"baselines {list(BASELINES)} and/or run folders / model.zip of train-agent")
     add_config_arguments(parser, PolicyEvalConfig)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the simulator's dtype (auto: bfloat16 where the CPU has AMX/AVX512-BF16 "
+                             "or on CUDA, float32 elsewhere) (default: auto)")
     parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
-    parser.add_argument("--out", type=Path, default=Path("runs/policy-eval"))
+    add_env_kwargs_argument(parser)
+    parser.add_argument("--out", type=Path, default=Path("runs/policy-eval"),
+                        help="folder that receives results.json, report.md and policies.png "
+                             "(default: runs/policy-eval)")
     parser.set_defaults(func=run)
 
 
@@ -329,7 +352,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} is a file; --out names the folder that receives "
                           "results.json, report.md and policies.png")
     args.out.mkdir(parents=True, exist_ok=True)  # a permission problem shows now, not after the work
-    overrides = {"artifacts": args.artifacts} if args.artifacts else {}
+    overrides = parse_env_kwargs(args.env_kwargs)
+    if args.artifacts:
+        overrides["artifacts"] = args.artifacts
     core, ratings, test, n_users = load_evaluation(args.env_id, args.dtype, **overrides)
     policies = {}
     mf = None
@@ -341,7 +366,9 @@ def run(args: argparse.Namespace) -> int:
             key += "'"
         policies[key] = policy
     results = evaluate_policies(core, policies, config, test if config.logged else None, n_users)
-    report = write_report(results, args.out, f"Environment `{args.env_id}`; {args.episodes} episodes "
+    settings = "".join(f", {k}={v}" for k, v in overrides.items())
+    results["env"] = {"id": args.env_id, "dtype": args.dtype, **overrides}
+    report = write_report(results, args.out, f"Environment `{args.env_id}`{settings}; {args.episodes} episodes "
                           f"x seeds {list(args.seeds)}; logged k={args.k}.")
     print(format_table(results))
     print(f"report: {report}")

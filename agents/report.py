@@ -33,6 +33,11 @@ def format_table(results: dict[str, Any]) -> str:
             row += [cell(entry.get("logged", {}).get(m)) for m in LOGGED_METRICS]
         lines.append("| " + " | ".join(row) + " |")
     lines += _differences(results)
+    gap = results.get("gap_closed", {})
+    if gap:
+        lines += ["", "Gap closed toward simulator-greedy, (policy − random) / (simulator-greedy − random): "
+                  + "; ".join(f"{n} {gap['mean_rating'][n]:.2f} (return {gap.get('return', {}).get(n, float('nan')):.2f})"
+                              for n in gap.get("mean_rating", {}))]
     for key, value in results.get("agreement", {}).items():
         lines.append(f"\nAgreement {key}: Kendall tau {value['kendall_tau']:.2f} "
                      f"(p={value['kendall_p']:.2f}), Spearman rho {value['spearman_rho']:.2f} "

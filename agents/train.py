@@ -36,6 +36,7 @@ from agents.runs import (
     read_run,
 )
 from persona_gym.config_cli import add_config_arguments, config_from_args, plain
+from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
 from persona_gym.io import atomic_write_json
 from persona_gym.rater import Rater
 from persona_gym.registry import ENV_IDS, env_config_name
@@ -347,10 +348,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                   "dtype": ("auto", "float32", "bfloat16")},
                          defaults={"timesteps": None})  # with --resume: the run's
     parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
-    parser.add_argument("--env-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="environment settings as gym.make keywords (EnvConfig fields, values "
-                             "read as YAML), e.g. max_episode_steps=30 leave_rule=model compile=true "
-                             "reward=sampled device=cuda")
+    add_env_kwargs_argument(parser)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint "
                         "(a Ctrl-C'd run folder too)")
     parser.add_argument("--no-progress", action="store_true",
@@ -358,26 +356,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def env_kwargs_from_args(pairs: list[str]) -> dict[str, Any]:
-    """``["max_episode_steps=30", "compile=true"]`` -> ``{"max_episode_steps": 30, "compile": True}``,
-    checked against :class:`~persona_gym.envs.config.EnvConfig` (one clear error per bad pair)."""
-    import yaml
-
-    from persona_gym.envs.config import EnvConfig
-    from persona_gym.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--env-kwargs {pair!r}: write KEY=VALUE, e.g. max_episode_steps=30")
-        out[key] = yaml.safe_load(value) if value else ""
-    EnvConfig().replace(**out)  # unknown fields and bad values fail here, before any work
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
-    env_kwargs = env_kwargs_from_args(args.env_kwargs)
+    env_kwargs = parse_env_kwargs(args.env_kwargs)
     if args.artifacts:
         env_kwargs["artifacts"] = args.artifacts
     extra: dict[str, Any] = {"env_kwargs": env_kwargs}

@@ -26,10 +26,12 @@ def profile_text(traits: dict) -> str:
     viewer (110 ratings), broad taste, balanced vs crowd averages."``
     """
     t = traits
-    who = []
-    if t.get("age"):
-        who.append(f"{t['age']}-year-old" if t["age"].isdigit() else f"aged {t['age']}")
-    who.append({"M": "male", "F": "female"}.get(t.get("gender") or "", "viewer"))
+    who = [{"M": "male", "F": "female"}.get(t.get("gender") or "", "viewer")]
+    age = str(t.get("age") or "")
+    if age.isdigit():  # ML-100k: an age; ML-1M: a bin such as "25-34"
+        who.insert(0, f"{age}-year-old")
+    elif age:
+        who.append(f"aged {age}")
     if t.get("occupation"):
         who.append(f"({t['occupation']})")
     parts = [f"PERSONA: You are a {' '.join(who)}."]

@@ -21,7 +21,7 @@ REPEAT_RULES = ("penalty", "terminate")
 LEAVE_RULES = ("threshold", "model")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
-__all__ = ["EnvConfig", "check_device", "load_env_config"]
+__all__ = ["EnvConfig", "add_env_kwargs_argument", "check_device", "load_env_config", "parse_env_kwargs"]
 
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(?::(\d+))?")
 
@@ -203,3 +203,27 @@ def load_env_config(name_or_path: str | Path | EnvConfig = "ml100k", **overrides
         raise ConfigTypeError(f"{path}: {err}") from err
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
+
+
+def parse_env_kwargs(pairs: list[str]) -> dict[str, Any]:
+    """``["max_episode_steps=30", "compile=true"]`` -> ``{"max_episode_steps": 30, "compile": True}``
+    (values read as YAML), checked against :class:`EnvConfig`: an unknown field or a bad value
+    fails here, naming it, before any work."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env-kwargs {pair!r}: write KEY=VALUE, e.g. max_episode_steps=30")
+        out[key] = yaml.safe_load(value) if value else ""
+    EnvConfig().replace(**out)
+    return out
+
+
+def add_env_kwargs_argument(parser: Any) -> None:
+    """``--env-kwargs KEY=VALUE ...`` on a command's parser (:func:`parse_env_kwargs` reads it)."""
+    parser.add_argument("--env-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="environment settings as gym.make keywords (EnvConfig fields, values "
+                             "read as YAML), e.g. max_episode_steps=30 leave_rule=model compile=true "
+                             "reward=sampled device=cuda (default: the env's config)")

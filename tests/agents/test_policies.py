@@ -120,3 +120,41 @@ def test_evaluate_policies_writes_the_report(tmp_path, core, ratings):
     text = report.read_text()
     assert "| simulator-greedy |" in text and "Agreement" in text
     assert (tmp_path / "policies.png").stat().st_size > 0 and (tmp_path / "results.json").exists()
+
+
+def test_paired_differences_gap_closed_and_the_verdict_in_the_report(tmp_path, core, ratings):
+    from agents.evaluate import PolicyEvalConfig, evaluate_policies, paired_differences, write_report
+
+    policies = {name: make_policy(name, core, ratings) for name in ("random", "mf", "simulator-greedy")}
+    results = evaluate_policies(core, policies, PolicyEvalConfig(episodes=4, seeds=(0,), n_envs=2, logged=False),
+                                None, n_users=4)
+    diffs = {(d["a"], d["b"], d["metric"]): d for d in results["differences"]}
+    assert len(diffs) == 6  # 3 pairs x (return, mean_rating)
+    # the paired difference is the difference of the two means (same episodes), inside its interval
+    for (a, b, metric), d in diffs.items():
+        gap = results["policies"][a]["simulator"][metric]["mean"] - results["policies"][b]["simulator"][metric]["mean"]
+        assert d["mean"] == pytest.approx(gap) and d["low"] <= d["mean"] <= d["high"]
+        assert d["distinguishable"] == (d["low"] > 0 or d["high"] < 0)
+    gap = results["gap_closed"]["mean_rating"]
+    assert gap["random"] == 0.0 and gap["simulator-greedy"] == 1.0
+    text = write_report(results, tmp_path, "tiny").read_text()
+    assert "Paired differences" in text and "Gap closed toward simulator-greedy" in text
+    # a policy against itself: difference 0, never distinguishable, said so in the report
+    same = {"mf": results["policies"]["mf"], "mf'": results["policies"]["mf"]}
+    records = {n: simulate(policies["mf"], core, 4, 0, 2) for n in same}
+    twin = paired_differences(records)
+    assert all(d["mean"] == 0 and not d["distinguishable"] for d in twin)
+    text = write_report({"policies": same, "differences": twin}, tmp_path / "twin").read_text()
+    assert "**not distinguishable**" in text
+    # different users for two policies is an error, not a silent comparison
+    other = simulate(policies["mf"], core, 4, 1, 2)
+    with pytest.raises(ValueError, match="different episodes"):
+        paired_differences({"a": records["mf"], "b": other})
+
+
+def test_coverage_interval_contains_its_estimate(core, ratings):
+    from agents.evaluate import summarize_episodes
+
+    records = simulate(make_policy("random", core), core, episodes=12, seed=0, n_envs=4)
+    coverage = summarize_episodes(records, core, n_users=4)["coverage"]
+    assert coverage["low"] <= coverage["mean"] <= coverage["high"]

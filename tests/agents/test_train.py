@@ -70,3 +70,24 @@ def test_bad_agent_settings_are_clear_errors(tmp_path):
         SB3VecEnv("CartPole-v1", 1)
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         train_agent(AgentConfig(), resume=tmp_path)
+
+
+def test_progress_is_logged_as_lines_without_a_bar(tmp_path, tiny_config, table_rater, caplog):
+    caplog.set_level("INFO", logger="agents.train")
+    train_agent(config(tmp_path, tiny_config, timesteps=16), progress=False, rater=table_rater)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert lines and lines[-1].startswith("step 16/16 (100%)") and "env steps/s" in lines[-1]
+
+
+def test_env_kwargs_are_parsed_and_checked():
+    from persona_gym.envs.config import parse_env_kwargs
+    from persona_gym.errors import ConfigError
+
+    assert parse_env_kwargs(["max_episode_steps=30", "compile=true", "leave_rule=model"]) == {
+        "max_episode_steps": 30, "compile": True, "leave_rule": "model"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_env_kwargs(["max_episode_steps"])
+    with pytest.raises(ConfigError, match="unknown EnvConfig field"):
+        parse_env_kwargs(["horizon=3"])
+    with pytest.raises(ConfigError, match="leave_rule must be one of"):
+        parse_env_kwargs(["leave_rule=sometimes"])

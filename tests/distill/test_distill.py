@@ -336,3 +336,15 @@ def test_llm_distiller_with_a_tiny_hf_model(tmp_path) -> None:
         assert traits["llm"]["backend"].startswith("hf:tiny-random-llama")
         # random weights write no parsable reasons: every one fell back, and was counted
         assert 0 <= traits["llm"]["reason_fallbacks"] <= traits["n_ratings"]
+
+
+def test_profile_grammar_for_ages_and_age_bins() -> None:
+    from persona_gym.distill.templates import profile_text
+
+    traits = {"gender": "M", "occupation": "lawyer", "tendency": "generous", "mean": 4.2,
+              "reference_mean": 3.6, "spread": "narrow", "likes": [], "dislikes": [],
+              "top_genres": ["Drama"], "main_decade": 1990, "best_decade": 1990, "best_decade_mean": 4.0,
+              "conformity": "balanced", "activity": "heavy", "n_ratings": 110, "diversity": "broad"}
+    assert profile_text({**traits, "age": "53"}).startswith("PERSONA: You are a 53-year-old male (lawyer).")
+    assert profile_text({**traits, "age": "25-34"}).startswith("PERSONA: You are a male aged 25-34 (lawyer).")
+    assert profile_text({**traits, "age": None, "gender": None}).startswith("PERSONA: You are a viewer (lawyer).")
