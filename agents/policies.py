@@ -243,7 +243,8 @@ BASELINES = ("random", "most-popular", "item-mean", "mf", "simulator-greedy")
 
 def make_policy(name: str, core: RecCore, ratings: pd.DataFrame | None = None, seed: int = 0,
                 mf: MFPolicy | None = None) -> Policy:
-    """A baseline by name (``BASELINES``) or a trained model (a run folder or ``model.zip``).
+    """A baseline by name (``BASELINES``), ``"agent"`` (the trained agent shipped with the
+    package, :data:`agents.runs.SHIPPED_AGENT`) or a trained model (a run folder or ``model.zip``).
 
     ``ratings``: the train + background ratings (``fit_frame``) the data-driven baselines fit on.
     """
@@ -258,9 +259,13 @@ def make_policy(name: str, core: RecCore, ratings: pd.DataFrame | None = None, s
             return ItemMeanPolicy(core, ratings)
         mf = mf or MFPolicy(core, ratings, seed=seed)
         return mf if name == "mf" else SimulatorGreedyPolicy(core, mf)
+    if name == "agent":
+        from agents.runs import SHIPPED_AGENT
+
+        return SB3Policy.load(SHIPPED_AGENT, name="agent")
     path = Path(name)
     if path.exists():
         return SB3Policy.load(path)
-    raise ValueError(f"unknown policy {name!r}: choose from {list(BASELINES)} or give a run folder / "
-                     "model.zip written by `persona-gym train-agent`")
+    raise ValueError(f"unknown policy {name!r}: choose from {list(BASELINES)}, 'agent' (the shipped "
+                     "agent) or give a run folder / model.zip written by `persona-gym train-agent`")
 

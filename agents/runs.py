@@ -12,11 +12,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ALGO_NAMES", "FEATURES_FILE", "POLICY_NAMES", "algorithm", "latest_checkpoint", "read_run"]
+__all__ = ["ALGO_NAMES", "FEATURES_FILE", "POLICY_NAMES", "SHIPPED_AGENT", "algorithm", "latest_checkpoint",
+           "read_run", "ship_agent"]
 
 ALGO_NAMES = ("ppo", "dqn", "maskable-ppo")
 POLICY_NAMES = ("mlp", "items")
 FEATURES_FILE = "features.npz"  # the collaborative features of an ``items`` policy
+# the trained agent shipped with the package (``make agent`` retrains it; the policy name "agent")
+SHIPPED_AGENT = Path(__file__).parent / "shipped" / "PersonaML100K-v0"
+SHIPPED_FILES = ("model.zip", "run.json", FEATURES_FILE, "eval.csv", "learning_curve.png")
 
 
 def algorithm(name: str) -> Any:
@@ -55,3 +59,37 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
         return None
     steps, path = max(found)
     return path, steps
+
+
+def ship_agent(run_dir: str | Path, dest: str | Path = SHIPPED_AGENT, steps: int | None = None) -> Path:
+    """Copy a trained run into ``dest`` as the package's shipped agent: ``model.zip`` (or the
+    checkpoint of ``steps`` env steps), its features, periodic evaluation and learning curve, and
+    a ``run.json`` without the training machine's paths. Replaces ``dest`` whole."""
+    import shutil
+    import tempfile
+
+    from persona_gym.io import atomic_write_json
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    run = read_run(run_dir)
+    model = run_dir / "model.zip" if steps is None else run_dir / "checkpoints" / f"model_{steps}_steps.zip"
+    if not model.is_file():
+        raise FileNotFoundError(f"{model} not found: train the agent first (`make agent`)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        shutil.copyfile(model, work / "model.zip")
+        for name in SHIPPED_FILES[2:]:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, work / name)
+        run["config"]["out"] = "runs/agents"
+        if steps is not None:
+            run["timesteps"] = steps
+        atomic_write_json(work / "run.json", run)
+        if dest.exists():
+            shutil.rmtree(dest)
+        work.rename(dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return dest

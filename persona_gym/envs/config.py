@@ -68,7 +68,7 @@ class EnvConfig:
         leave_prob: churn rule: after each low rating the user leaves (``terminated=True``)
             with this probability, drawn with the env's RNG. ``0`` disables churn, ``1`` makes
             the first low rating final. Used by ``leave_rule="threshold"``.
-        leave_rule: how users leave: ``"threshold"`` (the rule above) or ``"model"`` (after
+        leave_rule: how users leave: ``"model"`` (the default; after
             each rated step the user leaves with the probability of the leave model fitted on
             MovieLens sessions, :mod:`persona_gym.leave`, drawn with the env's RNG; masked
             steps never churn).
@@ -96,7 +96,7 @@ class EnvConfig:
     mask_rated: bool = True
     leave_threshold: float = 2.0
     leave_prob: float = 0.3
-    leave_rule: str = "threshold"
+    leave_rule: str = "model"
     leave_model: str | None = None
     like_threshold: float = 4.0
     obs_window: int = 5

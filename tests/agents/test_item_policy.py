@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sb3_contrib import MaskablePPO
 
 from agents.evaluate import make_batch
 from agents.item_policy import CFFeatures
 from agents.policies import MFPolicy, SB3Policy, make_policy
-from agents.runs import FEATURES_FILE, read_run
+from agents.runs import FEATURES_FILE, read_run, ship_agent
 from agents.train import AgentConfig, train_agent
 from persona_gym.evaluation.baselines import BiasedMF
 
@@ -59,6 +60,17 @@ def test_items_policy_trains_reloads_and_scores_with_its_model(tmp_path, tiny_co
     resumed = train_agent(AgentConfig(**{**vars(config), "timesteps": 24}), resume=run_dir, progress=False,
                           rater=table_rater, ratings=ratings)
     assert read_run(resumed)["timesteps"] == 24
+    # shipping: the model (or a checkpoint), its features and curve, no machine path in run.json
+    dest = ship_agent(run_dir, tmp_path / "shipped" / "agent", steps=16)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["model.zip", "run.json", FEATURES_FILE, "eval.csv",
+                                                            "learning_curve.png"])
+    assert str(tmp_path) not in (dest / "run.json").read_text() and read_run(dest)["timesteps"] == 16
+    shipped = SB3Policy.load(dest)
+    fresh = SB3Policy(MaskablePPO.load(run_dir / "checkpoints" / "model_16_steps.zip", device="cpu"), "ckpt",
+                      CFFeatures.load(run_dir / FEATURES_FILE))
+    np.testing.assert_array_equal(shipped.scores(batch), fresh.scores(batch))
+    with pytest.raises(FileNotFoundError, match="train the agent first"):
+        ship_agent(run_dir, tmp_path / "other", steps=5)
 
 
 def test_items_policy_bad_settings_are_clear(tmp_path):
