@@ -123,7 +123,12 @@ def test_evaluate_policies_writes_the_report(tmp_path, core, ratings):
 
 
 def test_paired_differences_gap_closed_and_the_verdict_in_the_report(tmp_path, core, ratings):
-    from agents.evaluate import PolicyEvalConfig, evaluate_policies, paired_differences, write_report
+    from agents.evaluate import (
+        PolicyEvalConfig,
+        evaluate_policies,
+        paired_differences,
+        write_report,
+    )
 
     policies = {name: make_policy(name, core, ratings) for name in ("random", "mf", "simulator-greedy")}
     results = evaluate_policies(core, policies, PolicyEvalConfig(episodes=4, seeds=(0,), n_envs=2, logged=False),
