@@ -88,6 +88,7 @@ def ship_agent(run_dir: str | Path, dest: str | Path = SHIPPED_AGENT, steps: int
         atomic_write_json(work / "run.json", run)
         if dest.exists():
             shutil.rmtree(dest)
+        work.chmod(0o755)  # mkdtemp makes 0700
         work.rename(dest)
     finally:
         if work.exists():
