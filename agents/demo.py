@@ -34,9 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the episodes and of the short run (default: 0)")
-    parser.add_argument("--episodes", type=int, default=48, help="simulator episodes per policy (default: 48)")
-    parser.add_argument("--train-steps", type=int, default=2048,
-                        help="env steps of the short training run; 0 skips it (default: 2048)")
+    parser.add_argument("--episodes", type=int, default=32, help="simulator episodes per policy (default: 32)")
+    parser.add_argument("--train-steps", type=int, default=1024,
+                        help="env steps of the short training run; 0 skips it (default: 1024)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="simulator dtype (auto: bfloat16 on CPUs with AMX/AVX512-BF16) (default: auto)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder (default: runs/demo)")

@@ -282,3 +282,14 @@ def test_fetch_rejects_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:
         main(["data", "fetch", "ml-25m"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_with_one_line_and_the_resume_hint(monkeypatch, capsys, tmp_path):
+    def interrupted(config, resume=None, progress=True, rater=None, ratings=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("agents.train.train_agent", interrupted)
+    assert main(["train-agent", "--timesteps", "8", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"persona-gym train-agent: interrupted; continue with `persona-gym train-agent --resume "
+                   f"RUN_DIR` (the run folder under {tmp_path})"]

@@ -91,3 +91,33 @@ def test_env_kwargs_are_parsed_and_checked():
         parse_env_kwargs(["horizon=3"])
     with pytest.raises(ConfigError, match="leave_rule must be one of"):
         parse_env_kwargs(["leave_rule=sometimes"])
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, tiny_config, table_rater):
+    from agents.runs import latest_checkpoint
+
+    class Interrupting:
+        """The table rater, interrupted (as by Ctrl-C) at its 7th call."""
+
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def rate(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 7:
+                raise KeyboardInterrupt
+            return self.inner.rate(*args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_agent(config(tmp_path, tiny_config, timesteps=40, checkpoint_every=1000), progress=False,
+                    rater=Interrupting(table_rater))
+    (run_dir,) = tmp_path.iterdir()
+    path, steps = latest_checkpoint(run_dir)
+    assert 0 < steps < 40 and path.is_file()
+    resumed = train_agent(config(tmp_path, tiny_config, timesteps=40), resume=run_dir, progress=False,
+                          rater=table_rater)
+    # (SB3 finishes its last rollout of n_steps x n_envs, so a resume may end a little past 40)
+    assert read_run(resumed)["timesteps"] >= 40 and (resumed / f"monitor-{steps}.csv").is_file()
