@@ -153,7 +153,7 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
     if latest is not None:
         path, start_steps = latest
         log.info("resuming %s from %s (%d steps)", run_dir, path.name, start_steps)
-        monitored = VecMonitor(env, str(run_dir / f"monitor-{start_steps}.csv"))
+        monitored = VecMonitor(env, str(run_dir / f"monitor-{start_steps}.monitor.csv"))  # SB3 adds .monitor.csv otherwise
         model = algo.load(path, env=monitored, device="cpu")
     else:
         monitored = VecMonitor(env, str(run_dir / "monitor.csv"))

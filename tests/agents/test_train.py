@@ -120,4 +120,4 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, tiny_config, 
     resumed = train_agent(config(tmp_path, tiny_config, timesteps=40), resume=run_dir, progress=False,
                           rater=table_rater)
     # (SB3 finishes its last rollout of n_steps x n_envs, so a resume may end a little past 40)
-    assert read_run(resumed)["timesteps"] >= 40 and (resumed / f"monitor-{steps}.csv").is_file()
+    assert read_run(resumed)["timesteps"] >= 40 and (resumed / f"monitor-{steps}.monitor.csv").is_file()
