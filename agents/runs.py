@@ -64,7 +64,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
 def ship_agent(run_dir: str | Path, dest: str | Path = SHIPPED_AGENT, steps: int | None = None) -> Path:
     """Copy a trained run into ``dest`` as the package's shipped agent: ``model.zip`` (or the
     checkpoint of ``steps`` env steps), its features, periodic evaluation and learning curve, and
-    a ``run.json`` without the training machine's paths. Replaces ``dest`` whole."""
+    a ``run.json``, both without the training machine's paths. Replaces ``dest`` whole."""
     import shutil
     import tempfile
 
@@ -78,7 +78,9 @@ def ship_agent(run_dir: str | Path, dest: str | Path = SHIPPED_AGENT, steps: int
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
-        shutil.copyfile(model, work / "model.zip")
+        loaded = algorithm(run["algo"]).load(model, device="cpu")
+        loaded.tensorboard_log = None  # a path of the training machine
+        loaded.save(work / "model.zip")
         for name in SHIPPED_FILES[2:]:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, work / name)

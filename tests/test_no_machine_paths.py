@@ -16,7 +16,7 @@ def _text_files(folder: Path):
     return [p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT]
 
 
-@pytest.mark.parametrize("folder", ["persona_gym", "envs_config", "benchmarks"])
+@pytest.mark.parametrize("folder", ["persona_gym", "envs_config", "benchmarks", "agents"])
 def test_no_machine_paths(folder):
     offenders = []
     for path in _text_files(ROOT / folder):
@@ -24,3 +24,12 @@ def test_no_machine_paths(folder):
             if MACHINE_PATH.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:120]}")
     assert not offenders, "machine paths in committed files:\n" + "\n".join(offenders[:20])
+
+
+def test_the_shipped_agent_records_no_machine_path():
+    import zipfile
+
+    for path in (ROOT / "agents" / "shipped").rglob("*.zip"):
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read("data").decode()
+        assert not MACHINE_PATH.search(data), f"{path.relative_to(ROOT)}: {MACHINE_PATH.search(data).group(0)}"
