@@ -4,14 +4,14 @@
 ``s`` draws its user and every rating/churn draw from ``np.random.default_rng([s, e])`` — the
 same users for every policy — and runs the environments' own episode logic
 (:class:`persona_gym.envs.core.RecCore`, ``--n-envs`` episodes per simulator call). Per policy,
-with a 95% percentile-bootstrap interval over all episodes of all seeds:
+with a 95% bootstrap interval over all episodes of all seeds (centred on its estimate:
+``agents.metrics.bootstrap_ci``):
 
 * ``return``          sum of rewards (the env's reward: expected rating by default);
 * ``mean_rating``     mean expected rating of the recommended movies;
 * ``share_ge4``       share of ratings the user gave (sampled) that are >= 4;
 * ``churn``           share of episodes the user left;
-* ``coverage``        distinct recommended movies / catalogue size (its bootstrap interval is
-  biased low: a resample repeats episodes and so covers fewer movies);
+* ``coverage``        distinct recommended movies / catalogue size;
 * ``diversity``       intra-episode genre diversity (mean pairwise 1 - Jaccard);
 * ``novelty``         mean self-information -log2(share of users who rated the movie).
 
@@ -329,9 +329,11 @@ def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate-policy", help="judge policies in the simulator and on logged data",
                                    description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", dest="env_id", default="PersonaML100K-v0", choices=ENV_IDS)
-    parser.add_argument("--policies", nargs="+", default=["random", "most-popular", "item-mean", "mf"],
-                        help=f"baselines {list(BASELINES)} and/or run folders / model.zip of train-agent")
+    parser.add_argument("--env", dest="env_id", default="PersonaML100K-v0", choices=ENV_IDS,
+                        help="registered environment id (default: PersonaML100K-v0)")
+    parser.add_argument("--policies", nargs="+", default=["random", "most-popular", "item-mean", "mf", "agent"],
+                        help=f"baselines {list(BASELINES)}, 'agent' (the shipped agent) and/or run folders / "
+                             "model.zip of train-agent (default: random most-popular item-mean mf agent)")
     add_config_arguments(parser, PolicyEvalConfig)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="the simulator's dtype (auto: bfloat16 where the CPU has AMX/AVX512-BF16 "

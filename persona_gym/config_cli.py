@@ -25,9 +25,9 @@ _ROLE = re.compile(r":(?:class|func|meth|mod|attr):`~?([^`]+)`")
 
 
 def plain(text: str) -> str:
-    """Docstring text as ``--help`` shows it: ````x```` -> x, :class:`~a.B` -> B."""
+    """Docstring text as ``--help`` shows it: ````x```` -> x, :class:`~a.B` -> B, no bold marks."""
     text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), text)
-    return text.replace("``", "")
+    return text.replace("``", "").replace("**", "")
 
 
 def field_help(cls: type) -> dict[str, str]:
