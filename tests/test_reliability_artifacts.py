@@ -50,7 +50,7 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 def make_env(root: Path, **kwargs) -> gym.Env:
     return gym.make("PersonaML100K-v0", artifacts=str(root), dataset="synthetic", mask_rated=False,
-                    leave_prob=0.0, obs_window=3, **kwargs)
+                    leave_rule="threshold", leave_prob=0.0, obs_window=3, **kwargs)
 
 
 # -- tampering -----------------------------------------------------------------------------------

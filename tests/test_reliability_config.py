@@ -21,7 +21,7 @@ FLOATS = ("reward_scale", "reward_offset", "repeat_penalty", "leave_threshold", 
 @pytest.fixture(scope="module")
 def kwargs(trained_tiny_artifacts) -> dict:
     return {"artifacts": str(trained_tiny_artifacts), "dataset": "synthetic", "mask_rated": False,
-            "leave_prob": 0.0, "obs_window": 3}
+            "leave_rule": "threshold", "leave_prob": 0.0, "obs_window": 3}
 
 
 @pytest.mark.parametrize("field", FLOATS)
