@@ -286,7 +286,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="LoRA on the top N layers (0 = all)")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-examples", type=int, default=defaults.batch_examples)
+    parser.add_argument("--batch-size", dest="batch_examples", type=int, default=defaults.batch_examples,
+                        help=f"examples per optimizer step (train-agent's --batch-size) (default: {defaults.batch_examples})")
     parser.add_argument("--blocks-per-sequence", type=int, default=defaults.blocks_per_sequence,
                         help="examples of one user packed behind one profile prefix")
     parser.add_argument("--max-examples-per-user", type=int, default=defaults.max_examples_per_user)

@@ -182,6 +182,11 @@ def test_evaluate_end_to_end(evaluated):
     assert len(predictions) == 8 and "pred:persona:Ms+Ml" in predictions and "baseline:item mean" in predictions
     # the CLI-facing renderer works on the written JSON too
     assert "beside the baselines" in render_markdown(results)
+    # without baselines: no empty baselines table; one test row per user: no NDCG (always 1.0)
+    bare = {**results, "baselines": {}, "data": {**results["data"], "max_test_per_user": 1}}
+    text = render_markdown(bare)
+    assert "beside the baselines" not in text and "NDCG@10 is not reported" in text
+    assert "NDCG@10 is not reported" not in render_markdown(results)
 
 
 def test_predictions_do_not_read_test_ratings(held_out, evaluated):
