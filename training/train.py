@@ -55,7 +55,7 @@ from persona_gym.assets import (
     resolve_model,
 )
 from persona_gym.collaborative import CF_FILE, load_collaborative
-from persona_gym.config_cli import plain
+from persona_gym.config_cli import field_help, plain
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
@@ -272,7 +272,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     parser = subparsers.add_parser(
         "train", help="fine-tune persona LoRA adapters (stage 3)", description=plain(__doc__ or ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--artifacts", required=True, type=Path,
                         help="directory written by `persona-gym distill` and `persona-gym personas`")
@@ -287,7 +287,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", dest="batch_examples", type=int, default=defaults.batch_examples,
-                        help=f"examples per optimizer step (train-agent's --batch-size) (default: {defaults.batch_examples})")
+                        help="examples per optimizer step (train-agent's --batch-size)")
     parser.add_argument("--blocks-per-sequence", type=int, default=defaults.blocks_per_sequence,
                         help="examples of one user packed behind one profile prefix")
     parser.add_argument("--max-examples-per-user", type=int, default=defaults.max_examples_per_user)
@@ -297,7 +297,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--memories", type=int, default=defaults.prompt.n_memories,
                         help="retrieved Ml memories per prompt (0 = none)")
     parser.add_argument("--no-profile", action="store_true", help="leave Ms out of the prompt")
-    parser.add_argument("--max-tokens", type=int, default=defaults.prompt.max_tokens)
+    parser.add_argument("--max-tokens", type=int, default=defaults.prompt.max_tokens,
+                        help="prompt budget in tokens; older memories are dropped first")
     parser.add_argument("--item-tokens", action="store_true",
                         help="compact prompts: each movie is one soft token projected from its "
                              "embedding, trained with each adapter (~3x fewer tokens per rating)")
@@ -316,13 +317,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lower-dtype", default=defaults.lower_dtype, choices=["auto", "float32", "bfloat16"],
                         help="dtype of the one-off frozen-layer pass (auto: bfloat16 where the hardware has it)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default="cpu", help="torch device of the training (cpu, cuda, cuda:N)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--force", action="store_true",
                         help="replace adapters trained with another config (and their evaluation)")
     parser.add_argument("--no-compile", action="store_true",
                         help="run eagerly instead of through torch.compile (slower, no warm-up)")
+    helps = field_help(TrainConfig)
+    for action in parser._actions:  # the rest of the flags: their TrainConfig field's docstring line
+        if action.help is None and action.dest in helps:
+            action.help = plain(helps[action.dest]).replace("%", "%%")
     parser.set_defaults(func=_run)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
 
 
 def _run(args: argparse.Namespace) -> int:
