@@ -91,3 +91,39 @@ def test_load_dataset_downloads_when_asked(
     monkeypatch.setitem(download.KNOWN_DATASETS, "ml-1m", download.RemoteDataset(url, md5))
     ds = load_dataset("ml-1m", data_dir=tmp_path / "data", download=True)
     assert ds.name == "ml-1m" and len(ds.users) == 2
+
+
+def test_fetch_force_replaces_and_no_force_keeps(served: tuple[str, str], tmp_path: Path) -> None:
+    url, md5 = served
+    dest = tmp_path / "data"
+    folder = fetch("ml-1m", dest, url=url, md5=md5)
+    (folder / "ratings.dat").write_text("edited by hand\n")
+    fetch("ml-1m", dest, url=url, md5=md5)  # kept: no download, the edit stays
+    assert (folder / "ratings.dat").read_text() == "edited by hand\n"
+    fetch("ml-1m", dest, url=url, md5=md5, force=True)  # replaced by the archive's copy
+    assert (folder / "ratings.dat").read_text() == FILES["ml-1m/ratings.dat"]
+    assert [p.name for p in dest.iterdir()] == ["ml-1m"]
+
+
+def test_fetch_refuses_an_archive_that_writes_outside_its_folder(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    archive = root / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ml-1m/ratings.dat", "1::1::5::1\n")
+        zf.writestr("../../escaped.txt", "zip slip")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ValueError):
+            fetch("ml-1m", tmp_path / "data", url=f"http://127.0.0.1:{server.server_address[1]}/ml-1m.zip", md5=md5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not list(tmp_path.rglob("escaped.txt"))
