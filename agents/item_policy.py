@@ -64,7 +64,6 @@ class CFFeatures:
         """From a fitted ``BiasedMF`` and the catalogue (ids, training counts, text embeddings)."""
         items = BiasedMF._lookup(model.items_, item_ids)
         known = items >= 0
-        f = model.factors
         q = np.where(known[:, None], model.q_[np.maximum(items, 0)], 0.0)
         bi = np.where(known, model.bi_[np.maximum(items, 0)], 0.0)
         item_vectors = np.c_[q, np.ones(len(items)), bi]
@@ -76,7 +75,6 @@ class CFFeatures:
                                  full_matrices=False)
         side = np.c_[q, bi, np.log1p(np.asarray(n_ratings, dtype=np.float64)), text @ vt[:n_text].T]
         side = (side - side.mean(axis=0)) / np.maximum(side.std(axis=0), 1e-6)
-        assert user_vectors.shape[1] == f + 2
         return cls(model.users_.astype(np.int64), user_vectors.astype(np.float32),
                    item_vectors.astype(np.float32), side.astype(np.float32))
 

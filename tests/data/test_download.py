@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -22,16 +23,9 @@ FILES = {
 }
 
 
-@pytest.fixture()
-def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """A fixture zip laid out like grouplens' ml-1m.zip, served on 127.0.0.1; (url, md5)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    archive = root / "ml-1m.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for name, text in FILES.items():
-            zf.writestr(name, text.encode("latin-1"))
-    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+@contextlib.contextmanager
+def _serve(root: Path) -> Iterator[str]:
+    """Serve the files of ``root`` on 127.0.0.1; yields the base URL."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -43,11 +37,25 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/ml-1m.zip", md5
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A fixture zip laid out like grouplens' ml-1m.zip, served on 127.0.0.1; (url, md5)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    archive = root / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, text in FILES.items():
+            zf.writestr(name, text.encode("latin-1"))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with _serve(root) as base:
+        yield f"{base}/ml-1m.zip", md5
 
 
 def test_fetch_ok_extracts_and_loads(served: tuple[str, str], tmp_path: Path) -> None:
@@ -113,17 +121,6 @@ def test_fetch_refuses_an_archive_that_writes_outside_its_folder(tmp_path: Path)
         zf.writestr("ml-1m/ratings.dat", "1::1::5::1\n")
         zf.writestr("../../escaped.txt", "zip slip")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(ValueError):
-            fetch("ml-1m", tmp_path / "data", url=f"http://127.0.0.1:{server.server_address[1]}/ml-1m.zip", md5=md5)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serve(root) as base, pytest.raises(ValueError):
+        fetch("ml-1m", tmp_path / "data", url=f"{base}/ml-1m.zip", md5=md5)
     assert not list(tmp_path.rglob("escaped.txt"))
