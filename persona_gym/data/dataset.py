@@ -51,12 +51,19 @@ ML1M_OCCUPATIONS: dict[int, str] = {
 
 @dataclass(frozen=True, eq=False)
 class RatingsDataset:
-    """A validated MovieLens-style dataset (see the module docstring for the schema)."""
+    """A validated MovieLens-style dataset (see the module docstring for the schema).
+
+    ``name`` is for display (a known name or the folder's name); ``source`` is what
+    :func:`~persona_gym.data.load_dataset` finds the same files by from any working folder: a
+    known name (``"ml-100k"``, ``"ml-1m"``: the data folder or the bundled copy) or the folder's
+    absolute path. Artifacts record it in ``split.json``; empty for a dataset built in memory.
+    """
 
     name: str
     ratings: pd.DataFrame
     users: pd.DataFrame
     items: pd.DataFrame
+    source: str = ""
 
     def summary(self) -> dict:
         """Counts, rating histogram, density and time range, as plain Python values."""

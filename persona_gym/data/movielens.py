@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,8 @@ def load_ml1m(folder: str | Path, name: str | None = None) -> RatingsDataset:
         users_path,
         movies_path,
     )
-    return RatingsDataset(name or folder.name or "ml-1m", finish_ratings(ratings), users, items)
+    return RatingsDataset(name or folder.name or "ml-1m", finish_ratings(ratings), users, items,
+                          source=str(folder.expanduser().resolve()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +219,8 @@ def load_ml100k(folder: str | Path, name: str | None = None) -> RatingsDataset:
         users_path,
         items_path,
     )
-    return RatingsDataset(name or folder.name or "ml-100k", finish_ratings(ratings), users, items)
+    return RatingsDataset(name or folder.name or "ml-100k", finish_ratings(ratings), users, items,
+                          source=str(folder.expanduser().resolve()))
 
 
 def bundled_ml100k_dir() -> Path:
@@ -310,7 +313,7 @@ def load_ml100k_bundled() -> RatingsDataset:
         paths["users"],
         paths["items"],
     )
-    return RatingsDataset("ml-100k", finish_ratings(ratings), users, items)
+    return RatingsDataset("ml-100k", finish_ratings(ratings), users, items, source="ml-100k")
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,16 +357,22 @@ def load_dataset(
       else :class:`FileNotFoundError` naming the fetch command.
     * anything else: a folder path, its format detected from its files.
 
-    ``data_dir`` defaults to :func:`persona_gym.data.download.default_data_dir`.
+    ``data_dir`` defaults to :func:`persona_gym.data.download.default_data_dir`. The dataset's
+    ``source`` is the name when the default data folder (or the bundled copy) holds it, else the
+    folder's absolute path: passed back here, it loads the same files from any working folder.
     """
     from persona_gym.data.download import default_data_dir, fetch
 
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     key = str(name_or_path)
+
+    def by_name(dataset: RatingsDataset) -> RatingsDataset:
+        return replace(dataset, source=key) if data_dir is None else dataset
+
     if key == "ml-100k":
         folder = root / "ml-100k"
         if folder.is_dir():
-            return load_ml100k(folder, name="ml-100k")
+            return by_name(load_ml100k(folder, name="ml-100k"))
         logger.info("no %s; using the bundled ML-100k copy", folder)
         return load_ml100k_bundled()
     if key == "ml-1m":
@@ -377,7 +386,7 @@ def load_dataset(
                     f"{', '.join(ML1M_FILES)}."
                 )
             folder = fetch("ml-1m", root)
-        return load_ml1m(folder, name="ml-1m")
+        return by_name(load_ml1m(folder, name="ml-1m"))
     path = Path(key).expanduser()
     if not path.exists():
         raise FileNotFoundError(

@@ -1,7 +1,10 @@
 """The protocol split an artifacts directory was distilled from, rebuilt from ``split.json``.
 
 ``split.json`` records the dataset and the :func:`~persona_gym.data.splits.protocol_split`
-parameters, never ratings (MovieLens may not be redistributed). :func:`rebuild_split` reruns
+parameters, never ratings (MovieLens may not be redistributed). The dataset is its
+``RatingsDataset.source``: a known name (``ml-100k``, ``ml-1m``: the data folder or the bundled
+copy, as the shipped simulator records it) or the absolute path of the folder it was read
+from, so that the split is found again from any working folder. :func:`rebuild_split` reruns
 the split from the local dataset; :func:`logged_data` also checks that it is the split the
 artifacts hold and returns the simulated users' held-out test interactions with the
 train/background ratings, for every evaluation on logged data.
@@ -48,17 +51,39 @@ def read_split_record(root: str | Path) -> dict[str, Any]:
     return info
 
 
-def rebuild_split(info: dict[str, Any]) -> tuple[RatingsDataset, Split]:
-    """The dataset and protocol split a ``split.json`` record names, from the local dataset."""
-    dataset = load_dataset(info["dataset"])
+def rebuild_split(info: dict[str, Any], where: str | Path = "split.json") -> tuple[RatingsDataset, Split]:
+    """The dataset and protocol split a ``split.json`` record names, from the local dataset
+    (``where``: the record's path, for the error messages)."""
+    dataset = _recorded_dataset(str(info["dataset"]), where)
     return dataset, protocol_split(dataset, **info["params"])
+
+
+def _recorded_dataset(source: str, where: str | Path) -> RatingsDataset:
+    """The dataset ``split.json`` records, or an error saying why it is not found and the fix."""
+    from persona_gym.data.download import KNOWN_DATASETS
+
+    try:
+        return load_dataset(source)
+    except FileNotFoundError as error:
+        if source in KNOWN_DATASETS or Path(source).expanduser().exists():
+            raise  # the message names the fetch command, or what the folder lacks
+        rebuild = ("or rebuild the artifacts from where the files are now (`persona-gym build FOLDER "
+                   "--out DIR --force`)")
+        if Path(source).is_absolute():
+            raise FileNotFoundError(
+                f"{where} records the dataset folder {source}, which is gone: put the MovieLens files "
+                f"back there, {rebuild}") from error
+        raise FileNotFoundError(
+            f"{where} records the dataset {source!r}, a folder relative to where the artifacts were "
+            f"distilled (distill recorded only the folder's name before it recorded absolute paths): "
+            f"run this command from the folder that holds {source!r}, {rebuild}") from error
 
 
 def logged_data(artifacts: Artifacts) -> EvalData:
     """Rebuild the protocol split recorded in ``split.json`` and check it matches the artifacts."""
     path = Path(artifacts.root) / "split.json"
     info = read_split_record(artifacts.root)
-    _, split = rebuild_split(info)
+    _, split = rebuild_split(info, path)
     recorded = [int(u) for u in info.get("user_ids", [])]
     if recorded != [int(u) for u in split.user_ids]:
         diff = sorted(set(recorded) ^ {int(u) for u in split.user_ids})

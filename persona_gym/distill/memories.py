@@ -108,8 +108,9 @@ def write_artifacts(out: str | Path, dataset, split, catalog: ItemCatalog,
 
     ``items.parquet`` (the catalogue), ``profiles.jsonl`` (user_id, text, traits),
     ``memories.parquet``, ``collaborative.npz`` (the collaborative model the prompts' cues and
-    item tokens use, :mod:`persona_gym.collaborative`), ``split.json`` (parameters, user ids,
-    counts; no ratings),
+    item tokens use, :mod:`persona_gym.collaborative`), ``split.json`` (the dataset's
+    ``source``, a known name or the folder's absolute path, so that later commands rebuild the
+    split from any working folder; parameters, user ids, counts; no ratings),
     ``embeddings/items.npy`` (catalogue order) and ``distill.json`` (backend and text lengths).
     """
     from persona_gym.collaborative import CF_FILE, fit_collaborative
@@ -119,7 +120,7 @@ def write_artifacts(out: str | Path, dataset, split, catalog: ItemCatalog,
     result.save(out)
     fit_collaborative(split.train, split.background, catalog, seed=split.seed).save(out / CF_FILE)
     atomic_write_json(out / "split.json", {
-        "dataset": dataset.name,
+        "dataset": dataset.source or dataset.name,
         "params": split.params,
         "user_ids": [int(u) for u in split.user_ids],
         "distilled_user_ids": sorted(int(u) for u in result.profiles),
