@@ -20,8 +20,9 @@ REWARDS = ("expected", "sampled")
 REPEAT_RULES = ("penalty", "terminate")
 LEAVE_RULES = ("threshold", "model")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BACKENDS = ("local", "vllm", "vllm-server")
 
-__all__ = ["EnvConfig", "add_env_kwargs_argument", "check_device", "load_env_config", "parse_env_kwargs"]
+__all__ = ["BACKENDS", "EnvConfig", "add_env_kwargs_argument", "check_device", "load_env_config", "parse_env_kwargs"]
 
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(?::(\d+))?")
 
@@ -47,6 +48,16 @@ class EnvConfig:
             ``float32``, ``float16`` or ``bfloat16``.
         compile: run the rating model's decoder layers through ``torch.compile`` (same ratings;
             faster once compiled, after a warm-up on the first step: benchmarks/README.md).
+        backend: where the rating model runs: ``"local"`` (this process, the default),
+            ``"vllm"`` (vLLM's offline engine in this process, with ``dtype``) or
+            ``"vllm-server"`` (a running OpenAI-compatible ``vllm serve`` at ``server_url``).
+            The served backends take text-prompt artifacts only (not ``item_tokens``, as the
+            shipped ``ml-100k`` simulator has) and need vLLM's environment (``make vllm-env``);
+            see :mod:`persona_gym.simulator.served`. ``device`` and ``compile`` are the local
+            engine's.
+        server_url: base URL of the server for ``backend="vllm-server"``
+            (``"http://127.0.0.1:8000/v1"``); must be ``None`` for the other backends.
+        vllm_kv_cache_gb: key/value cache of the offline vLLM engine in GiB (from RAM on a CPU).
         max_episode_steps: the horizon; ``truncated`` becomes true after this many steps (the
             registered ids pass it to ``TimeLimit``; the vector env applies it itself). Also the
             denominator of the observation's ``step_fraction``. Note: ``gym.make(id,
@@ -87,6 +98,9 @@ class EnvConfig:
     device: str = "cpu"
     dtype: str = "auto"
     compile: bool = False
+    backend: str = "local"
+    server_url: str | None = None
+    vllm_kv_cache_gb: float = 2.0
     max_episode_steps: int = 20
     reward: str = "expected"
     reward_scale: float = 1.0
@@ -122,6 +136,7 @@ class EnvConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"EnvConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check_backend(self)
         if self.max_episode_steps < 1:
             raise ConfigError(f"EnvConfig.max_episode_steps must be >= 1, got {self.max_episode_steps}")
         if self.obs_window < 1:
@@ -138,6 +153,23 @@ class EnvConfig:
         """A copy with some fields changed (unknown names raise, naming the field)."""
         _check_keys(overrides, "overrides")
         return dataclasses.replace(self, **overrides)
+
+
+def _check_backend(config: EnvConfig) -> None:
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"EnvConfig.backend must be one of {BACKENDS}, got {config.backend!r}")
+    if config.backend == "vllm-server":
+        if not config.server_url:
+            raise ConfigError("EnvConfig.backend='vllm-server' needs server_url, the server's base URL "
+                              "(e.g. server_url='http://127.0.0.1:8000/v1')")
+        if not config.server_url.startswith(("http://", "https://")):
+            raise ConfigError(f"EnvConfig.server_url must start with http:// or https://, got "
+                              f"{config.server_url!r}")
+    elif config.server_url is not None:
+        raise ConfigError(f"EnvConfig.server_url={config.server_url!r} is read only by "
+                          f"backend='vllm-server' (backend is {config.backend!r}); set both or neither")
+    if config.vllm_kv_cache_gb <= 0:
+        raise ConfigError(f"EnvConfig.vllm_kv_cache_gb must be > 0, got {config.vllm_kv_cache_gb}")
 
 
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,21 +35,34 @@ _CACHE_LOCK = threading.Lock()
 def get_simulator(config: EnvConfig) -> Rater:
     """The process-wide SLM :class:`UserSimulator` of a config (loaded once per key).
 
-    Key: (artifacts directory, variant, base model, device, dtype, compile); so
-    ``gym.make_vec(..., vectorization_mode="sync")`` with 16 copies loads one model.
+    Key: (artifacts directory, variant, base model, device, dtype, compile, backend, server URL,
+    vLLM cache size); so ``gym.make_vec(..., vectorization_mode="sync")`` with 16 copies loads
+    one model. ``backend="vllm"``/``"vllm-server"`` rates through vLLM
+    (:func:`persona_gym.simulator.served.load_served`).
     """
-    from persona_gym.simulator.simulator import UserSimulator
-
     root = resolve_artifacts(config.artifacts, dataset=config.dataset)
-    key = (str(root), config.variant, config.base_model, config.device, config.dtype, config.compile)
+    key = (str(root), config.variant, config.base_model, config.device, config.dtype, config.compile,
+           config.backend, config.server_url, config.vllm_kv_cache_gb)
     with _CACHE_LOCK:
         simulator = _CACHE.get(key)
         if simulator is None:
-            simulator = UserSimulator.load(root, variant=config.variant, base_model=config.base_model,
-                                           device=config.device, dtype=config.dtype,
-                                           compile=config.compile)
+            simulator = _load_simulator(root, config)
             _CACHE[key] = simulator
     return simulator
+
+
+def _load_simulator(root: Path, config: EnvConfig) -> Rater:
+    if config.backend == "local":
+        from persona_gym.simulator.simulator import UserSimulator
+
+        return UserSimulator.load(root, variant=config.variant, base_model=config.base_model,
+                                  device=config.device, dtype=config.dtype, compile=config.compile)
+    from persona_gym.assets import resolve_dtype
+    from persona_gym.simulator.served import VLLMSettings, load_served
+
+    settings = VLLMSettings(url=config.server_url, kv_cache_gb=config.vllm_kv_cache_gb)
+    return load_served(root, backend=config.backend, variant=config.variant, base_model=config.base_model,
+                       dtype=resolve_dtype(config.dtype, config.device), settings=settings)
 
 
 def clear_simulator_cache() -> None:

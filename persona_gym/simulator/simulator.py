@@ -1,15 +1,19 @@
 """The SLM simulated users of an artifacts directory: profiles, memories, adapters, one call.
 
-``UserSimulator`` is the local-model :class:`~persona_gym.rater.Rater`: ``rate`` turns
+``UserSimulator`` is the SLM :class:`~persona_gym.rater.Rater`: ``rate`` turns
 ``(user, candidate, short-term window)`` triples into rating distributions. It retrieves each
 candidate's top-k ``Ml`` memories, picks the user's adapter (their persona's, by default) and
-scores everything in one ``RatingModel.score`` call.
+scores everything in one :class:`RatingScorer` call: the local
+:class:`~persona_gym.simulator.rating_model.RatingModel` (:meth:`UserSimulator.load`) or the
+vLLM-served :class:`~persona_gym.simulator.served.ServedRatingModel`
+(:func:`~persona_gym.simulator.served.load_served`), which see the same requests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -24,17 +28,33 @@ from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingReq
 from persona_gym.simulator.rating_model import RatingModel
 
 
+class RatingScorer(Protocol):
+    """What scores a simulator's requests: a prompt builder, the adapters it holds, ``score``."""
+
+    builder: PromptBuilder
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters (``"base"`` is always available)."""
+        ...
+
+    def score(self, requests: Sequence[RatingRequest]) -> np.ndarray:
+        """``(len(requests), 5)`` probabilities of the ratings 1..5, in request order."""
+        ...
+
+
 class UserSimulator:
     """Simulated users backed by a rating model.
 
     Args:
         artifacts: the loaded artifacts directory.
-        rating_model: the model with the artifacts' adapters loaded.
+        rating_model: the scorer with the artifacts' adapters (a local ``RatingModel`` or a
+            served ``ServedRatingModel``).
         variant: which adapter rates a user: ``"persona"`` (the user's persona adapter),
             ``"base"`` (no adapter), or the name of one adapter for everyone (``"single-max"``).
     """
 
-    def __init__(self, artifacts: Artifacts, rating_model: RatingModel, variant: str = "persona"):
+    def __init__(self, artifacts: Artifacts, rating_model: RatingScorer, variant: str = "persona"):
         self.artifacts = artifacts
         self.model = rating_model
         self.variant = variant

@@ -1,0 +1,451 @@
+"""Served simulated users: the persona adapters on vLLM, as a rating backend.
+
+:class:`ServedRatingModel` is the scorer a :class:`~persona_gym.simulator.simulator.UserSimulator`
+calls in place of the local :class:`~persona_gym.simulator.rating_model.RatingModel`: the
+simulator still builds every request (retrieved memories, window, collaborative cues, the
+user's adapter), so the :class:`~persona_gym.rater.Rater` seam, the prompts and the adapter
+routing are the local engine's. Only the forward pass moves to vLLM, which batches across LoRA
+adapters (one ``LoRARequest`` / served LoRA name per persona) over one base model:
+
+* ``backend="vllm"``: vLLM's offline engine in this process (``vllm.LLM(enable_lora=True)``);
+* ``backend="vllm-server"``: a running OpenAI-compatible server (``vllm serve MODEL
+  --enable-lora --lora-modules persona-0=DIR ...``, :func:`vllm_serve_command`), so several
+  trainers can share one served simulator.
+
+Each prompt is the :class:`~persona_gym.simulator.prompts.PromptBuilder`'s token ids (prefix +
+block, token-identical to what the local engine scores) sent with ``max_tokens=1`` and
+``logprob_token_ids`` = the ids of "1".."5": one forward pass, no generation. vLLM returns the
+raw log-probabilities ``z_r - logsumexp(z)`` of the last position's logits ``z``; over the five
+ratings that is the local engine's rating logits minus one constant per row, and the softmax
+over the five (after the collaborative prior, which adds per-rating terms) does not see a
+per-row constant. So :func:`rating_distribution` of the served log-probabilities is the local
+engine's ``softmax(z[ratings])``, to float rounding (benchmarks/README.md has the measured gap).
+
+Modes served: text prompts (profile, window, memories, ``crowd_cue``, ``cf_cue``,
+``surprise_cue``), with ``cf_prior`` applied here, on the five log-probabilities, exactly as
+the local engine applies it to its logits. Not served: ``item_tokens`` prompts. Their soft
+tokens replace a placeholder's hidden state at the input of the first LoRA layer
+(``ItemTokens.layer``, layer 26 of 30 for the shipped adapters) with a per-adapter projection;
+vLLM's ``prompt_embeds`` replace the input of layer 0 (and one embedding tensor per request
+cannot depend on the adapter), so no vLLM input reproduces them: serving them needs a vLLM
+model plugin that injects at that layer.
+
+vLLM is an optional dependency with its own environment (``make vllm-env``; README: "Serving
+the simulated users with vLLM"); this module imports it only when an engine is started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from persona_gym.adapter_names import BASE
+from persona_gym.errors import ConfigError, PersonaGymError
+from persona_gym.prompt_config import PromptConfig
+from persona_gym.ratings import N_LEVELS
+from persona_gym.simulator.prior import RatingPrior
+from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
+
+if TYPE_CHECKING:
+    from persona_gym.simulator.simulator import UserSimulator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SERVED_BACKENDS", "LogprobClient", "ServedError", "ServedRatingModel", "VLLMEngineClient",
+           "VLLMServerClient", "VLLMSettings", "apply_priors", "check_servable", "load_served", "lora_rank",
+           "rating_distribution", "rating_logprobs", "vllm_serve_command"]
+
+SERVED_BACKENDS = ("vllm", "vllm-server")
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
+_TOKEN_ID = "token_id:"  # how the server names tokens with return_tokens_as_token_ids
+
+
+class ServedError(PersonaGymError, RuntimeError):
+    """A served backend failed for good (after its retries) or answered the wrong shape."""
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """How the served rating backend reaches vLLM (the engine's settings or the server's URL).
+
+    Attributes:
+        url: base URL of a running ``vllm serve`` (``"http://127.0.0.1:8000/v1"``); required by
+            ``backend="vllm-server"``, unused by the offline engine.
+        lora_prefix: the served LoRA names are ``lora_prefix + adapter`` (``persona-0`` by
+            default): a prefix lets one server hold the adapters of several simulators.
+        max_loras: adapters resident in one batch (offline engine); ``None`` = all the
+            simulator's adapters.
+        max_lora_rank: largest LoRA rank the engine reserves for; ``None`` = the adapters'
+            largest ``r`` rounded up to a rank vLLM accepts (:func:`lora_rank`).
+        max_model_len: longest prompt + answer in tokens; ``None`` = the prompt's
+            ``max_tokens`` + 1.
+        kv_cache_gb: key/value cache of the offline engine in GiB (``kv_cache_memory_bytes``;
+            on a CPU it is taken from RAM).
+        enforce_eager: no CUDA graphs / ``torch.compile`` in the offline engine (fast start;
+            CPUs without Triton run eagerly anyway).
+        batch_size: prompts per server request (the server batches them and across requests).
+        concurrency: server requests in flight at once (adapter groups overlap on the server).
+        timeout_s: seconds per server request.
+        max_retries: extra attempts after a connection error, a timeout or HTTP 429/5xx.
+        backoff_s: first wait between attempts; doubles each retry.
+    """
+
+    url: str | None = None
+    lora_prefix: str = ""
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
+    max_model_len: int | None = None
+    kv_cache_gb: float = 2.0
+    enforce_eager: bool = True
+    batch_size: int = 256
+    concurrency: int = 4
+    timeout_s: float = 600.0
+    max_retries: int = 2
+    backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"VLLMSettings.url must start with http:// or https://, got {self.url!r}")
+        for name in ("max_loras", "max_lora_rank", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"VLLMSettings.{name} must be >= 1 or None, got {value}")
+        for name in ("batch_size", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"VLLMSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ConfigError(f"VLLMSettings.max_retries must be >= 0, got {self.max_retries}")
+        for name in ("kv_cache_gb", "timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"VLLMSettings.{name} must be a positive number, got {value!r}")
+
+
+# -- pure parts -------------------------------------------------------------------------------
+def rating_logprobs(entries: Sequence[Mapping[Any, float]], rating_ids: Sequence[int]) -> torch.Tensor:
+    """``(n, 5)`` float32 log-probabilities of the rating tokens, one row per answer.
+
+    ``entries[i]`` maps token ids (or the server's ``"token_id:N"`` names) to log-probabilities;
+    it may hold more tokens (the sampled one), but must hold every rating token.
+    """
+    out = torch.empty((len(entries), N_LEVELS), dtype=torch.float32)
+    for row, entry in enumerate(entries):
+        by_id = {(int(k[len(_TOKEN_ID):]) if isinstance(k, str) and k.startswith(_TOKEN_ID) else k): v
+                 for k, v in entry.items()}
+        missing = [t for t in rating_ids if t not in by_id]
+        if missing:
+            raise ServedError(f"answer {row} has no log-probability for rating token id(s) {missing} "
+                              f"(got ids {sorted(by_id, key=str)[:8]}); the backend must honour "
+                              "logprob_token_ids (vLLM >= 0.32)")
+        out[row] = torch.tensor([float(by_id[t]) for t in rating_ids])
+    return out
+
+
+def apply_priors(logits: torch.Tensor, requests: Sequence[RatingRequest],
+                 priors: Mapping[str, RatingPrior]) -> torch.Tensor:
+    """``(n, 5)`` rating logits with each request's adapter's collaborative prior added, as the
+    local engine adds it (grouped by adapter; the prediction and the window surprise of each
+    request)."""
+    out = logits.clone()
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, request in enumerate(requests):
+        groups[request.adapter].append(index)
+    with torch.no_grad():
+        for adapter, positions in groups.items():
+            if adapter not in priors:
+                raise ConfigError(f"adapter {adapter!r} has no collaborative prior: prompts with "
+                                  "cf_prior need adapters trained with `persona-gym train --cf-prior`")
+            if any(requests[i].cf_prediction is None for i in positions):
+                raise ConfigError("the prompt has cf_prior but a request carries no cf_prediction")
+            predictions = torch.tensor([requests[i].cf_prediction for i in positions])
+            surprises = torch.tensor([requests[i].surprise or 0.0 for i in positions])
+            out[positions] = priors[adapter](out[positions], predictions, surprises)
+    return out
+
+
+def rating_distribution(logits: torch.Tensor) -> np.ndarray:
+    """``(n, 5)`` probabilities from rating logits or log-probabilities (any per-row constant
+    cancels): the local engine's ``softmax`` in float32, returned as float64."""
+    return logits.float().softmax(-1).double().numpy()
+
+
+def lora_rank(adapter_dirs: Mapping[str, str | Path]) -> int:
+    """The smallest rank vLLM accepts for ``max_lora_rank`` that holds every adapter's ``r``."""
+    ranks = [int(json.loads((Path(d) / "adapter_config.json").read_text())["r"]) for d in adapter_dirs.values()]
+    largest = max(ranks, default=1)
+    for rank in _LORA_RANKS:
+        if rank >= largest:
+            return rank
+    raise ConfigError(f"LoRA rank {largest} is above vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
+
+
+def check_servable(builder: PromptBuilder) -> None:
+    """Fail (:class:`ConfigError`) for prompts a served backend cannot reproduce (module docstring)."""
+    if builder.config.item_tokens:
+        raise ConfigError(
+            "backend 'vllm' serves text prompts only: these artifacts' prompt has item_tokens (soft "
+            "item tokens injected at the first LoRA layer, which vLLM's inputs cannot reproduce); "
+            "use backend='local', or artifacts trained without --item-tokens")
+
+
+def vllm_serve_command(model: str | Path, adapter_dirs: Mapping[str, str | Path], max_model_len: int,
+                       host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
+                       lora_prefix: str = "", kv_cache_gb: float = 2.0, extra: Sequence[str] = ()) -> list[str]:
+    """The ``vllm serve`` command line that serves ``model`` with each ``{name: folder}`` adapter
+    as the LoRA model ``lora_prefix + name`` (what :class:`VLLMServerClient` requests)."""
+    command = ["vllm", "serve", str(model), "--host", host, "--port", str(port), "--dtype", dtype,
+               "--max-model-len", str(max_model_len), "--enforce-eager",
+               "--kv-cache-memory-bytes", str(int(kv_cache_gb * (1 << 30)))]
+    if adapter_dirs:
+        command += ["--enable-lora", "--max-loras", str(len(adapter_dirs)),
+                    "--max-lora-rank", str(lora_rank(adapter_dirs)), "--lora-modules",
+                    *(f"{lora_prefix}{name}={folder}" for name, folder in sorted(adapter_dirs.items()))]
+    return command + list(extra)
+
+
+# -- clients ----------------------------------------------------------------------------------
+class LogprobClient(Protocol):
+    """Runs prompts (token ids) under named adapters and returns the rating log-probabilities."""
+
+    def logprobs(self, prompts: Sequence[list[int]], adapters: Sequence[str]) -> torch.Tensor:
+        """``(n, 5)`` log-probabilities of "1".."5" after each prompt, under its adapter
+        (``"base"``: none)."""
+        ...
+
+
+class VLLMEngineClient:
+    """vLLM's offline engine in this process, one ``LoRARequest`` per adapter.
+
+    The engine starts worker processes: a script that creates one needs the
+    ``if __name__ == "__main__":`` guard.
+    """
+
+    def __init__(self, model: str | Path, adapter_dirs: Mapping[str, str | Path], rating_ids: Sequence[int],
+                 max_model_len: int, dtype: str = "float32", settings: VLLMSettings | None = None):
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.lora.request import LoRARequest
+        except ImportError as err:
+            raise ConfigError(f"backend 'vllm' needs vLLM, which is not importable here ({err}); "
+                              "build its environment with `make vllm-env` and run from .venv-vllm") from err
+        settings = settings or VLLMSettings()
+        self.rating_ids = list(rating_ids)
+        lora: dict[str, Any] = {}
+        if adapter_dirs:
+            lora = {"enable_lora": True, "max_loras": settings.max_loras or len(adapter_dirs),
+                    "max_lora_rank": settings.max_lora_rank or lora_rank(adapter_dirs)}
+        start = time.perf_counter()
+        self.llm = LLM(model=str(model), dtype=dtype, max_model_len=settings.max_model_len or max_model_len,
+                       enforce_eager=settings.enforce_eager,
+                       kv_cache_memory_bytes=int(settings.kv_cache_gb * (1 << 30)), **lora)
+        self.start_seconds = time.perf_counter() - start
+        log.info("vLLM engine on %s with %d adapters started in %.0f s", model, len(adapter_dirs),
+                 self.start_seconds)
+        self._requests = {name: LoRARequest(name, index + 1, str(folder))
+                          for index, (name, folder) in enumerate(sorted(adapter_dirs.items()))}
+        self._params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=self.rating_ids)
+
+    def logprobs(self, prompts: Sequence[list[int]], adapters: Sequence[str]) -> torch.Tensor:
+        unknown = sorted(set(adapters) - set(self._requests) - {BASE})
+        if unknown:
+            raise ConfigError(f"adapters {unknown} are not loaded in the vLLM engine; loaded: "
+                              f"{sorted(self._requests)}")
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], self._params,
+                                    lora_request=[self._requests.get(a) for a in adapters],
+                                    use_tqdm=False)
+        return rating_logprobs([{k: v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outputs],
+                               self.rating_ids)
+
+    def close(self) -> None:
+        """Stop the engine's processes (also done when the process exits)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+
+class VLLMServerClient:
+    """A running OpenAI-compatible vLLM server: POST ``{url}/completions`` with token-id prompts.
+
+    One request per adapter group and ``batch_size`` prompts (``model`` = the served LoRA name,
+    the base model's name for ``"base"``), ``max_tokens=1``, ``logprobs`` and
+    ``logprob_token_ids`` (vLLM's extra field; with the ``openai`` client it goes in
+    ``extra_body``), ``return_tokens_as_token_ids`` so answers are keyed by token id.
+    """
+
+    def __init__(self, settings: VLLMSettings, adapters: Sequence[str], rating_ids: Sequence[int]):
+        if settings.url is None:
+            raise ConfigError("backend 'vllm-server' needs the server's URL (server_url / VLLMSettings.url), "
+                              "e.g. http://127.0.0.1:8000/v1")
+        self.settings = settings
+        self.url = settings.url.rstrip("/")
+        self.rating_ids = list(rating_ids)
+        served = self._models()
+        bases = [m["id"] for m in served if not m.get("parent")]
+        self.base_name = bases[0] if bases else None
+        names = {m["id"] for m in served}
+        missing = sorted(settings.lora_prefix + a for a in adapters if settings.lora_prefix + a not in names)
+        if missing:
+            raise ConfigError(f"the server at {self.url} does not serve the LoRA model(s) {missing} "
+                              f"(it serves {sorted(names)}); start it with `--enable-lora --lora-modules "
+                              f"{missing[0]}=ADAPTER_DIR ...` (persona_gym.simulator.served.vllm_serve_command)")
+
+    def _post(self, path: str, body: dict[str, Any] | None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        last = ""
+        for attempt in range(self.settings.max_retries + 1):
+            if attempt:
+                time.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
+                    return json.loads(response.read().decode("utf-8", errors="replace"))
+            except urllib.error.HTTPError as err:
+                last = f"HTTP {err.code}: {err.read().decode('utf-8', errors='replace')[:300]}"
+                if err.code != 429 and err.code < 500:
+                    raise ServedError(f"{self.url + path} refused the request: {last}") from err
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
+                last = f"{type(err).__name__}: {err}"
+            log.warning("%s: %s (attempt %d)", self.url + path, last, attempt + 1)
+        raise ServedError(f"{self.url + path} failed after {self.settings.max_retries + 1} attempts; "
+                          f"last error: {last}; check that `vllm serve` runs there")
+
+    def _models(self) -> list[dict[str, Any]]:
+        answer = self._post("/models", None)
+        try:
+            return list(answer["data"])
+        except (KeyError, TypeError) as err:
+            raise ServedError(f"{self.url}/models did not answer an OpenAI model list: {str(answer)[:200]}") from err
+
+    def _complete(self, model: str, prompts: list[list[int]]) -> list[dict[str, float]]:
+        answer = self._post("/completions", {
+            "model": model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+            "logprobs": len(self.rating_ids), "logprob_token_ids": self.rating_ids,
+            "return_tokens_as_token_ids": True})
+        try:
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            entries = [c["logprobs"]["top_logprobs"][0] for c in choices]
+        except (KeyError, TypeError, IndexError) as err:
+            raise ServedError(f"{self.url}/completions answered without logprobs: {str(answer)[:200]}") from err
+        if len(entries) != len(prompts):
+            raise ServedError(f"{self.url}/completions answered {len(entries)} choices for {len(prompts)} prompts")
+        return entries
+
+    def logprobs(self, prompts: Sequence[list[int]], adapters: Sequence[str]) -> torch.Tensor:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, adapter in enumerate(adapters):
+            groups[adapter].append(index)
+        jobs = []
+        for adapter, positions in groups.items():
+            model = self.base_name if adapter == BASE else self.settings.lora_prefix + adapter
+            if model is None:
+                raise ConfigError(f"the server at {self.url} lists no base model for adapter 'base'")
+            size = self.settings.batch_size
+            jobs += [(model, positions[i:i + size]) for i in range(0, len(positions), size)]
+        entries: list[dict[str, float]] = [{} for _ in prompts]
+        with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
+            answers = pool.map(lambda job: self._complete(job[0], [list(prompts[i]) for i in job[1]]), jobs)
+            for (_, positions), answer in zip(jobs, answers, strict=True):
+                for position, entry in zip(positions, answer, strict=True):
+                    entries[position] = entry
+        return rating_logprobs(entries, self.rating_ids)
+
+
+# -- the scorer ---------------------------------------------------------------------------------
+class ServedRatingModel:
+    """The served counterpart of :class:`~persona_gym.simulator.rating_model.RatingModel`:
+    ``score(requests) -> (n, 5)`` through a :class:`LogprobClient` (module docstring).
+
+    Args:
+        client: the vLLM engine or server client.
+        builder: the prompt builder (the artifacts' tokenizer, catalogue and prompt config).
+        adapters: names of the adapters the client serves.
+        priors: each adapter's collaborative prior, needed when the prompt has ``cf_prior``.
+    """
+
+    def __init__(self, client: LogprobClient, builder: PromptBuilder, adapters: Sequence[str],
+                 priors: Mapping[str, RatingPrior] | None = None):
+        check_servable(builder)
+        self.client = client
+        self.builder = builder
+        self._adapters = sorted(adapters)
+        self.priors = dict(priors or {})
+        if builder.config.cf_prior:
+            missing = sorted(set(self._adapters) - set(self.priors))
+            if missing:
+                raise ConfigError(f"the prompt uses a collaborative prior but adapters {missing} have "
+                                  "none: train them with `persona-gym train --cf-prior`")
+        self.requests_sent = 0  # running count of prompts sent (benchmarks)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the served adapters (``"base"`` is always available)."""
+        return list(self._adapters)
+
+    def score_logits(self, requests: Sequence[RatingRequest]) -> torch.Tensor:
+        """``(n, 5)`` rating logits up to a per-row constant (float32), prior applied."""
+        if not requests:
+            return torch.empty((0, N_LEVELS), dtype=torch.float32)
+        prompts = [self.builder.full_ids(r) for r in requests]
+        logits = self.client.logprobs(prompts, [r.adapter for r in requests])
+        self.requests_sent += len(requests)
+        return apply_priors(logits, requests, self.priors) if self.builder.config.cf_prior else logits
+
+    def score(self, requests: Sequence[RatingRequest]) -> np.ndarray:
+        """``(len(requests), 5)`` probabilities of the ratings 1..5, in request order."""
+        return rating_distribution(self.score_logits(requests))
+
+
+def load_served(artifacts_dir: str | Path, backend: str = "vllm", variant: str = "persona",
+                base_model: str | None = None, dtype: str = "float32", settings: VLLMSettings | None = None,
+                prompt: PromptConfig | None = None) -> UserSimulator:
+    """A :class:`~persona_gym.simulator.simulator.UserSimulator` of an artifacts directory (or a
+    shipped name) whose ratings come from vLLM (``backend`` of :data:`SERVED_BACKENDS`).
+
+    The base model is resolved and checked against the manifest as for the local engine; its
+    tokenizer builds the prompts here. ``"vllm"`` starts the offline engine on that model with
+    the variant's adapters; ``"vllm-server"`` checks that the server at ``settings.url``
+    serves them (:func:`vllm_serve_command` starts one). ``dtype`` is the engine's (the
+    server's is set by its ``--dtype``).
+    """
+    from transformers import AutoTokenizer
+
+    from persona_gym.adapter_names import variant_adapters
+    from persona_gym.artifacts import check_base_model, load_artifacts
+    from persona_gym.assets import DEFAULT_SLM, resolve_model
+    from persona_gym.simulator.prior import load_rating_priors
+    from persona_gym.simulator.simulator import UserSimulator
+
+    if backend not in SERVED_BACKENDS:
+        raise ConfigError(f"served backend must be one of {SERVED_BACKENDS}, got {backend!r}")
+    settings = settings or VLLMSettings()
+    artifacts = load_artifacts(artifacts_dir)
+    artifacts.require_variant(variant)
+    adapters: dict[str, str | Path] = variant_adapters(variant, artifacts.adapter_dirs)
+    path = resolve_model(base_model or artifacts.manifest.get("training", {}).get("base_model", DEFAULT_SLM))
+    check_base_model(artifacts.manifest, path)
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(path), artifacts.catalog,
+                            prompt or artifacts.prompt_config)
+    check_servable(builder)
+    priors = load_rating_priors(adapters) if builder.config.cf_prior else None
+    client: LogprobClient
+    if backend == "vllm":
+        client = VLLMEngineClient(path, adapters, builder.rating_token_ids, builder.config.max_tokens + 1,
+                                  dtype, settings)
+    else:
+        client = VLLMServerClient(settings, list(adapters), builder.rating_token_ids)
+    return UserSimulator(artifacts, ServedRatingModel(client, builder, list(adapters), priors), variant)
