@@ -17,13 +17,17 @@ def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], seed: int = 0
     The percentile interval is shifted by the bootstrap's bias (``value`` minus the mean of the
     resampled statistics). For a mean the shift is ~0; for a statistic a resample biases, like
     coverage (a resample repeats episodes, so it covers fewer movies), the plain percentile
-    interval can miss its own estimate, the shifted one is centred on it."""
+    interval can miss its own estimate, the shifted one is centred on it. Resamples on which the
+    statistic is NaN (a mean over no rated episode, a hit rating without hits) are left out."""
     if n < 1:
         raise ValueError("bootstrap_ci needs at least one unit")
     everything = np.arange(n)
     value = float(statistic(everything))
     rng = np.random.default_rng(seed)
     draws = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_boot)])
+    draws = draws[~np.isnan(draws)]  # resamples where the statistic is undefined (no rated episode, no hit)
+    if not len(draws):
+        return value, value, value
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(draws, [alpha, 1.0 - alpha]) + (value - draws.mean())
     return value, min(float(low), value), max(float(high), value)  # min/max: float rounding only
