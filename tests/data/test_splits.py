@@ -124,3 +124,107 @@ def test_random_split(ml100k: RatingsDataset) -> None:
     pd.testing.assert_frame_equal(a.test, b.test)
     assert not a.test.equals(random_split(ml100k, seed=2).test)
     assert a.item_stats()["n_ratings"].sum() == 90_000
+
+
+# -- values (mutation testing) --------------------------------------------------------------------
+def _synthetic(counts: dict[int, int], seed: int = 0) -> RatingsDataset:
+    """Users with the given numbers of ratings (distinct items, shuffled timestamps)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user, n in counts.items():
+        for item, stamp in zip(range(n), rng.permutation(n), strict=True):
+            rows.append((user, item + 1, int(rng.integers(1, 6)), int(stamp)))
+    ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).astype(np.int64)
+    n_items = max(counts.values())
+    users = pd.DataFrame({"user_id": list(counts), "gender": "M", "age": 30, "occupation": "other",
+                          "zip": "1"})
+    items = pd.DataFrame({"item_id": range(1, n_items + 1), "title": [f"m{i}" for i in range(n_items)],
+                          "year": pd.array([None] * n_items, dtype="Int64"), "genres": [()] * n_items})
+    return RatingsDataset("synthetic", ratings, users, items)
+
+
+def test_protocol_split_chooses_with_the_seeded_rng_among_the_inclusive_range() -> None:
+    ds = _synthetic({1: 4, 2: 5, 3: 6, 4: 7, 5: 8, 6: 9, 7: 10})
+    for seed in (0, 1, 2):
+        s = protocol_split(ds, n_users=3, min_interactions=5, max_interactions=9, train_fraction=0.5, seed=seed)
+        eligible = np.array([2, 3, 4, 5, 6])  # 5..9 ratings, both ends included
+        chosen = np.sort(np.random.default_rng(seed).choice(eligible, size=3, replace=False))
+        np.testing.assert_array_equal(s.user_ids, chosen)
+        assert s.user_ids.dtype == np.int64 and s.seed == seed
+        assert set(s.background["user_id"]) == {1, 2, 3, 4, 5, 6, 7} - set(chosen.tolist())
+        assert s.params == {"n_users": 3, "min_interactions": 5, "max_interactions": 9,
+                            "train_fraction": 0.5, "seed": seed}
+    everyone = protocol_split(ds, n_users=5, min_interactions=5, max_interactions=9, seed=0)
+    assert everyone.user_ids.tolist() == [2, 3, 4, 5, 6]
+    with pytest.raises(ValueError) as err:
+        protocol_split(ds, n_users=6, min_interactions=5, max_interactions=9)
+    assert str(err.value) == ("synthetic: only 5 users have 5-9 interactions, fewer than n_users=6; "
+                              "lower n_users or widen the range.")
+
+
+def test_protocol_split_cuts_each_user_at_floor_of_the_fraction_in_time_order() -> None:
+    ds = _synthetic({1: 105, 2: 7, 3: 10})
+    s = protocol_split(ds, n_users=3, min_interactions=7, max_interactions=105, train_fraction=0.6)
+    n_train = s.train.groupby("user_id").size().to_dict()
+    assert n_train == {1: 63, 2: 4, 3: 6}  # 0.6 * 105 = 62.99999...: still 63
+    assert s.test.groupby("user_id").size().to_dict() == {1: 42, 2: 3, 3: 4}
+    for user in (1, 2, 3):
+        mine = ds.ratings[ds.ratings["user_id"] == user].sort_values(["timestamp", "item_id"])
+        train = s.train[s.train["user_id"] == user]
+        test = s.test[s.test["user_id"] == user]
+        assert train["item_id"].tolist() == mine["item_id"].tolist()[: n_train[user]]
+        assert test["item_id"].tolist() == mine["item_id"].tolist()[n_train[user]:]
+    assert s.background.empty and list(s.background.columns) == list(ds.ratings.columns)
+    half = protocol_split(ds, n_users=3, min_interactions=7, max_interactions=105, train_fraction=0.5)
+    assert half.train.groupby("user_id").size().to_dict() == {1: 52, 2: 3, 3: 5}
+
+
+def test_split_arguments_are_checked() -> None:
+    ds = _synthetic({1: 5})
+    for fraction in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError) as err:
+            protocol_split(ds, n_users=1, min_interactions=1, max_interactions=5, train_fraction=fraction)
+        assert str(err.value) == f"train_fraction must be in (0, 1), got {fraction}"
+        with pytest.raises(ValueError) as err:
+            random_split(ds, test_fraction=fraction)
+        assert str(err.value) == f"test_fraction must be in (0, 1), got {fraction}"
+    with pytest.raises(ValueError) as err:
+        protocol_split(ds, n_users=1, min_interactions=6, max_interactions=5)
+    assert str(err.value) == "min_interactions (6) > max_interactions (5)"
+    assert len(protocol_split(ds, n_users=1, min_interactions=5, max_interactions=5).user_ids) == 1
+
+
+def test_random_split_rounds_half_up_and_sorts() -> None:
+    ds = _synthetic({3: 3, 1: 2, 2: 1})  # 6 ratings
+    s = random_split(ds, test_fraction=0.25, seed=5)  # 1.5 -> 2
+    assert len(s.test) == 2 and len(s.train) == 4
+    is_test = np.zeros(6, dtype=bool)
+    is_test[np.random.default_rng(5).permutation(6)[:2]] = True
+    expected = ds.ratings[is_test].sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(s.test, expected)
+    assert s.train["user_id"].is_monotonic_increasing and isinstance(s.train.index, pd.RangeIndex)
+    assert s.user_ids.tolist() == [1, 2, 3] and s.user_ids.dtype == np.int64
+    assert s.params == {"test_fraction": 0.25, "seed": 5} and s.seed == 5 and s.name == "random"
+    assert len(random_split(ds, test_fraction=0.4, seed=0).test) == 2  # 2.4 -> 2
+    assert len(random_split(ds, test_fraction=0.1, seed=0).test) == 1  # 0.6 -> 1
+    assert len(random_split(ds).test) == 1  # default 0.1
+
+
+def test_summary_and_item_stats_by_hand() -> None:
+    s = protocol_split(_tiny(), n_users=1, min_interactions=5, max_interactions=5)
+    assert s.summary() == {
+        "name": "protocol", "seed": 0, "n_users": 1, "n_train": 3, "n_test": 2, "n_background": 3,
+        "train_per_user": {"min": 3, "median": 3.0, "max": 3},
+        "test_per_user": {"min": 2, "median": 2.0, "max": 2}}
+    stats = s.item_stats()
+    assert stats["item_id"].tolist() == [10, 11, 12, 13, 14]
+    assert stats["n_ratings"].tolist() == [2, 1, 2, 1, 0]
+    np.testing.assert_array_equal(stats["mean_rating"].to_numpy(), [2.0, 5.0, 3.0, 4.0, np.nan])
+    assert stats.dtypes.to_dict() == {"item_id": np.int64, "mean_rating": np.float64, "n_ratings": np.int64}
+    assert isinstance(stats.index, pd.RangeIndex)
+    empty = Split("random", s.train.iloc[:0], s.test.iloc[:0], s.background, np.array([], dtype=np.int64), 0)
+    assert empty.summary()["train_per_user"] == {"min": 0, "median": 0.0, "max": 0}
+    wide = protocol_split(_synthetic({1: 4, 2: 6, 3: 9}), n_users=3, min_interactions=4, max_interactions=9,
+                          train_fraction=0.5)
+    assert wide.summary()["train_per_user"] == {"min": 2, "median": 3.0, "max": 4}
+    assert wide.summary()["test_per_user"] == {"min": 2, "median": 3.0, "max": 5}
