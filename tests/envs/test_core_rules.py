@@ -466,3 +466,34 @@ def test_the_slm_simulator_is_loaded_once_per_key(rater, tmp_path, monkeypatch):
         assert len(loads) == 3
     finally:
         clear_simulator_cache()
+
+
+def test_the_served_backends_load_through_vllm_settings(rater, tmp_path, monkeypatch):
+    from persona_gym.simulator import served
+
+    (tmp_path / "manifest.json").write_text("{}")
+    loads = []
+
+    def fake_load_served(root, **kwargs):
+        loads.append((Path(root), kwargs))
+        return rater
+
+    monkeypatch.setattr(served, "load_served", fake_load_served)
+    clear_simulator_cache()
+    try:
+        config = EnvConfig(artifacts=str(tmp_path), dataset="synthetic", leave_rule="threshold", variant="persona",
+                           backend="vllm-server", server_url="http://127.0.0.1:9/v1", vllm_kv_cache_gb=1.5,
+                           dtype="float32", base_model="tiny")
+        assert get_simulator(config) is rater and get_simulator(config) is rater
+        ((root, kwargs),) = loads
+        assert root == tmp_path and kwargs.pop("settings") == served.VLLMSettings(url="http://127.0.0.1:9/v1",
+                                                                                  kv_cache_gb=1.5)
+        assert kwargs == {"backend": "vllm-server", "variant": "persona", "base_model": "tiny", "dtype": "float32"}
+        get_simulator(config.replace(backend="vllm", server_url=None, vllm_kv_cache_gb=3.0, dtype="bfloat16"))
+        assert len(loads) == 2 and loads[1][1]["backend"] == "vllm" and loads[1][1]["dtype"] == "bfloat16"
+        assert loads[1][1]["settings"] == served.VLLMSettings(url=None, kv_cache_gb=3.0)
+        get_simulator(config.replace(vllm_kv_cache_gb=2.5))  # each setting is part of the key
+        get_simulator(config.replace(server_url="http://127.0.0.1:10/v1"))
+        assert len(loads) == 4
+    finally:
+        clear_simulator_cache()
