@@ -26,6 +26,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 # Modules providing subcommands, in the order --help lists them.
 _COMMAND_MODULES = [
     "persona_gym.data.cli",
+    "training.build",
     "training.distill",
     "training.personas",
     "training.train",

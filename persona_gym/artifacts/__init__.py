@@ -1,6 +1,7 @@
 """The artifacts directory: everything a simulator needs, described by ``manifest.json``.
 
-Layout (written by ``persona-gym distill``, ``personas`` and ``train``)::
+Layout (written by ``persona-gym distill``, ``personas`` and ``train``, or all of them and
+``evaluate`` by ``persona-gym build``)::
 
     items.parquet          catalogue with training-only averages (ItemCatalog.to_frame)
     profiles.jsonl         Ms per user
@@ -20,8 +21,9 @@ inside the directory) and the content hash of every file it will read, and fails
 naming the file and the command that rewrites it. Hashes are computed once per file version and
 remembered in the user cache (keyed by path, size and modification times), so a load re-reads a
 file only after it changed. Not part of the unit, never hashed: ``checkpoints/``, ``cache/``,
-``llm_cache/``, ``evaluation/`` and hidden entries (a killed stage's ``.*.tmp`` files and partial
-folders: ignored by every loader, removed by the next stage that writes the directory).
+``llm_cache/``, ``evaluation/``, the build's record and log (``build.json``, ``build.log``) and
+hidden entries (a killed stage's ``.*.tmp`` files and partial folders: ignored by every loader,
+removed by the next stage that writes the directory).
 
 A stage never mixes its results with an earlier run's: ``distill`` builds a new directory and
 swaps it in whole (:func:`staged_dir`); ``personas`` and ``train`` refuse to overwrite earlier
@@ -40,6 +42,8 @@ import pandas as pd
 
 from persona_gym import adapter_names
 from persona_gym.artifacts.manifest import (
+    BUILD_LOG,
+    BUILD_RECORD,
     MANIFEST,
     SCHEMA_VERSION,
     SEAL,
@@ -69,9 +73,9 @@ from persona_gym.artifacts.shipped import (
 from persona_gym.artifacts.stages import prepare_stage, staged_dir
 from persona_gym.artifacts.tables import load_personas, load_tables, tables_digest
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "SEAL", "SHIPPABLE", "STAGE_PRODUCTS", "TABLES", "UNHASHED",
-           "Artifacts", "ArtifactsError", "MissingArtifactsError", "artifact_files", "check_adapters",
-           "check_base_model", "export_shippable", "file_hashes", "hash_files", "library_versions",
+__all__ = ["BUILD_LOG", "BUILD_RECORD", "MANIFEST", "SCHEMA_VERSION", "SEAL", "SHIPPABLE",
+           "STAGE_PRODUCTS", "TABLES", "UNHASHED", "Artifacts", "ArtifactsError", "MissingArtifactsError",
+           "artifact_files", "check_adapters", "check_base_model", "export_shippable", "file_hashes", "hash_files", "library_versions",
            "load_artifacts", "load_personas", "load_tables", "missing_artifacts_message",
            "prepare_stage", "read_manifest", "rehash", "resolve_artifacts", "seal_manifest",
            "staged_dir", "tables_digest", "verify_artifacts", "write_manifest"]

@@ -35,8 +35,13 @@ STAGE_PRODUCTS = {
     "train": (MANIFEST, "adapters", "checkpoints", "cache"),
     "evaluate": ("evaluation",),
 }
-# Folders that hold intermediate or derived results, not the simulator: never hashed.
-UNHASHED = ("checkpoints", "cache", "llm_cache", "evaluation")
+# What `persona-gym build` (training/build.py) writes next to the stages' files: the record of
+# its finished stages (resuming reads it) and its log.
+BUILD_RECORD = "build.json"
+BUILD_LOG = "build.log"
+# Entries at the top of an artifacts directory that are not the simulator, never hashed: folders
+# of intermediate or derived results, and the build's record and log.
+UNHASHED = ("checkpoints", "cache", "llm_cache", "evaluation", BUILD_RECORD, BUILD_LOG)
 _HASH_CACHE = "file-hashes.json"
 _HASH_CACHE_MAX = 20_000  # entries kept in the user-cache record of file hashes
 
@@ -61,7 +66,7 @@ def library_versions() -> dict[str, str]:
 # -- file hashes ---------------------------------------------------------------------------------
 def artifact_files(root: str | Path) -> list[str]:
     """The files that make up the simulator in ``root``, as sorted POSIX paths relative to it:
-    every regular file except ``manifest.json``, the :data:`UNHASHED` folders and hidden
+    every regular file except ``manifest.json``, the :data:`UNHASHED` entries and hidden
     entries (leftovers of killed writes, locks)."""
     root = Path(root)
     found = []
@@ -70,7 +75,8 @@ def artifact_files(root: str | Path) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and not (rel == Path(".") and d in UNHASHED))
         for name in files:
-            if name.startswith(".") or name.endswith(".tmp") or (rel == Path(".") and name == MANIFEST):
+            not_hashed = rel == Path(".") and name in (MANIFEST, *UNHASHED)
+            if name.startswith(".") or name.endswith(".tmp") or not_hashed:
                 continue
             found.append((rel / name).as_posix())
     return sorted(found)

@@ -1,0 +1,113 @@
+"""``persona-gym build``: ML-1M-format files (made from ML-100k users) to an evaluated simulator in
+one command, resumed where it stopped, then ``evaluate`` from another folder (issue 20).
+
+The real stages run (MiniLM embeddings, the SmolLM2 tokenizer for distill's token counts) on
+the tiny random base model of SmolLM2's layout with the smallest training settings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from persona_gym.cli import main
+from tests.envs.test_ml1m import write_ml1m_folder
+from training.build import EVALUATE_CONFIGS, STAGES, TRAIN_RECIPE
+
+
+def _build(*extra: str, base: str) -> list[str]:
+    return ["build", "ml1m", "--out", "art", "--n-users", "3", "--base-model", base,
+            "--max-examples-per-user", "4",
+            "--val-per-user", "1", "--max-test-per-user", "2", "--no-studies", "--no-compile",
+            "--no-progress", *extra]
+
+
+def test_build_end_to_end_resumes_and_evaluates_from_another_folder(tmp_path, monkeypatch, capsys,
+                                                                     tiny_base):
+    work = tmp_path / "work"
+    write_ml1m_folder(work / "ml1m")
+    monkeypatch.chdir(work)  # the dataset and --out are given relative to here
+
+    # a first run stopped after training (--no-evaluate) ...
+    assert main(_build("--no-evaluate", base=tiny_base)) == 0
+    out = capsys.readouterr().out
+    for n, stage in enumerate(STAGES[:4], 1):
+        assert f"[{n}/4] {stage}: " in out
+    assert out.count(": done in ") == 3 and "is ready in " in out
+    root = work / "art"
+    record = json.loads((root / "build.json").read_text())
+    assert list(record["stages"]) == ["distill", "personas", "train"]
+
+    # ... resumed with evaluation: the three finished stages are skipped, evaluate runs
+    assert main(_build(base=tiny_base)) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before (build.json), skipped") == 3
+    assert "[5/5] evaluate: persona-gym evaluate --artifacts art --configs" in out
+    assert "[5/5] evaluate: done in " in out and "test RMSE" in out
+    log = (root / "build.log").read_text()
+    for line in ("[2/4] distill: done in", "[4/4] train: done in", "[5/5] evaluate: done in"):
+        assert line in log  # the progress lines of both runs, with the stages' own log records
+    assert "training.train" in log
+
+    # the artifacts name the dataset by its absolute folder, and verify with the build's files
+    folder = str((work / "ml1m").resolve())
+    assert json.loads((root / "split.json").read_text())["dataset"] == folder
+    assert json.loads((root / "manifest.json").read_text())["dataset"] == folder
+    assert main(["artifacts", "verify", str(root)]) == 0
+
+    # evaluate from another folder, where "ml1m" means nothing
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["evaluate", "--artifacts", str(root), "--configs", "persona:Ms+Ml",
+                 "--max-test-per-user", "2", "--no-studies", "--no-baselines",
+                 "--out", "report"]) == 0
+    results = json.loads((elsewhere / "report" / "results.json").read_text())
+    assert results["configs"][0]["status"] == "ok" and results["data"]["source"].startswith(folder)
+
+
+def test_dry_run_prints_the_shipped_simulators_recipe(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "ml-100k", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/5] fetch: ml-100k: the bundled copy" in out
+    lines = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("[")}
+    assert "persona-gym distill --out artifacts/ml100k --dataset ml-100k" in lines["[2/5] distill"]
+    train = lines["[4/5] train"]
+    assert " ".join(TRAIN_RECIPE) in train and "--max-examples-per-user 0 --val-per-user 5" in train
+    assert "--configs " + " ".join(EVALUATE_CONFIGS) in lines["[5/5] evaluate"]
+    assert lines["[5/5] evaluate"].endswith("--compile")
+    assert not (tmp_path / "artifacts").exists()  # nothing written
+
+
+def test_artifacts_made_by_hand_or_with_other_settings_are_refused(tmp_path, monkeypatch, capsys):
+    from tests.data.test_movielens import write_ml1m
+
+    monkeypatch.chdir(tmp_path)
+    write_ml1m(tmp_path / "ml1m")
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "split.json").write_text("{}")  # what distill leaves, without the build's record
+    assert main(["build", "ml1m", "--out", "art"]) == 2
+    assert "does not record (made stage by stage?): rebuild it with --force" in capsys.readouterr().err
+    settings = ["--dataset", str((tmp_path / "ml1m").resolve()), "--n-users", "100", "--seed", "0"]
+    (art / "build.json").write_text(json.dumps({"stages": {"distill": {"settings": settings}}}))
+    assert main(["build", "ml1m", "--out", "art"]) == 2
+    err = capsys.readouterr().err
+    assert "was built with other distill settings" in err and "--n-users 200" in err
+
+
+def test_an_unknown_dataset_names_what_is_accepted(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "ml-10m"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a known dataset name (ml-100k, ml-1m" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--n-users", "--max-test-per-user", "--epochs"])
+def test_bad_budget_values_are_refused(flag, capsys):
+    assert main(["build", "ml-100k", flag, "0", "--dry-run"]) == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
