@@ -111,3 +111,15 @@ def test_bad_budget_values_are_refused(flag, capsys):
     assert main(["build", "ml-100k", flag, "0", "--dry-run"]) == 2
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
+
+def test_the_missing_ml1m_simulator_names_build_and_its_time():
+    import gymnasium as gym
+
+    import persona_gym  # noqa: F401  (registers the ids)
+
+    with pytest.raises(FileNotFoundError) as err:
+        gym.make("PersonaML1M-v0")
+    text = str(err.value)
+    assert "`persona-gym build ml-1m --out DIR`" in text and "artifacts='DIR'" in text
+    assert "h on 2 CPU cores" in text and "on one GPU with --device cuda" in text
+    assert 'README: "Build a simulator"' in text

@@ -31,18 +31,27 @@ class MissingArtifactsError(ArtifactsError, FileNotFoundError):
     """No trained simulator where one was asked for (the message gives the commands)."""
 
 
+# What `persona-gym build` takes, from README "Build a simulator": the measured build of the
+# shipped ML-100k simulator on 2 CPU cores; the GPU figure is estimated from benchmarks/README.md.
+BUILD_TIME = ("about 1 h on 2 CPU cores, a few minutes on one GPU with --device cuda (estimated); "
+              'README: "Build a simulator"')
+
+
 def missing_artifacts_message(where: Path, dataset: str = "ml-100k", named: bool = False) -> str:
     """How to produce the simulator artifacts asked for at ``where`` (``named``: through a
-    simulator name of :data:`persona_gym.registry.SIMULATORS`, so the commands write to DIR)."""
+    simulator name of :data:`persona_gym.registry.SIMULATORS`, so the commands write to DIR):
+    ``persona-gym build`` and its time, or the stages one by one."""
     out = "DIR" if named else str(where)
     fetch = ""
     if dataset == "ml-1m":
         fetch = ("`persona-gym data fetch ml-1m` (or pass the folder holding ratings.dat, "
                  "users.dat, movies.dat as --dataset), then ")
     return (
-        f"{where / MANIFEST} not found: no trained simulator there. Produce one with: "
-        f"{fetch}`persona-gym distill --dataset {dataset} --out {out} && "
-        f"persona-gym personas --artifacts {out} && persona-gym train --artifacts {out}`, "
+        f"{where / MANIFEST} not found: no trained simulator there. Build one with "
+        f"`persona-gym build {dataset} --out {out}` (downloads {dataset}, checksum verified, when it "
+        f"is not on this machine; then distill, personas, train, evaluate; rerun it to resume; "
+        f"{BUILD_TIME}), or stage by stage: {fetch}`persona-gym distill --dataset {dataset} "
+        f"--out {out} && persona-gym personas --artifacts {out} && persona-gym train --artifacts {out}`; "
         f"then pass artifacts={out!r} (e.g. gym.make(..., artifacts={out!r}))."
     )
 
