@@ -32,15 +32,12 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# The shipped PersonaML100K-v0 simulator, rebuilt from scratch into $(SIM) (README: "The shipped
-# simulator"): distil, behaviour personas, persona adapters with the collaborative signal, report.
+# The shipped PersonaML100K-v0 simulator, rebuilt into $(SIM) (README: "The shipped simulator"):
+# distil, behaviour personas, persona adapters with the collaborative signal, report. Its recipe is
+# `persona-gym build`'s default (`--dry-run` prints the four commands); rerun to resume.
 SIM ?= artifacts/ml100k
 simulator: install
-	$(VENV)/bin/persona-gym distill --dataset ml-100k --out $(SIM)
-	$(VENV)/bin/persona-gym personas --artifacts $(SIM)
-	$(VENV)/bin/persona-gym train --artifacts $(SIM) --variants persona --item-tokens --cf-cue \
-		--surprise-cue --cf-items --cf-prior --max-examples-per-user 0 --val-per-user 5 --blocks-per-sequence 8
-	$(VENV)/bin/persona-gym evaluate --artifacts $(SIM) --configs persona:Ms+Ml persona:Ms+Ml:w0 persona:Ms --compile
+	$(VENV)/bin/persona-gym build ml-100k --out $(SIM)
 
 # The paper's configuration (text prompts, personas on profile embeddings, θpersona and θsingle
 # adapters, no collaborative signal) and its Table 1 on our stack, into $(PAPER).

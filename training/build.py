@@ -413,7 +413,7 @@ def add_parser(subparsers) -> None:
                    help="evaluate only the first N test interactions of each user (default: all)")
     p.add_argument("--no-studies", action="store_true",
                    help="evaluate without the persona-specificity, memory-slope and reward-landscape "
-                        "studies (433 of the 1,019 s the shipped simulator's evaluation took)")
+                        "studies (433 of the 1,019 s of the 2026-12-01 shipped evaluation)")
     p.add_argument("--no-evaluate", action="store_true", help="stop after training")
     p.add_argument("--device", default="cpu",
                    help="torch device of training and evaluation: cpu, cuda, cuda:N (default: cpu)")
