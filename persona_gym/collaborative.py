@@ -1,4 +1,4 @@
-"""The collaborative signal the simulated users are given: biased matrix factorisation.
+"""The collaborative signal the simulated users are given: matrix factorisation + item kNN.
 
 A small language model reads titles and profiles, but what a user will think of a movie is
 mostly in who else liked it. As LLM recommenders do (CoLLM, LLaRA, BinLLM), the simulator hands
@@ -10,9 +10,12 @@ interactions plus the other users' ratings, never the test split):
   (the short-term mood the model cannot see);
 * each item's factors and bias, appended to the item's text embedding in the soft item tokens.
 
-The model is :class:`~persona_gym.evaluation.baselines.BiasedMF`, tuned on the validation slice
-of the training part exactly as the matrix-factorisation baseline is, so the simulator's
-figures compare against the very predictions it is given. Training prompts must not show a
+The prediction is a blend ``(1 - w) * MF + w * kNN`` of two baselines of
+:mod:`persona_gym.evaluation.baselines`, :class:`~persona_gym.evaluation.baselines.BiasedMF`
+and :class:`~persona_gym.evaluation.baselines.ItemKNN` (they err differently: the factors see
+global taste, the neighbourhood the user's own ratings of similar movies). Each is tuned on the
+validation slice of the training part exactly as its baseline is, and ``w`` is chosen on the same
+slice. The item tokens carry the MF factors. Training prompts must not show a
 prediction fitted on their own label: :func:`fit_collaborative` also returns out-of-fold
 predictions of every training interaction (``folds`` random folds of the selected users'
 training rows, background always in the fit), which the training prompts and the logged
@@ -32,10 +35,12 @@ from persona_gym.catalog import ItemCatalog
 from persona_gym.evaluation.baselines import (
     DEFAULT_GRIDS,
     BiasedMF,
+    ItemKNN,
     fit_frame,
     tune,
     validation_split,
 )
+from persona_gym.evaluation.metrics import rmse
 from persona_gym.io import atomic_write
 
 __all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative"]
@@ -45,8 +50,9 @@ CF_FILE = "collaborative.npz"
 
 @dataclass(frozen=True)
 class CollaborativeModel:
-    """``mu + b_u + b_i + p_u . q_i`` over the catalogue's indices (items the fit never saw
-    have zero bias and factors; users it never saw predict the item side only)."""
+    """``(1 - w) (mu + b_u + b_i + p_u . q_i) + w kNN(u, i)`` over the catalogue's indices
+    (items the fit never saw have zero bias and factors; users it never saw predict the MF item
+    side only)."""
 
     mu: float
     user_ids: np.ndarray  # (U,) int64, sorted
@@ -54,7 +60,8 @@ class CollaborativeModel:
     user_factors: np.ndarray  # (U, F)
     item_bias: np.ndarray  # (n_items,) in catalogue order
     item_factors: np.ndarray  # (n_items, F)
-    params: dict
+    params: dict  # {"mf": ..., "knn": ..., "blend": w}
+    knn: np.ndarray  # (U, n_items) float32: the item-kNN prediction of every fitted user
     # out-of-fold predictions of the logged training interactions, keyed user * n_items + item
     logged_keys: np.ndarray  # (L,) int64, sorted
     logged_predictions: np.ndarray  # (L,)
@@ -78,6 +85,8 @@ class CollaborativeModel:
         safe = np.maximum(rows, 0)
         dot = np.einsum("nf,nf->n", self.user_factors[safe], self.item_factors[items])
         value = self.mu + self.item_bias[items] + np.where(known, self.user_bias[safe] + dot, 0.0)
+        w = float(self.params["blend"])
+        value = np.where(known, (1.0 - w) * value + w * self.knn[safe, items], value)
         value = np.clip(value, 1.0, 5.0)
         if len(self.logged_keys):
             keys = users * len(self.item_bias) + items
@@ -88,11 +97,15 @@ class CollaborativeModel:
 
     def cues(self, user_id: int, candidate: int, window) -> tuple[float, float]:
         """The prompt's collaborative cues for one request: the candidate's predicted rating
-        and the window's surprise (mean rating minus prediction; 0 for an empty window)."""
-        items = [candidate] + [x.item_index for x in window]
-        predicted = self.predict([user_id] * len(items), items)
-        surprise = float(np.mean([x.rating for x in window] - predicted[1:])) if len(window) else 0.0
-        return float(predicted[0]), surprise
+        and the window's :meth:`surprise`."""
+        return float(self.predict([user_id], [candidate])[0]), self.surprise(user_id, window)
+
+    def surprise(self, user_id: int, window) -> float:
+        """Mean of (rating - prediction) over a window of interactions; 0 for an empty one."""
+        if not len(window):
+            return 0.0
+        predicted = self.predict([user_id] * len(window), [x.item_index for x in window])
+        return float(np.mean([x.rating for x in window] - predicted))
 
     def item_features(self) -> np.ndarray:
         """``(n_items, F + 1)``: each catalogue item's factors and bias."""
@@ -104,7 +117,8 @@ class CollaborativeModel:
                 np.savez(handle, mu=np.float64(self.mu), user_ids=self.user_ids,
                          user_bias=self.user_bias, user_factors=self.user_factors,
                          item_bias=self.item_bias, item_factors=self.item_factors,
-                         params=np.array(json.dumps(self.params, sort_keys=True)), logged_keys=self.logged_keys, logged_predictions=self.logged_predictions)
+                         params=np.array(json.dumps(self.params, sort_keys=True)), knn=self.knn,
+                         logged_keys=self.logged_keys, logged_predictions=self.logged_predictions)
 
         atomic_write(Path(path), write)
 
@@ -116,13 +130,19 @@ def load_collaborative(path: str | Path) -> CollaborativeModel:
         raise FileNotFoundError(f"{path} not found: run `persona-gym distill --out {path.parent}` "
                                 "(this version writes the collaborative model with the tables)")
     with np.load(path) as data:
+        if "knn" not in data:
+            raise ValueError(f"{path} was written by an older version (no item-kNN part); "
+                             f"re-run `persona-gym distill --out {path.parent}`")
         model = CollaborativeModel(
             float(data["mu"]), data["user_ids"].astype(np.int64), data["user_bias"],
             data["user_factors"], data["item_bias"], data["item_factors"],
-            json.loads(str(data["params"])),
+            json.loads(str(data["params"])), data["knn"],
             data["logged_keys"].astype(np.int64), data["logged_predictions"])
+    if model.knn.shape != (len(model.user_ids), len(model.item_bias)):
+        raise ValueError(f"{path}: the kNN table is {model.knn.shape}, expected "
+                         f"{(len(model.user_ids), len(model.item_bias))}; re-run `persona-gym distill`")
     arrays = (model.user_bias, model.user_factors, model.item_bias, model.item_factors,
-              model.logged_predictions)
+              model.knn, model.logged_predictions)
     if not all(np.isfinite(a).all() for a in arrays) or not np.isfinite(model.mu):
         raise ValueError(f"{path}: non-finite values in the collaborative model; re-run `persona-gym distill`")
     return model
@@ -136,30 +156,57 @@ def _to_catalog(model: BiasedMF, catalog: ItemCatalog) -> tuple[np.ndarray, np.n
     return bias, factors
 
 
+BLENDS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+
+
+def _blend(mf: np.ndarray, knn: np.ndarray, w: float) -> np.ndarray:
+    return np.clip((1.0 - w) * mf + w * knn, 1.0, 5.0)
+
+
 def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: ItemCatalog,
                       seed: int = 0, folds: int = 5) -> CollaborativeModel:
     """Tune and fit the collaborative model, with out-of-fold predictions of ``train``.
 
     ``train`` is the selected users' training part (``user_id, item_id, rating, timestamp``),
-    ``background`` the other users' ratings. The out-of-fold prediction of a ``train`` row comes
-    from a model fitted without that row's fold (``folds`` seeded random folds).
+    ``background`` the other users' ratings. MF and kNN are tuned on the validation slice, then
+    the blend weight (of :data:`BLENDS`) on the same slice. The out-of-fold prediction of a
+    ``train`` row comes from models fitted without that row's fold (``folds`` seeded random folds).
     """
-    cls, grid = DEFAULT_GRIDS["matrix factorisation"]
     fit_part, validation = validation_split(train, 0.2)
-    params, _, _ = tune(cls, grid, fit_frame(fit_part, background), validation, {"seed": seed})
-    full = BiasedMF(**params, seed=seed).fit(fit_frame(train, background))
+    tune_on = fit_frame(fit_part, background)
+    mf_params, _, _ = tune(*DEFAULT_GRIDS["matrix factorisation"], tune_on, validation, {"seed": seed})
+    knn_params, _, _ = tune(*DEFAULT_GRIDS["item kNN"], tune_on, validation)
+    pairs = validation["user_id"], validation["item_id"]
+    mf_val = BiasedMF(**mf_params, seed=seed).fit(tune_on).predict(*pairs)
+    knn_val = ItemKNN(**knn_params).fit(tune_on).predict(*pairs)
+    w = min(BLENDS, key=lambda b: rmse(_blend(mf_val, knn_val, b), validation["rating"]))
+
+    full_data = fit_frame(train, background)
+    full = BiasedMF(**mf_params, seed=seed).fit(full_data)
+    knn = ItemKNN(**knn_params).fit(full_data)
     fold = np.random.default_rng([seed, folds]).integers(0, folds, len(train))
     oof = np.zeros(len(train))
     for f in range(folds):
         held = fold == f
         if not held.any():
             continue
-        part = BiasedMF(**params, seed=seed).fit(fit_frame(train[~held], background))
-        rows = train[held]
-        oof[held] = np.clip(part.predict(rows["user_id"], rows["item_id"]), 1.0, 5.0)
+        part = fit_frame(train[~held], background)
+        rows = train[held]["user_id"], train[held]["item_id"]
+        oof[held] = _blend(BiasedMF(**mf_params, seed=seed).fit(part).predict(*rows),
+                           ItemKNN(**knn_params).fit(part).predict(*rows), w)
     bias, factors = _to_catalog(full, catalog)
     keys = (train["user_id"].to_numpy(np.int64) * len(catalog)
             + catalog.indices_of(train["item_id"]).astype(np.int64))
     order = np.argsort(keys, kind="stable")
-    return CollaborativeModel(full.mu_, full.users_, full.bu_, full.p_, bias, factors, full.params(),
-                              keys[order], oof[order])
+    params = {"mf": full.params(), "knn": knn.params(), "blend": float(w)}
+    return CollaborativeModel(full.mu_, full.users_, full.bu_, full.p_, bias, factors, params,
+                              _knn_table(knn, full.users_, catalog), keys[order], oof[order])
+
+
+def _knn_table(knn: ItemKNN, user_ids: np.ndarray, catalog: ItemCatalog) -> np.ndarray:
+    """``(len(user_ids), n_items)``: the kNN prediction of every user for every catalogue item."""
+    items = np.asarray(catalog.item_ids, dtype=np.int64)
+    table = np.empty((len(user_ids), len(items)), dtype=np.float32)
+    for row, user in enumerate(user_ids):
+        table[row] = knn.predict(np.full(len(items), user), items)
+    return table

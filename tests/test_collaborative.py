@@ -94,3 +94,41 @@ def test_fit_is_deterministic():
     b = fit_collaborative(ratings[ratings.user_id < 10], ratings[ratings.user_id >= 10], catalog, seed=3)
     np.testing.assert_array_equal(a.logged_predictions, b.logged_predictions)
     np.testing.assert_array_equal(a.item_factors, b.item_factors)
+
+
+def test_prediction_blends_mf_and_knn_by_the_validated_weight(fitted):
+    from persona_gym.collaborative import BLENDS
+
+    model, train, catalog = fitted
+    w = model.params["blend"]
+    assert w in BLENDS and set(model.params) == {"mf", "knn", "blend"}
+    seen = set(zip(train["user_id"], catalog.indices_of(train["item_id"]), strict=True))
+    pairs = [(u, i) for u in range(10) for i in range(len(catalog)) if (u, i) not in seen]
+    users, items = np.array(pairs).T
+    rows = model.user_rows(users)
+    mf = (model.mu + model.item_bias[items] + model.user_bias[rows]
+          + np.einsum("nf,nf->n", model.user_factors[rows], model.item_factors[items]))
+    expected = np.clip((1 - w) * mf + w * model.knn[rows, items], 1, 5)
+    np.testing.assert_allclose(model.predict(users, items), expected, rtol=1e-6)
+    # the kNN table is the item-kNN baseline's own prediction
+    from persona_gym.evaluation.baselines import ItemKNN, fit_frame
+
+    ratings, _ = _ratings()
+    knn = ItemKNN(**model.params["knn"]).fit(fit_frame(train, ratings[ratings.user_id >= 10]))
+    np.testing.assert_allclose(model.knn[model.user_rows([4])[0]],
+                               knn.predict(np.full(len(catalog), 4), catalog.item_ids), rtol=1e-6)
+
+
+def test_a_file_from_before_the_knn_part_names_the_fix(fitted, tmp_path):
+    model, _, _ = fitted
+    model.save(tmp_path / "cf.npz")
+    data = dict(np.load(tmp_path / "cf.npz"))
+    del data["knn"]
+    np.savez(tmp_path / "old.npz", **data)
+    with pytest.raises(ValueError, match=r"older version .*persona-gym distill"):
+        load_collaborative(tmp_path / "old.npz")
+    data = dict(np.load(tmp_path / "cf.npz"))
+    data["knn"] = data["knn"][:, :3]
+    np.savez(tmp_path / "short.npz", **data)
+    with pytest.raises(ValueError, match="kNN table"):
+        load_collaborative(tmp_path / "short.npz")

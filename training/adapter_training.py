@@ -43,8 +43,9 @@ def _rating_logits(layered: LayeredLM, packed, hidden, split_layer: int, prior: 
     logits = layered.forward(packed, start=split_layer, hidden=hidden)
     if prior is None:
         return logits
-    predictions = torch.tensor([examples[n].request.cf_prediction for _, ns in batch for n in ns])
-    return prior(logits, predictions)
+    requests = [examples[n].request for _, ns in batch for n in ns]
+    return prior(logits, torch.tensor([r.cf_prediction for r in requests]),
+                 torch.tensor([r.surprise or 0.0 for r in requests]))
 
 
 @torch.no_grad()

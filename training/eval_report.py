@@ -158,7 +158,8 @@ def render_markdown(results: dict) -> str:
                   f"- **Persona specificity** ({spec['users']} users, {spec['personas']} persona "
                   f"adapters): RMSE under the user's own adapter {_f(spec['own_rmse'])}, under the "
                   f"others {_f(spec['other_rmse'])}; the own adapter is the best for "
-                  f"{_f(spec['own_best_share'], percent=True)} of users (chance "
+                  f"{_f(spec['own_best_share'], percent=True)} of users by RMSE and for "
+                  f"{_f(spec.get('own_best_share_nll'), percent=True)} by NLL (chance "
                   f"{_f(spec['chance'], percent=True)}).",
                   f"- **Memory slope** (residual of a rating on the mean residual of the previous 3 "
                   f"real ratings): real {_f(mem['real_slope'])} over {mem['real_rows']} test ratings "

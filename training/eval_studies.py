@@ -24,20 +24,24 @@ log = logging.getLogger(__name__)
 
 
 def _prior_alone(priors: dict, artifacts, rows: pd.DataFrame, full_test: pd.DataFrame,
-                 personas: np.ndarray) -> dict:
+                 personas: np.ndarray, windows: dict[int, tuple]) -> dict:
     """The simulator's collaborative prior without the SLM's logits: what the SLM adds is the
-    difference between this row and the simulator's."""
+    difference between this row and the simulator's. ``windows``: each user's evaluator window
+    (its surprise moves the prior's centre)."""
     import torch
+
+    surprise = {u: artifacts.collaborative.surprise(u, window) for u, window in windows.items()}
 
     def probs_of(frame: pd.DataFrame) -> np.ndarray:
         users = frame["user_id"].to_numpy(np.int64)
         predictions = torch.tensor(artifacts.collaborative.predict(users, frame["item_index"]))
+        surprises = torch.tensor([surprise[int(u)] for u in users])
         out = np.zeros((len(frame), 5))
         adapters = np.array([artifacts.adapter_of(int(u)) for u in users])
         with torch.no_grad():
             for name in np.unique(adapters):
                 index = np.flatnonzero(adapters == name)
-                logits = priors[name](torch.zeros(len(index), 5), predictions[index])
+                logits = priors[name](torch.zeros(len(index), 5), predictions[index], surprises[index])
                 out[index] = logits.softmax(-1).double().numpy()
         return out
 

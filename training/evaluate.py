@@ -66,6 +66,7 @@ import pandas as pd
 from persona_gym.config_cli import plain
 from persona_gym.data.protocol import EvalData, logged_data
 from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
+from persona_gym.memory import logged_history
 from persona_gym.ratings import expected
 from training.eval_configs import (
     DEFAULT_CONFIGS,
@@ -323,8 +324,11 @@ def evaluate(
                 "first_3": _first_3(rows, pred, real),
             }
     if models is not None and models.priors and artifacts.collaborative is not None:
+        k = trained_prompt.window_size
+        windows = {int(u): logged_history(artifacts.memories, int(u))[-k:] if k else ()
+                   for u in np.unique(full_test["user_id"])}
         results["baselines"]["collaborative prior alone (no SLM)"] = _prior_alone(
-            models.priors, artifacts, rows, full_test, personas)
+            models.priors, artifacts, rows, full_test, personas, windows)
     persona = parse_config("persona:Ms+Ml")
     if studies and models is not None and not models.missing(persona, np.unique(users)):
         t0 = time.perf_counter()

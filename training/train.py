@@ -59,7 +59,7 @@ from persona_gym.config_cli import field_help, plain
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
-from persona_gym.simulator.prior import RatingPrior
+from persona_gym.simulator.prior import fit_rating_prior
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig
 from training.adapter_training import train_adapter
 from training.examples import LowerCache, _frozen_pass, adapter_datasets, build_examples
@@ -235,7 +235,12 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
         items = None
         if config.prompt.item_tokens:
             items = ItemTokens(item_embeddings, base.config.hidden_size, split_layer).to(device)
-        prior = RatingPrior().to(device) if config.prompt.cf_prior else None
+        prior = None
+        if config.prompt.cf_prior:
+            fit_on = [examples[i] for i in train_idx]
+            prior = fit_rating_prior([e.request.cf_prediction for e in fit_on],
+                                     [e.request.surprise or 0.0 for e in fit_on],
+                                     [e.rating for e in fit_on]).to(device)
         base, metrics[name] = train_adapter(name, base, layered, cache, examples, train_idx, val_idx,
                                             config, split_layer, pad_id, root, progress, items, prior)
         atomic_write_json(metrics_path, {config.digest(): metrics})
@@ -313,6 +318,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="item tokens carry collaborative factors (needs --item-tokens)")
     parser.add_argument("--val-per-user", type=int, default=defaults.val_per_user,
                         help="the last N training interactions of each user form the validation slice")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--item-learning-rate", type=float, default=defaults.item_learning_rate)
     parser.add_argument("--lower-dtype", default=defaults.lower_dtype, choices=["auto", "float32", "bfloat16"],
                         help="dtype of the one-off frozen-layer pass (auto: bfloat16 where the hardware has it)")
@@ -347,7 +355,8 @@ def _run(args: argparse.Namespace) -> int:
         max_examples_per_user=args.max_examples_per_user, mse_weight=args.mse_weight,
         seed=args.seed, prompt=prompt, item_learning_rate=args.item_learning_rate,
         val_per_user=args.val_per_user, lower_dtype=args.lower_dtype,
-        blocks_per_sequence=args.blocks_per_sequence,
+        blocks_per_sequence=args.blocks_per_sequence, eval_every=args.eval_every,
+        patience=args.patience, checkpoint_every=args.checkpoint_every,
     )
     manifest = train(args.artifacts, config, device=args.device, progress=not args.no_progress,
                      compile=not args.no_compile, force=args.force)

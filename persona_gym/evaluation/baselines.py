@@ -12,6 +12,9 @@ predicts ratings for ``(user_id, item_id)`` pairs. Test ratings are never read b
 * :class:`BiasedMF`    ``mu + b_u + b_i + p_u . q_i`` (Koren et al.), fitted by alternating
   least squares: each user's ``[p_u, b_u]`` and each item's ``[q_i, b_i]`` is a small ridge
   solve given the other side; factors start from a seeded normal draw.
+* :class:`ItemKNN`     item-based neighbourhood on the residuals of a :class:`BiasModel`
+  (Koren's "kNN baseline"): ``b_ui + sum_j s_ij (r_uj - b_uj) / sum_j s_ij`` over the ``k``
+  items the user rated that are most similar to ``i`` (shrunk Pearson-baseline similarity).
 
 Predictions are clipped to [1, 5]. Unknown users/items fall back to the parts that are known.
 
@@ -40,6 +43,7 @@ __all__ = [
     "BiasModel",
     "BiasedMF",
     "GlobalMean",
+    "ItemKNN",
     "ItemMean",
     "fit_frame",
     "run_baselines",
@@ -210,6 +214,65 @@ class BiasedMF(_Model):
         return self.mu_ + bu + bi + dot
 
 
+class ItemKNN(_Model):
+    """Item-based kNN on bias-model residuals, with shrunk Pearson-baseline similarities."""
+
+    name = "item kNN"
+
+    def __init__(self, k: int = 40, shrinkage: float = 100.0, reg_user: float = 15.0,
+                 reg_item: float = 0.3):
+        self.k, self.shrinkage = int(k), float(shrinkage)
+        self.reg_user, self.reg_item = float(reg_user), float(reg_item)
+
+    def params(self) -> dict:
+        return {"k": self.k, "shrinkage": self.shrinkage, "reg_user": self.reg_user,
+                "reg_item": self.reg_item}
+
+    def fit(self, ratings: pd.DataFrame) -> ItemKNN:
+        u, i, r = self._index(ratings)
+        self.baseline_ = BiasModel(self.reg_user, self.reg_item).fit(ratings)
+        base = self.baseline_._predict(self.baseline_._lookup(self.baseline_.users_, self.users_[u]),
+                                       self.baseline_._lookup(self.baseline_.items_, self.items_[i]))
+        n_u, n_i = len(self.users_), len(self.items_)
+        resid = np.zeros((n_u, n_i), dtype=np.float32)
+        rated = np.zeros((n_u, n_i), dtype=np.float32)
+        resid[u, i] = r - base
+        rated[u, i] = 1.0
+        co_rated = rated.T @ rated
+        square = (resid ** 2).T @ rated  # [i, j]: sum of r_ui^2 over users who rated both
+        sim = (resid.T @ resid) / np.sqrt(square * square.T + 1e-12)
+        sim *= co_rated / (co_rated + self.shrinkage)
+        np.fill_diagonal(sim, 0.0)
+        self.resid_, self.sim_ = resid, sim
+        self.rated_ = [np.flatnonzero(row) for row in rated]
+        return self
+
+    def neighbourhood(self, u: int, i: np.ndarray) -> np.ndarray:
+        """The neighbourhood term of known user row ``u`` for known item rows ``i``."""
+        rated = self.rated_[u]
+        sims = self.sim_[np.ix_(i, rated)]
+        if len(rated) > self.k:
+            top = np.argpartition(-sims, self.k - 1, axis=1)[:, : self.k]
+            sims = np.take_along_axis(sims, top, axis=1)
+            resid = self.resid_[u, rated][top]
+        else:
+            resid = np.broadcast_to(self.resid_[u, rated], sims.shape)
+        sims = np.maximum(sims, 0.0)
+        total = sims.sum(axis=1)
+        return np.where(total > 0, (sims * resid).sum(axis=1) / np.maximum(total, 1e-12), 0.0)
+
+    def _predict(self, u, i):
+        users, items = np.where(u >= 0, self.users_[np.maximum(u, 0)], -1), \
+            np.where(i >= 0, self.items_[np.maximum(i, 0)], -1)
+        out = self.baseline_._predict(self.baseline_._lookup(self.baseline_.users_, users),
+                                      self.baseline_._lookup(self.baseline_.items_, items))
+        known = (u >= 0) & (i >= 0)
+        for row in np.unique(u[known]):
+            at = np.flatnonzero(known & (u == row))
+            out[at] += self.neighbourhood(int(row), i[at])
+        return out
+
+
 def _group_rows(index: np.ndarray, n: int) -> list[np.ndarray]:
     order = np.argsort(index, kind="stable")
     bounds = np.searchsorted(index[order], np.arange(n + 1))
@@ -224,6 +287,7 @@ DEFAULT_GRIDS: dict[str, tuple[type, dict[str, list]]] = {
     "user+item bias": (BiasModel, {"reg_user": [5.0, 15.0, 30.0], "reg_item": [0.3, 1.0, 3.0]}),
     "matrix factorisation": (BiasedMF, {"factors": [2, 5, 10], "reg": [2.0, 5.0, 10.0, 20.0],
                                         "reg_bias": [5.0]}),
+    "item kNN": (ItemKNN, {"k": [20, 40], "shrinkage": [100.0]}),
 }
 
 

@@ -30,26 +30,35 @@ __all__ = ["landscape", "memory_slope", "persona_specificity"]
 
 def persona_specificity(rate: Rate, users: np.ndarray, items: np.ndarray, real: np.ndarray,
                         windows: Sequence, user_persona: dict[int, int]) -> dict:
-    """Own-adapter vs other-adapter RMSE per user (rows: the users' test interactions)."""
+    """Own-adapter vs other-adapter fit per user (rows: the users' test interactions): RMSE of
+    the expected rating, and which adapter is best per user by RMSE and by NLL (the whole
+    distribution: an adapter may know its users' spread without moving their mean)."""
     personas = sorted(set(user_persona.values()))
     users = np.asarray(users, dtype=np.int64)
-    errors = {}
+    real = np.asarray(real, dtype=np.float64)
+    grade = np.rint(real).astype(np.int64) - 1
+    errors, nlls = {}, {}
     for p in personas:
-        pred = rate(f"persona-{p}", users.tolist(), np.asarray(items).tolist(), windows) @ RATING_VALUES
-        errors[p] = (pred - real) ** 2
+        probs = rate(f"persona-{p}", users.tolist(), np.asarray(items).tolist(), windows)
+        errors[p] = (probs @ RATING_VALUES - real) ** 2
+        nlls[p] = -np.log(np.clip(probs[np.arange(len(real)), grade], 1e-12, None))
     own: list[float] = []
     other: list[float] = []
     best: list[bool] = []
+    best_nll: list[bool] = []
     for user in np.unique(users):
         rows = users == user
         per = {p: float(np.sqrt(errors[p][rows].mean())) for p in personas}
+        per_nll = {p: float(nlls[p][rows].mean()) for p in personas}
         mine = user_persona[int(user)]
         own.append(per[mine])
         other.append(float(np.mean([v for p, v in per.items() if p != mine])) if len(per) > 1 else np.nan)
         best.append(min(per, key=lambda p: per[p]) == mine)
+        best_nll.append(min(per_nll, key=lambda p: per_nll[p]) == mine)
     return {"personas": len(personas), "users": len(own), "rows": int(len(users)),
             "own_rmse": float(np.mean(own)), "other_rmse": float(np.nanmean(other)),
-            "own_best_share": float(np.mean(best)), "chance": 1.0 / max(len(personas), 1)}
+            "own_best_share": float(np.mean(best)), "own_best_share_nll": float(np.mean(best_nll)),
+            "chance": 1.0 / max(len(personas), 1)}
 
 
 def _residual_inputs(history: pd.DataFrame, user_mean: dict[int, float],

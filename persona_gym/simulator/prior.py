@@ -6,11 +6,15 @@ the ML-100k validation slice it stayed 0.07 stars of RMSE behind the prediction 
 So the prediction also enters where the rating is read: the adapter's rating logits ``z`` (the
 SLM's next-token logits of "1".."5") are added to a discretised Gaussian around it,
 
-    logits_r = z_r + b_r - exp(log_precision) * (r - prediction) ** 2,     r = 1..5,
+    logits_r = z_r + b_r - exp(log_precision) * (r - prediction - memory * surprise) ** 2,
 
-with ``log_precision`` and the five biases ``b`` learned with each adapter (one scalar and five
-numbers; they start at a Gaussian of standard deviation 1 and no bias). The SLM then learns what
-the collaborative model misses: the user's persona, the short-term window, the movie's text.
+for r = 1..5, where ``surprise`` is the window's mean of (rating - prediction): how the user's
+last ratings departed from the collaborative model, a mood that carries over to the next one.
+``log_precision``, ``memory`` and the five biases ``b`` are fitted first on the adapter's
+training examples alone (:func:`fit_rating_prior`: seven numbers, a maximum-likelihood fit of
+the rating given the prediction and the surprise), then trained on with the adapter. The SLM
+then learns what the collaborative model misses: the user's persona, the short-term window,
+the movie's text.
 The evaluation reports the prior alone beside the simulator, so what the SLM adds is measured.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from persona_gym.ratings import RATING_VALUES
@@ -25,7 +30,7 @@ from persona_gym.ratings import RATING_VALUES
 PRIOR_FILE = "rating_prior.pt"
 RATINGS = torch.as_tensor(RATING_VALUES, dtype=torch.float32)
 
-__all__ = ["PRIOR_FILE", "RatingPrior", "load_rating_prior", "load_rating_priors"]
+__all__ = ["PRIOR_FILE", "RatingPrior", "fit_rating_prior", "load_rating_prior", "load_rating_priors"]
 
 
 class RatingPrior(torch.nn.Module):
@@ -35,16 +40,46 @@ class RatingPrior(torch.nn.Module):
         super().__init__()
         self.log_precision = torch.nn.Parameter(torch.tensor(float(precision)).log())
         self.bias = torch.nn.Parameter(torch.zeros(5))
+        self.memory = torch.nn.Parameter(torch.tensor(0.0))
 
-    def forward(self, logits: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
-        """``(N, 5)`` rating logits plus the prior around ``(N,)`` predicted ratings."""
+    def forward(self, logits: torch.Tensor, predictions: torch.Tensor,
+                surprises: torch.Tensor) -> torch.Tensor:
+        """``(N, 5)`` rating logits plus the prior around ``(N,)`` predicted ratings moved by
+        ``memory`` times the ``(N,)`` window surprises."""
         ratings = RATINGS.to(logits.device)
-        distance = (ratings[None, :] - predictions.to(logits.device, torch.float32)[:, None]) ** 2
+        centre = (predictions.to(logits.device, torch.float32)
+                  + self.memory * surprises.to(logits.device, torch.float32))
+        distance = (ratings[None, :] - centre[:, None]) ** 2
         return logits + self.bias - self.log_precision.exp() * distance
 
     def save(self, folder: str | Path) -> None:
-        torch.save({"log_precision": self.log_precision.detach().cpu(), "bias": self.bias.detach().cpu()},
-                   Path(folder) / PRIOR_FILE)
+        torch.save({"log_precision": self.log_precision.detach().cpu(), "bias": self.bias.detach().cpu(),
+                    "memory": self.memory.detach().cpu()}, Path(folder) / PRIOR_FILE)
+
+
+def fit_rating_prior(predictions, surprises, ratings, steps: int = 100) -> RatingPrior:
+    """The prior's maximum-likelihood parameters for ``(N,)`` collaborative predictions, window
+    surprises and 1..5 ratings, without the SLM (L-BFGS on the mean negative log-likelihood;
+    deterministic)."""
+    prior = RatingPrior()
+    target = torch.from_numpy(np.array(ratings, dtype=np.int64)) - 1
+    if not len(target):
+        return prior
+    if int(target.min()) < 0 or int(target.max()) > 4:
+        raise ValueError("fit_rating_prior: ratings must be 1..5")
+    predictions = torch.from_numpy(np.array(predictions, dtype=np.float32))
+    surprises = torch.from_numpy(np.array(surprises, dtype=np.float32))
+    optimizer = torch.optim.LBFGS(prior.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = prior(torch.zeros(len(target), 5), predictions, surprises)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return prior
 
 
 def load_rating_prior(folder: str | Path) -> RatingPrior:
@@ -58,7 +93,8 @@ def load_rating_prior(folder: str | Path) -> RatingPrior:
     with torch.no_grad():
         prior.log_precision.copy_(state["log_precision"])
         prior.bias.copy_(state["bias"])
-    if not torch.isfinite(prior.log_precision) or not torch.isfinite(prior.bias).all():
+        prior.memory.copy_(state.get("memory", torch.tensor(0.0)))  # priors saved before it: none
+    if not all(torch.isfinite(p).all() for p in prior.parameters()):
         raise ValueError(f"{path}: non-finite prior parameters; retrain the adapter")
     return prior.eval()
 

@@ -166,7 +166,8 @@ class RatingModel:
                                      "cf_prior need adapters trained with `persona-gym train --cf-prior`")
                 positions = [i for i, _, _ in items]
                 predictions = torch.tensor([requests[i].cf_prediction for i in positions])
-                out[positions] = self.priors[adapter](out[positions], predictions)
+                surprises = torch.tensor([requests[i].surprise or 0.0 for i in positions])
+                out[positions] = self.priors[adapter](out[positions], predictions, surprises)
         return out
 
     def _encode(self, prefixes: list[tuple[int, ...]]) -> list:

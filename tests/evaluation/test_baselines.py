@@ -10,6 +10,7 @@ from persona_gym.evaluation.baselines import (
     BiasedMF,
     BiasModel,
     GlobalMean,
+    ItemKNN,
     ItemMean,
     run_baselines,
     validation_split,
@@ -56,8 +57,11 @@ def test_bias_model_recovers_additive_data():
     assert np.sqrt(np.mean(err**2)) < 0.1  # the noise-free truth up to ~noise/sqrt(n)
     pred = model.predict(test["user_id"], test["item_id"])
     assert np.sqrt(np.mean((pred - test["rating"]) ** 2)) < 0.15  # ≈ the noise (0.1)
-    # unknown user / item: fall back to the known parts, within [1, 5]
-    assert 1 <= model.predict([999], [0])[0] <= 5 and model.predict([999], [999])[0] == pytest.approx(model.mu_)
+    # unknown user / item: fall back to the known parts (mu + the item's bias; mu), within [1, 5]
+    item_0 = int(np.searchsorted(model.items_, 0))
+    assert model.items_[item_0] == 0
+    assert model.predict([999], [0])[0] == pytest.approx(np.clip(model.mu_ + model.bi_[item_0], 1, 5))
+    assert model.predict([999], [999])[0] == pytest.approx(model.mu_)
 
 
 def test_mf_beats_bias_on_low_rank_data_and_is_seeded():
@@ -76,6 +80,46 @@ def test_mf_beats_bias_on_low_rank_data_and_is_seeded():
     again = BiasedMF(factors=2, reg=1.0, reg_bias=1.0, n_iter=30, seed=0).fit(train)
     np.testing.assert_array_equal(mf.predict(test["user_id"], test["item_id"]),
                                   again.predict(test["user_id"], test["item_id"]))
+
+
+def _knn_by_definition(train: pd.DataFrame, user: int, item: int, k: int, shrinkage: float) -> float:
+    """Koren's kNN baseline for one pair, written out with loops over the ratings."""
+    base = BiasModel(15.0, 0.3).fit(train)
+    resid = {(u, i): r - base.predict([u], [i])[0]
+             for u, i, r in zip(train.user_id, train.item_id, train.rating, strict=True)}
+    raters = train.groupby("item_id")["user_id"].apply(set).to_dict()
+
+    def sim(i: int, j: int) -> float:
+        both = raters.get(i, set()) & raters[j]
+        num = sum(resid[u, i] * resid[u, j] for u in both)
+        den = np.sqrt(sum(resid[u, i] ** 2 for u in both) * sum(resid[u, j] ** 2 for u in both))
+        return num / (den + 1e-12) * len(both) / (len(both) + shrinkage)
+
+    rated = [j for j in train.item_id[train.user_id == user] if j != item]
+    sims = sorted(((sim(item, j), j) for j in rated), reverse=True)[:k]
+    pos = [(s, j) for s, j in sims if s > 0]
+    term = sum(s * resid[user, j] for s, j in pos) / sum(s for s, _ in pos) if pos else 0.0
+    return float(np.clip(base.predict([user], [item])[0] + term, 1, 5))
+
+
+def test_item_knn_matches_its_definition():
+    data, full = _synthetic("mf", n_users=25, n_items=15, density=0.6, noise=0.3)
+    held = data.groupby("user_id").cumcount() == 0
+    train, test = data[~held], data[held]
+    model = ItemKNN(k=4, shrinkage=5.0).fit(train)
+    pred = model.predict(test.user_id, test.item_id)
+    by_hand = [_knn_by_definition(train, u, i, k=4, shrinkage=5.0) for u, i in zip(test.user_id, test.item_id, strict=True)]
+    np.testing.assert_allclose(pred, by_hand, rtol=1e-5)
+    # the neighbourhood carries the low-rank taste the biases miss
+    data, full = _synthetic("mf", n_users=80, n_items=40, density=0.7, noise=0.1)
+    held = np.random.default_rng(3).random(len(data)) < 0.1
+    train, test = data[~held], data[held]
+    real = np.clip(full[test.user_id, test.item_id], 1, 5)
+    knn = ItemKNN(k=10, shrinkage=5.0, reg_user=1.0, reg_item=1.0).fit(train).predict(test.user_id, test.item_id)
+    bias = BiasModel(1.0, 1.0).fit(train).predict(test.user_id, test.item_id)
+    assert np.sqrt(np.mean((knn - real) ** 2)) < 0.8 * np.sqrt(np.mean((bias - real) ** 2))
+    # unknown user or item: the bias model's known parts
+    assert model.predict([999], [999])[0] == pytest.approx(model.baseline_.mu_)
 
 
 def test_validation_split_takes_each_users_last_interactions():

@@ -65,9 +65,23 @@ def test_persona_specificity_counts_own_best():
     real = np.where(users % 2, 4.0, 2.0)
     s = fidelity.persona_specificity(rate, users, np.zeros(8, int), real, [()] * 8, {u: u % 2 for u in range(4)})
     assert s["own_best_share"] == 1.0 and s["own_rmse"] == 0.0 and s["other_rmse"] == pytest.approx(2.0)
+    assert s["own_best_share_nll"] == 1.0
     swapped = fidelity.persona_specificity(rate, users, np.zeros(8, int), real, [()] * 8,
                                            {u: 1 - u % 2 for u in range(4)})
-    assert swapped["own_best_share"] == 0.0
+    assert swapped["own_best_share"] == 0.0 and swapped["own_best_share_nll"] == 0.0
+
+
+def test_persona_specificity_by_nll_sees_the_spread():
+    # both adapters predict a mean of 3; persona-0 spreads its mass over 1 and 5, persona-1 puts
+    # it on 3: a user who rates 1 and 5 is fitted equally by RMSE, better by persona-0's NLL
+    def rate(variant, users, items, windows):
+        wide, narrow = [0.5, 0, 0, 0, 0.5], [0.05, 0.05, 0.8, 0.05, 0.05]
+        return np.array([wide if variant == "persona-0" else narrow] * len(users))
+
+    users, real = np.array([0, 0, 1, 1]), np.array([1.0, 5.0, 1.0, 5.0])
+    s = fidelity.persona_specificity(rate, users, np.zeros(4, int), real, [()] * 4, {0: 0, 1: 1})
+    assert s["own_rmse"] == pytest.approx(np.sqrt(4.0)) == s["other_rmse"]
+    assert s["own_best_share_nll"] == 0.5  # user 0 (persona-0) yes, user 1 (persona-1) no
 
 
 def test_memory_slope_real_and_simulated():

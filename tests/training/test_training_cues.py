@@ -17,10 +17,28 @@ from persona_gym.simulator.prompts import PromptConfig
 
 def test_prior_is_a_gaussian_around_the_prediction():
     prior = RatingPrior(precision=0.5)
-    logits = prior(torch.zeros(2, 5), torch.tensor([1.0, 4.2]))
+    logits = prior(torch.zeros(2, 5), torch.tensor([1.0, 4.2]), torch.zeros(2))
     assert logits.argmax(-1).tolist() == [0, 3]
     expected = -0.5 * (torch.arange(1, 6) - 4.2) ** 2
     torch.testing.assert_close(logits[1], expected)
+
+
+def test_prior_centre_moves_with_the_window_surprise(tmp_path):
+    from persona_gym.simulator.prior import PRIOR_FILE, load_rating_prior
+
+    prior = RatingPrior(precision=0.5)
+    with torch.no_grad():
+        prior.memory.fill_(0.25)
+    logits = prior(torch.zeros(2, 5), torch.tensor([3.0, 3.0]), torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(logits[1], -0.5 * (torch.arange(1, 6) - 3.5) ** 2)
+    assert logits[0].argmax() == 2 and logits[1][2] == logits[1][3]  # 3.5: halfway between 3 and 4
+    prior.save(tmp_path)
+    assert load_rating_prior(tmp_path).memory.item() == 0.25
+    # a prior saved before the memory term loads with none
+    state = torch.load(tmp_path / PRIOR_FILE, weights_only=True)
+    del state["memory"]
+    torch.save(state, tmp_path / PRIOR_FILE)
+    assert load_rating_prior(tmp_path).memory.item() == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +68,30 @@ def test_adapters_carry_their_prior_and_item_tokens(cued_artifacts):
         assert prior.log_precision.item() != pytest.approx(np.log(0.5))  # it was trained
 
 
-def test_simulator_applies_the_prior(cued_artifacts, tiny_base):
+def test_simulator_applies_the_prior(cued_artifacts, tiny_base, tmp_path):
+    import shutil
+
+    from persona_gym.artifacts import rehash
+    from persona_gym.simulator.prior import PRIOR_FILE
     from persona_gym.simulator.simulator import UserSimulator
 
-    sim = UserSimulator.load(cued_artifacts, base_model=tiny_base, dtype="float32")
+    # a sharp saved prior (sd 0.2) must dominate the tiny random SLM's nearly flat logits
+    root = tmp_path / "art"
+    shutil.copytree(cued_artifacts, root)
+    for path in (root / "adapters").glob(f"*/{PRIOR_FILE}"):
+        state = torch.load(path, weights_only=True)
+        state["log_precision"] = torch.tensor(12.5).log()
+        torch.save(state, path)
+    rehash(root)
+    sim = UserSimulator.load(root, base_model=tiny_base, dtype="float32")
     user = sim.user_ids[0]
-    probs = sim.rate([user] * 3, [0, 1, 2], [sim.history(user)[-2:]] * 3)
-    assert probs.shape == (3, 5) and np.allclose(probs.sum(1), 1)
-    predicted = [sim.request(user, c, sim.history(user)[-2:]).cf_prediction for c in (0, 1, 2)]
-    # the tiny random SLM is nearly flat: the prior pulls the expected rating toward the prediction
-    expected = probs @ np.arange(1, 6)
-    assert np.corrcoef(expected, predicted)[0, 1] > 0.9 or np.ptp(predicted) < 0.05
+    window = sim.history(user)[-2:]
+    probs = sim.rate([user] * 6, list(range(6)), [window] * 6)
+    assert probs.shape == (6, 5) and np.allclose(probs.sum(1), 1)
+    requests = [sim.request(user, c, window) for c in range(6)]
+    memory = load_rating_prior(root / "adapters" / requests[0].adapter).memory.item()
+    centre = np.array([r.cf_prediction + memory * r.surprise for r in requests])
+    np.testing.assert_array_equal(probs.argmax(1), np.clip(np.rint(centre), 1, 5) - 1)
 
 
 def test_missing_prior_is_named(tmp_path):
@@ -85,3 +116,27 @@ def test_evaluate_reports_studies_and_the_prior_alone(cued_artifacts, tmp_path):
     assert studies["landscape"] == {}  # the tiny users rated every movie: no unseen ones
     text = render_markdown(results)
     assert "Persona specificity" in text and "collaborative prior alone" in text
+
+
+def test_fit_rating_prior_recovers_the_generating_prior():
+    from persona_gym.simulator.prior import fit_rating_prior
+
+    true = RatingPrior(precision=1.5)
+    with torch.no_grad():
+        true.memory.fill_(0.4)
+        true.bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1, 0.2]))
+    gen = torch.Generator().manual_seed(0)
+    predictions = 1 + 4 * torch.rand(20_000, generator=gen)
+    surprises = torch.randn(20_000, generator=gen)
+    with torch.no_grad():
+        probs = true(torch.zeros(20_000, 5), predictions, surprises).softmax(-1)
+    ratings = torch.multinomial(probs, 1, generator=gen).squeeze(1) + 1
+    fitted = fit_rating_prior(predictions, surprises, ratings)
+    assert fitted.log_precision.exp().item() == pytest.approx(1.5, rel=0.05)
+    assert fitted.memory.item() == pytest.approx(0.4, abs=0.03)
+    # the biases are identified up to a constant
+    torch.testing.assert_close(fitted.bias - fitted.bias.mean(), true.bias - true.bias.mean(), atol=0.05, rtol=0)
+    again = fit_rating_prior(predictions, surprises, ratings)
+    assert torch.equal(again.memory, fitted.memory)
+    with pytest.raises(ValueError, match="1..5"):
+        fit_rating_prior(predictions[:2], surprises[:2], [0, 3])
