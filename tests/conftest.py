@@ -5,10 +5,37 @@ rater over them (the fast user model of the environment and agent tests)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from persona_gym.assets import CACHE_ENV
+from persona_gym.data.download import DATA_DIR_ENV
+
+# Every directory the code or its libraries write outside a test's own folders, by the variable
+# that moves it: persona-gym's cache (converted model, shipped simulator copy, embeddings, file
+# hashes) and data folder; platformdirs' XDG folders (anything else using them); Hugging Face
+# (huggingface_hub reads HF_HOME on import, which happens after this fixture: no test module
+# imports it at collection); torch.compile's kernels (/tmp/torchinductor_$USER) and Triton's;
+# torch hub; matplotlib's font cache; Stable-Baselines3's logger folders (/tmp/SB3-<time> for a
+# run without TensorBoard).
+USER_DIR_VARS = {
+    CACHE_ENV: "persona-gym-cache",
+    DATA_DIR_ENV: "persona-gym-data",
+    "XDG_CACHE_HOME": "xdg-cache",
+    "XDG_DATA_HOME": "xdg-data",
+    "XDG_CONFIG_HOME": "xdg-config",
+    "XDG_STATE_HOME": "xdg-state",
+    "HF_HOME": "huggingface",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+    "TRITON_CACHE_DIR": "triton",
+    "TORCH_HOME": "torch",
+    "MPLCONFIGDIR": "matplotlib",
+    "SB3_LOGDIR": "sb3",
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -17,9 +44,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "(after an intended change of behaviour or a new shipped simulator)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point every cache and data directory of :data:`USER_DIR_VARS` into one temporary folder
+    for the whole session (subprocesses inherit it): no test reads or writes the user's real
+    cache or data; what a session builds there (the converted SLM, the shipped simulator's
+    copy) is built once and shared by its tests."""
+    root = tmp_path_factory.mktemp("user-dirs")
+    patch = pytest.MonkeyPatch()
+    for variable, name in USER_DIR_VARS.items():
+        patch.setenv(variable, str(root / name))
+    yield root
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
-def smollm2_path() -> str:
-    """The default SLM converted into the cache (once per machine, ~25 s)."""
+def smollm2_path(user_dirs: Path) -> str:
+    """The default SLM converted into the session's cache: the one conversion (~25 s) of the
+    session, which every test that needs the real model or tokenizer reuses."""
     from persona_gym.assets import resolve_model
 
     return resolve_model()
@@ -117,19 +159,56 @@ def write_tiny_artifacts(root, catalog, n_users: int = 4):
 @pytest.fixture(scope="session")
 def trained_tiny_artifacts(tmp_path_factory, catalog, tiny_base):
     """Tiny artifacts with trained persona adapters (2 personas) and a single-max adapter,
-    on the tiny random base model. Read-only: copy it before changing anything."""
-    from persona_gym.simulator.prompts import PromptConfig
-    from training.train import TrainConfig, train
+    on the tiny random base model (:func:`trained_tiny_config`). Read-only: copy it before
+    changing anything."""
+    from training.train import train
 
     root = write_tiny_artifacts(tmp_path_factory.mktemp("trained") / "art", catalog)
-    config = TrainConfig(
-        base_model=tiny_base, variants=("persona", "single-max"), rank=4, alpha=8, lora_layers=2,
-        epochs=1, batch_examples=4, blocks_per_sequence=2, max_examples_per_user=0,
-        val_per_user=1, eval_every=2, checkpoint_every=100,
+    train(root, trained_tiny_config(tiny_base), progress=False)
+    return root
+
+
+def trained_tiny_config(base_model: str, **overrides):
+    """The settings :func:`trained_tiny_artifacts` was trained with (every rating of the tiny
+    users but the last one of each for validation): a run with ``overrides`` of ``variants``
+    only continues that run, and trains its adapters bit for bit again."""
+    return tiny_train_config(base_model, **{"variants": ("persona", "single-max"),
+                                            "max_examples_per_user": 0, **overrides})
+
+
+def tiny_train_config(base_model: str, **overrides):
+    """The tiny adapters' training settings (rank 4 on the top 2 of 4 layers, short prompts)."""
+    from persona_gym.simulator.prompts import PromptConfig
+    from training.train import TrainConfig
+
+    values = dict(
+        base_model=base_model, variants=("persona",), rank=4, alpha=8, lora_layers=2, epochs=1,
+        batch_examples=4, blocks_per_sequence=2, max_examples_per_user=4, val_per_user=1,
+        eval_every=2, checkpoint_every=100,
         prompt=PromptConfig(window_size=2, n_memories=1, max_tokens=256),
     )
-    train(root, config, progress=False)
-    return root
+    return TrainConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def protocol_artifacts(tmp_path_factory, tiny_base) -> Path:
+    """Artifacts with a real protocol split, built by the real pipeline: the synthetic
+    ML-1M-format folder of :func:`tests.test_cli.write_ml1m` (6 users, 150 movies) distilled for
+    4 users by ``persona-gym distill`` (``split.json`` records the folder and the split),
+    ``persona-gym personas --k 2``, persona adapters on the tiny base model. What reads the
+    logged test data through ``split.json`` runs on it. Read-only: copy it before changing it."""
+    from persona_gym.cli import main
+    from tests.test_cli import write_ml1m
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("protocol")
+    data = write_ml1m(root / "ml-1m")
+    out = root / "art"
+    assert main(["distill", "--dataset", str(data), "--out", str(out), "--n-users", "4",
+                 "--no-progress"]) == 0
+    assert main(["personas", "--artifacts", str(out), "--k", "2"]) == 0
+    train(out, tiny_train_config(tiny_base), progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")

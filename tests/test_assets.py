@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -121,11 +120,20 @@ def test_bundled_smollm2_gguf_is_installed() -> None:
     assert (folder / assets._SMOLLM2_GGUF).is_file()
 
 
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file's (inode, mtime in ns): a conversion writes a new folder, changing both."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
 @pytest.mark.integration
-def test_default_slm_converted_once_then_loads_fast(tmp_path: Path) -> None:
-    """Resolve the default SLM into an empty cache (GGUF -> safetensors, ~25 s), then reload."""
-    path = Path(resolve_model(DEFAULT_SLM, cache=tmp_path))
-    assert tmp_path in path.parents
+def test_default_slm_converted_once_then_reused(
+    smollm2_path: str, user_dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's conversion (the ``smollm2_path`` fixture: GGUF -> safetensors into the
+    empty session cache) left a complete folder and its source record; a second resolve and a
+    load reuse it: nothing is rewritten, and they work with the GGUF package gone."""
+    path = Path(smollm2_path)
+    assert path == cache_dir() / "models" / "SmolLM2-135M-Instruct" and user_dirs in path.parents
     assert (path / "config.json").is_file()
     assert list(path.glob("*.safetensors"))
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
@@ -135,11 +143,10 @@ def test_default_slm_converted_once_then_loads_fast(tmp_path: Path) -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", source["sha256"] or "")
     assert json.loads((path / assets.SOURCE_FILE).read_text()) == source
 
-    start = time.perf_counter()
-    again = Path(resolve_model(DEFAULT_SLM, cache=tmp_path))  # cached: no conversion
-    model, tokenizer = assets.load_causal_lm(DEFAULT_SLM, cache=tmp_path)
-    elapsed = time.perf_counter() - start
-    assert again == path
-    assert elapsed < 5.0, f"reloading the converted model took {elapsed:.1f} s"
+    before = _snapshot(path)
+    monkeypatch.setattr(assets, "_SMOLLM2_PACKAGE", "no_such_smollm2_pkg")  # a conversion would fail
+    again = Path(resolve_model(DEFAULT_SLM))
+    model, tokenizer = assets.load_causal_lm(DEFAULT_SLM)
+    assert again == path and _snapshot(path) == before
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     assert tokenizer.chat_template
