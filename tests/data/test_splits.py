@@ -228,3 +228,18 @@ def test_summary_and_item_stats_by_hand() -> None:
                           train_fraction=0.5)
     assert wide.summary()["train_per_user"] == {"min": 2, "median": 3.0, "max": 4}
     assert wide.summary()["test_per_user"] == {"min": 2, "median": 3.0, "max": 5}
+
+
+def test_split_logging_default_seed_and_users_without_rows(caplog) -> None:
+    import logging
+
+    ds = _synthetic({1: 7, 2: 8, 3: 9})
+    with caplog.at_level(logging.INFO, logger="persona_gym.data.splits"):
+        s = protocol_split(ds, n_users=2, min_interactions=7, max_interactions=8, train_fraction=0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "protocol split of synthetic: 2 users, 7 train, 8 test, 9 background"]
+    pd.testing.assert_frame_equal(random_split(ds).test, random_split(ds, seed=0).test)
+    assert not random_split(ds).test.equals(random_split(ds, seed=1).test)
+    # a selected user without test rows counts as 0 in the summary, not as absent
+    lopsided = Split("protocol", s.train, s.test[s.test["user_id"] == 1], s.background, s.user_ids, 0)
+    assert lopsided.summary()["test_per_user"] == {"min": 0, "median": 2.0, "max": 4}

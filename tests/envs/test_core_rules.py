@@ -452,9 +452,10 @@ def test_the_slm_simulator_is_loaded_once_per_key(rater, tmp_path, monkeypatch):
     clear_simulator_cache()
     try:
         config = EnvConfig(artifacts=str(tmp_path), dataset="synthetic", leave_rule="threshold",
-                           mask_rated=False, variant="single-max", device="cpu", dtype="float32")
+                           mask_rated=False, variant="single-max", device="cpu", dtype="float32",
+                           base_model="tiny-base")
         assert get_simulator(config) is rater and get_simulator(config) is rater
-        assert loads == [(tmp_path, {"variant": "single-max", "base_model": None, "device": "cpu",
+        assert loads == [(tmp_path, {"variant": "single-max", "base_model": "tiny-base", "device": "cpu",
                                      "dtype": "float32", "compile": False})]
         core = RecCore(config)  # no rater: the cached simulator
         assert core.rater is rater and len(loads) == 1
@@ -464,6 +465,11 @@ def test_the_slm_simulator_is_loaded_once_per_key(rater, tmp_path, monkeypatch):
         clear_simulator_cache()
         get_simulator(config)
         assert len(loads) == 3
+        other = tmp_path / "other"  # another artifacts directory is another simulator
+        other.mkdir()
+        (other / "manifest.json").write_text("{}")
+        get_simulator(config.replace(artifacts=str(other)))
+        assert len(loads) == 4 and loads[-1][0] == other
     finally:
         clear_simulator_cache()
 
@@ -495,5 +501,12 @@ def test_the_served_backends_load_through_vllm_settings(rater, tmp_path, monkeyp
         get_simulator(config.replace(vllm_kv_cache_gb=2.5))  # each setting is part of the key
         get_simulator(config.replace(server_url="http://127.0.0.1:10/v1"))
         assert len(loads) == 4
+        import persona_gym.assets
+
+        asked = []
+        monkeypatch.setattr(persona_gym.assets, "resolve_dtype",
+                            lambda dtype, device: asked.append((dtype, device)) or "resolved")
+        get_simulator(config.replace(dtype="auto"))
+        assert asked == [("auto", "cpu")] and loads[-1][1]["dtype"] == "resolved"
     finally:
         clear_simulator_cache()

@@ -125,6 +125,10 @@ def test_each_prefix_is_computed_once_and_cached(peft_model):
     assert model.tokens_processed == prefix_tokens + 2 * block_tokens  # the prefixes come from the cache
     np.testing.assert_array_equal(first, again)
     assert len(model.cache) == len(groups) == 2
+    newcomer = RatingRequest(4, "", 2, adapter="p0")  # a new user: only their prefix is computed
+    prefix, block = builder.segments(newcomer)
+    model.score([newcomer])
+    assert model.tokens_processed == prefix_tokens + 2 * block_tokens + len(prefix) + len(block)
 
 
 def test_candidates_in_one_state_share_the_window_and_count_it_once(peft_model):
@@ -147,8 +151,22 @@ def test_small_token_budgets_split_batches_with_the_same_scores(peft_model):
     wide = RatingModel(peft_model, builder).score(requests())
     narrow = RatingModel(peft_model, builder, max_batch_tokens=12)
     np.testing.assert_allclose(narrow.score(requests()), wide, atol=1e-5)
+    one_by_one = RatingModel(peft_model, builder, max_batch_tokens=4)  # each prefix, each row alone
+    np.testing.assert_allclose(one_by_one.score(requests()), wide, atol=1e-5)
+    assert one_by_one.tokens_processed == expected_tokens(builder, requests())
     assert narrow.max_batch_tokens == 12 and RatingModel(peft_model, builder).max_batch_tokens == 8192
     assert RatingModel(peft_model, builder).cache.max_bytes == 2 << 30
+
+
+def expected_tokens(builder, batch) -> int:
+    """What one call on a fresh model computes: each adapter's distinct prefixes, then the rows
+    of shared blocks after each prefix."""
+    groups: dict[tuple, list] = {}
+    for r in batch:
+        prefix, block = builder.segments(r)
+        groups.setdefault((r.adapter, tuple(prefix)), []).append(block)
+    return sum(len(prefix) + sum(row.width for row in share_rows(blocks, list(range(len(blocks)))))
+               for (_, prefix), blocks in groups.items())
 
 
 def test_budget_batches_by_hand(peft_model):
@@ -165,6 +183,9 @@ def test_budget_batches_by_hand(peft_model):
     # exactly at a quarter of padding: 2 * 5 = 10 <= 1.25 * 8 = 10 -> together
     assert model._budget([3, 5], same) == [[3, 5]]
     assert model._budget(["ab", "abc"], len) == [["ab", "abc"]]
+    # 2 * 6 = 12 > 1.25 * (3 + 6) = 11.25: apart; after it the count restarts from the new batch:
+    # 2 * 11 = 22 > 1.25 * (6 + 11) = 21.25: apart again
+    assert model._budget([3, 6, 11], same) == [[3], [6], [11]]
 
 
 def test_the_pad_token_falls_back_to_eos_and_adapters_are_listed(peft_model):
@@ -219,10 +240,10 @@ class ShiftPrior:
 
     calls: list
 
-    def __call__(self, logits, predictions, surprises=None):
-        self.calls.append((logits.clone(), predictions.clone(), None if surprises is None else surprises.clone()))
+    def __call__(self, logits, predictions, surprises):
+        self.calls.append((logits.clone(), predictions.clone(), surprises.clone()))
         out = logits.clone()
-        out[:, 0] += predictions + (0.0 if surprises is None else 10 * surprises)
+        out[:, 0] += predictions + 10 * surprises
         return out
 
 
@@ -237,17 +258,51 @@ def test_the_prior_moves_each_adapters_logits_with_the_requests_cues(peft_model)
     got, bare = model.score_logits(batch), plain_model.score_logits(batch)
     (p0_logits, p0_pred, p0_surprise), = priors["p0"].calls
     np.testing.assert_allclose(p0_logits.numpy(), bare[[0, 2]].numpy(), atol=1e-6)
-    assert p0_pred.tolist() == [3.5, 4.0]
-    shift = {0: 3.5, 1: 2.0, 2: 4.0}
-    if p0_surprise is not None:  # the prior also reads the surprise (0 where a request has none)
-        assert p0_surprise.tolist() == [0.25, -0.5] and priors["p1"].calls[0][2].tolist() == [0.0]
-        shift = {0: 3.5 + 2.5, 1: 2.0, 2: 4.0 - 5.0}
-    for row, value in shift.items():
-        assert got[row, 0].item() == pytest.approx(bare[row, 0].item() + value, abs=1e-5)
+    assert p0_pred.tolist() == [3.5, 4.0] and p0_surprise.tolist() == [0.25, -0.5]
+    assert priors["p1"].calls[0][1].tolist() == [2.0] and priors["p1"].calls[0][2].tolist() == [0.0]  # none: 0
+    for row, shift in {0: 3.5 + 2.5, 1: 2.0, 2: 4.0 - 5.0}.items():
+        assert got[row, 0].item() == pytest.approx(bare[row, 0].item() + shift, abs=1e-5)
         np.testing.assert_allclose(got[row, 1:].numpy(), bare[row, 1:].numpy(), atol=1e-6)
     with pytest.raises(ValueError, match=r"^adapter 'base' has no collaborative prior: prompts with cf_prior "
                                          r"need adapters trained with `persona-gym train --cf-prior`$"):
         model.score([RatingRequest(0, "", 1, adapter="base", cf_prediction=3.0)])
+
+
+def test_each_adapters_item_tokens_shape_its_scores(peft_model):
+    from persona_gym.simulator.engine import ItemTokens
+
+    config = PromptConfig(window_size=2, n_memories=0, max_tokens=256, item_tokens=True)
+    embeddings = np.random.default_rng(0).normal(size=(10, 6))
+    items = {"p0": ItemTokens(embeddings, hidden_size=64, layer=1), "p1": ItemTokens(embeddings, hidden_size=64, layer=1)}
+    model = RatingModel(peft_model, ItemBuilder(config), item_tokens=items)
+    batch = [RatingRequest(0, "", 3, adapter="p0"), RatingRequest(1, "", 4, adapter="p1")]
+    before = model.score(batch)
+    with torch.no_grad():
+        items["p0"].proj.bias.normal_(generator=torch.Generator().manual_seed(1))
+    after = model.score(batch)
+    assert np.abs(after[0] - before[0]).max() > 1e-4  # p0's projection moved p0's rating ...
+    np.testing.assert_allclose(after[1], before[1], atol=1e-6)  # ... and not p1's
+    assert model.layered.items is items["p1"]  # the last group's
+
+
+class ItemBuilder(TokenBuilder):
+    """Item-token prompts: the candidate is one soft token ``-(i + 1)``."""
+
+    def segments(self, request):
+        prefix, block = super().segments(request)
+        return prefix, [*block[:-2], -(request.candidate + 1), block[-1]]
+
+
+def test_the_layered_model_gets_the_compile_flag_and_the_placeholder(peft_model):
+    from persona_gym.simulator.engine import attention, layers
+
+    model = RatingModel(peft_model, TokenBuilder())
+    assert model.layered.attend is attention.attend and model.layered._layer_call is layers._layer_forward
+    assert model.layered.placeholder_id == 2 and model.layered.rating_ids.tolist() == RATING_IDS
+    compiled = RatingModel(peft_model, TokenBuilder(), compile=True)  # wrapped now, compiled on first use
+    assert compiled.layered.attend is not attention.attend
+    shared = RatingModel(peft_model, TokenBuilder(), layered=model.layered)
+    assert shared.layered is model.layered
 
 
 def test_generated_answers_at_the_ends_of_the_scale():
@@ -315,10 +370,26 @@ def test_share_rows_groups_blocks_by_hand():
     assert [len(row.keys) for row in share_rows(blocks, list(range(4)), max_width=8)] == [3, 1]
     assert [len(row.keys) for row in share_rows(blocks, list(range(4)), max_width=9)] == [4]
     assert [len(row.keys) for row in share_rows(blocks, list(range(4)))] == [4]  # default 512
-    # duplicates keep their own last token
-    rows = share_rows([[4, 4], [4, 4]], ["x", "y"])
-    assert rows[0].shared == 1 and rows[0].segments() == ([4], [[4], [4]])
+    # duplicates keep their own last token, and their input order (only the blocks are sorted)
+    rows = share_rows([[4, 4], [4, 4]], ["y", "x"])
+    assert rows[0].shared == 1 and rows[0].segments() == ([4], [[4], [4]]) and rows[0].keys == ["y", "x"]
     assert SharedRow([[1, 2]], [0], 1).width == 2
+    # blocks that differ at their first token share nothing, however alike the rest
+    assert [row.keys for row in share_rows([[2, 2, 3, 4], [1, 2, 3, 4]], [0, 1])] == [[1], [0]]
+    # two blocks sharing 4, then one sharing 2: 2 * 2 >= 1 * 4, so it joins (at the boundary)
+    rows = share_rows([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 9, 9]], [0, 1, 2])
+    assert [(row.keys, row.shared) for row in rows] == [([0, 1, 2], 2)]
+    with pytest.raises(ValueError):  # one key per block
+        share_rows([[1, 2], [3, 4]], [0])
+
+
+def test_pack_builds_every_tensor_on_the_device():
+    batch = pack([([1, 2], [[3, 4], [5]]), ([6], [[7]])], pad_id=0, device="meta")
+    for name in ("input_ids", "position_ids", "attention_mask", "rows", "cols"):
+        tensor = getattr(batch, name)
+        assert tensor.device.type == "meta", name
+    assert batch.input_ids.dtype == torch.long and batch.attention_mask.shape == (2, 1, 5, 5)
+    assert (batch.n_tokens, batch.n_pad) == (7, 3)
 
 
 # -- the prefix cache's tensors ---------------------------------------------------------------------

@@ -80,6 +80,12 @@ def test_each_user_is_rated_by_their_personas_adapter(table_artifacts):
     assert len(scorer.requests) == 5  # one call for the whole batch
 
 
+def test_persona_is_the_default_variant(table_artifacts):
+    scorer = FakeScorer(PromptConfig(window_size=2, n_memories=2, max_tokens=256))
+    sim = UserSimulator(artifacts(table_artifacts), scorer)
+    assert sim.variant == "persona" and sim.adapter_of(3) == "persona-1"
+
+
 @pytest.mark.parametrize("variant, adapters", [
     ("single-max", ["single-max"] * 4), ("base", ["base"] * 4),
     ("user", ["user-0", "user-1", "user-2", "user-3"])])
