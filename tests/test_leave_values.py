@@ -195,3 +195,28 @@ def test_calibration_by_hand():
                             "observed": pytest.approx(0.6), "count": 5}]
     cut = calibration(LeaveModel((-1.0, 0.0, 0.0, 0.0), 2.0, gap=30.0), held, n_bins=1)
     assert cut["leave_rate"] == 1.0  # the model's own gap cuts the sessions: 30 s, every rating ends one
+
+
+def test_boundaries_of_the_gap_the_columns_and_the_float():
+    df = table([(1, 1, 3, 0), (1, 2, 3, 1), (1, 3, 4, 2)])
+    assert sessions(df, gap=0.5)["session"].tolist() == [0, 1, 2]  # any positive gap is valid
+    assert LeaveModel((0.0,) * 4, 0.0, gap=0.5).gap == 0.5
+    assert list(sessions(df).columns) == ["user_id", "item_id", "rating", "timestamp", "session", "position",
+                                          "leave"]
+    assert type(LeaveModel((0.1, 0.0, 0.0, 0.0), 0.0).probability(np.array([1, 2, 3, 4]))) is float
+
+
+def test_fit_defaults_and_its_own_gap():
+    data = synthetic()
+    assert fit_leave_model(data) == fit_leave_model(data, gap=3600, C=1.0, seed=0)
+    wide = fit_leave_model(data, gap=7300)  # gaps are 60 s or 7200 s: one session per user
+    assert wide.gap == 7300.0 and wide.metadata["n_sessions"] == 30
+    assert wide.metadata["leave_rate"] == pytest.approx(30 / 600)
+
+
+def test_calibration_has_ten_bins_by_default():
+    model = LeaveModel((0.0, 0.0, -1.0, 0.0), 1.0)  # P(leave) falls with the position: 40 values
+    held = table([(1, i, 3, 60 * i) for i in range(40)])
+    report = calibration(model, held)
+    assert len(report["bins"]) == 10 and [b["count"] for b in report["bins"]] == [4] * 10
+    assert report["bins"][0]["observed"] == 0.25  # the last rating (the lowest P) ends the session

@@ -176,6 +176,10 @@ def test_top_k_keeps_the_best_finite_scores_ties_to_the_lower_index():
     assert _top_k(scores, 1) == [[1], [2]]
     assert _top_k(scores, 10) == [[1, 2, 4, 0], [2]]
     assert all(type(i) is int for row in _top_k(scores, 3) for i in row)
+    ties = np.zeros((1, 300))
+    ties[0, ::7] = 1.0  # 43 items tied first, the rest tied second: lower indices first in each
+    assert _top_k(ties, 10) == [[0, 7, 14, 21, 28, 35, 42, 49, 56, 63]]
+    assert _top_k(ties, 45)[0][43:] == [1, 2]
 
 
 def test_logged_metrics_of_two_users_by_hand(core):
@@ -206,13 +210,15 @@ def test_logged_metrics_without_hits_or_acceptances(core):
     result = evaluate_logged(Ranked([6, 5, 4, 3, 2, 1]), core, test, k=1)
     assert result["hit_rate"]["mean"] == 0.0 and result["ndcg"]["mean"] == 0.0
     assert result["hit_rating"] is None and result["replay"] is None and result["replay_accepted"] == 0
-    assert evaluate_logged(Ranked([6, 5, 4, 3, 2, 1]), core, test)["hit_rate"]["mean"] == 1.0  # k = 10
+    default = evaluate_logged(Ranked([6, 5, 4, 3, 2, 1]), core, test)
+    assert default["k"] == 10 and default["hit_rate"]["mean"] == 1.0
     with pytest.raises(ValueError, match="^no test interactions to evaluate on$"):
         evaluate_logged(Ranked([1] * 6), core, test.iloc[:0])
-    unknown = pd.DataFrame({"user_id": [77, 5, 99], "item_index": [0] * 3, "rating": [3.0] * 3, "timestamp": [1] * 3})
+    unknown = pd.DataFrame({"user_id": [77, 5, 99, 8, 9, 10, 11], "item_index": [0] * 7, "rating": [3.0] * 7,
+                            "timestamp": [1] * 7})
     with pytest.raises(ValueError) as err:
         evaluate_logged(Ranked([1] * 6), core, unknown)
-    assert str(err.value) == "test interactions of users the simulator does not have: [5, 77, 99]"
+    assert str(err.value) == "test interactions of users the simulator does not have: [5, 8, 9, 10, 11]"
 
 
 def test_policy_eval_settings_and_their_checks():

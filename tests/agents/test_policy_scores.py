@@ -47,6 +47,7 @@ def test_random_scores_are_the_seeded_uniforms(core):
     np.testing.assert_array_equal(policy.scores(batch)[batch.masks],
                                   np.random.default_rng(3).random(batch.masks.shape)[batch.masks])
     assert make_policy("random", core, seed=5).scores(batch)[0, 0] == np.random.default_rng(5).random((4, 6))[0, 0]
+    assert make_policy("random", core).scores(batch)[0, 0] == np.random.default_rng(0).random((4, 6))[0, 0]
 
 
 def test_static_scores_are_counts_and_shrunk_means(core, ratings):
@@ -108,6 +109,24 @@ def test_simulator_greedy_rates_the_mf_candidates_with_the_window(core, ratings)
     assert greedy.logged_eval is False and mf.logged_eval is True
     with pytest.raises(ValueError, match="^SimulatorGreedyPolicy needs the episode states in the Batch$"):
         greedy.scores(type(batch)(batch.obs, batch.masks, batch.user_ids))
+
+
+def test_simulator_greedy_breaks_ties_toward_the_lower_index():
+    from types import SimpleNamespace
+
+    from agents.policies import Batch
+
+    prior = np.zeros((1, 300))
+    prior[0, ::7] = 1.0  # 43 candidates tied first
+    rated = []
+    rater = SimpleNamespace(rate=lambda users, items, windows: rated.append(list(items)) or np.tile(
+        [0.0, 0.0, 1.0, 0.0, 0.0], (len(items), 1)))
+    core = SimpleNamespace(rater=rater, window=lambda state: ())
+    mf = SimpleNamespace(scores=lambda batch: prior)
+    batch = Batch({}, np.ones((1, 300), dtype=bool), np.array([4]), [SimpleNamespace(user_id=4)])
+    scores = SimulatorGreedyPolicy(core, mf, n_candidates=5).scores(batch)
+    assert rated == [[0, 7, 14, 21, 28]]
+    assert (scores[0, [0, 7, 14, 21, 28]] == 3.0).all() and (scores[0, 35] < 0)
 
 
 def test_simulator_greedy_with_nothing_allowed_scores_minus_infinity(core, ratings):

@@ -406,6 +406,10 @@ def test_info_after_reset_a_rated_and_a_masked_step(rater):
     assert info["masked_action"] is True and info["step"] == 2 and info["item_index"] == 2
     assert np.isnan(info["rating_probs"]).all() and np.isnan(info["expected_rating"])
     assert all(type(info[k]) is int for k in ("user_id", "persona", "step", "item_index", "item_id"))
+    first = start(core, 12)
+    step(core, first, 0)  # the first catalogue item is an item like any other
+    info = core.info(first)
+    assert (info["item_index"], info["item_id"], info["title"]) == (0, 1, "Toy Story (1995)")
 
 
 def test_the_text_view(rater):
