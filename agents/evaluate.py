@@ -309,7 +309,7 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
 
 
 def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None,
-                    **overrides: Any) -> tuple[RecCore, pd.DataFrame, pd.DataFrame, int]:
+                    **overrides: Any) -> tuple[RecCore, pd.DataFrame, pd.DataFrame, int]:  # pragma: no mutate block
     """``(core, ratings, test, n_users)``: the env's episode logic on its shipped or configured
     simulator (or ``rater``), the train + background ratings the baselines fit on, the logged
     test interactions of the simulator's users (the protocol split rebuilt from the artifacts'
@@ -326,7 +326,7 @@ def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None
     return core, ratings, data.test, int(ratings["user_id"].nunique())
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # pragma: no mutate block
     parser = subparsers.add_parser("evaluate-policy", help="judge policies in the simulator and on logged data",
                                    description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", dest="env_id", default="PersonaML100K-v0", choices=ENV_IDS,
@@ -346,7 +346,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:  # pragma: no mutate block
     from persona_gym.errors import ConfigError
 
     config = config_from_args(PolicyEvalConfig, args)

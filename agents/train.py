@@ -126,7 +126,6 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
     replaces the env config's simulated users (e.g. a ``TableRater``); ``ratings`` the train +
     background ratings an ``items`` policy's collaborative features are fitted on (default:
     the artifacts' protocol split, as the MF baseline)."""
-    from stable_baselines3.common.callbacks import CheckpointCallback
     from stable_baselines3.common.vec_env import VecMonitor
 
     from agents.sb3_env import SB3VecEnv
@@ -165,8 +164,7 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
             policy = ItemScoringPolicy
             kwargs["policy_kwargs"] = {"item_side": features.item_side, "item_vectors": features.item_vectors}
         model = algo(policy, monitored, tensorboard_log=str(run_dir / "tb"), **kwargs)
-    checkpoints = CheckpointCallback(save_freq=max(config.checkpoint_every // config.n_envs, 1),
-                                     save_path=str(run_dir / "checkpoints"), name_prefix="model")
+    checkpoints = atomic_checkpoints(max(config.checkpoint_every // config.n_envs, 1), run_dir / "checkpoints")
     started = time.perf_counter()
     remaining = max(config.timesteps - start_steps, 0)
     callbacks: list[Any] = [checkpoints]
@@ -198,6 +196,24 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
     })
     env.close()
     return run_dir
+
+
+def atomic_checkpoints(save_freq: int, folder: Path) -> Any:
+    """SB3's ``CheckpointCallback`` (``model_{N}_steps.zip`` every ``save_freq`` calls), each
+    file written under a temporary name and renamed: a run killed while saving leaves no
+    truncated checkpoint for ``--resume`` to pick as the latest."""
+    from stable_baselines3.common.callbacks import CheckpointCallback
+
+    class _Atomic(CheckpointCallback):
+        def _on_step(self) -> bool:
+            if self.n_calls % self.save_freq == 0:
+                path = Path(self._checkpoint_path(extension="zip"))
+                tmp = path.with_suffix(".tmp.zip")
+                self.model.save(tmp)
+                tmp.replace(path)
+            return True
+
+    return _Atomic(save_freq=save_freq, save_path=str(folder), name_prefix="model")
 
 
 def progress_lines(total: int, every: float = 0.05) -> Any:

@@ -96,4 +96,7 @@ def test_shipped_model_is_valid():
     model = load_leave_model()
     assert model.features == FEATURES
     p = model.probability(episode_features([3.0], 3.5))
-    assert 0.0 < p < 0.5
+    # by hand: the logistic of the logit of rating 3, last-3 mean 3, log(1 + 1), 3 - 3.5
+    logit = model.intercept + np.dot(model.coefficients, [3.0, 3.0, math.log(2), -0.5])
+    assert p == pytest.approx(1 / (1 + math.exp(-logit)))
+    assert p < 0.5  # a middling rating does not make leaving likely

@@ -32,7 +32,9 @@ def test_default_env_20_step_episode(shipped):
         action = int(rng.choice(np.flatnonzero(info["action_mask"])))
         obs, reward, terminated, truncated, info = env.step(action)
         assert env.observation_space.contains(obs) and not info["masked_action"]
-        assert 1.0 <= info["expected_rating"] <= 5.0 and reward == pytest.approx(info["expected_rating"])
+        # the reward is the expected rating of the distribution the step reports
+        assert info["expected_rating"] == pytest.approx(info["rating_probs"] @ np.arange(1, 6))
+        assert reward == pytest.approx(info["expected_rating"]) and info["rating_probs"].sum() == pytest.approx(1)
         rewards.append(reward)
         if terminated or truncated:
             break
@@ -53,3 +55,22 @@ def test_default_vector_env_matches_single(shipped):
         assert rewards[0] == pytest.approx(reward, abs=1e-5)
         if terminated[0] or truncated[0]:
             break
+
+
+@pytest.mark.integration
+def test_the_shipped_simulator_is_materialised_once_per_session(shipped, user_dirs, monkeypatch):
+    """The shipped simulator's tables are regenerated into the session's cache (never the
+    user's) by its first use; every later use in the session reuses that copy."""
+    from persona_gym.artifacts import resolve_artifacts
+    from persona_gym.artifacts import shipped as shipped_module
+
+    root = resolve_artifacts("ml-100k")
+    assert user_dirs in root.parents and (root / "memories.parquet").is_file()
+
+    def regenerate(*args):
+        raise AssertionError("the shipped simulator was materialised again")
+
+    monkeypatch.setattr(shipped_module, "_regenerate_tables", regenerate)
+    assert resolve_artifacts("ml-100k") == root
+    gym.make("PersonaML100K-v0").reset(seed=0)  # the env's simulator comes from that copy too
+

@@ -1,10 +1,10 @@
 """PersonaML1M-v0 end to end on ML-1M-format files written here (no real ML-1M needed).
 
-Three ML-100k users (from the bundled copy) are written as ``ratings.dat`` / ``users.dat`` /
-``movies.dat`` (``::``-separated, latin-1), then the real pipeline runs on that folder:
-``persona-gym distill`` and ``persona-gym personas`` (CLI, MiniLM embeddings) and a tiny
-``training.train.train`` on the tiny random base model; finally ``gym.make("PersonaML1M-v0",
-artifacts=DIR)`` is stepped, single and vectorised.
+The session's ``protocol_artifacts`` (``tests/conftest.py``) come from an ML-1M-format folder
+(``ratings.dat`` / ``users.dat`` / ``movies.dat``, ``::``-separated, latin-1) through the real
+pipeline (``persona-gym distill``, ``persona-gym personas``, a tiny ``train`` on the tiny random
+base model); ``gym.make("PersonaML1M-v0", artifacts=DIR)`` is stepped, single and vectorised.
+:func:`write_ml1m_folder` writes such files from real ML-100k users (for other tests).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 import persona_gym  # noqa: F401  (registers the ids)
 
-N_USERS = 3
+N_USERS = 3  # write_ml1m_folder's default
 
 
 def write_ml1m_folder(folder: Path, n_users: int = N_USERS) -> dict[str, int]:
@@ -47,47 +47,37 @@ def write_ml1m_folder(folder: Path, n_users: int = N_USERS) -> dict[str, int]:
 
 
 @pytest.mark.integration  # distill/personas embed with the bundled MiniLM
-def test_ml1m_env_end_to_end(tmp_path, tiny_base):
-    from persona_gym.cli import main
-    from persona_gym.data import load_ml1m
-    from persona_gym.simulator.prompts import PromptConfig
-    from training.train import TrainConfig, train
+def test_ml1m_env_end_to_end(protocol_artifacts, tiny_base):
+    """``PersonaML1M-v0`` on the protocol artifacts (an ML-1M-format folder through the real
+    ``distill``, ``personas`` and a tiny ``train``), stepped single and vectorised."""
+    import json
 
-    data = tmp_path / "ml-1m"
-    sizes = write_ml1m_folder(data)
-    assert load_ml1m(data).summary()["n_users"] == N_USERS  # the files parse as ML-1M
+    from persona_gym.data import load_dataset, load_ml1m
 
-    out = tmp_path / "artifacts"
-    assert main(["distill", "--dataset", str(data), "--out", str(out), "--n-users", str(N_USERS),
-                 "--no-progress"]) == 0
-    assert main(["personas", "--artifacts", str(out), "--k", "2"]) == 0
-    config = TrainConfig(
-        base_model=tiny_base, variants=("persona",), rank=4, alpha=8, lora_layers=2, epochs=1,
-        batch_examples=4, blocks_per_sequence=2, max_examples_per_user=4, val_per_user=1,
-        eval_every=2, checkpoint_every=100,
-        prompt=PromptConfig(window_size=2, n_memories=1, max_tokens=256),
-    )
-    train(out, config, progress=False)
+    folder = json.loads((protocol_artifacts / "split.json").read_text())["dataset"]
+    dataset = load_ml1m(folder)
+    assert dataset.summary()["n_users"] == 6  # the files parse as ML-1M
 
-    env = gym.make("persona_gym:PersonaML1M-v0", artifacts=str(out), base_model=tiny_base,
+    env = gym.make("persona_gym:PersonaML1M-v0", artifacts=str(protocol_artifacts), base_model=tiny_base,
                    render_mode="ansi")
-    assert env.action_space.n == sizes["items"]
+    assert env.action_space.n == len(load_dataset(folder).items)
     obs, info = env.reset(seed=0)
-    assert info["user_id"] in env.unwrapped.user_ids and len(env.unwrapped.user_ids) == N_USERS
+    assert info["user_id"] in env.unwrapped.user_ids and len(env.unwrapped.user_ids) == 4
     rng = np.random.default_rng(0)
     total, steps = 0.0, 0
     while True:
         allowed = np.flatnonzero(env.unwrapped.action_masks())
         obs, reward, terminated, truncated, info = env.step(int(rng.choice(allowed)))
-        assert env.observation_space.contains(obs) and 1.0 <= info["expected_rating"] <= 5.0
+        assert env.observation_space.contains(obs)
+        assert reward == pytest.approx(info["expected_rating"])
+        assert info["expected_rating"] == pytest.approx(info["rating_probs"] @ np.arange(1, 6))
         total, steps = total + reward, steps + 1
         if terminated or truncated:
             break
-    assert steps <= env.spec.max_episode_steps and np.isfinite(total)
-    assert "Recently rated:" in env.render()
+    assert steps <= env.spec.max_episode_steps and "Recently rated:" in env.render()
 
-    vec = gym.make_vec("PersonaML1M-v0", num_envs=2, artifacts=str(out), base_model=tiny_base)
+    vec = gym.make_vec("PersonaML1M-v0", num_envs=2, artifacts=str(protocol_artifacts), base_model=tiny_base)
     vec.reset(seed=0)
     masks = vec.unwrapped.action_masks()
-    _, rewards, *_ = vec.step(np.array([np.flatnonzero(m)[0] for m in masks]))
-    assert rewards.shape == (2,) and np.all((rewards >= 1.0) & (rewards <= 5.0))
+    _, rewards, _, _, infos = vec.step(np.array([np.flatnonzero(m)[0] for m in masks]))
+    np.testing.assert_allclose(rewards, infos["rating_probs"] @ np.arange(1, 6), rtol=1e-6)

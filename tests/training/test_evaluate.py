@@ -1,5 +1,6 @@
 """Evaluation: hand-checked metrics, config specs, test selection, and the whole evaluate() path
-on the tiny trained artifacts (with an injected test set: the fixture has no real split)."""
+on the tiny trained artifacts (with an injected test set: that fixture has no real split) and on
+the protocol artifacts (the test set rebuilt from their ``split.json``)."""
 
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ def held_out(trained_tiny_artifacts, tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(held_out):
     root, test = held_out
-    configs = ["base:Ms+Ml", "single-max:Ms", "single-min:Ms+Ml", "persona:Ms+Ml", "persona:Ms+Ml:w0"]
+    configs = ["base:Ms+Ml", "single-max:Ms", "single-min:Ms+Ml", "persona:Ms+Ml"]
     return evaluate(root, configs, test=test, generation=True, generation_per_user=1, dtype="float32"), root, test
 
 
@@ -163,11 +164,24 @@ def test_evaluate_end_to_end(evaluated):
     assert persona["status"] == "ok" and not persona["prompt_differs_from_training"]
     assert by_spec["single-max:Ms"]["prompt_differs_from_training"]  # trained with Ml
     assert not by_spec["base:Ms+Ml"]["prompt_differs_from_training"]
+    # the reported figures are those of the written predictions, by hand
+    predictions = pd.read_parquet(root / "evaluation" / "predictions.parquet")
+    real = predictions["rating"].to_numpy()
+    probs = predictions[[f"p{r}:persona:Ms+Ml" for r in range(1, 6)]].to_numpy(np.float64)
+    error = predictions["pred:persona:Ms+Ml"].to_numpy() - real
     e = persona["expected"]
-    assert e["n"] == len(test) == 8 and e["urr"] == 0 and 0 < e["rmse"] < 4 and e["mae"] <= e["rmse"]
-    assert set(e["per_group"]) == {0, 1} and np.isfinite(e["nll"]) and 0 <= e["ece"] <= 1
+    assert e["n"] == len(test) == 8 and e["urr"] == 0
+    assert e["rmse"] == pytest.approx(math.sqrt(np.mean(error**2)))
+    assert e["mae"] == pytest.approx(np.mean(np.abs(error)))
+    assert e["nll"] == pytest.approx(-np.mean(np.log(probs[np.arange(8), real.astype(int) - 1])), rel=1e-5)
+    assert e["ece"] == pytest.approx(M.expected_calibration_error(probs, real), rel=1e-5)
+    assert set(e["per_group"]) == {0, 1}
+    assert e["per_group"][0]["n"] == int((predictions["persona"] == 0).sum())
     gen = persona["generation"]
-    assert gen["n"] == 4 and 0 <= gen["urr"] <= 1
+    from persona_gym.simulator.rating_model import parse_rating
+
+    parsed = [parse_rating(text) for text in gen["examples"]]
+    assert gen["n"] == len(gen["examples"]) == 4 and gen["urr"] == pytest.approx(np.mean(np.isnan(parsed)))
     assert set(results["baselines"]) >= {"global mean", "item mean", "user+item bias", "matrix factorisation"}
     # files: strict JSON, markdown in the paper layout, plots, predictions
     out = root / "evaluation"
@@ -218,6 +232,29 @@ def test_leaking_test_set_is_refused(trained_tiny_artifacts):
     leaked = memories.head(2)[["user_id", "item_id", "item_index", "rating", "timestamp"]]
     with pytest.raises(ValueError, match="leak"):
         evaluate(trained_tiny_artifacts, ["base:Ms"], test=leaked, write=False, baselines=False)
+
+
+def test_evaluate_reads_the_test_set_through_split_json(protocol_artifacts):
+    """Without an injected test set, ``evaluate()`` rebuilds the protocol split ``split.json``
+    records (here: an ML-1M-format folder, 4 of its 6 users) and scores every test interaction
+    of the simulated users against it; the baselines fit on the split's train + background."""
+    from persona_gym.data import load_dataset
+    from persona_gym.data.splits import protocol_split
+
+    info = json.loads((protocol_artifacts / "split.json").read_text())
+    split = protocol_split(load_dataset(info["dataset"]), **info["params"])
+    test = split.test[split.test["user_id"].isin(info["distilled_user_ids"])]
+    results = evaluate(protocol_artifacts, ["persona:Ms"], max_test_per_user=2, write=False,
+                       dtype="float32", studies=False)
+    data = results["data"]
+    assert data["source"] == f"{info['dataset']} protocol split {info['params']}"
+    assert (data["n_users"], data["n_test_total"], data["n_evaluated"]) == (4, len(test), 8)
+    assert results["configs"][0]["status"] == "ok" and results["configs"][0]["expected"]["n"] == 8
+    fit_on = pd.concat([split.train, split.background])["rating"]
+    assert len(split.background) and fit_on.size == len(split.train) + len(split.background)
+    full_test = results["baselines"]["global mean"]["full_test"]
+    assert full_test["n"] == len(test)
+    assert full_test["rmse"] == pytest.approx(math.sqrt(((test["rating"] - fit_on.mean()) ** 2).mean()))
 
 
 def test_split_json_mismatch_is_named(held_out, tmp_path):
