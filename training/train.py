@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import resource
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,7 @@ from persona_gym.assets import (
 )
 from persona_gym.collaborative import CF_FILE, load_collaborative
 from persona_gym.config_cli import field_help, plain
+from persona_gym.errors import ConfigError
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
@@ -63,6 +66,7 @@ from persona_gym.simulator.prior import fit_rating_prior
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig
 from training.adapter_training import train_adapter
 from training.examples import LowerCache, _frozen_pass, adapter_datasets, build_examples
+from training.parallel import run_in_workers
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +178,48 @@ def _trained_with(root: Path, config: TrainConfig) -> bool:
         return False
 
 
-def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progress: bool = True,
-          compile: bool = False, force: bool = False) -> dict:
-    """Train every adapter of ``config.variants`` into ``artifacts``; write the manifest.
+@dataclass
+class _Run:
+    """What every process of a training run loads once: the model, the examples and their
+    adapter sets, the frozen-layer activations; :meth:`train_one` trains one adapter on them."""
 
-    ``compile`` runs the decoder layers through ``torch.compile`` (faster on CPU after ~1 min).
-    A directory with adapters of another config is refused unless ``force``, which deletes them
-    (and the manifest, checkpoints and evaluation) first; the same config resumes or adds variants.
-    """
-    root = Path(artifacts)
-    prepare_stage(root, "train", force=force, same_run=_trained_with(root, config))
-    started = time.perf_counter()
+    root: Path
+    config: TrainConfig
+    device: str
+    base: torch.nn.Module  # frozen; each adapter is wrapped around it and unloaded again
+    hidden_size: int
+    layered: LayeredLM
+    cache: LowerCache
+    examples: list
+    sets: dict[str, tuple[list[int], list[int]]]
+    item_embeddings: np.ndarray
+    split_layer: int
+    pad_id: int
+    model_path: str
+    lower_seconds: float
+
+    def train_one(self, name: str, progress: bool) -> dict:
+        """Train (or resume) adapter ``name``, save it; return its metrics."""
+        config, (train_idx, val_idx) = self.config, self.sets[name]
+        items = None
+        if config.prompt.item_tokens:
+            items = ItemTokens(self.item_embeddings, self.hidden_size,
+                               self.split_layer).to(self.device)
+        prior = None
+        if config.prompt.cf_prior:
+            fit_on = [self.examples[i] for i in train_idx]
+            prior = fit_rating_prior([e.request.cf_prediction for e in fit_on],
+                                     [e.request.surprise or 0.0 for e in fit_on],
+                                     [e.rating for e in fit_on]).to(self.device)
+        self.base, metrics = train_adapter(name, self.base, self.layered, self.cache, self.examples,
+                                           train_idx, val_idx, config, self.split_layer, self.pad_id,
+                                           self.root, progress, items, prior)
+        return metrics
+
+
+def _load_run(root: Path, config: TrainConfig, device: str, compile: bool, progress: bool) -> _Run:
+    """Load the tables and the model, build the examples, and compute the frozen-layer
+    activations or reuse the cached ones (every worker reuses the parent's)."""
     catalog, profiles, memories, item_embeddings = load_tables(root)
     collaborative = None
     if config.prompt.uses_collaborative:
@@ -222,38 +257,79 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
         cache = _frozen_pass(examples, builder, layered, config, split_layer, pad_id, device,
                              compile, progress)
         atomic_write(cache_path, lambda tmp: torch.save(cache.state(), tmp))
-    lower_seconds = time.perf_counter() - lower_started
+    return _Run(root, config, device, base, base.config.hidden_size, layered, cache, examples, sets,
+                item_embeddings, split_layer, pad_id, model_path, time.perf_counter() - lower_started)
+
+
+def _worker_run(root: Path, config: TrainConfig, device: str, compile: bool, progress: bool,
+                rank: int) -> Callable[[str], dict]:
+    """A worker's job runner (:func:`training.parallel.run_in_workers`): its own copy of the
+    run; the first worker shows its progress bars."""
+    run = _load_run(root, config, device, compile, progress=False)
+    return lambda name: run.train_one(name, progress and rank == 0)
+
+
+def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progress: bool = True,
+          compile: bool = False, force: bool = False, workers: int = 1) -> dict:
+    """Train every adapter of ``config.variants`` into ``artifacts``; write the manifest.
+
+    ``compile`` runs the decoder layers through ``torch.compile`` (faster on CPU after ~1 min).
+    A directory with adapters of another config is refused unless ``force``, which deletes them
+    (and the manifest, checkpoints and evaluation) first; the same config resumes or adds variants.
+    ``workers`` > 1 trains the adapters in that many processes (:mod:`training.parallel`; at
+    most one per adapter to train), each with its share of the torch threads; the adapters,
+    metrics and manifest are those of the one-process run.
+    """
+    if workers < 1:
+        raise ConfigError(f"workers (--workers) must be >= 1, got {workers}")
+    root = Path(artifacts)
+    prepare_stage(root, "train", force=force, same_run=_trained_with(root, config))
+    started = time.perf_counter()
+    run = _load_run(root, config, device, compile, progress)
+    sets, split_layer, examples, model_path = run.sets, run.split_layer, run.examples, run.model_path
+    lower_seconds = run.lower_seconds
 
     metrics: dict[str, dict] = {}
     metrics_path = root / "checkpoints" / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text()).get(config.digest(), {})
-    for name, (train_idx, val_idx) in sets.items():
+    todo = []
+    for name in sets:
         if name in metrics and (root / "adapters" / name / "adapter_config.json").exists():
             log.info("adapter %s: already trained, skipping", name)
-            continue
-        items = None
-        if config.prompt.item_tokens:
-            items = ItemTokens(item_embeddings, base.config.hidden_size, split_layer).to(device)
-        prior = None
-        if config.prompt.cf_prior:
-            fit_on = [examples[i] for i in train_idx]
-            prior = fit_rating_prior([e.request.cf_prediction for e in fit_on],
-                                     [e.request.surprise or 0.0 for e in fit_on],
-                                     [e.rating for e in fit_on]).to(device)
-        base, metrics[name] = train_adapter(name, base, layered, cache, examples, train_idx, val_idx,
-                                            config, split_layer, pad_id, root, progress, items, prior)
+        else:
+            todo.append(name)
+    if workers > max(1, len(todo)):
+        log.info("--workers %d but %d adapters to train: %d workers", workers, len(todo),
+                 max(1, len(todo)))
+        workers = max(1, len(todo))
+    finished: Iterable[tuple[str, dict]]
+    if workers == 1:
+        finished = ((name, run.train_one(name, progress)) for name in todo)
+    else:
+        del run  # the workers load their own
+        setup = functools.partial(_worker_run, root, config, device, compile, progress)
+        finished = run_in_workers(setup, todo, workers, resume_hint="rerun the same command to "
+                                  "resume from the checkpoints")
+    for name, adapter_metrics in finished:
+        metrics[name] = adapter_metrics
         atomic_write_json(metrics_path, {config.digest(): metrics})
+    # in the order of the adapter sets, however the workers finished (earlier variants' last)
+    metrics = {**{n: metrics[n] for n in sets if n in metrics}, **metrics}
 
     split_info = json.loads((root / "split.json").read_text()) if (root / "split.json").exists() else {}
     personas: dict[str, list[int]] = defaultdict(list)
-    for user, p in sorted(user_persona.items()):
+    for user, p in sorted(load_personas(root).items()):
         personas[str(p)].append(user)
+    peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if workers > 1:  # the largest worker's
+        peak_rss_kb = max(peak_rss_kb, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     summary = {
         "wall_seconds": round(time.perf_counter() - started, 1),
         "frozen_layer_seconds": round(lower_seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_kb / 1024, 1),
         "examples": len(examples),
+        "workers": workers,
     }
     manifest = {
         "base_model": model_source(model_path),
@@ -326,6 +402,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="dtype of the one-off frozen-layer pass (auto: bfloat16 where the hardware has it)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="cpu", help="torch device of the training (cpu, cuda, cuda:N)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="train the adapters in N processes, the adapters split over them (at "
+                             "most one per adapter to train); each runs its share of the torch "
+                             "threads (this process's // N). The adapters and metrics are those of one "
+                             "process; a killed run resumes with any N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--force", action="store_true",
                         help="replace adapters trained with another config (and their evaluation)")
@@ -359,7 +440,7 @@ def _run(args: argparse.Namespace) -> int:
         patience=args.patience, checkpoint_every=args.checkpoint_every,
     )
     manifest = train(args.artifacts, config, device=args.device, progress=not args.no_progress,
-                     compile=not args.no_compile, force=args.force)
+                     compile=not args.no_compile, force=args.force, workers=args.workers)
     for name, m in manifest["metrics"]["adapters"].items():
         print(f"{name:>14}: {m['train_examples']:5d} examples, {m['steps']:4d} steps, "
               f"val RMSE {m['best_val_rmse']:.4f}, {m['train_tokens_per_s']:.0f} tokens/s")
