@@ -36,6 +36,11 @@ its bootstrap interval; a pair whose interval contains 0 is *not distinguishable
 **Agreement**: Kendall's tau / Spearman's rho between the policies' simulator ordering (mean
 rating) and their logged ordering (NDCG@k, replay): do simulator wins carry to logged data?
 
+**On Ray** (``--ray-workers N``, ``pip install 'persona-gym[ray]'``): the episodes of each
+(policy, seed) are cut into contiguous chunks of whole ``--n-envs`` batches, played by ``N`` Ray
+actors that each hold their own simulator, and merged back in order: the results are those of
+the single-process run with the same seeds (:mod:`agents.ray_eval`).
+
 Writes ``results.json``, ``report.md`` and ``policies.png`` (bars with intervals) to ``--out``.
 """
 
@@ -44,6 +49,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Iterable
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,10 +86,21 @@ def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
 
 
 # -- in the simulator ---------------------------------------------------------------------------
-def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, n_envs: int = 16) -> list[dict]:
-    """Play ``episodes`` episodes (see module docstring); one record per episode."""
+def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, n_envs: int = 16,
+             first: int = 0) -> list[dict]:
+    """Play episodes ``first..episodes-1`` of ``seed`` (see module docstring); one record per
+    episode.
+
+    Episodes run in batches of ``n_envs`` starting at ``first``, ``first + n_envs``, ...; the
+    batch starting at episode ``b`` reseeds the policy with ``seed * 1_000_003 + b`` and episode
+    ``e`` draws from ``np.random.default_rng([seed, e])``. A batch's outcome therefore depends
+    only on ``seed`` and its episodes, not on what the process ran before: a call whose
+    ``first`` is a multiple of ``n_envs`` plays those episodes exactly as the call from 0 does
+    (how ``--ray-workers`` splits the work)."""
+    if not 0 <= first <= episodes:
+        raise ValueError(f"simulate: first episode {first} outside 0..{episodes}")
     records = []
-    for start in range(0, episodes, n_envs):
+    for start in range(first, episodes, n_envs):
         ids = list(range(start, min(start + n_envs, episodes)))
         rngs = [np.random.default_rng([seed, e]) for e in ids]
         states = [core.new_episode(rng, None) for rng in rngs]
@@ -260,6 +278,10 @@ class PolicyEvalConfig:
             ``--n-envs``).
         k: cut-off of HR / NDCG / replay.
         logged: also evaluate on the logged test interactions.
+        ray_workers: play the simulator episodes on this many Ray actors, each with its own
+            simulator (``pip install 'persona-gym[ray]'``; a local Ray instance unless
+            ``RAY_ADDRESS`` is set); the same results as without. How, not what: not recorded
+            in ``results.json``. ``None``: in this process.
     """
 
     episodes: int = 32
@@ -267,6 +289,7 @@ class PolicyEvalConfig:
     n_envs: int = 16
     k: int = 10
     logged: bool = True
+    ray_workers: int | None = None
 
     def __post_init__(self) -> None:
         from persona_gym.errors import ConfigError
@@ -276,24 +299,41 @@ class PolicyEvalConfig:
                 raise ConfigError(f"PolicyEvalConfig.{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
         if not self.seeds:
             raise ConfigError("PolicyEvalConfig.seeds (--seeds) must name at least one seed")
+        if self.ray_workers is not None:
+            from agents.ray_eval import RAY_MISSING, ray_available
+
+            if self.ray_workers < 1:
+                raise ConfigError(f"PolicyEvalConfig.ray_workers (--ray-workers) must be >= 1, got {self.ray_workers}")
+            if not ray_available():
+                raise ConfigError(f"PolicyEvalConfig.ray_workers (--ray-workers): {RAY_MISSING}")
 
 
 def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: PolicyEvalConfig,
                       test: pd.DataFrame | None, n_users: int) -> dict[str, Any]:
-    """Simulator and logged metrics of each policy, and the agreement of their orderings."""
-    results: dict[str, Any] = {"policies": {}, "config": vars(config) | {"seeds": list(config.seeds)}}
+    """Simulator and logged metrics of each policy, and the agreement of their orderings.
+
+    With ``config.ray_workers`` the simulator episodes run on Ray actors (:mod:`agents.ray_eval`;
+    a Ray session for the call unless one is open) and ``seconds`` is each policy's wall time
+    from the previous one's end (the actors work on the next policies meanwhile)."""
+    settings = {k: v for k, v in vars(config).items() if k != "ray_workers"}
+    results: dict[str, Any] = {"policies": {}, "config": settings | {"seeds": list(config.seeds)}}
     per_episode: dict[str, list[dict]] = {}
-    for name, policy in policies.items():
+    with ExitStack() as stack:
+        if config.ray_workers is None:
+            played: Iterable[tuple[str, list[dict]]] = (
+                (name, [r for s in config.seeds for r in simulate(policy, core, config.episodes, s, config.n_envs)])
+                for name, policy in policies.items())
+        else:
+            from agents.ray_eval import ray_session, simulate_on_ray
+
+            stack.enter_context(ray_session(config.ray_workers))
+            played = stack.enter_context(closing(simulate_on_ray(
+                core, policies, config.seeds, config.episodes, config.n_envs, config.ray_workers)))
         started = time.perf_counter()
-        records = [r for s in config.seeds for r in simulate(policy, core, config.episodes, s, config.n_envs)]
-        per_episode[name] = records
-        entry = {"simulator": summarize_episodes(records, core, n_users, seed=0)}
-        if config.logged and test is not None and policy.logged_eval:
-            entry["logged"] = evaluate_logged(policy, core, test, config.k)
-        entry["seconds"] = round(time.perf_counter() - started, 1)
-        results["policies"][name] = entry
-        log.info("%s: mean rating %.3f (%.1f s)", name, entry["simulator"]["mean_rating"]["mean"],
-                 entry["seconds"])
+        for name, records in played:
+            _summarize_policy(name, policies[name], records, core, config, test, n_users, started, results)
+            per_episode[name] = records
+            started = time.perf_counter()
     results["differences"] = paired_differences(per_episode)
     results["gap_closed"] = gap_closed(results["policies"])
     names = [n for n in policies if "logged" in results["policies"][n]]
@@ -306,6 +346,18 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
                 agreement[f"mean_rating_vs_{metric}"] = rank_agreement(sim, logged)
         results["agreement"] = agreement
     return results
+
+
+def _summarize_policy(name: str, policy: Policy, records: list[dict], core: RecCore,
+                      config: PolicyEvalConfig, test: pd.DataFrame | None, n_users: int,
+                      started: float, results: dict[str, Any]) -> None:
+    entry: dict[str, Any] = {"simulator": summarize_episodes(records, core, n_users, seed=0)}
+    if config.logged and test is not None and policy.logged_eval:
+        entry["logged"] = evaluate_logged(policy, core, test, config.k)
+    entry["seconds"] = round(time.perf_counter() - started, 1)
+    results["policies"][name] = entry
+    log.info("%s: mean rating %.3f (%.1f s)", name, entry["simulator"]["mean_rating"]["mean"],
+             entry["seconds"])
 
 
 def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None,
