@@ -26,7 +26,9 @@ demo: install
 test: install
 	$(PY) -m ruff check persona_gym agents training envs_config tests
 	$(PY) -m mypy
-	$(PY) -m pytest -q -rs
+	# two pytest-xdist workers (tests/conftest.py splits the cores between them); the tests on the
+	# shipped simulator share one worker (xdist_group) so it is materialised once
+	$(PY) -m pytest -q -rs -n 2 --dist loadgroup
 
 lint: install
 	$(PY) -m ruff check .

@@ -5,6 +5,7 @@ rater over them (the fast user model of the environment and agent tests)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     patch = pytest.MonkeyPatch()
     for variable, name in USER_DIR_VARS.items():
         patch.setenv(variable, str(root / name))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # `make test` runs pytest-xdist workers: the cores are shared, not oversubscribed
+        import torch
+
+        threads = max((os.cpu_count() or 1) // workers, 1)
+        torch.set_num_threads(threads)
+        patch.setenv("OMP_NUM_THREADS", str(threads))  # the subprocesses tests start
     yield root
     patch.undo()
 

@@ -125,14 +125,17 @@ def test_data_distiller_is_deterministic(tmp_path) -> None:
 
 @pytest.mark.integration
 def test_cli_outputs_are_byte_identical(tmp_path) -> None:
-    """Same seed, same files: distill + personas twice on ML-100k (30 users)."""
+    """Same seed, same files: distill + personas twice on an ML-1M-format folder (6 users,
+    150 movies; the full ML-100k catalogue costs a minute of embeddings and adds nothing)."""
     from persona_gym.cli import main
+    from tests.test_cli import write_ml1m
 
+    data = write_ml1m(tmp_path / "ml-1m")
     dirs = [tmp_path / "run1", tmp_path / "run2"]
     for out in dirs:
-        assert main(["distill", "--dataset", "ml-100k", "--out", str(out), "--n-users", "30",
+        assert main(["distill", "--dataset", str(data), "--out", str(out), "--n-users", "4",
                      "--no-progress"]) == 0
-        assert main(["personas", "--artifacts", str(out), "--k-min", "2", "--k-max", "6"]) == 0
+        assert main(["personas", "--artifacts", str(out), "--k-min", "2", "--k-max", "3"]) == 0
     files = sorted(p.relative_to(dirs[0]) for p in dirs[0].rglob("*") if p.is_file())
     assert {str(f) for f in files} >= {
         "items.parquet", "profiles.jsonl", "memories.parquet", "split.json", "distill.json",
@@ -140,10 +143,10 @@ def test_cli_outputs_are_byte_identical(tmp_path) -> None:
     for f in files:
         assert (dirs[0] / f).read_bytes() == (dirs[1] / f).read_bytes(), f
     split = json.loads((dirs[0] / "split.json").read_text())
-    assert len(split["user_ids"]) == 30 and "ratings" not in json.dumps(split).lower().replace(
+    assert len(split["user_ids"]) == 4 and "ratings" not in json.dumps(split).lower().replace(
         "n_ratings", "")
     items = np.load(dirs[0] / "embeddings" / "items.npy")
-    assert items.shape == (1682, 384)
+    assert items.shape == (150, 384)
 
 
 # ------------------------------------------------------------------------------- LLM backends

@@ -9,6 +9,9 @@ import pytest
 import persona_gym  # noqa: F401  (registers the ids)
 from persona_gym.registry import simulator_dir
 
+# one pytest-xdist worker materialises the shipped simulator (a distil of ML-100k) for all of them
+pytestmark = pytest.mark.xdist_group("shipped")
+
 
 @pytest.fixture(scope="module")
 def shipped() -> str:

@@ -57,6 +57,7 @@ def test_tiny_vector_rollout_matches_the_single_env_recording(slm_kwargs):
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("shipped")  # with tests/envs/test_integration.py: one materialisation
 def test_shipped_simulator_rollout_is_unchanged(request):
     """``PersonaML100K-v0`` on the shipped simulator (fp32), compared only for the simulator
     the numbers were recorded on (:func:`simulator_sha256`): a new one needs a new recording."""
