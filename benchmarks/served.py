@@ -31,13 +31,11 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -177,44 +175,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(simulator, root: Path, port: int, log_path: Path, timeout_s: float):
+def start_server(simulator, port: int, log_path: Path, timeout_s: float):
     """``vllm serve`` on 127.0.0.1 with the simulator's adapters; returns (process, seconds to ready)."""
     from persona_gym.adapter_names import variant_adapters
     from persona_gym.assets import resolve_model
-    from persona_gym.simulator.served import vllm_serve_command
+    from persona_gym.simulator.served import start_vllm_server, vllm_serve_command
 
     adapters = variant_adapters(simulator.variant, simulator.artifacts.adapter_dirs)
     command = vllm_serve_command(resolve_model(), adapters, simulator.prompt.max_tokens + 1, port=port,
                                  python=sys.executable)
     start = time.perf_counter()
-    log_file = log_path.open("w")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1/models"
-    while time.perf_counter() - start < timeout_s:
-        if process.poll() is not None:
-            raise SystemExit(f"vllm serve exited with {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return process, time.perf_counter() - start
-        except OSError:
-            time.sleep(2)
-    stop_server(process)
-    raise SystemExit(f"vllm serve was not ready after {timeout_s:.0f} s; see {log_path}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    process = start_vllm_server(command, port, log_path, timeout_s)
+    return process, time.perf_counter() - start
 
 
 def main() -> None:
     from persona_gym.assets import cache_dir
-    from persona_gym.simulator.served import VLLMSettings, load_served
+    from persona_gym.simulator.served import VLLMSettings, load_served, stop_vllm_server
     from persona_gym.simulator.simulator import UserSimulator
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,7 +241,7 @@ def main() -> None:
     if not args.no_server:
         log_path = Path(tempfile.gettempdir()) / "persona-gym-vllm-serve.log"
         port = free_port()
-        process, ready = start_server(local, root, port, log_path, args.server_timeout)
+        process, ready = start_server(local, port, log_path, args.server_timeout)
         try:
             results["server_start_s"] = ready
             settings = VLLMSettings(url=f"http://127.0.0.1:{port}/v1")
@@ -274,7 +251,7 @@ def main() -> None:
                                       "ratings_per_s": [len(p[0]) / s for p, s in zip(passes, seconds, strict=True)],
                                       **compare(probs, served)}
         finally:
-            stop_server(process)
+            stop_vllm_server(process)
 
     results["load_average_after"] = os.getloadavg()[0]  # other jobs on the machine slow every figure
     print(f"\n{results['date']}, {results['cpu']}; {root}")

@@ -39,6 +39,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -231,6 +234,36 @@ class LogprobClient(Protocol):
         """``(n, 5)`` log-probabilities of "1".."5" after each prompt, under its adapter
         (``"base"``: none)."""
         ...
+
+
+def start_vllm_server(command: Sequence[str], port: int, log_path: Path,
+                      timeout_s: float = 900.0) -> subprocess.Popen:
+    """Start ``command`` (:func:`vllm_serve_command`) in its own process group, its output in
+    ``log_path``, and return once ``http://127.0.0.1:{port}/v1/models`` answers; stop it and
+    raise :class:`ServedError` (with the log's end) if it exits or is not ready in time."""
+    with log_path.open("w") as out:
+        process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
+                return process
+        except OSError:
+            time.sleep(2)
+    why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready in {timeout_s:.0f} s"
+    stop_vllm_server(process)
+    raise ServedError(f"vllm serve {why}; see {log_path}:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_vllm_server(process: subprocess.Popen) -> None:
+    """Stop a server from :func:`start_vllm_server`: SIGTERM to its process group, SIGKILL after 60 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 class VLLMEngineClient:

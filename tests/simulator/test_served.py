@@ -329,3 +329,21 @@ def test_server_client_without_a_server_fails_after_its_retries():
         url = server.url
     with pytest.raises(ServedError, match="failed after 2 attempts.*vllm serve"):
         VLLMServerClient(VLLMSettings(url=url, max_retries=1, backoff_s=0.01, timeout_s=2), [], IDS)
+
+
+def test_a_server_that_exits_fails_with_its_log_and_a_running_one_is_stopped(tmp_path):
+    """start_vllm_server names the exit and quotes the log; stop_vllm_server ends the whole
+    process group (no real vLLM: a shell that exits, and one that sleeps with a child)."""
+    import subprocess
+    import sys
+
+    from persona_gym.simulator.served import ServedError, start_vllm_server, stop_vllm_server
+
+    log = tmp_path / "serve.log"
+    with pytest.raises(ServedError, match=r"vllm serve exited with 3; see .*serve\.log:\nno model"):
+        start_vllm_server(["sh", "-c", "echo no model; exit 3"], 9, log, timeout_s=30)
+    with pytest.raises(ServedError, match="not ready in 1 s"):
+        start_vllm_server([sys.executable, "-c", "import time; time.sleep(60)"], 9, log, timeout_s=1)
+    process = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    stop_vllm_server(process)
+    assert process.returncode is not None

@@ -13,12 +13,8 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +107,7 @@ def test_offline_engine_gives_the_local_distributions(text_artifacts, local_and_
 def server_url(text_artifacts, local_and_pairs):
     """``vllm serve`` on 127.0.0.1 with the simulator's adapters, stopped after the module."""
     from persona_gym.assets import resolve_model
-    from persona_gym.simulator.served import vllm_serve_command
+    from persona_gym.simulator.served import start_vllm_server, stop_vllm_server, vllm_serve_command
 
     local = local_and_pairs[0]
     with socket.socket() as sock:
@@ -119,28 +115,11 @@ def server_url(text_artifacts, local_and_pairs):
         port = sock.getsockname()[1]
     command = vllm_serve_command(resolve_model(), local.artifacts.adapter_dirs, local.prompt.max_tokens + 1,
                                  port=port, kv_cache_gb=1, python=sys.executable)
-    log = text_artifacts.parent / "vllm-serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_vllm_server(command, port, text_artifacts.parent / "vllm-serve.log")
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            assert process.poll() is None, f"vllm serve exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"vllm serve not ready in 900 s:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
-                    break
-            except OSError:
-                time.sleep(2)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_vllm_server(process)
 
 
 def test_server_gives_the_local_distributions(text_artifacts, local_and_pairs, server_url):
