@@ -2,8 +2,8 @@
 
 A small language model reads titles and profiles, but what a user will think of a movie is
 mostly in who else liked it. As LLM recommenders do (CoLLM, LLaRA, BinLLM), the simulator hands
-the SLM a collaborative model fitted on the data it may use (the selected users' TRAINING
-interactions plus the other users' ratings, never the test split):
+the SLM a collaborative model fitted on the data it may use (the simulated users' TRAINING
+interactions plus the other users' ratings, never a held-out rating):
 
 * its prediction for the (user, candidate) pair, as a numeric cue next to the answer;
 * the window's surprise: how the user's recent ratings deviated from the model's predictions
@@ -17,7 +17,7 @@ global taste, the neighbourhood the user's own ratings of similar movies). Each 
 validation slice of the training part exactly as its baseline is, and ``w`` is chosen on the same
 slice. The item tokens carry the MF factors. Training prompts must not show a
 prediction fitted on their own label: :func:`fit_collaborative` also returns out-of-fold
-predictions of every training interaction (``folds`` random folds of the selected users'
+predictions of every training interaction (``folds`` random folds of the simulated users'
 training rows, background always in the fit), which the training prompts and the logged
 history's window use instead.
 """
@@ -167,8 +167,9 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
                       seed: int = 0, folds: int = 5) -> CollaborativeModel:
     """Tune and fit the collaborative model, with out-of-fold predictions of ``train``.
 
-    ``train`` is the selected users' training part (``user_id, item_id, rating, timestamp``),
-    ``background`` the other users' ratings. MF and kNN are tuned on the validation slice, then
+    ``train`` is the simulated users' training part (``user_id, item_id, rating, timestamp``;
+    :meth:`~persona_gym.data.splits.Split.simulated_train`), ``background`` the other users'
+    ratings. MF and kNN are tuned on the validation slice, then
     the blend weight (of :data:`BLENDS`) on the same slice. The out-of-fold prediction of a
     ``train`` row comes from models fitted without that row's fold (``folds`` seeded random folds).
     """

@@ -58,6 +58,11 @@ class Rater(Protocol):
         ...
 
     @property
+    def training_user_ids(self) -> list[int]:
+        """The simulated users the rating model was fitted on, sorted (the others are new to it)."""
+        ...
+
+    @property
     def window_size(self) -> int:
         """How many of the latest interactions the model reads (the short-term window)."""
         ...

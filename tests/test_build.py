@@ -1,5 +1,6 @@
 """``persona-gym build``: ML-1M-format files (made from ML-100k users) to an evaluated simulator in
-one command, resumed where it stopped, then ``evaluate`` from another folder (issue 20).
+one command, resumed where it stopped, then ``evaluate`` from another folder (issue 20), with
+``--all-users``: the users beyond the protocol's simulated and evaluated as new users.
 
 The real stages run (MiniLM embeddings, the SmolLM2 tokenizer for distill's token counts) on
 the tiny random base model of SmolLM2's layout with the smallest training settings.
@@ -17,7 +18,7 @@ from training.build import EVALUATE_CONFIGS, STAGES, TRAIN_RECIPE
 
 
 def _build(*extra: str, base: str) -> list[str]:
-    return ["build", "ml1m", "--out", "art", "--n-users", "3", "--base-model", base,
+    return ["build", "ml1m", "--out", "art", "--n-users", "3", "--all-users", "--base-model", base,
             "--max-examples-per-user", "4",
             "--val-per-user", "1", "--max-test-per-user", "2", "--no-studies", "--no-compile",
             "--no-progress", *extra]
@@ -26,7 +27,7 @@ def _build(*extra: str, base: str) -> list[str]:
 def test_build_end_to_end_resumes_and_evaluates_from_another_folder(tmp_path, monkeypatch, capsys,
                                                                      tiny_base):
     work = tmp_path / "work"
-    write_ml1m_folder(work / "ml1m")
+    write_ml1m_folder(work / "ml1m", n_users=5)  # 3 protocol users, 2 others
     monkeypatch.chdir(work)  # the dataset and --out are given relative to here
 
     # a first run stopped after training (--no-evaluate) ...
@@ -55,6 +56,7 @@ def test_build_end_to_end_resumes_and_evaluates_from_another_folder(tmp_path, mo
     assert json.loads((root / "split.json").read_text())["dataset"] == folder
     assert json.loads((root / "manifest.json").read_text())["dataset"] == folder
     assert main(["artifacts", "verify", str(root)]) == 0
+    _check_all_users(root, tiny_base)
 
     # evaluate from another folder, where "ml1m" means nothing
     elsewhere = tmp_path / "elsewhere"
@@ -123,3 +125,57 @@ def test_the_missing_ml1m_simulator_names_build_and_its_time():
     assert "`persona-gym build ml-1m --out DIR`" in text and "artifacts='DIR'" in text
     assert "h on 2 CPU cores" in text and "on one GPU with --device cuda" in text
     assert 'README: "Build a simulator"' in text
+
+
+def _check_all_users(root, tiny_base) -> None:
+    """What ``--all-users`` adds: the other users distilled from their training part only,
+    given the nearest centroid's persona, left out of the adapters' training, evaluated apart,
+    and drawn by the env (``users="all"``, or only the training users with ``users="training"``)."""
+    import gymnasium as gym
+
+    from persona_gym.artifacts import load_artifacts
+    from persona_gym.data.protocol import logged_data, read_split_record, rebuild_split
+
+    info = read_split_record(root)
+    assert info["params"]["all_users"] is True
+    _, split = rebuild_split(info)
+    protocol, others = [int(u) for u in split.user_ids], [int(u) for u in split.other_ids]
+    assert len(protocol) == 3 and len(others) == 2 and info["distilled_user_ids"] == sorted(protocol + others)
+    artifacts = load_artifacts(root)
+    assert artifacts.user_ids == sorted(protocol + others) and artifacts.training_user_ids == protocol
+    memories = artifacts.memories
+    held = {(int(u), int(i)) for u, i in zip(split.other_test["user_id"], split.other_test["item_id"], strict=True)}
+    logged = {(int(u), int(i)) for u, i in zip(memories["user_id"], memories["item_id"], strict=True)}
+    assert held and not held & logged  # the others' held-out ratings are nobody's memory ...
+    for user in others:  # ... their memories are the first 60% of their ratings in time order
+        mine = split.other_test[split.other_test["user_id"] == user]
+        assert memories[memories["user_id"] == user]["timestamp"].max() <= mine["timestamp"].min()
+    # ... and the collaborative model's out-of-fold predictions cover their training rows only
+    cf = artifacts.collaborative
+    keys = set(cf.logged_keys.tolist())
+    n_items = len(artifacts.catalog)
+    others_rows = memories[memories["user_id"].isin(others)]
+    assert set((others_rows["user_id"] * n_items + others_rows["item_index"]).tolist()) <= keys
+    held_index = artifacts.catalog.indices_of(split.other_test["item_id"])
+    assert not set((split.other_test["user_id"].to_numpy() * n_items + held_index).tolist()) & keys
+
+    personas = json.loads((root / "personas.json").read_text())
+    assert set(personas["assignment"]) == {str(u) for u in protocol + others}
+    assert sum(personas["by_nearest_centroid"].values()) == 2
+    assert sorted(u for card in personas["cards"] for u in card["user_ids"]) == protocol  # clustered: protocol only
+    manifest = json.loads((root / "manifest.json").read_text())
+    # 4 training + 1 validation example (--max-examples-per-user 4 --val-per-user 1) for each
+    # protocol user, none for the others
+    assert manifest["metrics"]["run"]["examples"] == 3 * 5
+
+    report = json.loads((root / "evaluation" / "others" / "results.json").read_text())
+    assert report["data"]["users"] == "others" and report["data"]["n_users"] == 2
+    assert report["configs"][0]["status"] == "ok" and report["data"]["source"].endswith("other users")
+    assert logged_data(artifacts, "others").test["user_id"].isin(others).all()
+
+    for users, expected in (("all", protocol + others), ("training", protocol)):
+        env = gym.make("persona_gym:PersonaML1M-v0", artifacts=str(root), base_model=tiny_base, users=users)
+        assert env.unwrapped.user_ids == sorted(expected)
+        seen = {env.reset(seed=seed)[1]["user_id"] for seed in range(40)}
+        assert seen == set(expected)
+        env.close()

@@ -100,7 +100,9 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
     progress = ["--no-progress"] if args.no_progress else []
     device = ["--device", args.device] if args.device != "cpu" else []
     seed = ["--seed", str(args.seed)]
-    stages = [Stage("distill", ["--dataset", dataset, "--n-users", str(args.n_users), *seed], progress)]
+    everyone = ["--all-users"] if args.all_users else []
+    stages = [Stage("distill", ["--dataset", dataset, "--n-users", str(args.n_users), *everyone, *seed],
+                    progress)]
     stages.append(Stage("personas", [*(["--k", str(args.k)] if args.k is not None else []), *seed]))
     train = [*TRAIN_RECIPE, "--max-examples-per-user", str(args.max_examples_per_user),
              "--val-per-user", str(args.val_per_user), *seed]
@@ -115,6 +117,8 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
             evaluate += ["--max-test-per-user", str(args.max_test_per_user)]
         if args.no_studies:
             evaluate.append("--no-studies")
+        if args.all_users:  # the other users too, as many as the protocol users
+            evaluate += ["--users", "training", "others", "--max-users", str(args.n_users)]
         stages.append(Stage("evaluate", evaluate, [*device, *([] if args.no_compile else ["--compile"])]))
     return stages
 
@@ -398,6 +402,10 @@ def add_parser(subparsers) -> None:
                    help="users of the protocol split, among those with 100-200 ratings (default: 200)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of every stage: split, KMeans, training, evaluation (default: 0)")
+    p.add_argument("--all-users", action="store_true",
+                   help="simulate every user with >= 20 ratings, not only the protocol users the "
+                        "adapters train on (each gets the persona of the nearest centroid); evaluate "
+                        "reports the users the adapters never saw in evaluation/others")
     p.add_argument("--k", type=int, default=None, help="fixed number of personas (default: the elbow rule)")
     p.add_argument("--base-model", default=None,
                    help="base SLM: alias, local folder or hub id (default: train's, smollm2-135m-instruct)")

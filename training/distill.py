@@ -293,6 +293,9 @@ def add_parser(subparsers) -> None:
                    help="hf/openai: reply length cap per reflection step")
     p.add_argument("--n-users", type=int, default=200, help="users in the protocol split")
     p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--all-users", action="store_true",
+                   help="also simulate every other user with >= 20 ratings (split by time like the "
+                        "protocol users; the adapters still train on the protocol users only)")
     p.add_argument("--max-users", type=int, default=None,
                    help="distil only the first N split users (quick LLM runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -324,7 +327,7 @@ def _distill_into(args: argparse.Namespace, out: Path) -> int:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dataset = load_dataset(args.dataset)
-    split = protocol_split(dataset, n_users=args.n_users, seed=args.seed)
+    split = protocol_split(dataset, n_users=args.n_users, seed=args.seed, all_users=args.all_users)
     catalog = ItemCatalog.from_frames(dataset.items, split.item_stats())
     timings["load+split"] = time.perf_counter() - t0
 

@@ -64,7 +64,7 @@ import numpy as np
 import pandas as pd
 
 from persona_gym.config_cli import plain
-from persona_gym.data.protocol import EvalData, logged_data
+from persona_gym.data.protocol import USER_GROUPS, EvalData, logged_data
 from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
 from persona_gym.memory import logged_history
 from persona_gym.ratings import expected
@@ -175,6 +175,8 @@ def evaluate(
     chunk_users: int = 16,
     studies: bool = True,
     study_rows_per_user: int = 15,
+    users: str = "training",
+    max_users: int | None = None,
 ) -> dict:
     """Evaluate the simulated users of ``artifacts_dir``; return (and write) every figure.
 
@@ -191,6 +193,10 @@ def evaluate(
         studies: also run the persona-specificity, memory-slope and reward-landscape studies of
             the persona simulator (:mod:`persona_gym.evaluation.fidelity`) on the first
             ``study_rows_per_user`` test interactions of each user (needs ``split.json``).
+        users: whose held-out interactions (with ``test`` None): ``"training"``, the users the
+            adapters were trained on, or ``"others"``, the other simulated users of an
+            ``--all-users`` distillation, whom the adapters never saw.
+        max_users: evaluate a seeded sample (``seed``) of this many of the test users.
     """
     from persona_gym.artifacts import load_artifacts
     from persona_gym.evaluation.baselines import run_baselines
@@ -198,8 +204,9 @@ def evaluate(
     started = time.perf_counter()
     artifacts = load_artifacts(artifacts_dir)
     configs = [c if isinstance(c, EvalConfig) else parse_config(c) for c in (configs or DEFAULT_CONFIGS)]
+    group = users  # `users` is the test rows' user ids below
     if test is None:
-        data = logged_data(artifacts)
+        data = logged_data(artifacts, group)
     else:
         missing_cols = {"user_id", "item_id", "item_index", "rating", "timestamp"} - set(test.columns)
         if missing_cols:
@@ -215,6 +222,8 @@ def evaluate(
     if unknown:
         log.warning("%d test users are not simulated users of %s; dropped", len(unknown), artifacts.root)
     full_test = data.test[data.test["user_id"].isin(artifacts.user_ids)]
+    if max_users is not None:
+        full_test = full_test[full_test["user_id"].isin(sample_users(full_test["user_id"], max_users, seed))]
     full_test = select_test(full_test, None)
     rows = select_test(full_test, max_test_per_user, subsample, seed)
     if max_test_per_user == 1:
@@ -236,6 +245,7 @@ def evaluate(
         "data": {"source": data.source, "n_users": int(len(np.unique(users))),
                  "n_test_total": int(len(full_test)), "n_evaluated": int(len(rows)),
                  "max_test_per_user": max_test_per_user, "subsample": subsample, "seed": seed,
+                 "users": group, "max_users": max_users,
                  "window_rule": "last k TRAINING interactions of the user (no test rating is an input)"},
         "base_model": Path(str(artifacts.manifest.get("base_model", {}).get("model", "?"))).name,
         "training_prompt": dataclasses.asdict(trained_prompt),
@@ -344,6 +354,16 @@ def evaluate(
 
 
 
+def sample_users(user_ids, n: int, seed: int) -> np.ndarray:
+    """``n`` of the distinct ``user_ids`` drawn with ``seed`` (all of them when there are fewer)."""
+    if n < 1:
+        raise ValueError(f"max_users must be >= 1, got {n}")
+    distinct = np.unique(np.asarray(user_ids, dtype=np.int64))
+    if len(distinct) <= n:
+        return distinct
+    return np.sort(np.random.default_rng([seed, n]).choice(distinct, size=n, replace=False))
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
     """Add ``persona-gym evaluate``."""
@@ -374,6 +394,11 @@ def add_parser(subparsers) -> None:
                    help="test interactions per user the studies use")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layers (~3x faster on CPU after ~1 min warm-up)")
+    p.add_argument("--users", nargs="+", choices=USER_GROUPS, default=["training"],
+                   help="whose held-out ratings: the adapters' training users, and/or the other "
+                        "simulated users of an --all-users distillation (report in <out>/others)")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="evaluate a seeded sample of N users of each group (CPU budget)")
     p.add_argument("--out", type=Path, default=None, help="default: <artifacts>/evaluation")
     p.set_defaults(func=run_evaluate)
 
@@ -383,13 +408,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     configs = args.configs
     if configs == ["table"]:
         configs = list(TABLE_CONFIGS)
-    results = evaluate(
-        args.artifacts, configs, args.max_test_per_user, args.seed, subsample=args.subsample,
-        generation=args.generation, generation_per_user=args.generation_per_user,
-        baselines=not args.no_baselines, base_model=args.base_model, device=args.device,
-        dtype=args.dtype, compile=args.compile, out_dir=args.out, studies=not args.no_studies,
-        study_rows_per_user=args.study_rows_per_user,
-    )
-    print(render_markdown(results))
-    print(f"written to {results['out_dir']} in {results['seconds']} s")
+    out = args.out if args.out is not None else args.artifacts / "evaluation"
+    # the other users first: the training users' report is the stage's product (build resumes on it)
+    for group in sorted(dict.fromkeys(args.users), key=lambda g: g == "training"):
+        results = evaluate(
+            args.artifacts, configs, args.max_test_per_user, args.seed, subsample=args.subsample,
+            generation=args.generation, generation_per_user=args.generation_per_user,
+            baselines=not args.no_baselines, base_model=args.base_model, device=args.device,
+            dtype=args.dtype, compile=args.compile, out_dir=out if group == "training" else out / group,
+            studies=not args.no_studies, study_rows_per_user=args.study_rows_per_user,
+            users=group, max_users=args.max_users,
+        )
+        print(render_markdown(results))
+        print(f"written to {results['out_dir']} in {results['seconds']} s")
     return 0

@@ -14,6 +14,10 @@ Each persona gets a card: size, user ids, most distinctive words (TF-IDF one-vs-
 and top genres of its users. A 2-D PCA projection of the embeddings, coloured by persona, is
 saved as a PNG.
 
+Only the protocol users (``split.json``'s ``user_ids``: the users the adapters train on) are
+clustered; the other simulated users of an ``--all-users`` distillation get the persona of the
+nearest centroid, on the same features.
+
 ``persona-gym personas --artifacts DIR`` reads ``profiles.jsonl``, ``memories.parquet`` and
 ``items.parquet`` from the distill stage and writes ``personas.json``, ``personas.png`` and
 ``embeddings/profiles.npy``.
@@ -144,13 +148,15 @@ def cluster_profiles(embeddings: np.ndarray, config: PersonaConfig) -> PersonaRe
                          ELBOW_RULE)
 
 
-def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborative) -> np.ndarray:
+def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborative,
+                       reference: np.ndarray | None = None) -> np.ndarray:
     """``(n_users, d)`` standardised rating behaviour of each user, from training data only.
 
     Columns: mean rating, its standard deviation, share of 5s, share of ratings <= 2, the mean
     and spread of the residual from the out-of-fold collaborative predictions (what the
     collaborative model misses about the user), then the collaborative user factors (scaled so
-    that together they weigh as much as one column).
+    that together they weigh as much as one column). ``reference``: a mask of the users whose
+    mean and spread standardise every column (default: all).
     """
     rows = memories[memories["user_id"].isin(user_ids)]
     residual = rows["rating"].to_numpy() - collaborative.predict(rows["user_id"], rows["item_index"])
@@ -162,10 +168,22 @@ def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborativ
     factor_rows = collaborative.user_rows(user_ids)
     factors = np.where(factor_rows[:, None] >= 0, collaborative.user_factors[np.maximum(factor_rows, 0)], 0.0)
 
+    ref = np.ones(len(user_ids), dtype=bool) if reference is None else np.asarray(reference, dtype=bool)
+
     def standardise(a: np.ndarray) -> np.ndarray:
-        return (a - a.mean(0)) / np.where(a.std(0) > 0, a.std(0), 1.0)
+        mean, std = a[ref].mean(0), a[ref].std(0)
+        return (a - mean) / np.where(std > 0, std, 1.0)
 
     return np.c_[standardise(table), standardise(factors) / np.sqrt(max(factors.shape[1], 1))]
+
+
+def nearest_centroid(features: np.ndarray, labels: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """The persona of each row of ``others``: the nearest (Euclidean) centroid of the clustered
+    ``features`` under ``labels``."""
+    personas = np.unique(labels)
+    centroids = np.stack([features[labels == p].mean(0) for p in personas])
+    distances = ((others[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    return personas[np.argmin(distances, axis=1)].astype(np.int64)
 
 
 def distinctive_words(texts: list[str], labels: np.ndarray, n_words: int) -> dict[int, list]:
@@ -294,6 +312,7 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     rows.sort(key=lambda r: int(r["user_id"]))
     user_ids = [int(r["user_id"]) for r in rows]
     texts = [r["text"] for r in rows]
+    clustered = _clustered(artifacts, user_ids)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -307,28 +326,38 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     if config.features != "profile":
         from persona_gym.collaborative import CF_FILE, load_collaborative
 
-        behaviour = behaviour_features(user_ids, memories, load_collaborative(artifacts / CF_FILE))
+        behaviour = behaviour_features(user_ids, memories, load_collaborative(artifacts / CF_FILE),
+                                       reference=clustered)
         # the unit profile embeddings have a total variance near 1; give behaviour the same weight
         behaviour = behaviour / np.sqrt(behaviour.shape[1])
         features = behaviour if config.features == "behaviour" else np.c_[embeddings, behaviour]
-    result = cluster_profiles(features, config)
+    result = cluster_profiles(features[clustered], config)
+    labels = np.zeros(len(user_ids), dtype=np.int64)
+    labels[clustered] = result.labels
+    if not clustered.all():
+        labels[~clustered] = nearest_centroid(features[clustered], result.labels, features[~clustered])
     timings["kmeans"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     items = pd.read_parquet(artifacts / "items.parquet")
-    cards = persona_cards(user_ids, texts, result.labels, memories, items, config)
+    members = [u for u, c in zip(user_ids, clustered, strict=True) if c]
+    cards = persona_cards(members, [t for t, c in zip(texts, clustered, strict=True) if c],
+                          result.labels, memories, items, config)
     out = {
         "k": result.k,
         "rule": result.rule,
         "config": asdict(config),
         "embedder": embedder_name,
-        "assignment": {str(u): int(c) for u, c in zip(user_ids, result.labels, strict=True)},
+        "assignment": {str(u): int(c) for u, c in zip(user_ids, labels, strict=True)},
         "sizes": [card["size"] for card in cards],
         "inertias": {str(k): round(v, 6) for k, v in result.inertias.items()},
         "silhouettes": {str(k): None if v is None else round(v, 6)
                         for k, v in result.silhouettes.items()},
         "cards": cards,
     }
+    if not clustered.all():
+        out["by_nearest_centroid"] = {str(p): int(n) for p, n in
+                                      zip(*np.unique(labels[~clustered], return_counts=True), strict=True)}
     atomic_write_json(artifacts / "personas.json", out)
 
     def write_npy(tmp: Path) -> None:
@@ -336,12 +365,19 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
             np.save(handle, embeddings.astype(np.float32))
 
     atomic_write(artifacts / "embeddings" / "profiles.npy", write_npy)
-    plot_personas(artifacts / "personas.png", features, result.labels, config.seed,
-                  f"{len(user_ids)} users, K={result.k} personas (PCA of {config.features} features)")
+    plot_personas(artifacts / "personas.png", features[clustered], result.labels, config.seed,
+                  f"{len(members)} users, K={result.k} personas (PCA of {config.features} features)")
     timings["cards+plot+write"] = time.perf_counter() - t0
     log.info("timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
     log.info("K=%d, sizes %s", result.k, out["sizes"])
     return out
+
+
+def _clustered(artifacts: Path, user_ids: list[int]) -> np.ndarray:
+    """Mask of the users to cluster: the protocol users (:func:`training_users`)."""
+    from persona_gym.artifacts.tables import training_users
+
+    return np.isin(user_ids, training_users(artifacts, user_ids))
 
 
 def add_parser(subparsers) -> None:

@@ -48,6 +48,7 @@ from persona_gym.artifacts import (
     load_tables,
     prepare_stage,
     tables_digest,
+    training_users,
     write_manifest,
 )
 from persona_gym.assets import (
@@ -241,7 +242,8 @@ def _load_run(root: Path, config: TrainConfig, device: str, compile: bool, progr
     if not 0 <= split_layer < layered.n_layers:
         raise ValueError(f"lora_layers={config.lora_layers} but the model has {layered.n_layers} layers")
 
-    examples = build_examples(profiles, memories, index, config, collaborative)
+    mine = training_users(root, profiles)  # not the other simulated users of --all-users
+    examples = build_examples({u: profiles[u] for u in mine}, memories, index, config, collaborative)
     sets = adapter_datasets(examples, user_persona, config)
     log.info("%d examples (%d validation), adapters: %s", len(examples),
              sum(e.validation for e in examples), ", ".join(f"{k}={len(v[0])}" for k, v in sets.items()))

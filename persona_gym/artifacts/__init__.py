@@ -71,14 +71,14 @@ from persona_gym.artifacts.shipped import (
     resolve_artifacts,
 )
 from persona_gym.artifacts.stages import prepare_stage, staged_dir
-from persona_gym.artifacts.tables import load_personas, load_tables, tables_digest
+from persona_gym.artifacts.tables import load_personas, load_tables, tables_digest, training_users
 
 __all__ = ["BUILD_LOG", "BUILD_RECORD", "MANIFEST", "SCHEMA_VERSION", "SEAL", "SHIPPABLE",
            "STAGE_PRODUCTS", "TABLES", "UNHASHED", "Artifacts", "ArtifactsError", "MissingArtifactsError",
            "artifact_files", "check_adapters", "check_base_model", "export_shippable", "file_hashes", "hash_files", "library_versions",
            "load_artifacts", "load_personas", "load_tables", "missing_artifacts_message",
            "prepare_stage", "read_manifest", "rehash", "resolve_artifacts", "seal_manifest",
-           "staged_dir", "tables_digest", "verify_artifacts", "write_manifest"]
+           "staged_dir", "tables_digest", "training_users", "verify_artifacts", "write_manifest"]
 from persona_gym.catalog import ItemCatalog
 from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collaborative
 from persona_gym.prompt_config import PromptConfig
@@ -99,7 +99,13 @@ class Artifacts:
 
     @property
     def user_ids(self) -> list[int]:
+        """Every simulated user (with ``--all-users``, also users the adapters never saw)."""
         return sorted(self.profiles)
+
+    @property
+    def training_user_ids(self) -> list[int]:
+        """The simulated users the adapters were trained on (:func:`training_users`)."""
+        return training_users(self.root, self.profiles)
 
     @property
     def prompt_config(self) -> PromptConfig:

@@ -90,6 +90,23 @@ def load_personas(root: str | Path) -> dict[int, int]:
                              f"numbers ({err!r}); {fix}") from err
 
 
+def training_users(root: str | Path, user_ids) -> list[int]:
+    """The users of ``user_ids`` the adapters train on: the protocol users ``split.json``
+    records. The other simulated users of an ``--all-users`` distillation are left out; without
+    a split record (hand-made tables) every user is kept."""
+    path = Path(root) / "split.json"
+    users = sorted(int(u) for u in user_ids)
+    if not path.exists():
+        return users
+    protocol = {int(u) for u in _read_json(path, f"re-run `persona-gym distill --out {root} --force`")
+                .get("user_ids", [])}
+    kept = [u for u in users if u in protocol]
+    if users and not kept:
+        raise ArtifactsError(f"{path}: none of its user_ids has a profile in {Path(root) / 'profiles.jsonl'}; "
+                             f"re-run `persona-gym distill --out {root} --force`")
+    return kept
+
+
 def tables_digest(root: str | Path) -> str:
     """Content hash of the prompt-relevant tables (profiles, memories, item descriptions).
 

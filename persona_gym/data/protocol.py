@@ -25,7 +25,7 @@ from persona_gym.data.splits import Split, protocol_split
 if TYPE_CHECKING:
     from persona_gym.artifacts import Artifacts
 
-__all__ = ["EvalData", "logged_data", "read_split_record", "rebuild_split"]
+__all__ = ["USER_GROUPS", "EvalData", "logged_data", "read_split_record", "rebuild_split"]
 
 
 @dataclass
@@ -79,8 +79,18 @@ def _recorded_dataset(source: str, where: str | Path) -> RatingsDataset:
             f"run this command from the folder that holds {source!r}, {rebuild}") from error
 
 
-def logged_data(artifacts: Artifacts) -> EvalData:
-    """Rebuild the protocol split recorded in ``split.json`` and check it matches the artifacts."""
+USER_GROUPS = ("training", "others")
+
+
+def logged_data(artifacts: Artifacts, users: str = "training") -> EvalData:
+    """Rebuild the protocol split recorded in ``split.json`` and check it matches the artifacts.
+
+    ``users``: whose held-out interactions are the test set: ``"training"``, the protocol users
+    the adapters were trained on, or ``"others"``, the other simulated users of an ``all_users``
+    split (``persona-gym distill --all-users``), whom the adapters never saw.
+    """
+    if users not in USER_GROUPS:
+        raise ValueError(f"users must be one of {USER_GROUPS}, got {users!r}")
     path = Path(artifacts.root) / "split.json"
     info = read_split_record(artifacts.root)
     _, split = rebuild_split(info, path)
@@ -92,9 +102,13 @@ def logged_data(artifacts: Artifacts) -> EvalData:
             f"than the artifacts record ({len(diff)} differ, e.g. {diff[:5]}): the dataset files or "
             "the split code changed since `persona-gym distill`; re-distil and retrain"
         )
-    users = set(artifacts.user_ids)
+    if users == "others" and split.other_test is None:
+        raise ValueError(f"{path}: the split simulates no other users; distil with --all-users "
+                         "(`persona-gym build DATASET --all-users`) to evaluate users the adapters never saw")
+    simulated = set(artifacts.user_ids)
     memories = artifacts.memories
-    train_mine = split.train[split.train["user_id"].isin(users)]
+    train = split.simulated_train()
+    train_mine = train[train["user_id"].isin(simulated)]
     logged = set(zip(memories["user_id"], memories["item_id"], memories["rating"], strict=True))
     expected = set(zip(train_mine["user_id"], train_mine["item_id"], train_mine["rating"], strict=True))
     if logged != expected:
@@ -102,6 +116,8 @@ def logged_data(artifacts: Artifacts) -> EvalData:
             f"{artifacts.root}/memories.parquet does not hold exactly the training interactions of "
             f"the rebuilt split ({len(logged ^ expected)} differ): re-run `persona-gym distill`"
         )
-    test = split.test[split.test["user_id"].isin(users)].copy()
+    held = split.test if users == "training" or split.other_test is None else split.other_test
+    test = held[held["user_id"].isin(simulated)].copy()
     test["item_index"] = artifacts.catalog.indices_of(test["item_id"])
-    return EvalData(test, split.train, split.background, f"{info['dataset']} protocol split {info['params']}")
+    source = f"{info['dataset']} protocol split {info['params']}" + (", other users" if users == "others" else "")
+    return EvalData(test, split.train, split.background, source)

@@ -3,7 +3,10 @@
 :func:`protocol_split` is the paper's evaluation protocol: a seeded choice of users with
 100-200 interactions, each user's history split by time 60:40. Ratings of the users not chosen
 form ``background``: usable as training signal (item averages, collaborative filtering), never
-as test data. :func:`random_split` is a plain random hold-out over all ratings.
+as test data. With ``all_users``, every other user with enough history is split by time the
+same way: their training part joins ``background`` and their held-out part is ``other_test``, so
+they can be simulated and evaluated as users the adapters never saw. :func:`random_split` is a
+plain random hold-out over all ratings.
 """
 
 from __future__ import annotations
@@ -35,6 +38,19 @@ class Split:
     user_ids: np.ndarray  # sorted selected user ids
     seed: int
     params: dict = field(default_factory=dict)  # the arguments that made it
+    # with all_users: the other simulated users (sorted) and their held-out interactions; their
+    # training interactions are the background rows of these users
+    other_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    other_test: pd.DataFrame | None = None
+
+    def simulated_train(self) -> pd.DataFrame:
+        """Training interactions of every simulated user: the selected users' and the others'."""
+        others = self.background[self.background["user_id"].isin(self.other_ids)]
+        return _sorted(pd.concat([self.train, others], ignore_index=True))
+
+    def rest(self) -> pd.DataFrame:
+        """Background ratings of the users that are not simulated."""
+        return self.background[~self.background["user_id"].isin(self.other_ids)].reset_index(drop=True)
 
     def item_stats(self) -> pd.DataFrame:
         """Per item ``item_id``, ``mean_rating``, ``n_ratings`` from train + background only.
@@ -44,12 +60,13 @@ class Split:
         Sorted by ``item_id``.
         """
         known = pd.concat([self.train, self.background], ignore_index=True)
+        held = self.test if self.other_test is None else pd.concat([self.test, self.other_test])
         stats = (
             known.groupby("item_id")["rating"]
             .agg(mean_rating="mean", n_ratings="size")
             .reset_index()
         )
-        only_test = np.setdiff1d(self.test["item_id"].unique(), stats["item_id"].to_numpy())
+        only_test = np.setdiff1d(held["item_id"].unique(), stats["item_id"].to_numpy())
         if len(only_test):
             extra = pd.DataFrame({"item_id": only_test, "mean_rating": np.nan, "n_ratings": 0})
             stats = pd.concat([stats, extra], ignore_index=True)
@@ -71,7 +88,7 @@ class Split:
                 "max": int(counts.max()),
             }
 
-        return {
+        summary = {
             "name": self.name,
             "seed": self.seed,
             "n_users": len(self.user_ids),
@@ -81,6 +98,9 @@ class Split:
             "train_per_user": per_user(self.train),
             "test_per_user": per_user(self.test),
         }
+        if self.other_test is not None:
+            summary.update(n_other_users=len(self.other_ids), n_other_test=len(self.other_test))
+        return summary
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
@@ -94,6 +114,8 @@ def protocol_split(
     max_interactions: int = 200,
     train_fraction: float = 0.6,
     seed: int = 0,
+    all_users: bool = False,
+    min_other_interactions: int = 20,
 ) -> Split:
     """The paper's protocol: ``n_users`` users with ``min..max`` interactions, split by time.
 
@@ -102,9 +124,15 @@ def protocol_split(
     Each chosen user's ratings, sorted by ``(timestamp, item_id)``, go to train for the first
     ``floor(train_fraction * n)`` and to test for the rest (so every train timestamp is <=
     every test timestamp of that user). Everyone else's ratings form ``background``.
+
+    ``all_users``: every other user with at least ``min_other_interactions`` ratings is split by
+    time the same way (``other_ids``); their training part stays in ``background`` and their
+    held-out part becomes ``other_test``, never training signal.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    if all_users and min_other_interactions < 2:
+        raise ValueError(f"min_other_interactions must be >= 2, got {min_other_interactions}")
     if min_interactions > max_interactions:
         raise ValueError(
             f"min_interactions ({min_interactions}) > max_interactions ({max_interactions})"
@@ -116,6 +144,8 @@ def protocol_split(
         "train_fraction": train_fraction,
         "seed": seed,
     }
+    if all_users:  # recorded only when set, so the split.json of a default split is unchanged
+        params.update(all_users=True, min_other_interactions=min_other_interactions)
     ratings = ds.ratings
     counts = ratings.groupby("user_id").size()
     eligible = np.sort(
@@ -131,23 +161,38 @@ def protocol_split(
 
     selected = _sorted(ratings[ratings["user_id"].isin(chosen)])
     background = _sorted(ratings[~ratings["user_id"].isin(chosen)])
-    # position of each row within its user's time-ordered history, and that user's count
-    rank = selected.groupby("user_id").cumcount().to_numpy()
-    n = selected.groupby("user_id")["user_id"].transform("size").to_numpy()
-    # small epsilon so that e.g. 0.6 * 105 = 62.99999... still gives 63
-    n_train = np.floor(n * train_fraction + 1e-9).astype(np.int64)
-    in_train = rank < n_train
-    train = selected[in_train].reset_index(drop=True)
-    test = selected[~in_train].reset_index(drop=True)
+    train, test = _by_time(selected, train_fraction)
+    others, other_test = np.zeros(0, dtype=np.int64), None
+    note = ""
+    if all_users:
+        rest = counts.drop(chosen)
+        others = np.sort(rest.index[rest >= min_other_interactions].to_numpy()).astype(np.int64)
+        mine = background["user_id"].isin(others).to_numpy()
+        kept, other_test = _by_time(background[mine], train_fraction)
+        background = _sorted(pd.concat([background[~mine], kept], ignore_index=True))
+        note = f", {len(others)} other users with {len(other_test)} held out"
     logger.info(
-        "protocol split of %s: %d users, %d train, %d test, %d background",
+        "protocol split of %s: %d users, %d train, %d test, %d background%s",
         ds.name,
         n_users,
         len(train),
         len(test),
         len(background),
+        note,
     )
-    return Split("protocol", train, test, background, chosen, seed, params)
+    return Split("protocol", train, test, background, chosen, seed, params, others, other_test)
+
+
+def _by_time(rows: pd.DataFrame, train_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each user's first ``floor(train_fraction * n)`` ratings (sorted rows) and the rest."""
+    rows = _sorted(rows)
+    # position of each row within its user's time-ordered history, and that user's count
+    rank = rows.groupby("user_id").cumcount().to_numpy()
+    n = rows.groupby("user_id")["user_id"].transform("size").to_numpy()
+    # small epsilon so that e.g. 0.6 * 105 = 62.99999... still gives 63
+    n_train = np.floor(n * train_fraction + 1e-9).astype(np.int64)
+    in_train = rank < n_train
+    return rows[in_train].reset_index(drop=True), rows[~in_train].reset_index(drop=True)
 
 
 def random_split(ds: RatingsDataset, test_fraction: float = 0.1, seed: int = 0) -> Split:

@@ -70,9 +70,9 @@ class Distiller(Protocol):
 
 
 def training_rows(split, catalog: ItemCatalog) -> pd.DataFrame:
-    """The split's training rows, sorted by user then time, with catalogue index and avg."""
-    train = split.train.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
-    train = train.reset_index(drop=True)
+    """The training rows of the split's simulated users (the selected users and, with
+    ``all_users``, the others), sorted by user then time, with catalogue index and avg."""
+    train = split.simulated_train()
     index = catalog.indices_of(train["item_id"].to_numpy())
     return train.assign(item_index=index, item_mean=catalog.mean_rating[index])
 
@@ -118,7 +118,7 @@ def write_artifacts(out: str | Path, dataset, split, catalog: ItemCatalog,
     out = Path(out)
     atomic_write_parquet(out / "items.parquet", catalog.to_frame())
     result.save(out)
-    fit_collaborative(split.train, split.background, catalog, seed=split.seed).save(out / CF_FILE)
+    fit_collaborative(split.simulated_train(), split.rest(), catalog, seed=split.seed).save(out / CF_FILE)
     atomic_write_json(out / "split.json", {
         "dataset": dataset.source or dataset.name,
         "params": split.params,

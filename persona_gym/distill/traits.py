@@ -53,7 +53,7 @@ def compute_traits(dataset, split, catalog: ItemCatalog,
     """Per-user statistics from the split's training rows (and training-only item averages).
 
     Reference values ("typical user") come from training + background ratings, never test.
-    Activity and diversity labels are tertiles over the split's users.
+    Activity and diversity labels are tertiles over the split's selected users.
     """
     config = config or DataDistillerConfig()
     rows = training_rows(split, catalog)
@@ -71,8 +71,11 @@ def compute_traits(dataset, split, catalog: ItemCatalog,
         raw[int(user_id)] = _user_traits(group, catalog, config, n_all_genres)
     if not raw:
         return {}
-    counts = np.array([t["n_ratings"] for t in raw.values()], dtype=float)
-    entropies = np.array([t["genre_entropy"] for t in raw.values()], dtype=float)
+    # the cuts come from the selected users, so that other simulated users do not move them
+    selected = {int(u) for u in split.user_ids}
+    cut_users = [t for u, t in raw.items() if u in selected] or list(raw.values())
+    counts = np.array([t["n_ratings"] for t in cut_users], dtype=float)
+    entropies = np.array([t["genre_entropy"] for t in cut_users], dtype=float)
     n_low, n_high = (float(x) for x in np.quantile(counts, [1 / 3, 2 / 3]))
     e_low, e_high = (float(x) for x in np.quantile(entropies, [1 / 3, 2 / 3]))
     n_cuts, e_cuts = (n_low, n_high), (e_low, e_high)

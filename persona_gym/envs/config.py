@@ -21,6 +21,7 @@ REPEAT_RULES = ("penalty", "terminate")
 LEAVE_RULES = ("threshold", "model")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("local", "vllm", "vllm-server")
+USERS = ("all", "training")
 
 __all__ = ["BACKENDS", "EnvConfig", "add_env_kwargs_argument", "check_device", "load_env_config", "parse_env_kwargs"]
 
@@ -39,6 +40,10 @@ class EnvConfig:
             ``persona-gym distill``, ``personas`` and ``train``.
         variant: which adapter rates a user: ``"persona"`` (their persona's), ``"base"``, or
             the name of one adapter for everyone (``"single-max"``).
+        users: whom episodes are drawn from: ``"all"`` (every simulated user of the artifacts;
+            for artifacts built with ``persona-gym build DATASET --all-users``, every user with
+            at least 20 ratings, most of whom the adapters never saw) or ``"training"`` (only
+            the users the adapters were trained on).
         base_model: base SLM (alias, folder or hub id); ``None`` = the manifest's.
         device: torch device of the rating model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``,
             ``"xpu"``); checked when the config is made (:func:`check_device`), so an unusable
@@ -94,6 +99,7 @@ class EnvConfig:
     dataset: str = "ml-100k"
     artifacts: str = "ml-100k"
     variant: str = "persona"
+    users: str = "all"
     base_model: str | None = None
     device: str = "cpu"
     dtype: str = "auto"
@@ -134,6 +140,8 @@ class EnvConfig:
             raise ConfigError(
                 f"EnvConfig.leave_rule must be one of {LEAVE_RULES}, got {self.leave_rule!r}"
             )
+        if self.users not in USERS:
+            raise ConfigError(f"EnvConfig.users must be one of {USERS}, got {self.users!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"EnvConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check_backend(self)

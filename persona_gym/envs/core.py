@@ -142,7 +142,7 @@ class RecCore:
         rater = self.rater
         self.catalog = rater.catalog
         self.n_items = len(self.catalog)
-        self.user_ids: list[int] = list(rater.user_ids)
+        self.user_ids: list[int] = list(rater.user_ids if self.config.users == "all" else rater.training_user_ids)
         self._known_users = set(self.user_ids)
         self.window_size = rater.window_size
         emb = np.asarray(rater.item_embeddings, dtype=np.float32)

@@ -97,6 +97,10 @@ class UserSimulator:
         return self.artifacts.user_ids
 
     @property
+    def training_user_ids(self) -> list[int]:
+        return self.artifacts.training_user_ids
+
+    @property
     def catalog(self) -> ItemCatalog:
         return self.artifacts.catalog
 

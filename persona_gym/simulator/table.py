@@ -100,6 +100,10 @@ class TableRater:
         return sorted(self._profiles)
 
     @property
+    def training_user_ids(self) -> list[int]:
+        return self.user_ids
+
+    @property
     def window_size(self) -> int:
         return self._window_size
 

@@ -243,3 +243,35 @@ def test_split_logging_default_seed_and_users_without_rows(caplog) -> None:
     # a selected user without test rows counts as 0 in the summary, not as absent
     lopsided = Split("protocol", s.train, s.test[s.test["user_id"] == 1], s.background, s.user_ids, 0)
     assert lopsided.summary()["test_per_user"] == {"min": 0, "median": 2.0, "max": 4}
+
+
+def test_all_users_splits_every_other_user_by_time_and_holds_their_future_out(ml100k: RatingsDataset) -> None:
+    """``all_users``: the protocol users are unchanged; every other user with >= 20 ratings is cut
+    at floor(0.6 n) in time order, the first part joining the background (training signal), the
+    rest in ``other_test``, which no item statistic reads."""
+    default = protocol_split(ml100k, seed=0)
+    s = protocol_split(ml100k, seed=0, all_users=True, min_other_interactions=20)
+    assert "all_users" not in default.params and s.params["all_users"] is True
+    assert default.other_test is None and len(default.other_ids) == 0
+    assert np.array_equal(s.user_ids, default.user_ids)
+    assert s.train.equals(default.train) and s.test.equals(default.test)
+    counts = ml100k.ratings.groupby("user_id").size().drop(s.user_ids)
+    assert s.other_ids.tolist() == sorted(counts.index[counts >= 20].tolist())  # ML-100k: all 743
+    assert len(s.other_ids) == 743 and not set(s.other_ids.tolist()) & set(s.user_ids.tolist())
+    assert not _keys(s.other_test) & _keys(s.background)
+    assert len(s.background) + len(s.other_test) == len(default.background)
+    for user in s.other_ids[:50]:
+        past = s.background[s.background["user_id"] == user]
+        future = s.other_test[s.other_test["user_id"] == user]
+        n = len(past) + len(future)
+        assert len(past) == int(np.floor(0.6 * n + 1e-9))
+        assert past["timestamp"].max() <= future["timestamp"].min()
+    assert s.simulated_train()["user_id"].nunique() == 943 and len(s.rest()) == 0
+    assert s.summary()["n_other_users"] == 743 and s.summary()["n_other_test"] == len(s.other_test)
+    # item averages from train + background only: the others' held-out ratings do not count
+    stats = s.item_stats().set_index("item_id")
+    known = pd.concat([s.train, s.background]).groupby("item_id")["rating"].mean()
+    assert np.allclose(stats.loc[known.index, "mean_rating"], known)
+    assert not np.allclose(default.item_stats().set_index("item_id").loc[known.index, "mean_rating"], known)
+    with pytest.raises(ValueError, match="min_other_interactions must be >= 2"):
+        protocol_split(ml100k, all_users=True, min_other_interactions=1)

@@ -293,6 +293,8 @@ def test_config_errors_name_key_and_file(tmp_path):
         load_env_config(str(path))
     with pytest.raises(ValueError, match="EnvConfig.reward must be one of"):
         load_env_config("ml100k", reward="mean")
+    with pytest.raises(ValueError, match=r"EnvConfig.users must be one of \('all', 'training'\), got 'new'"):
+        load_env_config("ml100k", users="new")
     with pytest.raises(ValueError, match="unknown EnvConfig field"):
         load_env_config("ml100k", max_steps=3)
 

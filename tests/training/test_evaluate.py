@@ -257,6 +257,25 @@ def test_evaluate_reads_the_test_set_through_split_json(protocol_artifacts):
     assert full_test["rmse"] == pytest.approx(math.sqrt(((test["rating"] - fit_on.mean()) ** 2).mean()))
 
 
+def test_other_users_need_an_all_users_split_and_samples_are_seeded(protocol_artifacts):
+    from persona_gym.artifacts import load_artifacts
+    from persona_gym.data.protocol import logged_data
+    from training.evaluate import sample_users
+
+    with pytest.raises(ValueError, match="simulates no other users; distil with --all-users"):
+        logged_data(load_artifacts(protocol_artifacts), "others")
+    with pytest.raises(ValueError, match="users must be one of"):
+        logged_data(load_artifacts(protocol_artifacts), "everyone")
+    ids = [7, 3, 3, 9, 1, 7, 5]
+    assert sample_users(ids, 10, seed=0).tolist() == [1, 3, 5, 7, 9]  # fewer than asked: all
+    picked = sample_users(ids, 3, seed=0)
+    assert len(picked) == 3 and set(picked) <= {1, 3, 5, 7, 9} and list(picked) == sorted(picked)
+    assert np.array_equal(picked, sample_users(ids, 3, seed=0))
+    assert len({tuple(sample_users(ids, 3, seed=s)) for s in range(10)}) > 1
+    with pytest.raises(ValueError, match="max_users must be >= 1"):
+        sample_users(ids, 0, seed=0)
+
+
 def test_split_json_mismatch_is_named(held_out, tmp_path):
     from persona_gym.artifacts import load_artifacts
     from persona_gym.data.protocol import logged_data

@@ -74,3 +74,12 @@ def test_cards_describe_each_cluster() -> None:
     assert cards[0]["mean_rating"] == pytest.approx(14 / 3, abs=1e-3)
     assert cards[0]["top_genres"][0]["genre"] == "Horror"
     assert cards[1]["distinctive_genres"][0]["genre"] == "Romance"
+
+
+def test_other_users_get_the_nearest_centroids_persona() -> None:
+    from training.personas import nearest_centroid
+
+    features = np.array([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0]])
+    labels = np.array([3, 3, 5, 5])  # centroids (0, 1) and (10, 1)
+    others = np.array([[1.0, 1.0], [6.0, 5.0], [4.9, -3.0], [100.0, 1.0]])
+    assert nearest_centroid(features, labels, others).tolist() == [3, 5, 3, 5]
