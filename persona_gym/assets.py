@@ -118,13 +118,22 @@ def _converted_smollm2(root: Path) -> Path:
         raise MissingAssetError(f"{gguf_file} is missing; reinstall with: {_SMOLLM2_PIP}")
     log.info("converting %s to safetensors in %s (once, ~30 s)", gguf_file.name, target)
 
+    import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=gguf_file.name, dtype=torch.float32
-    )
+    # transformers parses the file three times (tokenizer, config, weights; most of the
+    # conversion's time goes to reading its 49k-token vocabulary): hand it one parsed reader
+    reader, make_reader = gguf.GGUFReader(gguf_file), gguf.GGUFReader
+    gguf.GGUFReader = lambda path, *args, **kwargs: (  # type: ignore[misc,assignment]
+        reader if Path(path) == gguf_file else make_reader(path, *args, **kwargs))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=gguf_file.name, dtype=torch.float32
+        )
+    finally:
+        gguf.GGUFReader = make_reader  # type: ignore[misc]
     # A model loaded from GGUF keeps a quantization_config that save_pretrained refuses;
     # rebuild a plain model from the config and copy the dequantised weights in.
     config = loaded.config
