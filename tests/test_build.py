@@ -9,6 +9,9 @@ the tiny random base model of SmolLM2's layout with the smallest training settin
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -172,6 +175,11 @@ def _check_all_users(root, tiny_base) -> None:
     assert report["data"]["users"] == "others" and report["data"]["n_users"] == 2
     assert report["configs"][0]["status"] == "ok" and report["data"]["source"].endswith("other users")
     assert logged_data(artifacts, "others").test["user_id"].isin(others).all()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "all_users.py"
+    table = subprocess.run([sys.executable, str(script), str(root)], check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    assert table[0] == "| | adapters' training users | users the adapters never saw |"
+    assert "| users / rated test interactions | 3 / 6 | 2 / 4 |" in table
 
     for users, expected in (("all", protocol + others), ("training", protocol)):
         env = gym.make("persona_gym:PersonaML1M-v0", artifacts=str(root), base_model=tiny_base, users=users)

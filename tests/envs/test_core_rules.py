@@ -44,6 +44,7 @@ class Scripted:
         self.catalog, self.histories, self.probs = catalog, dict(histories), np.asarray(probs)
         self.item_embeddings, self.window_size, self.source = embeddings, window_size, "scripted"
         self.user_ids = sorted(self.histories)
+        self.training_user_ids = self.user_ids[:1]  # the others are users the model never saw
         self.calls: list[tuple[list[int], list[int], list[tuple]]] = []
 
     def profile(self, user_id):
@@ -81,6 +82,17 @@ def step(core, state, item, seed=0):
 
 def test_the_scripted_rater_is_a_rater(rater):
     assert isinstance(rater, Rater)
+
+
+def test_episodes_are_drawn_from_all_users_or_only_the_training_users(rater):
+    everyone = make_core(rater)
+    assert everyone.user_ids == rater.user_ids and len(rater.user_ids) > 1
+    drawn = {everyone.new_episode(np.random.default_rng(seed), None).user_id for seed in range(30)}
+    assert drawn == set(rater.user_ids)
+    training = make_core(rater, users="training")
+    assert training.user_ids == rater.training_user_ids
+    drawn = {training.new_episode(np.random.default_rng(seed), None).user_id for seed in range(30)}
+    assert drawn == set(rater.training_user_ids)
 
 
 # -- spaces -------------------------------------------------------------------------------------
