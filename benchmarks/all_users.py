@@ -18,6 +18,11 @@ SIMULATOR = "persona:Ms+Ml"
 BASELINES = ("matrix factorisation", "item kNN", "user+item bias", "item mean", "collaborative prior alone (no SLM)")
 
 
+def _f(value: float | None, spec: str = ".3f") -> str:
+    """``value`` formatted, ``-`` where the report has none (too few rows per user)."""
+    return "-" if value is None else format(value, spec)
+
+
 def _rows(results: dict) -> dict[str, str]:
     """The figures of one report, formatted, keyed by row label."""
     config = next(c for c in results["configs"] if c["spec"] == SIMULATOR)
@@ -34,11 +39,11 @@ def _rows(results: dict) -> dict[str, str]:
         if name in results["baselines"]:
             rows[f"{name} RMSE"] = f"{results['baselines'][name]['evaluated_rows']['rmse']:.4f}"
     within = sim["within_user"]
-    rows["within-user Pearson / Spearman"] = f"{within['pearson']:.3f} / {within['spearman']:.3f}"
+    rows["within-user Pearson / Spearman"] = f"{_f(within['pearson'])} / {_f(within['spearman'])}"
     mf_within = results["baselines"].get("matrix factorisation", {}).get("evaluated_rows", {}).get("within_user")
     if mf_within:
-        rows["within-user Pearson, MF"] = f"{mf_within['pearson']:.3f}"
-    rows["within-user std, predicted / real"] = f"{within['std_pred']:.3f} / {within['std_real']:.3f}"
+        rows["within-user Pearson, MF"] = _f(mf_within["pearson"])
+    rows["within-user std, predicted / real"] = f"{_f(within['std_pred'])} / {_f(within['std_real'])}"
     if specificity:
         rows["own persona adapter best (RMSE / NLL; chance)"] = (
             f"{specificity['own_best_share']:.0%} / {specificity['own_best_share_nll']:.0%}; "

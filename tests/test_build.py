@@ -39,6 +39,8 @@ def test_build_end_to_end_resumes_and_evaluates_from_another_folder(tmp_path, mo
     for n, stage in enumerate(STAGES[:4], 1):
         assert f"[{n}/4] {stage}: " in out
     assert out.count(": done in ") == 3 and "is ready in " in out
+    assert "distill: done in " in out and "3 users + 2 other users, " in out
+    assert ", 2 other users given the nearest" in out
     root = work / "art"
     record = json.loads((root / "build.json").read_text())
     assert list(record["stages"]) == ["distill", "personas", "train"]

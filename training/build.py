@@ -222,10 +222,15 @@ def _summary(root: Path, stage: str) -> str:
 
     with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
         if stage == "distill":
-            return f"{len(read('split.json')['user_ids'])} users, {read('distill.json')['n_memories']:,} memories"
+            split = read("split.json")
+            protocol, simulated = len(split["user_ids"]), len(split["distilled_user_ids"])
+            others = f" + {simulated - protocol} other users" if simulated > protocol else ""
+            return f"{protocol} users{others}, {read('distill.json')['n_memories']:,} memories"
         if stage == "personas":
             personas = read("personas.json")
-            return f"K={personas['k']} personas of {personas['sizes']} users"
+            others = sum(personas.get("by_nearest_centroid", {}).values())
+            return f"K={personas['k']} personas of {personas['sizes']} users" + (
+                f", {others} other users given the nearest" if others else "")
         if stage == "train":
             adapters = read(MANIFEST)["metrics"]["adapters"]
             rmse = [m["best_val_rmse"] for m in adapters.values()]
