@@ -295,7 +295,7 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     Refuses to replace existing personas unless ``force``, which also deletes what was built
     on them (adapters, manifest: :func:`persona_gym.artifacts.prepare_stage`).
     """
-    from persona_gym.artifacts import load_tables, prepare_stage
+    from persona_gym.artifacts import load_tables, prepare_stage, training_users
     from persona_gym.embeddings import DEFAULT_EMBEDDER, Embedder
 
     artifacts = Path(artifacts)
@@ -312,7 +312,7 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     rows.sort(key=lambda r: int(r["user_id"]))
     user_ids = [int(r["user_id"]) for r in rows]
     texts = [r["text"] for r in rows]
-    clustered = _clustered(artifacts, user_ids)
+    clustered = np.isin(user_ids, training_users(artifacts, user_ids))  # the protocol users
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -371,13 +371,6 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     log.info("timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
     log.info("K=%d, sizes %s", result.k, out["sizes"])
     return out
-
-
-def _clustered(artifacts: Path, user_ids: list[int]) -> np.ndarray:
-    """Mask of the users to cluster: the protocol users (:func:`training_users`)."""
-    from persona_gym.artifacts.tables import training_users
-
-    return np.isin(user_ids, training_users(artifacts, user_ids))
 
 
 def add_parser(subparsers) -> None:
