@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
-__all__ = ["BASE", "adapter_of", "persona_adapter", "user_adapter", "variant_adapters"]
+__all__ = ["BASE", "adapter_of", "persona_adapter", "persona_of", "user_adapter", "variant_adapters"]
 
 BASE = "base"
 _PERSONA = "persona-"
@@ -26,6 +26,13 @@ T = TypeVar("T")
 def persona_adapter(persona: int) -> str:
     """``persona-<k>``."""
     return f"{_PERSONA}{int(persona)}"
+
+
+def persona_of(adapter: str) -> int | None:
+    """The persona of a ``persona-<k>`` adapter name, None for any other name."""
+    if adapter.startswith(_PERSONA) and adapter[len(_PERSONA):].isdigit():
+        return int(adapter[len(_PERSONA):])
+    return None
 
 
 def user_adapter(user_id: int) -> str:

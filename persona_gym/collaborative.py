@@ -10,6 +10,13 @@ interactions plus the other users' ratings, never a held-out rating):
   (the short-term mood the model cannot see);
 * each item's factors and bias, appended to the item's text embedding in the soft item tokens.
 
+A persona adapter can own part of its users' taste (``PromptConfig.persona_taste = s``): its
+users are clustered on their MF user factors (``persona-gym personas --features taste``) and a
+user's prediction under persona ``k``'s adapter uses ``(1 - s) p_u + s c_k`` in place of their
+own factors ``p_u``, where ``c_k`` is the mean factor vector of the persona's training users
+(:func:`persona_tastes`, :meth:`CollaborativeModel.taste_of`). Rated by another persona's adapter,
+the user gets that persona's taste: the adapter carries something of its own users.
+
 The prediction is a blend ``(1 - w) * MF + w * kNN`` of two baselines of
 :mod:`persona_gym.evaluation.baselines`, :class:`~persona_gym.evaluation.baselines.BiasedMF`
 and :class:`~persona_gym.evaluation.baselines.ItemKNN` (they err differently: the factors see
@@ -43,7 +50,7 @@ from persona_gym.evaluation.baselines import (
 from persona_gym.evaluation.metrics import rmse
 from persona_gym.io import atomic_write
 
-__all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative"]
+__all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative", "persona_tastes"]
 
 CF_FILE = "collaborative.npz"
 
@@ -72,39 +79,56 @@ class CollaborativeModel:
         pos = np.clip(np.searchsorted(self.user_ids, ids), 0, max(len(self.user_ids) - 1, 0))
         return np.where(len(self.user_ids) and self.user_ids[pos] == ids, pos, -1)
 
-    def predict(self, user_ids, item_indices) -> np.ndarray:
+    def predict(self, user_ids, item_indices, taste: np.ndarray | None = None) -> np.ndarray:
         """Predicted ratings of ``(user id, catalogue index)`` pairs, clipped to 1..5.
 
         A pair that is a logged training interaction gets its out-of-fold prediction (the one
-        its training prompt showed), any other pair the full fit's.
+        its training prompt showed), any other pair the full fit's. ``taste``: ``(F,)`` or
+        ``(n, F)`` user factors used in place of the users' own (:meth:`taste_of`); a logged
+        pair's out-of-fold prediction moves by the same difference. Users the fit never saw
+        have no user side, so ``taste`` leaves them alone.
         """
         users = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         items = np.asarray(item_indices, dtype=np.int64).reshape(-1)
         rows = self.user_rows(users)
         known = rows >= 0
         safe = np.maximum(rows, 0)
-        dot = np.einsum("nf,nf->n", self.user_factors[safe], self.item_factors[items])
+        factors = self.user_factors[safe]
+        dot = np.einsum("nf,nf->n", factors, self.item_factors[items])
         value = self.mu + self.item_bias[items] + np.where(known, self.user_bias[safe] + dot, 0.0)
         w = float(self.params["blend"])
         value = np.where(known, (1.0 - w) * value + w * self.knn[safe, items], value)
-        value = np.clip(value, 1.0, 5.0)
+        shift = np.zeros(len(users))
+        if taste is not None:
+            moved = np.broadcast_to(np.asarray(taste, dtype=np.float64), factors.shape)
+            shift = np.where(known, (1.0 - w) * np.einsum("nf,nf->n", moved - factors,
+                                                          self.item_factors[items]), 0.0)
+        value = np.clip(value + shift, 1.0, 5.0)
         if len(self.logged_keys):
             keys = users * len(self.item_bias) + items
             pos = np.clip(np.searchsorted(self.logged_keys, keys), 0, len(self.logged_keys) - 1)
             logged = self.logged_keys[pos] == keys
-            value = np.where(logged, self.logged_predictions[pos], value)
+            value = np.where(logged, np.clip(self.logged_predictions[pos] + shift, 1.0, 5.0), value)
         return value
 
-    def cues(self, user_id: int, candidate: int, window) -> tuple[float, float]:
-        """The prompt's collaborative cues for one request: the candidate's predicted rating
-        and the window's :meth:`surprise`."""
-        return float(self.predict([user_id], [candidate])[0]), self.surprise(user_id, window)
+    def taste_of(self, user_id: int, persona_taste: np.ndarray, share: float) -> np.ndarray:
+        """``(1 - share) p_u + share c``: the user's factors moved toward a persona's mean
+        factors ``c`` (``p_u`` = 0 for a user the fit never saw)."""
+        row = int(self.user_rows([user_id])[0])
+        own = self.user_factors[row] if row >= 0 else np.zeros(self.user_factors.shape[1])
+        return (1.0 - share) * own + share * np.asarray(persona_taste, dtype=np.float64)
 
-    def surprise(self, user_id: int, window) -> float:
+    def cues(self, user_id: int, candidate: int, window, taste: np.ndarray | None = None) -> tuple[float, float]:
+        """The prompt's collaborative cues for one request: the candidate's predicted rating
+        and the window's :meth:`surprise` (both with ``taste``, see :meth:`predict`)."""
+        return (float(self.predict([user_id], [candidate], taste)[0]),
+                self.surprise(user_id, window, taste))
+
+    def surprise(self, user_id: int, window, taste: np.ndarray | None = None) -> float:
         """Mean of (rating - prediction) over a window of interactions; 0 for an empty one."""
         if not len(window):
             return 0.0
-        predicted = self.predict([user_id] * len(window), [x.item_index for x in window])
+        predicted = self.predict([user_id] * len(window), [x.item_index for x in window], taste)
         return float(np.mean([x.rating for x in window] - predicted))
 
     def item_features(self) -> np.ndarray:
@@ -121,6 +145,19 @@ class CollaborativeModel:
                          logged_keys=self.logged_keys, logged_predictions=self.logged_predictions)
 
         atomic_write(Path(path), write)
+
+
+def persona_tastes(model: CollaborativeModel, user_persona: dict[int, int], users) -> dict[int, np.ndarray]:
+    """Each persona's taste: the mean MF factors of its members among ``users`` (the users its
+    adapter trains on) that the fit saw."""
+    tastes = {}
+    for persona in sorted(set(user_persona.values())):
+        members = [u for u in users if user_persona.get(int(u)) == persona]
+        rows = model.user_rows(members)
+        rows = rows[rows >= 0]
+        tastes[persona] = (model.user_factors[rows].mean(0) if len(rows)
+                           else np.zeros(model.user_factors.shape[1]))
+    return tastes
 
 
 def load_collaborative(path: str | Path) -> CollaborativeModel:
@@ -164,7 +201,7 @@ def _blend(mf: np.ndarray, knn: np.ndarray, w: float) -> np.ndarray:
 
 
 def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: ItemCatalog,
-                      seed: int = 0, folds: int = 5) -> CollaborativeModel:
+                      seed: int = 0, folds: int = 5, params: dict | None = None) -> CollaborativeModel:
     """Tune and fit the collaborative model, with out-of-fold predictions of ``train``.
 
     ``train`` is the simulated users' training part (``user_id, item_id, rating, timestamp``;
@@ -172,15 +209,21 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
     ratings. MF and kNN are tuned on the validation slice, then
     the blend weight (of :data:`BLENDS`) on the same slice. The out-of-fold prediction of a
     ``train`` row comes from models fitted without that row's fold (``folds`` seeded random folds).
+    ``params``: the ``params`` of an earlier fit on the same data (a shipped simulator's
+    ``collaborative.json``), which skips the tuning and gives the same model.
     """
-    fit_part, validation = validation_split(train, 0.2)
-    tune_on = fit_frame(fit_part, background)
-    mf_params, _, _ = tune(*DEFAULT_GRIDS["matrix factorisation"], tune_on, validation, {"seed": seed})
-    knn_params, _, _ = tune(*DEFAULT_GRIDS["item kNN"], tune_on, validation)
-    pairs = validation["user_id"], validation["item_id"]
-    mf_val = BiasedMF(**mf_params, seed=seed).fit(tune_on).predict(*pairs)
-    knn_val = ItemKNN(**knn_params).fit(tune_on).predict(*pairs)
-    w = min(BLENDS, key=lambda b: rmse(_blend(mf_val, knn_val, b), validation["rating"]))
+    if params is None:
+        fit_part, validation = validation_split(train, 0.2)
+        tune_on = fit_frame(fit_part, background)
+        mf_params, _, _ = tune(*DEFAULT_GRIDS["matrix factorisation"], tune_on, validation, {"seed": seed})
+        knn_params, _, _ = tune(*DEFAULT_GRIDS["item kNN"], tune_on, validation)
+        pairs = validation["user_id"], validation["item_id"]
+        mf_val = BiasedMF(**mf_params, seed=seed).fit(tune_on).predict(*pairs)
+        knn_val = ItemKNN(**knn_params).fit(tune_on).predict(*pairs)
+        w = min(BLENDS, key=lambda b: rmse(_blend(mf_val, knn_val, b), validation["rating"]))
+    else:
+        mf_params = {k: v for k, v in params["mf"].items() if k != "seed"}
+        knn_params, w = params["knn"], float(params["blend"])
 
     full_data = fit_frame(train, background)
     full = BiasedMF(**mf_params, seed=seed).fit(full_data)

@@ -33,6 +33,10 @@ class PromptConfig:
             embedding (with ``item_tokens``).
         cf_prior: the rating logits get a learned Gaussian prior around the collaborative
             prediction (with ``cf_cue``; ``persona_gym.simulator.prior``).
+        persona_taste: share ``s`` of a user's collaborative taste that their persona adapter
+            owns (0..1, with ``cf_cue``): under persona ``k``'s adapter the prediction uses
+            ``(1 - s)`` of the user's MF factors plus ``s`` of the persona's mean factors
+            (:mod:`persona_gym.collaborative`); 0 = each user's own factors.
     """
 
     window_size: int = 3
@@ -45,6 +49,7 @@ class PromptConfig:
     surprise_cue: bool = False
     cf_items: bool = False
     cf_prior: bool = False
+    persona_taste: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("window_size", "n_memories", "max_tokens"):
@@ -56,6 +61,10 @@ class PromptConfig:
             raise ValueError("PromptConfig.cf_items needs item_tokens=True (it shapes the item tokens)")
         if self.cf_prior and not self.cf_cue:
             raise ValueError("PromptConfig.cf_prior needs cf_cue=True (the prior is centred on that prediction)")
+        if not 0.0 <= self.persona_taste <= 1.0:
+            raise ValueError(f"PromptConfig.persona_taste must be in [0, 1], got {self.persona_taste}")
+        if self.persona_taste and not self.cf_cue:
+            raise ValueError("PromptConfig.persona_taste needs cf_cue=True (it moves that prediction)")
 
     @property
     def uses_collaborative(self) -> bool:

@@ -132,3 +132,53 @@ def test_a_file_from_before_the_knn_part_names_the_fix(fitted, tmp_path):
     np.savez(tmp_path / "short.npz", **data)
     with pytest.raises(ValueError, match="kNN table"):
         load_collaborative(tmp_path / "short.npz")
+
+
+def test_taste_replaces_the_user_factors_in_every_prediction(fitted):
+    from persona_gym.collaborative import persona_tastes
+
+    model, train, catalog = fitted
+    w = model.params["blend"]
+    users, items = np.repeat([1, 2], 4), np.tile([0, 3, 6, 9], 2)
+    own = model.user_factors[model.user_rows(users)]
+    # the user's own factors as the taste: nothing moves
+    np.testing.assert_allclose(model.predict(users, items, own), model.predict(users, items))
+    taste = np.array([0.7, -0.4] + [0.0] * (own.shape[1] - 2))[: own.shape[1]]
+    moved = model.predict(users, items, taste)
+    shift = (1 - w) * np.einsum("nf,nf->n", taste[None] - own, model.item_factors[items])
+    np.testing.assert_allclose(moved, np.clip(model.predict(users, items) + shift, 1, 5), rtol=1e-6)
+    assert not np.allclose(moved, model.predict(users, items))
+    # a logged pair's out-of-fold prediction moves by the same difference
+    u, i = int(train["user_id"].iloc[0]), int(catalog.indices_of(train["item_id"].iloc[:1])[0])
+    row = model.user_rows([u])[0]
+    delta = (1 - w) * float((taste - model.user_factors[row]) @ model.item_factors[i])
+    assert model.predict([u], [i], taste)[0] == pytest.approx(np.clip(model.predict([u], [i])[0] + delta, 1, 5))
+    # a user the fit never saw has no user side to move
+    assert model.predict([999_999], [4], taste)[0] == model.predict([999_999], [4])[0]
+    # taste_of mixes the user's factors with the persona's; persona_tastes are member means
+    np.testing.assert_allclose(model.taste_of(1, taste, 0.25), 0.75 * own[0] + 0.25 * taste)
+    np.testing.assert_allclose(model.taste_of(999_999, taste, 0.5), 0.5 * taste)
+    tastes = persona_tastes(model, {1: 0, 2: 0, 3: 1}, [1, 2, 3, 999_999])
+    np.testing.assert_allclose(tastes[0], model.user_factors[model.user_rows([1, 2])].mean(0))
+    np.testing.assert_allclose(tastes[1], model.user_factors[model.user_rows([3])[0]])
+    # the cues and the surprise use the same taste
+    window = (Interaction(0, 5.0, 1),)
+    prediction, surprise = model.cues(1, 3, window, taste)
+    assert prediction == pytest.approx(model.predict([1], [3], taste)[0])
+    assert surprise == pytest.approx(5.0 - model.predict([1], [0], taste)[0])
+
+
+def test_recorded_params_skip_the_tuning_and_give_the_same_model(fitted, monkeypatch):
+    import persona_gym.collaborative as collaborative
+
+    model, train, catalog = fitted
+    ratings, _ = _ratings()
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("tuned although the parameters were given")
+
+    monkeypatch.setattr(collaborative, "tune", no_tuning)
+    again = fit_collaborative(train, ratings[ratings.user_id >= 10], catalog, seed=0, params=model.params)
+    assert again.params == model.params
+    for name in ("user_factors", "item_factors", "user_bias", "knn", "logged_predictions"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(model, name))

@@ -30,11 +30,15 @@ def _prior_alone(priors: dict, artifacts, rows: pd.DataFrame, full_test: pd.Data
     (its surprise moves the prior's centre)."""
     import torch
 
-    surprise = {u: artifacts.collaborative.surprise(u, window) for u, window in windows.items()}
+    cf = artifacts.collaborative
+    taste = {u: artifacts.taste(u, artifacts.adapter_of(u)) for u in windows}
+    surprise = {u: cf.surprise(u, window, taste[u]) for u, window in windows.items()}
 
     def probs_of(frame: pd.DataFrame) -> np.ndarray:
         users = frame["user_id"].to_numpy(np.int64)
-        predictions = torch.tensor(artifacts.collaborative.predict(users, frame["item_index"]))
+        own = cf.user_factors[np.maximum(cf.user_rows(users), 0)]
+        factors = np.array([own[n] if taste[int(u)] is None else taste[int(u)] for n, u in enumerate(users)])
+        predictions = torch.tensor(cf.predict(users, frame["item_index"], factors.reshape(own.shape)))
         surprises = torch.tensor([surprise[int(u)] for u in users])
         out = np.zeros((len(frame), 5))
         adapters = np.array([artifacts.adapter_of(int(u)) for u in users])

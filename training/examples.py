@@ -43,11 +43,13 @@ def build_examples(
     index: MemoryIndex,
     config: TrainConfig,
     collaborative: CollaborativeModel | None = None,
+    tastes: dict[int, np.ndarray] | None = None,
 ) -> list[Example]:
     """RAFT examples from each user's time-ordered training interactions (Ml table).
 
     With collaborative cues in the prompt, ``collaborative`` gives them (out-of-fold for
-    these logged interactions, see :mod:`persona_gym.collaborative`).
+    these logged interactions, see :mod:`persona_gym.collaborative`), under ``tastes[user]``
+    (the user's factors moved toward their persona's, ``PromptConfig.persona_taste``) if given.
     """
     cued = config.prompt.cf_cue or config.prompt.surprise_cue
     if cued and collaborative is None:
@@ -64,7 +66,8 @@ def build_examples(
             item = history[position]
             retrieved = index.top_k(user_id, item.item_index, prompt.n_memories)
             window = short_term_window(history, prompt.window_size, before=position)
-            prediction, surprise = (collaborative.cues(user_id, item.item_index, window) if cued
+            prediction, surprise = (collaborative.cues(user_id, item.item_index, window,
+                                                       (tastes or {}).get(user_id)) if cued
                                     else (None, None))
             request = RatingRequest(
                 user_id=user_id,

@@ -1,7 +1,9 @@
-"""Stage 2: cluster users into personas on their profile embeddings (paper §4, App. B).
+"""Stage 2: cluster users into personas (paper §4, App. B).
 
-KMeans++ (scikit-learn, seeded, ``n_init`` restarts) on the unit embeddings of the ``Ms``
-texts. K is fixed, or chosen by the elbow method over ``k_min..k_max``:
+KMeans++ (scikit-learn, seeded, ``n_init`` restarts) on what ``--features`` names: the unit
+embeddings of the ``Ms`` texts (the paper's), rating behaviour, or (the default) the
+collaborative model's user factors, the taste a persona adapter owns with ``train
+--persona-taste``. K is fixed, or chosen by the elbow method over ``k_min..k_max``:
 
     Elbow rule ("max distance to the chord", the kneedle idea, on log inertia): scale K and
     log(inertia) to [0, 1] over the range, draw the chord from the first to the last point, and
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PersonaConfig", "PersonaResult", "cluster_profiles", "elbow_k", "persona_cards"]
 
-FEATURES = ("profile", "behaviour", "both")
+FEATURES = ("profile", "behaviour", "both", "taste")
 ELBOW_RULE = ("elbow: K with the largest distance below the chord joining the first and last "
               "(K, log inertia) points, both axes min-max scaled (kneedle)")
 
@@ -60,8 +62,9 @@ class PersonaConfig:
     n_genres: int = 3  # top genres per card
     # what users are clustered on: "profile" (the Ms text embeddings, the paper's), "behaviour"
     # (how they rate: level, spread, extremes, drift from the collaborative model, its user
-    # factors; see behaviour_features) or "both"
-    features: str = "behaviour"
+    # factors; see behaviour_features), "both", or "taste" (the collaborative model's user
+    # factors alone: what a persona adapter owns with `train --persona-taste`)
+    features: str = "taste"
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
@@ -323,7 +326,13 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     memories = pd.read_parquet(artifacts / "memories.parquet")
     t0 = time.perf_counter()
     features = embeddings
-    if config.features != "profile":
+    if config.features == "taste":
+        from persona_gym.collaborative import CF_FILE, load_collaborative
+
+        cf = load_collaborative(artifacts / CF_FILE)
+        rows = cf.user_rows(user_ids)
+        features = np.where(rows[:, None] >= 0, cf.user_factors[np.maximum(rows, 0)], 0.0)
+    elif config.features != "profile":
         from persona_gym.collaborative import CF_FILE, load_collaborative
 
         behaviour = behaviour_features(user_ids, memories, load_collaborative(artifacts / CF_FILE),
@@ -394,7 +403,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="KMeans seed")
     p.add_argument("--features", choices=FEATURES, default=PersonaConfig.features,
                    help="cluster on the profile texts' embeddings (the paper), on rating behaviour "
-                        "(level, spread, drift from the collaborative model, its user factors), or both")
+                        "(level, spread, drift from the collaborative model, its user factors), both, "
+                        "or on the collaborative user factors alone (taste: what `train --persona-taste` "
+                        "gives each persona adapter)")
     p.add_argument("--force", action="store_true",
                    help="replace existing personas (deletes the adapters and manifest trained on them)")
     p.set_defaults(func=_run)

@@ -57,7 +57,7 @@ from persona_gym.assets import (
     model_source,
     resolve_model,
 )
-from persona_gym.collaborative import CF_FILE, load_collaborative
+from persona_gym.collaborative import CF_FILE, load_collaborative, persona_tastes
 from persona_gym.config_cli import field_help, plain
 from persona_gym.errors import ConfigError
 from persona_gym.io import atomic_write, atomic_write_json
@@ -143,6 +143,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.prompt.persona_taste and self.variants != ("persona",):
+            raise ValueError("TrainConfig.prompt.persona_taste moves the cues toward each persona's taste: "
+                             "train the persona variant alone (--variants persona)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,7 +246,12 @@ def _load_run(root: Path, config: TrainConfig, device: str, compile: bool, progr
         raise ValueError(f"lora_layers={config.lora_layers} but the model has {layered.n_layers} layers")
 
     mine = training_users(root, profiles)  # not the other simulated users of --all-users
-    examples = build_examples({u: profiles[u] for u in mine}, memories, index, config, collaborative)
+    tastes = None
+    if config.prompt.persona_taste:
+        persona_taste = persona_tastes(collaborative, user_persona, mine)
+        tastes = {u: collaborative.taste_of(u, persona_taste[user_persona[u]], config.prompt.persona_taste)
+                  for u in mine}
+    examples = build_examples({u: profiles[u] for u in mine}, memories, index, config, collaborative, tastes)
     sets = adapter_datasets(examples, user_persona, config)
     log.info("%d examples (%d validation), adapters: %s", len(examples),
              sum(e.validation for e in examples), ", ".join(f"{k}={len(v[0])}" for k, v in sets.items()))
@@ -392,6 +400,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cf-prior", action="store_true",
                         help="add a learned Gaussian prior around the collaborative prediction to the "
                              "rating logits (needs --cf-cue)")
+    parser.add_argument("--persona-taste", type=float, default=defaults.prompt.persona_taste, metavar="S",
+                        help="share of each user's collaborative taste their persona adapter owns (0..1; "
+                             "needs --cf-cue and --variants persona; personas clustered with --features taste)")
     parser.add_argument("--cf-items", action="store_true",
                         help="item tokens carry collaborative factors (needs --item-tokens)")
     parser.add_argument("--val-per-user", type=int, default=defaults.val_per_user,
@@ -430,7 +441,7 @@ def _run(args: argparse.Namespace) -> int:
                           use_profile=not args.no_profile, max_tokens=args.max_tokens,
                           item_tokens=args.item_tokens, cf_cue=args.cf_cue,
                           surprise_cue=args.surprise_cue, cf_items=args.cf_items,
-                          cf_prior=args.cf_prior)
+                          cf_prior=args.cf_prior, persona_taste=args.persona_taste)
     config = TrainConfig(
         variants=tuple(args.variants), base_model=args.base_model, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, target_modules=tuple(args.target_modules), lora_layers=args.lora_layers,

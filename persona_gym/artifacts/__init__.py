@@ -34,6 +34,7 @@ records the current files after a deliberate change (:func:`rehash`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,12 @@ __all__ = ["BUILD_LOG", "BUILD_RECORD", "MANIFEST", "SCHEMA_VERSION", "SEAL", "S
            "prepare_stage", "read_manifest", "rehash", "resolve_artifacts", "seal_manifest",
            "staged_dir", "tables_digest", "training_users", "verify_artifacts", "write_manifest"]
 from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import CF_FILE, CollaborativeModel, load_collaborative
+from persona_gym.collaborative import (
+    CF_FILE,
+    CollaborativeModel,
+    load_collaborative,
+    persona_tastes,
+)
 from persona_gym.prompt_config import PromptConfig
 
 
@@ -127,6 +133,23 @@ class Artifacts:
             raise ArtifactsError(f"{self.root / CF_FILE} not found: the prompt uses collaborative "
                                  f"cues; re-run `persona-gym distill --out {self.root} --force` with this version")
         return self.collaborative
+
+    @functools.cached_property
+    def persona_tastes(self) -> dict[int, np.ndarray]:
+        """Each persona's mean MF factors over its training users (``PromptConfig.persona_taste``)."""
+        return persona_tastes(self.require_collaborative(), self.user_persona, self.training_user_ids)
+
+    def taste(self, user_id: int, adapter: str) -> np.ndarray | None:
+        """The user factors the collaborative cues use when ``adapter`` rates ``user_id``: the
+        user's own moved toward the adapter's persona by ``PromptConfig.persona_taste``; None
+        (the user's own) without it or for an adapter that is no persona's."""
+        share = self.prompt_config.persona_taste
+        persona = adapter_names.persona_of(adapter)
+        if not share or persona is None:
+            return None
+        if persona not in self.persona_tastes:
+            raise ArtifactsError(f"{self.root / 'personas.json'} has no persona {persona} for adapter {adapter!r}")
+        return self.require_collaborative().taste_of(user_id, self.persona_tastes[persona], share)
 
     def adapter_of(self, user_id: int, variant: str = "persona") -> str:
         """The adapter that simulates ``user_id`` under a variant (persona / single-max / ...)."""

@@ -22,6 +22,8 @@ from persona_gym.artifacts.manifest import (
 from persona_gym.artifacts.stages import _file_lock
 from persona_gym.artifacts.tables import tables_digest
 from persona_gym.catalog import ItemCatalog
+from persona_gym.collaborative import CF_FILE, load_collaborative
+from persona_gym.io import atomic_write_json
 from persona_gym.registry import SIMULATORS
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None,
 
 
 SHIPPABLE = ("manifest.json", "personas.json", "split.json", "distill.json", "adapters", "evaluation")
+CF_PARAMS = "collaborative.json"  # the collaborative model's tuned parameters (no data): materialising skips the tuning
 
 
 def export_shippable(src: str | Path, dest: str | Path) -> Path:
@@ -131,6 +134,8 @@ def export_shippable(src: str | Path, dest: str | Path) -> Path:
                 shutil.copytree(src / name, tmp / name, ignore=shutil.ignore_patterns("*.parquet", ".*"))
             elif (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
+        if (src / CF_FILE).exists():
+            atomic_write_json(tmp / CF_PARAMS, load_collaborative(src / CF_FILE).params)
         seal_manifest(tmp, manifest)
         _make_readable(tmp)
         if dest.exists():
@@ -159,4 +164,5 @@ def _regenerate_tables(root: Path, split_info: dict) -> None:
     result = DataDistiller().distill(dataset, split, catalog)
     embeddings = embed_items(catalog, Embedder(DEFAULT_EMBEDDER))
     info = json.loads((root / "distill.json").read_text()) if (root / "distill.json").exists() else {}
-    write_artifacts(root, dataset, split, catalog, result, embeddings, info)
+    cf_params = json.loads((root / CF_PARAMS).read_text()) if (root / CF_PARAMS).exists() else None
+    write_artifacts(root, dataset, split, catalog, result, embeddings, info, cf_params)

@@ -103,7 +103,8 @@ def memories_frame(rows: pd.DataFrame, texts: list[str]) -> pd.DataFrame:
 
 
 def write_artifacts(out: str | Path, dataset, split, catalog: ItemCatalog,
-                    result: UserMemories, item_embeddings: np.ndarray, info: dict) -> None:
+                    result: UserMemories, item_embeddings: np.ndarray, info: dict,
+                    cf_params: dict | None = None) -> None:
     """Write the artifacts directory, every file atomically.
 
     ``items.parquet`` (the catalogue), ``profiles.jsonl`` (user_id, text, traits),
@@ -112,13 +113,16 @@ def write_artifacts(out: str | Path, dataset, split, catalog: ItemCatalog,
     ``source``, a known name or the folder's absolute path, so that later commands rebuild the
     split from any working folder; parameters, user ids, counts; no ratings),
     ``embeddings/items.npy`` (catalogue order) and ``distill.json`` (backend and text lengths).
+    ``cf_params``: the collaborative model's tuned parameters, known already (a shipped
+    simulator's), so that its fit skips the tuning.
     """
     from persona_gym.collaborative import CF_FILE, fit_collaborative
 
     out = Path(out)
     atomic_write_parquet(out / "items.parquet", catalog.to_frame())
     result.save(out)
-    fit_collaborative(split.simulated_train(), split.rest(), catalog, seed=split.seed).save(out / CF_FILE)
+    fit_collaborative(split.simulated_train(), split.rest(), catalog, seed=split.seed,
+                      params=cf_params).save(out / CF_FILE)
     atomic_write_json(out / "split.json", {
         "dataset": dataset.source or dataset.name,
         "params": split.params,

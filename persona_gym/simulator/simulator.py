@@ -134,16 +134,18 @@ class UserSimulator:
             raise IndexError(f"candidate {candidate} is outside the catalogue (0..{len(self.catalog) - 1})")
         memories = self.index.top_k(user_id, candidate, self.prompt.n_memories)
         window = short_term_window(tuple(window), self.prompt.window_size)
+        adapter = self.adapter_of(user_id)
         prediction = surprise = None
         if self.prompt.cf_cue or self.prompt.surprise_cue:
-            prediction, surprise = self.artifacts.require_collaborative().cues(user_id, candidate, window)
+            prediction, surprise = self.artifacts.require_collaborative().cues(
+                user_id, candidate, window, self.artifacts.taste(user_id, adapter))
         return RatingRequest(
             user_id=user_id,
             profile=self.artifacts.profiles[user_id],
             candidate=int(candidate),
             window=window,
             memories=tuple(m.text for m in memories),
-            adapter=self.adapter_of(user_id),
+            adapter=adapter,
             memory_items=tuple((m.item_index, m.rating) for m in memories),
             cf_prediction=prediction,
             surprise=surprise,

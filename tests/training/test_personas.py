@@ -83,3 +83,22 @@ def test_other_users_get_the_nearest_centroids_persona() -> None:
     labels = np.array([3, 3, 5, 5])  # centroids (0, 1) and (10, 1)
     others = np.array([[1.0, 1.0], [6.0, 5.0], [4.9, -3.0], [100.0, 1.0]])
     assert nearest_centroid(features, labels, others).tolist() == [3, 5, 3, 5]
+
+
+def test_taste_personas_cluster_the_collaborative_user_factors(protocol_artifacts) -> None:
+    import json
+
+    from sklearn.cluster import KMeans
+
+    from persona_gym.artifacts import training_users
+    from persona_gym.collaborative import CF_FILE, load_collaborative
+
+    personas = json.loads((protocol_artifacts / "personas.json").read_text())
+    assert personas["config"]["features"] == "taste" and personas["k"] == 2
+    cf = load_collaborative(protocol_artifacts / CF_FILE)
+    users = training_users(protocol_artifacts, [int(u) for u in personas["assignment"]])
+    factors = cf.user_factors[cf.user_rows(users)]
+    labels = KMeans(2, init="k-means++", n_init=10, random_state=0).fit_predict(factors)
+    assigned = np.array([personas["assignment"][str(u)] for u in users])
+    # the same partition (cluster numbers may differ)
+    assert len(set(zip(labels.tolist(), assigned.tolist(), strict=True))) == len(set(labels.tolist()))

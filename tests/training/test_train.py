@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -151,10 +152,19 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, protocol_artifacts,
     export_shippable(protocol_artifacts, shipped)
     assert not (shipped / "memories.parquet").exists() and not (shipped / "profiles.jsonl").exists()
     monkeypatch.setattr(registry, "SHIPPED_DIR", shipped.parent)
-    with warnings.catch_warnings():
+    import persona_gym.collaborative as collaborative
+
+    original = collaborative.load_collaborative(protocol_artifacts / "collaborative.npz")
+    assert json.loads((shipped / "collaborative.json").read_text()) == original.params
+    with warnings.catch_warnings(), monkeypatch.context() as patch:
         warnings.simplefilter("error")  # a digest mismatch would warn
+        # the shipped parameters: the collaborative model is refitted without its tuning
+        patch.setattr(collaborative, "tune", lambda *a, **k: pytest.fail("tuned again"))
         root = resolve_artifacts("ml-100k", cache=tmp_path / "cache")
     assert (root / "memories.parquet").exists()
+    again = collaborative.load_collaborative(root / "collaborative.npz")
+    np.testing.assert_array_equal(again.logged_predictions, original.logged_predictions)
+    np.testing.assert_array_equal(again.knn, original.knn)
     loaded = load_artifacts(root)
     assert loaded.user_ids == json.loads((protocol_artifacts / "split.json").read_text())["distilled_user_ids"]
     files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}

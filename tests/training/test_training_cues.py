@@ -140,3 +140,49 @@ def test_fit_rating_prior_recovers_the_generating_prior():
     assert torch.equal(again.memory, fitted.memory)
     with pytest.raises(ValueError, match="1..5"):
         fit_rating_prior(predictions[:2], surprises[:2], [0, 3])
+
+
+def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(cued_artifacts, tiny_base, tmp_path):
+    import json
+
+    from persona_gym.artifacts import load_artifacts, rehash
+    from persona_gym.collaborative import load_collaborative, persona_tastes
+    from persona_gym.simulator.simulator import UserSimulator
+    from training.examples import build_examples
+
+    root = tmp_path / "art"
+    shutil.copytree(cued_artifacts, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["prompt"]["persona_taste"] = 0.5
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    rehash(root)
+    artifacts = load_artifacts(root)
+    cf = load_collaborative(root / CF_FILE)
+    tastes = persona_tastes(cf, artifacts.user_persona, artifacts.training_user_ids)
+    assert not np.allclose(tastes[0], tastes[1])
+    user = artifacts.training_user_ids[0]
+    mine = artifacts.user_persona[user]
+    for variant, persona in (("persona", mine), (f"persona-{1 - mine}", 1 - mine)):
+        sim = UserSimulator.load(root, variant=variant, base_model=tiny_base, dtype="float32")
+        request = sim.request(user, 3)
+        expected = cf.predict([user], [3], 0.5 * cf.user_factors[cf.user_rows([user])[0]] + 0.5 * tastes[persona])
+        assert request.cf_prediction == pytest.approx(float(expected[0]))
+    assert artifacts.taste(user, "single-max") is None  # an adapter of no persona: the user's own
+    # the training examples show the same moved cues (their out-of-fold predictions moved alike)
+    from persona_gym.retrieval import MemoryIndex
+    from training.train import TrainConfig
+
+    config = TrainConfig(base_model=tiny_base, variants=("persona",), prompt=artifacts.prompt_config)
+    index = MemoryIndex(artifacts.memories, artifacts.item_embeddings)
+    moved = {user: artifacts.taste(user, f"persona-{mine}")}
+    plain = build_examples({user: artifacts.profiles[user]}, artifacts.memories, index, config, cf)
+    shown = build_examples({user: artifacts.profiles[user]}, artifacts.memories, index, config, cf, moved)
+    item = shown[0].request.candidate
+    assert shown[0].request.cf_prediction == pytest.approx(float(cf.predict([user], [item], moved[user])[0]))
+    assert [e.request.cf_prediction for e in shown] != [e.request.cf_prediction for e in plain]
+    with pytest.raises(ValueError, match="--variants persona"):
+        TrainConfig(variants=("persona", "single-max"), prompt=artifacts.prompt_config)
+    with pytest.raises(ValueError, match="persona_taste"):
+        PromptConfig(persona_taste=1.5, cf_cue=True)
+    with pytest.raises(ValueError, match="needs cf_cue"):
+        PromptConfig(persona_taste=0.5)
