@@ -11,10 +11,8 @@ Five stages, each the command that does it by hand, with the same flags:
 5. evaluate  persona-gym evaluate --artifacts DIR (its three configurations)
 
 The defaults are the recipe of the shipped PersonaML100K-v0 simulator (the Makefile's
-``simulator`` target): two personas clustered on the collaborative user factors (``--k 2``),
-persona adapters with item tokens and the collaborative signal (--item-tokens --cf-cue
---surprise-cue --cf-items --cf-prior) that own half of their users' taste (--persona-taste 0.5),
-every training interaction
+``simulator`` target): persona adapters with item tokens and the collaborative signal
+(--item-tokens --cf-cue --surprise-cue --cf-items --cf-prior), every training interaction
 (--max-examples-per-user 0), 5 validation interactions per user, 8 examples per packed
 sequence, and the evaluation of persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms. ``--dry-run``
 prints the commands.
@@ -59,10 +57,7 @@ __all__ = ["EVALUATE_CONFIGS", "STAGES", "TRAIN_RECIPE", "Stage", "add_parser", 
 
 # The shipped simulator's recipe (Makefile `simulator`); the budget knobs are build's own flags.
 TRAIN_RECIPE = ("--variants", "persona", "--item-tokens", "--cf-cue", "--surprise-cue", "--cf-items",
-                "--cf-prior", "--persona-taste", "0.5", "--blocks-per-sequence", "8")
-# personas on taste, and how many: the most whose own taste fits their users' validation ratings
-# best for >= 60% of them, at the recipe's --persona-taste (benchmarks/persona_taste.py)
-PERSONAS = 2
+                "--cf-prior", "--blocks-per-sequence", "8")
 EVALUATE_CONFIGS = ("persona:Ms+Ml", "persona:Ms+Ml:w0", "persona:Ms")
 STAGES = ("fetch", "distill", "personas", "train", "evaluate")
 # What a finished stage leaves; a recorded stage whose product is gone runs again.
@@ -416,9 +411,7 @@ def add_parser(subparsers) -> None:
                    help="simulate every user with >= 20 ratings, not only the protocol users the "
                         "adapters train on (each gets the persona of the nearest centroid); evaluate "
                         "reports the users the adapters never saw in evaluation/others")
-    p.add_argument("--k", type=int, default=PERSONAS,
-                   help="number of personas (the recipe's: chosen on the validation slice by "
-                        "benchmarks/persona_taste.py)")
+    p.add_argument("--k", type=int, default=None, help="fixed number of personas (default: the elbow rule)")
     p.add_argument("--base-model", default=None,
                    help="base SLM: alias, local folder or hub id (default: train's, smollm2-135m-instruct)")
     p.add_argument("--max-examples-per-user", type=int, default=0,

@@ -1,7 +1,7 @@
 """Stage 2: cluster users into personas (paper §4, App. B).
 
 KMeans++ (scikit-learn, seeded, ``n_init`` restarts) on what ``--features`` names: the unit
-embeddings of the ``Ms`` texts (the paper's), rating behaviour, or (the default) the
+embeddings of the ``Ms`` texts (the paper's), rating behaviour (the default), both, or the
 collaborative model's user factors, the taste a persona adapter owns with ``train
 --persona-taste``. K is fixed, or chosen by the elbow method over ``k_min..k_max``:
 
@@ -64,7 +64,7 @@ class PersonaConfig:
     # (how they rate: level, spread, extremes, drift from the collaborative model, its user
     # factors; see behaviour_features), "both", or "taste" (the collaborative model's user
     # factors alone: what a persona adapter owns with `train --persona-taste`)
-    features: str = "taste"
+    features: str = "behaviour"
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
@@ -178,6 +178,14 @@ def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborativ
         return (a - mean) / np.where(std > 0, std, 1.0)
 
     return np.c_[standardise(table), standardise(factors) / np.sqrt(max(factors.shape[1], 1))]
+
+
+def taste_features(user_ids: list[int], collaborative) -> np.ndarray:
+    """``(n_users, F)``: each user's collaborative MF factors (zeros for a user the fit never
+    saw), unscaled: the taste space a persona adapter's share is taken in
+    (``PromptConfig.persona_taste``)."""
+    rows = collaborative.user_rows(user_ids)
+    return np.where(rows[:, None] >= 0, collaborative.user_factors[np.maximum(rows, 0)], 0.0)
 
 
 def nearest_centroid(features: np.ndarray, labels: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -329,9 +337,7 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     if config.features == "taste":
         from persona_gym.collaborative import CF_FILE, load_collaborative
 
-        cf = load_collaborative(artifacts / CF_FILE)
-        rows = cf.user_rows(user_ids)
-        features = np.where(rows[:, None] >= 0, cf.user_factors[np.maximum(rows, 0)], 0.0)
+        features = taste_features(user_ids, load_collaborative(artifacts / CF_FILE))
     elif config.features != "profile":
         from persona_gym.collaborative import CF_FILE, load_collaborative
 

@@ -85,20 +85,16 @@ def test_other_users_get_the_nearest_centroids_persona() -> None:
     assert nearest_centroid(features, labels, others).tolist() == [3, 5, 3, 5]
 
 
-def test_taste_personas_cluster_the_collaborative_user_factors(protocol_artifacts) -> None:
-    import json
 
-    from sklearn.cluster import KMeans
-
-    from persona_gym.artifacts import training_users
+def test_taste_features_are_the_collaborative_user_factors(protocol_artifacts) -> None:
     from persona_gym.collaborative import CF_FILE, load_collaborative
+    from training.personas import taste_features
 
-    personas = json.loads((protocol_artifacts / "personas.json").read_text())
-    assert personas["config"]["features"] == "taste" and personas["k"] == 2
     cf = load_collaborative(protocol_artifacts / CF_FILE)
-    users = training_users(protocol_artifacts, [int(u) for u in personas["assignment"]])
-    factors = cf.user_factors[cf.user_rows(users)]
-    labels = KMeans(2, init="k-means++", n_init=10, random_state=0).fit_predict(factors)
-    assigned = np.array([personas["assignment"][str(u)] for u in users])
-    # the same partition (cluster numbers may differ)
-    assert len(set(zip(labels.tolist(), assigned.tolist(), strict=True))) == len(set(labels.tolist()))
+    users = [int(cf.user_ids[1]), 999_999, int(cf.user_ids[0])]
+    features = taste_features(users, cf)
+    np.testing.assert_array_equal(features[0], cf.user_factors[1])
+    np.testing.assert_array_equal(features[2], cf.user_factors[0])
+    assert not features[1].any()  # a user the fit never saw: no taste of their own
+    with pytest.raises(ValueError, match="features must be one of"):
+        PersonaConfig(features="genres")
