@@ -15,6 +15,7 @@ The cache directory is ``$PERSONA_GYM_CACHE`` when set, else the user's cache di
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -123,10 +124,13 @@ def _converted_smollm2(root: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # transformers parses the file three times (tokenizer, config, weights; most of the
-    # conversion's time goes to reading its 49k-token vocabulary): hand it one parsed reader
+    # conversion's time goes to reading its 49k-token vocabulary): hand it one parsed reader.
+    # It also rebuilds gguf's tensor-name table once per module (397 times): build it once.
     reader, make_reader = gguf.GGUFReader(gguf_file), gguf.GGUFReader
+    name_map = gguf.get_tensor_name_map
     gguf.GGUFReader = lambda path, *args, **kwargs: (  # type: ignore[misc,assignment]
         reader if Path(path) == gguf_file else make_reader(path, *args, **kwargs))
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
         loaded = AutoModelForCausalLM.from_pretrained(
@@ -134,6 +138,7 @@ def _converted_smollm2(root: Path) -> Path:
         )
     finally:
         gguf.GGUFReader = make_reader  # type: ignore[misc]
+        gguf.get_tensor_name_map = name_map
     # A model loaded from GGUF keeps a quantization_config that save_pretrained refuses;
     # rebuild a plain model from the config and copy the dequantised weights in.
     config = loaded.config

@@ -24,6 +24,14 @@ def shipped() -> str:
     return str(root)
 
 
+def test_the_shipped_tests_share_one_worker(request):
+    """Under `make test` (pytest-xdist, --dist loadgroup) this module's tests carry the group's
+    suffix, so they run on one worker and the shipped simulator is materialised once."""
+    if request.config.getvalue("loadgroup"):
+        assert request.node.nodeid.endswith("@shipped"), (
+            "pytest-xdist did not group the shipped tests (see the pytest pin in pyproject.toml)")
+
+
 @pytest.mark.integration
 def test_default_env_20_step_episode(shipped):
     env = gym.make("PersonaML100K-v0", render_mode="ansi")

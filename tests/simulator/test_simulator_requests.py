@@ -47,7 +47,8 @@ class FakeCollaborative:
     def __init__(self):
         self.asked = []
 
-    def cues(self, user_id, candidate, window):
+    def cues(self, user_id, candidate, window, taste=None):
+        assert taste is None  # no persona_taste in these prompts: each user's own factors
         self.asked.append((user_id, candidate, tuple(window)))
         return 3.25 + candidate, -0.5
 
