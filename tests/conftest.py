@@ -68,8 +68,8 @@ def user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def smollm2_path(user_dirs: Path) -> str:
-    """The default SLM converted into the session's cache: the one conversion (~25 s) of the
-    session, which every test that needs the real model or tokenizer reuses."""
+    """The default SLM converted into the session's cache: the one conversion (~14 s) of each
+    test process (one per xdist worker), which every test that needs the real model or tokenizer reuses."""
     from persona_gym.assets import resolve_model
 
     return resolve_model()
