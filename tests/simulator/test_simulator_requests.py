@@ -46,10 +46,11 @@ def distribution(adapter: str, candidate: int) -> np.ndarray:
 class FakeCollaborative:
     def __init__(self):
         self.asked = []
+        self.tastes = []
 
     def cues(self, user_id, candidate, window, taste=None):
-        assert taste is None  # no persona_taste in these prompts: each user's own factors
         self.asked.append((user_id, candidate, tuple(window)))
+        self.tastes.append(taste)
         return 3.25 + candidate, -0.5
 
 
@@ -154,6 +155,12 @@ def test_collaborative_cues_come_from_the_artifacts_model(table_artifacts, cues)
     request = sim.request(2, 4, window)
     assert (request.cf_prediction, request.surprise) == (7.25, -0.5)
     assert collaborative.asked == [(2, 4, window[-2:])]  # the cut window
+    assert collaborative.tastes == [None]  # no persona_taste in the manifest: the user's own factors
+    # with it, the cues use the taste of the user under the adapter that rates them
+    sim.artifacts.taste = lambda user, adapter: np.array([user, int(adapter[-1])])  # type: ignore[method-assign]
+    request = sim.request(3, 4, window)
+    np.testing.assert_array_equal(collaborative.tastes[-1], [3, sim.persona(3)])
+    assert request.adapter == f"persona-{sim.persona(3)}"
     bare, _ = simulator(table_artifacts, prompt=prompt)
     with pytest.raises(ArtifactsError, match="collaborative"):
         bare.request(2, 4, window)
