@@ -157,7 +157,7 @@ def test_collaborative_cues_come_from_the_artifacts_model(table_artifacts, cues)
     assert collaborative.asked == [(2, 4, window[-2:])]  # the cut window
     assert collaborative.tastes == [None]  # no persona_taste in the manifest: the user's own factors
     # with it, the cues use the taste of the user under the adapter that rates them
-    sim.artifacts.taste = lambda user, adapter: np.array([user, int(adapter[-1])])  # type: ignore[method-assign]
+    sim.artifacts.taste = lambda user, adapter: np.array([user, int(adapter[-1])])
     request = sim.request(3, 4, window)
     np.testing.assert_array_equal(collaborative.tastes[-1], [3, sim.persona(3)])
     assert request.adapter == f"persona-{sim.persona(3)}"
