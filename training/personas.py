@@ -168,8 +168,7 @@ def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborativ
                                            five=("five", "mean"), low=("low", "mean"),
                                            res_mean=("residual", "mean"), res_std=("residual", "std"))
     table = grouped.reindex(user_ids).fillna(0.0).to_numpy(np.float64)
-    factor_rows = collaborative.user_rows(user_ids)
-    factors = np.where(factor_rows[:, None] >= 0, collaborative.user_factors[np.maximum(factor_rows, 0)], 0.0)
+    factors = taste_features(user_ids, collaborative)
 
     ref = np.ones(len(user_ids), dtype=bool) if reference is None else np.asarray(reference, dtype=bool)
 
@@ -334,18 +333,17 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     memories = pd.read_parquet(artifacts / "memories.parquet")
     t0 = time.perf_counter()
     features = embeddings
-    if config.features == "taste":
+    if config.features != "profile":
         from persona_gym.collaborative import CF_FILE, load_collaborative
 
-        features = taste_features(user_ids, load_collaborative(artifacts / CF_FILE))
-    elif config.features != "profile":
-        from persona_gym.collaborative import CF_FILE, load_collaborative
-
-        behaviour = behaviour_features(user_ids, memories, load_collaborative(artifacts / CF_FILE),
-                                       reference=clustered)
-        # the unit profile embeddings have a total variance near 1; give behaviour the same weight
-        behaviour = behaviour / np.sqrt(behaviour.shape[1])
-        features = behaviour if config.features == "behaviour" else np.c_[embeddings, behaviour]
+        collaborative = load_collaborative(artifacts / CF_FILE)
+        if config.features == "taste":
+            features = taste_features(user_ids, collaborative)
+        else:
+            behaviour = behaviour_features(user_ids, memories, collaborative, reference=clustered)
+            # the unit profile embeddings have a total variance near 1; give behaviour the same weight
+            behaviour = behaviour / np.sqrt(behaviour.shape[1])
+            features = behaviour if config.features == "behaviour" else np.c_[embeddings, behaviour]
     result = cluster_profiles(features[clustered], config)
     labels = np.zeros(len(user_ids), dtype=np.int64)
     labels[clustered] = result.labels
