@@ -67,8 +67,8 @@ paper-table: install
 	$(VENV)/bin/persona-gym evaluate --artifacts $(PAPER) --max-test-per-user 3 --generation --generation-per-user 1 --compile --no-studies
 
 # The RL agent shipped in agents/shipped/PersonaML100K-v0 and its evaluation in benchmarks/rl/
-# (README: "The RL agent"): item-scoring MaskablePPO, ~35 min on 2 CPU cores, then evaluate-policy
-# against every baseline (~15 min) and the copy into the package. On a GPU add --env-kwargs device=cuda.
+# (README: "The RL agent"): item-scoring MaskablePPO, ~40 min on 2 CPU cores, then evaluate-policy
+# against every baseline (~27 min) and the copy into the package. On a GPU add --env-kwargs device=cuda.
 AGENT_RUNS ?= runs/rl
 agent: install
 	$(VENV)/bin/persona-gym train-agent --policy items --timesteps 49152 --n-envs 32 --n-steps 32 \
