@@ -11,11 +11,15 @@ interactions plus the other users' ratings, never a held-out rating):
 * each item's factors and bias, appended to the item's text embedding in the soft item tokens.
 
 A persona adapter can own part of its users' taste (``PromptConfig.persona_taste = s``): its
-users are clustered on their MF user factors (``persona-gym personas --features taste``) and a
-user's prediction under persona ``k``'s adapter uses ``(1 - s) p_u + s c_k`` in place of their
-own factors ``p_u``, where ``c_k`` is the mean factor vector of the persona's training users
-(:func:`persona_tastes`, :meth:`CollaborativeModel.taste_of`). Rated by another persona's adapter,
-the user gets that persona's taste: the adapter carries something of its own users.
+users are clustered on their MF user factors (``persona-gym personas --features taste``), ``c_k``
+is the mean factor vector of persona ``k``'s training users (:func:`persona_tastes`) and ``A`` an
+orthonormal basis of the axes that separate the personas (the span of the centred ``c_k``,
+:func:`taste_axes`). Under persona ``k``'s adapter a user's prediction uses
+``p_u - s (p_u - c_k) A^T A`` in place of their own factors ``p_u``
+(:meth:`CollaborativeModel.taste_of`): on the persona axes the user moves a share ``s`` toward
+their persona's centre, elsewhere they keep their own taste, so the predictions keep their spread
+over movies. Rated by another persona's adapter, the user gets that persona's taste: the adapter
+carries something of its own users.
 
 The prediction is a blend ``(1 - w) * MF + w * kNN`` of two baselines of
 :mod:`persona_gym.evaluation.baselines`, :class:`~persona_gym.evaluation.baselines.BiasedMF`
@@ -50,7 +54,7 @@ from persona_gym.evaluation.baselines import (
 from persona_gym.evaluation.metrics import rmse
 from persona_gym.io import atomic_write
 
-__all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative", "persona_tastes"]
+__all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative", "persona_tastes", "taste_axes"]
 
 CF_FILE = "collaborative.npz"
 
@@ -111,12 +115,14 @@ class CollaborativeModel:
             value = np.where(logged, np.clip(self.logged_predictions[pos] + shift, 1.0, 5.0), value)
         return value
 
-    def taste_of(self, user_id: int, persona_taste: np.ndarray, share: float) -> np.ndarray:
-        """``(1 - share) p_u + share c``: the user's factors moved toward a persona's mean
-        factors ``c`` (``p_u`` = 0 for a user the fit never saw)."""
+    def taste_of(self, user_id: int, persona_taste: np.ndarray, share: float, axes: np.ndarray) -> np.ndarray:
+        """``p_u - share (p_u - c) A^T A``: the user's factors moved a ``share`` toward a persona's
+        mean factors ``c`` along the ``(n_axes, F)`` orthonormal ``axes`` ``A`` (:func:`taste_axes`),
+        unchanged across them (``p_u`` = 0 for a user the fit never saw)."""
         row = int(self.user_rows([user_id])[0])
         own = self.user_factors[row] if row >= 0 else np.zeros(self.user_factors.shape[1])
-        return (1.0 - share) * own + share * np.asarray(persona_taste, dtype=np.float64)
+        axes = np.asarray(axes, dtype=np.float64).reshape(-1, len(own))
+        return own - share * ((own - np.asarray(persona_taste, dtype=np.float64)) @ axes.T) @ axes
 
     def cues(self, user_id: int, candidate: int, window, taste: np.ndarray | None = None) -> tuple[float, float]:
         """The prompt's collaborative cues for one request: the candidate's predicted rating
@@ -158,6 +164,15 @@ def persona_tastes(model: CollaborativeModel, user_persona: dict[int, int], user
         tastes[persona] = (model.user_factors[rows].mean(0) if len(rows)
                            else np.zeros(model.user_factors.shape[1]))
     return tastes
+
+
+def taste_axes(tastes: dict[int, np.ndarray]) -> np.ndarray:
+    """``(n_axes, F)``: an orthonormal basis of the span of the personas' centred tastes (the
+    axes that separate them; at most K - 1 for K personas, none for one)."""
+    centres = np.stack([np.asarray(t, dtype=np.float64) for _, t in sorted(tastes.items())])
+    centred = centres - centres.mean(0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    return vt[singular > 1e-9 * max(float(singular.max(initial=0.0)), 1e-300)]
 
 
 def load_collaborative(path: str | Path) -> CollaborativeModel:

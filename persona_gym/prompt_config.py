@@ -34,9 +34,10 @@ class PromptConfig:
         cf_prior: the rating logits get a learned Gaussian prior around the collaborative
             prediction (with ``cf_cue``; ``persona_gym.simulator.prior``).
         persona_taste: share ``s`` of a user's collaborative taste that their persona adapter
-            owns (0..1, with ``cf_cue``): under persona ``k``'s adapter the prediction uses
-            ``(1 - s)`` of the user's MF factors plus ``s`` of the persona's mean factors
-            (:mod:`persona_gym.collaborative`); 0 = each user's own factors.
+            owns (0..1, with ``cf_cue``): under persona ``k``'s adapter the prediction uses the
+            user's MF factors moved a share ``s`` toward the persona's mean factors along the
+            axes that separate the personas (:mod:`persona_gym.collaborative`); 0 = each user's
+            own factors.
     """
 
     window_size: int = 3

@@ -155,9 +155,16 @@ def test_taste_replaces_the_user_factors_in_every_prediction(fitted):
     assert model.predict([u], [i], taste)[0] == pytest.approx(np.clip(model.predict([u], [i])[0] + delta, 1, 5))
     # a user the fit never saw has no user side to move
     assert model.predict([999_999], [4], taste)[0] == model.predict([999_999], [4])[0]
-    # taste_of mixes the user's factors with the persona's; persona_tastes are member means
-    np.testing.assert_allclose(model.taste_of(1, taste, 0.25), 0.75 * own[0] + 0.25 * taste)
-    np.testing.assert_allclose(model.taste_of(999_999, taste, 0.5), 0.5 * taste)
+    # taste_of moves the user's factors toward the persona's along the given axes only
+    f = own.shape[1]
+    axis = np.zeros((1, f))
+    axis[0, 0] = 1.0
+    expected = own[0].copy()
+    expected[0] = 0.75 * own[0, 0] + 0.25 * taste[0]
+    np.testing.assert_allclose(model.taste_of(1, taste, 0.25, axis), expected)
+    np.testing.assert_allclose(model.taste_of(1, taste, 1.0, np.eye(f)), taste)  # every axis, all the way
+    np.testing.assert_allclose(model.taste_of(1, taste, 0.5, np.zeros((0, f))), own[0])  # no axes: their own
+    np.testing.assert_allclose(model.taste_of(999_999, taste, 0.5, axis), 0.5 * taste * axis[0])
     tastes = persona_tastes(model, {1: 0, 2: 0, 3: 1}, [1, 2, 3, 999_999])
     np.testing.assert_allclose(tastes[0], model.user_factors[model.user_rows([1, 2])].mean(0))
     np.testing.assert_allclose(tastes[1], model.user_factors[model.user_rows([3])[0]])
@@ -166,6 +173,23 @@ def test_taste_replaces_the_user_factors_in_every_prediction(fitted):
     prediction, surprise = model.cues(1, 3, window, taste)
     assert prediction == pytest.approx(model.predict([1], [3], taste)[0])
     assert surprise == pytest.approx(5.0 - model.predict([1], [0], taste)[0])
+
+
+def test_taste_axes_are_an_orthonormal_basis_of_the_centred_persona_tastes():
+    from persona_gym.collaborative import taste_axes
+
+    rng = np.random.default_rng(0)
+    tastes = {p: rng.normal(size=6) for p in range(3)}
+    axes = taste_axes(tastes)
+    assert axes.shape == (2, 6)  # K personas span K - 1 axes
+    np.testing.assert_allclose(axes @ axes.T, np.eye(2), atol=1e-12)
+    centred = np.stack(list(tastes.values())) - np.mean(list(tastes.values()), 0)
+    np.testing.assert_allclose(centred @ axes.T @ axes, centred, atol=1e-12)  # the span holds every difference
+    # two personas: the one axis through both centres; one persona or equal ones: none
+    two = taste_axes({0: np.array([1.0, 0, 0]), 1: np.array([3.0, 0, 0])})
+    np.testing.assert_allclose(np.abs(two), [[1.0, 0, 0]])
+    assert taste_axes({0: np.ones(3)}).shape == (0, 3)
+    assert taste_axes({0: np.ones(3), 1: np.ones(3)}).shape == (0, 3)
 
 
 def test_recorded_params_skip_the_tuning_and_give_the_same_model(fitted, monkeypatch):

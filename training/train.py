@@ -57,7 +57,7 @@ from persona_gym.assets import (
     model_source,
     resolve_model,
 )
-from persona_gym.collaborative import CF_FILE, load_collaborative, persona_tastes
+from persona_gym.collaborative import CF_FILE, load_collaborative, persona_tastes, taste_axes
 from persona_gym.config_cli import field_help, plain
 from persona_gym.errors import ConfigError
 from persona_gym.io import atomic_write, atomic_write_json
@@ -249,7 +249,8 @@ def _load_run(root: Path, config: TrainConfig, device: str, compile: bool, progr
     tastes = None
     if config.prompt.persona_taste:
         persona_taste = persona_tastes(collaborative, user_persona, mine)
-        tastes = {u: collaborative.taste_of(u, persona_taste[user_persona[u]], config.prompt.persona_taste)
+        axes = taste_axes(persona_taste)
+        tastes = {u: collaborative.taste_of(u, persona_taste[user_persona[u]], config.prompt.persona_taste, axes)
                   for u in mine}
     examples = build_examples({u: profiles[u] for u in mine}, memories, index, config, collaborative, tastes)
     sets = adapter_datasets(examples, user_persona, config)

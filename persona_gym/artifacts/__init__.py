@@ -86,6 +86,7 @@ from persona_gym.collaborative import (
     CollaborativeModel,
     load_collaborative,
     persona_tastes,
+    taste_axes,
 )
 from persona_gym.prompt_config import PromptConfig
 
@@ -139,6 +140,11 @@ class Artifacts:
         """Each persona's mean MF factors over its training users (``PromptConfig.persona_taste``)."""
         return persona_tastes(self.require_collaborative(), self.user_persona, self.training_user_ids)
 
+    @functools.cached_property
+    def taste_axes(self) -> np.ndarray:
+        """The axes that separate the personas' tastes (:func:`~persona_gym.collaborative.taste_axes`)."""
+        return taste_axes(self.persona_tastes)
+
     def taste(self, user_id: int, adapter: str) -> np.ndarray | None:
         """The user factors the collaborative cues use when ``adapter`` rates ``user_id``: the
         user's own moved toward the adapter's persona by ``PromptConfig.persona_taste``; None
@@ -149,7 +155,8 @@ class Artifacts:
             return None
         if persona not in self.persona_tastes:
             raise ArtifactsError(f"{self.root / 'personas.json'} has no persona {persona} for adapter {adapter!r}")
-        return self.require_collaborative().taste_of(user_id, self.persona_tastes[persona], share)
+        return self.require_collaborative().taste_of(user_id, self.persona_tastes[persona], share,
+                                                     self.taste_axes)
 
     def adapter_of(self, user_id: int, variant: str = "persona") -> str:
         """The adapter that simulates ``user_id`` under a variant (persona / single-max / ...)."""

@@ -165,7 +165,9 @@ def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(cued_ar
     for variant, persona in (("persona", mine), (f"persona-{1 - mine}", 1 - mine)):
         sim = UserSimulator.load(root, variant=variant, base_model=tiny_base, dtype="float32")
         request = sim.request(user, 3)
-        expected = cf.predict([user], [3], 0.5 * cf.user_factors[cf.user_rows([user])[0]] + 0.5 * tastes[persona])
+        own = cf.user_factors[cf.user_rows([user])[0]]
+        axis = (tastes[0] - tastes[1]) / np.linalg.norm(tastes[0] - tastes[1])  # two personas: one axis
+        expected = cf.predict([user], [3], own - 0.5 * ((own - tastes[persona]) @ axis) * axis)
         assert request.cf_prediction == pytest.approx(float(expected[0]))
     assert artifacts.taste(user, "single-max") is None  # an adapter of no persona: the user's own
     # the training examples show the same moved cues (their out-of-fold predictions moved alike)
