@@ -11,8 +11,11 @@ Five stages, each the command that does it by hand, with the same flags:
 5. evaluate  persona-gym evaluate --artifacts DIR (its three configurations)
 
 The defaults are the recipe of the shipped PersonaML100K-v0 simulator (the Makefile's
-``simulator`` target): persona adapters with item tokens and the collaborative signal
-(--item-tokens --cf-cue --surprise-cue --cf-items --cf-prior), every training interaction
+``simulator`` target): two personas clustered on the users' collaborative taste (--features
+taste --k 2), persona adapters with item tokens and the collaborative signal (--item-tokens
+--cf-cue --surprise-cue --cf-items --cf-prior) that own 0.75 of their users' taste along the
+axes that separate the personas (--persona-taste 0.75; K and the share chosen on the
+validation slice by ``benchmarks/persona_taste.py``), every training interaction
 (--max-examples-per-user 0), 5 validation interactions per user, 8 examples per packed
 sequence, and the evaluation of persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms. ``--dry-run``
 prints the commands.
@@ -52,12 +55,13 @@ from persona_gym.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVALUATE_CONFIGS", "STAGES", "TRAIN_RECIPE", "Stage", "add_parser", "default_out",
+__all__ = ["EVALUATE_CONFIGS", "PERSONAS_RECIPE", "STAGES", "TRAIN_RECIPE", "Stage", "add_parser", "default_out",
            "fetch_dataset", "plan", "run_build"]
 
 # The shipped simulator's recipe (Makefile `simulator`); the budget knobs are build's own flags.
+PERSONAS_RECIPE = ("--features", "taste")
 TRAIN_RECIPE = ("--variants", "persona", "--item-tokens", "--cf-cue", "--surprise-cue", "--cf-items",
-                "--cf-prior", "--blocks-per-sequence", "8")
+                "--cf-prior", "--persona-taste", "0.75", "--blocks-per-sequence", "8")
 EVALUATE_CONFIGS = ("persona:Ms+Ml", "persona:Ms+Ml:w0", "persona:Ms")
 STAGES = ("fetch", "distill", "personas", "train", "evaluate")
 # What a finished stage leaves; a recorded stage whose product is gone runs again.
@@ -103,7 +107,7 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
     everyone = ["--all-users"] if args.all_users else []
     stages = [Stage("distill", ["--dataset", dataset, "--n-users", str(args.n_users), *everyone, *seed],
                     progress)]
-    stages.append(Stage("personas", [*(["--k", str(args.k)] if args.k is not None else []), *seed]))
+    stages.append(Stage("personas", [*PERSONAS_RECIPE, "--k", str(args.k), *seed]))
     train = [*TRAIN_RECIPE, "--max-examples-per-user", str(args.max_examples_per_user),
              "--val-per-user", str(args.val_per_user), *seed]
     for flag in ("base_model", "epochs", "lora_layers"):
@@ -411,7 +415,9 @@ def add_parser(subparsers) -> None:
                    help="simulate every user with >= 20 ratings, not only the protocol users the "
                         "adapters train on (each gets the persona of the nearest centroid); evaluate "
                         "reports the users the adapters never saw in evaluation/others")
-    p.add_argument("--k", type=int, default=None, help="fixed number of personas (default: the elbow rule)")
+    p.add_argument("--k", type=int, default=2,
+                   help="number of personas, clustered on the users' collaborative taste (default: 2, "
+                        "as the shipped simulator)")
     p.add_argument("--base-model", default=None,
                    help="base SLM: alias, local folder or hub id (default: train's, smollm2-135m-instruct)")
     p.add_argument("--max-examples-per-user", type=int, default=0,
