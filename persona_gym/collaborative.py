@@ -172,7 +172,7 @@ def taste_axes(tastes: dict[int, np.ndarray]) -> np.ndarray:
     centres = np.stack([np.asarray(t, dtype=np.float64) for _, t in sorted(tastes.items())])
     centred = centres - centres.mean(0)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-    return vt[singular > 1e-9 * max(float(singular.max(initial=0.0)), 1e-300)]
+    return vt[singular > 1e-9 * singular.max(initial=0.0)]
 
 
 def load_collaborative(path: str | Path) -> CollaborativeModel:
