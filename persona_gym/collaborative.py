@@ -24,9 +24,15 @@ carries something of its own users.
 The prediction is a blend ``(1 - w) * MF + w * kNN`` of two baselines of
 :mod:`persona_gym.evaluation.baselines`, :class:`~persona_gym.evaluation.baselines.BiasedMF`
 and :class:`~persona_gym.evaluation.baselines.ItemKNN` (they err differently: the factors see
-global taste, the neighbourhood the user's own ratings of similar movies). Each is tuned on the
-validation slice of the training part exactly as its baseline is, and ``w`` is chosen on the same
-slice. The item tokens carry the MF factors. Training prompts must not show a
+global taste, the neighbourhood the user's own ratings of similar movies), with its part that
+varies from movie to movie scaled by a gain ``g`` around the user's level ``mu + b_u``:
+``mu + b_u + g (blend - mu - b_u)``. Each baseline is tuned on the validation slice of the
+training part exactly as its baseline is, and ``w`` is chosen on the same slice, then ``g``: the
+gain whose prediction the rating prior (:mod:`persona_gym.simulator.prior`, the discretised
+Gaussian the simulator reads it through) fits best, by that prior's likelihood of the validation
+ratings. Regularised factors and a prior that smooths over five stars both pull the expected
+rating toward the user's level; the later ratings of the validation slice ask for more of the
+movie-to-movie part than the out-of-fold training rows do. The item tokens carry the MF factors. Training prompts must not show a
 prediction fitted on their own label: :func:`fit_collaborative` also returns out-of-fold
 predictions of every training interaction (``folds`` random folds of the simulated users'
 training rows, background always in the fit), which the training prompts and the logged
@@ -41,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from persona_gym.catalog import ItemCatalog
 from persona_gym.evaluation.baselines import (
@@ -53,6 +60,7 @@ from persona_gym.evaluation.baselines import (
 )
 from persona_gym.evaluation.metrics import rmse
 from persona_gym.io import atomic_write
+from persona_gym.simulator.prior import fit_rating_prior
 
 __all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative", "persona_tastes", "taste_axes"]
 
@@ -61,9 +69,9 @@ CF_FILE = "collaborative.npz"
 
 @dataclass(frozen=True)
 class CollaborativeModel:
-    """``(1 - w) (mu + b_u + b_i + p_u . q_i) + w kNN(u, i)`` over the catalogue's indices
-    (items the fit never saw have zero bias and factors; users it never saw predict the MF item
-    side only)."""
+    """``mu + b_u + g (blend - mu - b_u)`` with ``blend = (1 - w) (mu + b_u + b_i + p_u . q_i)
+    + w kNN(u, i)``, over the catalogue's indices (items the fit never saw have zero bias and
+    factors; users it never saw predict the MF item side only, without the gain)."""
 
     mu: float
     user_ids: np.ndarray  # (U,) int64, sorted
@@ -71,7 +79,7 @@ class CollaborativeModel:
     user_factors: np.ndarray  # (U, F)
     item_bias: np.ndarray  # (n_items,) in catalogue order
     item_factors: np.ndarray  # (n_items, F)
-    params: dict  # {"mf": ..., "knn": ..., "blend": w}
+    params: dict  # {"mf": ..., "knn": ..., "blend": w, "gain": g} (no "gain": 1)
     knn: np.ndarray  # (U, n_items) float32: the item-kNN prediction of every fitted user
     # out-of-fold predictions of the logged training interactions, keyed user * n_items + item
     logged_keys: np.ndarray  # (L,) int64, sorted
@@ -107,13 +115,16 @@ class CollaborativeModel:
             moved = np.broadcast_to(np.asarray(taste, dtype=np.float64), factors.shape)
             shift = np.where(known, (1.0 - w) * np.einsum("nf,nf->n", moved - factors,
                                                           self.item_factors[items]), 0.0)
-        value = np.clip(value + shift, 1.0, 5.0)
         if len(self.logged_keys):
             keys = users * len(self.item_bias) + items
             pos = np.clip(np.searchsorted(self.logged_keys, keys), 0, len(self.logged_keys) - 1)
-            logged = self.logged_keys[pos] == keys
-            value = np.where(logged, np.clip(self.logged_predictions[pos] + shift, 1.0, 5.0), value)
-        return value
+            value = np.where(self.logged_keys[pos] == keys, self.logged_predictions[pos], value)
+        value = value + shift
+        gain = float(self.params.get("gain", 1.0))
+        if gain != 1.0:
+            level = self.mu + self.user_bias[safe]
+            value = np.where(known, level + gain * (value - level), value)
+        return np.clip(value, 1.0, 5.0)
 
     def taste_of(self, user_id: int, persona_taste: np.ndarray, share: float, axes: np.ndarray) -> np.ndarray:
         """``p_u - share (p_u - c) A^T A``: the user's factors moved a ``share`` toward a persona's
@@ -209,10 +220,20 @@ def _to_catalog(model: BiasedMF, catalog: ItemCatalog) -> tuple[np.ndarray, np.n
 
 
 BLENDS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+GAINS = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5)
 
 
 def _blend(mf: np.ndarray, knn: np.ndarray, w: float) -> np.ndarray:
     return np.clip((1.0 - w) * mf + w * knn, 1.0, 5.0)
+
+
+def _prior_nll(predictions: np.ndarray, ratings: np.ndarray) -> float:
+    """The validation likelihood that chooses the gain: a rating prior fitted to the predictions
+    and ratings, its mean negative log-likelihood of them."""
+    prior = fit_rating_prior(predictions, np.zeros(len(ratings)), ratings)
+    with torch.no_grad():
+        return float(prior.nll(torch.as_tensor(predictions, dtype=torch.float32), torch.zeros(len(ratings)),
+                               torch.tensor(ratings, dtype=torch.int64)))
 
 
 def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: ItemCatalog,
@@ -221,8 +242,9 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
 
     ``train`` is the simulated users' training part (``user_id, item_id, rating, timestamp``;
     :meth:`~persona_gym.data.splits.Split.simulated_train`), ``background`` the other users'
-    ratings. MF and kNN are tuned on the validation slice, then
-    the blend weight (of :data:`BLENDS`) on the same slice. The out-of-fold prediction of a
+    ratings. MF and kNN are tuned on the validation slice, then the blend weight (of
+    :data:`BLENDS`, by RMSE) and the gain (of :data:`GAINS`, by the rating prior's likelihood) on
+    the same slice. The out-of-fold prediction of a
     ``train`` row comes from models fitted without that row's fold (``folds`` seeded random folds).
     ``params``: the ``params`` of an earlier fit on the same data (a shipped simulator's
     ``collaborative.json``), which skips the tuning and gives the same model.
@@ -233,12 +255,18 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
         mf_params, _, _ = tune(*DEFAULT_GRIDS["matrix factorisation"], tune_on, validation, {"seed": seed})
         knn_params, _, _ = tune(*DEFAULT_GRIDS["item kNN"], tune_on, validation)
         pairs = validation["user_id"], validation["item_id"]
-        mf_val = BiasedMF(**mf_params, seed=seed).fit(tune_on).predict(*pairs)
+        mf = BiasedMF(**mf_params, seed=seed).fit(tune_on)
+        mf_val = mf.predict(*pairs)
         knn_val = ItemKNN(**knn_params).fit(tune_on).predict(*pairs)
         w = min(BLENDS, key=lambda b: rmse(_blend(mf_val, knn_val, b), validation["rating"]))
+        blend_val = _blend(mf_val, knn_val, w)
+        seen = mf._lookup(mf.users_, validation["user_id"])
+        level = np.where(seen >= 0, mf.mu_ + mf.bu_[np.maximum(seen, 0)], blend_val)
+        ratings = validation["rating"].to_numpy(np.int64)
+        gain = min(GAINS, key=lambda g: _prior_nll(np.clip(level + g * (blend_val - level), 1.0, 5.0), ratings))
     else:
         mf_params = {k: v for k, v in params["mf"].items() if k != "seed"}
-        knn_params, w = params["knn"], float(params["blend"])
+        knn_params, w, gain = params["knn"], float(params["blend"]), float(params.get("gain", 1.0))
 
     full_data = fit_frame(train, background)
     full = BiasedMF(**mf_params, seed=seed).fit(full_data)
@@ -257,7 +285,7 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
     keys = (train["user_id"].to_numpy(np.int64) * len(catalog)
             + catalog.indices_of(train["item_id"]).astype(np.int64))
     order = np.argsort(keys, kind="stable")
-    params = {"mf": full.params(), "knn": knn.params(), "blend": float(w)}
+    params = {"mf": full.params(), "knn": knn.params(), "blend": float(w), "gain": float(gain)}
     return CollaborativeModel(full.mu_, full.users_, full.bu_, full.p_, bias, factors, params,
                               _knn_table(knn, full.users_, catalog), keys[order], oof[order])
 

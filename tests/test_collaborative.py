@@ -100,15 +100,16 @@ def test_prediction_blends_mf_and_knn_by_the_validated_weight(fitted):
     from persona_gym.collaborative import BLENDS
 
     model, train, catalog = fitted
-    w = model.params["blend"]
-    assert w in BLENDS and set(model.params) == {"mf", "knn", "blend"}
+    w, gain = model.params["blend"], model.params["gain"]
+    assert w in BLENDS and set(model.params) == {"mf", "knn", "blend", "gain"}
     seen = set(zip(train["user_id"], catalog.indices_of(train["item_id"]), strict=True))
     pairs = [(u, i) for u in range(10) for i in range(len(catalog)) if (u, i) not in seen]
     users, items = np.array(pairs).T
     rows = model.user_rows(users)
     mf = (model.mu + model.item_bias[items] + model.user_bias[rows]
           + np.einsum("nf,nf->n", model.user_factors[rows], model.item_factors[items]))
-    expected = np.clip((1 - w) * mf + w * model.knn[rows, items], 1, 5)
+    level = model.mu + model.user_bias[rows]
+    expected = np.clip(level + gain * ((1 - w) * mf + w * model.knn[rows, items] - level), 1, 5)
     np.testing.assert_allclose(model.predict(users, items), expected, rtol=1e-6)
     # the kNN table is the item-kNN baseline's own prediction
     from persona_gym.evaluation.baselines import ItemKNN, fit_frame
@@ -135,9 +136,12 @@ def test_a_file_from_before_the_knn_part_names_the_fix(fitted, tmp_path):
 
 
 def test_taste_replaces_the_user_factors_in_every_prediction(fitted):
+    from dataclasses import replace
+
     from persona_gym.collaborative import persona_tastes
 
     model, train, catalog = fitted
+    model = replace(model, params={**model.params, "gain": 1.0})  # the gain has its own test
     w = model.params["blend"]
     users, items = np.repeat([1, 2], 4), np.tile([0, 3, 6, 9], 2)
     own = model.user_factors[model.user_rows(users)]
@@ -206,3 +210,56 @@ def test_recorded_params_skip_the_tuning_and_give_the_same_model(fitted, monkeyp
     assert again.params == model.params
     for name in ("user_factors", "item_factors", "user_bias", "knn", "logged_predictions"):
         np.testing.assert_array_equal(getattr(again, name), getattr(model, name))
+
+
+def _drifting(amplitudes: np.ndarray, n_users: int = 40, n_items: int = 40, seed: int = 0):
+    """Ratings with a user level and a rank-1 taste whose strength follows ``amplitudes`` over
+    each user's history."""
+    rng = np.random.default_rng(seed)
+    taste, kind = rng.choice([-1.0, 1.0], n_users), rng.choice([-1.0, 1.0], n_items)
+    level = rng.normal(3.0, 0.7, n_users)
+    rows = [(u, i + 1, float(np.clip(np.rint(level[u] + a * taste[u] * kind[i] + rng.normal(0, 0.5)), 1, 5)), t)
+            for u in range(n_users)
+            for t, (i, a) in enumerate(zip(rng.permutation(n_items), amplitudes, strict=False))]
+    ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+    items = pd.DataFrame({"item_id": np.arange(1, n_items + 1), "title": [f"M{i}" for i in range(n_items)],
+                          "year": pd.array([2000] * n_items, dtype="Int64"), "genres": [("Drama",)] * n_items})
+    stats = ratings.groupby("item_id")["rating"].agg(mean_rating="mean", n_ratings="size").reset_index()
+    return ratings[ratings.user_id < 20], ratings[ratings.user_id >= 20], ItemCatalog.from_frames(items, stats)
+
+
+def test_the_gain_is_chosen_by_the_validation_slice():
+    from persona_gym.collaborative import GAINS
+
+    # tastes that grow stronger over time: the later (validation) ratings ask for more spread
+    growing = fit_collaborative(*_drifting(np.r_[np.full(24, 0.6), np.full(6, 1.8)]), seed=0)
+    assert growing.params["gain"] in GAINS and growing.params["gain"] > 1.0
+    # tastes that fade: no gain above one
+    fading = fit_collaborative(*_drifting(np.r_[np.full(24, 1.8), np.full(6, 0.6)]), seed=0)
+    assert fading.params["gain"] == 1.0
+
+
+def test_the_gain_scales_the_movie_to_movie_part_around_the_user_level(fitted):
+    from dataclasses import replace
+
+    model, train, catalog = fitted
+    plain = replace(model, params={**model.params, "gain": 1.0})
+    # a simulator distilled before the gain existed has none: it predicts as with a gain of 1
+    old = replace(model, params={k: v for k, v in model.params.items() if k != "gain"})
+    users, items = np.repeat(np.arange(10), len(catalog)), np.tile(np.arange(len(catalog)), 10)
+    base = plain.predict(users, items)
+    np.testing.assert_array_equal(old.predict(users, items), base)
+    gained = replace(model, params={**model.params, "gain": 1.3})
+    scaled = gained.predict(users, items)
+    level = model.mu + model.user_bias[model.user_rows(users)]
+    inside = (base > 1) & (base < 5)  # pairs the plain prediction did not clip
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(scaled[inside], np.clip(level + 1.3 * (base - level), 1, 5)[inside], rtol=1e-6)
+    # a persona's taste moves the prediction before the gain: its difference is scaled too
+    taste = np.full(model.user_factors.shape[1], 0.3)
+    moved = plain.predict(users, items, taste)
+    inside = (moved > 1) & (moved < 5)
+    np.testing.assert_allclose(gained.predict(users, items, taste)[inside],
+                               np.clip(level + 1.3 * (moved - level), 1, 5)[inside], rtol=1e-6)
+    # a user the fit never saw has no level of their own: the gain leaves them alone
+    assert gained.predict([999_999], [4])[0] == plain.predict([999_999], [4])[0]

@@ -52,6 +52,11 @@ class RatingPrior(torch.nn.Module):
         distance = (ratings[None, :] - centre[:, None]) ** 2
         return logits + self.bias - self.log_precision.exp() * distance
 
+    def nll(self, predictions: torch.Tensor, surprises: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of ``(N,)`` 1..5 ``ratings`` under the prior alone."""
+        logits = self(torch.zeros(len(ratings), 5), predictions, surprises)
+        return torch.nn.functional.cross_entropy(logits, ratings - 1)
+
     def save(self, folder: str | Path) -> None:
         torch.save({"log_precision": self.log_precision.detach().cpu(), "bias": self.bias.detach().cpu(),
                     "memory": self.memory.detach().cpu()}, Path(folder) / PRIOR_FILE)
@@ -62,10 +67,10 @@ def fit_rating_prior(predictions, surprises, ratings, steps: int = 100) -> Ratin
     surprises and 1..5 ratings, without the SLM (L-BFGS on the mean negative log-likelihood;
     deterministic)."""
     prior = RatingPrior()
-    target = torch.from_numpy(np.array(ratings, dtype=np.int64)) - 1
+    target = torch.from_numpy(np.array(ratings, dtype=np.int64))
     if not len(target):
         return prior
-    if int(target.min()) < 0 or int(target.max()) > 4:
+    if int(target.min()) < 1 or int(target.max()) > 5:
         raise ValueError("fit_rating_prior: ratings must be 1..5")
     predictions = torch.from_numpy(np.array(predictions, dtype=np.float32))
     surprises = torch.from_numpy(np.array(surprises, dtype=np.float32))
@@ -73,8 +78,7 @@ def fit_rating_prior(predictions, surprises, ratings, steps: int = 100) -> Ratin
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = prior(torch.zeros(len(target), 5), predictions, surprises)
-        loss = torch.nn.functional.cross_entropy(logits, target)
+        loss = prior.nll(predictions, surprises, target)
         loss.backward()
         return loss
 
