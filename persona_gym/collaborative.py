@@ -62,7 +62,8 @@ from persona_gym.evaluation.metrics import rmse
 from persona_gym.io import atomic_write
 from persona_gym.simulator.prior import fit_rating_prior
 
-__all__ = ["CF_FILE", "CollaborativeModel", "fit_collaborative", "load_collaborative", "persona_tastes", "taste_axes"]
+__all__ = ["CF_FILE", "GAINS", "CollaborativeModel", "fit_collaborative", "gain_nlls", "gained", "load_collaborative",
+           "persona_tastes", "taste_axes"]
 
 CF_FILE = "collaborative.npz"
 
@@ -227,13 +228,23 @@ def _blend(mf: np.ndarray, knn: np.ndarray, w: float) -> np.ndarray:
     return np.clip((1.0 - w) * mf + w * knn, 1.0, 5.0)
 
 
-def _prior_nll(predictions: np.ndarray, ratings: np.ndarray) -> float:
-    """The validation likelihood that chooses the gain: a rating prior fitted to the predictions
-    and ratings, its mean negative log-likelihood of them."""
-    prior = fit_rating_prior(predictions, np.zeros(len(ratings)), ratings)
-    with torch.no_grad():
-        return float(prior.nll(torch.as_tensor(predictions, dtype=torch.float32), torch.zeros(len(ratings)),
-                               torch.tensor(ratings, dtype=torch.int64)))
+def gained(level: np.ndarray, blend: np.ndarray, gain: float) -> np.ndarray:
+    """``level + gain (blend - level)``, clipped to 1..5."""
+    return np.clip(level + gain * (blend - level), 1.0, 5.0)
+
+
+def gain_nlls(level: np.ndarray, blend: np.ndarray, ratings: np.ndarray) -> dict[float, float]:
+    """Per gain of :data:`GAINS`, the likelihood that chooses it: a rating prior fitted to the
+    gained predictions and the 1..5 ``ratings``, its mean negative log-likelihood of them."""
+    ratings = np.asarray(ratings, dtype=np.int64)
+    scores = {}
+    for g in GAINS:
+        predictions = gained(level, blend, g)
+        prior = fit_rating_prior(predictions, np.zeros(len(ratings)), ratings)
+        with torch.no_grad():
+            scores[g] = float(prior.nll(torch.as_tensor(predictions, dtype=torch.float32),
+                                        torch.zeros(len(ratings)), torch.tensor(ratings)))
+    return scores
 
 
 def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: ItemCatalog,
@@ -262,8 +273,8 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
         blend_val = _blend(mf_val, knn_val, w)
         seen = mf._lookup(mf.users_, validation["user_id"])
         level = np.where(seen >= 0, mf.mu_ + mf.bu_[np.maximum(seen, 0)], blend_val)
-        ratings = validation["rating"].to_numpy(np.int64)
-        gain = min(GAINS, key=lambda g: _prior_nll(np.clip(level + g * (blend_val - level), 1.0, 5.0), ratings))
+        nlls = gain_nlls(level, blend_val, validation["rating"].to_numpy(np.int64))
+        gain = min(nlls, key=nlls.__getitem__)
     else:
         mf_params = {k: v for k, v in params["mf"].items() if k != "seed"}
         knn_params, w, gain = params["knn"], float(params["blend"]), float(params.get("gain", 1.0))
