@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import BLENDS, fit_collaborative, gain_nlls, gained
+from persona_gym.collaborative import BLENDS, fit_collaborative, gain_nlls, gained, user_level
 from persona_gym.data import load_dataset, protocol_split
 from persona_gym.evaluation.baselines import (
     DEFAULT_GRIDS,
@@ -84,8 +84,7 @@ def main() -> int:
     best = min(blends, key=lambda w: blends[w])
     rows[f"MF + kNN blend (w={best})"] = blends[best]
     blend = np.clip((1 - best) * mf + best * knn, 1, 5)
-    seen = mf_model._lookup(mf_model.users_, val["user_id"])
-    level = np.where(seen >= 0, mf_model.mu_ + mf_model.bu_[np.maximum(seen, 0)], blend)
+    level = user_level(mf_model, val["user_id"], blend)
     rating_val = val["rating"].to_numpy(np.int64)
     nlls = gain_nlls(level, blend, rating_val)
     gains = {}

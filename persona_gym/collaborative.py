@@ -32,7 +32,8 @@ gain whose prediction the rating prior (:mod:`persona_gym.simulator.prior`, the 
 Gaussian the simulator reads it through) fits best, by that prior's likelihood of the validation
 ratings. Regularised factors and a prior that smooths over five stars both pull the expected
 rating toward the user's level; the later ratings of the validation slice ask for more of the
-movie-to-movie part than the out-of-fold training rows do. The item tokens carry the MF factors. Training prompts must not show a
+movie-to-movie part than the out-of-fold training rows do. The item tokens carry the MF
+factors. Training prompts must not show a
 prediction fitted on their own label: :func:`fit_collaborative` also returns out-of-fold
 predictions of every training interaction (``folds`` random folds of the simulated users'
 training rows, background always in the fit), which the training prompts and the logged
@@ -63,7 +64,7 @@ from persona_gym.io import atomic_write
 from persona_gym.simulator.prior import fit_rating_prior
 
 __all__ = ["CF_FILE", "GAINS", "CollaborativeModel", "fit_collaborative", "gain_nlls", "gained", "load_collaborative",
-           "persona_tastes", "taste_axes"]
+           "persona_tastes", "taste_axes", "user_level"]
 
 CF_FILE = "collaborative.npz"
 
@@ -233,6 +234,12 @@ def gained(level: np.ndarray, blend: np.ndarray, gain: float) -> np.ndarray:
     return np.clip(level + gain * (blend - level), 1.0, 5.0)
 
 
+def user_level(mf: BiasedMF, users, fallback: np.ndarray) -> np.ndarray:
+    """``mu + b_u`` of a fitted MF per user, ``fallback`` where the fit never saw the user."""
+    seen = mf._lookup(mf.users_, users)
+    return np.where(seen >= 0, mf.mu_ + mf.bu_[np.maximum(seen, 0)], fallback)
+
+
 def gain_nlls(level: np.ndarray, blend: np.ndarray, ratings: np.ndarray) -> dict[float, float]:
     """Per gain of :data:`GAINS`, the likelihood that chooses it: a rating prior fitted to the
     gained predictions and the 1..5 ``ratings``, its mean negative log-likelihood of them."""
@@ -271,8 +278,7 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
         knn_val = ItemKNN(**knn_params).fit(tune_on).predict(*pairs)
         w = min(BLENDS, key=lambda b: rmse(_blend(mf_val, knn_val, b), validation["rating"]))
         blend_val = _blend(mf_val, knn_val, w)
-        seen = mf._lookup(mf.users_, validation["user_id"])
-        level = np.where(seen >= 0, mf.mu_ + mf.bu_[np.maximum(seen, 0)], blend_val)
+        level = user_level(mf, validation["user_id"], blend_val)
         nlls = gain_nlls(level, blend_val, validation["rating"].to_numpy(np.int64))
         gain = min(nlls, key=nlls.__getitem__)
     else:
