@@ -38,8 +38,8 @@ from persona_gym.evaluation.baselines import (
 )
 from persona_gym.evaluation.metrics import rmse, within_user
 from persona_gym.io import atomic_write_json
+from persona_gym.rating_prior import fit_rating_prior
 from persona_gym.ratings import RATING_VALUES
-from persona_gym.simulator.prior import fit_rating_prior
 
 HERE = Path(__file__).parent
 

@@ -32,7 +32,7 @@ class PromptConfig:
         cf_items: item tokens carry the item's collaborative factors and bias next to its text
             embedding (with ``item_tokens``).
         cf_prior: the rating logits get a learned Gaussian prior around the collaborative
-            prediction (with ``cf_cue``; ``persona_gym.simulator.prior``).
+            prediction (with ``cf_cue``; ``persona_gym.rating_prior``).
         persona_taste: share ``s`` of a user's collaborative taste that their persona adapter
             owns (0..1, with ``cf_cue``): under persona ``k``'s adapter the prediction uses the
             user's MF factors moved a share ``s`` toward the persona's mean factors along the

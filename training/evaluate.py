@@ -123,7 +123,7 @@ class _Models:
                                                 artifacts.item_token_features(artifacts.prompt_config), device)
         self.priors = None
         if artifacts.prompt_config.cf_prior:
-            from persona_gym.simulator.prior import load_rating_priors
+            from persona_gym.rating_prior import load_rating_priors
 
             self.priors = load_rating_priors(artifacts.adapter_dirs)
         self.artifacts = artifacts

@@ -61,9 +61,9 @@ from persona_gym.collaborative import CF_FILE, load_collaborative, persona_taste
 from persona_gym.config_cli import field_help, plain
 from persona_gym.errors import ConfigError
 from persona_gym.io import atomic_write, atomic_write_json
+from persona_gym.rating_prior import fit_rating_prior
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
-from persona_gym.simulator.prior import fit_rating_prior
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig
 from training.adapter_training import train_adapter
 from training.examples import LowerCache, _frozen_pass, adapter_datasets, build_examples

@@ -58,8 +58,8 @@ import torch
 from persona_gym.adapter_names import BASE
 from persona_gym.errors import ConfigError, PersonaGymError
 from persona_gym.prompt_config import PromptConfig
+from persona_gym.rating_prior import RatingPrior
 from persona_gym.ratings import N_LEVELS
-from persona_gym.simulator.prior import RatingPrior
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
 
 if TYPE_CHECKING:
@@ -466,7 +466,7 @@ def load_served(artifacts_dir: str | Path, backend: str = "vllm", variant: str =
     from persona_gym.adapter_names import variant_adapters
     from persona_gym.artifacts import check_base_model, load_artifacts
     from persona_gym.assets import DEFAULT_SLM, resolve_model
-    from persona_gym.simulator.prior import load_rating_priors
+    from persona_gym.rating_prior import load_rating_priors
     from persona_gym.simulator.simulator import UserSimulator
 
     if backend not in SERVED_BACKENDS:

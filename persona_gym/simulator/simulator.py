@@ -21,9 +21,9 @@ from persona_gym.adapter_names import BASE, adapter_of, variant_adapters
 from persona_gym.artifacts import Artifacts, check_base_model, load_artifacts
 from persona_gym.catalog import ItemCatalog
 from persona_gym.memory import Interaction, logged_history, short_term_window
+from persona_gym.rating_prior import load_rating_priors
 from persona_gym.retrieval import MemoryIndex
 from persona_gym.simulator.adapters import attach_adapters, load_item_tokens
-from persona_gym.simulator.prior import load_rating_priors
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import RatingModel
 

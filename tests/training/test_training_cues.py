@@ -11,7 +11,7 @@ import torch
 
 from persona_gym.artifacts import load_tables
 from persona_gym.collaborative import CF_FILE, fit_collaborative
-from persona_gym.simulator.prior import PRIOR_FILE, RatingPrior, load_rating_prior
+from persona_gym.rating_prior import PRIOR_FILE, RatingPrior, load_rating_prior
 from persona_gym.simulator.prompts import PromptConfig
 
 
@@ -24,7 +24,7 @@ def test_prior_is_a_gaussian_around_the_prediction():
 
 
 def test_prior_centre_moves_with_the_window_surprise(tmp_path):
-    from persona_gym.simulator.prior import PRIOR_FILE, load_rating_prior
+    from persona_gym.rating_prior import PRIOR_FILE, load_rating_prior
 
     prior = RatingPrior(precision=0.5)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_simulator_applies_the_prior(cued_artifacts, tiny_base, tmp_path):
     import shutil
 
     from persona_gym.artifacts import rehash
-    from persona_gym.simulator.prior import PRIOR_FILE
+    from persona_gym.rating_prior import PRIOR_FILE
     from persona_gym.simulator.simulator import UserSimulator
 
     # a sharp saved prior (sd 0.2) must dominate the tiny random SLM's nearly flat logits
@@ -119,7 +119,7 @@ def test_evaluate_reports_studies_and_the_prior_alone(cued_artifacts, tmp_path):
 
 
 def test_fit_rating_prior_recovers_the_generating_prior():
-    from persona_gym.simulator.prior import fit_rating_prior
+    from persona_gym.rating_prior import fit_rating_prior
 
     true = RatingPrior(precision=1.5)
     with torch.no_grad():
