@@ -124,8 +124,7 @@ class CollaborativeModel:
         value = value + shift
         gain = float(self.params.get("gain", 1.0))
         if gain != 1.0:
-            level = self.mu + self.user_bias[safe]
-            value = np.where(known, level + gain * (value - level), value)
+            value = np.where(known, gained(self.mu + self.user_bias[safe], value, gain), value)
         return np.clip(value, 1.0, 5.0)
 
     def taste_of(self, user_id: int, persona_taste: np.ndarray, share: float, axes: np.ndarray) -> np.ndarray:
