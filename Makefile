@@ -27,7 +27,8 @@ demo: install
 	$(VENV)/bin/persona-gym demo
 
 test: install
-	$(PY) -m ruff check persona_gym agents training envs_config tests
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	# two pytest-xdist workers (tests/conftest.py splits the cores between them); the tests on the
 	# shipped simulator share one worker (xdist_group) so it is materialised once

@@ -36,16 +36,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the episodes and of the short run (default: 0)")
-    parser.add_argument("--episodes", type=int, default=32, help="simulator episodes per policy (default: 32)")
-    parser.add_argument("--train-steps", type=int, default=1024,
-                        help="env steps of the short training run; 0 skips it (default: 1024)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="simulator dtype (auto: bfloat16 on CPUs with AMX/AVX512-BF16) (default: auto)")
-    parser.add_argument("--artifacts", type=Path, default=None,
-                        help="a simulator you trained instead of the shipped one (the shipped agent is "
-                             "left out) (default: the shipped ML-100k simulator)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder (default: runs/demo)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the episodes and of the short run (default: 0)"
+    )
+    parser.add_argument(
+        "--episodes", type=int, default=32, help="simulator episodes per policy (default: 32)"
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=1024,
+        help="env steps of the short training run; 0 skips it (default: 1024)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="simulator dtype (auto: bfloat16 on CPUs with AMX/AVX512-BF16) (default: auto)",
+    )
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        help="a simulator you trained instead of the shipped one (the shipped agent is "
+        "left out) (default: the shipped ML-100k simulator)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="report folder (default: runs/demo)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -63,35 +81,64 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.artifacts is None else {"artifacts": str(args.artifacts)}
     if args.artifacts is None:
         summary = load_dataset("ml-100k").summary()
-        print(f"MovieLens-100k: {summary['n_users']} users, {summary['n_items']} items, "
-              f"{summary['n_ratings']} ratings")
+        print(
+            f"MovieLens-100k: {summary['n_users']} users, {summary['n_items']} items, "
+            f"{summary['n_ratings']} ratings"
+        )
     core, ratings, test, n_users = load_evaluation("PersonaML100K-v0", args.dtype, **overrides)
-    print(f"simulator ready in {time.perf_counter() - started:.0f} s: {len(core.user_ids)} simulated "
-          f"users, {core.n_items} movies, {len(test)} logged test interactions", flush=True)
+    print(
+        f"simulator ready in {time.perf_counter() - started:.0f} s: {len(core.user_ids)} simulated "
+        f"users, {core.n_items} movies, {len(test)} logged test interactions",
+        flush=True,
+    )
 
     names = ["random", "most-popular", "item-mean", "mf"] + ([] if args.artifacts else ["agent"])
     policies = {name: make_policy(name, core, ratings, seed=args.seed) for name in names}
     if args.artifacts is None:
-        header = (f"Main job: `PersonaML100K-v0` (shipped simulator, {args.dtype}), seed {args.seed}; `agent` is "
-                  "the item-scoring MaskablePPO agent shipped with the package (`make agent`, benchmarks/rl/).")
+        header = (
+            f"Main job: `PersonaML100K-v0` (shipped simulator, {args.dtype}), seed {args.seed}; `agent` is "
+            "the item-scoring MaskablePPO agent shipped with the package (`make agent`, benchmarks/rl/)."
+        )
     else:
         header = f"Main job on the simulator `{args.artifacts}` ({args.dtype}), seed {args.seed}."
     if args.train_steps:
         half = max(args.train_steps // 2, 1)
-        print(f"training an item-scoring MaskablePPO for {args.train_steps} env steps "
-              f"(greedy evaluation on 16 fixed users every {half}) ...", flush=True)
-        run_dir = train_agent(AgentConfig(policy="items", timesteps=args.train_steps, seed=args.seed, n_envs=16,
-                                          n_steps=32, dtype=args.dtype, eval_every=half, eval_episodes=16,
-                                          checkpoint_every=args.train_steps, out=str(args.out / "agents"),
-                                          env_kwargs=overrides),
-                              progress=sys.stderr.isatty(), ratings=ratings)
+        print(
+            f"training an item-scoring MaskablePPO for {args.train_steps} env steps "
+            f"(greedy evaluation on 16 fixed users every {half}) ...",
+            flush=True,
+        )
+        run_dir = train_agent(
+            AgentConfig(
+                policy="items",
+                timesteps=args.train_steps,
+                seed=args.seed,
+                n_envs=16,
+                n_steps=32,
+                dtype=args.dtype,
+                eval_every=half,
+                eval_episodes=16,
+                checkpoint_every=args.train_steps,
+                out=str(args.out / "agents"),
+                env_kwargs=overrides,
+            ),
+            progress=sys.stderr.isatty(),
+            ratings=ratings,
+        )
         curve = pd.read_csv(run_dir / "eval.csv")
-        print("greedy mean rating during the short run: " + ", ".join(
-            f"{r.mean_rating:.2f} at {r.steps} steps" for r in curve.itertuples()))
+        print(
+            "greedy mean rating during the short run: "
+            + ", ".join(f"{r.mean_rating:.2f} at {r.steps} steps" for r in curve.itertuples())
+        )
         policies["short run"] = SB3Policy.load(run_dir, name="short run")
-        header += (f" `short run`: {args.train_steps} env steps of the same agent from scratch, run folder "
-                   f"`{run_dir}` ([learning curve]({Path(run_dir).relative_to(args.out) / 'learning_curve.png'})).")
-    print(f"evaluating {len(policies)} policies: {args.episodes} episodes each + logged data ...", flush=True)
+        header += (
+            f" `short run`: {args.train_steps} env steps of the same agent from scratch, run folder "
+            f"`{run_dir}` ([learning curve]({Path(run_dir).relative_to(args.out) / 'learning_curve.png'}))."
+        )
+    print(
+        f"evaluating {len(policies)} policies: {args.episodes} episodes each + logged data ...",
+        flush=True,
+    )
     results = evaluate_policies(core, policies, evaluation, test, n_users)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     report = write_report(results, args.out, header)

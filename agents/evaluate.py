@@ -75,19 +75,33 @@ from persona_gym.registry import ENV_IDS, env_config_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PolicyEvalConfig", "evaluate_logged", "evaluate_policies", "load_evaluation",
-           "gap_closed", "make_batch", "paired_differences", "simulate", "summarize_episodes"]
+__all__ = [
+    "PolicyEvalConfig",
+    "evaluate_logged",
+    "evaluate_policies",
+    "load_evaluation",
+    "gap_closed",
+    "make_batch",
+    "paired_differences",
+    "simulate",
+    "summarize_episodes",
+]
 
 
 def make_batch(core: RecCore, states: list[EpisodeState]) -> Batch:
     """The policy's view of some episodes: stacked observations, masks, users, states."""
-    return Batch(core.observations(states), np.stack([s.allowed for s in states]),
-                 np.array([s.user_id for s in states], dtype=np.int64), states)
+    return Batch(
+        core.observations(states),
+        np.stack([s.allowed for s in states]),
+        np.array([s.user_id for s in states], dtype=np.int64),
+        states,
+    )
 
 
 # -- in the simulator ---------------------------------------------------------------------------
-def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, n_envs: int = 16,
-             first: int = 0) -> list[dict]:
+def simulate(
+    policy: Policy, core: RecCore, episodes: int, seed: int, n_envs: int = 16, first: int = 0
+) -> list[dict]:
     """Play episodes ``first..episodes-1`` of ``seed`` (see module docstring); one record per
     episode.
 
@@ -105,13 +119,27 @@ def simulate(policy: Policy, core: RecCore, episodes: int, seed: int, n_envs: in
         rngs = [np.random.default_rng([seed, e]) for e in ids]
         states = [core.new_episode(rng, None) for rng in rngs]
         policy.seed(seed * 1_000_003 + start)
-        recs = [{"seed": seed, "episode": e, "user_id": s.user_id, "persona": s.persona, "return": 0.0,
-                 "items": [], "expected": [], "sampled": [], "masked": 0, "left": False}
-                for e, s in zip(ids, states, strict=True)]
+        recs = [
+            {
+                "seed": seed,
+                "episode": e,
+                "user_id": s.user_id,
+                "persona": s.persona,
+                "return": 0.0,
+                "items": [],
+                "expected": [],
+                "sampled": [],
+                "masked": 0,
+                "left": False,
+            }
+            for e, s in zip(ids, states, strict=True)
+        ]
         active = list(range(len(states)))
         while active:
             actions = policy.act(make_batch(core, [states[i] for i in active]))
-            results = core.step([states[i] for i in active], list(actions), [rngs[i] for i in active])
+            results = core.step(
+                [states[i] for i in active], list(actions), [rngs[i] for i in active]
+            )
             still = []
             for i, action, result in zip(active, actions, results, strict=True):
                 rec, last = recs[i], states[i].last
@@ -136,24 +164,34 @@ def summarize_episodes(records: list[dict], core: RecCore, n_users: int, seed: i
     genres = core.catalog.genres
     per_episode = {
         "return": np.array([r["return"] for r in records]),
-        "mean_rating": np.array([np.mean(r["expected"]) if r["expected"] else np.nan for r in records]),
-        "share_ge4": np.array([np.mean(np.array(r["sampled"]) >= 4) if r["sampled"] else np.nan
-                               for r in records]),
+        "mean_rating": np.array(
+            [np.mean(r["expected"]) if r["expected"] else np.nan for r in records]
+        ),
+        "share_ge4": np.array(
+            [np.mean(np.array(r["sampled"]) >= 4) if r["sampled"] else np.nan for r in records]
+        ),
         "churn": np.array([float(r["left"]) for r in records]),
-        "diversity": np.array([intra_list_diversity([genres[i] for i in r["items"]]) for r in records]),
-        "novelty": np.array([novelty(r["items"], core.catalog.n_ratings, n_users) for r in records]),
+        "diversity": np.array(
+            [intra_list_diversity([genres[i] for i in r["items"]]) for r in records]
+        ),
+        "novelty": np.array(
+            [novelty(r["items"], core.catalog.n_ratings, n_users) for r in records]
+        ),
     }
     out = {}
     for name, values in per_episode.items():
         out[name] = _ci(len(records), lambda idx, v=values: float(np.nanmean(v[idx])), seed)
     items = [set(r["items"]) for r in records]
-    out["coverage"] = _ci(len(records), lambda idx: len(set().union(*(items[i] for i in idx)))
-                          / core.n_items, seed)
+    out["coverage"] = _ci(
+        len(records), lambda idx: len(set().union(*(items[i] for i in idx))) / core.n_items, seed
+    )
     out["episodes"] = len(records)
     return out
 
 
-def gap_closed(entries: dict[str, dict], low: str = "random", high: str = "simulator-greedy") -> dict:
+def gap_closed(
+    entries: dict[str, dict], low: str = "random", high: str = "simulator-greedy"
+) -> dict:
     """``(policy - random) / (simulator-greedy - random)`` of each policy's mean return and mean
     rating: the share of the gap to the myopic oracle a policy closes (empty without both)."""
     if low not in entries or high not in entries:
@@ -162,7 +200,9 @@ def gap_closed(entries: dict[str, dict], low: str = "random", high: str = "simul
     for metric in ("return", "mean_rating"):
         lo, hi = (entries[n]["simulator"][metric]["mean"] for n in (low, high))
         if hi != lo:
-            out[metric] = {n: (e["simulator"][metric]["mean"] - lo) / (hi - lo) for n, e in entries.items()}
+            out[metric] = {
+                n: (e["simulator"][metric]["mean"] - lo) / (hi - lo) for n, e in entries.items()
+            }
     return out
 
 
@@ -174,22 +214,33 @@ def paired_differences(per_episode: dict[str, list[dict]], seed: int = 0) -> lis
     for name in names[1:]:
         keys = [(r["seed"], r["episode"], r["user_id"]) for r in per_episode[name]]
         if keys != [(r["seed"], r["episode"], r["user_id"]) for r in per_episode[names[0]]]:
-            raise ValueError(f"policies {names[0]!r} and {name!r} met different episodes; "
-                             "paired differences need the same seeds and episodes")
+            raise ValueError(
+                f"policies {names[0]!r} and {name!r} met different episodes; "
+                "paired differences need the same seeds and episodes"
+            )
 
     def values(name: str, metric: str) -> np.ndarray:
         if metric == "return":
             return np.array([r["return"] for r in per_episode[name]])
-        return np.array([np.mean(r["expected"]) if r["expected"] else np.nan for r in per_episode[name]])
+        return np.array(
+            [np.mean(r["expected"]) if r["expected"] else np.nan for r in per_episode[name]]
+        )
 
     out = []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             for metric in ("return", "mean_rating"):
                 diff = values(a, metric) - values(b, metric)
                 ci = _ci(len(diff), lambda idx, d=diff: float(np.nanmean(d[idx])), seed)
-                out.append({"a": a, "b": b, "metric": metric, **ci,
-                            "distinguishable": bool(ci["low"] > 0 or ci["high"] < 0)})
+                out.append(
+                    {
+                        "a": a,
+                        "b": b,
+                        "metric": metric,
+                        **ci,
+                        "distinguishable": bool(ci["low"] > 0 or ci["high"] < 0),
+                    }
+                )
     return out
 
 
@@ -204,8 +255,9 @@ def _top_k(scores: np.ndarray, k: int) -> list[list[int]]:
     return [[int(i) for i in row if np.isfinite(scores[r, i])] for r, row in enumerate(order)]
 
 
-def evaluate_logged(policy: Policy, core: RecCore, test: pd.DataFrame, k: int = 10,
-                    seed: int = 0) -> dict:
+def evaluate_logged(
+    policy: Policy, core: RecCore, test: pd.DataFrame, k: int = 10, seed: int = 0
+) -> dict:
     """HR@k, NDCG@k, mean rating of hits and the top-k replay estimate (module docstring).
 
     ``test``: ``user_id, item_index, rating, timestamp`` rows of the simulator's users.
@@ -217,8 +269,10 @@ def evaluate_logged(policy: Policy, core: RecCore, test: pd.DataFrame, k: int = 
     if not users:
         raise ValueError("no test interactions to evaluate on")
     policy.seed(seed)
-    events = {u: g.sort_values(["timestamp", "item_index"], kind="stable")
-              for u, g in test.groupby("user_id")}
+    events = {
+        u: g.sort_values(["timestamp", "item_index"], kind="stable")
+        for u, g in test.groupby("user_id")
+    }
     rng = np.random.default_rng(seed)  # unused by new_episode with a user id; required by its API
     states = [core.new_episode(rng, {"user_id": u}) for u in users]
     ranked = _top_k(policy.scores(make_batch(core, states)), k)
@@ -232,8 +286,17 @@ def evaluate_logged(policy: Policy, core: RecCore, test: pd.DataFrame, k: int = 
         hit_ratings.append([rating_of[i] for i in top if i in rating_of])
 
     accepted: list[list[float]] = [[] for _ in users]
-    sequences = [list(zip(events[u]["item_index"].astype(int), events[u]["rating"].astype(float),
-                          events[u]["timestamp"].astype(int), strict=True)) for u in users]
+    sequences = [
+        list(
+            zip(
+                events[u]["item_index"].astype(int),
+                events[u]["rating"].astype(float),
+                events[u]["timestamp"].astype(int),
+                strict=True,
+            )
+        )
+        for u in users
+    ]
     for t in range(max(len(s) for s in sequences)):
         rows = [r for r, s in enumerate(sequences) if t < len(s)]
         tops = _top_k(policy.scores(make_batch(core, [states[r] for r in rows])), k)
@@ -253,9 +316,11 @@ def evaluate_logged(policy: Policy, core: RecCore, test: pd.DataFrame, k: int = 
         "hit_rate": _ci(n, lambda idx: float(hits[idx].mean()), seed),
         "ndcg": _ci(n, lambda idx: float(ndcgs[idx].mean()), seed),
         "hit_rating": _ci(n, lambda idx: _pooled_mean([hit_ratings[i] for i in idx]), seed)
-        if flat_hits else None,
+        if flat_hits
+        else None,
         "replay": _ci(n, lambda idx: _pooled_mean([accepted[i] for i in idx]), seed)
-        if flat_accepted else None,
+        if flat_accepted
+        else None,
         "replay_accepted": len(flat_accepted),
         "test_interactions": int(sum(len(s) for s in sequences)),
     }
@@ -296,20 +361,29 @@ class PolicyEvalConfig:
 
         for name in ("episodes", "n_envs", "k"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"PolicyEvalConfig.{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"PolicyEvalConfig.{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}"
+                )
         if not self.seeds:
             raise ConfigError("PolicyEvalConfig.seeds (--seeds) must name at least one seed")
         if self.ray_workers is not None:
             from agents.ray_eval import RAY_MISSING, ray_available
 
             if self.ray_workers < 1:
-                raise ConfigError(f"PolicyEvalConfig.ray_workers (--ray-workers) must be >= 1, got {self.ray_workers}")
+                raise ConfigError(
+                    f"PolicyEvalConfig.ray_workers (--ray-workers) must be >= 1, got {self.ray_workers}"
+                )
             if not ray_available():
                 raise ConfigError(f"PolicyEvalConfig.ray_workers (--ray-workers): {RAY_MISSING}")
 
 
-def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: PolicyEvalConfig,
-                      test: pd.DataFrame | None, n_users: int) -> dict[str, Any]:
+def evaluate_policies(
+    core: RecCore,
+    policies: dict[str, Policy],
+    config: PolicyEvalConfig,
+    test: pd.DataFrame | None,
+    n_users: int,
+) -> dict[str, Any]:
     """Simulator and logged metrics of each policy, and the agreement of their orderings.
 
     With ``config.ray_workers`` the simulator episodes run on Ray actors (:mod:`agents.ray_eval`;
@@ -321,17 +395,37 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
     with ExitStack() as stack:
         if config.ray_workers is None:
             played: Iterable[tuple[str, list[dict]]] = (
-                (name, [r for s in config.seeds for r in simulate(policy, core, config.episodes, s, config.n_envs)])
-                for name, policy in policies.items())
+                (
+                    name,
+                    [
+                        r
+                        for s in config.seeds
+                        for r in simulate(policy, core, config.episodes, s, config.n_envs)
+                    ],
+                )
+                for name, policy in policies.items()
+            )
         else:
             from agents.ray_eval import ray_session, simulate_on_ray
 
             stack.enter_context(ray_session(config.ray_workers))
-            played = stack.enter_context(closing(simulate_on_ray(
-                core, policies, config.seeds, config.episodes, config.n_envs, config.ray_workers)))
+            played = stack.enter_context(
+                closing(
+                    simulate_on_ray(
+                        core,
+                        policies,
+                        config.seeds,
+                        config.episodes,
+                        config.n_envs,
+                        config.ray_workers,
+                    )
+                )
+            )
         started = time.perf_counter()
         for name, records in played:
-            _summarize_policy(name, policies[name], records, core, config, test, n_users, started, results)
+            _summarize_policy(
+                name, policies[name], records, core, config, test, n_users, started, results
+            )
             per_episode[name] = records
             started = time.perf_counter()
     results["differences"] = paired_differences(per_episode)
@@ -341,27 +435,43 @@ def evaluate_policies(core: RecCore, policies: dict[str, Policy], config: Policy
         sim = [results["policies"][n]["simulator"]["mean_rating"]["mean"] for n in names]
         agreement = {}
         for metric in ("ndcg", "replay"):
-            logged = [(results["policies"][n]["logged"][metric] or {"mean": np.nan})["mean"] for n in names]
+            logged = [
+                (results["policies"][n]["logged"][metric] or {"mean": np.nan})["mean"]
+                for n in names
+            ]
             if not np.isnan(logged).any():
                 agreement[f"mean_rating_vs_{metric}"] = rank_agreement(sim, logged)
         results["agreement"] = agreement
     return results
 
 
-def _summarize_policy(name: str, policy: Policy, records: list[dict], core: RecCore,
-                      config: PolicyEvalConfig, test: pd.DataFrame | None, n_users: int,
-                      started: float, results: dict[str, Any]) -> None:
+def _summarize_policy(
+    name: str,
+    policy: Policy,
+    records: list[dict],
+    core: RecCore,
+    config: PolicyEvalConfig,
+    test: pd.DataFrame | None,
+    n_users: int,
+    started: float,
+    results: dict[str, Any],
+) -> None:
     entry: dict[str, Any] = {"simulator": summarize_episodes(records, core, n_users, seed=0)}
     if config.logged and test is not None and policy.logged_eval:
         entry["logged"] = evaluate_logged(policy, core, test, config.k)
     entry["seconds"] = round(time.perf_counter() - started, 1)
     results["policies"][name] = entry
-    log.info("%s: mean rating %.3f (%.1f s)", name, entry["simulator"]["mean_rating"]["mean"],
-             entry["seconds"])
+    log.info(
+        "%s: mean rating %.3f (%.1f s)",
+        name,
+        entry["simulator"]["mean_rating"]["mean"],
+        entry["seconds"],
+    )
 
 
-def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None,
-                    **overrides: Any) -> tuple[RecCore, pd.DataFrame, pd.DataFrame, int]:  # pragma: no mutate block
+def load_evaluation(
+    env_id: str, dtype: str = "auto", rater: Rater | None = None, **overrides: Any
+) -> tuple[RecCore, pd.DataFrame, pd.DataFrame, int]:  # pragma: no mutate block
     """``(core, ratings, test, n_users)``: the env's episode logic on its shipped or configured
     simulator (or ``rater``), the train + background ratings the baselines fit on, the logged
     test interactions of the simulator's users (the protocol split rebuilt from the artifacts'
@@ -379,22 +489,45 @@ def load_evaluation(env_id: str, dtype: str = "auto", rater: Rater | None = None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # pragma: no mutate block
-    parser = subparsers.add_parser("evaluate-policy", help="judge policies in the simulator and on logged data",
-                                   description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", dest="env_id", default="PersonaML100K-v0", choices=ENV_IDS,
-                        help="registered environment id (default: PersonaML100K-v0)")
-    parser.add_argument("--policies", nargs="+", default=["random", "most-popular", "item-mean", "mf", "agent"],
-                        help=f"baselines {list(BASELINES)}, 'agent' (the shipped agent) and/or run folders / "
-                             "model.zip of train-agent (default: random most-popular item-mean mf agent)")
+    parser = subparsers.add_parser(
+        "evaluate-policy",
+        help="judge policies in the simulator and on logged data",
+        description=plain(__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--env",
+        dest="env_id",
+        default="PersonaML100K-v0",
+        choices=ENV_IDS,
+        help="registered environment id (default: PersonaML100K-v0)",
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=["random", "most-popular", "item-mean", "mf", "agent"],
+        help=f"baselines {list(BASELINES)}, 'agent' (the shipped agent) and/or run folders / "
+        "model.zip of train-agent (default: random most-popular item-mean mf agent)",
+    )
     add_config_arguments(parser, PolicyEvalConfig)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="the simulator's dtype (auto: bfloat16 where the CPU has AMX/AVX512-BF16 "
-                             "or on CUDA, float32 elsewhere) (default: auto)")
-    parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the simulator's dtype (auto: bfloat16 where the CPU has AMX/AVX512-BF16 "
+        "or on CUDA, float32 elsewhere) (default: auto)",
+    )
+    parser.add_argument(
+        "--artifacts", help="simulator artifacts (default: the env config's, the shipped one)"
+    )
     add_env_kwargs_argument(parser)
-    parser.add_argument("--out", type=Path, default=Path("runs/policy-eval"),
-                        help="folder that receives results.json, report.md and policies.png "
-                             "(default: runs/policy-eval)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/policy-eval"),
+        help="folder that receives results.json, report.md and policies.png "
+        "(default: runs/policy-eval)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -403,9 +536,13 @@ def run(args: argparse.Namespace) -> int:  # pragma: no mutate block
 
     config = config_from_args(PolicyEvalConfig, args)
     if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {args.out} is a file; --out names the folder that receives "
-                          "results.json, report.md and policies.png")
-    args.out.mkdir(parents=True, exist_ok=True)  # a permission problem shows now, not after the work
+        raise ConfigError(
+            f"--out {args.out} is a file; --out names the folder that receives "
+            "results.json, report.md and policies.png"
+        )
+    args.out.mkdir(
+        parents=True, exist_ok=True
+    )  # a permission problem shows now, not after the work
     overrides = parse_env_kwargs(args.env_kwargs)
     if args.artifacts:
         overrides["artifacts"] = args.artifacts
@@ -422,8 +559,12 @@ def run(args: argparse.Namespace) -> int:  # pragma: no mutate block
     results = evaluate_policies(core, policies, config, test if config.logged else None, n_users)
     settings = "".join(f", {k}={v}" for k, v in overrides.items())
     results["env"] = {"id": args.env_id, "dtype": args.dtype, **overrides}
-    report = write_report(results, args.out, f"Environment `{args.env_id}`{settings}; {args.episodes} episodes "
-                          f"x seeds {list(args.seeds)}; logged k={args.k}.")
+    report = write_report(
+        results,
+        args.out,
+        f"Environment `{args.env_id}`{settings}; {args.episodes} episodes "
+        f"x seeds {list(args.seeds)}; logged k={args.k}.",
+    )
     print(format_table(results))
     print(f"report: {report}")
     return 0

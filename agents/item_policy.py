@@ -59,8 +59,15 @@ class CFFeatures:
     item_side: np.ndarray  # (n_items, F) float32
 
     @classmethod
-    def fit(cls, model: BiasedMF, item_ids: np.ndarray, n_ratings: np.ndarray,
-            item_embeddings: np.ndarray, n_text: int = 16, seed: int = 0) -> CFFeatures:
+    def fit(
+        cls,
+        model: BiasedMF,
+        item_ids: np.ndarray,
+        n_ratings: np.ndarray,
+        item_embeddings: np.ndarray,
+        n_text: int = 16,
+        seed: int = 0,
+    ) -> CFFeatures:
         """From a fitted ``BiasedMF`` and the catalogue (ids, training counts, text embeddings)."""
         items = BiasedMF._lookup(model.items_, item_ids)
         known = items >= 0
@@ -71,16 +78,29 @@ class CFFeatures:
         text = np.asarray(item_embeddings, dtype=np.float64)
         text = text - text.mean(axis=0)
         n_text = min(n_text, *text.shape)
-        _, _, vt = np.linalg.svd(text[np.random.default_rng(seed).permutation(len(text))],
-                                 full_matrices=False)
+        _, _, vt = np.linalg.svd(
+            text[np.random.default_rng(seed).permutation(len(text))], full_matrices=False
+        )
         side = np.c_[q, bi, np.log1p(np.asarray(n_ratings, dtype=np.float64)), text @ vt[:n_text].T]
         side = (side - side.mean(axis=0)) / np.maximum(side.std(axis=0), 1e-6)
-        return cls(model.users_.astype(np.int64), user_vectors.astype(np.float32),
-                   item_vectors.astype(np.float32), side.astype(np.float32))
+        return cls(
+            model.users_.astype(np.int64),
+            user_vectors.astype(np.float32),
+            item_vectors.astype(np.float32),
+            side.astype(np.float32),
+        )
 
     @classmethod
-    def from_ratings(cls, ratings: pd.DataFrame, catalog: Any, item_embeddings: np.ndarray,
-                     factors: int = 5, reg: float = 5.0, reg_bias: float = 5.0, seed: int = 0) -> CFFeatures:
+    def from_ratings(
+        cls,
+        ratings: pd.DataFrame,
+        catalog: Any,
+        item_embeddings: np.ndarray,
+        factors: int = 5,
+        reg: float = 5.0,
+        reg_bias: float = 5.0,
+        seed: int = 0,
+    ) -> CFFeatures:
         """Fit the MF baseline's model (``agents.policies.MFPolicy``'s settings) on ``ratings``
         (train + background) and build the features of ``catalog``'s items."""
         model = BiasedMF(factors=factors, reg=reg, reg_bias=reg_bias, seed=seed).fit(ratings)
@@ -98,8 +118,10 @@ class CFFeatures:
             with np.load(path) as data:
                 return cls(**{f.name: data[f.name] for f in fields(cls)})
         except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"{path}: not the collaborative features of an items policy ({err}); "
-                             "retrain the agent (`persona-gym train-agent --policy items`)") from err
+            raise ValueError(
+                f"{path}: not the collaborative features of an items policy ({err}); "
+                "retrain the agent (`persona-gym train-agent --policy items`)"
+            ) from err
 
     @property
     def dim(self) -> int:
@@ -121,8 +143,9 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def add_user_features(obs: dict[str, np.ndarray], user_ids: np.ndarray,
-                      features: CFFeatures) -> dict[str, np.ndarray]:
+def add_user_features(
+    obs: dict[str, np.ndarray], user_ids: np.ndarray, features: CFFeatures
+) -> dict[str, np.ndarray]:
     """The observation batch with the users' collaborative vectors under ``"user"``."""
     return {**obs, USER_KEY: features.users(user_ids)}
 
@@ -155,7 +178,9 @@ class _Extractor(nn.Module):
         self.latent_dim_vf = hidden
 
         def mlp() -> nn.Sequential:
-            return nn.Sequential(nn.Linear(features_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+            return nn.Sequential(
+                nn.Linear(features_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
+            )
 
         self.policy_net, self.value_net = mlp(), mlp()
 
@@ -178,14 +203,16 @@ class _ItemScorer(nn.Module):
         self.register_buffer("item_side", torch.as_tensor(item_side, dtype=torch.float32))
         self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32))
         self.query = nn.Linear(hidden, dim)
-        nn.init.normal_(self.query.weight, std=0.01)  # start near uniform, as SB3's 0.01 action-net gain
+        nn.init.normal_(
+            self.query.weight, std=0.01
+        )  # start near uniform, as SB3's 0.01 action-net gain
         nn.init.zeros_(self.query.bias)
         self.keys = nn.Linear(item_side.shape[1], dim, bias=False)
         self.item_bias = nn.Parameter(torch.zeros(len(item_side)))
         self.cf_weight = nn.Parameter(torch.zeros(()))
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        h, user = latent[:, : self.hidden], latent[:, self.hidden:]
+        h, user = latent[:, : self.hidden], latent[:, self.hidden :]
         learned = self.query(h) @ self.keys(self.item_side).T
         # the gain lets Adam's ~lr-sized steps move the weight to a useful sharpness in a few
         # hundred updates (the MF predictions of one user span only about 2 stars)
@@ -202,14 +229,26 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         dim: width of the item/state embedding the two sides meet in.
     """
 
-    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Discrete, lr_schedule: Any,
-                 item_side: np.ndarray, item_vectors: np.ndarray, hidden: int = 64, dim: int = 32,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        lr_schedule: Any,
+        item_side: np.ndarray,
+        item_vectors: np.ndarray,
+        hidden: int = 64,
+        dim: int = 32,
+        **kwargs: Any,
+    ):
         if USER_KEY not in observation_space.spaces:
-            raise ValueError(f"ItemScoringPolicy needs the observation key {USER_KEY!r} "
-                             "(train with `persona-gym train-agent --policy items`)")
+            raise ValueError(
+                f"ItemScoringPolicy needs the observation key {USER_KEY!r} "
+                "(train with `persona-gym train-agent --policy items`)"
+            )
         if len(item_side) != action_space.n or len(item_vectors) != action_space.n:
-            raise ValueError(f"ItemScoringPolicy: {len(item_side)} item vectors for Discrete({action_space.n})")
+            raise ValueError(
+                f"ItemScoringPolicy: {len(item_side)} item vectors for Discrete({action_space.n})"
+            )
         self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
         self.hidden, self.dim = int(hidden), int(dim)
         kwargs.setdefault("features_extractor_class", _StateExtractor)
@@ -222,9 +261,16 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
         self.action_net = _ItemScorer(self.hidden, self.item_side, self.item_vectors, self.dim)
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.optimizer = self.optimizer_class(
+            self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+        )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(item_side=self.item_side, item_vectors=self.item_vectors, hidden=self.hidden, dim=self.dim)
+        data.update(
+            item_side=self.item_side,
+            item_vectors=self.item_vectors,
+            hidden=self.hidden,
+            dim=self.dim,
+        )
         return data

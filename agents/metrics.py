@@ -9,8 +9,13 @@ import numpy as np
 __all__ = ["bootstrap_ci", "intra_list_diversity", "ndcg_hit_at_k", "novelty", "rank_agreement"]
 
 
-def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], seed: int = 0,
-                 n_boot: int = 1000, level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ci(
+    n: int,
+    statistic: Callable[[np.ndarray], float],
+    seed: int = 0,
+    n_boot: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
     """``(value, low, high)``: ``statistic`` of all ``n`` units (episodes) and its bootstrap
     interval (units resampled with replacement, seeded).
 
@@ -25,7 +30,9 @@ def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], seed: int = 0
     value = float(statistic(everything))
     rng = np.random.default_rng(seed)
     draws = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_boot)])
-    draws = draws[~np.isnan(draws)]  # resamples where the statistic is undefined (no rated episode, no hit)
+    draws = draws[
+        ~np.isnan(draws)
+    ]  # resamples where the statistic is undefined (no rated episode, no hit)
     if not len(draws):
         return value, value, value
     alpha = (1.0 - level) / 2.0
@@ -76,5 +83,9 @@ def rank_agreement(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
         raise ValueError("rank_agreement needs two equally long lists of at least 2 scores")
     tau = kendalltau(a, b)
     rho = spearmanr(a, b)
-    return {"kendall_tau": float(tau.statistic), "kendall_p": float(tau.pvalue),
-            "spearman_rho": float(rho.statistic), "n_policies": len(a)}
+    return {
+        "kendall_tau": float(tau.statistic),
+        "kendall_p": float(tau.pvalue),
+        "spearman_rho": float(rho.statistic),
+        "n_policies": len(a),
+    }

@@ -140,8 +140,15 @@ class MFPolicy(Policy):
 
     name = "mf"
 
-    def __init__(self, core: RecCore, ratings: pd.DataFrame, factors: int = 5, reg: float = 5.0,
-                 reg_bias: float = 5.0, seed: int = 0):
+    def __init__(
+        self,
+        core: RecCore,
+        ratings: pd.DataFrame,
+        factors: int = 5,
+        reg: float = 5.0,
+        reg_bias: float = 5.0,
+        seed: int = 0,
+    ):
         self.model = BiasedMF(factors=factors, reg=reg, reg_bias=reg_bias, seed=seed).fit(ratings)
         self.item_ids = core.catalog.item_ids
         self._cache: dict[int, np.ndarray] = {}
@@ -211,16 +218,21 @@ class SB3Policy(Policy):
         run = read_run(zip_path.parent)
         algo = algorithm(run["algo"])
         if not zip_path.is_file():
-            raise FileNotFoundError(f"{zip_path}: no trained model; train one with "
-                                    "`persona-gym train-agent` (or pass the run folder)")
+            raise FileNotFoundError(
+                f"{zip_path}: no trained model; train one with "
+                "`persona-gym train-agent` (or pass the run folder)"
+            )
         model = algo.load(zip_path, device="cpu")
         features = None
         if run["config"].get("policy", "mlp") == "items":
             from agents.item_policy import CFFeatures
 
             features = CFFeatures.load(zip_path.parent / FEATURES_FILE)
-        return cls(model, name or f"{run['algo']}:s{run['config']['seed']}:{run.get('timesteps', '?')}",
-                   features)
+        return cls(
+            model,
+            name or f"{run['algo']}:s{run['config']['seed']}:{run.get('timesteps', '?')}",
+            features,
+        )
 
     def scores(self, batch: Batch) -> np.ndarray:
         import torch
@@ -228,7 +240,11 @@ class SB3Policy(Policy):
         from agents.item_policy import add_user_features
 
         policy = self.model.policy
-        raw = batch.obs if self.features is None else add_user_features(batch.obs, batch.user_ids, self.features)
+        raw = (
+            batch.obs
+            if self.features is None
+            else add_user_features(batch.obs, batch.user_ids, self.features)
+        )
         obs, _ = policy.obs_to_tensor(raw)
         with torch.no_grad():
             if hasattr(policy, "q_net"):
@@ -241,8 +257,13 @@ class SB3Policy(Policy):
 BASELINES = ("random", "most-popular", "item-mean", "mf", "simulator-greedy")
 
 
-def make_policy(name: str, core: RecCore, ratings: pd.DataFrame | None = None, seed: int = 0,
-                mf: MFPolicy | None = None) -> Policy:
+def make_policy(
+    name: str,
+    core: RecCore,
+    ratings: pd.DataFrame | None = None,
+    seed: int = 0,
+    mf: MFPolicy | None = None,
+) -> Policy:
     """A baseline by name (``BASELINES``), ``"agent"`` (the trained agent shipped with the
     package, :data:`agents.runs.SHIPPED_AGENT`) or a trained model (a run folder or ``model.zip``).
 
@@ -254,7 +275,9 @@ def make_policy(name: str, core: RecCore, ratings: pd.DataFrame | None = None, s
         return MostPopularPolicy(core)
     if name in ("item-mean", "mf", "simulator-greedy"):
         if ratings is None:
-            raise ValueError(f"policy {name!r} needs the training ratings (fit_frame(train, background))")
+            raise ValueError(
+                f"policy {name!r} needs the training ratings (fit_frame(train, background))"
+            )
         if name == "item-mean":
             return ItemMeanPolicy(core, ratings)
         mf = mf or MFPolicy(core, ratings, seed=seed)
@@ -266,6 +289,7 @@ def make_policy(name: str, core: RecCore, ratings: pd.DataFrame | None = None, s
     path = Path(name)
     if path.exists():
         return SB3Policy.load(path)
-    raise ValueError(f"unknown policy {name!r}: choose from {list(BASELINES)}, 'agent' (the shipped "
-                     "agent) or give a run folder / model.zip written by `persona-gym train-agent`")
-
+    raise ValueError(
+        f"unknown policy {name!r}: choose from {list(BASELINES)}, 'agent' (the shipped "
+        "agent) or give a run folder / model.zip written by `persona-gym train-agent`"
+    )

@@ -132,7 +132,9 @@ class _Worker:
         import torch
 
         torch.set_num_threads(threads)
-        self.core = core  # unpickled by Ray in this process: RecCore.__setstate__ loads the simulator
+        self.core = (
+            core  # unpickled by Ray in this process: RecCore.__setstate__ loads the simulator
+        )
 
     def simulate(self, blob: bytes, seed: int, first: int, end: int, n_envs: int) -> list[dict]:
         from agents.evaluate import simulate
@@ -140,8 +142,14 @@ class _Worker:
         return simulate(_load_policy(blob, self.core), self.core, end, seed, n_envs, first=first)
 
 
-def simulate_on_ray(core: RecCore, policies: dict[str, Policy], seeds: Sequence[int], episodes: int,
-                    n_envs: int, workers: int) -> Generator[tuple[str, list[dict]], None, None]:
+def simulate_on_ray(
+    core: RecCore,
+    policies: dict[str, Policy],
+    seeds: Sequence[int],
+    episodes: int,
+    n_envs: int,
+    workers: int,
+) -> Generator[tuple[str, list[dict]], None, None]:
     """``(name, records)`` per policy, in order: what ``simulate`` gives for each seed in
     ``seeds``, concatenated, played by ``workers`` Ray actors (module docstring). Every chunk is
     submitted at once; a policy is yielded as soon as its chunks are back. Needs a Ray session
@@ -155,8 +163,12 @@ def simulate_on_ray(core: RecCore, policies: dict[str, Policy], seeds: Sequence[
     core_ref = ray.put(core)
     pool: list[Any] = [actor.remote(core_ref, threads) for _ in range(workers)]
     parts = chunks(episodes, n_envs, workers)
-    log.info("%d Ray workers, %d torch thread(s) each; episodes per seed in chunks %s",
-             workers, threads, parts)
+    log.info(
+        "%d Ray workers, %d torch thread(s) each; episodes per seed in chunks %s",
+        workers,
+        threads,
+        parts,
+    )
     pending: list[tuple[str, list[Any]]] = []
     turn = 0
     for name, policy in policies.items():
@@ -164,7 +176,9 @@ def simulate_on_ray(core: RecCore, policies: dict[str, Policy], seeds: Sequence[
         refs = []
         for seed in seeds:
             for first, end in parts:
-                refs.append(pool[turn % workers].simulate.remote(blob, int(seed), first, end, n_envs))
+                refs.append(
+                    pool[turn % workers].simulate.remote(blob, int(seed), first, end, n_envs)
+                )
                 turn += 1
         pending.append((name, refs))
     try:

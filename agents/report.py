@@ -21,8 +21,11 @@ LOGGED_METRICS = ("hit_rate", "ndcg", "hit_rating", "replay")
 
 def format_table(results: dict[str, Any]) -> str:
     """A markdown table: one row per policy, value [low, high] per metric."""
+
     def cell(entry):
-        return "-" if not entry else f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+        return (
+            "-" if not entry else f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+        )
 
     logged = any("logged" in p for p in results["policies"].values())
     head = ["policy", *SIM_METRICS] + (list(LOGGED_METRICS) if logged else [])
@@ -35,13 +38,20 @@ def format_table(results: dict[str, Any]) -> str:
     lines += _differences(results)
     gap = results.get("gap_closed", {})
     if gap:
-        lines += ["", "Gap closed toward simulator-greedy, (policy − random) / (simulator-greedy − random): "
-                  + "; ".join(f"{n} {gap['mean_rating'][n]:.2f} (return {gap.get('return', {}).get(n, float('nan')):.2f})"
-                              for n in gap.get("mean_rating", {}))]
+        lines += [
+            "",
+            "Gap closed toward simulator-greedy, (policy − random) / (simulator-greedy − random): "
+            + "; ".join(
+                f"{n} {gap['mean_rating'][n]:.2f} (return {gap.get('return', {}).get(n, float('nan')):.2f})"
+                for n in gap.get("mean_rating", {})
+            ),
+        ]
     for key, value in results.get("agreement", {}).items():
-        lines.append(f"\nAgreement {key}: Kendall tau {value['kendall_tau']:.2f} "
-                     f"(p={value['kendall_p']:.2f}), Spearman rho {value['spearman_rho']:.2f} "
-                     f"over {value['n_policies']} policies")
+        lines.append(
+            f"\nAgreement {key}: Kendall tau {value['kendall_tau']:.2f} "
+            f"(p={value['kendall_p']:.2f}), Spearman rho {value['spearman_rho']:.2f} "
+            f"over {value['n_policies']} policies"
+        )
     return "\n".join(lines)
 
 
@@ -51,9 +61,15 @@ def _differences(results: dict[str, Any]) -> list[str]:
     diffs = {(d["a"], d["b"], d["metric"]): d for d in results.get("differences", [])}
     if not diffs:
         return []
-    ranked = sorted(results["policies"], key=lambda n: -results["policies"][n]["simulator"]["mean_rating"]["mean"])
-    lines = ["", "Paired differences (same users and draws; 95% bootstrap over episodes), each policy "
-             "vs the next by mean rating:"]
+    ranked = sorted(
+        results["policies"],
+        key=lambda n: -results["policies"][n]["simulator"]["mean_rating"]["mean"],
+    )
+    lines = [
+        "",
+        "Paired differences (same users and draws; 95% bootstrap over episodes), each policy "
+        "vs the next by mean rating:",
+    ]
     for a, b in zip(ranked, ranked[1:], strict=False):
         parts = []
         for metric in ("mean_rating", "return"):
@@ -77,21 +93,25 @@ def plot_policies(results: dict[str, Any], path: Path) -> Path:
 
     names = list(results["policies"])
     panels = [("simulator", m) for m in SIM_METRICS] + [("logged", m) for m in LOGGED_METRICS]
-    panels = [(s, m) for s, m in panels if any(results["policies"][n].get(s, {}).get(m) for n in names)]
+    panels = [
+        (s, m) for s, m in panels if any(results["policies"][n].get(s, {}).get(m) for n in names)
+    ]
     cols = 4
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, (section, metric) in zip(axes.flat, panels, strict=False):
         entries = [results["policies"][n].get(section, {}).get(metric) or {} for n in names]
         means = [e.get("mean", np.nan) for e in entries]
-        errors = [[max(m - e.get("low", m), 0.0) for m, e in zip(means, entries, strict=True)],
-                  [max(e.get("high", m) - m, 0.0) for m, e in zip(means, entries, strict=True)]]
+        errors = [
+            [max(m - e.get("low", m), 0.0) for m, e in zip(means, entries, strict=True)],
+            [max(e.get("high", m) - m, 0.0) for m, e in zip(means, entries, strict=True)],
+        ]
         # points with intervals on an axis fitted to them: bars from 0 hide differences of 0.1
         ax.errorbar(range(len(names)), means, yerr=errors, fmt="o", capsize=3, color="tab:blue")
         ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         ax.set_title(f"{metric} ({section})", fontsize=8)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -104,7 +124,9 @@ def write_report(results: dict[str, Any], out: Path, header: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     plot_policies(results, out / "policies.png")
-    text = (f"# Policy evaluation\n\n{header}\n\nValues: mean [95% bootstrap interval].\n\n"
-            f"{format_table(results)}\n\n![policies](policies.png)\n")
+    text = (
+        f"# Policy evaluation\n\n{header}\n\nValues: mean [95% bootstrap interval].\n\n"
+        f"{format_table(results)}\n\n![policies](policies.png)\n"
+    )
     atomic_write_text(out / "report.md", text)
     return out / "report.md"

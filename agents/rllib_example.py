@@ -34,18 +34,28 @@ def make_env(context: dict[str, Any]):
     env_id = context.get("env_id", "PersonaML100K-v0")
     kwargs = dict(context.get("env_kwargs", {}))
     if "num_envs" in context:
-        vec = gym.make_vec(env_id, num_envs=int(context["num_envs"]),
-                           vectorization_mode="vector_entry_point", **kwargs)
+        vec = gym.make_vec(
+            env_id,
+            num_envs=int(context["num_envs"]),
+            vectorization_mode="vector_entry_point",
+            **kwargs,
+        )
         return gym.wrappers.vector.FlattenObservation(vec)
     return gym.wrappers.FlattenObservation(gym.make(env_id, **kwargs))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--env", default="PersonaML100K-v0", help="registered persona-gym env id")
-    parser.add_argument("--artifacts", default=None, help="artifacts directory (default: the env's)")
+    parser.add_argument(
+        "--artifacts", default=None, help="artifacts directory (default: the env's)"
+    )
     parser.add_argument("--env-runners", type=int, default=1, help="Ray env-runner actors")
-    parser.add_argument("--envs-per-runner", type=int, default=4, help="sub-envs of each runner's vector env")
+    parser.add_argument(
+        "--envs-per-runner", type=int, default=4, help="sub-envs of each runner's vector env"
+    )
     parser.add_argument("--iterations", type=int, default=2, help="PPO training iterations")
     parser.add_argument("--batch", type=int, default=128, help="env steps per iteration")
     parser.add_argument("--seed", type=int, default=0)
@@ -62,9 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     config = (
         PPOConfig()
         .environment(ENV_NAME, env_config={"env_id": args.env, "env_kwargs": env_kwargs})
-        .env_runners(num_env_runners=args.env_runners, num_envs_per_env_runner=args.envs_per_runner,
-                     gym_env_vectorize_mode="vector_entry_point", rollout_fragment_length="auto")
-        .training(train_batch_size_per_learner=args.batch, minibatch_size=min(64, args.batch), num_epochs=2)
+        .env_runners(
+            num_env_runners=args.env_runners,
+            num_envs_per_env_runner=args.envs_per_runner,
+            gym_env_vectorize_mode="vector_entry_point",
+            rollout_fragment_length="auto",
+        )
+        .training(
+            train_batch_size_per_learner=args.batch,
+            minibatch_size=min(64, args.batch),
+            num_epochs=2,
+        )
         .debugging(seed=args.seed)
     )
     algo = config.build_algo()
@@ -73,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result = algo.train()
             runners = result.get("env_runners", {})
-            print(f"iteration {iteration}: {runners.get('num_env_steps_sampled_lifetime', '?')} env steps, "
-                  f"episode return mean {runners.get('episode_return_mean', float('nan')):.3f}, "
-                  f"{time.perf_counter() - t0:.1f} s")
+            print(
+                f"iteration {iteration}: {runners.get('num_env_steps_sampled_lifetime', '?')} env steps, "
+                f"episode return mean {runners.get('episode_return_mean', float('nan')):.3f}, "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
     finally:
         algo.stop()
         ray.shutdown()

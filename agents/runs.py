@@ -12,8 +12,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ALGO_NAMES", "FEATURES_FILE", "POLICY_NAMES", "SHIPPED_AGENT", "algorithm", "latest_checkpoint",
-           "read_run", "ship_agent"]
+__all__ = [
+    "ALGO_NAMES",
+    "FEATURES_FILE",
+    "POLICY_NAMES",
+    "SHIPPED_AGENT",
+    "algorithm",
+    "latest_checkpoint",
+    "read_run",
+    "ship_agent",
+]
 
 ALGO_NAMES = ("ppo", "dqn", "maskable-ppo")
 POLICY_NAMES = ("mlp", "items")
@@ -38,14 +46,17 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     """``run.json`` of a run folder, with a clear error when it is not one."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run folder of "
-                                "`persona-gym train-agent`")
+        raise FileNotFoundError(
+            f"{path} not found: {run_dir} is not a run folder of `persona-gym train-agent`"
+        )
     try:
         return json.loads(path.read_text())
     except ValueError as err:
         from persona_gym.errors import ConfigError
 
-        raise ConfigError(f"{path} is not valid JSON ({err}); start a new run instead of --resume") from err
+        raise ConfigError(
+            f"{path} is not valid JSON ({err}); start a new run instead of --resume"
+        ) from err
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
@@ -61,7 +72,9 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     return path, steps
 
 
-def ship_agent(run_dir: str | Path, dest: str | Path = SHIPPED_AGENT, steps: int | None = None) -> Path:
+def ship_agent(
+    run_dir: str | Path, dest: str | Path = SHIPPED_AGENT, steps: int | None = None
+) -> Path:
     """Copy a trained run into ``dest`` as the package's shipped agent: ``model.zip`` (or the
     checkpoint of ``steps`` env steps), its features, periodic evaluation and learning curve, and
     a ``run.json``, both without the training machine's paths. Replaces ``dest`` whole."""
@@ -72,7 +85,11 @@ def ship_agent(run_dir: str | Path, dest: str | Path = SHIPPED_AGENT, steps: int
 
     run_dir, dest = Path(run_dir), Path(dest)
     run = read_run(run_dir)
-    model = run_dir / "model.zip" if steps is None else run_dir / "checkpoints" / f"model_{steps}_steps.zip"
+    model = (
+        run_dir / "model.zip"
+        if steps is None
+        else run_dir / "checkpoints" / f"model_{steps}_steps.zip"
+    )
     if not model.is_file():
         raise FileNotFoundError(f"{model} not found: train the agent first (`make agent`)")
     dest.parent.mkdir(parents=True, exist_ok=True)

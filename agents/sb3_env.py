@@ -42,9 +42,17 @@ class SB3VecEnv(VecEnv):
         **overrides: :class:`~persona_gym.envs.config.EnvConfig` fields (``dtype="bfloat16"``).
     """
 
-    def __init__(self, env_id: str = "PersonaML100K-v0", num_envs: int = 8, rater: Rater | None = None,
-                 features: CFFeatures | None = None, **overrides: Any):
-        self.venv = PersonaRecVectorEnv(num_envs, config=env_config_name(env_id), rater=rater, **overrides)
+    def __init__(
+        self,
+        env_id: str = "PersonaML100K-v0",
+        num_envs: int = 8,
+        rater: Rater | None = None,
+        features: CFFeatures | None = None,
+        **overrides: Any,
+    ):
+        self.venv = PersonaRecVectorEnv(
+            num_envs, config=env_config_name(env_id), rater=rater, **overrides
+        )
         self.env_id = env_id
         self.render_mode = None
         self.features = features
@@ -103,19 +111,26 @@ class SB3VecEnv(VecEnv):
         return attr_name == "action_masks" or hasattr(self.venv, attr_name)
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        value = getattr(self, attr_name) if attr_name == "render_mode" else getattr(self.venv, attr_name)
+        value = (
+            getattr(self, attr_name)
+            if attr_name == "render_mode"
+            else getattr(self.venv, attr_name)
+        )
         return [value for _ in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         raise AttributeError(f"SB3VecEnv does not set sub-environment attributes ({attr_name!r})")
 
-    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None,
-                   **method_kwargs) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs
+    ) -> list[Any]:
         rows = list(self._get_indices(indices))
         if method_name == "action_masks":
             masks = self.action_masks()
             return [masks[i] for i in rows]
-        raise AttributeError(f"SB3VecEnv supports env_method('action_masks') only, not {method_name!r}")
+        raise AttributeError(
+            f"SB3VecEnv supports env_method('action_masks') only, not {method_name!r}"
+        )
 
     def env_is_wrapped(self, wrapper_class, indices: VecEnvIndices = None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]

@@ -103,25 +103,54 @@ class AgentConfig:
         if self.eval_every < 0:
             raise ValueError(f"AgentConfig.eval_every must be >= 0, got {self.eval_every}")
         if self.policy not in POLICY_NAMES:
-            raise ValueError(f"AgentConfig.policy={self.policy!r}; choose from {list(POLICY_NAMES)}")
+            raise ValueError(
+                f"AgentConfig.policy={self.policy!r}; choose from {list(POLICY_NAMES)}"
+            )
         if self.policy == "items" and self.algo != "maskable-ppo":
-            raise ValueError(f"AgentConfig.policy='items' needs algo='maskable-ppo', got {self.algo!r}")
-        for name in ("timesteps", "n_envs", "n_steps", "batch_size", "checkpoint_every", "eval_episodes"):
+            raise ValueError(
+                f"AgentConfig.policy='items' needs algo='maskable-ppo', got {self.algo!r}"
+            )
+        for name in (
+            "timesteps",
+            "n_envs",
+            "n_steps",
+            "batch_size",
+            "checkpoint_every",
+            "eval_episodes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)}")
 
     def algo_kwargs(self) -> dict:
-        common = dict(learning_rate=self.learning_rate, gamma=self.gamma, seed=self.seed,
-                      batch_size=self.batch_size, device="cpu", verbose=0)
+        common = dict(
+            learning_rate=self.learning_rate,
+            gamma=self.gamma,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            device="cpu",
+            verbose=0,
+        )
         if self.algo == "dqn":
-            return dict(common, buffer_size=50_000, learning_starts=min(1_000, self.timesteps // 10),
-                        train_freq=1, gradient_steps=1, target_update_interval=500,
-                        exploration_fraction=0.3, exploration_final_eps=0.05)
+            return dict(
+                common,
+                buffer_size=50_000,
+                learning_starts=min(1_000, self.timesteps // 10),
+                train_freq=1,
+                gradient_steps=1,
+                target_update_interval=500,
+                exploration_fraction=0.3,
+                exploration_final_eps=0.05,
+            )
         return dict(common, n_steps=self.n_steps, n_epochs=10, ent_coef=self.ent_coef)
 
 
-def train_agent(config: AgentConfig, resume: str | Path | None = None, progress: bool = True,
-                rater: Rater | None = None, ratings: pd.DataFrame | None = None) -> Path:
+def train_agent(
+    config: AgentConfig,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    rater: Rater | None = None,
+    ratings: pd.DataFrame | None = None,
+) -> Path:
     """Train and save a policy; returns the run folder (see module docstring). ``rater``
     replaces the env config's simulated users (e.g. a ``TableRater``); ``ratings`` the train +
     background ratings an ``items`` policy's collaborative features are fitted on (default:
@@ -141,18 +170,28 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
         run_dir = Path(config.out) / f"{config.env_id}_{config.algo}_s{config.seed}_{stamp}"
         run_dir.mkdir(parents=True, exist_ok=False)
         latest = None
-    atomic_write_json(run_dir / "run.json", {"config": dataclasses.asdict(config), "algo": config.algo})
+    atomic_write_json(
+        run_dir / "run.json", {"config": dataclasses.asdict(config), "algo": config.algo}
+    )
 
     features = None
     if config.policy == "items":
         features = _features(config, rater, ratings, run_dir)
-    env = SB3VecEnv(config.env_id, config.n_envs, rater=rater, features=features, dtype=config.dtype,
-                    **config.env_kwargs)
+    env = SB3VecEnv(
+        config.env_id,
+        config.n_envs,
+        rater=rater,
+        features=features,
+        dtype=config.dtype,
+        **config.env_kwargs,
+    )
     algo = algorithm(config.algo)
     if latest is not None:
         path, start_steps = latest
         log.info("resuming %s from %s (%d steps)", run_dir, path.name, start_steps)
-        monitored = VecMonitor(env, str(run_dir / f"monitor-{start_steps}.monitor.csv"))  # SB3 adds .monitor.csv otherwise
+        monitored = VecMonitor(
+            env, str(run_dir / f"monitor-{start_steps}.monitor.csv")
+        )  # SB3 adds .monitor.csv otherwise
         model = algo.load(path, env=monitored, device="cpu")
     else:
         monitored = VecMonitor(env, str(run_dir / "monitor.csv"))
@@ -162,9 +201,14 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
             from agents.item_policy import ItemScoringPolicy
 
             policy = ItemScoringPolicy
-            kwargs["policy_kwargs"] = {"item_side": features.item_side, "item_vectors": features.item_vectors}
+            kwargs["policy_kwargs"] = {
+                "item_side": features.item_side,
+                "item_vectors": features.item_vectors,
+            }
         model = algo(policy, monitored, tensorboard_log=str(run_dir / "tb"), **kwargs)
-    checkpoints = atomic_checkpoints(max(config.checkpoint_every // config.n_envs, 1), run_dir / "checkpoints")
+    checkpoints = atomic_checkpoints(
+        max(config.checkpoint_every // config.n_envs, 1), run_dir / "checkpoints"
+    )
     started = time.perf_counter()
     remaining = max(config.timesteps - start_steps, 0)
     callbacks: list[Any] = [checkpoints]
@@ -173,8 +217,13 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
     if config.eval_every:
         callbacks.append(periodic_eval(env.core, features, config, run_dir))
     try:
-        model.learn(total_timesteps=remaining, callback=callbacks, progress_bar=progress,
-                    reset_num_timesteps=latest is None, tb_log_name="run")
+        model.learn(
+            total_timesteps=remaining,
+            callback=callbacks,
+            progress_bar=progress,
+            reset_num_timesteps=latest is None,
+            tb_log_name="run",
+        )
     except KeyboardInterrupt:  # keep what was learnt: --resume continues from here
         path = run_dir / "checkpoints" / f"model_{model.num_timesteps}_steps.zip"
         tmp = path.with_suffix(".tmp.zip")
@@ -189,11 +238,16 @@ def train_agent(config: AgentConfig, resume: str | Path | None = None, progress:
     model.save(tmp)
     tmp.replace(run_dir / "model.zip")
     learning_curve(run_dir)
-    atomic_write_json(run_dir / "run.json", {
-        "config": dataclasses.asdict(config), "algo": config.algo,
-        "train_seconds": round(seconds, 1), "env_steps_per_s": round(remaining / max(seconds, 1e-9), 2),
-        "timesteps": int(model.num_timesteps),
-    })
+    atomic_write_json(
+        run_dir / "run.json",
+        {
+            "config": dataclasses.asdict(config),
+            "algo": config.algo,
+            "train_seconds": round(seconds, 1),
+            "env_steps_per_s": round(remaining / max(seconds, 1e-9), 2),
+            "timesteps": int(model.num_timesteps),
+        },
+    )
     env.close()
     return run_dir
 
@@ -233,9 +287,20 @@ def progress_lines(total: int, every: float = 0.05) -> Any:
                 rate = done / max(time.perf_counter() - self.started, 1e-9)
                 left = max(total - self.num_timesteps, 0) / max(rate, 1e-9)
                 returns = [e["r"] for e in self.model.ep_info_buffer]
-                mean = f", mean return {np.mean(returns):.2f} (last {len(returns)} episodes)" if returns else ""
-                log.info("step %d/%d (%.0f%%), %.1f env steps/s, %.0f s left%s", self.num_timesteps, total,
-                         100 * self.num_timesteps / total, rate, left, mean)
+                mean = (
+                    f", mean return {np.mean(returns):.2f} (last {len(returns)} episodes)"
+                    if returns
+                    else ""
+                )
+                log.info(
+                    "step %d/%d (%.0f%%), %.1f env steps/s, %.0f s left%s",
+                    self.num_timesteps,
+                    total,
+                    100 * self.num_timesteps / total,
+                    rate,
+                    left,
+                    mean,
+                )
                 self.next_at = self.num_timesteps + max(int(total * every), 1)
             return True
 
@@ -279,7 +344,13 @@ def periodic_eval(core: Any, features: Any, config: AgentConfig, run_dir: Path) 
             with path.open("a") as f:  # one line per evaluation; a resumed run appends
                 f.write("steps,mean_rating,return,churn\n" if new else "")
                 f.write(f"{steps},{rating:.4f},{ret:.4f},{churn:.4f}\n")
-            log.info("eval at %d steps: mean rating %.3f, return %.2f, churn %.2f", steps, rating, ret, churn)
+            log.info(
+                "eval at %d steps: mean rating %.3f, return %.2f, churn %.2f",
+                steps,
+                rating,
+                ret,
+                churn,
+            )
             self.next_at = steps + config.eval_every
 
         def _on_training_start(self) -> None:
@@ -296,8 +367,9 @@ def periodic_eval(core: Any, features: Any, config: AgentConfig, run_dir: Path) 
     return _Callback()
 
 
-def _features(config: AgentConfig, rater: Rater | None, ratings: pd.DataFrame | None,
-              run_dir: Path) -> Any:
+def _features(
+    config: AgentConfig, rater: Rater | None, ratings: pd.DataFrame | None, run_dir: Path
+) -> Any:
     """The MF baseline's collaborative features of the env's users and items, saved in the run
     folder (``features.npz``) so evaluation reads the very vectors the agent trained with."""
     from agents.evaluate import load_evaluation
@@ -309,10 +381,16 @@ def _features(config: AgentConfig, rater: Rater | None, ratings: pd.DataFrame | 
     if path.is_file():
         return CFFeatures.load(path)
     if ratings is None:
-        core, ratings, _, _ = load_evaluation(config.env_id, config.dtype, rater, **config.env_kwargs)
+        core, ratings, _, _ = load_evaluation(
+            config.env_id, config.dtype, rater, **config.env_kwargs
+        )
     else:
-        core = RecCore(load_env_config(env_config_name(config.env_id), dtype=config.dtype,
-                                       **config.env_kwargs), rater)
+        core = RecCore(
+            load_env_config(
+                env_config_name(config.env_id), dtype=config.dtype, **config.env_kwargs
+            ),
+            rater,
+        )
     features = CFFeatures.from_ratings(ratings, core.catalog, core.item_embeddings)
     features.save(path)
     return features
@@ -335,8 +413,12 @@ def learning_curve(run_dir: str | Path, window: int = 50) -> Path | None:
     episodes = pd.concat(frames, ignore_index=True)
     steps = episodes["l"].cumsum()
     evals = pd.read_csv(run_dir / "eval.csv") if (run_dir / "eval.csv").is_file() else None
-    fig, axes = plt.subplots(1, 2 if evals is not None else 1, figsize=(11 if evals is not None else 6, 3.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        2 if evals is not None else 1,
+        figsize=(11 if evals is not None else 6, 3.5),
+        squeeze=False,
+    )
     ax = axes[0, 0]
     ax.plot(steps, episodes["r"], ".", alpha=0.2, markersize=3, label="episode return")
     ax.plot(steps, episodes["r"].rolling(window, min_periods=1).mean(), label=f"mean of {window}")
@@ -357,18 +439,39 @@ def learning_curve(run_dir: str | Path, window: int = 50) -> Path | None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train-agent", help="train PPO / DQN / MaskablePPO on an environment",
-                                   description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, AgentConfig, skip=("env_kwargs",), flags={"env_id": "--env"},
-                         choices={"env_id": ENV_IDS, "algo": ALGO_NAMES, "policy": POLICY_NAMES,
-                                  "dtype": ("auto", "float32", "bfloat16")},
-                         defaults={"timesteps": None})  # with --resume: the run's
-    parser.add_argument("--artifacts", help="simulator artifacts (default: the env config's, the shipped one)")
+    parser = subparsers.add_parser(
+        "train-agent",
+        help="train PPO / DQN / MaskablePPO on an environment",
+        description=plain(__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(
+        parser,
+        AgentConfig,
+        skip=("env_kwargs",),
+        flags={"env_id": "--env"},
+        choices={
+            "env_id": ENV_IDS,
+            "algo": ALGO_NAMES,
+            "policy": POLICY_NAMES,
+            "dtype": ("auto", "float32", "bfloat16"),
+        },
+        defaults={"timesteps": None},
+    )  # with --resume: the run's
+    parser.add_argument(
+        "--artifacts", help="simulator artifacts (default: the env config's, the shipped one)"
+    )
     add_env_kwargs_argument(parser)
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint "
-                        "(a Ctrl-C'd run folder too)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar: progress is logged as lines (also when stderr is not a terminal)")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its latest checkpoint (a Ctrl-C'd run folder too)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: progress is logged as lines (also when stderr is not a terminal)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -380,10 +483,17 @@ def run(args: argparse.Namespace) -> int:
     if args.timesteps is None and args.resume:  # keep the length the run was started with
         extra["timesteps"] = read_run(args.resume)["config"]["timesteps"]
     config = config_from_args(AgentConfig, args, **extra)
-    args.resume_hint = f"continue with `persona-gym train-agent --resume {args.resume}`" if args.resume else \
-        f"continue with `persona-gym train-agent --resume RUN_DIR` (the run folder under {config.out})"
-    run_dir = train_agent(config, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
+    args.resume_hint = (
+        f"continue with `persona-gym train-agent --resume {args.resume}`"
+        if args.resume
+        else f"continue with `persona-gym train-agent --resume RUN_DIR` (the run folder under {config.out})"
+    )
+    run_dir = train_agent(
+        config, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty()
+    )
     info = read_run(run_dir)
-    print(f"trained {info['algo']} for {info['timesteps']} steps in {info['train_seconds']:.0f} s "
-          f"({info['env_steps_per_s']:.1f} env steps/s): {run_dir}/model.zip")
+    print(
+        f"trained {info['algo']} for {info['timesteps']} steps in {info['train_seconds']:.0f} s "
+        f"({info['env_steps_per_s']:.1f} env steps/s): {run_dir}/model.zip"
+    )
     return 0

@@ -15,7 +15,13 @@ import json
 from pathlib import Path
 
 SIMULATOR = "persona:Ms+Ml"
-BASELINES = ("matrix factorisation", "item kNN", "user+item bias", "item mean", "collaborative prior alone (no SLM)")
+BASELINES = (
+    "matrix factorisation",
+    "item kNN",
+    "user+item bias",
+    "item mean",
+    "collaborative prior alone (no SLM)",
+)
 
 
 def _f(value: float | None, spec: str = ".3f") -> str:
@@ -40,32 +46,54 @@ def _rows(results: dict) -> dict[str, str]:
             rows[f"{name} RMSE"] = f"{results['baselines'][name]['evaluated_rows']['rmse']:.4f}"
     within = sim["within_user"]
     rows["within-user Pearson / Spearman"] = f"{_f(within['pearson'])} / {_f(within['spearman'])}"
-    mf_within = results["baselines"].get("matrix factorisation", {}).get("evaluated_rows", {}).get("within_user")
+    mf_within = (
+        results["baselines"]
+        .get("matrix factorisation", {})
+        .get("evaluated_rows", {})
+        .get("within_user")
+    )
     if mf_within:
         rows["within-user Pearson, MF"] = _f(mf_within["pearson"])
-    rows["within-user std, predicted / real"] = f"{_f(within['std_pred'])} / {_f(within['std_real'])}"
+    rows["within-user std, predicted / real"] = (
+        f"{_f(within['std_pred'])} / {_f(within['std_real'])}"
+    )
     if specificity:
         rows["own persona adapter best (RMSE / NLL; chance)"] = (
             f"{specificity['own_best_share']:.0%} / {specificity['own_best_share_nll']:.0%}; "
-            f"{specificity['chance']:.0%}")
-        rows["RMSE own / other adapters"] = f"{specificity['own_rmse']:.4f} / {specificity['other_rmse']:.4f}"
+            f"{specificity['chance']:.0%}"
+        )
+        rows["RMSE own / other adapters"] = (
+            f"{specificity['own_rmse']:.4f} / {specificity['other_rmse']:.4f}"
+        )
     if memory:
-        rows["memory slope, simulated / real"] = f"{memory['simulated_slope']:.3f} / {memory['real_slope']:.3f}"
+        rows["memory slope, simulated / real"] = (
+            f"{memory['simulated_slope']:.3f} / {memory['real_slope']:.3f}"
+        )
     if landscape:
         rows["reward landscape: within-user std, top-10 minus mean"] = (
-            f"{landscape['within_user_std']:.3f}, {landscape['top_minus_mean']:.3f}")
+            f"{landscape['within_user_std']:.3f}, {landscape['top_minus_mean']:.3f}"
+        )
     return rows
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifacts", type=Path, help="artifacts built with `persona-gym build ... --all-users`")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "artifacts", type=Path, help="artifacts built with `persona-gym build ... --all-users`"
+    )
     args = parser.parse_args()
-    paths = [args.artifacts / "evaluation" / "results.json", args.artifacts / "evaluation" / "others" / "results.json"]
+    paths = [
+        args.artifacts / "evaluation" / "results.json",
+        args.artifacts / "evaluation" / "others" / "results.json",
+    ]
     for path in paths:
         if not path.exists():
-            raise SystemExit(f"{path} not found: build with `persona-gym build DATASET --all-users --out "
-                             f"{args.artifacts}` (its evaluate stage writes both reports)")
+            raise SystemExit(
+                f"{path} not found: build with `persona-gym build DATASET --all-users --out "
+                f"{args.artifacts}` (its evaluate stage writes both reports)"
+            )
     training, others = (_rows(json.loads(p.read_text())) for p in paths)
     print("| | adapters' training users | users the adapters never saw |")
     print("|---|---|---|")

@@ -47,15 +47,26 @@ HERE = Path(__file__).parent
 def _surprises(frame: pd.DataFrame, predictions: np.ndarray, window: int = 3) -> np.ndarray:
     """Per row (time-ordered within user), the mean residual of the user's previous ``window``."""
     residual = pd.Series(frame["rating"].to_numpy() - predictions, index=frame.index)
-    return residual.groupby(frame["user_id"]).transform(
-        lambda s: s.shift(1).rolling(window, min_periods=1).mean()).fillna(0.0).to_numpy()
+    return (
+        residual.groupby(frame["user_id"])
+        .transform(lambda s: s.shift(1).rolling(window, min_periods=1).mean())
+        .fillna(0.0)
+        .to_numpy()
+    )
 
 
 def _prior_expectation(fit_pred, fit_surprise, fit_rating, pred, surprise) -> np.ndarray:
     prior = fit_rating_prior(fit_pred, fit_surprise, fit_rating)
     with torch.no_grad():
-        probs = prior(torch.zeros(len(pred), 5), torch.tensor(pred, dtype=torch.float32),
-                      torch.tensor(surprise, dtype=torch.float32)).softmax(-1).numpy()
+        probs = (
+            prior(
+                torch.zeros(len(pred), 5),
+                torch.tensor(pred, dtype=torch.float32),
+                torch.tensor(surprise, dtype=torch.float32),
+            )
+            .softmax(-1)
+            .numpy()
+        )
     return probs @ RATING_VALUES
 
 
@@ -90,9 +101,14 @@ def main() -> int:
     gains = {}
     for g, nll in nlls.items():
         pred = gained(level, blend, g)
-        expected = _prior_expectation(pred, np.zeros_like(pred), rating_val, pred, np.zeros_like(pred))
-        gains[float(g)] = {"prior_nll": nll, "prior_rmse": rmse(expected, y),
-                           "prior_within_user_std": within_user(val["user_id"], expected, y)["std_pred"]}
+        expected = _prior_expectation(
+            pred, np.zeros_like(pred), rating_val, pred, np.zeros_like(pred)
+        )
+        gains[float(g)] = {
+            "prior_nll": nll,
+            "prior_rmse": rmse(expected, y),
+            "prior_within_user_std": within_user(val["user_id"], expected, y)["std_pred"],
+        }
 
     catalog = ItemCatalog.from_frames(ds.items, split.item_stats())
     model = fit_collaborative(split.train, split.background, catalog, seed=0)
@@ -104,37 +120,67 @@ def main() -> int:
     test_pred = model.predict(test["user_id"], catalog.indices_of(test["item_id"]))
     # the evaluator's window of a test rating: the user's last 3 training interactions
     last = train.assign(res=train["rating"].to_numpy() - oof).groupby("user_id").tail(3)
-    test_surprise = test["user_id"].map(last.groupby("user_id")["res"].mean()).fillna(0.0).to_numpy()
+    test_surprise = (
+        test["user_id"].map(last.groupby("user_id")["res"].mean()).fillna(0.0).to_numpy()
+    )
     surprise = _surprises(train, oof)
     rating = train["rating"].round().astype(int).to_numpy()
     real = test["rating"].to_numpy(np.float64)
     test_rows = {
-        "matrix factorisation": rmse(BiasedMF(**mf_params, seed=0).fit(fit_frame(split.train, split.background))
-                                     .predict(test["user_id"], test["item_id"]), real),
-        "item kNN": rmse(ItemKNN(**knn_params).fit(fit_frame(split.train, split.background))
-                         .predict(test["user_id"], test["item_id"]), real),
-        f"MF + kNN blend (w={best})": rmse(plain.predict(test["user_id"], catalog.indices_of(test["item_id"])), real),
+        "matrix factorisation": rmse(
+            BiasedMF(**mf_params, seed=0)
+            .fit(fit_frame(split.train, split.background))
+            .predict(test["user_id"], test["item_id"]),
+            real,
+        ),
+        "item kNN": rmse(
+            ItemKNN(**knn_params)
+            .fit(fit_frame(split.train, split.background))
+            .predict(test["user_id"], test["item_id"]),
+            real,
+        ),
+        f"MF + kNN blend (w={best})": rmse(
+            plain.predict(test["user_id"], catalog.indices_of(test["item_id"])), real
+        ),
         f"  with the gain (g={gain})": rmse(test_pred, real),
-        "blend through the prior, no memory": _prior_rmse(oof, np.zeros_like(oof), rating, test_pred,
-                                                          np.zeros_like(test_pred), real),
-        "blend through the prior, memory": _prior_rmse(oof, surprise, rating, test_pred, test_surprise, real),
+        "blend through the prior, no memory": _prior_rmse(
+            oof, np.zeros_like(oof), rating, test_pred, np.zeros_like(test_pred), real
+        ),
+        "blend through the prior, memory": _prior_rmse(
+            oof, surprise, rating, test_pred, test_surprise, real
+        ),
     }
     rows[f"  with the gain (g={gain})"] = rmse(gained(level, blend, gain), y)
     expected = _prior_expectation(oof, surprise, rating, test_pred, test_surprise)
     test_std = within_user(test["user_id"], expected, real)["std_pred"]
-    result = {"validation_rmse": rows, "blend_weights_validation_rmse": blends, "chosen_blend": best,
-              "gains_validation": gains, "chosen_gain": gain,
-              "test_rmse_for_the_record": test_rows, "test_prior_memory_within_user_std": test_std, "mf_params": mf_params, "knn_params": knn_params,
-              "n_validation": int(len(val)), "n_test": int(len(test))}
+    result = {
+        "validation_rmse": rows,
+        "blend_weights_validation_rmse": blends,
+        "chosen_blend": best,
+        "gains_validation": gains,
+        "chosen_gain": gain,
+        "test_rmse_for_the_record": test_rows,
+        "test_prior_memory_within_user_std": test_std,
+        "mf_params": mf_params,
+        "knn_params": knn_params,
+        "n_validation": int(len(val)),
+        "n_test": int(len(test)),
+    }
     atomic_write_json(args.out, result)
     print(f"{'option':45s} {'val RMSE':>9s} {'test RMSE':>10s}")
     for name in test_rows:
         val_rmse = f"{rows[name]:.4f}" if name in rows else "-"
         print(f"{name:45s} {val_rmse:>9s} {test_rows[name]:10.4f}")
-    print("blend weights on validation: " + ", ".join(f"{w:.1f}:{v:.4f}" for w, v in blends.items()))
-    print(f"{'gain':>5s} {'val prior NLL':>14s} {'val prior RMSE':>15s} {'val within-user std':>20s}")
+    print(
+        "blend weights on validation: " + ", ".join(f"{w:.1f}:{v:.4f}" for w, v in blends.items())
+    )
+    print(
+        f"{'gain':>5s} {'val prior NLL':>14s} {'val prior RMSE':>15s} {'val within-user std':>20s}"
+    )
     for g, row in gains.items():
-        print(f"{g:5.1f} {row['prior_nll']:14.4f} {row['prior_rmse']:15.4f} {row['prior_within_user_std']:20.4f}")
+        print(
+            f"{g:5.1f} {row['prior_nll']:14.4f} {row['prior_rmse']:15.4f} {row['prior_within_user_std']:20.4f}"
+        )
     print(f"test, the prior with memory: within-user std of its expected rating {test_std:.4f}")
     return 0
 

@@ -9,8 +9,9 @@ import time
 import numpy as np
 
 
-def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: int = 0,
-                   warmup: int = 128) -> dict:
+def env_throughput(
+    artifacts: str, dtype: str, compile: bool, steps: int, seed: int = 0, warmup: int = 128
+) -> dict:
     """Env steps/s of one env and of make_vec(16), make_vec(64) on real artifacts, after
     ``warmup`` env steps: compiled graphs are built on first use, per adapter and for prefix
     encoding and block scoring apart, so one env meets them all only over ~100 steps."""
@@ -20,8 +21,14 @@ def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: 
 
     out = {}
     for n_envs in (1, 16, 64):
-        env = gym.make_vec("PersonaML100K-v0", num_envs=n_envs, vectorization_mode="vector_entry_point",
-                           artifacts=artifacts, dtype=dtype, compile=compile)
+        env = gym.make_vec(
+            "PersonaML100K-v0",
+            num_envs=n_envs,
+            vectorization_mode="vector_entry_point",
+            artifacts=artifacts,
+            dtype=dtype,
+            compile=compile,
+        )
         rating_model = env.unwrapped.core.rater.model
         rng = np.random.default_rng(seed)
         env.reset(seed=seed)
@@ -38,13 +45,17 @@ def env_throughput(artifacts: str, dtype: str, compile: bool, steps: int, seed: 
             "seconds": seconds,
         }
         env.close()
-        print(f"  env {artifacts} make_vec({n_envs}): {out[f'make_vec({n_envs})']['env_steps_per_s']:.1f} "
-              "env steps/s", flush=True)
+        print(
+            f"  env {artifacts} make_vec({n_envs}): {out[f'make_vec({n_envs})']['env_steps_per_s']:.1f} "
+            "env steps/s",
+            flush=True,
+        )
     return out
 
 
-def ranking_throughput(artifacts: str, dtype: str, compile: bool, states: int = 8, candidates: int = 20,
-                       seed: int = 0) -> dict:
+def ranking_throughput(
+    artifacts: str, dtype: str, compile: bool, states: int = 8, candidates: int = 20, seed: int = 0
+) -> dict:
     """Ratings/s of the real simulator scoring ``candidates`` movies in each of ``states`` user
     states in one ``rate`` call (what ``SimulatorGreedyPolicy`` does every step)."""
     from persona_gym.simulator.simulator import UserSimulator
@@ -53,16 +64,22 @@ def ranking_throughput(artifacts: str, dtype: str, compile: bool, states: int = 
     rng = np.random.default_rng(seed)
     users = [int(u) for u in rng.choice(sim.user_ids, states, replace=False)]
     items = [int(i) for i in rng.choice(len(sim.catalog), candidates, replace=False)]
-    calls = ([u for u in users for _ in items], items * states,
-             [sim.history(u)[-3:] for u in users for _ in items])
+    calls = (
+        [u for u in users for _ in items],
+        items * states,
+        [sim.history(u)[-3:] for u in users for _ in items],
+    )
     sim.rate(*calls)  # warm-up: prefixes cached, kernels ready
     tokens, start = sim.model.tokens_processed, time.perf_counter()
     sim.rate(*calls)
     seconds = time.perf_counter() - start
     n = states * candidates
     print(f"  ranking {artifacts}: {n / seconds:.1f} ratings/s", flush=True)
-    return {"ratings_per_s": n / seconds, "tokens_per_rating": (sim.model.tokens_processed - tokens) / n,
-            "candidates_per_state": candidates}
+    return {
+        "ratings_per_s": n / seconds,
+        "tokens_per_rating": (sim.model.tokens_processed - tokens) / n,
+        "candidates_per_state": candidates,
+    }
 
 
 def _random_actions(env, rng) -> np.ndarray:

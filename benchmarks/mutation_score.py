@@ -21,8 +21,9 @@ _MODULE = re.compile(r"^(?P<module>.+?)\.x(?:_|ǁ)")
 
 def main() -> int:
     mutmut = Path(sys.executable).with_name("mutmut")
-    out = subprocess.run([str(mutmut), "results", "--all", "true"], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        [str(mutmut), "results", "--all", "true"], check=True, capture_output=True, text=True
+    ).stdout
     counts: dict[str, Counter] = defaultdict(Counter)
     survivors: dict[str, list[str]] = defaultdict(list)
     for line in out.splitlines():
@@ -47,7 +48,9 @@ def main() -> int:
         print(_row(module, row))
     print(_row("**all**", total))
     for module in sorted(survivors):
-        print(f"\nsurvived in {module}: " + ", ".join(n.rsplit(".", 1)[-1] for n in survivors[module]))
+        print(
+            f"\nsurvived in {module}: " + ", ".join(n.rsplit(".", 1)[-1] for n in survivors[module])
+        )
     return 0
 
 
@@ -55,7 +58,9 @@ def _row(label: str, row: Counter) -> str:
     n = sum(row.values())
     other = n - sum(row[c] for c in COLUMNS)
     score = f"{100 * row['killed'] / n:.1f}%" if n else "-"
-    return f"| {label} | " + " | ".join(str(row[c]) for c in COLUMNS) + f" | {other} | {n} | {score} |"
+    return (
+        f"| {label} | " + " | ".join(str(row[c]) for c in COLUMNS) + f" | {other} | {n} | {score} |"
+    )
 
 
 if __name__ == "__main__":

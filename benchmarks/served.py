@@ -46,8 +46,13 @@ SHIPPED = "persona_gym/default_artifacts/ml100k"
 
 def cpu_model() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    names = [
+        line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")
+    ]
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")),
+        [],
+    )
     extras = [f for f in ("avx512f", "amx_bf16") if f in flags]
     return f"{names[0] if names else platform.processor()} ({os.cpu_count()} cores; {', '.join(extras) or 'no AVX-512'})"
 
@@ -63,29 +68,50 @@ def text_simulator(root: Path) -> Path:
     repo = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="text-sim-"))
     try:
-        archive = subprocess.run(["git", "-C", str(repo), "archive", TEXT_COMMIT, SHIPPED],
-                                 check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", TEXT_COMMIT, SHIPPED],
+            check=True,
+            capture_output=True,
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
         old = tmp / SHIPPED
         manifest = json.loads((old / "manifest.json").read_text())
         persona_gym = Path(sys.executable).parent / "persona-gym"
-        subprocess.run([str(persona_gym), "distill", "--dataset", "ml-100k", "--out", str(root),
-                        "--no-progress"], check=True)
+        subprocess.run(
+            [
+                str(persona_gym),
+                "distill",
+                "--dataset",
+                "ml-100k",
+                "--out",
+                str(root),
+                "--no-progress",
+            ],
+            check=True,
+        )
         catalog, profiles, memories, _ = load_tables(root)
-        digest = hashlib.sha256()  # the prompt tables as d64be79's manifest hashed them (no CF file then)
+        digest = (
+            hashlib.sha256()
+        )  # the prompt tables as d64be79's manifest hashed them (no CF file then)
         for user in sorted(profiles):
             digest.update(f"{user}\t{profiles[user]}\n".encode())
-        for row in memories[["user_id", "item_index", "rating", "timestamp", "text"]].itertuples(index=False):
+        for row in memories[["user_id", "item_index", "rating", "timestamp", "text"]].itertuples(
+            index=False
+        ):
             digest.update("\t".join(map(str, row)).encode() + b"\n")
         for index in range(len(catalog)):
             digest.update(catalog.describe(index).encode() + b"\n")
         if digest.hexdigest() != manifest["tables_sha256"]:
-            raise SystemExit(f"today's distiller writes other prompt tables than {TEXT_COMMIT}'s adapters "
-                             "were trained on; the comparison would still hold, the ratings not")
+            raise SystemExit(
+                f"today's distiller writes other prompt tables than {TEXT_COMMIT}'s adapters "
+                "were trained on; the comparison would still hold, the ratings not"
+            )
         shutil.copytree(old / "adapters", root / "adapters")
         shutil.copy2(old / "personas.json", root / "personas.json")
         manifest["tables_sha256"] = tables_digest(root)
-        manifest["materialised_from"] = f"{TEXT_COMMIT} text-prompt simulator (benchmarks/served.py)"
+        manifest["materialised_from"] = (
+            f"{TEXT_COMMIT} text-prompt simulator (benchmarks/served.py)"
+        )
         (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
         rehash(root)
     finally:
@@ -112,16 +138,23 @@ def widen_personas(root: Path, n: int) -> Path:
     assignment = {str(u): i % n for i, u in enumerate(users)}
     adapters = {k: v for k, v in manifest["adapters"].items() if not k.startswith("persona-")}
     for k in range(n):
-        shutil.copytree(root / "adapters" / f"persona-{k % trained}", tmp / "adapters" / f"persona-{k}")
+        shutil.copytree(
+            root / "adapters" / f"persona-{k % trained}", tmp / "adapters" / f"persona-{k}"
+        )
         adapters[f"persona-{k}"] = f"adapters/persona-{k}"
     for name in adapters:
         if not (tmp / adapters[name]).exists():
             shutil.copytree(root / manifest["adapters"][name], tmp / adapters[name])
-    personas.update(k=n, assignment=assignment, sizes=[users[k::n].__len__() for k in range(n)], cards=[])
+    personas.update(
+        k=n, assignment=assignment, sizes=[users[k::n].__len__() for k in range(n)], cards=[]
+    )
     (tmp / "personas.json").write_text(json.dumps(personas))
-    manifest.update(adapters=adapters, personas={str(k): users[k::n] for k in range(n)},
-                    materialised_from=f"{manifest.get('materialised_from', root.name)}; "
-                                      f"{trained} trained persona adapters copied into {n} slots")
+    manifest.update(
+        adapters=adapters,
+        personas={str(k): users[k::n] for k in range(n)},
+        materialised_from=f"{manifest.get('materialised_from', root.name)}; "
+        f"{trained} trained persona adapters copied into {n} slots",
+    )
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     rehash(tmp)
     tmp.rename(wide)
@@ -136,12 +169,14 @@ def workload(simulator, per_persona: int, per_user: int, warm_per_user: int, see
         by_persona.setdefault(simulator.persona(user), []).append(user)
     passes: list[tuple[list[int], list[int], list]] = [([], [], []), ([], [], [])]
     for persona in sorted(by_persona):
-        for user in rng.choice(by_persona[persona], size=min(per_persona, len(by_persona[persona])), replace=False):
+        for user in rng.choice(
+            by_persona[persona], size=min(per_persona, len(by_persona[persona])), replace=False
+        ):
             history = simulator.history(int(user))
             seen = {x.item_index for x in history}
             unseen = np.setdiff1d(np.arange(len(simulator.catalog)), list(seen))
             items = rng.choice(unseen, size=per_user + warm_per_user, replace=False)
-            window = history[-simulator.window_size:] if simulator.window_size else ()
+            window = history[-simulator.window_size :] if simulator.window_size else ()
             for index, item in enumerate(items):
                 users, chosen, windows = passes[int(index >= per_user)]
                 users.append(int(user))
@@ -164,9 +199,12 @@ def compare(local: list[np.ndarray], served: list[np.ndarray]) -> dict:
 
     a, b = np.concatenate(local), np.concatenate(served)
     gap = expected(b) - expected(a)
-    return {"pairs": len(a), "max_abs_prob_diff": float(np.abs(a - b).max()),
-            "rmse_expected_rating": float(np.sqrt(np.mean(gap ** 2))),
-            "max_abs_expected_diff": float(np.abs(gap).max())}
+    return {
+        "pairs": len(a),
+        "max_abs_prob_diff": float(np.abs(a - b).max()),
+        "rmse_expected_rating": float(np.sqrt(np.mean(gap**2))),
+        "max_abs_expected_diff": float(np.abs(gap).max()),
+    }
 
 
 def free_port() -> int:
@@ -182,8 +220,9 @@ def start_server(simulator, port: int, log_path: Path, timeout_s: float):
     from persona_gym.simulator.served import start_vllm_server, vllm_serve_command
 
     adapters = variant_adapters(simulator.variant, simulator.artifacts.adapter_dirs)
-    command = vllm_serve_command(resolve_model(), adapters, simulator.prompt.max_tokens + 1, port=port,
-                                 python=sys.executable)
+    command = vllm_serve_command(
+        resolve_model(), adapters, simulator.prompt.max_tokens + 1, port=port, python=sys.executable
+    )
     start = time.perf_counter()
     process = start_vllm_server(command, port, log_path, timeout_s)
     return process, time.perf_counter() - start
@@ -194,27 +233,53 @@ def main() -> None:
     from persona_gym.simulator.served import VLLMSettings, load_served, stop_vllm_server
     from persona_gym.simulator.simulator import UserSimulator
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifacts", type=Path, default=None,
-                        help="text-prompt artifacts (default: the d64be79 simulator, built into the cache)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        help="text-prompt artifacts (default: the d64be79 simulator, built into the cache)",
+    )
     parser.add_argument("--per-persona", type=int, default=7, help="users per persona (default 7)")
-    parser.add_argument("--pairs-per-user", type=int, default=4, help="movies per user in pass A (default 4)")
-    parser.add_argument("--warm-per-user", type=int, default=1, help="movies per user in pass B (default 1)")
-    parser.add_argument("--personas", type=int, default=8,
-                        help="persona adapters the users are dealt over (the trained ones copied into "
-                             "that many LoRA slots; 0 = as trained; default 8)")
+    parser.add_argument(
+        "--pairs-per-user", type=int, default=4, help="movies per user in pass A (default 4)"
+    )
+    parser.add_argument(
+        "--warm-per-user", type=int, default=1, help="movies per user in pass B (default 1)"
+    )
+    parser.add_argument(
+        "--personas",
+        type=int,
+        default=8,
+        help="persona adapters the users are dealt over (the trained ones copied into "
+        "that many LoRA slots; 0 = as trained; default 8)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-server", action="store_true", help="skip the OpenAI-compatible server")
-    parser.add_argument("--server-timeout", type=float, default=900.0, help="seconds for vllm serve to start")
+    parser.add_argument(
+        "--no-server", action="store_true", help="skip the OpenAI-compatible server"
+    )
+    parser.add_argument(
+        "--server-timeout", type=float, default=900.0, help="seconds for vllm serve to start"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
-    root = args.artifacts or text_simulator(cache_dir() / "artifacts" / f"ml100k-text-{TEXT_COMMIT}")
+    root = args.artifacts or text_simulator(
+        cache_dir() / "artifacts" / f"ml100k-text-{TEXT_COMMIT}"
+    )
     if args.personas:
         root = widen_personas(root, args.personas)
-    results: dict = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "artifacts": str(root),
-                     "load_average_before": os.getloadavg()[0]}
+    results: dict = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "artifacts": str(root),
+        "load_average_before": os.getloadavg()[0],
+    }
     start = time.perf_counter()
     local = UserSimulator.load(root, dtype="float32")
     results["local_start_s"] = time.perf_counter() - start
@@ -227,14 +292,20 @@ def main() -> None:
     adapters = sorted({local.adapter_of(u) for u in passes[0][0]})
     results.update(adapters=adapters, ratings_per_pass=[len(p[0]) for p in passes])
     probs, seconds = timed_passes(local, passes)
-    results["local"] = {"seconds": seconds, "ratings_per_s": [len(p[0]) / s for p, s in zip(passes, seconds, strict=True)]}
+    results["local"] = {
+        "seconds": seconds,
+        "ratings_per_s": [len(p[0]) / s for p, s in zip(passes, seconds, strict=True)],
+    }
 
     start = time.perf_counter()
     engine = load_served(root, backend="vllm", dtype="float32")
     results["vllm_start_s"] = time.perf_counter() - start
     served, seconds = timed_passes(engine, passes)
-    results["vllm"] = {"seconds": seconds, "ratings_per_s": [len(p[0]) / s for p, s in zip(passes, seconds, strict=True)],
-                       **compare(probs, served)}
+    results["vllm"] = {
+        "seconds": seconds,
+        "ratings_per_s": [len(p[0]) / s for p, s in zip(passes, seconds, strict=True)],
+        **compare(probs, served),
+    }
     engine.model.client.close()
     del engine
 
@@ -247,25 +318,38 @@ def main() -> None:
             settings = VLLMSettings(url=f"http://127.0.0.1:{port}/v1")
             client = load_served(root, backend="vllm-server", settings=settings)
             served, seconds = timed_passes(client, passes)
-            results["vllm_server"] = {"seconds": seconds,
-                                      "ratings_per_s": [len(p[0]) / s for p, s in zip(passes, seconds, strict=True)],
-                                      **compare(probs, served)}
+            results["vllm_server"] = {
+                "seconds": seconds,
+                "ratings_per_s": [len(p[0]) / s for p, s in zip(passes, seconds, strict=True)],
+                **compare(probs, served),
+            }
         finally:
             stop_vllm_server(process)
 
-    results["load_average_after"] = os.getloadavg()[0]  # other jobs on the machine slow every figure
+    results["load_average_after"] = os.getloadavg()[
+        0
+    ]  # other jobs on the machine slow every figure
     print(f"\n{results['date']}, {results['cpu']}; {root}")
-    print(f"load average {results['load_average_before']:.1f} before, {results['load_average_after']:.1f} after")
+    print(
+        f"load average {results['load_average_before']:.1f} before, {results['load_average_after']:.1f} after"
+    )
     print(f"{results['ratings_per_pass']} ratings in passes A, B over adapters {adapters}, float32")
-    print(f"start: local {results['local_start_s']:.0f} s, vLLM engine {results['vllm_start_s']:.0f} s"
-          + (f", vllm serve {results['server_start_s']:.0f} s" if "server_start_s" in results else ""))
+    print(
+        f"start: local {results['local_start_s']:.0f} s, vLLM engine {results['vllm_start_s']:.0f} s"
+        + (f", vllm serve {results['server_start_s']:.0f} s" if "server_start_s" in results else "")
+    )
     print(f"{'backend':<14}{'A ratings/s':>12}{'B ratings/s':>12}{'max |dp|':>11}{'RMSE E[r]':>11}")
     for name in ("local", "vllm", "vllm_server"):
         if name in results:
             row = results[name]
-            diff = (f"{row['max_abs_prob_diff']:>11.2e}{row['rmse_expected_rating']:>11.2e}"
-                    if "max_abs_prob_diff" in row else "")
-            print(f"{name:<14}{row['ratings_per_s'][0]:>12.2f}{row['ratings_per_s'][1]:>12.2f}{diff}")
+            diff = (
+                f"{row['max_abs_prob_diff']:>11.2e}{row['rmse_expected_rating']:>11.2e}"
+                if "max_abs_prob_diff" in row
+                else ""
+            )
+            print(
+                f"{name:<14}{row['ratings_per_s'][0]:>12.2f}{row['ratings_per_s'][1]:>12.2f}{diff}"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -63,22 +63,58 @@ from persona_gym.simulator.engine import (
 
 SHAPES = {
     # SmolLM2-135M-Instruct: LlamaForCausalLM
-    "smollm2": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    tie_word_embeddings=True, rope_theta=100000.0),
+    "smollm2": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
     # Qwen2.5-0.5B-Instruct
-    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
     # for the test that runs every mode
-    "tiny": dict(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
-                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 tie_word_embeddings=True, rope_theta=100000.0),
+    "tiny": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
 }
 RATING_IDS = [33, 34, 35, 36, 37]
-MODES = ("generate", "forward", "batched", "grouped", "prefix-cache", "base", "compact", "ranking",
-         "ranking-base")
-BASE_OF = {"prefix-cache": "base", "ranking": "ranking-base"}  # a mode and its bound without adapters
+MODES = (
+    "generate",
+    "forward",
+    "batched",
+    "grouped",
+    "prefix-cache",
+    "base",
+    "compact",
+    "ranking",
+    "ranking-base",
+)
+BASE_OF = {
+    "prefix-cache": "base",
+    "ranking": "ranking-base",
+}  # a mode and its bound without adapters
 PER_REQUEST = ("generate", "forward")
 
 
@@ -91,8 +127,12 @@ def build_model(shape: str, personas: int, rank: int, device: str, dtype: torch.
     config = AutoConfig.for_model(params.pop("model_type"), **params)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      init_lora_weights=False)
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+    )
     model = get_peft_model(model, lora, adapter_name="persona-0")
     for p in range(1, personas):
         model.add_adapter(f"persona-{p}", lora)
@@ -129,7 +169,14 @@ def workload(users: int, personas: int, prefix: int, block: int, ratings: int, s
     out = []
     for n in range(ratings):
         user = n % users
-        out.append((user, f"persona-{user % personas}", prefixes[user], rng.integers(100, 40000, block).tolist()))
+        out.append(
+            (
+                user,
+                f"persona-{user % personas}",
+                prefixes[user],
+                rng.integers(100, 40000, block).tolist(),
+            )
+        )
     return out
 
 
@@ -137,8 +184,16 @@ def run_generate(model, requests, device):
     for _, adapter, prefix, block in requests:
         model.set_adapter(adapter)
         ids = torch.tensor([prefix + block], device=device)
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                       temperature=0.3, top_p=0.9, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=0.3,
+            top_p=0.9,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            pad_token_id=0,
+        )
     return sum(len(p) + len(b) + 4 for _, _, p, b in requests)
 
 
@@ -160,10 +215,14 @@ def run_batched(model, requests, device, batch_size):
         mask = torch.zeros_like(ids)
         for r, (_, _, p, b) in enumerate(chunk):  # left padding: the last token is the rating slot
             seq = p + b
-            ids[r, width - len(seq):] = torch.tensor(seq)
-            mask[r, width - len(seq):] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1,
-                       adapter_names=[a for _, a, _, _ in chunk]).logits
+            ids[r, width - len(seq) :] = torch.tensor(seq)
+            mask[r, width - len(seq) :] = 1
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            logits_to_keep=1,
+            adapter_names=[a for _, a, _, _ in chunk],
+        ).logits
         logits[:, -1, RATING_IDS].softmax(-1)
     return sum(len(p) + len(b) for _, _, p, b in requests)
 
@@ -205,8 +264,9 @@ def warm_cache(model, layered, requests, device):
         model.set_adapter(adapter)
         users = sorted({u for u, _, _, _ in group})
         prefixes = {u: p for u, _, p, _ in group}
-        for user, kv in zip(users, encode_prefixes(layered, [prefixes[u] for u in users], 0, device),
-                            strict=True):
+        for user, kv in zip(
+            users, encode_prefixes(layered, [prefixes[u] for u in users], 0, device), strict=True
+        ):
             cache[(adapter, user)] = kv
     return cache
 
@@ -214,6 +274,7 @@ def warm_cache(model, layered, requests, device):
 def compact_blocks(rng, state: int, candidate: int, n: int) -> tuple[list[int], list[list[int]]]:
     """One state of an item-token prompt and ``n`` candidate parts: the state (chat turn and
     window) holds 3 item ids, each candidate part 2 (its memory and its movie)."""
+
     def tokens(length, n_items):
         ids = rng.integers(100, 40000, length).tolist()
         for slot in np.linspace(0, length - 8, n_items).astype(int):  # the average stays text
@@ -233,7 +294,9 @@ def compact_workload(requests, state: int, candidate: int, n_candidates: int, se
     return out
 
 
-def item_projections(model, personas: int, device: str, dtype: torch.dtype) -> dict[str, ItemTokens]:
+def item_projections(
+    model, personas: int, device: str, dtype: torch.dtype
+) -> dict[str, ItemTokens]:
     """One random item projection per persona (ML-100k's 1,682 items, 384-d embeddings)."""
     torch.manual_seed(1)
     embeddings = torch.randn(1682, 384)
@@ -254,7 +317,11 @@ def run_compact(model, layered, states, device, batch_size, cache, items):
     for adapter, group in by_persona(states).items():
         model.set_adapter(adapter)
         layered.items = items[adapter]
-        rows = [(u, row) for u, _, _, blocks in group for row in share_rows(blocks, list(range(len(blocks))))]
+        rows = [
+            (u, row)
+            for u, _, _, blocks in group
+            for row in share_rows(blocks, list(range(len(blocks))))
+        ]
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             kv = [cache[(adapter, u)] for u, _ in chunk]
@@ -278,8 +345,9 @@ def run_train(model, layered, requests, device, batch_size, steps=5):
         if step == 1:  # the first step warms up
             sync(device)
             start, tokens = time.perf_counter(), 0
-        loss = torch.nn.functional.cross_entropy(layered.forward(packed),
-                                                 torch.zeros(len(chunk), dtype=torch.long, device=device))
+        loss = torch.nn.functional.cross_entropy(
+            layered.forward(packed), torch.zeros(len(chunk), dtype=torch.long, device=device)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -295,8 +363,12 @@ def timed(fn, device, ratings):
     tokens = fn()
     sync(device)
     seconds = time.perf_counter() - start
-    return {"ratings_per_s": ratings / seconds, "tokens_per_rating": tokens / ratings,
-            "tokens_per_s": tokens / seconds, "seconds": seconds}
+    return {
+        "ratings_per_s": ratings / seconds,
+        "tokens_per_rating": tokens / ratings,
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+    }
 
 
 def cpu_model() -> str:
@@ -311,7 +383,9 @@ def cpu_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
@@ -321,22 +395,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=int, default=150, help="profile prefix tokens")
     parser.add_argument("--block", type=int, default=125, help="candidate block tokens")
     parser.add_argument("--ratings", type=int, default=64, help="ratings per exact mode")
-    parser.add_argument("--per-request-ratings", type=int, default=8,
-                        help="ratings for the one-request-at-a-time modes (generate, forward)")
+    parser.add_argument(
+        "--per-request-ratings",
+        type=int,
+        default=8,
+        help="ratings for the one-request-at-a-time modes (generate, forward)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--compact-state", type=int, default=20,
-                        help="item-token block: state tokens (chat turn + window of 3 movies; 20 with SmolLM2)")
-    parser.add_argument("--compact-candidate", type=int, default=14,
-                        help="item-token block: candidate tokens (memory, movie, average, cue; 14 with SmolLM2)")
-    parser.add_argument("--candidates", type=int, default=20,
-                        help="candidates ranked per state in the ranking mode (SimulatorGreedyPolicy's 20)")
+    parser.add_argument(
+        "--compact-state",
+        type=int,
+        default=20,
+        help="item-token block: state tokens (chat turn + window of 3 movies; 20 with SmolLM2)",
+    )
+    parser.add_argument(
+        "--compact-candidate",
+        type=int,
+        default=14,
+        help="item-token block: candidate tokens (memory, movie, average, cue; 14 with SmolLM2)",
+    )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=20,
+        help="candidates ranked per state in the ranking mode (SimulatorGreedyPolicy's 20)",
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--env", nargs="*", default=[], metavar="ARTIFACTS",
-                        help="also env steps/s on these artifacts (ml-100k = shipped; needs the data)")
+    parser.add_argument(
+        "--env",
+        nargs="*",
+        default=[],
+        metavar="ARTIFACTS",
+        help="also env steps/s on these artifacts (ml-100k = shipped; needs the data)",
+    )
     parser.add_argument("--env-steps", type=int, default=128, help="env steps per vector size")
     parser.add_argument("--train", action="store_true", help="also measure LoRA training tokens/s")
-    parser.add_argument("--train-batch-size", type=int, default=16, help="sequences per training step")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (engine modes, env)")
+    parser.add_argument(
+        "--train-batch-size", type=int, default=16, help="sequences per training step"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoder layers (engine modes, env)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
     args = parser.parse_args(argv)
@@ -360,16 +461,25 @@ def main(argv: list[str] | None = None) -> int:
     if {"prefix-cache", "base", "compact", "ranking", "ranking-base"} & set(args.modes):
         cache = warm_cache(model, layered, requests, device)
         compact = compact_workload(requests, args.compact_state, args.compact_candidate, 1)
-        ranking = compact_workload(requests, args.compact_state, args.compact_candidate, args.candidates)
+        ranking = compact_workload(
+            requests, args.compact_state, args.compact_candidate, args.candidates
+        )
         items = item_projections(model, args.personas, device, dtype)
-        runners["compact"] = lambda: run_compact(model, layered, compact, device, args.batch_size, cache, items)
-        runners["ranking"] = lambda: run_compact(model, layered, ranking, device, args.batch_size, cache, items)
-        runners["prefix-cache"] = lambda: run_prefix_cache(model, layered, requests, device, args.batch_size, cache)
+        runners["compact"] = lambda: run_compact(
+            model, layered, compact, device, args.batch_size, cache, items
+        )
+        runners["ranking"] = lambda: run_compact(
+            model, layered, ranking, device, args.batch_size, cache, items
+        )
+        runners["prefix-cache"] = lambda: run_prefix_cache(
+            model, layered, requests, device, args.batch_size, cache
+        )
 
         def without_adapters(runner):
             def run():
                 with model.disable_adapter():
                     return runner()
+
             return run
 
         for mode, base in BASE_OF.items():
@@ -386,45 +496,71 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {mode}: {results[mode]['ratings_per_s']:.1f} ratings/s", flush=True)
     for mode, base in BASE_OF.items():
         if mode in results and base in results:
-            results[mode]["fraction_of_base"] = results[mode]["ratings_per_s"] / results[base]["ratings_per_s"]
+            results[mode]["fraction_of_base"] = (
+                results[mode]["ratings_per_s"] / results[base]["ratings_per_s"]
+            )
     if args.train:
-        results["train_tokens_per_s"] = run_train(model, layered, requests, device, args.train_batch_size)
-    env_results = {name: env_throughput(name, args.dtype, args.compile, args.env_steps) for name in args.env}
-    ranking_results = {name: ranking_throughput(name, args.dtype, args.compile) for name in args.env}
+        results["train_tokens_per_s"] = run_train(
+            model, layered, requests, device, args.train_batch_size
+        )
+    env_results = {
+        name: env_throughput(name, args.dtype, args.compile, args.env_steps) for name in args.env
+    }
+    ranking_results = {
+        name: ranking_throughput(name, args.dtype, args.compile) for name in args.env
+    }
     report = {
-        "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
-        "cpu": cpu_model(), "cpu_fast_bf16": cpu_has_fast_bf16(),
+        "date": date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"cpu x{torch.get_num_threads()}",
+        "cpu": cpu_model(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),
         # file arguments by name only: no paths of the machine in committed results
         "args": {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
         "matmul_peak_gflops": peak,
-        "flops_per_token": flops_per_token, "modes": results, "env": env_results,
+        "flops_per_token": flops_per_token,
+        "modes": results,
+        "env": env_results,
         "simulator_ranking": ranking_results,
     }
     print(f"cpu: {report['cpu']} (hardware bf16: {'yes' if report['cpu_fast_bf16'] else 'no'})")
-    print(f"device: {report['device']}  dtype: {args.dtype}  shape: {args.shape}  personas: {args.personas}"
-          f"  rank: {args.rank}  matmul peak: {peak:.0f} GFLOP/s")
-    print(f"{'mode':<14}{'ratings/s':>12}{'tokens/rating':>15}{'GFLOP/s':>10}{'% peak':>8}{'x generate':>12}")
+    print(
+        f"device: {report['device']}  dtype: {args.dtype}  shape: {args.shape}  personas: {args.personas}"
+        f"  rank: {args.rank}  matmul peak: {peak:.0f} GFLOP/s"
+    )
+    print(
+        f"{'mode':<14}{'ratings/s':>12}{'tokens/rating':>15}{'GFLOP/s':>10}{'% peak':>8}{'x generate':>12}"
+    )
     base = results.get("generate", {}).get("ratings_per_s")
     for mode in args.modes:
         r = results[mode]
         speedup = f"{r['ratings_per_s'] / base:.1f}" if base else "-"
-        print(f"{mode:<14}{r['ratings_per_s']:>12.1f}{r['tokens_per_rating']:>15.0f}{r['gflops']:>10.1f}"
-              f"{100 * r['fraction_of_peak']:>7.0f}%{speedup:>12}")
+        print(
+            f"{mode:<14}{r['ratings_per_s']:>12.1f}{r['tokens_per_rating']:>15.0f}{r['gflops']:>10.1f}"
+            f"{100 * r['fraction_of_peak']:>7.0f}%{speedup:>12}"
+        )
     for mode in BASE_OF:
         if "fraction_of_base" in results.get(mode, {}):
-            print(f"{mode} with {args.personas} personas keeps "
-                  f"{100 * results[mode]['fraction_of_base']:.0f}% of the base model's rate")
+            print(
+                f"{mode} with {args.personas} personas keeps "
+                f"{100 * results[mode]['fraction_of_base']:.0f}% of the base model's rate"
+            )
     if args.train:
         print(f"training: {results['train_tokens_per_s']:.0f} tokens/s")
     for name, sizes in env_results.items():
         for size, r in sizes.items():
-            print(f"env {name} {size}: {r['env_steps_per_s']:.1f} env steps/s, "
-                  f"{r['tokens_per_env_step']:.0f} tokens per env step")
+            print(
+                f"env {name} {size}: {r['env_steps_per_s']:.1f} env steps/s, "
+                f"{r['tokens_per_env_step']:.0f} tokens per env step"
+            )
     for name, r in ranking_results.items():
-        print(f"simulator {name}, {r['candidates_per_state']} candidates per state: "
-              f"{r['ratings_per_s']:.1f} ratings/s, "
-              f"{r['tokens_per_rating']:.1f} tokens per rating")
+        print(
+            f"simulator {name}, {r['candidates_per_state']} candidates per state: "
+            f"{r['ratings_per_s']:.1f} ratings/s, "
+            f"{r['tokens_per_rating']:.1f} tokens per rating"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -49,12 +49,18 @@ def read_config(name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}); "
-                          "fix the file (one `field: value` per line)") from err
+        raise ConfigError(
+            f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}); "
+            "fix the file (one `field: value` per line)"
+        ) from err
     if data is None:
-        raise ConfigError(f"{path} is empty: write the EnvConfig fields that differ from the "
-                          "defaults (e.g. `artifacts: path/to/artifacts`), or use a bundled config "
-                          f"{available()}")
+        raise ConfigError(
+            f"{path} is empty: write the EnvConfig fields that differ from the "
+            "defaults (e.g. `artifacts: path/to/artifacts`), or use a bundled config "
+            f"{available()}"
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of EnvConfig fields, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of EnvConfig fields, got {type(data).__name__}"
+        )
     return data, path

@@ -15,7 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
-__all__ = ["BASE", "adapter_of", "persona_adapter", "persona_of", "user_adapter", "variant_adapters"]
+__all__ = [
+    "BASE",
+    "adapter_of",
+    "persona_adapter",
+    "persona_of",
+    "user_adapter",
+    "variant_adapters",
+]
 
 BASE = "base"
 _PERSONA = "persona-"
@@ -30,8 +37,8 @@ def persona_adapter(persona: int) -> str:
 
 def persona_of(adapter: str) -> int | None:
     """The persona of a ``persona-<k>`` adapter name, None for any other name."""
-    if adapter.startswith(_PERSONA) and adapter[len(_PERSONA):].isdigit():
-        return int(adapter[len(_PERSONA):])
+    if adapter.startswith(_PERSONA) and adapter[len(_PERSONA) :].isdigit():
+        return int(adapter[len(_PERSONA) :])
     return None
 
 

@@ -129,7 +129,8 @@ def _converted_smollm2(root: Path) -> Path:
     reader, make_reader = gguf.GGUFReader(gguf_file), gguf.GGUFReader
     name_map = gguf.get_tensor_name_map
     gguf.GGUFReader = lambda path, *args, **kwargs: (  # type: ignore[misc,assignment]
-        reader if Path(path) == gguf_file else make_reader(path, *args, **kwargs))
+        reader if Path(path) == gguf_file else make_reader(path, *args, **kwargs)
+    )
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
@@ -204,6 +205,8 @@ def load_causal_lm(
 
     path = resolve_model(name_or_path, cache)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, resolve_dtype(dtype, device)))
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, resolve_dtype(dtype, device))
+    )
     model.to(device).eval()
     return model, tokenizer

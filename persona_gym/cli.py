@@ -51,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulated users for recommender-system RL: data, training, environments.",
     )
     parser.add_argument("--version", action="version", version=f"persona-gym {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log at DEBUG level and print tracebacks of errors")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log at DEBUG level and print tracebacks of errors",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
@@ -67,8 +71,13 @@ def _add_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 if not any("-v" in a.option_strings for a in sub._actions):
-                    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                                     help="log at DEBUG level and print tracebacks of errors")
+                    sub.add_argument(
+                        "-v",
+                        "--verbose",
+                        action="store_true",
+                        default=argparse.SUPPRESS,
+                        help="log at DEBUG level and print tracebacks of errors",
+                    )
                 sub.set_defaults(command_name=sub.prog)
                 _add_verbose_everywhere(sub)
 
@@ -81,7 +90,9 @@ def error_line(error: BaseException) -> str:
         message = f"{reason}: {error.filename}"
         if error.filename2:
             message += f" -> {error.filename2}"
-        message += "; check that the path exists and that you may read and write it, or choose another"
+        message += (
+            "; check that the path exists and that you may read and write it, or choose another"
+        )
     else:
         message = str(error) or type(error).__name__
     return " ".join(message.split())

@@ -63,8 +63,18 @@ from persona_gym.evaluation.metrics import rmse
 from persona_gym.io import atomic_write
 from persona_gym.rating_prior import fit_rating_prior
 
-__all__ = ["CF_FILE", "GAINS", "CollaborativeModel", "fit_collaborative", "gain_nlls", "gained", "load_collaborative",
-           "persona_tastes", "taste_axes", "user_level"]
+__all__ = [
+    "CF_FILE",
+    "GAINS",
+    "CollaborativeModel",
+    "fit_collaborative",
+    "gain_nlls",
+    "gained",
+    "load_collaborative",
+    "persona_tastes",
+    "taste_axes",
+    "user_level",
+]
 
 CF_FILE = "collaborative.npz"
 
@@ -115,8 +125,11 @@ class CollaborativeModel:
         shift = np.zeros(len(users))
         if taste is not None:
             moved = np.broadcast_to(np.asarray(taste, dtype=np.float64), factors.shape)
-            shift = np.where(known, (1.0 - w) * np.einsum("nf,nf->n", moved - factors,
-                                                          self.item_factors[items]), 0.0)
+            shift = np.where(
+                known,
+                (1.0 - w) * np.einsum("nf,nf->n", moved - factors, self.item_factors[items]),
+                0.0,
+            )
         if len(self.logged_keys):
             keys = users * len(self.item_bias) + items
             pos = np.clip(np.searchsorted(self.logged_keys, keys), 0, len(self.logged_keys) - 1)
@@ -127,7 +140,9 @@ class CollaborativeModel:
             value = np.where(known, gained(self.mu + self.user_bias[safe], value, gain), value)
         return np.clip(value, 1.0, 5.0)
 
-    def taste_of(self, user_id: int, persona_taste: np.ndarray, share: float, axes: np.ndarray) -> np.ndarray:
+    def taste_of(
+        self, user_id: int, persona_taste: np.ndarray, share: float, axes: np.ndarray
+    ) -> np.ndarray:
         """``p_u - share (p_u - c) A^T A``: the user's factors moved a ``share`` toward a persona's
         mean factors ``c`` along the ``(n_axes, F)`` orthonormal ``axes`` ``A`` (:func:`taste_axes`),
         unchanged across them (``p_u`` = 0 for a user the fit never saw)."""
@@ -136,11 +151,15 @@ class CollaborativeModel:
         axes = np.asarray(axes, dtype=np.float64).reshape(-1, len(own))
         return own - share * ((own - np.asarray(persona_taste, dtype=np.float64)) @ axes.T) @ axes
 
-    def cues(self, user_id: int, candidate: int, window, taste: np.ndarray | None = None) -> tuple[float, float]:
+    def cues(
+        self, user_id: int, candidate: int, window, taste: np.ndarray | None = None
+    ) -> tuple[float, float]:
         """The prompt's collaborative cues for one request: the candidate's predicted rating
         and the window's :meth:`surprise` (both with ``taste``, see :meth:`predict`)."""
-        return (float(self.predict([user_id], [candidate], taste)[0]),
-                self.surprise(user_id, window, taste))
+        return (
+            float(self.predict([user_id], [candidate], taste)[0]),
+            self.surprise(user_id, window, taste),
+        )
 
     def surprise(self, user_id: int, window, taste: np.ndarray | None = None) -> float:
         """Mean of (rating - prediction) over a window of interactions; 0 for an empty one."""
@@ -156,16 +175,26 @@ class CollaborativeModel:
     def save(self, path: str | Path) -> None:
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
-                np.savez(handle, mu=np.float64(self.mu), user_ids=self.user_ids,
-                         user_bias=self.user_bias, user_factors=self.user_factors,
-                         item_bias=self.item_bias, item_factors=self.item_factors,
-                         params=np.array(json.dumps(self.params, sort_keys=True)), knn=self.knn,
-                         logged_keys=self.logged_keys, logged_predictions=self.logged_predictions)
+                np.savez(
+                    handle,
+                    mu=np.float64(self.mu),
+                    user_ids=self.user_ids,
+                    user_bias=self.user_bias,
+                    user_factors=self.user_factors,
+                    item_bias=self.item_bias,
+                    item_factors=self.item_factors,
+                    params=np.array(json.dumps(self.params, sort_keys=True)),
+                    knn=self.knn,
+                    logged_keys=self.logged_keys,
+                    logged_predictions=self.logged_predictions,
+                )
 
         atomic_write(Path(path), write)
 
 
-def persona_tastes(model: CollaborativeModel, user_persona: dict[int, int], users) -> dict[int, np.ndarray]:
+def persona_tastes(
+    model: CollaborativeModel, user_persona: dict[int, int], users
+) -> dict[int, np.ndarray]:
     """Each persona's taste: the mean MF factors of its members among ``users`` (the users its
     adapter trains on) that the fit saw."""
     tastes = {}
@@ -173,8 +202,9 @@ def persona_tastes(model: CollaborativeModel, user_persona: dict[int, int], user
         members = [u for u in users if user_persona.get(int(u)) == persona]
         rows = model.user_rows(members)
         rows = rows[rows >= 0]
-        tastes[persona] = (model.user_factors[rows].mean(0) if len(rows)
-                           else np.zeros(model.user_factors.shape[1]))
+        tastes[persona] = (
+            model.user_factors[rows].mean(0) if len(rows) else np.zeros(model.user_factors.shape[1])
+        )
     return tastes
 
 
@@ -191,24 +221,45 @@ def load_collaborative(path: str | Path) -> CollaborativeModel:
     """Read a model written by :meth:`CollaborativeModel.save`; fail with the file and the fix."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `persona-gym distill --out {path.parent}` "
-                                "(this version writes the collaborative model with the tables)")
+        raise FileNotFoundError(
+            f"{path} not found: run `persona-gym distill --out {path.parent}` "
+            "(this version writes the collaborative model with the tables)"
+        )
     with np.load(path) as data:
         if "knn" not in data:
-            raise ValueError(f"{path} was written by an older version (no item-kNN part); "
-                             f"re-run `persona-gym distill --out {path.parent}`")
+            raise ValueError(
+                f"{path} was written by an older version (no item-kNN part); "
+                f"re-run `persona-gym distill --out {path.parent}`"
+            )
         model = CollaborativeModel(
-            float(data["mu"]), data["user_ids"].astype(np.int64), data["user_bias"],
-            data["user_factors"], data["item_bias"], data["item_factors"],
-            json.loads(str(data["params"])), data["knn"],
-            data["logged_keys"].astype(np.int64), data["logged_predictions"])
+            float(data["mu"]),
+            data["user_ids"].astype(np.int64),
+            data["user_bias"],
+            data["user_factors"],
+            data["item_bias"],
+            data["item_factors"],
+            json.loads(str(data["params"])),
+            data["knn"],
+            data["logged_keys"].astype(np.int64),
+            data["logged_predictions"],
+        )
     if model.knn.shape != (len(model.user_ids), len(model.item_bias)):
-        raise ValueError(f"{path}: the kNN table is {model.knn.shape}, expected "
-                         f"{(len(model.user_ids), len(model.item_bias))}; re-run `persona-gym distill`")
-    arrays = (model.user_bias, model.user_factors, model.item_bias, model.item_factors,
-              model.knn, model.logged_predictions)
+        raise ValueError(
+            f"{path}: the kNN table is {model.knn.shape}, expected "
+            f"{(len(model.user_ids), len(model.item_bias))}; re-run `persona-gym distill`"
+        )
+    arrays = (
+        model.user_bias,
+        model.user_factors,
+        model.item_bias,
+        model.item_factors,
+        model.knn,
+        model.logged_predictions,
+    )
     if not all(np.isfinite(a).all() for a in arrays) or not np.isfinite(model.mu):
-        raise ValueError(f"{path}: non-finite values in the collaborative model; re-run `persona-gym distill`")
+        raise ValueError(
+            f"{path}: non-finite values in the collaborative model; re-run `persona-gym distill`"
+        )
     return model
 
 
@@ -248,13 +299,24 @@ def gain_nlls(level: np.ndarray, blend: np.ndarray, ratings: np.ndarray) -> dict
         predictions = gained(level, blend, g)
         prior = fit_rating_prior(predictions, np.zeros(len(ratings)), ratings)
         with torch.no_grad():
-            scores[g] = float(prior.nll(torch.as_tensor(predictions, dtype=torch.float32),
-                                        torch.zeros(len(ratings)), torch.tensor(ratings)))
+            scores[g] = float(
+                prior.nll(
+                    torch.as_tensor(predictions, dtype=torch.float32),
+                    torch.zeros(len(ratings)),
+                    torch.tensor(ratings),
+                )
+            )
     return scores
 
 
-def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: ItemCatalog,
-                      seed: int = 0, folds: int = 5, params: dict | None = None) -> CollaborativeModel:
+def fit_collaborative(
+    train: pd.DataFrame,
+    background: pd.DataFrame,
+    catalog: ItemCatalog,
+    seed: int = 0,
+    folds: int = 5,
+    params: dict | None = None,
+) -> CollaborativeModel:
     """Tune and fit the collaborative model, with out-of-fold predictions of ``train``.
 
     ``train`` is the simulated users' training part (``user_id, item_id, rating, timestamp``;
@@ -269,7 +331,9 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
     if params is None:
         fit_part, validation = validation_split(train, 0.2)
         tune_on = fit_frame(fit_part, background)
-        mf_params, _, _ = tune(*DEFAULT_GRIDS["matrix factorisation"], tune_on, validation, {"seed": seed})
+        mf_params, _, _ = tune(
+            *DEFAULT_GRIDS["matrix factorisation"], tune_on, validation, {"seed": seed}
+        )
         knn_params, _, _ = tune(*DEFAULT_GRIDS["item kNN"], tune_on, validation)
         pairs = validation["user_id"], validation["item_id"]
         mf = BiasedMF(**mf_params, seed=seed).fit(tune_on)
@@ -295,15 +359,29 @@ def fit_collaborative(train: pd.DataFrame, background: pd.DataFrame, catalog: It
             continue
         part = fit_frame(train[~held], background)
         rows = train[held]["user_id"], train[held]["item_id"]
-        oof[held] = _blend(BiasedMF(**mf_params, seed=seed).fit(part).predict(*rows),
-                           ItemKNN(**knn_params).fit(part).predict(*rows), w)
+        oof[held] = _blend(
+            BiasedMF(**mf_params, seed=seed).fit(part).predict(*rows),
+            ItemKNN(**knn_params).fit(part).predict(*rows),
+            w,
+        )
     bias, factors = _to_catalog(full, catalog)
-    keys = (train["user_id"].to_numpy(np.int64) * len(catalog)
-            + catalog.indices_of(train["item_id"]).astype(np.int64))
+    keys = train["user_id"].to_numpy(np.int64) * len(catalog) + catalog.indices_of(
+        train["item_id"]
+    ).astype(np.int64)
     order = np.argsort(keys, kind="stable")
     params = {"mf": full.params(), "knn": knn.params(), "blend": float(w), "gain": float(gain)}
-    return CollaborativeModel(full.mu_, full.users_, full.bu_, full.p_, bias, factors, params,
-                              _knn_table(knn, full.users_, catalog), keys[order], oof[order])
+    return CollaborativeModel(
+        full.mu_,
+        full.users_,
+        full.bu_,
+        full.p_,
+        bias,
+        factors,
+        params,
+        _knn_table(knn, full.users_, catalog),
+        keys[order],
+        oof[order],
+    )
 
 
 def _knn_table(knn: ItemKNN, user_ids: np.ndarray, catalog: ItemCatalog) -> np.ndarray:

@@ -26,7 +26,9 @@ _ROLE = re.compile(r":(?:class|func|meth|mod|attr):`~?([^`]+)`")
 
 def plain(text: str) -> str:
     """Docstring text as ``--help`` shows it: ````x```` -> x, :class:`~a.B` -> B, no bold marks."""
-    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), text)
+    text = _ROLE.sub(
+        lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), text
+    )
     return text.replace("``", "").replace("**", "")
 
 
@@ -45,7 +47,12 @@ def field_help(cls: type) -> dict[str, str]:
             names = match.group(2).split(", ")
             for name in names:
                 out[name] = match.group(3).strip()
-        elif line.strip() and names and indent is not None and len(line) - len(line.lstrip()) > indent:
+        elif (
+            line.strip()
+            and names
+            and indent is not None
+            and len(line) - len(line.lstrip()) > indent
+        ):
             for name in names:
                 out[name] += " " + line.strip()
         elif line.strip():
@@ -53,10 +60,15 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                         choices: dict[str, typing.Sequence[Any]] | None = None,
-                         defaults: dict[str, Any] | None = None,
-                         flags: dict[str, str] | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    choices: dict[str, typing.Sequence[Any]] | None = None,
+    defaults: dict[str, Any] | None = None,
+    flags: dict[str, str] | None = None,
+) -> None:
     """Add ``--name`` for each field of the dataclass ``cls`` not in ``skip``.
 
     ``choices`` restricts a field's values; ``defaults`` replaces a field's default on the
@@ -76,8 +88,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
         kind, optional = _unwrap(hints[f.name])
         option = (flags or {}).get(f.name, f"--{f.name.replace('_', '-')}")
         text = plain(helps.get(f.name, "")).replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default,
-                                  "help": f"{text} (default: {default})" if text else None}
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": default,
+            "help": f"{text} (default: {default})" if text else None,
+        }
         if choices and f.name in choices:
             kwargs["choices"] = list(choices[f.name])
         if kind is bool:
@@ -88,8 +103,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
         elif kind in (int, float, str):
             parser.add_argument(option, type=kind, **kwargs)
         else:
-            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {hints[f.name]} "
-                            f"(optional={optional}); pass it in skip")
+            raise TypeError(
+                f"{cls.__name__}.{f.name}: no command-line form for {hints[f.name]} "
+                f"(optional={optional}); pass it in skip"
+            )
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, **extra: Any) -> C:
@@ -104,7 +121,9 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **extra: Any) -> C:
         if value is None and f.default is not None:
             continue
         kind, _ = _unwrap(hints[f.name])
-        values[f.name] = tuple(value) if typing.get_origin(kind) is tuple and value is not None else value
+        values[f.name] = (
+            tuple(value) if typing.get_origin(kind) is tuple and value is not None else value
+        )
     return cls(**values, **extra)
 
 

@@ -78,13 +78,17 @@ class Embedder:
                 missing[key] = text
         if missing:
             log.info("encoding %d new texts with %s", len(missing), self.model_id)
-            vectors = self._get_model().encode(
-                list(missing.values()),
-                batch_size=self.batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            ).astype(np.float32)
+            vectors = (
+                self._get_model()
+                .encode(
+                    list(missing.values()),
+                    batch_size=self.batch_size,
+                    convert_to_numpy=True,
+                    normalize_embeddings=True,
+                    show_progress_bar=False,
+                )
+                .astype(np.float32)
+            )
             new_keys = list(missing)
             for key, vector in zip(new_keys, vectors, strict=True):
                 cache[key] = vector

@@ -83,7 +83,8 @@ def session_features(ratings: pd.DataFrame, gap: float = DEFAULT_GAP_SECONDS) ->
     r = df["rating"].astype(np.float64)
     df["rating"] = r
     df["mean_last3"] = r.groupby(df["session"]).transform(
-        lambda s: s.rolling(3, min_periods=1).mean())
+        lambda s: s.rolling(3, min_periods=1).mean()
+    )
     df["log_position"] = np.log1p(df["position"].to_numpy() + 1.0)
     df["rating_minus_user_mean"] = r - r.groupby(df["user_id"]).transform("mean")
     return df
@@ -120,11 +121,15 @@ class LeaveModel:
     def __post_init__(self) -> None:
         values = (*self.coefficients, self.intercept, self.gap)
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
-            raise ValueError(f"LeaveModel: coefficients, intercept and gap must be finite numbers, "
-                             f"got {self.coefficients}, {self.intercept}, {self.gap}")
+            raise ValueError(
+                f"LeaveModel: coefficients, intercept and gap must be finite numbers, "
+                f"got {self.coefficients}, {self.intercept}, {self.gap}"
+            )
         if len(self.coefficients) != len(self.features):
-            raise ValueError(f"LeaveModel: {len(self.coefficients)} coefficients for "
-                             f"{len(self.features)} features {self.features}")
+            raise ValueError(
+                f"LeaveModel: {len(self.coefficients)} coefficients for "
+                f"{len(self.features)} features {self.features}"
+            )
         if tuple(self.features) != FEATURES:
             raise ValueError(f"LeaveModel: features must be {FEATURES}, got {self.features}")
         if self.gap <= 0:
@@ -139,10 +144,14 @@ class LeaveModel:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (what :meth:`save` writes)."""
-        return {"format": _FORMAT, "features": list(self.features),
-                "coefficients": [float(c) for c in self.coefficients],
-                "intercept": float(self.intercept), "gap_seconds": float(self.gap),
-                "metadata": self.metadata or {}}
+        return {
+            "format": _FORMAT,
+            "features": list(self.features),
+            "coefficients": [float(c) for c in self.coefficients],
+            "intercept": float(self.intercept),
+            "gap_seconds": float(self.gap),
+            "metadata": self.metadata or {},
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write the model as JSON, atomically."""
@@ -156,12 +165,18 @@ class LeaveModel:
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("format") != _FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {_FORMAT!r}")
-            return cls(tuple(float(c) for c in data["coefficients"]), float(data["intercept"]),
-                       tuple(data["features"]), float(data["gap_seconds"]),
-                       dict(data.get("metadata") or {}))
+            return cls(
+                tuple(float(c) for c in data["coefficients"]),
+                float(data["intercept"]),
+                tuple(data["features"]),
+                float(data["gap_seconds"]),
+                dict(data.get("metadata") or {}),
+            )
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}: not a valid leave model ({error}); refit it with "
-                             "`python benchmarks/leave_model.py`") from error
+            raise ValueError(
+                f"{path}: not a valid leave model ({error}); refit it with "
+                "`python benchmarks/leave_model.py`"
+            ) from error
 
 
 def load_leave_model(path: str | Path | None = None) -> LeaveModel:
@@ -169,8 +184,13 @@ def load_leave_model(path: str | Path | None = None) -> LeaveModel:
     return LeaveModel.load(SHIPPED_LEAVE_MODEL if path is None else path)
 
 
-def fit_leave_model(ratings: pd.DataFrame, gap: float = DEFAULT_GAP_SECONDS, C: float = 1.0,
-                    seed: int = 0, metadata: dict[str, Any] | None = None) -> LeaveModel:
+def fit_leave_model(
+    ratings: pd.DataFrame,
+    gap: float = DEFAULT_GAP_SECONDS,
+    C: float = 1.0,
+    seed: int = 0,
+    metadata: dict[str, Any] | None = None,
+) -> LeaveModel:
     """Fit the logistic leave model on ``ratings`` (training data only: the caller's job).
 
     ``C`` is scikit-learn's inverse L2 strength; ``seed`` its ``random_state``.
@@ -180,22 +200,35 @@ def fit_leave_model(ratings: pd.DataFrame, gap: float = DEFAULT_GAP_SECONDS, C: 
     df = session_features(ratings, gap)
     y = df["leave"].to_numpy()
     if y.all() or not y.any():
-        raise ValueError("fit_leave_model needs both session ends and continuations; "
-                         f"got {int(y.sum())} leaves in {len(y)} ratings")
+        raise ValueError(
+            "fit_leave_model needs both session ends and continuations; "
+            f"got {int(y.sum())} leaves in {len(y)} ratings"
+        )
     clf = LogisticRegression(C=C, random_state=seed, max_iter=1000)
     clf.fit(df[list(FEATURES)].to_numpy(), y)
-    meta = {"n_ratings": len(df), "n_sessions": int(df["session"].nunique()),
-            "n_users": int(df["user_id"].nunique()), "leave_rate": float(y.mean()),
-            **(metadata or {})}
-    model = LeaveModel(tuple(float(c) for c in clf.coef_[0]), float(clf.intercept_[0]),
-                       FEATURES, float(gap), meta)
-    logger.info("leave model on %d ratings (%d sessions): coefficients %s, intercept %.3f",
-                meta["n_ratings"], meta["n_sessions"], model.coefficients, model.intercept)
+    meta = {
+        "n_ratings": len(df),
+        "n_sessions": int(df["session"].nunique()),
+        "n_users": int(df["user_id"].nunique()),
+        "leave_rate": float(y.mean()),
+        **(metadata or {}),
+    }
+    model = LeaveModel(
+        tuple(float(c) for c in clf.coef_[0]), float(clf.intercept_[0]), FEATURES, float(gap), meta
+    )
+    logger.info(
+        "leave model on %d ratings (%d sessions): coefficients %s, intercept %.3f",
+        meta["n_ratings"],
+        meta["n_sessions"],
+        model.coefficients,
+        model.intercept,
+    )
     return model
 
 
-def calibration(model: LeaveModel, held_out: pd.DataFrame, n_bins: int = 10,
-                strategy: str = "quantile") -> dict[str, Any]:
+def calibration(
+    model: LeaveModel, held_out: pd.DataFrame, n_bins: int = 10, strategy: str = "quantile"
+) -> dict[str, Any]:
     """Predicted vs observed session-end rate on held-out ratings, per probability bin.
 
     Sessions are cut with the model's own gap. Bins are ``"quantile"`` (equal counts: leave
@@ -220,10 +253,22 @@ def calibration(model: LeaveModel, held_out: pd.DataFrame, n_bins: int = 10,
     for b in range(n_bins):
         sel = which == b
         if sel.any():
-            bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]),
-                         "mean_predicted": float(p[sel].mean()), "observed": float(y[sel].mean()),
-                         "count": int(sel.sum())})
+            bins.append(
+                {
+                    "lo": float(edges[b]),
+                    "hi": float(edges[b + 1]),
+                    "mean_predicted": float(p[sel].mean()),
+                    "observed": float(y[sel].mean()),
+                    "count": int(sel.sum()),
+                }
+            )
     rate = float(y.mean())
-    return {"bins": bins, "strategy": strategy, "brier": float(np.mean((p - y) ** 2)),
-            "base_rate_brier": float(np.mean((rate - y) ** 2)), "n": len(y),
-            "leave_rate": rate, "mean_predicted": float(p.mean())}
+    return {
+        "bins": bins,
+        "strategy": strategy,
+        "brier": float(np.mean((p - y) ** 2)),
+        "base_rate_brier": float(np.mean((rate - y) ** 2)),
+        "n": len(y),
+        "leave_rate": rate,
+        "mean_predicted": float(p.mean()),
+    }

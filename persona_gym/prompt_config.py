@@ -59,13 +59,21 @@ class PromptConfig:
         if self.max_tokens < 64:
             raise ValueError(f"PromptConfig.max_tokens must be >= 64, got {self.max_tokens}")
         if self.cf_items and not self.item_tokens:
-            raise ValueError("PromptConfig.cf_items needs item_tokens=True (it shapes the item tokens)")
+            raise ValueError(
+                "PromptConfig.cf_items needs item_tokens=True (it shapes the item tokens)"
+            )
         if self.cf_prior and not self.cf_cue:
-            raise ValueError("PromptConfig.cf_prior needs cf_cue=True (the prior is centred on that prediction)")
+            raise ValueError(
+                "PromptConfig.cf_prior needs cf_cue=True (the prior is centred on that prediction)"
+            )
         if not 0.0 <= self.persona_taste <= 1.0:
-            raise ValueError(f"PromptConfig.persona_taste must be in [0, 1], got {self.persona_taste}")
+            raise ValueError(
+                f"PromptConfig.persona_taste must be in [0, 1], got {self.persona_taste}"
+            )
         if self.persona_taste and not self.cf_cue:
-            raise ValueError("PromptConfig.persona_taste needs cf_cue=True (it moves that prediction)")
+            raise ValueError(
+                "PromptConfig.persona_taste needs cf_cue=True (it moves that prediction)"
+            )
 
     @property
     def uses_collaborative(self) -> bool:

@@ -79,8 +79,12 @@ class Rater(Protocol):
         """The user's logged interactions in time order (where every episode starts)."""
         ...
 
-    def rate(self, user_ids: Sequence[int], items: Sequence[int],
-             windows: Sequence[Sequence[Interaction]] | None = None) -> np.ndarray:
+    def rate(
+        self,
+        user_ids: Sequence[int],
+        items: Sequence[int],
+        windows: Sequence[Sequence[Interaction]] | None = None,
+    ) -> np.ndarray:
         """``(n, 5)`` probabilities of the ratings 1..5, one row per ``(user, item, window)``;
         ``windows=None`` means an empty window for every row."""
         ...

@@ -30,7 +30,13 @@ from persona_gym.ratings import RATING_VALUES
 PRIOR_FILE = "rating_prior.pt"
 RATINGS = torch.as_tensor(RATING_VALUES, dtype=torch.float32)
 
-__all__ = ["PRIOR_FILE", "RatingPrior", "fit_rating_prior", "load_rating_prior", "load_rating_priors"]
+__all__ = [
+    "PRIOR_FILE",
+    "RatingPrior",
+    "fit_rating_prior",
+    "load_rating_prior",
+    "load_rating_priors",
+]
 
 
 class RatingPrior(torch.nn.Module):
@@ -42,24 +48,34 @@ class RatingPrior(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(5))
         self.memory = torch.nn.Parameter(torch.tensor(0.0))
 
-    def forward(self, logits: torch.Tensor, predictions: torch.Tensor,
-                surprises: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, predictions: torch.Tensor, surprises: torch.Tensor
+    ) -> torch.Tensor:
         """``(N, 5)`` rating logits plus the prior around ``(N,)`` predicted ratings moved by
         ``memory`` times the ``(N,)`` window surprises."""
         ratings = RATINGS.to(logits.device)
-        centre = (predictions.to(logits.device, torch.float32)
-                  + self.memory * surprises.to(logits.device, torch.float32))
+        centre = predictions.to(logits.device, torch.float32) + self.memory * surprises.to(
+            logits.device, torch.float32
+        )
         distance = (ratings[None, :] - centre[:, None]) ** 2
         return logits + self.bias - self.log_precision.exp() * distance
 
-    def nll(self, predictions: torch.Tensor, surprises: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+    def nll(
+        self, predictions: torch.Tensor, surprises: torch.Tensor, ratings: torch.Tensor
+    ) -> torch.Tensor:
         """Mean negative log-likelihood of ``(N,)`` 1..5 ``ratings`` under the prior alone."""
         logits = self(torch.zeros(len(ratings), 5), predictions, surprises)
         return torch.nn.functional.cross_entropy(logits, ratings - 1)
 
     def save(self, folder: str | Path) -> None:
-        torch.save({"log_precision": self.log_precision.detach().cpu(), "bias": self.bias.detach().cpu(),
-                    "memory": self.memory.detach().cpu()}, Path(folder) / PRIOR_FILE)
+        torch.save(
+            {
+                "log_precision": self.log_precision.detach().cpu(),
+                "bias": self.bias.detach().cpu(),
+                "memory": self.memory.detach().cpu(),
+            },
+            Path(folder) / PRIOR_FILE,
+        )
 
 
 def fit_rating_prior(predictions, surprises, ratings, steps: int = 100) -> RatingPrior:
@@ -74,7 +90,9 @@ def fit_rating_prior(predictions, surprises, ratings, steps: int = 100) -> Ratin
         raise ValueError("fit_rating_prior: ratings must be 1..5")
     predictions = torch.from_numpy(np.array(predictions, dtype=np.float32))
     surprises = torch.from_numpy(np.array(surprises, dtype=np.float32))
-    optimizer = torch.optim.LBFGS(prior.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        prior.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -90,8 +108,10 @@ def load_rating_prior(folder: str | Path) -> RatingPrior:
     """The prior saved next to an adapter's weights; fail with the fix when it is missing."""
     path = Path(folder) / PRIOR_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the prompt has cf_prior but this adapter was "
-                                "trained without it; retrain with `persona-gym train --cf-prior`")
+        raise FileNotFoundError(
+            f"{path} not found: the prompt has cf_prior but this adapter was "
+            "trained without it; retrain with `persona-gym train --cf-prior`"
+        )
     state = torch.load(path, weights_only=True)
     prior = RatingPrior()
     with torch.no_grad():

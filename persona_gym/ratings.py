@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAX_RATING", "MIN_RATING", "N_LEVELS", "RATING_TOKENS", "RATING_VALUES", "clip",
-           "expected", "sample", "to_unit"]
+__all__ = [
+    "MAX_RATING",
+    "MIN_RATING",
+    "N_LEVELS",
+    "RATING_TOKENS",
+    "RATING_VALUES",
+    "clip",
+    "expected",
+    "sample",
+    "to_unit",
+]
 
 MIN_RATING = 1
 MAX_RATING = 5

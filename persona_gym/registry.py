@@ -10,8 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ENVS", "ENV_IDS", "SHIPPED_DIR", "SIMULATORS", "EnvEntry", "env_config_name",
-           "simulator_dir"]
+__all__ = [
+    "ENVS",
+    "ENV_IDS",
+    "SHIPPED_DIR",
+    "SIMULATORS",
+    "EnvEntry",
+    "env_config_name",
+    "simulator_dir",
+]
 
 
 @dataclass(frozen=True)

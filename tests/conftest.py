@@ -40,9 +40,12 @@ USER_DIR_VARS = {
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--record-rollouts", action="store_true",
-                     help="re-record the seeded rollouts of tests/envs/test_regression.py "
-                          "(after an intended change of behaviour or a new shipped simulator)")
+    parser.addoption(
+        "--record-rollouts",
+        action="store_true",
+        help="re-record the seeded rollouts of tests/envs/test_regression.py "
+        "(after an intended change of behaviour or a new shipped simulator)",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,7 +59,9 @@ def user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     for variable, name in USER_DIR_VARS.items():
         patch.setenv(variable, str(root / name))
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:  # `make test` runs pytest-xdist workers: the cores are shared, not oversubscribed
+    if (
+        workers > 1
+    ):  # `make test` runs pytest-xdist workers: the cores are shared, not oversubscribed
         import torch
 
         threads = max((os.cpu_count() or 1) // workers, 1)
@@ -90,9 +95,15 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        max_position_embeddings=2048, rms_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -109,15 +120,28 @@ def catalog():
 
     from persona_gym.catalog import ItemCatalog
 
-    items = pd.DataFrame({
-        "item_id": [1, 2, 3, 4, 5, 6],
-        "title": ["Toy Story", "GoldenEye", "Heat", "Casino", "Babe", "Se7en"],
-        "year": pd.array([1995, 1995, 1995, 1995, 1995, 1995], dtype="Int64"),
-        "genres": [("Animation", "Comedy"), ("Action",), ("Crime", "Thriller"), ("Drama",),
-                   ("Children's",), ("Thriller",)],
-    })
-    stats = pd.DataFrame({"item_id": [1, 2, 3, 4, 5], "mean_rating": [3.9, 3.2, 3.8, 3.7, 3.5],
-                          "n_ratings": [452, 131, 90, 60, 30]})
+    items = pd.DataFrame(
+        {
+            "item_id": [1, 2, 3, 4, 5, 6],
+            "title": ["Toy Story", "GoldenEye", "Heat", "Casino", "Babe", "Se7en"],
+            "year": pd.array([1995, 1995, 1995, 1995, 1995, 1995], dtype="Int64"),
+            "genres": [
+                ("Animation", "Comedy"),
+                ("Action",),
+                ("Crime", "Thriller"),
+                ("Drama",),
+                ("Children's",),
+                ("Thriller",),
+            ],
+        }
+    )
+    stats = pd.DataFrame(
+        {
+            "item_id": [1, 2, 3, 4, 5],
+            "mean_rating": [3.9, 3.2, 3.8, 3.7, 3.5],
+            "n_ratings": [452, 131, 90, 60, 30],
+        }
+    )
     return ItemCatalog.from_frames(items, stats)
 
 
@@ -152,15 +176,26 @@ def write_tiny_artifacts(root, catalog, n_users: int = 4):
         profiles[user] = f"User {user}: rates {'high' if user % 2 else 'low'}, likes thrillers."
         for t, item in enumerate(rng.permutation(len(catalog))):
             rating = int(rng.integers(1, 6))
-            rows.append({"user_id": user, "item_id": int(catalog.item_ids[item]), "item_index": int(item),
-                         "rating": rating, "timestamp": 1000 + t,
-                         "text": f"I rated {catalog.title_year(item)} {rating}/5."})
+            rows.append(
+                {
+                    "user_id": user,
+                    "item_id": int(catalog.item_ids[item]),
+                    "item_index": int(item),
+                    "rating": rating,
+                    "timestamp": 1000 + t,
+                    "text": f"I rated {catalog.title_year(item)} {rating}/5.",
+                }
+            )
     pd.DataFrame(rows).to_parquet(root / "memories.parquet", index=False)
     with open(root / "profiles.jsonl", "w") as handle:
         for user, text in profiles.items():
             handle.write(json.dumps({"user_id": user, "text": text}) + "\n")
-    (root / "personas.json").write_text(json.dumps({"k": 2, "assignment": {str(u): u % 2 for u in range(n_users)}}))
-    (root / "split.json").write_text(json.dumps({"dataset": "synthetic", "user_ids": list(range(n_users))}))
+    (root / "personas.json").write_text(
+        json.dumps({"k": 2, "assignment": {str(u): u % 2 for u in range(n_users)}})
+    )
+    (root / "split.json").write_text(
+        json.dumps({"dataset": "synthetic", "user_ids": list(range(n_users))})
+    )
     return root
 
 
@@ -180,8 +215,10 @@ def trained_tiny_config(base_model: str, **overrides):
     """The settings :func:`trained_tiny_artifacts` was trained with (every rating of the tiny
     users but the last one of each for validation): a run with ``overrides`` of ``variants``
     only continues that run, and trains its adapters bit for bit again."""
-    return tiny_train_config(base_model, **{"variants": ("persona", "single-max"),
-                                            "max_examples_per_user": 0, **overrides})
+    return tiny_train_config(
+        base_model,
+        **{"variants": ("persona", "single-max"), "max_examples_per_user": 0, **overrides},
+    )
 
 
 def tiny_train_config(base_model: str, **overrides):
@@ -190,9 +227,18 @@ def tiny_train_config(base_model: str, **overrides):
     from training.train import TrainConfig
 
     values = dict(
-        base_model=base_model, variants=("persona",), rank=4, alpha=8, lora_layers=2, epochs=1,
-        batch_examples=4, blocks_per_sequence=2, max_examples_per_user=4, val_per_user=1,
-        eval_every=2, checkpoint_every=100,
+        base_model=base_model,
+        variants=("persona",),
+        rank=4,
+        alpha=8,
+        lora_layers=2,
+        epochs=1,
+        batch_examples=4,
+        blocks_per_sequence=2,
+        max_examples_per_user=4,
+        val_per_user=1,
+        eval_every=2,
+        checkpoint_every=100,
         prompt=PromptConfig(window_size=2, n_memories=1, max_tokens=256),
     )
     return TrainConfig(**{**values, **overrides})
@@ -212,8 +258,21 @@ def protocol_artifacts(tmp_path_factory, tiny_base) -> Path:
     root = tmp_path_factory.mktemp("protocol")
     data = write_ml1m(root / "ml-1m")
     out = root / "art"
-    assert main(["distill", "--dataset", str(data), "--out", str(out), "--n-users", "4",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--dataset",
+                str(data),
+                "--out",
+                str(out),
+                "--n-users",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["personas", "--artifacts", str(out), "--k", "2"]) == 0
     train(out, tiny_train_config(tiny_base), progress=False)
     return out

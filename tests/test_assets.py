@@ -144,7 +144,9 @@ def test_default_slm_converted_once_then_reused(
     assert json.loads((path / assets.SOURCE_FILE).read_text()) == source
 
     before = _snapshot(path)
-    monkeypatch.setattr(assets, "_SMOLLM2_PACKAGE", "no_such_smollm2_pkg")  # a conversion would fail
+    monkeypatch.setattr(
+        assets, "_SMOLLM2_PACKAGE", "no_such_smollm2_pkg"
+    )  # a conversion would fail
     again = Path(resolve_model(DEFAULT_SLM))
     model, tokenizer = assets.load_causal_lm(DEFAULT_SLM)
     assert again == path and _snapshot(path) == before

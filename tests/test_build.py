@@ -21,14 +21,32 @@ from training.build import EVALUATE_CONFIGS, STAGES, TRAIN_RECIPE
 
 
 def _build(*extra: str, base: str) -> list[str]:
-    return ["build", "ml1m", "--out", "art", "--n-users", "3", "--all-users", "--base-model", base,
-            "--max-examples-per-user", "4",
-            "--val-per-user", "1", "--max-test-per-user", "2", "--no-studies", "--no-compile",
-            "--no-progress", *extra]
+    return [
+        "build",
+        "ml1m",
+        "--out",
+        "art",
+        "--n-users",
+        "3",
+        "--all-users",
+        "--base-model",
+        base,
+        "--max-examples-per-user",
+        "4",
+        "--val-per-user",
+        "1",
+        "--max-test-per-user",
+        "2",
+        "--no-studies",
+        "--no-compile",
+        "--no-progress",
+        *extra,
+    ]
 
 
-def test_build_end_to_end_resumes_and_evaluates_from_another_folder(tmp_path, monkeypatch, capsys,
-                                                                     tiny_base):
+def test_build_end_to_end_resumes_and_evaluates_from_another_folder(
+    tmp_path, monkeypatch, capsys, tiny_base
+):
     work = tmp_path / "work"
     write_ml1m_folder(work / "ml1m", n_users=5)  # 3 protocol users, 2 others
     monkeypatch.chdir(work)  # the dataset and --out are given relative to here
@@ -68,9 +86,24 @@ def test_build_end_to_end_resumes_and_evaluates_from_another_folder(tmp_path, mo
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
-    assert main(["evaluate", "--artifacts", str(root), "--configs", "persona:Ms+Ml",
-                 "--max-test-per-user", "2", "--no-studies", "--no-baselines",
-                 "--out", "report"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--artifacts",
+                str(root),
+                "--configs",
+                "persona:Ms+Ml",
+                "--max-test-per-user",
+                "2",
+                "--no-studies",
+                "--no-baselines",
+                "--out",
+                "report",
+            ]
+        )
+        == 0
+    )
     results = json.loads((elsewhere / "report" / "results.json").read_text())
     assert results["configs"][0]["status"] == "ok" and results["data"]["source"].startswith(folder)
 
@@ -98,7 +131,9 @@ def test_artifacts_made_by_hand_or_with_other_settings_are_refused(tmp_path, mon
     art.mkdir()
     (art / "split.json").write_text("{}")  # what distill leaves, without the build's record
     assert main(["build", "ml1m", "--out", "art"]) == 2
-    assert "does not record (made stage by stage?): rebuild it with --force" in capsys.readouterr().err
+    assert (
+        "does not record (made stage by stage?): rebuild it with --force" in capsys.readouterr().err
+    )
     settings = ["--dataset", str((tmp_path / "ml1m").resolve()), "--n-users", "100", "--seed", "0"]
     (art / "build.json").write_text(json.dumps({"stages": {"distill": {"settings": settings}}}))
     assert main(["build", "ml1m", "--out", "art"]) == 2
@@ -145,12 +180,23 @@ def _check_all_users(root, tiny_base) -> None:
     assert info["params"]["all_users"] is True
     _, split = rebuild_split(info)
     protocol, others = [int(u) for u in split.user_ids], [int(u) for u in split.other_ids]
-    assert len(protocol) == 3 and len(others) == 2 and info["distilled_user_ids"] == sorted(protocol + others)
+    assert (
+        len(protocol) == 3
+        and len(others) == 2
+        and info["distilled_user_ids"] == sorted(protocol + others)
+    )
     artifacts = load_artifacts(root)
-    assert artifacts.user_ids == sorted(protocol + others) and artifacts.training_user_ids == protocol
+    assert (
+        artifacts.user_ids == sorted(protocol + others) and artifacts.training_user_ids == protocol
+    )
     memories = artifacts.memories
-    held = {(int(u), int(i)) for u, i in zip(split.other_test["user_id"], split.other_test["item_id"], strict=True)}
-    logged = {(int(u), int(i)) for u, i in zip(memories["user_id"], memories["item_id"], strict=True)}
+    held = {
+        (int(u), int(i))
+        for u, i in zip(split.other_test["user_id"], split.other_test["item_id"], strict=True)
+    }
+    logged = {
+        (int(u), int(i)) for u, i in zip(memories["user_id"], memories["item_id"], strict=True)
+    }
     assert held and not held & logged  # the others' held-out ratings are nobody's memory ...
     for user in others:  # ... their memories are the first 60% of their ratings in time order
         mine = split.other_test[split.other_test["user_id"] == user]
@@ -167,7 +213,9 @@ def _check_all_users(root, tiny_base) -> None:
     personas = json.loads((root / "personas.json").read_text())
     assert set(personas["assignment"]) == {str(u) for u in protocol + others}
     assert sum(personas["by_nearest_centroid"].values()) == 2
-    assert sorted(u for card in personas["cards"] for u in card["user_ids"]) == protocol  # clustered: protocol only
+    assert (
+        sorted(u for card in personas["cards"] for u in card["user_ids"]) == protocol
+    )  # clustered: protocol only
     manifest = json.loads((root / "manifest.json").read_text())
     # 4 training + 1 validation example (--max-examples-per-user 4 --val-per-user 1) for each
     # protocol user, none for the others
@@ -175,16 +223,21 @@ def _check_all_users(root, tiny_base) -> None:
 
     report = json.loads((root / "evaluation" / "others" / "results.json").read_text())
     assert report["data"]["users"] == "others" and report["data"]["n_users"] == 2
-    assert report["configs"][0]["status"] == "ok" and report["data"]["source"].endswith("other users")
+    assert report["configs"][0]["status"] == "ok" and report["data"]["source"].endswith(
+        "other users"
+    )
     assert logged_data(artifacts, "others").test["user_id"].isin(others).all()
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "all_users.py"
-    table = subprocess.run([sys.executable, str(script), str(root)], check=True, capture_output=True,
-                           text=True).stdout.splitlines()
+    table = subprocess.run(
+        [sys.executable, str(script), str(root)], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
     assert table[0] == "| | adapters' training users | users the adapters never saw |"
     assert "| users / rated test interactions | 3 / 6 | 2 / 4 |" in table
 
     for users, expected in (("all", protocol + others), ("training", protocol)):
-        env = gym.make("persona_gym:PersonaML1M-v0", artifacts=str(root), base_model=tiny_base, users=users)
+        env = gym.make(
+            "persona_gym:PersonaML1M-v0", artifacts=str(root), base_model=tiny_base, users=users
+        )
         assert env.unwrapped.user_ids == sorted(expected)
         seen = {env.reset(seed=seed)[1]["user_id"] for seed in range(40)}
         assert seen == set(expected)

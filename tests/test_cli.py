@@ -291,15 +291,19 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_hint(monkeypatch, capsys, tmp_
     monkeypatch.setattr("agents.train.train_agent", interrupted)
     assert main(["train-agent", "--timesteps", "8", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"persona-gym train-agent: interrupted; continue with `persona-gym train-agent --resume "
-                   f"RUN_DIR` (the run folder under {tmp_path})"]
+    assert err == [
+        f"persona-gym train-agent: interrupted; continue with `persona-gym train-agent --resume "
+        f"RUN_DIR` (the run folder under {tmp_path})"
+    ]
 
 
 def test_help_shows_docstrings_without_markup(capsys):
     from persona_gym.config_cli import plain
 
-    assert plain("**In** ``--n-envs`` :class:`~agents.item_policy.CFFeatures` :func:`a.b`") == \
-        "In --n-envs CFFeatures a.b"
+    assert (
+        plain("**In** ``--n-envs`` :class:`~agents.item_policy.CFFeatures` :func:`a.b`")
+        == "In --n-envs CFFeatures a.b"
+    )
     with pytest.raises(SystemExit):
         main(["train-agent", "--help"])
     out = capsys.readouterr().out

@@ -11,16 +11,34 @@ from persona_gym.collaborative import fit_collaborative, load_collaborative
 from persona_gym.memory import Interaction
 
 
-def _ratings(n_users: int = 30, n_items: int = 20, seed: int = 0) -> tuple[pd.DataFrame, ItemCatalog]:
+def _ratings(
+    n_users: int = 30, n_items: int = 20, seed: int = 0
+) -> tuple[pd.DataFrame, ItemCatalog]:
     """Ratings from a rank-1 taste model: user u likes item i when their signs agree."""
     rng = np.random.default_rng(seed)
     taste, kind = rng.choice([-1.0, 1.0], n_users), rng.choice([-1.0, 1.0], n_items)
-    rows = [(u, i + 1, float(np.clip(np.rint(3 + 1.5 * taste[u] * kind[i] + rng.normal(0, 0.3)), 1, 5)), t)
-            for u in range(n_users) for t, i in enumerate(rng.permutation(n_items)[:15])]
+    rows = [
+        (
+            u,
+            i + 1,
+            float(np.clip(np.rint(3 + 1.5 * taste[u] * kind[i] + rng.normal(0, 0.3)), 1, 5)),
+            t,
+        )
+        for u in range(n_users)
+        for t, i in enumerate(rng.permutation(n_items)[:15])
+    ]
     ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    items = pd.DataFrame({"item_id": np.arange(1, n_items + 1), "title": [f"M{i}" for i in range(n_items)],
-                          "year": pd.array([2000] * n_items, dtype="Int64"), "genres": [("Drama",)] * n_items})
-    stats = ratings.groupby("item_id")["rating"].agg(mean_rating="mean", n_ratings="size").reset_index()
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(1, n_items + 1),
+            "title": [f"M{i}" for i in range(n_items)],
+            "year": pd.array([2000] * n_items, dtype="Int64"),
+            "genres": [("Drama",)] * n_items,
+        }
+    )
+    stats = (
+        ratings.groupby("item_id")["rating"].agg(mean_rating="mean", n_ratings="size").reset_index()
+    )
     return ratings, ItemCatalog.from_frames(items, stats)
 
 
@@ -47,11 +65,20 @@ def test_logged_pairs_get_out_of_fold_predictions(fitted):
     items = catalog.indices_of(train["item_id"])
     logged = model.predict(train["user_id"], items)
     # refitting the full model on everything predicts the training rows far better (in-sample)
-    in_sample = (model.mu + model.item_bias[items] + model.user_bias[model.user_rows(train["user_id"])]
-                 + np.einsum("nf,nf->n", model.user_factors[model.user_rows(train["user_id"])],
-                             model.item_factors[items]))
+    in_sample = (
+        model.mu
+        + model.item_bias[items]
+        + model.user_bias[model.user_rows(train["user_id"])]
+        + np.einsum(
+            "nf,nf->n",
+            model.user_factors[model.user_rows(train["user_id"])],
+            model.item_factors[items],
+        )
+    )
     real = train["rating"].to_numpy()
-    assert np.sqrt(np.mean((logged - real) ** 2)) > np.sqrt(np.mean((np.clip(in_sample, 1, 5) - real) ** 2))
+    assert np.sqrt(np.mean((logged - real) ** 2)) > np.sqrt(
+        np.mean((np.clip(in_sample, 1, 5) - real) ** 2)
+    )
     assert not np.allclose(logged, np.clip(in_sample, 1, 5))
 
 
@@ -90,8 +117,12 @@ def test_save_load_round_trip_and_bad_file(fitted, tmp_path):
 
 def test_fit_is_deterministic():
     ratings, catalog = _ratings(seed=1)
-    a = fit_collaborative(ratings[ratings.user_id < 10], ratings[ratings.user_id >= 10], catalog, seed=3)
-    b = fit_collaborative(ratings[ratings.user_id < 10], ratings[ratings.user_id >= 10], catalog, seed=3)
+    a = fit_collaborative(
+        ratings[ratings.user_id < 10], ratings[ratings.user_id >= 10], catalog, seed=3
+    )
+    b = fit_collaborative(
+        ratings[ratings.user_id < 10], ratings[ratings.user_id >= 10], catalog, seed=3
+    )
     np.testing.assert_array_equal(a.logged_predictions, b.logged_predictions)
     np.testing.assert_array_equal(a.item_factors, b.item_factors)
 
@@ -106,8 +137,12 @@ def test_prediction_blends_mf_and_knn_by_the_validated_weight(fitted):
     pairs = [(u, i) for u in range(10) for i in range(len(catalog)) if (u, i) not in seen]
     users, items = np.array(pairs).T
     rows = model.user_rows(users)
-    mf = (model.mu + model.item_bias[items] + model.user_bias[rows]
-          + np.einsum("nf,nf->n", model.user_factors[rows], model.item_factors[items]))
+    mf = (
+        model.mu
+        + model.item_bias[items]
+        + model.user_bias[rows]
+        + np.einsum("nf,nf->n", model.user_factors[rows], model.item_factors[items])
+    )
     level = model.mu + model.user_bias[rows]
     expected = np.clip(level + gain * ((1 - w) * mf + w * model.knn[rows, items] - level), 1, 5)
     np.testing.assert_allclose(model.predict(users, items), expected, rtol=1e-6)
@@ -116,8 +151,11 @@ def test_prediction_blends_mf_and_knn_by_the_validated_weight(fitted):
 
     ratings, _ = _ratings()
     knn = ItemKNN(**model.params["knn"]).fit(fit_frame(train, ratings[ratings.user_id >= 10]))
-    np.testing.assert_allclose(model.knn[model.user_rows([4])[0]],
-                               knn.predict(np.full(len(catalog), 4), catalog.item_ids), rtol=1e-6)
+    np.testing.assert_allclose(
+        model.knn[model.user_rows([4])[0]],
+        knn.predict(np.full(len(catalog), 4), catalog.item_ids),
+        rtol=1e-6,
+    )
 
 
 def test_a_file_from_before_the_knn_part_names_the_fix(fitted, tmp_path):
@@ -156,7 +194,9 @@ def test_taste_replaces_the_user_factors_in_every_prediction(fitted):
     u, i = int(train["user_id"].iloc[0]), int(catalog.indices_of(train["item_id"].iloc[:1])[0])
     row = model.user_rows([u])[0]
     delta = (1 - w) * float((taste - model.user_factors[row]) @ model.item_factors[i])
-    assert model.predict([u], [i], taste)[0] == pytest.approx(np.clip(model.predict([u], [i])[0] + delta, 1, 5))
+    assert model.predict([u], [i], taste)[0] == pytest.approx(
+        np.clip(model.predict([u], [i])[0] + delta, 1, 5)
+    )
     # a user the fit never saw has no user side to move
     assert model.predict([999_999], [4], taste)[0] == model.predict([999_999], [4])[0]
     # taste_of moves the user's factors toward the persona's along the given axes only
@@ -166,8 +206,12 @@ def test_taste_replaces_the_user_factors_in_every_prediction(fitted):
     expected = own[0].copy()
     expected[0] = 0.75 * own[0, 0] + 0.25 * taste[0]
     np.testing.assert_allclose(model.taste_of(1, taste, 0.25, axis), expected)
-    np.testing.assert_allclose(model.taste_of(1, taste, 1.0, np.eye(f)), taste)  # every axis, all the way
-    np.testing.assert_allclose(model.taste_of(1, taste, 0.5, np.zeros((0, f))), own[0])  # no axes: their own
+    np.testing.assert_allclose(
+        model.taste_of(1, taste, 1.0, np.eye(f)), taste
+    )  # every axis, all the way
+    np.testing.assert_allclose(
+        model.taste_of(1, taste, 0.5, np.zeros((0, f))), own[0]
+    )  # no axes: their own
     np.testing.assert_allclose(model.taste_of(999_999, taste, 0.5, axis), 0.5 * taste * axis[0])
     tastes = persona_tastes(model, {1: 0, 2: 0, 3: 1}, [1, 2, 3, 999_999])
     np.testing.assert_allclose(tastes[0], model.user_factors[model.user_rows([1, 2])].mean(0))
@@ -188,7 +232,9 @@ def test_taste_axes_are_an_orthonormal_basis_of_the_centred_persona_tastes():
     assert axes.shape == (2, 6)  # K personas span K - 1 axes
     np.testing.assert_allclose(axes @ axes.T, np.eye(2), atol=1e-12)
     centred = np.stack(list(tastes.values())) - np.mean(list(tastes.values()), 0)
-    np.testing.assert_allclose(centred @ axes.T @ axes, centred, atol=1e-12)  # the span holds every difference
+    np.testing.assert_allclose(
+        centred @ axes.T @ axes, centred, atol=1e-12
+    )  # the span holds every difference
     # two personas: the one axis through both centres; one persona or equal ones: none
     two = taste_axes({0: np.array([1.0, 0, 0]), 1: np.array([3.0, 0, 0])})
     np.testing.assert_allclose(np.abs(two), [[1.0, 0, 0]])
@@ -206,7 +252,9 @@ def test_recorded_params_skip_the_tuning_and_give_the_same_model(fitted, monkeyp
         raise AssertionError("tuned although the parameters were given")
 
     monkeypatch.setattr(collaborative, "tune", no_tuning)
-    again = fit_collaborative(train, ratings[ratings.user_id >= 10], catalog, seed=0, params=model.params)
+    again = fit_collaborative(
+        train, ratings[ratings.user_id >= 10], catalog, seed=0, params=model.params
+    )
     assert again.params == model.params
     for name in ("user_factors", "item_factors", "user_bias", "knn", "logged_predictions"):
         np.testing.assert_array_equal(getattr(again, name), getattr(model, name))
@@ -218,14 +266,33 @@ def _drifting(amplitudes: np.ndarray, n_users: int = 40, n_items: int = 40, seed
     rng = np.random.default_rng(seed)
     taste, kind = rng.choice([-1.0, 1.0], n_users), rng.choice([-1.0, 1.0], n_items)
     level = rng.normal(3.0, 0.7, n_users)
-    rows = [(u, i + 1, float(np.clip(np.rint(level[u] + a * taste[u] * kind[i] + rng.normal(0, 0.5)), 1, 5)), t)
-            for u in range(n_users)
-            for t, (i, a) in enumerate(zip(rng.permutation(n_items), amplitudes, strict=False))]
+    rows = [
+        (
+            u,
+            i + 1,
+            float(np.clip(np.rint(level[u] + a * taste[u] * kind[i] + rng.normal(0, 0.5)), 1, 5)),
+            t,
+        )
+        for u in range(n_users)
+        for t, (i, a) in enumerate(zip(rng.permutation(n_items), amplitudes, strict=False))
+    ]
     ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    items = pd.DataFrame({"item_id": np.arange(1, n_items + 1), "title": [f"M{i}" for i in range(n_items)],
-                          "year": pd.array([2000] * n_items, dtype="Int64"), "genres": [("Drama",)] * n_items})
-    stats = ratings.groupby("item_id")["rating"].agg(mean_rating="mean", n_ratings="size").reset_index()
-    return ratings[ratings.user_id < 20], ratings[ratings.user_id >= 20], ItemCatalog.from_frames(items, stats)
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(1, n_items + 1),
+            "title": [f"M{i}" for i in range(n_items)],
+            "year": pd.array([2000] * n_items, dtype="Int64"),
+            "genres": [("Drama",)] * n_items,
+        }
+    )
+    stats = (
+        ratings.groupby("item_id")["rating"].agg(mean_rating="mean", n_ratings="size").reset_index()
+    )
+    return (
+        ratings[ratings.user_id < 20],
+        ratings[ratings.user_id >= 20],
+        ItemCatalog.from_frames(items, stats),
+    )
 
 
 def test_the_gain_is_chosen_by_the_validation_slice():
@@ -254,12 +321,17 @@ def test_the_gain_scales_the_movie_to_movie_part_around_the_user_level(fitted):
     level = model.mu + model.user_bias[model.user_rows(users)]
     inside = (base > 1) & (base < 5)  # pairs the plain prediction did not clip
     assert inside.mean() > 0.5
-    np.testing.assert_allclose(scaled[inside], np.clip(level + 1.3 * (base - level), 1, 5)[inside], rtol=1e-6)
+    np.testing.assert_allclose(
+        scaled[inside], np.clip(level + 1.3 * (base - level), 1, 5)[inside], rtol=1e-6
+    )
     # a persona's taste moves the prediction before the gain: its difference is scaled too
     taste = np.full(model.user_factors.shape[1], 0.3)
     moved = plain.predict(users, items, taste)
     inside = (moved > 1) & (moved < 5)
-    np.testing.assert_allclose(gained.predict(users, items, taste)[inside],
-                               np.clip(level + 1.3 * (moved - level), 1, 5)[inside], rtol=1e-6)
+    np.testing.assert_allclose(
+        gained.predict(users, items, taste)[inside],
+        np.clip(level + 1.3 * (moved - level), 1, 5)[inside],
+        rtol=1e-6,
+    )
     # a user the fit never saw has no level of their own: the gain leaves them alone
     assert gained.predict([999_999], [4])[0] == plain.predict([999_999], [4])[0]

@@ -26,9 +26,15 @@ def test_library_caches_are_the_sessions(user_dirs: Path) -> None:
     import platformdirs
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
-    for path in (platformdirs.user_cache_dir("x"), platformdirs.user_data_dir("x"),
-                 platformdirs.user_config_dir("x"), huggingface_hub.constants.HF_HUB_CACHE,
-                 inductor_cache_dir(), matplotlib.get_cachedir(), matplotlib.get_configdir()):
+    for path in (
+        platformdirs.user_cache_dir("x"),
+        platformdirs.user_data_dir("x"),
+        platformdirs.user_config_dir("x"),
+        huggingface_hub.constants.HF_HUB_CACHE,
+        inductor_cache_dir(),
+        matplotlib.get_cachedir(),
+        matplotlib.get_configdir(),
+    ):
         assert _inside(path, user_dirs), path
 
 
@@ -39,6 +45,7 @@ def test_sb3_logger_without_tensorboard_writes_in_the_session(user_dirs: Path) -
     assert _inside(logger.get_dir() or "", user_dirs)
 
 
-def test_the_session_converted_the_default_slm_into_its_cache(smollm2_path: str,
-                                                              user_dirs: Path) -> None:
+def test_the_session_converted_the_default_slm_into_its_cache(
+    smollm2_path: str, user_dirs: Path
+) -> None:
     assert _inside(smollm2_path, user_dirs)

@@ -29,14 +29,18 @@ def kill_when(argv: list[str], ready: Callable[[], Path | None], timeout: float 
     """Start ``persona-gym ARGV``, SIGKILL it once ``ready()`` returns a path (polled every
     10 ms), and return that path. Fails if the command ends first."""
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: the child never blocks on it
-        process = subprocess.Popen([*COMMAND, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        process = subprocess.Popen(
+            [*COMMAND, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log
+        )
         deadline = time.monotonic() + timeout
         try:
             while (found := ready()) is None:
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    pytest.fail(f"no checkpoint before the command ended (status {process.returncode}) "
-                                f"or the timeout: {log.read()[-2000:]}")
+                    pytest.fail(
+                        f"no checkpoint before the command ended (status {process.returncode}) "
+                        f"or the timeout: {log.read()[-2000:]}"
+                    )
                 time.sleep(0.01)
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
@@ -62,11 +66,45 @@ def test_train_killed_resumes_from_its_checkpoint(tmp_path, catalog, tiny_base):
 
     art = write_tiny_artifacts(tmp_path / "art", catalog)
     # single-max: 10 training examples (the larger persona's), one per step: 40 steps in 4 epochs
-    argv = ["train", "--artifacts", str(art), "--base-model", tiny_base, "--variants", "single-max",
-            "--rank", "4", "--alpha", "8", "--lora-layers", "2", "--epochs", "4", "--batch-size", "1",
-            "--blocks-per-sequence", "1", "--max-examples-per-user", "0", "--val-per-user", "1",
-            "--window", "2", "--memories", "1", "--max-tokens", "256", "--eval-every", "1000",
-            "--patience", "1000", "--checkpoint-every", "2", "--no-progress", "--no-compile"]
+    argv = [
+        "train",
+        "--artifacts",
+        str(art),
+        "--base-model",
+        tiny_base,
+        "--variants",
+        "single-max",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--lora-layers",
+        "2",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "1",
+        "--blocks-per-sequence",
+        "1",
+        "--max-examples-per-user",
+        "0",
+        "--val-per-user",
+        "1",
+        "--window",
+        "2",
+        "--memories",
+        "1",
+        "--max-tokens",
+        "256",
+        "--eval-every",
+        "1000",
+        "--patience",
+        "1000",
+        "--checkpoint-every",
+        "2",
+        "--no-progress",
+        "--no-compile",
+    ]
     checkpoint = art / "checkpoints" / "single-max.pt"
     kill_when(argv, lambda: checkpoint if checkpoint.exists() else None)
     assert not (art / "adapters" / "single-max").exists() and not (art / "manifest.json").exists()
@@ -90,11 +128,32 @@ def test_train_agent_killed_resumes_from_its_latest_checkpoint(tmp_path, trained
     from agents.runs import latest_checkpoint, read_run
 
     out = tmp_path / "runs"
-    argv = ["train-agent", "--artifacts", str(trained_tiny_artifacts), "--env-kwargs",
-            "dataset=synthetic", "mask_rated=false", "leave_rule=threshold", "leave_prob=0",
-            "obs_window=3", "--dtype", "float32", "--timesteps", "64", "--n-envs", "2",
-            "--n-steps", "4", "--batch-size", "4", "--checkpoint-every", "8", "--out", str(out),
-            "--no-progress"]
+    argv = [
+        "train-agent",
+        "--artifacts",
+        str(trained_tiny_artifacts),
+        "--env-kwargs",
+        "dataset=synthetic",
+        "mask_rated=false",
+        "leave_rule=threshold",
+        "leave_prob=0",
+        "obs_window=3",
+        "--dtype",
+        "float32",
+        "--timesteps",
+        "64",
+        "--n-envs",
+        "2",
+        "--n-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "8",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
 
     def first_checkpoint() -> Path | None:
         found = list(out.glob("*/checkpoints/model_*_steps.zip"))
@@ -110,7 +169,9 @@ def test_train_agent_killed_resumes_from_its_latest_checkpoint(tmp_path, trained
     done = run(["train-agent", "--resume", str(run_dir), "--no-progress"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming {run_dir} from model_{at}_steps.zip ({at} steps)" in done.stderr
-    assert read_run(run_dir)["timesteps"] == 64 and (run_dir / f"monitor-{at}.monitor.csv").is_file()
+    assert (
+        read_run(run_dir)["timesteps"] == 64 and (run_dir / f"monitor-{at}.monitor.csv").is_file()
+    )
     after = sorted((run_dir / "checkpoints").glob("model_*_steps.zip"))
     assert _snapshot([p for p in after if p in before]) == kept  # nothing before the kill redone
     steps = sorted(int(p.name.split("_")[1]) for p in after if p not in before)

@@ -28,9 +28,14 @@ def _imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     module = _module(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-               and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-               for n in ast.walk(node)}
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If)
+        and isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
     found = []
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -61,8 +66,11 @@ def back_edges() -> list[str]:
             rel = path.relative_to(ROOT).as_posix()
             if rel == COMPOSITION_ROOT:
                 continue
-            out += [f"{rel}:{line} imports {name}" for line, name in _imports(path)
-                    if name.split(".")[0] in forbidden]
+            out += [
+                f"{rel}:{line} imports {name}"
+                for line, name in _imports(path)
+                if name.split(".")[0] in forbidden
+            ]
     return out
 
 
@@ -132,9 +140,10 @@ def test_no_import_cycles_between_the_parts_of_persona_gym():
 def test_the_scan_sees_a_back_edge_and_a_cycle(tmp_path):
     """The checks fail when they should (a planted back-edge, a planted cycle)."""
     planted = tmp_path / "planted.py"
-    planted.write_text("from typing import TYPE_CHECKING\nimport training.train\n"
-                       "if TYPE_CHECKING:\n    import agents.train\n")
+    planted.write_text(
+        "from typing import TYPE_CHECKING\nimport training.train\n"
+        "if TYPE_CHECKING:\n    import agents.train\n"
+    )
     assert [name for _, name in _imports(planted, tmp_path)] == ["typing", "training.train"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
-

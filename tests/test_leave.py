@@ -26,8 +26,16 @@ def table(rows: list[tuple[int, int, int, int]]) -> pd.DataFrame:
 
 
 def test_sessions_split_by_gap_and_user():
-    df = table([(1, 10, 5, 0), (1, 11, 4, 100), (1, 12, 1, 5000), (1, 13, 3, 5100),
-                (2, 10, 2, 120), (1, 14, 4, 20000)])
+    df = table(
+        [
+            (1, 10, 5, 0),
+            (1, 11, 4, 100),
+            (1, 12, 1, 5000),
+            (1, 13, 3, 5100),
+            (2, 10, 2, 120),
+            (1, 14, 4, 20000),
+        ]
+    )
     s = sessions(df, gap=3600)
     assert s["user_id"].tolist() == [1, 1, 1, 1, 1, 2]
     assert s["session"].tolist() == [0, 0, 1, 1, 2, 3]

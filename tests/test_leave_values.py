@@ -35,7 +35,13 @@ def test_a_gap_of_exactly_gap_seconds_stays_in_the_session():
     df = table([(1, 1, 3, 0), (1, 2, 3, 3600), (1, 3, 3, 7201), (2, 1, 4, 7201), (2, 2, 4, 7202)])
     s = sessions(df)  # the default gap: one hour
     assert DEFAULT_GAP_SECONDS == 3600
-    assert s["session"].tolist() == [0, 0, 1, 2, 2] and s["leave"].tolist() == [False, True, True, False, True]
+    assert s["session"].tolist() == [0, 0, 1, 2, 2] and s["leave"].tolist() == [
+        False,
+        True,
+        True,
+        False,
+        True,
+    ]
     assert sessions(df, gap=3599)["session"].tolist() == [0, 1, 2, 3, 3]
     assert isinstance(s.index, pd.RangeIndex)
     for gap in (0, -5):
@@ -60,9 +66,15 @@ def test_features_of_a_longer_session_by_hand():
     np.testing.assert_allclose(f["rating_minus_user_mean"], np.array(ratings) - 3.0)
     assert f["rating"].dtype == np.float64
     for n in range(1, 6):
-        np.testing.assert_allclose(episode_features(ratings[:n], 3.0),
-                                   f.iloc[n - 1][list(FEATURES)].to_numpy(dtype=float))
-    assert episode_features([2, 4, 4, 1], 2.5).tolist() == [1.0, 3.0, pytest.approx(math.log(5)), -1.5]
+        np.testing.assert_allclose(
+            episode_features(ratings[:n], 3.0), f.iloc[n - 1][list(FEATURES)].to_numpy(dtype=float)
+        )
+    assert episode_features([2, 4, 4, 1], 2.5).tolist() == [
+        1.0,
+        3.0,
+        pytest.approx(math.log(5)),
+        -1.5,
+    ]
     with pytest.raises(ValueError, match="^episode_features needs at least one rating$"):
         episode_features([], 3.0)
 
@@ -80,22 +92,31 @@ def test_the_probability_is_the_logistic_of_the_linear_score():
 
 def test_the_json_form_and_its_refusals(tmp_path):
     model = LeaveModel((0.5, -1.0, 0.0, 2.0), -1.5, FEATURES, 900.0, {"data": "x"})
-    assert model.to_dict() == {"format": "persona-gym-leave-model/1", "features": list(FEATURES),
-                               "coefficients": [0.5, -1.0, 0.0, 2.0], "intercept": -1.5,
-                               "gap_seconds": 900.0, "metadata": {"data": "x"}}
+    assert model.to_dict() == {
+        "format": "persona-gym-leave-model/1",
+        "features": list(FEATURES),
+        "coefficients": [0.5, -1.0, 0.0, 2.0],
+        "intercept": -1.5,
+        "gap_seconds": 900.0,
+        "metadata": {"data": "x"},
+    }
     assert LeaveModel((0.0,) * 4, 0.0).to_dict()["metadata"] == {}
     path = model.save(tmp_path / "m.json")
     assert json.loads(path.read_text()) == model.to_dict()
     assert LeaveModel.load(path) == model and LeaveModel.load(str(path)) == model
-    assert load_leave_model(path) == model and load_leave_model() == LeaveModel.load(SHIPPED_LEAVE_MODEL)
+    assert load_leave_model(path) == model and load_leave_model() == LeaveModel.load(
+        SHIPPED_LEAVE_MODEL
+    )
     bare = model.to_dict()
     del bare["metadata"]
     (tmp_path / "bare.json").write_text(json.dumps(bare))
     assert LeaveModel.load(tmp_path / "bare.json").metadata == {}
-    for change, reason in ((dict(format="other/1"), "format is 'other/1', expected 'persona-gym-leave-model/1'"),
-                           (dict(coefficients=[1.0]), "1 coefficients for 4 features"),
-                           (dict(features=["a", "b", "c", "d"]), "features must be"),
-                           (dict(gap_seconds=0.0), "LeaveModel.gap must be > 0, got 0.0")):
+    for change, reason in (
+        (dict(format="other/1"), "format is 'other/1', expected 'persona-gym-leave-model/1'"),
+        (dict(coefficients=[1.0]), "1 coefficients for 4 features"),
+        (dict(features=["a", "b", "c", "d"]), "features must be"),
+        (dict(gap_seconds=0.0), "LeaveModel.gap must be > 0, got 0.0"),
+    ):
         (tmp_path / "bad.json").write_text(json.dumps({**model.to_dict(), **change}))
         with pytest.raises(ValueError) as err:
             LeaveModel.load(tmp_path / "bad.json")
@@ -107,7 +128,9 @@ def test_the_json_form_and_its_refusals(tmp_path):
         LeaveModel.load(tmp_path / "short.json")
     with pytest.raises(ValueError) as err:
         LeaveModel((0.0,) * 4, math.inf)
-    assert str(err.value).startswith("LeaveModel: coefficients, intercept and gap must be finite numbers")
+    assert str(err.value).startswith(
+        "LeaveModel: coefficients, intercept and gap must be finite numbers"
+    )
     with pytest.raises(ValueError, match="^LeaveModel.gap must be > 0, got -1$"):
         LeaveModel((0.0,) * 4, 0.0, gap=-1)
 
@@ -134,17 +157,23 @@ def test_a_fit_records_what_it_was_fitted_on(caplog):
         model = fit_leave_model(data, gap=1800, C=0.5, seed=3, metadata={"data": "synthetic"})
     features = session_features(data, 1800)
     reference = LogisticRegression(C=0.5, random_state=3, max_iter=1000).fit(
-        features[list(FEATURES)].to_numpy(), features["leave"].to_numpy())
+        features[list(FEATURES)].to_numpy(), features["leave"].to_numpy()
+    )
     np.testing.assert_allclose(model.coefficients, reference.coef_[0], rtol=1e-6)
     assert model.intercept == pytest.approx(reference.intercept_[0], rel=1e-6)
     assert model.gap == 1800.0 and model.features == FEATURES
-    assert model.metadata == {"n_ratings": 600, "n_sessions": int(features["session"].nunique()),
-                              "n_users": 30, "leave_rate": pytest.approx(float(features["leave"].mean())),
-                              "data": "synthetic"}
+    assert model.metadata == {
+        "n_ratings": 600,
+        "n_sessions": int(features["session"].nunique()),
+        "n_users": 30,
+        "leave_rate": pytest.approx(float(features["leave"].mean())),
+        "data": "synthetic",
+    }
     assert model.coefficients != fit_leave_model(data, gap=1800, C=0.01, seed=3).coefficients
     message = caplog.records[0].getMessage()
-    assert message.startswith(f"leave model on 600 ratings ({model.metadata['n_sessions']} sessions): "
-                              "coefficients (")
+    assert message.startswith(
+        f"leave model on 600 ratings ({model.metadata['n_sessions']} sessions): coefficients ("
+    )
     assert message.endswith(f"intercept {model.intercept:.3f}")
     default = fit_leave_model(data)
     assert default.gap == 3600.0 and default.metadata["n_ratings"] == 600
@@ -154,8 +183,9 @@ def test_a_fit_needs_ends_and_continuations():
     ends = table([(u, u, 3, 0) for u in range(5)])  # every rating ends its user's only session
     with pytest.raises(ValueError) as err:
         fit_leave_model(ends)
-    assert str(err.value) == ("fit_leave_model needs both session ends and continuations; "
-                              "got 5 leaves in 5 ratings")
+    assert str(err.value) == (
+        "fit_leave_model needs both session ends and continuations; got 5 leaves in 5 ratings"
+    )
 
 
 def test_calibration_by_hand():
@@ -167,7 +197,9 @@ def test_calibration_by_hand():
     observed = np.array([0, 1, 1, 0, 1.0])
     report = calibration(model, held, n_bins=2, strategy="uniform")
     assert report["n"] == 5 and report["strategy"] == "uniform"
-    assert report["leave_rate"] == pytest.approx(0.6) and report["mean_predicted"] == pytest.approx(predicted.mean())
+    assert report["leave_rate"] == pytest.approx(0.6) and report["mean_predicted"] == pytest.approx(
+        predicted.mean()
+    )
     assert report["brier"] == pytest.approx(np.mean((predicted - observed) ** 2))
     assert report["base_rate_brier"] == pytest.approx(np.mean((0.6 - observed) ** 2))
     # uniform bins [0, 0.5) and [0.5, 1]: ratings 3 and 5 below, rating 1 (p = 0.73) above
@@ -175,7 +207,11 @@ def test_calibration_by_hand():
     assert (low["lo"], low["hi"], high["lo"], high["hi"]) == (0.0, 0.5, 0.5, 1.0)
     assert low["count"] == 3 and low["observed"] == pytest.approx(2 / 3)
     assert low["mean_predicted"] == pytest.approx((2 * p[5] + p[3]) / 3)
-    assert high["count"] == 2 and high["observed"] == 0.5 and high["mean_predicted"] == pytest.approx(p[1])
+    assert (
+        high["count"] == 2
+        and high["observed"] == 0.5
+        and high["mean_predicted"] == pytest.approx(p[1])
+    )
     # four uniform bins: [0.5, 0.75) is empty and left out
     four = calibration(model, held, n_bins=4, strategy="uniform")
     assert [(b["lo"], b["count"]) for b in four["bins"]] == [(0.0, 2), (0.25, 1), (0.5, 2)]
@@ -183,7 +219,10 @@ def test_calibration_by_hand():
     quantile = calibration(model, held, n_bins=2)
     assert quantile["strategy"] == "quantile"
     edges = np.quantile(predicted, [0.0, 0.5, 1.0])
-    assert [(b["lo"], b["hi"]) for b in quantile["bins"]] == [(edges[0], edges[1]), (edges[1], edges[2])]
+    assert [(b["lo"], b["hi"]) for b in quantile["bins"]] == [
+        (edges[0], edges[1]),
+        (edges[1], edges[2]),
+    ]
     assert sum(b["count"] for b in quantile["bins"]) == 5
     assert len(calibration(model, held)["bins"]) <= 10  # ten bins by default, empty ones left out
     with pytest.raises(ValueError, match="^n_bins must be >= 1, got 0$"):
@@ -191,18 +230,34 @@ def test_calibration_by_hand():
     with pytest.raises(ValueError, match="^strategy must be 'quantile' or 'uniform', got 'equal'$"):
         calibration(model, held, strategy="equal")
     one = calibration(model, held, n_bins=1, strategy="uniform")
-    assert one["bins"] == [{"lo": 0.0, "hi": 1.0, "mean_predicted": pytest.approx(predicted.mean()),
-                            "observed": pytest.approx(0.6), "count": 5}]
+    assert one["bins"] == [
+        {
+            "lo": 0.0,
+            "hi": 1.0,
+            "mean_predicted": pytest.approx(predicted.mean()),
+            "observed": pytest.approx(0.6),
+            "count": 5,
+        }
+    ]
     cut = calibration(LeaveModel((-1.0, 0.0, 0.0, 0.0), 2.0, gap=30.0), held, n_bins=1)
-    assert cut["leave_rate"] == 1.0  # the model's own gap cuts the sessions: 30 s, every rating ends one
+    assert (
+        cut["leave_rate"] == 1.0
+    )  # the model's own gap cuts the sessions: 30 s, every rating ends one
 
 
 def test_boundaries_of_the_gap_the_columns_and_the_float():
     df = table([(1, 1, 3, 0), (1, 2, 3, 1), (1, 3, 4, 2)])
     assert sessions(df, gap=0.5)["session"].tolist() == [0, 1, 2]  # any positive gap is valid
     assert LeaveModel((0.0,) * 4, 0.0, gap=0.5).gap == 0.5
-    assert list(sessions(df).columns) == ["user_id", "item_id", "rating", "timestamp", "session", "position",
-                                          "leave"]
+    assert list(sessions(df).columns) == [
+        "user_id",
+        "item_id",
+        "rating",
+        "timestamp",
+        "session",
+        "position",
+        "leave",
+    ]
     assert type(LeaveModel((0.1, 0.0, 0.0, 0.0), 0.0).probability(np.array([1, 2, 3, 4]))) is float
 
 

@@ -15,9 +15,14 @@ def _history(n: int) -> list[Interaction]:
 
 
 def _catalog() -> ItemCatalog:
-    items = pd.DataFrame({"item_id": [10, 11, 12], "title": ["Heat", "Casino", "Nameless"],
-                          "year": pd.array([1995, 1995, None], dtype="Int64"),
-                          "genres": [("Crime",), ("Drama",), ()]})
+    items = pd.DataFrame(
+        {
+            "item_id": [10, 11, 12],
+            "title": ["Heat", "Casino", "Nameless"],
+            "year": pd.array([1995, 1995, None], dtype="Int64"),
+            "genres": [("Crime",), ("Drama",), ()],
+        }
+    )
     stats = pd.DataFrame({"item_id": [10, 11], "mean_rating": [3.9, 3.7], "n_ratings": [10, 5]})
     return ItemCatalog.from_frames(items, stats)
 

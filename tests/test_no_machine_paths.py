@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MACHINE_PATH = re.compile(r"(/root/|/home/[A-Za-z0-9_.-]+/|/Users/[A-Za-z0-9_.-]+/|/tmp/|[A-Z]:\\\\Users\\\\)")
+MACHINE_PATH = re.compile(
+    r"(/root/|/home/[A-Za-z0-9_.-]+/|/Users/[A-Za-z0-9_.-]+/|/tmp/|[A-Z]:\\\\Users\\\\)"
+)
 TEXT = {".json", ".md", ".yaml", ".yml", ".txt", ".jsonl", ".toml", ".cfg"}
 
 
@@ -32,4 +34,6 @@ def test_the_shipped_agent_records_no_machine_path():
     for path in (ROOT / "agents" / "shipped").rglob("*.zip"):
         with zipfile.ZipFile(path) as archive:
             data = archive.read("data").decode()
-        assert not MACHINE_PATH.search(data), f"{path.relative_to(ROOT)}: {MACHINE_PATH.search(data).group(0)}"
+        assert not MACHINE_PATH.search(data), (
+            f"{path.relative_to(ROOT)}: {MACHINE_PATH.search(data).group(0)}"
+        )

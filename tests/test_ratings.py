@@ -26,7 +26,9 @@ def test_scale_ends_map_to_the_unit_interval():
 
 
 def test_a_sample_inverts_the_cdf_of_unnormalised_rows():
-    probs = np.array([[0.0, 2.0, 0.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    probs = np.array(
+        [[0.0, 2.0, 0.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]]
+    )
     for seed in range(5):
         u = np.random.default_rng(seed).random(3)
         cdf = probs.cumsum(-1)
@@ -38,12 +40,16 @@ def test_a_sample_inverts_the_cdf_of_unnormalised_rows():
     ratings.sample(probs, rng)
     reference.random(3)
     assert rng.random() == reference.random()  # one uniform per row
-    assert ratings.sample(np.array([[0.0, 0.0, 0.0, 0.0, 1.0]]), np.random.default_rng(0)).dtype == np.float64
+    assert (
+        ratings.sample(np.array([[0.0, 0.0, 0.0, 0.0, 1.0]]), np.random.default_rng(0)).dtype
+        == np.float64
+    )
 
 
 def test_expected_clip_and_unit_by_value():
-    np.testing.assert_allclose(ratings.expected(np.array([[0.1, 0.2, 0.3, 0.2, 0.2], [0, 0, 0, 0, 1]])),
-                               [3.2, 5.0])
+    np.testing.assert_allclose(
+        ratings.expected(np.array([[0.1, 0.2, 0.3, 0.2, 0.2], [0, 0, 0, 0, 1]])), [3.2, 5.0]
+    )
     assert ratings.to_unit(2) == 0.25 and ratings.to_unit(4.5) == 0.875
     assert ratings.clip(0.99) == 1.0 and ratings.clip(5.01) == 5.0 and ratings.clip(2.5) == 2.5
     assert (ratings.MIN_RATING, ratings.MAX_RATING, ratings.N_LEVELS) == (1, 5, 5)

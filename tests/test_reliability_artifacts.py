@@ -48,8 +48,16 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def make_env(root: Path, **kwargs) -> gym.Env:
-    return gym.make("PersonaML100K-v0", artifacts=str(root), dataset="synthetic", mask_rated=False,
-                    leave_rule="threshold", leave_prob=0.0, obs_window=3, **kwargs)
+    return gym.make(
+        "PersonaML100K-v0",
+        artifacts=str(root),
+        dataset="synthetic",
+        mask_rated=False,
+        leave_rule="threshold",
+        leave_prob=0.0,
+        obs_window=3,
+        **kwargs,
+    )
 
 
 # -- tampering -----------------------------------------------------------------------------------
@@ -156,7 +164,9 @@ def test_adapter_paths_must_stay_inside(tmp_path, trained_tiny_artifacts, bad):
     with pytest.raises(ArtifactsError) as err:
         read_manifest(art)
     message = one_line(err)
-    assert repr(bad) in message and ("leaves the artifacts directory" in message or "outside" in message)
+    assert repr(bad) in message and (
+        "leaves the artifacts directory" in message or "outside" in message
+    )
     with pytest.raises(ArtifactsError):
         artifacts_module.rehash(art)
 
@@ -315,8 +325,11 @@ def shipped(tmp_path, art, monkeypatch) -> Path:
                 shutil.copy2(art / name, root / name)
 
     monkeypatch.setattr(shipped_module, "_regenerate_tables", regenerate)
-    monkeypatch.setattr(shipped_module, "tables_digest",
-                        lambda root: json.loads((art / "manifest.json").read_text())["tables_sha256"])
+    monkeypatch.setattr(
+        shipped_module,
+        "tables_digest",
+        lambda root: json.loads((art / "manifest.json").read_text())["tables_sha256"],
+    )
     return package / "ml100k", calls
 
 
@@ -361,8 +374,14 @@ def test_two_processes_materialise_the_shipped_cache_once(shipped, tmp_path, mon
     monkeypatch.setattr(shipped_module, "_file_lock", counting_lock)
     monkeypatch.setattr(shipped_module, "_regenerate_tables", slow_regenerate)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        artifacts_module.resolve_artifacts("ml-100k", cache=tmp_path / "cache"))) for _ in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                artifacts_module.resolve_artifacts("ml-100k", cache=tmp_path / "cache")
+            )
+        )
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -394,8 +413,13 @@ def _run_killed(tmp_path: Path, victim: str, *argv: str) -> subprocess.Completed
     """``persona-gym ARGV`` in a subprocess that SIGKILLs itself while writing file ``victim``."""
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
-    return subprocess.run([sys.executable, str(script), victim, *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(script), victim, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_distill_killed_after_its_first_table_leaves_the_old_artifacts_usable(art, tmp_path):
@@ -403,8 +427,17 @@ def test_distill_killed_after_its_first_table_leaves_the_old_artifacts_usable(ar
 
     data = write_ml1m(tmp_path / "ml1m")
     before = {p: p.read_bytes() for p in art.rglob("*") if p.is_file()}
-    argv = ["distill", "--dataset", str(data), "--out", str(art), "--n-users", "4", "--force",
-            "--no-progress"]
+    argv = [
+        "distill",
+        "--dataset",
+        str(data),
+        "--out",
+        str(art),
+        "--n-users",
+        "4",
+        "--force",
+        "--no-progress",
+    ]
     killed = _run_killed(tmp_path, "profiles.jsonl", *argv)  # after items.parquet was written
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert {p: p.read_bytes() for p in art.rglob("*") if p.is_file()} == before
@@ -438,15 +471,20 @@ names = set(t.TrainConfig.__dataclass_fields__)
 config = t.TrainConfig(**{{**{{k: v for k, v in recorded.items() if k in names}}, "rank": 8}})
 t.train({str(art)!r}, config, progress=False, force=True)
 """)
-    killed = subprocess.run([sys.executable, str(script), "3"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, str(script), "3"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with pytest.raises(ArtifactsError, match="manifest.json not found"):
         load_artifacts(art)  # never a manifest over half-replaced adapters
     from training.train import TrainConfig, train
 
     names = set(TrainConfig.__dataclass_fields__)  # the rerun, in this process
-    train(art, TrainConfig(**{**{k: v for k, v in recorded.items() if k in names}, "rank": 8}),
-          progress=False, force=True)
+    train(
+        art,
+        TrainConfig(**{**{k: v for k, v in recorded.items() if k in names}, "rank": 8}),
+        progress=False,
+        force=True,
+    )
     loaded = load_artifacts(art)
     assert loaded.manifest["training"]["rank"] == 8

@@ -67,14 +67,27 @@ def test_distill_needs_users(capsys, tmp_path, ml1m, flag):
 
 def test_distill_refuses_a_trained_directory(capsys, trained, ml1m):
     before = (trained / "manifest.json").read_bytes()
-    result = run(capsys, "distill", "--dataset", ml1m, "--out", trained, "--n-users", "4",
-                 "--seed", "1", "--no-progress")
+    result = run(
+        capsys,
+        "distill",
+        "--dataset",
+        ml1m,
+        "--out",
+        trained,
+        "--n-users",
+        "4",
+        "--seed",
+        "1",
+        "--no-progress",
+    )
     assert_one_line(result, "distill", str(trained), "--force")
     assert (trained / "manifest.json").read_bytes() == before
 
 
 def test_distill_openai_needs_its_endpoint(capsys, tmp_path, ml1m):
-    result = run(capsys, "distill", "--dataset", ml1m, "--out", tmp_path / "out", "--backend", "openai")
+    result = run(
+        capsys, "distill", "--dataset", ml1m, "--out", tmp_path / "out", "--backend", "openai"
+    )
     assert_one_line(result, "distill", "--base-url")
 
 
@@ -83,25 +96,54 @@ def test_distill_backend_failure_is_one_line_without_the_key(capsys, tmp_path, m
 
     monkeypatch.setattr("training.chat.time.sleep", lambda s: None)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-live-0123456789abcdef")
-    echo = json.dumps({"error": "overloaded", "request": {"headers": {
-        "Authorization": "Bearer sk-live-0123456789abcdef"}}, "pad": "x" * 2000})
+    echo = json.dumps(
+        {
+            "error": "overloaded",
+            "request": {"headers": {"Authorization": "Bearer sk-live-0123456789abcdef"}},
+            "pad": "x" * 2000,
+        }
+    )
     with _Server([(503, echo)] * 4) as server:
-        result = run(capsys, "distill", "--dataset", ml1m, "--out", tmp_path / "out", "--n-users", "4",
-                     "--max-users", "1", "--backend", "openai", "--base-url", server.base_url,
-                     "--model", "m", "--no-progress")
-    line = assert_one_line(result, "distill", server.base_url, "failed after 4 attempts", "HTTP 503")
+        result = run(
+            capsys,
+            "distill",
+            "--dataset",
+            ml1m,
+            "--out",
+            tmp_path / "out",
+            "--n-users",
+            "4",
+            "--max-users",
+            "1",
+            "--backend",
+            "openai",
+            "--base-url",
+            server.base_url,
+            "--model",
+            "m",
+            "--no-progress",
+        )
+    line = assert_one_line(
+        result, "distill", server.base_url, "failed after 4 attempts", "HTTP 503"
+    )
     assert "sk-live" not in line and "0123456789abcdef" not in line and len(line) < 700
 
 
 # -- personas ------------------------------------------------------------------------------------
 def test_personas_missing_artifacts(capsys, tmp_path):
-    assert_one_line(run(capsys, "personas", "--artifacts", tmp_path / "nowhere"), "personas",
-                    "profiles.jsonl", "persona-gym distill")
+    assert_one_line(
+        run(capsys, "personas", "--artifacts", tmp_path / "nowhere"),
+        "personas",
+        "profiles.jsonl",
+        "persona-gym distill",
+    )
 
 
 def test_personas_bad_k(capsys, tmp_path, catalog):
     art = write_tiny_artifacts(tmp_path / "art", catalog)
-    assert_one_line(run(capsys, "personas", "--artifacts", art, "--k", "0"), "personas", "k must be >= 1")
+    assert_one_line(
+        run(capsys, "personas", "--artifacts", art, "--k", "0"), "personas", "k must be >= 1"
+    )
 
 
 def test_personas_broken_profiles_line(capsys, tmp_path, catalog):
@@ -109,37 +151,63 @@ def test_personas_broken_profiles_line(capsys, tmp_path, catalog):
     lines = (art / "profiles.jsonl").read_text().splitlines()
     lines[1] = lines[1][:20]
     (art / "profiles.jsonl").write_text("\n".join(lines) + "\n")
-    assert_one_line(run(capsys, "personas", "--artifacts", art, "--k", "2"), "personas",
-                    "profiles.jsonl line 2", "persona-gym distill")
+    assert_one_line(
+        run(capsys, "personas", "--artifacts", art, "--k", "2"),
+        "personas",
+        "profiles.jsonl line 2",
+        "persona-gym distill",
+    )
 
 
 def test_personas_refuse_to_overwrite(capsys, tmp_path, catalog):
     art = write_tiny_artifacts(tmp_path / "art", catalog)
-    assert_one_line(run(capsys, "personas", "--artifacts", art, "--k", "2"), "personas",
-                    "personas.json exists", "--force")
+    assert_one_line(
+        run(capsys, "personas", "--artifacts", art, "--k", "2"),
+        "personas",
+        "personas.json exists",
+        "--force",
+    )
 
 
 # -- train / evaluate ------------------------------------------------------------------------------
 def test_train_missing_artifacts(capsys, tmp_path):
-    assert_one_line(run(capsys, "train", "--artifacts", tmp_path / "nowhere"), "train",
-                    "persona-gym distill")
+    assert_one_line(
+        run(capsys, "train", "--artifacts", tmp_path / "nowhere"), "train", "persona-gym distill"
+    )
 
 
 def test_train_refuses_another_config(capsys, trained, tiny_base):
-    result = run(capsys, "train", "--artifacts", trained, "--base-model", tiny_base, "--rank", "8",
-                 "--no-progress", "--no-compile")
+    result = run(
+        capsys,
+        "train",
+        "--artifacts",
+        trained,
+        "--base-model",
+        tiny_base,
+        "--rank",
+        "8",
+        "--no-progress",
+        "--no-compile",
+    )
     assert_one_line(result, "train", "--force")
 
 
 def test_evaluate_missing_artifacts(capsys, tmp_path):
-    assert_one_line(run(capsys, "evaluate", "--artifacts", tmp_path / "nowhere"), "evaluate",
-                    str(tmp_path / "nowhere"), "persona-gym distill")
+    assert_one_line(
+        run(capsys, "evaluate", "--artifacts", tmp_path / "nowhere"),
+        "evaluate",
+        str(tmp_path / "nowhere"),
+        "persona-gym distill",
+    )
 
 
 def test_evaluate_broken_manifest(capsys, trained):
     (trained / "manifest.json").write_text('{"schema_version": 2,')
-    assert_one_line(run(capsys, "evaluate", "--artifacts", trained), "evaluate",
-                    "manifest.json is not valid JSON")
+    assert_one_line(
+        run(capsys, "evaluate", "--artifacts", trained),
+        "evaluate",
+        "manifest.json is not valid JSON",
+    )
 
 
 def test_evaluate_broken_adapter_config(capsys, trained):
@@ -147,8 +215,11 @@ def test_evaluate_broken_adapter_config(capsys, trained):
 
     (trained / "adapters" / "persona-0" / "adapter_config.json").write_text('{"r": 4')
     rehash(trained)  # even a deliberate change must not reach peft's parser
-    assert_one_line(run(capsys, "evaluate", "--artifacts", trained), "evaluate",
-                    "adapter_config.json is not valid JSON")
+    assert_one_line(
+        run(capsys, "evaluate", "--artifacts", trained),
+        "evaluate",
+        "adapter_config.json is not valid JSON",
+    )
 
 
 def test_evaluate_broken_adapter_weights(capsys, trained):
@@ -156,21 +227,28 @@ def test_evaluate_broken_adapter_weights(capsys, trained):
 
     (trained / "adapters" / "persona-1" / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
     rehash(trained)
-    assert_one_line(run(capsys, "evaluate", "--artifacts", trained), "evaluate",
-                    "adapter_model.safetensors is not a readable safetensors file")
+    assert_one_line(
+        run(capsys, "evaluate", "--artifacts", trained),
+        "evaluate",
+        "adapter_model.safetensors is not a readable safetensors file",
+    )
 
 
 def test_evaluate_tampered_adapter(capsys, trained):
     weights = trained / "adapters" / "persona-1" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x7f\x7f\x7f\x7f")
-    assert_one_line(run(capsys, "evaluate", "--artifacts", trained), "evaluate",
-                    str(weights), "does not match")
+    assert_one_line(
+        run(capsys, "evaluate", "--artifacts", trained), "evaluate", str(weights), "does not match"
+    )
 
 
 # -- agents --------------------------------------------------------------------------------------
 def test_train_agent_missing_run(capsys, tmp_path):
-    assert_one_line(run(capsys, "train-agent", "--resume", tmp_path / "nowhere"), "train-agent",
-                    "run.json not found")
+    assert_one_line(
+        run(capsys, "train-agent", "--resume", tmp_path / "nowhere"),
+        "train-agent",
+        "run.json not found",
+    )
 
 
 def test_train_agent_resume_keeps_the_recorded_length(capsys, tmp_path, monkeypatch):
@@ -181,9 +259,17 @@ def test_train_agent_resume_keeps_the_recorded_length(capsys, tmp_path, monkeypa
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     recorded = dataclasses.asdict(agent_train.AgentConfig(timesteps=1234, algo="ppo"))
-    (run_dir / "run.json").write_text(json.dumps({
-        "config": recorded, "algo": "ppo", "timesteps": 1234, "train_seconds": 1.0,
-        "env_steps_per_s": 1.0}))
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "config": recorded,
+                "algo": "ppo",
+                "timesteps": 1234,
+                "train_seconds": 1.0,
+                "env_steps_per_s": 1.0,
+            }
+        )
+    )
     seen = {}
 
     def fake_train_agent(config, resume=None, progress=True):
@@ -200,6 +286,7 @@ def test_train_agent_resume_keeps_the_recorded_length(capsys, tmp_path, monkeypa
 @pytest.fixture
 def no_evaluation_work(monkeypatch):
     """Fail the test if evaluate-policy starts loading a simulator."""
+
     def started(*args, **kwargs):
         raise AssertionError("evaluate-policy started work before checking its arguments")
 
@@ -209,13 +296,17 @@ def no_evaluation_work(monkeypatch):
 def test_evaluate_policy_out_is_a_file(capsys, tmp_path, no_evaluation_work):
     out = tmp_path / "results.json"
     out.write_text("{}")
-    assert_one_line(run(capsys, "evaluate-policy", "--out", out), "evaluate-policy",
-                    str(out), "is a file")
+    assert_one_line(
+        run(capsys, "evaluate-policy", "--out", out), "evaluate-policy", str(out), "is a file"
+    )
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--episodes", "0"), ("--k", "0"), ("--n-envs", "0"),
-                                             ("--episodes", "-3")])
-def test_evaluate_policy_bad_numbers_fail_before_work(capsys, tmp_path, no_evaluation_work, flag, value):
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--episodes", "0"), ("--k", "0"), ("--n-envs", "0"), ("--episodes", "-3")]
+)
+def test_evaluate_policy_bad_numbers_fail_before_work(
+    capsys, tmp_path, no_evaluation_work, flag, value
+):
     result = run(capsys, "evaluate-policy", "--out", tmp_path / "out", flag, value)
     assert_one_line(result, "evaluate-policy", f"({flag}) must be >= 1", value)
 
@@ -230,16 +321,24 @@ def test_data_info_unreadable_file(capsys, ml1m, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    assert_one_line(run(capsys, "data", "info", "--dataset", ml1m, "--n-users", "3"), "data info",
-                    "Permission denied", str(ml1m / "ratings.dat"))
+    assert_one_line(
+        run(capsys, "data", "info", "--dataset", ml1m, "--n-users", "3"),
+        "data info",
+        "Permission denied",
+        str(ml1m / "ratings.dat"),
+    )
 
 
 def test_data_info_ids_beyond_int64(capsys, ml1m):
     lines = (ml1m / "ratings.dat").read_text(encoding="latin-1").splitlines()
     lines[4] = "99999999999999999999::1::5::1000000"
     (ml1m / "ratings.dat").write_text("\n".join(lines) + "\n", encoding="latin-1")
-    assert_one_line(run(capsys, "data", "info", "--dataset", ml1m, "--n-users", "3"), "data info",
-                    "ratings.dat, line 5", "beyond the 64-bit integer range")
+    assert_one_line(
+        run(capsys, "data", "info", "--dataset", ml1m, "--n-users", "3"),
+        "data info",
+        "ratings.dat, line 5",
+        "beyond the 64-bit integer range",
+    )
 
 
 @pytest.mark.parametrize("name", ["ratings.dat", "movies.dat", "users.dat"])

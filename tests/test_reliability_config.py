@@ -14,14 +14,26 @@ import persona_gym  # noqa: F401  (registers the env ids)
 from persona_gym.envs.config import EnvConfig, load_env_config
 
 ENV_ID = "PersonaML100K-v0"
-FLOATS = ("reward_scale", "reward_offset", "repeat_penalty", "leave_threshold", "like_threshold",
-          "leave_prob")
+FLOATS = (
+    "reward_scale",
+    "reward_offset",
+    "repeat_penalty",
+    "leave_threshold",
+    "like_threshold",
+    "leave_prob",
+)
 
 
 @pytest.fixture(scope="module")
 def kwargs(trained_tiny_artifacts) -> dict:
-    return {"artifacts": str(trained_tiny_artifacts), "dataset": "synthetic", "mask_rated": False,
-            "leave_rule": "threshold", "leave_prob": 0.0, "obs_window": 3}
+    return {
+        "artifacts": str(trained_tiny_artifacts),
+        "dataset": "synthetic",
+        "mask_rated": False,
+        "leave_rule": "threshold",
+        "leave_prob": 0.0,
+        "obs_window": 3,
+    }
 
 
 @pytest.mark.parametrize("field", FLOATS)
@@ -93,7 +105,9 @@ def test_numpy_integer_user_ids_are_accepted(kwargs):
 
 
 def test_a_step_after_termination_is_refused_until_reset(kwargs):
-    env = gym.make(ENV_ID, **{**kwargs, "leave_prob": 1.0, "leave_threshold": 5.0})  # first rating ends it
+    env = gym.make(
+        ENV_ID, **{**kwargs, "leave_prob": 1.0, "leave_threshold": 5.0}
+    )  # first rating ends it
     env.reset(seed=0)
     *_, terminated, _, info = env.step(0)
     assert terminated and info["left"]

@@ -41,8 +41,9 @@ def key_env(monkeypatch):
 def test_http_errors_never_quote_the_key(key_env, caplog, status, case):
     script = [echo(status, ECHOES[case])] * 3
     with _Server(script) as server, caplog.at_level(logging.WARNING, logger="training.chat"):
-        backend = OpenAIChatBackend(server.base_url, "m", api_key_env="TEST_SECRET_KEY",
-                                    max_retries=2, backoff_s=0)
+        backend = OpenAIChatBackend(
+            server.base_url, "m", api_key_env="TEST_SECRET_KEY", max_retries=2, backoff_s=0
+        )
         with pytest.raises(ChatBackendError) as err:
             backend.complete(MESSAGES)
     assert server.requests[0]["auth"] == f"Bearer {KEY}"  # the key was sent ...
@@ -55,16 +56,18 @@ def test_http_errors_never_quote_the_key(key_env, caplog, status, case):
 def test_malformed_replies_never_quote_the_key(key_env):
     body = json.dumps({"not_choices": [], "echo": {"Authorization": f"Bearer {KEY}"}})
     with _Server([(200, body)] * 2) as server:
-        backend = OpenAIChatBackend(server.base_url, "m", api_key_env="TEST_SECRET_KEY",
-                                    max_retries=1, backoff_s=0)
+        backend = OpenAIChatBackend(
+            server.base_url, "m", api_key_env="TEST_SECRET_KEY", max_retries=1, backoff_s=0
+        )
         with pytest.raises(ChatBackendError, match="malformed response") as err:
             backend.complete(MESSAGES)
     assert KEY not in str(err.value)
 
 
 def test_a_key_in_the_url_is_not_quoted(key_env):
-    backend = OpenAIChatBackend("http://127.0.0.1:9/v1?api_key=" + KEY, "m", max_retries=0,
-                                timeout_s=2)
+    backend = OpenAIChatBackend(
+        "http://127.0.0.1:9/v1?api_key=" + KEY, "m", max_retries=0, timeout_s=2
+    )
     with pytest.raises(ChatBackendError) as err:
         backend.complete(MESSAGES)
     assert KEY not in str(err.value) and "127.0.0.1:9" in str(err.value)

@@ -19,14 +19,16 @@ ITEMS = _unit([[1, 0, 0], [0.99, 0.14, 0], [1, 1, 0], [0, 0, 1], [1, 1, 0]])
 
 
 def _memories() -> pd.DataFrame:
-    return pd.DataFrame({
-        "user_id": [7, 7, 7, 7, 7, 8],
-        "item_id": [100, 101, 102, 103, 104, 101],
-        "item_index": [0, 1, 2, 3, 4, 1],
-        "rating": [5.0, 4.0, 3.0, 1.0, 2.0, 2.0],
-        "timestamp": [1, 2, 3, 4, 5, 1],
-        "text": ["m0", "m1", "m2", "m3", "m4", "other user"],
-    })
+    return pd.DataFrame(
+        {
+            "user_id": [7, 7, 7, 7, 7, 8],
+            "item_id": [100, 101, 102, 103, 104, 101],
+            "item_index": [0, 1, 2, 3, 4, 1],
+            "rating": [5.0, 4.0, 3.0, 1.0, 2.0, 2.0],
+            "timestamp": [1, 2, 3, 4, 5, 1],
+            "text": ["m0", "m1", "m2", "m3", "m4", "other user"],
+        }
+    )
 
 
 def test_top_k_orders_by_cosine_and_excludes_the_candidate() -> None:
@@ -64,7 +66,11 @@ def test_bad_inputs_are_named() -> None:
 def test_embedder_unit_vectors_and_disk_cache(tmp_path) -> None:
     from persona_gym.embeddings import Embedder
 
-    texts = ["Heat (1995); Crime, Thriller", "Toy Story (1995); Animation", "Heat (1995); Crime, Thriller"]
+    texts = [
+        "Heat (1995); Crime, Thriller",
+        "Toy Story (1995); Animation",
+        "Heat (1995); Crime, Thriller",
+    ]
     first = Embedder(cache_dir=tmp_path)
     a = first.encode(texts)
     assert a.dtype == np.float32 and a.shape == (3, first.dim) == (3, 384)

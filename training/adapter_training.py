@@ -37,20 +37,39 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, mse_weight: float) -> torc
     return ce + mse_weight * ((expected - labels.float()) ** 2).mean()
 
 
-def _rating_logits(layered: LayeredLM, packed, hidden, split_layer: int, prior: RatingPrior | None,
-                   examples: list[Example], batch) -> torch.Tensor:
+def _rating_logits(
+    layered: LayeredLM,
+    packed,
+    hidden,
+    split_layer: int,
+    prior: RatingPrior | None,
+    examples: list[Example],
+    batch,
+) -> torch.Tensor:
     """The adapter's rating logits of a batch, with its collaborative prior when it has one."""
     logits = layered.forward(packed, start=split_layer, hidden=hidden)
     if prior is None:
         return logits
     requests = [examples[n].request for _, ns in batch for n in ns]
-    return prior(logits, torch.tensor([r.cf_prediction for r in requests]),
-                 torch.tensor([r.surprise or 0.0 for r in requests]))
+    return prior(
+        logits,
+        torch.tensor([r.cf_prediction for r in requests]),
+        torch.tensor([r.surprise or 0.0 for r in requests]),
+    )
 
 
 @torch.no_grad()
-def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, size,
-              prior: RatingPrior | None = None) -> dict:
+def _evaluate(
+    model,
+    layered,
+    cache,
+    examples,
+    indices,
+    split_layer,
+    pad_id,
+    size,
+    prior: RatingPrior | None = None,
+) -> dict:
     """Validation RMSE/MAE/NLL of the active adapter on ``indices``."""
     if not indices:
         return {"rmse": float("nan"), "mae": float("nan"), "nll": float("nan"), "n": 0}
@@ -60,14 +79,20 @@ def _evaluate(model, layered, cache, examples, indices, split_layer, pad_id, siz
     for batch in _batches(chunks, 64):
         packed, hidden = cache.assemble(batch, pad_id, layered.device)
         logits = _rating_logits(layered, packed, hidden, split_layer, prior, examples, batch)
-        labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns], device=layered.device)
+        labels = torch.tensor(
+            [examples[n].rating for _, ns in batch for n in ns], device=layered.device
+        )
         probs = logits.softmax(-1)
         errors.append(probs @ RATINGS.to(probs.device) - labels.float())
         nll.append(-probs[torch.arange(len(labels), device=probs.device), labels - 1].log())
     err, nll_t = torch.cat(errors), torch.cat(nll)
     model.train()
-    return {"rmse": float(err.pow(2).mean().sqrt()), "mae": float(err.abs().mean()),
-            "nll": float(nll_t.mean()), "n": len(err)}
+    return {
+        "rmse": float(err.pow(2).mean().sqrt()),
+        "mae": float(err.abs().mean()),
+        "nll": float(nll_t.mean()),
+        "n": len(err),
+    }
 
 
 def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,8 +132,12 @@ def train_adapter(
 
     n_layers = layered.n_layers
     lora_config = LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
         layers_to_transform=list(range(split_layer, n_layers)) if config.lora_layers else None,
     )
     seed = config.seed * 1_000_003 + zlib.crc32(name.encode())
@@ -120,7 +149,9 @@ def train_adapter(
     if items is not None:
         with torch.no_grad():
             items.proj.bias.copy_(cache.placeholder_mean(train_idx))
-    extras = {key: module for key, module in (("items", items), ("prior", prior)) if module is not None}
+    extras = {
+        key: module for key, module in (("items", items), ("prior", prior)) if module is not None
+    }
     for module in extras.values():
         groups.append({"params": list(module.parameters()), "lr": config.item_learning_rate})
         params = params + list(module.parameters())
@@ -138,8 +169,15 @@ def train_adapter(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ckpt_path = out_dir / "checkpoints" / f"{name}.pt"
-    state = {"step": 0, "best": None, "best_val": float("inf"), "bad_evals": 0, "history": [],
-             "tokens": 0, "seconds": 0.0}
+    state = {
+        "step": 0,
+        "best": None,
+        "best_val": float("inf"),
+        "bad_evals": 0,
+        "history": [],
+        "tokens": 0,
+        "seconds": 0.0,
+    }
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, weights_only=False)
         if saved.get("config") == config.digest():
@@ -152,13 +190,20 @@ def train_adapter(
             state = saved["state"]
             log.info("adapter %s: resumed from %s at step %d", name, ckpt_path, state["step"])
         else:
-            log.warning("adapter %s: ignoring checkpoint %s made with another config", name, ckpt_path)
+            log.warning(
+                "adapter %s: ignoring checkpoint %s made with another config", name, ckpt_path
+            )
 
     def checkpoint() -> None:
-        payload = {"config": config.digest(), "lora": _lora_state(model, name),
-                   "extras": {key: _clone(m.state_dict()) for key, m in extras.items()},
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "torch_rng": torch.get_rng_state(), "state": state}
+        payload = {
+            "config": config.digest(),
+            "lora": _lora_state(model, name),
+            "extras": {key: _clone(m.state_dict()) for key, m in extras.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "state": state,
+        }
         atomic_write(ckpt_path, lambda tmp: torch.save(payload, tmp))
 
     model.train()
@@ -166,14 +211,17 @@ def train_adapter(
     bar = tqdm(total=total_steps, desc=f"train {name}", disable=not progress, initial=state["step"])
     for epoch in range(config.epochs):
         rng = np.random.default_rng([config.seed, zlib.crc32(name.encode()), epoch])
-        for batch in _batches(_chunks(train_idx, examples, config.blocks_per_sequence, rng),
-                              config.batch_examples):
+        for batch in _batches(
+            _chunks(train_idx, examples, config.blocks_per_sequence, rng), config.batch_examples
+        ):
             if step < state["step"]:  # already done before the resume
                 step += 1
                 continue
             started = time.perf_counter()
             packed, hidden = cache.assemble(batch, pad_id, layered.device)
-            labels = torch.tensor([examples[n].rating for _, ns in batch for n in ns], device=layered.device)
+            labels = torch.tensor(
+                [examples[n].rating for _, ns in batch for n in ns], device=layered.device
+            )
             logits = _rating_logits(layered, packed, hidden, split_layer, prior, examples, batch)
             loss = _loss(logits, labels, config.mse_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -188,18 +236,33 @@ def train_adapter(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", best_rmse=f"{state['best_val']:.3f}")
             if step % config.eval_every == 0 or step == total_steps:
-                metrics = _evaluate(model, layered, cache, examples, val_idx, split_layer,
-                                    pad_id, config.blocks_per_sequence, prior)
+                metrics = _evaluate(
+                    model,
+                    layered,
+                    cache,
+                    examples,
+                    val_idx,
+                    split_layer,
+                    pad_id,
+                    config.blocks_per_sequence,
+                    prior,
+                )
                 state["history"].append({"step": step, "loss": loss.item(), **metrics})
                 if metrics["rmse"] < state["best_val"] - 1e-4 or state["best"] is None:
                     state["best_val"], state["bad_evals"] = metrics["rmse"], 0
                     state["best"] = _lora_state(model, name)
-                    state["best_extras"] = {key: _clone(m.state_dict()) for key, m in extras.items()}
+                    state["best_extras"] = {
+                        key: _clone(m.state_dict()) for key, m in extras.items()
+                    }
                 else:
                     state["bad_evals"] += 1
                 if state["bad_evals"] >= config.patience:
-                    log.info("adapter %s: early stop at step %d (val RMSE %.4f)", name, step,
-                             state["best_val"])
+                    log.info(
+                        "adapter %s: early stop at step %d (val RMSE %.4f)",
+                        name,
+                        step,
+                        state["best_val"],
+                    )
                     stopped = True
             if step % config.checkpoint_every == 0 or stopped:
                 checkpoint()
@@ -216,9 +279,13 @@ def train_adapter(
     layered.items = None
     checkpoint()
     metrics = {
-        "train_examples": len(train_idx), "val_examples": len(val_idx), "steps": state["step"],
-        "best_val_rmse": state["best_val"], "history": state["history"],
-        "train_tokens": state["tokens"], "train_seconds": round(state["seconds"], 1),
+        "train_examples": len(train_idx),
+        "val_examples": len(val_idx),
+        "steps": state["step"],
+        "best_val_rmse": state["best_val"],
+        "history": state["history"],
+        "train_tokens": state["tokens"],
+        "train_seconds": round(state["seconds"], 1),
         "train_tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
         "early_stopped": stopped,
     }
@@ -235,8 +302,13 @@ def _strip_machine_path(config_file: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _save_adapter(model, name: str, folder: Path, items: ItemTokens | None = None,
-                  prior: RatingPrior | None = None) -> None:
+def _save_adapter(
+    model,
+    name: str,
+    folder: Path,
+    items: ItemTokens | None = None,
+    prior: RatingPrior | None = None,
+) -> None:
     """``save_pretrained`` one adapter (with its item projection and prior) into ``folder``
     atomically."""
     folder.parent.mkdir(parents=True, exist_ok=True)

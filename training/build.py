@@ -55,18 +55,43 @@ from persona_gym.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVALUATE_CONFIGS", "PERSONAS_RECIPE", "STAGES", "TRAIN_RECIPE", "Stage", "add_parser", "default_out",
-           "fetch_dataset", "plan", "run_build"]
+__all__ = [
+    "EVALUATE_CONFIGS",
+    "PERSONAS_RECIPE",
+    "STAGES",
+    "TRAIN_RECIPE",
+    "Stage",
+    "add_parser",
+    "default_out",
+    "fetch_dataset",
+    "plan",
+    "run_build",
+]
 
 # The shipped simulator's recipe (Makefile `simulator`); the budget knobs are build's own flags.
 PERSONAS_RECIPE = ("--features", "taste")
-TRAIN_RECIPE = ("--variants", "persona", "--item-tokens", "--cf-cue", "--surprise-cue", "--cf-items",
-                "--cf-prior", "--persona-taste", "0.75", "--blocks-per-sequence", "8")
+TRAIN_RECIPE = (
+    "--variants",
+    "persona",
+    "--item-tokens",
+    "--cf-cue",
+    "--surprise-cue",
+    "--cf-items",
+    "--cf-prior",
+    "--persona-taste",
+    "0.75",
+    "--blocks-per-sequence",
+    "8",
+)
 EVALUATE_CONFIGS = ("persona:Ms+Ml", "persona:Ms+Ml:w0", "persona:Ms")
 STAGES = ("fetch", "distill", "personas", "train", "evaluate")
 # What a finished stage leaves; a recorded stage whose product is gone runs again.
-_PRODUCT = {"distill": "split.json", "personas": "personas.json", "train": MANIFEST,
-            "evaluate": "evaluation/results.json"}
+_PRODUCT = {
+    "distill": "split.json",
+    "personas": "personas.json",
+    "train": MANIFEST,
+    "evaluate": "evaluation/results.json",
+}
 _STAGE_MODULES = ("training.distill", "training.personas", "training.train", "training.evaluate")
 
 
@@ -105,16 +130,29 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
     device = ["--device", args.device] if args.device != "cpu" else []
     seed = ["--seed", str(args.seed)]
     everyone = ["--all-users"] if args.all_users else []
-    stages = [Stage("distill", ["--dataset", dataset, "--n-users", str(args.n_users), *everyone, *seed],
-                    progress)]
+    stages = [
+        Stage(
+            "distill",
+            ["--dataset", dataset, "--n-users", str(args.n_users), *everyone, *seed],
+            progress,
+        )
+    ]
     stages.append(Stage("personas", [*PERSONAS_RECIPE, "--k", str(args.k), *seed]))
-    train = [*TRAIN_RECIPE, "--max-examples-per-user", str(args.max_examples_per_user),
-             "--val-per-user", str(args.val_per_user), *seed]
+    train = [
+        *TRAIN_RECIPE,
+        "--max-examples-per-user",
+        str(args.max_examples_per_user),
+        "--val-per-user",
+        str(args.val_per_user),
+        *seed,
+    ]
     for flag in ("base_model", "epochs", "lora_layers"):
         value = getattr(args, flag)
         if value is not None:
             train += [f"--{flag.replace('_', '-')}", str(value)]
-    stages.append(Stage("train", train, [*progress, *device, *(["--no-compile"] if args.no_compile else [])]))
+    stages.append(
+        Stage("train", train, [*progress, *device, *(["--no-compile"] if args.no_compile else [])])
+    )
     if not args.no_evaluate:
         evaluate = ["--configs", *EVALUATE_CONFIGS, *seed]
         if args.max_test_per_user is not None:
@@ -123,7 +161,9 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
             evaluate.append("--no-studies")
         if args.all_users:  # the other users too, as many as the protocol users
             evaluate += ["--users", "training", "others", "--max-users", str(args.n_users)]
-        stages.append(Stage("evaluate", evaluate, [*device, *([] if args.no_compile else ["--compile"])]))
+        stages.append(
+            Stage("evaluate", evaluate, [*device, *([] if args.no_compile else ["--compile"])])
+        )
     return stages
 
 
@@ -150,7 +190,8 @@ def fetch_dataset(name_or_path: str, dry_run: bool = False) -> tuple[str, str]:
         raise FileNotFoundError(
             f"{name_or_path!r} is neither a known dataset name ({', '.join(sorted(KNOWN_DATASETS))}: "
             "downloaded when missing) nor an existing folder of MovieLens files (ratings.dat, "
-            "users.dat, movies.dat or u.data, u.item, u.user)")
+            "users.dat, movies.dat or u.data, u.item, u.user)"
+        )
     return str(path.resolve()), f"a folder: {path.resolve()}"
 
 
@@ -162,7 +203,9 @@ class BuildLog(logging.Handler):
 
     def __init__(self, stdout: TextIO) -> None:
         super().__init__(logging.INFO)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        self.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
         self.stdout = stdout
         self.file: TextIO | None = None
         self.pending: list[str] = []
@@ -220,6 +263,7 @@ def duration(seconds: float) -> str:
 
 def _summary(root: Path, stage: str) -> str:
     """What a finished stage produced, in a few words (empty when its files do not say)."""
+
     def read(name: str) -> Any:
         path = root / name
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -234,7 +278,8 @@ def _summary(root: Path, stage: str) -> str:
             personas = read("personas.json")
             others = sum(personas.get("by_nearest_centroid", {}).values())
             return f"K={personas['k']} personas of {personas['sizes']} users" + (
-                f", {others} other users given the nearest" if others else "")
+                f", {others} other users given the nearest" if others else ""
+            )
         if stage == "train":
             adapters = read(MANIFEST)["metrics"]["adapters"]
             rmse = [m["best_val_rmse"] for m in adapters.values()]
@@ -278,16 +323,21 @@ def _decide(stage: Stage, root: Path, record: dict, force: bool) -> str:
     if done and product and done.get("settings") == stage.settings:
         return "skip"
     if stage.name == "distill" and product and not done:
-        raise StageError(f"{root} already holds artifacts that {root / BUILD_RECORD} does not record "
-                         "(made stage by stage?): rebuild it with --force, or choose another --out")
+        raise StageError(
+            f"{root} already holds artifacts that {root / BUILD_RECORD} does not record "
+            "(made stage by stage?): rebuild it with --force, or choose another --out"
+        )
     if stage.name in ("distill", "personas") and done and product:
         raise StageError(
             f"{root} was built with other {stage.name} settings ({' '.join(done.get('settings', []))}; "
-            f"now: {' '.join(stage.settings)}): rebuild it from scratch with --force, or choose another --out")
+            f"now: {' '.join(stage.settings)}): rebuild it from scratch with --force, or choose another --out"
+        )
     if stage.name == "personas" and product:
         if (root / MANIFEST).exists():
-            raise StageError(f"{root} holds personas and adapters that {root / BUILD_RECORD} does not "
-                             "record (made by hand?): rebuild it with --force, or choose another --out")
+            raise StageError(
+                f"{root} holds personas and adapters that {root / BUILD_RECORD} does not "
+                "record (made by hand?): rebuild it with --force, or choose another --out"
+            )
         return "force"  # a killed personas stage of this build: its outputs are rewritten whole
     return "run"
 
@@ -302,7 +352,9 @@ def run_build(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     out = args.out or default_out(args.dataset)
     root = Path(out).expanduser()
-    args.resume_hint = f"run the same `persona-gym build` command again to resume ({root / BUILD_RECORD})"
+    args.resume_hint = (
+        f"run the same `persona-gym build` command again to resume ({root / BUILD_RECORD})"
+    )
     started = time.perf_counter()
     build_log = BuildLog(sys.stdout)
     total = len(STAGES) - (1 if args.no_evaluate else 0)
@@ -325,10 +377,14 @@ def run_build(args: argparse.Namespace) -> int:
             action = _decide(stage, root, record, args.force)
             tag = f"[{number}/{total}] {stage.name}"
             if action == "skip":
-                build_log.progress(f"{tag}: done before ({BUILD_RECORD}), skipped; {_summary(root, stage.name)}")
+                build_log.progress(
+                    f"{tag}: done before ({BUILD_RECORD}), skipped; {_summary(root, stage.name)}"
+                )
                 continue
             argv = stage.argv(out) + (["--force"] if action == "force" else [])
-            build_log.progress(f"{tag}: {' '.join(['persona-gym', *(shlex.quote(a) for a in argv)])}")
+            build_log.progress(
+                f"{tag}: {' '.join(['persona-gym', *(shlex.quote(a) for a in argv)])}"
+            )
             t0 = time.perf_counter()
             with _reporting(build_log, tag, t0):
                 stage_args = parser.parse_args(argv)
@@ -340,14 +396,21 @@ def run_build(args: argparse.Namespace) -> int:
                 build_log.open(root / BUILD_LOG)
                 record = _read_record(root)  # a new directory: distill swapped it in whole
             stages_record = dict(record.get("stages") or {})
-            stages_record[stage.name] = {"settings": stage.settings, "seconds": round(seconds, 1),
-                                         "finished": datetime.now(UTC).isoformat(timespec="seconds")}
+            stages_record[stage.name] = {
+                "settings": stage.settings,
+                "seconds": round(seconds, 1),
+                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
             atomic_write_json(root / BUILD_RECORD, {"dataset": dataset, "stages": stages_record})
             build_log.progress(f"{tag}: done in {duration(seconds)}; {_summary(root, stage.name)}")
-        recorded = sum(s.get("seconds", 0.0) for s in (_read_record(root).get("stages") or {}).values())
-        build_log.progress(f"persona-gym build: {out} is ready in {duration(time.perf_counter() - started)} "
-                           f"(all stages, over every run: {duration(recorded)}); use it with "
-                           f"gym.make(..., artifacts={str(root.resolve())!r})")
+        recorded = sum(
+            s.get("seconds", 0.0) for s in (_read_record(root).get("stages") or {}).values()
+        )
+        build_log.progress(
+            f"persona-gym build: {out} is ready in {duration(time.perf_counter() - started)} "
+            f"(all stages, over every run: {duration(recorded)}); use it with "
+            f"gym.make(..., artifacts={str(root.resolve())!r})"
+        )
         return 0
     finally:
         root_logger.removeHandler(build_log)
@@ -365,13 +428,16 @@ def _reporting(build_log: BuildLog, tag: str, t0: float) -> Iterator[None]:
         build_log.progress(f"{tag}: interrupted after {duration(time.perf_counter() - t0)}")
         raise
     except Exception as error:
-        build_log.progress(f"{tag}: failed after {duration(time.perf_counter() - t0)}: "
-                           f"{' '.join(str(error).split())}")
+        build_log.progress(
+            f"{tag}: failed after {duration(time.perf_counter() - t0)}: "
+            f"{' '.join(str(error).split())}"
+        )
         raise
 
 
-def _dry_run(stages: list[Stage], root: Path, out: str, total: int, build_log: BuildLog,
-             force: bool) -> int:
+def _dry_run(
+    stages: list[Stage], root: Path, out: str, total: int, build_log: BuildLog, force: bool
+) -> int:
     record = _read_record(root)
     for number, stage in enumerate(stages, start=2):
         try:
@@ -379,8 +445,9 @@ def _dry_run(stages: list[Stage], root: Path, out: str, total: int, build_log: B
         except StageError as error:
             action = f"refused: {error}"
         state = {"skip": "done, would skip", "run": "would run", "force": "would run with --force"}
-        build_log.progress(f"[{number}/{total}] {stage.name}: {state.get(action, action)}: "
-                           f"{stage.command(out)}")
+        build_log.progress(
+            f"[{number}/{total}] {stage.name}: {state.get(action, action)}: {stage.command(out)}"
+        )
     return 0
 
 
@@ -391,58 +458,118 @@ def add_parser(subparsers) -> None:
 
     helps = field_help(TrainConfig)
     p = subparsers.add_parser(
-        "build", help="build a dataset's simulator in one command: fetch, distill, personas, train, evaluate",
-        description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter,
+        "build",
+        help="build a dataset's simulator in one command: fetch, distill, personas, train, evaluate",
+        description=plain(__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  persona-gym build ml-1m                        # into artifacts/ml1m; then\n"
-               "      gym.make('PersonaML1M-v0', artifacts='artifacts/ml1m')\n"
-               "  persona-gym build ml-1m --device cuda --no-compile\n"
-               "  persona-gym build path/to/ml-1m --out artifacts/mine --max-examples-per-user 20\n"
-               "  persona-gym build ml-100k --dry-run            # the commands, nothing run",
+        "  persona-gym build ml-1m                        # into artifacts/ml1m; then\n"
+        "      gym.make('PersonaML1M-v0', artifacts='artifacts/ml1m')\n"
+        "  persona-gym build ml-1m --device cuda --no-compile\n"
+        "  persona-gym build path/to/ml-1m --out artifacts/mine --max-examples-per-user 20\n"
+        "  persona-gym build ml-100k --dry-run            # the commands, nothing run",
     )
-    p.add_argument("dataset", metavar="DATASET",
-                   help="ml-1m, ml-100k (downloaded into the data folder when missing: "
-                        "$PERSONA_GYM_DATA_DIR, else the per-user data folder), or a folder of "
-                        "MovieLens files (ML-1M or ML-100k format)")
-    p.add_argument("--out", default=None,
-                   help="artifacts directory (default: artifacts/ml1m for ml-1m, artifacts/ml100k for "
-                        "ml-100k, artifacts/<folder name> for a folder)")
-    p.add_argument("--n-users", type=int, default=200,
-                   help="users of the protocol split, among those with 100-200 ratings (default: 200)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of every stage: split, KMeans, training, evaluation (default: 0)")
-    p.add_argument("--all-users", action="store_true",
-                   help="simulate every user with >= 20 ratings, not only the protocol users the "
-                        "adapters train on (each gets the persona of the nearest centroid); evaluate "
-                        "reports the users the adapters never saw in evaluation/others")
-    p.add_argument("--k", type=int, default=2,
-                   help="number of personas, clustered on the users' collaborative taste (default: 2, "
-                        "as the shipped simulator)")
-    p.add_argument("--base-model", default=None,
-                   help="base SLM: alias, local folder or hub id (default: train's, smollm2-135m-instruct)")
-    p.add_argument("--max-examples-per-user", type=int, default=0,
-                   help=plain(helps["max_examples_per_user"]) + " (default: 0, as the shipped simulator)")
-    p.add_argument("--val-per-user", type=int, default=5,
-                   help=plain(helps["val_per_user"]).rstrip(".") + " (default: 5)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=plain(helps["epochs"]).rstrip(".") + f" (default: {TrainConfig.epochs})")
-    p.add_argument("--lora-layers", type=int, default=None,
-                   help=plain(helps["lora_layers"]).rstrip(".") + f" (default: {TrainConfig.lora_layers})")
-    p.add_argument("--max-test-per-user", type=int, default=None,
-                   help="evaluate only the first N test interactions of each user (default: all)")
-    p.add_argument("--no-studies", action="store_true",
-                   help="evaluate without the persona-specificity, memory-slope and reward-landscape "
-                        "studies (433 of the 1,019 s of the 2026-12-01 shipped evaluation)")
+    p.add_argument(
+        "dataset",
+        metavar="DATASET",
+        help="ml-1m, ml-100k (downloaded into the data folder when missing: "
+        "$PERSONA_GYM_DATA_DIR, else the per-user data folder), or a folder of "
+        "MovieLens files (ML-1M or ML-100k format)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="artifacts directory (default: artifacts/ml1m for ml-1m, artifacts/ml100k for "
+        "ml-100k, artifacts/<folder name> for a folder)",
+    )
+    p.add_argument(
+        "--n-users",
+        type=int,
+        default=200,
+        help="users of the protocol split, among those with 100-200 ratings (default: 200)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of every stage: split, KMeans, training, evaluation (default: 0)",
+    )
+    p.add_argument(
+        "--all-users",
+        action="store_true",
+        help="simulate every user with >= 20 ratings, not only the protocol users the "
+        "adapters train on (each gets the persona of the nearest centroid); evaluate "
+        "reports the users the adapters never saw in evaluation/others",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=2,
+        help="number of personas, clustered on the users' collaborative taste (default: 2, "
+        "as the shipped simulator)",
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="base SLM: alias, local folder or hub id (default: train's, smollm2-135m-instruct)",
+    )
+    p.add_argument(
+        "--max-examples-per-user",
+        type=int,
+        default=0,
+        help=plain(helps["max_examples_per_user"]) + " (default: 0, as the shipped simulator)",
+    )
+    p.add_argument(
+        "--val-per-user",
+        type=int,
+        default=5,
+        help=plain(helps["val_per_user"]).rstrip(".") + " (default: 5)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=plain(helps["epochs"]).rstrip(".") + f" (default: {TrainConfig.epochs})",
+    )
+    p.add_argument(
+        "--lora-layers",
+        type=int,
+        default=None,
+        help=plain(helps["lora_layers"]).rstrip(".") + f" (default: {TrainConfig.lora_layers})",
+    )
+    p.add_argument(
+        "--max-test-per-user",
+        type=int,
+        default=None,
+        help="evaluate only the first N test interactions of each user (default: all)",
+    )
+    p.add_argument(
+        "--no-studies",
+        action="store_true",
+        help="evaluate without the persona-specificity, memory-slope and reward-landscape "
+        "studies (433 of the 1,019 s of the 2026-12-01 shipped evaluation)",
+    )
     p.add_argument("--no-evaluate", action="store_true", help="stop after training")
-    p.add_argument("--device", default="cpu",
-                   help="torch device of training and evaluation: cpu, cuda, cuda:N (default: cpu)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="run eagerly instead of through torch.compile (no ~1 min warm-up, slower on a "
-                        "long CPU run; its gain on a GPU is not measured)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of training and evaluation: cpu, cuda, cuda:N (default: cpu)",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="run eagerly instead of through torch.compile (no ~1 min warm-up, slower on a "
+        "long CPU run; its gain on a GPU is not measured)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside the stages")
-    p.add_argument("--force", action="store_true",
-                   help="start again from scratch: replace --out (distill --force), then run every stage")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print each stage's command and whether it would run; run nothing")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start again from scratch: replace --out (distill --force), then run every stage",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each stage's command and whether it would run; run nothing",
+    )
     p.set_defaults(func=run_build)
-

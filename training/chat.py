@@ -36,7 +36,8 @@ QUOTE_CHARS = 200  # how much of a server's reply an error or log line quotes
 _SECRETS = re.compile(
     r"(?i)(\bbearer\s+|\bbasic\s+|\b(?:authorization|proxy-authorization|x-api-key|api[-_]?key|"
     r"access[-_]?token|auth[-_]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+|basic\s+)?)"
-    r"[^\s\"',;&}]+")
+    r"[^\s\"',;&}]+"
+)
 _KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|hf|ghp|gho|xox[abp])[-_][A-Za-z0-9_\-]{8,}")
 
 
@@ -96,9 +97,11 @@ class HFChatBackend:
             from persona_gym.assets import model_source, resolve_model
 
             source = str(model_source(resolve_model(self.model)).get("sha256") or "")
-        return (f"hf:{self.model}:{source}:max_new_tokens={self.max_new_tokens}:"
-                f"temperature={self.temperature}:seed={self.seed}:"
-                f"repetition_penalty={self.repetition_penalty}")
+        return (
+            f"hf:{self.model}:{source}:max_new_tokens={self.max_new_tokens}:"
+            f"temperature={self.temperature}:seed={self.seed}:"
+            f"repetition_penalty={self.repetition_penalty}"
+        )
 
     def _model(self) -> tuple[Any, Any]:
         if self.loaded is None:
@@ -118,7 +121,8 @@ class HFChatBackend:
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
-            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+            "pad_token_id": tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
             else tokenizer.eos_token_id,
         }
         if self.temperature > 0:
@@ -129,7 +133,7 @@ class HFChatBackend:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             out = model.generate(**inputs, **kwargs)
-        new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        new_tokens = out[0, inputs["input_ids"].shape[1] :]
         return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
@@ -164,16 +168,20 @@ class OpenAIChatBackend:
 
     @property
     def identity(self) -> str:
-        return (f"openai:{self.base_url.rstrip('/')}:{self.model}:temperature={self.temperature}:"
-                f"max_tokens={self.max_tokens}")
+        return (
+            f"openai:{self.base_url.rstrip('/')}:{self.model}:temperature={self.temperature}:"
+            f"max_tokens={self.max_tokens}"
+        )
 
     def complete(self, messages: list[Message]) -> str:
-        body = json.dumps({
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
@@ -191,7 +199,9 @@ class OpenAIChatBackend:
                 detail = redact(err.read().decode("utf-8", errors="replace"), secrets)
                 last = f"HTTP {err.code}: {detail}"
                 if err.code != 429 and err.code < 500:
-                    raise ChatBackendError(f"{redact(self.url)} refused the request: {last}") from err
+                    raise ChatBackendError(
+                        f"{redact(self.url)} refused the request: {last}"
+                    ) from err
                 log.warning("%s: %s (attempt %d)", redact(self.url), last, attempt + 1)
                 continue
             except (urllib.error.URLError, TimeoutError, OSError) as err:

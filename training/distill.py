@@ -45,8 +45,15 @@ from persona_gym.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLMDistiller", "LLMDistillerConfig", "add_parser", "batch_prompt", "parse_reply",
-           "run_distill", "token_lengths"]
+__all__ = [
+    "LLMDistiller",
+    "LLMDistillerConfig",
+    "add_parser",
+    "batch_prompt",
+    "parse_reply",
+    "run_distill",
+    "token_lengths",
+]
 
 PROMPT_VERSION = "v1"
 
@@ -55,18 +62,24 @@ PROMPT_VERSION = "v1"
 # LLM distiller (hierarchical self-reflection)
 # --------------------------------------------------------------------------------------------
 
-_SYSTEM = ("You study one person's movie ratings and explain them in the first person, as that "
-           "person. Be brief and concrete.")
+_SYSTEM = (
+    "You study one person's movie ratings and explain them in the first person, as that "
+    "person. Be brief and concrete."
+)
 # Generated text is refused (the data distiller's text is used instead) when it carries chat
 # markup or special tokens, or addresses the rating model instead of describing a taste.
-_MARKUP = re.compile(r"<\|[^<>|]{0,40}\|>|</?s>|\[/?INST\]|<</?SYS>>|<\|?(?:im_start|im_end|endoftext)"
-                     r"|^\s*(?:system|assistant|user)\s*:", re.IGNORECASE | re.MULTILINE)
+_MARKUP = re.compile(
+    r"<\|[^<>|]{0,40}\|>|</?s>|\[/?INST\]|<</?SYS>>|<\|?(?:im_start|im_end|endoftext)"
+    r"|^\s*(?:system|assistant|user)\s*:",
+    re.IGNORECASE | re.MULTILINE,
+)
 _INJECTION = re.compile(
     r"\b(?:ignore|disregard|forget|override)\b.{0,40}\b(?:instructions?|prompts?|rules|above|previous)\b"
     r"|\b(?:new|updated|real) instructions?\b|\bsystem prompt\b|\byou are now\b|\bas an ai\b"
     r"|\b(?:always|only)\s+(?:answer|rate|reply|respond|say|output)\b"
     r"|\b(?:answer|reply|respond|output)\s+(?:with\s+)?(?:only\s+)?(?:a\s+|the\s+)?[1-5]\b",
-    re.IGNORECASE | re.DOTALL)
+    re.IGNORECASE | re.DOTALL,
+)
 _LINE = re.compile(r"^\s*(?:\**)?(\d{1,2})\s*[.):\-]\s*(.+?)\s*$", re.MULTILINE)
 _PROFILE = re.compile(r"PROFILE\s*:\s*(.+)", re.IGNORECASE | re.DOTALL)
 
@@ -115,7 +128,9 @@ def accepted_text(text: str | None, limit: int) -> str | None:
 
     if text is None:
         return None
-    reason = "markup" if _MARKUP.search(text) else "instructions" if _INJECTION.search(text) else None
+    reason = (
+        "markup" if _MARKUP.search(text) else "instructions" if _INJECTION.search(text) else None
+    )
     if reason:
         log.warning("refused a distiller reply with %s: %r", reason, text[:80])
         return None
@@ -155,9 +170,13 @@ class LLMDistiller:
 
     name = "llm"
 
-    def __init__(self, backend, config: LLMDistillerConfig | None = None,
-                 user_ids: Iterable[int] | None = None,
-                 data_config: DataDistillerConfig | None = None) -> None:
+    def __init__(
+        self,
+        backend,
+        config: LLMDistillerConfig | None = None,
+        user_ids: Iterable[int] | None = None,
+        data_config: DataDistillerConfig | None = None,
+    ) -> None:
         self.backend = backend
         self.config = config or LLMDistillerConfig()
         self.data_config = data_config or DataDistillerConfig()
@@ -185,49 +204,71 @@ class LLMDistiller:
         profiles: dict[int, str] = {}
         out_traits: dict[int, dict] = {}
         texts: list[str] = []
-        for user_id in tqdm(users, desc="distil (llm)", unit="user",
-                            disable=not self.config.progress):
+        for user_id in tqdm(
+            users, desc="distil (llm)", unit="user", disable=not self.config.progress
+        ):
             group = rows[rows["user_id"] == user_id]
             result = self._user(user_id, group, catalog, identity)
             # cached results may predate the checks of parse_reply
             result["reasons"] = [accepted_text(r, _MAX_REASON_CHARS) for r in result["reasons"]]
             result["profile"] = accepted_text(result["profile"], _MAX_PROFILE_CHARS)
-            fallback = [memory_text(catalog, int(i), float(r), traits[user_id], self.data_config)
-                        for i, r in zip(group["item_index"], group["rating"], strict=True)]
+            fallback = [
+                memory_text(catalog, int(i), float(r), traits[user_id], self.data_config)
+                for i, r in zip(group["item_index"], group["rating"], strict=True)
+            ]
             user_texts = []
-            for reason, i, r, fb in zip(result["reasons"], group["item_index"], group["rating"],
-                                        fallback, strict=True):
+            for reason, i, r, fb in zip(
+                result["reasons"], group["item_index"], group["rating"], fallback, strict=True
+            ):
                 if reason is None:
                     user_texts.append(fb)
                 else:
-                    user_texts.append(f"I rated {catalog.title_year(int(i))} {int(r)}/5: "
-                                      f"{_words(reason, self.config.max_reason_words)}")
+                    user_texts.append(
+                        f"I rated {catalog.title_year(int(i))} {int(r)}/5: "
+                        f"{_words(reason, self.config.max_reason_words)}"
+                    )
             texts.extend(user_texts)
             profile = result["profile"]
-            profiles[user_id] = (f"PERSONA: {_words(profile, self.config.max_profile_words)}"
-                                 if profile else profile_text(traits[user_id]))
-            out_traits[user_id] = dict(traits[user_id], llm={
-                "backend": self.backend.identity,
-                "prompt_version": PROMPT_VERSION,
-                "n_batches": result["n_batches"],
-                "reason_fallbacks": sum(x is None for x in result["reasons"]),
-                "profile_fallbacks": result["profile_fallbacks"],
-                "profile_from_data": profile is None,
-            })
+            profiles[user_id] = (
+                f"PERSONA: {_words(profile, self.config.max_profile_words)}"
+                if profile
+                else profile_text(traits[user_id])
+            )
+            out_traits[user_id] = dict(
+                traits[user_id],
+                llm={
+                    "backend": self.backend.identity,
+                    "prompt_version": PROMPT_VERSION,
+                    "n_batches": result["n_batches"],
+                    "reason_fallbacks": sum(x is None for x in result["reasons"]),
+                    "profile_fallbacks": result["profile_fallbacks"],
+                    "profile_from_data": profile is None,
+                },
+            )
         n_fb = sum(t["llm"]["reason_fallbacks"] for t in out_traits.values())
-        log.info("LLM distiller: %d users, %d memories, %d reasons fell back to templates",
-                 len(users), len(texts), n_fb)
+        log.info(
+            "LLM distiller: %d users, %d memories, %d reasons fell back to templates",
+            len(users),
+            len(texts),
+            n_fb,
+        )
         return UserMemories(profiles, out_traits, memories_frame(rows, texts))
 
-    def _user(self, user_id: int, group: pd.DataFrame, catalog: ItemCatalog,
-              identity: str) -> dict:
+    def _user(self, user_id: int, group: pd.DataFrame, catalog: ItemCatalog, identity: str) -> dict:
         """One user's reflection, from the cache when this exact history was done before."""
-        lines = [f"{catalog.describe(int(i))} -> I rated {int(r)}"
-                 for i, r in zip(group["item_index"], group["rating"], strict=True)]
-        key = hashlib.sha256(json.dumps(
-            {"identity": identity, "config": [self.config.batch_size,
-                                              self.config.max_profile_words],
-             "history": lines}).encode()).hexdigest()
+        lines = [
+            f"{catalog.describe(int(i))} -> I rated {int(r)}"
+            for i, r in zip(group["item_index"], group["rating"], strict=True)
+        ]
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "identity": identity,
+                    "config": [self.config.batch_size, self.config.max_profile_words],
+                    "history": lines,
+                }
+            ).encode()
+        ).hexdigest()
         path = self.cache_path() / f"user-{user_id}-{key[:20]}.json"
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))
@@ -237,11 +278,16 @@ class LLMDistiller:
         profile_fallbacks = 0
         size = self.config.batch_size
         for start in range(0, len(lines), size):
-            batch = lines[start:start + size]
+            batch = lines[start : start + size]
             t0 = time.perf_counter()
             reply = self.backend.complete(batch_prompt(profile or "", batch, self.config))
-            log.debug("user %d: batch %d/%d in %.1f s", user_id, start // size + 1,
-                      -(-len(lines) // size), time.perf_counter() - t0)
+            log.debug(
+                "user %d: batch %d/%d in %.1f s",
+                user_id,
+                start // size + 1,
+                -(-len(lines) // size),
+                time.perf_counter() - t0,
+            )
             replies.append(reply)
             got, new_profile = parse_reply(reply, len(batch))
             reasons.extend(got)
@@ -249,9 +295,15 @@ class LLMDistiller:
                 profile_fallbacks += 1
             else:
                 profile = new_profile
-        result = {"user_id": user_id, "key": key, "profile": profile, "reasons": reasons,
-                  "n_batches": len(replies), "profile_fallbacks": profile_fallbacks,
-                  "replies": replies}
+        result = {
+            "user_id": user_id,
+            "key": key,
+            "profile": profile,
+            "reasons": reasons,
+            "n_batches": len(replies),
+            "profile_fallbacks": profile_fallbacks,
+            "replies": replies,
+        }
         atomic_write_json(path, result)
         return result
 
@@ -281,26 +333,50 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--dataset", default="ml-100k", help="dataset name or MovieLens folder")
     p.add_argument("--out", required=True, help="artifacts directory to write")
-    p.add_argument("--backend", choices=["data", "hf", "openai"], default="data",
-                   help="data: deterministic templates; hf: local LLM; openai: HTTP endpoint")
-    p.add_argument("--model", default=None,
-                   help="hf: model alias/path/hub id (default smollm2-135m-instruct); "
-                        "openai: model name (required)")
-    p.add_argument("--base-url", default=None,
-                   help="openai: endpoint base URL, e.g. http://localhost:8000/v1 "
-                        "(API key from $OPENAI_API_KEY)")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="hf/openai: reply length cap per reflection step")
+    p.add_argument(
+        "--backend",
+        choices=["data", "hf", "openai"],
+        default="data",
+        help="data: deterministic templates; hf: local LLM; openai: HTTP endpoint",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="hf: model alias/path/hub id (default smollm2-135m-instruct); "
+        "openai: model name (required)",
+    )
+    p.add_argument(
+        "--base-url",
+        default=None,
+        help="openai: endpoint base URL, e.g. http://localhost:8000/v1 "
+        "(API key from $OPENAI_API_KEY)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="hf/openai: reply length cap per reflection step",
+    )
     p.add_argument("--n-users", type=int, default=200, help="users in the protocol split")
     p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--all-users", action="store_true",
-                   help="also simulate every other user with >= 20 ratings (split by time like the "
-                        "protocol users; the adapters still train on the protocol users only)")
-    p.add_argument("--max-users", type=int, default=None,
-                   help="distil only the first N split users (quick LLM runs)")
+    p.add_argument(
+        "--all-users",
+        action="store_true",
+        help="also simulate every other user with >= 20 ratings (split by time like the "
+        "protocol users; the adapters still train on the protocol users only)",
+    )
+    p.add_argument(
+        "--max-users",
+        type=int,
+        default=None,
+        help="distil only the first N split users (quick LLM runs)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing artifacts directory --out (its personas and adapters too)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing artifacts directory --out (its personas and adapters too)",
+    )
     p.set_defaults(func=run_distill)
 
 
@@ -340,15 +416,16 @@ def _distill_into(args: argparse.Namespace, out: Path) -> int:
         if args.backend == "hf":
             from training.chat import HFChatBackend
 
-            backend: Any = HFChatBackend(model=args.model or "smollm2-135m-instruct",
-                                         max_new_tokens=args.max_new_tokens)
+            backend: Any = HFChatBackend(
+                model=args.model or "smollm2-135m-instruct", max_new_tokens=args.max_new_tokens
+            )
         else:
             from training.chat import OpenAIChatBackend
 
-            backend = OpenAIChatBackend(base_url=args.base_url, model=args.model,
-                                        max_tokens=args.max_new_tokens)
-        config = LLMDistillerConfig(cache_dir=str(out / "llm_cache"),
-                                    progress=not args.no_progress)
+            backend = OpenAIChatBackend(
+                base_url=args.base_url, model=args.model, max_tokens=args.max_new_tokens
+            )
+        config = LLMDistillerConfig(cache_dir=str(out / "llm_cache"), progress=not args.no_progress)
         distiller = LLMDistiller(backend, config, user_ids=user_ids)
 
     t0 = time.perf_counter()
@@ -380,17 +457,22 @@ def _distill_into(args: argparse.Namespace, out: Path) -> int:
         "ml_tokens": _length_stats(ml_tokens),
     }
     if args.backend != "data":
-        info["reason_fallbacks"] = sum(t["llm"]["reason_fallbacks"]
-                                       for t in result.traits.values())
-        info["profiles_from_data"] = sum(t["llm"]["profile_from_data"]
-                                         for t in result.traits.values())
+        info["reason_fallbacks"] = sum(t["llm"]["reason_fallbacks"] for t in result.traits.values())
+        info["profiles_from_data"] = sum(
+            t["llm"]["profile_from_data"] for t in result.traits.values()
+        )
     t0 = time.perf_counter()
     write_artifacts(out, dataset, split, catalog, result, item_embeddings, info)
     timings["write"] = time.perf_counter() - t0
     log.info("timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
-    log.info("wrote %s: %d profiles (median Ms %s tokens), %d memories (median Ml %s tokens)",
-             args.out, len(result.profiles), info["ms_tokens"]["median"], len(result.memories),
-             info["ml_tokens"]["median"])
+    log.info(
+        "wrote %s: %d profiles (median Ms %s tokens), %d memories (median Ml %s tokens)",
+        args.out,
+        len(result.profiles),
+        info["ms_tokens"]["median"],
+        len(result.memories),
+        info["ml_tokens"]["median"],
+    )
     return 0
 
 
@@ -398,4 +480,3 @@ def _length_stats(lengths: list[int]) -> dict:
     if not lengths:
         return {"min": 0, "median": 0, "max": 0}
     return {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}
-

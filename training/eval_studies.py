@@ -22,9 +22,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-def _prior_alone(priors: dict, artifacts, rows: pd.DataFrame, full_test: pd.DataFrame,
-                 personas: np.ndarray, windows: dict[int, tuple]) -> dict:
+def _prior_alone(
+    priors: dict,
+    artifacts,
+    rows: pd.DataFrame,
+    full_test: pd.DataFrame,
+    personas: np.ndarray,
+    windows: dict[int, tuple],
+) -> dict:
     """The simulator's collaborative prior without the SLM's logits: what the SLM adds is the
     difference between this row and the simulator's. ``windows``: each user's evaluator window
     (its surprise moves the prior's centre)."""
@@ -37,37 +42,63 @@ def _prior_alone(priors: dict, artifacts, rows: pd.DataFrame, full_test: pd.Data
     def probs_of(frame: pd.DataFrame) -> np.ndarray:
         users = frame["user_id"].to_numpy(np.int64)
         own = cf.user_factors[np.maximum(cf.user_rows(users), 0)]
-        factors = np.array([own[n] if taste[int(u)] is None else taste[int(u)] for n, u in enumerate(users)])
-        predictions = torch.tensor(cf.predict(users, frame["item_index"], factors.reshape(own.shape)))
+        factors = np.array(
+            [own[n] if taste[int(u)] is None else taste[int(u)] for n, u in enumerate(users)]
+        )
+        predictions = torch.tensor(
+            cf.predict(users, frame["item_index"], factors.reshape(own.shape))
+        )
         surprises = torch.tensor([surprise[int(u)] for u in users])
         out = np.zeros((len(frame), 5))
         adapters = np.array([artifacts.adapter_of(int(u)) for u in users])
         with torch.no_grad():
             for name in np.unique(adapters):
                 index = np.flatnonzero(adapters == name)
-                logits = priors[name](torch.zeros(len(index), 5), predictions[index], surprises[index])
+                logits = priors[name](
+                    torch.zeros(len(index), 5), predictions[index], surprises[index]
+                )
                 out[index] = logits.softmax(-1).double().numpy()
         return out
 
     real = rows["rating"].to_numpy(np.float64)
     probs = probs_of(rows)
     full = expected(probs_of(full_test))
-    return {"params": {"from": "each adapter's learned prior"}, "val_rmse": float("nan"),
-            "full_test": {"n": int(len(full_test)), "rmse": rmse(full, full_test["rating"]),
-                          "mae": mae(full, full_test["rating"])},
-            "evaluated_rows": fidelity_report(rows["user_id"].to_numpy(), real, probs=probs, groups=personas),
-            "first_3": _first_3(rows, expected(probs), real)}
+    return {
+        "params": {"from": "each adapter's learned prior"},
+        "val_rmse": float("nan"),
+        "full_test": {
+            "n": int(len(full_test)),
+            "rmse": rmse(full, full_test["rating"]),
+            "mae": mae(full, full_test["rating"]),
+        },
+        "evaluated_rows": fidelity_report(
+            rows["user_id"].to_numpy(), real, probs=probs, groups=personas
+        ),
+        "first_3": _first_3(rows, expected(probs), real),
+    }
 
 
 def _first_3(rows: pd.DataFrame, pred: np.ndarray, real: np.ndarray) -> dict:
     """RMSE and MAE on each user's first 3 evaluated test interactions (the shipped report's
     historical 600-row subset)."""
     first = rows.groupby("user_id").cumcount().to_numpy() < 3
-    return {"n": int(first.sum()), "rmse": rmse(pred[first], real[first]), "mae": mae(pred[first], real[first])}
+    return {
+        "n": int(first.sum()),
+        "rmse": rmse(pred[first], real[first]),
+        "mae": mae(pred[first], real[first]),
+    }
 
 
-def _studies(models: _Models, artifacts, data: EvalData, full_test: pd.DataFrame, prompt, seed: int,
-             per_user: int, chunk_users: int) -> dict:
+def _studies(
+    models: _Models,
+    artifacts,
+    data: EvalData,
+    full_test: pd.DataFrame,
+    prompt,
+    seed: int,
+    per_user: int,
+    chunk_users: int,
+) -> dict:
     """Persona specificity, memory slope and reward landscape of the persona simulator."""
     from persona_gym.evaluation import fidelity
 
@@ -82,8 +113,9 @@ def _studies(models: _Models, artifacts, data: EvalData, full_test: pd.DataFrame
         unique = list(dict.fromkeys(users.tolist()))
         for start in range(0, len(unique), chunk_users):
             index = np.flatnonzero(np.isin(users, unique[start : start + chunk_users]))
-            probs[index] = simulator.rate(users[index].tolist(), [int(items[i]) for i in index],
-                                          [windows[i] for i in index])
+            probs[index] = simulator.rate(
+                users[index].tolist(), [int(items[i]) for i in index], [windows[i] for i in index]
+            )
         return probs
 
     k = prompt.window_size
@@ -91,24 +123,39 @@ def _studies(models: _Models, artifacts, data: EvalData, full_test: pd.DataFrame
     last = {u: (h[-k:] if k else ()) for u, h in histories.items()}
     rows = select_test(full_test, per_user)
     out = {"rows_per_user": per_user}
-    log.info("studies: persona specificity on %d rows x %d adapters", len(rows),
-             len(set(artifacts.user_persona.values())))
+    log.info(
+        "studies: persona specificity on %d rows x %d adapters",
+        len(rows),
+        len(set(artifacts.user_persona.values())),
+    )
     out["persona_specificity"] = fidelity.persona_specificity(
-        rate, rows["user_id"].to_numpy(), rows["item_index"].to_numpy(), rows["rating"].to_numpy(np.float64),
-        [last[int(u)] for u in rows["user_id"]], artifacts.user_persona)
+        rate,
+        rows["user_id"].to_numpy(),
+        rows["item_index"].to_numpy(),
+        rows["rating"].to_numpy(np.float64),
+        [last[int(u)] for u in rows["user_id"]],
+        artifacts.user_persona,
+    )
     catalog = artifacts.catalog
-    global_mean = float(np.average(catalog.mean_rating, weights=np.maximum(catalog.n_ratings, 1e-9)))
+    global_mean = float(
+        np.average(catalog.mean_rating, weights=np.maximum(catalog.n_ratings, 1e-9))
+    )
     item_bias = catalog.mean_rating - global_mean
     memories = artifacts.memories
-    history = pd.concat([memories[["user_id", "item_index", "rating", "timestamp"]].assign(is_test=False),
-                         full_test[["user_id", "item_index", "rating", "timestamp"]].assign(is_test=True)],
-                        ignore_index=True)
+    history = pd.concat(
+        [
+            memories[["user_id", "item_index", "rating", "timestamp"]].assign(is_test=False),
+            full_test[["user_id", "item_index", "rating", "timestamp"]].assign(is_test=True),
+        ],
+        ignore_index=True,
+    )
     user_mean = memories.groupby("user_id")["rating"].mean().to_dict()
     log.info("studies: memory slope")
     out["memory"] = fidelity.memory_slope(rate, history, user_mean, item_bias, per_user)
     seen = history.groupby("user_id")["item_index"].agg(set).to_dict()
     cf = artifacts.collaborative
     log.info("studies: reward landscape")
-    out["landscape"] = fidelity.landscape(rate, seen, len(catalog), last,
-                                          cf.predict if cf is not None else None, seed=seed)
+    out["landscape"] = fidelity.landscape(
+        rate, seen, len(catalog), last, cf.predict if cf is not None else None, seed=seed
+    )
     return out

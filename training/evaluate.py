@@ -98,29 +98,37 @@ __all__ = [
 ]
 
 
-
 def _check_no_leakage(test: pd.DataFrame, memories: pd.DataFrame) -> None:
     seen = set(zip(memories["user_id"], memories["item_index"], strict=True))
-    leaked = [(u, i) for u, i in zip(test["user_id"], test["item_index"], strict=True) if (u, i) in seen]
+    leaked = [
+        (u, i) for u, i in zip(test["user_id"], test["item_index"], strict=True) if (u, i) in seen
+    ]
     if leaked:
-        raise ValueError(f"{len(leaked)} test interactions (e.g. user {leaked[0][0]}, item index "
-                         f"{leaked[0][1]}) are also in the training memories: test would leak into prompts")
+        raise ValueError(
+            f"{len(leaked)} test interactions (e.g. user {leaked[0][0]}, item index "
+            f"{leaked[0][1]}) are also in the training memories: test would leak into prompts"
+        )
 
 
 class _Models:
     """One base model with every adapter of the artifacts, shared by all configurations."""
 
-    def __init__(self, artifacts, base_model: str | None, device: str, dtype: str,
-                 compile: bool = False):
+    def __init__(
+        self, artifacts, base_model: str | None, device: str, dtype: str, compile: bool = False
+    ):
         from persona_gym.simulator.adapters import load_item_tokens
         from persona_gym.simulator.simulator import load_model
 
-        self.model, self.tokenizer = load_model(artifacts, artifacts.adapter_dirs, base_model,
-                                                device, dtype)
+        self.model, self.tokenizer = load_model(
+            artifacts, artifacts.adapter_dirs, base_model, device, dtype
+        )
         self.item_tokens = None
         if artifacts.prompt_config.item_tokens:
-            self.item_tokens = load_item_tokens(artifacts.adapter_dirs,
-                                                artifacts.item_token_features(artifacts.prompt_config), device)
+            self.item_tokens = load_item_tokens(
+                artifacts.adapter_dirs,
+                artifacts.item_token_features(artifacts.prompt_config),
+                device,
+            )
         self.priors = None
         if artifacts.prompt_config.cf_prior:
             from persona_gym.rating_prior import load_rating_priors
@@ -139,10 +147,19 @@ class _Models:
 
         builder = PromptBuilder(self.tokenizer, self.artifacts.catalog, prompt)
         if self._layered is None:
-            self._layered = LayeredLM(self.model, builder.rating_token_ids, compile=self.compile,
-                                      placeholder_id=builder.item_placeholder_id)
-        rating_model = RatingModel(self.model, builder, layered=self._layered, item_tokens=self.item_tokens,
-                                   priors=self.priors)
+            self._layered = LayeredLM(
+                self.model,
+                builder.rating_token_ids,
+                compile=self.compile,
+                placeholder_id=builder.item_placeholder_id,
+            )
+        rating_model = RatingModel(
+            self.model,
+            builder,
+            layered=self._layered,
+            item_tokens=self.item_tokens,
+            priors=self.priors,
+        )
         return UserSimulator(self.artifacts, rating_model, config.variant)
 
     def missing(self, config: EvalConfig, users) -> list[str]:
@@ -203,32 +220,44 @@ def evaluate(
 
     started = time.perf_counter()
     artifacts = load_artifacts(artifacts_dir)
-    configs = [c if isinstance(c, EvalConfig) else parse_config(c) for c in (configs or DEFAULT_CONFIGS)]
+    configs = [
+        c if isinstance(c, EvalConfig) else parse_config(c) for c in (configs or DEFAULT_CONFIGS)
+    ]
     group = users  # `users` is the test rows' user ids below
     if test is None:
         data = logged_data(artifacts, group)
     else:
-        missing_cols = {"user_id", "item_id", "item_index", "rating", "timestamp"} - set(test.columns)
+        missing_cols = {"user_id", "item_id", "item_index", "rating", "timestamp"} - set(
+            test.columns
+        )
         if missing_cols:
             raise ValueError(f"test lacks columns {sorted(missing_cols)}")
         memories = artifacts.memories
         data = EvalData(
             test.copy(),
             train if train is not None else memories[["user_id", "item_id", "rating", "timestamp"]],
-            background if background is not None else memories.iloc[:0][["user_id", "item_id", "rating", "timestamp"]],
+            background
+            if background is not None
+            else memories.iloc[:0][["user_id", "item_id", "rating", "timestamp"]],
             "given test interactions",
         )
     unknown = sorted(set(data.test["user_id"]) - set(artifacts.user_ids))
     if unknown:
-        log.warning("%d test users are not simulated users of %s; dropped", len(unknown), artifacts.root)
+        log.warning(
+            "%d test users are not simulated users of %s; dropped", len(unknown), artifacts.root
+        )
     full_test = data.test[data.test["user_id"].isin(artifacts.user_ids)]
     if max_users is not None:
-        full_test = full_test[full_test["user_id"].isin(sample_users(full_test["user_id"], max_users, seed))]
+        full_test = full_test[
+            full_test["user_id"].isin(sample_users(full_test["user_id"], max_users, seed))
+        ]
     full_test = select_test(full_test, None)
     rows = select_test(full_test, max_test_per_user, subsample, seed)
     if max_test_per_user == 1:
-        log.warning("max_test_per_user=1: one test row per user, so NDCG@10 is 1.0 for any order; "
-                    "the report leaves it out (use 2 or more to rank within users)")
+        log.warning(
+            "max_test_per_user=1: one test row per user, so NDCG@10 is 1.0 for any order; "
+            "the report leaves it out (use 2 or more to rank within users)"
+        )
     if not len(rows):
         raise ValueError("no test interactions to evaluate")
     _check_no_leakage(rows, artifacts.memories)
@@ -237,16 +266,28 @@ def evaluate(
     real = rows["rating"].to_numpy(np.float64)
     personas = np.array([artifacts.user_persona.get(int(u), -1) for u in users])
     trained_prompt = artifacts.prompt_config
-    log.info("evaluating %d test interactions of %d users (%s) under %d configurations",
-             len(rows), len(np.unique(users)), data.source, len(configs))
+    log.info(
+        "evaluating %d test interactions of %d users (%s) under %d configurations",
+        len(rows),
+        len(np.unique(users)),
+        data.source,
+        len(configs),
+    )
 
     results: dict = {
         "artifacts": str(artifacts_dir),  # as given: a shipped name stays a name, not a cache path
-        "data": {"source": data.source, "n_users": int(len(np.unique(users))),
-                 "n_test_total": int(len(full_test)), "n_evaluated": int(len(rows)),
-                 "max_test_per_user": max_test_per_user, "subsample": subsample, "seed": seed,
-                 "users": group, "max_users": max_users,
-                 "window_rule": "last k TRAINING interactions of the user (no test rating is an input)"},
+        "data": {
+            "source": data.source,
+            "n_users": int(len(np.unique(users))),
+            "n_test_total": int(len(full_test)),
+            "n_evaluated": int(len(rows)),
+            "max_test_per_user": max_test_per_user,
+            "subsample": subsample,
+            "seed": seed,
+            "users": group,
+            "max_users": max_users,
+            "window_rule": "last k TRAINING interactions of the user (no test rating is an input)",
+        },
         "base_model": Path(str(artifacts.manifest.get("base_model", {}).get("model", "?"))).name,
         "training_prompt": dataclasses.asdict(trained_prompt),
         "ndcg@10_random_order": ndcg_random(users, real, 10, seed=seed),
@@ -259,13 +300,19 @@ def evaluate(
 
     models = _Models(artifacts, base_model, device, dtype, compile) if configs else None
     history_cache: dict[int, tuple] = {}
-    generation_rows = np.flatnonzero(
-        rows.groupby("user_id").cumcount().to_numpy() < generation_per_user) if generation else None
+    generation_rows = (
+        np.flatnonzero(rows.groupby("user_id").cumcount().to_numpy() < generation_per_user)
+        if generation
+        else None
+    )
     for config in configs:
         prompt = config.prompt(trained_prompt)
         entry = {
-            "spec": config.spec, "paper_no": config.paper_no, "adapter": config.adapter_label,
-            "memories": config.memories_label, "variant": config.variant,
+            "spec": config.spec,
+            "paper_no": config.paper_no,
+            "adapter": config.adapter_label,
+            "memories": config.memories_label,
+            "variant": config.variant,
             "prompt": dataclasses.asdict(prompt),
             "prompt_differs_from_training": config.variant != "base" and prompt != trained_prompt,
         }
@@ -280,70 +327,110 @@ def evaluate(
         for u in users:
             if int(u) not in history_cache:
                 history_cache[int(u)] = simulator.history(int(u))
-            windows.append(history_cache[int(u)][-prompt.window_size:] if prompt.window_size else ())
+            windows.append(
+                history_cache[int(u)][-prompt.window_size :] if prompt.window_size else ()
+            )
         t0 = time.perf_counter()
         probs = np.zeros((len(rows), 5))
         unique_users = list(dict.fromkeys(users.tolist()))
         for start in range(0, len(unique_users), chunk_users):
             mask = np.isin(users, unique_users[start : start + chunk_users])
             index = np.flatnonzero(mask)
-            probs[index] = simulator.rate(users[index].tolist(), items[index].tolist(),
-                                          [windows[i] for i in index])
+            probs[index] = simulator.rate(
+                users[index].tolist(), items[index].tolist(), [windows[i] for i in index]
+            )
         seconds = time.perf_counter() - t0
         report = fidelity_report(users, real, probs=probs, groups=personas)
-        entry.update(status="ok", seconds=round(seconds, 2),
-                     ratings_per_s=round(len(rows) / max(seconds, 1e-9), 1), expected=report)
+        entry.update(
+            status="ok",
+            seconds=round(seconds, 2),
+            ratings_per_s=round(len(rows) / max(seconds, 1e-9), 1),
+            expected=report,
+        )
         predictions[f"pred:{config.spec}"] = expected(probs)
         entry["first_3"] = _first_3(rows, expected(probs), real)
         for r in range(5):
             predictions[f"p{r + 1}:{config.spec}"] = probs[:, r].astype(np.float32)
         if generation and prompt.item_tokens:
-            log.info("%s: no paper-style generation with item tokens (soft tokens are not text)", config.spec)
+            log.info(
+                "%s: no paper-style generation with item tokens (soft tokens are not text)",
+                config.spec,
+            )
         elif generation:
-            requests = [simulator.request(int(users[i]), int(items[i]), windows[i]) for i in generation_rows]
+            requests = [
+                simulator.request(int(users[i]), int(items[i]), windows[i]) for i in generation_rows
+            ]
             t0 = time.perf_counter()
             generated = simulator.model.generate(requests, seed=seed)
             g_real = real[generation_rows]
             entry["generation"] = {
-                "n": int(len(generation_rows)), "rmse": rmse(generated.ratings, g_real),
-                "mae": mae(generated.ratings, g_real), "urr": urr(generated.ratings),
+                "n": int(len(generation_rows)),
+                "rmse": rmse(generated.ratings, g_real),
+                "mae": mae(generated.ratings, g_real),
+                "urr": urr(generated.ratings),
                 "seconds": round(time.perf_counter() - t0, 2),
                 "examples": generated.texts[:5],
                 # the expected-rating rule on the same rows, for a like-for-like comparison
                 "expected_rule_rmse_same_rows": rmse(expected(probs[generation_rows]), g_real),
             }
-        log.info("%-22s RMSE %.4f MAE %.4f NLL %.3f (%.0f ratings/s)%s", config.spec, report["rmse"],
-                 report["mae"], report["nll"], entry["ratings_per_s"],
-                 " [prompt differs from training]" if entry["prompt_differs_from_training"] else "")
+        log.info(
+            "%-22s RMSE %.4f MAE %.4f NLL %.3f (%.0f ratings/s)%s",
+            config.spec,
+            report["rmse"],
+            report["mae"],
+            report["nll"],
+            entry["ratings_per_s"],
+            " [prompt differs from training]" if entry["prompt_differs_from_training"] else "",
+        )
         results["configs"].append(entry)
 
     if baselines:
-        evaluated = full_test.merge(rows[["user_id", "item_id"]].assign(_in=True),
-                                    on=["user_id", "item_id"], how="left")["_in"].fillna(False).to_numpy(bool)
-        fitted = run_baselines(data.train, data.background, full_test, seed=seed,
-                               subsets={"evaluated_rows": evaluated})
-        keyed = full_test.assign(_row=np.arange(len(full_test))).set_index(["user_id", "item_id"])["_row"]
+        evaluated = (
+            full_test.merge(
+                rows[["user_id", "item_id"]].assign(_in=True), on=["user_id", "item_id"], how="left"
+            )["_in"]
+            .fillna(False)
+            .to_numpy(bool)
+        )
+        fitted = run_baselines(
+            data.train, data.background, full_test, seed=seed, subsets={"evaluated_rows": evaluated}
+        )
+        keyed = full_test.assign(_row=np.arange(len(full_test))).set_index(["user_id", "item_id"])[
+            "_row"
+        ]
         take = keyed.loc[list(zip(rows["user_id"], rows["item_id"], strict=True))].to_numpy()
         for name, fit in fitted.items():
             pred = fit["predictions"][take]
             predictions[f"baseline:{name}"] = pred
             results["baselines"][name] = {
-                "params": fit["params"], "val_rmse": fit["val_rmse"],
+                "params": fit["params"],
+                "val_rmse": fit["val_rmse"],
                 "full_test": {"n": fit["n"], "rmse": fit["rmse"], "mae": fit["mae"]},
                 "evaluated_rows": fidelity_report(users, real, pred=pred, groups=personas),
                 "first_3": _first_3(rows, pred, real),
             }
     if models is not None and models.priors and artifacts.collaborative is not None:
         k = trained_prompt.window_size
-        windows = {int(u): logged_history(artifacts.memories, int(u))[-k:] if k else ()
-                   for u in np.unique(full_test["user_id"])}
+        windows = {
+            int(u): logged_history(artifacts.memories, int(u))[-k:] if k else ()
+            for u in np.unique(full_test["user_id"])
+        }
         results["baselines"]["collaborative prior alone (no SLM)"] = _prior_alone(
-            models.priors, artifacts, rows, full_test, personas, windows)
+            models.priors, artifacts, rows, full_test, personas, windows
+        )
     persona = parse_config("persona:Ms+Ml")
     if studies and models is not None and not models.missing(persona, np.unique(users)):
         t0 = time.perf_counter()
-        results["studies"] = _studies(models, artifacts, data, full_test, trained_prompt, seed,
-                                      study_rows_per_user, chunk_users)
+        results["studies"] = _studies(
+            models,
+            artifacts,
+            data,
+            full_test,
+            trained_prompt,
+            seed,
+            study_rows_per_user,
+            chunk_users,
+        )
         results["studies"]["seconds"] = round(time.perf_counter() - t0, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
     if write:
@@ -351,7 +438,6 @@ def evaluate(
         write_report(results, predictions, out)
         results["out_dir"] = str(out)
     return results
-
 
 
 def sample_users(user_ids, n: int, seed: int) -> np.ndarray:
@@ -368,37 +454,79 @@ def sample_users(user_ids, n: int, seed: int) -> np.ndarray:
 def add_parser(subparsers) -> None:
     """Add ``persona-gym evaluate``."""
     p = subparsers.add_parser(
-        "evaluate", help="RMSE/MAE/URR of the paper's Table 1, CF baselines and fidelity plots",
-        description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter,
+        "evaluate",
+        help="RMSE/MAE/URR of the paper's Table 1, CF baselines and fidelity plots",
+        description=plain(__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--artifacts", required=True, type=Path, help="trained artifacts directory")
-    p.add_argument("--configs", nargs="+", default=None,
-                   help=f"specs VARIANT:MEMORIES[:wN][:kN] (default: {' '.join(DEFAULT_CONFIGS)}); "
-                        "'table' = the Table 1 rows only")
-    p.add_argument("--max-test-per-user", type=int, default=None,
-                   help="evaluate only N test interactions per user (CPU budget)")
-    p.add_argument("--subsample", choices=["first", "random"], default="first",
-                   help="which N: the first in time order, or a seeded random draw")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help=f"specs VARIANT:MEMORIES[:wN][:kN] (default: {' '.join(DEFAULT_CONFIGS)}); "
+        "'table' = the Table 1 rows only",
+    )
+    p.add_argument(
+        "--max-test-per-user",
+        type=int,
+        default=None,
+        help="evaluate only N test interactions per user (CPU budget)",
+    )
+    p.add_argument(
+        "--subsample",
+        choices=["first", "random"],
+        default="first",
+        help="which N: the first in time order, or a seeded random draw",
+    )
     p.add_argument("--seed", type=int, default=0, help="subsample, generation and MF seed")
-    p.add_argument("--generation", action="store_true",
-                   help="also the paper's generation mode (slow) on --generation-per-user rows per user")
+    p.add_argument(
+        "--generation",
+        action="store_true",
+        help="also the paper's generation mode (slow) on --generation-per-user rows per user",
+    )
     p.add_argument("--generation-per-user", type=int, default=2)
     p.add_argument("--no-baselines", action="store_true", help="skip the CF baselines")
-    p.add_argument("--base-model", default=None, help="default: the one the adapters were trained on")
+    p.add_argument(
+        "--base-model", default=None, help="default: the one the adapters were trained on"
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bfloat16 where the hardware has it (CUDA, AMX/AVX512-BF16), else float32")
-    p.add_argument("--no-studies", action="store_true",
-                   help="skip the persona-specificity, memory-slope and reward-landscape studies")
-    p.add_argument("--study-rows-per-user", type=int, default=15,
-                   help="test interactions per user the studies use")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoder layers (~3x faster on CPU after ~1 min warm-up)")
-    p.add_argument("--users", nargs="+", choices=USER_GROUPS, default=["training"],
-                   help="whose held-out ratings: the adapters' training users, and/or the other "
-                        "simulated users of an --all-users distillation (report in <out>/others)")
-    p.add_argument("--max-users", type=int, default=None,
-                   help="evaluate a seeded sample of N users of each group (CPU budget)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: bfloat16 where the hardware has it (CUDA, AMX/AVX512-BF16), else float32",
+    )
+    p.add_argument(
+        "--no-studies",
+        action="store_true",
+        help="skip the persona-specificity, memory-slope and reward-landscape studies",
+    )
+    p.add_argument(
+        "--study-rows-per-user",
+        type=int,
+        default=15,
+        help="test interactions per user the studies use",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoder layers (~3x faster on CPU after ~1 min warm-up)",
+    )
+    p.add_argument(
+        "--users",
+        nargs="+",
+        choices=USER_GROUPS,
+        default=["training"],
+        help="whose held-out ratings: the adapters' training users, and/or the other "
+        "simulated users of an --all-users distillation (report in <out>/others)",
+    )
+    p.add_argument(
+        "--max-users",
+        type=int,
+        default=None,
+        help="evaluate a seeded sample of N users of each group (CPU budget)",
+    )
     p.add_argument("--out", type=Path, default=None, help="default: <artifacts>/evaluation")
     p.set_defaults(func=run_evaluate)
 
@@ -412,12 +540,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # the other users first: the training users' report is the stage's product (build resumes on it)
     for group in sorted(dict.fromkeys(args.users), key=lambda g: g == "training"):
         results = evaluate(
-            args.artifacts, configs, args.max_test_per_user, args.seed, subsample=args.subsample,
-            generation=args.generation, generation_per_user=args.generation_per_user,
-            baselines=not args.no_baselines, base_model=args.base_model, device=args.device,
-            dtype=args.dtype, compile=args.compile, out_dir=out if group == "training" else out / group,
-            studies=not args.no_studies, study_rows_per_user=args.study_rows_per_user,
-            users=group, max_users=args.max_users,
+            args.artifacts,
+            configs,
+            args.max_test_per_user,
+            args.seed,
+            subsample=args.subsample,
+            generation=args.generation,
+            generation_per_user=args.generation_per_user,
+            baselines=not args.no_baselines,
+            base_model=args.base_model,
+            device=args.device,
+            dtype=args.dtype,
+            compile=args.compile,
+            out_dir=out if group == "training" else out / group,
+            studies=not args.no_studies,
+            study_rows_per_user=args.study_rows_per_user,
+            users=group,
+            max_users=args.max_users,
         )
         print(render_markdown(results))
         print(f"written to {results['out_dir']} in {results['seconds']} s")

@@ -66,9 +66,11 @@ def build_examples(
             item = history[position]
             retrieved = index.top_k(user_id, item.item_index, prompt.n_memories)
             window = short_term_window(history, prompt.window_size, before=position)
-            prediction, surprise = (collaborative.cues(user_id, item.item_index, window,
-                                                       (tastes or {}).get(user_id)) if cued
-                                    else (None, None))
+            prediction, surprise = (
+                collaborative.cues(user_id, item.item_index, window, (tastes or {}).get(user_id))
+                if cued
+                else (None, None)
+            )
             request = RatingRequest(
                 user_id=user_id,
                 profile=profiles[user_id],
@@ -79,8 +81,9 @@ def build_examples(
                 cf_prediction=prediction,
                 surprise=surprise,
             )
-            examples.append(Example(user_id, request, int(round(item.rating)),
-                                    position >= len(history) - n_val))
+            examples.append(
+                Example(user_id, request, int(round(item.rating)), position >= len(history) - n_val)
+            )
     return examples
 
 
@@ -95,8 +98,16 @@ class LowerCache:
 
     @classmethod
     @torch.inference_mode()
-    def compute(cls, examples, builder, layered: LayeredLM, split_layer: int, pad_id: int,
-                blocks_per_sequence: int, progress: bool) -> LowerCache:
+    def compute(
+        cls,
+        examples,
+        builder,
+        layered: LayeredLM,
+        split_layer: int,
+        pad_id: int,
+        blocks_per_sequence: int,
+        progress: bool,
+    ) -> LowerCache:
         prefix_ids, prefix_hidden, block_ids = {}, {}, []
         block_hidden: list[torch.Tensor | None] = [None] * len(examples)
         by_user = defaultdict(list)
@@ -105,13 +116,23 @@ class LowerCache:
             prefix_ids[example.user_id] = prefix
             block_ids.append(block)
             by_user[example.user_id].append(n)
-        chunks = [(u, ns[i : i + blocks_per_sequence]) for u, ns in by_user.items()
-                  for i in range(0, len(ns), blocks_per_sequence)]
+        chunks = [
+            (u, ns[i : i + blocks_per_sequence])
+            for u, ns in by_user.items()
+            for i in range(0, len(ns), blocks_per_sequence)
+        ]
         for start in tqdm(range(0, len(chunks), 4), desc="frozen layers", disable=not progress):
             part = chunks[start : start + 4]
-            packed = pack([(prefix_ids[u], [block_ids[n] for n in ns]) for u, ns in part], pad_id,
-                          layered.device)
-            hidden = layered.run_layers(layered.embed_tokens(packed), packed, 0, split_layer).float().cpu()
+            packed = pack(
+                [(prefix_ids[u], [block_ids[n] for n in ns]) for u, ns in part],
+                pad_id,
+                layered.device,
+            )
+            hidden = (
+                layered.run_layers(layered.embed_tokens(packed), packed, 0, split_layer)
+                .float()
+                .cpu()
+            )
             for row, (user, ns) in enumerate(part):
                 p = len(prefix_ids[user])
                 prefix_hidden.setdefault(user, hidden[row, :p].clone())
@@ -125,11 +146,16 @@ class LowerCache:
     def assemble(self, chunks: list[tuple[int, list[int]]], pad_id: int, device: torch.device):
         """Packed batch and its lower-layer hidden states for ``[(user, [example, ...]), ...]``,
         on ``device`` (the cache itself stays in CPU memory)."""
-        packed = pack([(self.prefix_ids[u], [self.block_ids[n] for n in ns]) for u, ns in chunks], pad_id,
-                      device)
+        packed = pack(
+            [(self.prefix_ids[u], [self.block_ids[n] for n in ns]) for u, ns in chunks],
+            pad_id,
+            device,
+        )
         width = packed.input_ids.shape[1]
         dim = next(iter(self.prefix_hidden.values())).shape[-1]
-        hidden = torch.zeros(len(chunks), width, dim, dtype=next(iter(self.prefix_hidden.values())).dtype)
+        hidden = torch.zeros(
+            len(chunks), width, dim, dtype=next(iter(self.prefix_hidden.values())).dtype
+        )
         for row, (user, ns) in enumerate(chunks):
             parts = [self.prefix_hidden[user]] + [self.block_hidden[n] for n in ns]
             joined = torch.cat(parts)
@@ -142,23 +168,41 @@ class LowerCache:
         return torch.cat(states).float().mean(0)
 
     def state(self) -> dict:
-        return {"prefix_ids": self.prefix_ids, "prefix_hidden": self.prefix_hidden,
-                "block_ids": self.block_ids, "block_hidden": self.block_hidden}
+        return {
+            "prefix_ids": self.prefix_ids,
+            "prefix_hidden": self.prefix_hidden,
+            "block_ids": self.block_ids,
+            "block_hidden": self.block_hidden,
+        }
 
 
-def _frozen_pass(examples, builder, layered: LayeredLM, config: TrainConfig, split_layer: int,
-                 pad_id: int, device: str, compile: bool, progress: bool) -> LowerCache:
+def _frozen_pass(
+    examples,
+    builder,
+    layered: LayeredLM,
+    config: TrainConfig,
+    split_layer: int,
+    pad_id: int,
+    device: str,
+    compile: bool,
+    progress: bool,
+) -> LowerCache:
     """The frozen lower layers' activations of every example, in ``config.lower_dtype`` (a
     second, low-precision copy of the base model when that is not float32)."""
     dtype = resolve_dtype(config.lower_dtype, device)
     lower = layered
     if dtype != "float32":
         model, _ = load_causal_lm(config.base_model, device=device, dtype=dtype)
-        lower = LayeredLM(model, builder.rating_token_ids, compile=compile,
-                          placeholder_id=builder.item_placeholder_id)
+        lower = LayeredLM(
+            model,
+            builder.rating_token_ids,
+            compile=compile,
+            placeholder_id=builder.item_placeholder_id,
+        )
     log.info("frozen layers 0..%d in %s for %d examples", split_layer - 1, dtype, len(examples))
-    return LowerCache.compute(examples, builder, lower, split_layer, pad_id, config.blocks_per_sequence,
-                              progress)
+    return LowerCache.compute(
+        examples, builder, lower, split_layer, pad_id, config.blocks_per_sequence, progress
+    )
 
 
 def _chunks(indices: list[int], examples: list[Example], size: int, rng: np.random.Generator):
@@ -187,8 +231,11 @@ def _batches(chunks, batch_examples: int):
         yield batch
 
 
-def adapter_datasets(examples: list[Example], user_persona: dict[int, int], config: TrainConfig,
-                     ) -> dict[str, tuple[list[int], list[int]]]:
+def adapter_datasets(
+    examples: list[Example],
+    user_persona: dict[int, int],
+    config: TrainConfig,
+) -> dict[str, tuple[list[int], list[int]]]:
     """``{adapter name: (train example indices, validation example indices)}`` per variant."""
     train_by_user, val_by_user = defaultdict(list), defaultdict(list)
     for n, example in enumerate(examples):
@@ -206,13 +253,19 @@ def adapter_datasets(examples: list[Example], user_persona: dict[int, int], conf
     all_val = [n for u in sorted(val_by_user) for n in val_by_user[u]]
     total = sum(len(v) for v in train_by_user.values())
     # θsingle: every user sub-sampled in proportion to their data, to a persona's size
-    for variant, size in (("single-max", max(persona_sizes.values(), default=0)),
-                          ("single-min", min(persona_sizes.values(), default=0))):
+    for variant, size in (
+        ("single-max", max(persona_sizes.values(), default=0)),
+        ("single-min", min(persona_sizes.values(), default=0)),
+    ):
         if variant not in config.variants:
             continue
         rng = np.random.default_rng([config.seed, zlib.crc32(variant.encode())])
         users = sorted(train_by_user)
-        quotas = np.array([size * len(train_by_user[u]) / total for u in users]) if total else np.zeros(0)
+        quotas = (
+            np.array([size * len(train_by_user[u]) / total for u in users])
+            if total
+            else np.zeros(0)
+        )
         keep = np.floor(quotas).astype(int)
         # largest remainders get the leftover examples, so the total matches `size` exactly
         for i in np.argsort(-(quotas - keep), kind="stable")[: size - keep.sum()]:

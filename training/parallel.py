@@ -48,8 +48,12 @@ def worker_threads(workers: int) -> int:
     return max(1, torch.get_num_threads() // workers)
 
 
-def run_in_workers(setup: Setup, names: list[str], workers: int, resume_hint: str = "",
-                   ) -> Iterator[tuple[str, Any]]:
+def run_in_workers(
+    setup: Setup,
+    names: list[str],
+    workers: int,
+    resume_hint: str = "",
+) -> Iterator[tuple[str, Any]]:
     """Run the job of every name in ``workers`` spawned processes; yield ``(name, result)`` in
     the order the jobs finish. ``resume_hint`` ends the error line of a dead worker."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe after torch started threads
@@ -62,13 +66,22 @@ def run_in_workers(setup: Setup, names: list[str], workers: int, resume_hint: st
         tasks.put(None)  # one stop sign per worker
     level = logging.getLogger().getEffectiveLevel()
     threads = worker_threads(workers)
-    processes = [context.Process(target=_work, name=f"persona-gym-train-{rank}",
-                                 args=(setup, rank, threads, level, tasks, results, records))
-                 for rank in range(workers)]
+    processes = [
+        context.Process(
+            target=_work,
+            name=f"persona-gym-train-{rank}",
+            args=(setup, rank, threads, level, tasks, results, records),
+        )
+        for rank in range(workers)
+    ]
     relay = logging.handlers.QueueListener(records, _Relay())
     relay.start()
-    log.info("training %d adapters in %d worker processes, %d torch threads each", len(names),
-             workers, threads)
+    log.info(
+        "training %d adapters in %d worker processes, %d torch threads each",
+        len(names),
+        workers,
+        threads,
+    )
     pending = set(names)
     try:
         for process in processes:
@@ -107,8 +120,10 @@ def _failure(processes: list, pending: set[str], resume_hint: str) -> WorkerErro
     if not dead and any(p.exitcode is None for p in processes):
         return None
     rank, code = dead[0] if dead else (0, 0)
-    return WorkerError(f"training worker {rank} exited with status {code} before finishing "
-                       f"{', '.join(sorted(pending))}" + (f"; {resume_hint}" if resume_hint else ""))
+    return WorkerError(
+        f"training worker {rank} exited with status {code} before finishing "
+        f"{', '.join(sorted(pending))}" + (f"; {resume_hint}" if resume_hint else "")
+    )
 
 
 def _drain(results: multiprocessing.Queue, pending: set[str]) -> Iterator[tuple[str, Any]]:
@@ -131,8 +146,15 @@ class _Relay(logging.Handler):
         logging.getLogger(record.name).handle(record)
 
 
-def _work(setup: Setup, rank: int, threads: int, level: int, tasks: multiprocessing.Queue,
-          results: multiprocessing.Queue, records: multiprocessing.Queue) -> None:
+def _work(
+    setup: Setup,
+    rank: int,
+    threads: int,
+    level: int,
+    tasks: multiprocessing.Queue,
+    results: multiprocessing.Queue,
+    records: multiprocessing.Queue,
+) -> None:
     """A worker's main function: set up, then run jobs until the stop sign."""
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     root = logging.getLogger()

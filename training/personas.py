@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 __all__ = ["PersonaConfig", "PersonaResult", "cluster_profiles", "elbow_k", "persona_cards"]
 
 FEATURES = ("profile", "behaviour", "both", "taste")
-ELBOW_RULE = ("elbow: K with the largest distance below the chord joining the first and last "
-              "(K, log inertia) points, both axes min-max scaled (kneedle)")
+ELBOW_RULE = (
+    "elbow: K with the largest distance below the chord joining the first and last "
+    "(K, log inertia) points, both axes min-max scaled (kneedle)"
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class PersonaConfig:
     """How personas are chosen."""
 
     k: int | None = None  # fixed K; None: elbow over k_min..k_max
-    k_min: int = 2  # smallest K tried by the elbow (an elbow is never at an end: use 1 to allow K=2)
+    k_min: int = (
+        2  # smallest K tried by the elbow (an elbow is never at an end: use 1 to allow K=2)
+    )
     k_max: int = 10  # largest K tried by the elbow
     seed: int = 0  # KMeans random_state
     n_init: int = 10  # KMeans++ restarts; the best inertia is kept
@@ -72,8 +76,7 @@ class PersonaConfig:
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.k is None and not 1 <= self.k_min < self.k_max:
-            raise ValueError(f"need 1 <= k_min < k_max, got k_min={self.k_min}, "
-                             f"k_max={self.k_max}")
+            raise ValueError(f"need 1 <= k_min < k_max, got k_min={self.k_min}, k_max={self.k_max}")
         if self.n_init < 1:
             raise ValueError(f"n_init must be >= 1, got {self.n_init}")
 
@@ -114,8 +117,9 @@ def elbow_k(ks: list[int], inertias: list[float]) -> int:
 def _kmeans(x: np.ndarray, k: int, config: PersonaConfig):
     from sklearn.cluster import KMeans
 
-    return KMeans(n_clusters=k, init="k-means++", n_init=config.n_init,
-                  random_state=config.seed).fit(x)
+    return KMeans(
+        n_clusters=k, init="k-means++", n_init=config.n_init, random_state=config.seed
+    ).fit(x)
 
 
 def _silhouette(x: np.ndarray, labels: np.ndarray) -> float | None:
@@ -134,9 +138,13 @@ def cluster_profiles(embeddings: np.ndarray, config: PersonaConfig) -> PersonaRe
         if config.k > len(x):
             raise ValueError(f"k={config.k} exceeds the {len(x)} profiles")
         model = _kmeans(x, config.k, config)
-        return PersonaResult(config.k, model.labels_.astype(np.int64),
-                             {config.k: float(model.inertia_)},
-                             {config.k: _silhouette(x, model.labels_)}, "fixed")
+        return PersonaResult(
+            config.k,
+            model.labels_.astype(np.int64),
+            {config.k: float(model.inertia_)},
+            {config.k: _silhouette(x, model.labels_)},
+            "fixed",
+        )
     ks = [k for k in range(config.k_min, config.k_max + 1) if k < len(x)]
     if len(ks) < 1:
         raise ValueError(f"{len(x)} profiles are too few for k_min={config.k_min}")
@@ -144,15 +152,18 @@ def cluster_profiles(embeddings: np.ndarray, config: PersonaConfig) -> PersonaRe
     inertias = {k: float(m.inertia_) for k, m in models.items()}
     silhouettes = {k: _silhouette(x, m.labels_) for k, m in models.items()}
     k = elbow_k(ks, [inertias[k] for k in ks])
-    log.info("elbow picked K=%d; inertia %s; silhouette %s", k,
-             {k: round(v, 2) for k, v in inertias.items()},
-             {k: None if v is None else round(v, 3) for k, v in silhouettes.items()})
-    return PersonaResult(k, models[k].labels_.astype(np.int64), inertias, silhouettes,
-                         ELBOW_RULE)
+    log.info(
+        "elbow picked K=%d; inertia %s; silhouette %s",
+        k,
+        {k: round(v, 2) for k, v in inertias.items()},
+        {k: None if v is None else round(v, 3) for k, v in silhouettes.items()},
+    )
+    return PersonaResult(k, models[k].labels_.astype(np.int64), inertias, silhouettes, ELBOW_RULE)
 
 
-def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborative,
-                       reference: np.ndarray | None = None) -> np.ndarray:
+def behaviour_features(
+    user_ids: list[int], memories: pd.DataFrame, collaborative, reference: np.ndarray | None = None
+) -> np.ndarray:
     """``(n_users, d)`` standardised rating behaviour of each user, from training data only.
 
     Columns: mean rating, its standard deviation, share of 5s, share of ratings <= 2, the mean
@@ -162,15 +173,26 @@ def behaviour_features(user_ids: list[int], memories: pd.DataFrame, collaborativ
     mean and spread standardise every column (default: all).
     """
     rows = memories[memories["user_id"].isin(user_ids)]
-    residual = rows["rating"].to_numpy() - collaborative.predict(rows["user_id"], rows["item_index"])
+    residual = rows["rating"].to_numpy() - collaborative.predict(
+        rows["user_id"], rows["item_index"]
+    )
     stats = rows.assign(residual=residual, five=rows["rating"] >= 5, low=rows["rating"] <= 2)
-    grouped = stats.groupby("user_id").agg(mean=("rating", "mean"), std=("rating", "std"),
-                                           five=("five", "mean"), low=("low", "mean"),
-                                           res_mean=("residual", "mean"), res_std=("residual", "std"))
+    grouped = stats.groupby("user_id").agg(
+        mean=("rating", "mean"),
+        std=("rating", "std"),
+        five=("five", "mean"),
+        low=("low", "mean"),
+        res_mean=("residual", "mean"),
+        res_std=("residual", "std"),
+    )
     table = grouped.reindex(user_ids).fillna(0.0).to_numpy(np.float64)
     factors = taste_features(user_ids, collaborative)
 
-    ref = np.ones(len(user_ids), dtype=bool) if reference is None else np.asarray(reference, dtype=bool)
+    ref = (
+        np.ones(len(user_ids), dtype=bool)
+        if reference is None
+        else np.asarray(reference, dtype=bool)
+    )
 
     def standardise(a: np.ndarray) -> np.ndarray:
         mean, std = a[ref].mean(0), a[ref].std(0)
@@ -201,18 +223,23 @@ def distinctive_words(texts: list[str], labels: np.ndarray, n_words: int) -> dic
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     # words only: the numbers in Ms are evidence, not vocabulary
-    vectorizer = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[A-Za-z][A-Za-z'-]+\b",
-                                 lowercase=True)
+    vectorizer = TfidfVectorizer(
+        stop_words="english", token_pattern=r"(?u)\b[A-Za-z][A-Za-z'-]+\b", lowercase=True
+    )
     matrix = vectorizer.fit_transform([_strip_numbers(t) for t in texts]).toarray()
     vocab = np.asarray(vectorizer.get_feature_names_out())
     out: dict[int, list] = {}
     for c in np.unique(labels):
         inside = labels == c
-        score = matrix[inside].mean(axis=0) - (matrix[~inside].mean(axis=0) if (~inside).any()
-                                               else 0.0)
+        score = matrix[inside].mean(axis=0) - (
+            matrix[~inside].mean(axis=0) if (~inside).any() else 0.0
+        )
         order = np.lexsort((vocab, -score))[:n_words]
-        out[int(c)] = [{"word": str(vocab[i]), "score": round(float(score[i]), 4)}
-                       for i in order if score[i] > 0]
+        out[int(c)] = [
+            {"word": str(vocab[i]), "score": round(float(score[i]), 4)}
+            for i in order
+            if score[i] > 0
+        ]
     return out
 
 
@@ -220,9 +247,14 @@ def _strip_numbers(text: str) -> str:
     return re.sub(r"\d+(\.\d+)?", " ", text.replace("PERSONA:", " "))
 
 
-def persona_cards(user_ids: list[int], texts: list[str], labels: np.ndarray,
-                  memories: pd.DataFrame, items: pd.DataFrame,
-                  config: PersonaConfig) -> list[dict]:
+def persona_cards(
+    user_ids: list[int],
+    texts: list[str],
+    labels: np.ndarray,
+    memories: pd.DataFrame,
+    items: pd.DataFrame,
+    config: PersonaConfig,
+) -> list[dict]:
     """One card per persona: size, users, distinctive words, mean rating, top genres."""
     words = distinctive_words(texts, labels, config.n_words)
     genres_of = dict(zip(items["item_id"].astype(int), items["genres"], strict=True))
@@ -233,34 +265,46 @@ def persona_cards(user_ids: list[int], texts: list[str], labels: np.ndarray,
     for c in range(int(labels.max()) + 1 if len(labels) else 0):
         members = sorted(int(u) for u in users[labels == c])
         rows = memories[memories["user_id"].isin(members)]
-        genre_rows = [(g, r) for i, r in zip(rows["item_id"], rows["rating"], strict=True)
-                      for g in genres_of.get(int(i), ())]
+        genre_rows = [
+            (g, r)
+            for i, r in zip(rows["item_id"], rows["rating"], strict=True)
+            for g in genres_of.get(int(i), ())
+        ]
         g = pd.DataFrame(genre_rows, columns=["genre", "rating"])
         top = []
         if len(g):
             stats = g.groupby("genre")["rating"].agg(n="size", mean="mean").reset_index()
             stats = stats.sort_values(["n", "genre"], ascending=[False, True])
             total = max(1, len(rows))
-            top = [{"genre": str(s.genre), "share": round(float(s.n) / total, 3),
-                    "mean_rating": round(float(s.mean), 3)}
-                   for s in stats.head(config.n_genres).itertuples()]
+            top = [
+                {
+                    "genre": str(s.genre),
+                    "share": round(float(s.n) / total, 3),
+                    "mean_rating": round(float(s.mean), 3),
+                }
+                for s in stats.head(config.n_genres).itertuples()
+            ]
         shares = _genre_shares(rows, genres_of)
         lift = (shares / all_shares.reindex(shares.index)).dropna()
         lift = lift[shares.reindex(lift.index) >= 0.02].reset_index()
         lift.columns = ["genre", "lift"]
         lift = lift.sort_values(["lift", "genre"], ascending=[False, True]).head(config.n_genres)
-        cards.append({
-            "persona": c,
-            "size": len(members),
-            "user_ids": members,
-            "distinctive_words": words.get(c, []),
-            "mean_rating": round(float(rows["rating"].mean()), 3) if len(rows) else None,
-            "n_ratings": len(rows),
-            "top_genres": top,
-            # genres these users watch more than all users do (share ratio; share >= 2%)
-            "distinctive_genres": [{"genre": str(r.genre), "lift": round(float(r.lift), 3)}
-                                   for r in lift.itertuples()],
-        })
+        cards.append(
+            {
+                "persona": c,
+                "size": len(members),
+                "user_ids": members,
+                "distinctive_words": words.get(c, []),
+                "mean_rating": round(float(rows["rating"].mean()), 3) if len(rows) else None,
+                "n_ratings": len(rows),
+                "top_genres": top,
+                # genres these users watch more than all users do (share ratio; share >= 2%)
+                "distinctive_genres": [
+                    {"genre": str(r.genre), "lift": round(float(r.lift), 3)}
+                    for r in lift.itertuples()
+                ],
+            }
+        )
     return cards
 
 
@@ -273,8 +317,9 @@ def _genre_shares(rows: pd.DataFrame, genres_of: dict) -> pd.Series:
     return pd.Series(counts, dtype=float).sort_index() / max(1, len(rows))
 
 
-def plot_personas(path: Path, embeddings: np.ndarray, labels: np.ndarray, seed: int,
-                  title: str) -> None:
+def plot_personas(
+    path: Path, embeddings: np.ndarray, labels: np.ndarray, seed: int, title: str
+) -> None:
     """PCA to 2-D, one colour per persona, saved atomically as PNG."""
     import matplotlib
 
@@ -287,8 +332,13 @@ def plot_personas(path: Path, embeddings: np.ndarray, labels: np.ndarray, seed: 
     cmap = plt.get_cmap("tab10")
     for c in range(int(labels.max()) + 1):
         sel = labels == c
-        ax.scatter(points[sel, 0], points[sel, 1], s=14, color=cmap(c % 10),
-                   label=f"persona {c} ({int(sel.sum())})")
+        ax.scatter(
+            points[sel, 0],
+            points[sel, 1],
+            s=14,
+            color=cmap(c % 10),
+            label=f"persona {c} ({int(sel.sum())})",
+        )
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(title)
@@ -298,8 +348,12 @@ def plot_personas(path: Path, embeddings: np.ndarray, labels: np.ndarray, seed: 
     plt.close(fig)
 
 
-def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
-                       embedder_name: str | None = None, force: bool = False) -> dict:
+def run_personas_stage(
+    artifacts: str | Path,
+    config: PersonaConfig,
+    embedder_name: str | None = None,
+    force: bool = False,
+) -> dict:
     """Cluster the profiles of an artifacts directory and write the persona outputs.
 
     Refuses to replace existing personas unless ``force``, which also deletes what was built
@@ -317,8 +371,11 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
         )
     load_tables(artifacts)  # fails with the file and the fix on a broken table
     prepare_stage(artifacts, "personas", force=force)
-    rows = [json.loads(line) for line in profiles_path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in profiles_path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     rows.sort(key=lambda r: int(r["user_id"]))
     user_ids = [int(r["user_id"]) for r in rows]
     texts = [r["text"] for r in rows]
@@ -348,14 +405,22 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
     labels = np.zeros(len(user_ids), dtype=np.int64)
     labels[clustered] = result.labels
     if not clustered.all():
-        labels[~clustered] = nearest_centroid(features[clustered], result.labels, features[~clustered])
+        labels[~clustered] = nearest_centroid(
+            features[clustered], result.labels, features[~clustered]
+        )
     timings["kmeans"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     items = pd.read_parquet(artifacts / "items.parquet")
     members = [u for u, c in zip(user_ids, clustered, strict=True) if c]
-    cards = persona_cards(members, [t for t, c in zip(texts, clustered, strict=True) if c],
-                          result.labels, memories, items, config)
+    cards = persona_cards(
+        members,
+        [t for t, c in zip(texts, clustered, strict=True) if c],
+        result.labels,
+        memories,
+        items,
+        config,
+    )
     out = {
         "k": result.k,
         "rule": result.rule,
@@ -364,13 +429,16 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
         "assignment": {str(u): int(c) for u, c in zip(user_ids, labels, strict=True)},
         "sizes": [card["size"] for card in cards],
         "inertias": {str(k): round(v, 6) for k, v in result.inertias.items()},
-        "silhouettes": {str(k): None if v is None else round(v, 6)
-                        for k, v in result.silhouettes.items()},
+        "silhouettes": {
+            str(k): None if v is None else round(v, 6) for k, v in result.silhouettes.items()
+        },
         "cards": cards,
     }
     if not clustered.all():
-        out["by_nearest_centroid"] = {str(p): int(n) for p, n in
-                                      zip(*np.unique(labels[~clustered], return_counts=True), strict=True)}
+        out["by_nearest_centroid"] = {
+            str(p): int(n)
+            for p, n in zip(*np.unique(labels[~clustered], return_counts=True), strict=True)
+        }
     atomic_write_json(artifacts / "personas.json", out)
 
     def write_npy(tmp: Path) -> None:
@@ -378,8 +446,13 @@ def run_personas_stage(artifacts: str | Path, config: PersonaConfig,
             np.save(handle, embeddings.astype(np.float32))
 
     atomic_write(artifacts / "embeddings" / "profiles.npy", write_npy)
-    plot_personas(artifacts / "personas.png", features[clustered], result.labels, config.seed,
-                  f"{len(members)} users, K={result.k} personas (PCA of {config.features} features)")
+    plot_personas(
+        artifacts / "personas.png",
+        features[clustered],
+        result.labels,
+        config.seed,
+        f"{len(members)} users, K={result.k} personas (PCA of {config.features} features)",
+    )
     timings["cards+plot+write"] = time.perf_counter() - t0
     log.info("timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
     log.info("K=%d, sizes %s", result.k, out["sizes"])
@@ -405,23 +478,37 @@ def add_parser(subparsers) -> None:
     p.add_argument("--k-min", type=int, default=2, help="smallest K tried by the elbow")
     p.add_argument("--k-max", type=int, default=10, help="largest K tried by the elbow")
     p.add_argument("--seed", type=int, default=0, help="KMeans seed")
-    p.add_argument("--features", choices=FEATURES, default=PersonaConfig.features,
-                   help="cluster on the profile texts' embeddings (the paper), on rating behaviour "
-                        "(level, spread, drift from the collaborative model, its user factors), both, "
-                        "or on the collaborative user factors alone (taste: what `train --persona-taste` "
-                        "gives each persona adapter)")
-    p.add_argument("--force", action="store_true",
-                   help="replace existing personas (deletes the adapters and manifest trained on them)")
+    p.add_argument(
+        "--features",
+        choices=FEATURES,
+        default=PersonaConfig.features,
+        help="cluster on the profile texts' embeddings (the paper), on rating behaviour "
+        "(level, spread, drift from the collaborative model, its user factors), both, "
+        "or on the collaborative user factors alone (taste: what `train --persona-taste` "
+        "gives each persona adapter)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing personas (deletes the adapters and manifest trained on them)",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = PersonaConfig(k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed,
-                           features=args.features)
+    config = PersonaConfig(
+        k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed, features=args.features
+    )
     out = run_personas_stage(args.artifacts, config, force=args.force)
     for card in out["cards"]:
         words = ", ".join(w["word"] for w in card["distinctive_words"][:6])
         genres = ", ".join(g["genre"] for g in card["distinctive_genres"])
-        log.info("persona %d: %d users, mean rating %s, distinctive genres %s; words: %s", card["persona"],
-                 card["size"], card["mean_rating"], genres, words)
+        log.info(
+            "persona %d: %d users, mean rating %s, distinctive genres %s; words: %s",
+            card["persona"],
+            card["size"],
+            card["mean_rating"],
+            genres,
+            words,
+        )
     return 0

@@ -109,7 +109,13 @@ class TrainConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     )
     lora_layers: int = 4
     learning_rate: float = 5e-4
@@ -135,8 +141,15 @@ class TrainConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"TrainConfig.variants: unknown {unknown}; choose from {VARIANTS}")
-        for name in ("rank", "alpha", "epochs", "batch_examples", "blocks_per_sequence",
-                     "eval_every", "checkpoint_every"):
+        for name in (
+            "rank",
+            "alpha",
+            "epochs",
+            "batch_examples",
+            "blocks_per_sequence",
+            "eval_every",
+            "checkpoint_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
@@ -144,8 +157,10 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         if self.prompt.persona_taste and self.variants != ("persona",):
-            raise ValueError("TrainConfig.prompt.persona_taste moves the cues toward each persona's taste: "
-                             "train the persona variant alone (--variants persona)")
+            raise ValueError(
+                "TrainConfig.prompt.persona_taste moves the cues toward each persona's taste: "
+                "train the persona variant alone (--variants persona)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,15 +175,19 @@ class TrainConfig:
 
     def activations_digest(self) -> str:
         """Hash of what the cached frozen-layer activations depend on."""
-        keys = ("base_model", "lora_layers", "max_examples_per_user", "val_per_user", "prompt",
-                "lower_dtype")
+        keys = (
+            "base_model",
+            "lora_layers",
+            "max_examples_per_user",
+            "val_per_user",
+            "prompt",
+            "lower_dtype",
+        )
         values = {k: v for k, v in self.to_dict().items() if k in keys}
-        values["prompt"] = {k: v for k, v in values["prompt"].items() if k != "cf_items"}  # injected above
+        values["prompt"] = {
+            k: v for k, v in values["prompt"].items() if k != "cf_items"
+        }  # injected above
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-
-
 
 
 def _trained_with(root: Path, config: TrainConfig) -> bool:
@@ -177,7 +196,10 @@ def _trained_with(root: Path, config: TrainConfig) -> bool:
     try:
         recorded = json.loads((root / "manifest.json").read_text())["training"]
         names = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in recorded.items() if k in names}).digest() == config.digest()
+        return (
+            TrainConfig(**{k: v for k, v in recorded.items() if k in names}).digest()
+            == config.digest()
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -207,17 +229,33 @@ class _Run:
         config, (train_idx, val_idx) = self.config, self.sets[name]
         items = None
         if config.prompt.item_tokens:
-            items = ItemTokens(self.item_embeddings, self.hidden_size,
-                               self.split_layer).to(self.device)
+            items = ItemTokens(self.item_embeddings, self.hidden_size, self.split_layer).to(
+                self.device
+            )
         prior = None
         if config.prompt.cf_prior:
             fit_on = [self.examples[i] for i in train_idx]
-            prior = fit_rating_prior([e.request.cf_prediction for e in fit_on],
-                                     [e.request.surprise or 0.0 for e in fit_on],
-                                     [e.rating for e in fit_on]).to(self.device)
-        self.base, metrics = train_adapter(name, self.base, self.layered, self.cache, self.examples,
-                                           train_idx, val_idx, config, self.split_layer, self.pad_id,
-                                           self.root, progress, items, prior)
+            prior = fit_rating_prior(
+                [e.request.cf_prediction for e in fit_on],
+                [e.request.surprise or 0.0 for e in fit_on],
+                [e.rating for e in fit_on],
+            ).to(self.device)
+        self.base, metrics = train_adapter(
+            name,
+            self.base,
+            self.layered,
+            self.cache,
+            self.examples,
+            train_idx,
+            val_idx,
+            config,
+            self.split_layer,
+            self.pad_id,
+            self.root,
+            progress,
+            items,
+            prior,
+        )
         return metrics
 
 
@@ -238,50 +276,93 @@ def _load_run(root: Path, config: TrainConfig, device: str, compile: bool, progr
     for p in base.parameters():
         p.requires_grad_(False)
     builder = PromptBuilder(tokenizer, catalog, config.prompt)
-    layered = LayeredLM(base, builder.rating_token_ids, compile=compile,
-                        placeholder_id=builder.item_placeholder_id)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    layered = LayeredLM(
+        base, builder.rating_token_ids, compile=compile, placeholder_id=builder.item_placeholder_id
+    )
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     split_layer = layered.n_layers - config.lora_layers if config.lora_layers else 0
     if not 0 <= split_layer < layered.n_layers:
-        raise ValueError(f"lora_layers={config.lora_layers} but the model has {layered.n_layers} layers")
+        raise ValueError(
+            f"lora_layers={config.lora_layers} but the model has {layered.n_layers} layers"
+        )
 
     mine = training_users(root, profiles)  # not the other simulated users of --all-users
     tastes = None
     if config.prompt.persona_taste:
         persona_taste = persona_tastes(collaborative, user_persona, mine)
         axes = taste_axes(persona_taste)
-        tastes = {u: collaborative.taste_of(u, persona_taste[user_persona[u]], config.prompt.persona_taste, axes)
-                  for u in mine}
-    examples = build_examples({u: profiles[u] for u in mine}, memories, index, config, collaborative, tastes)
+        tastes = {
+            u: collaborative.taste_of(
+                u, persona_taste[user_persona[u]], config.prompt.persona_taste, axes
+            )
+            for u in mine
+        }
+    examples = build_examples(
+        {u: profiles[u] for u in mine}, memories, index, config, collaborative, tastes
+    )
     sets = adapter_datasets(examples, user_persona, config)
-    log.info("%d examples (%d validation), adapters: %s", len(examples),
-             sum(e.validation for e in examples), ", ".join(f"{k}={len(v[0])}" for k, v in sets.items()))
+    log.info(
+        "%d examples (%d validation), adapters: %s",
+        len(examples),
+        sum(e.validation for e in examples),
+        ", ".join(f"{k}={len(v[0])}" for k, v in sets.items()),
+    )
 
-    cache_key = hashlib.sha256((config.activations_digest() + str(model_source(model_path)["sha256"] or model_path)
-                                + str(len(examples))).encode()).hexdigest()[:16]
+    cache_key = hashlib.sha256(
+        (
+            config.activations_digest()
+            + str(model_source(model_path)["sha256"] or model_path)
+            + str(len(examples))
+        ).encode()
+    ).hexdigest()[:16]
     cache_path = root / "cache" / f"lower-{cache_key}.pt"
     lower_started = time.perf_counter()
     if cache_path.exists():
         cache = LowerCache(**torch.load(cache_path, weights_only=False))
         log.info("reusing frozen-layer activations from %s", cache_path)
     else:
-        cache = _frozen_pass(examples, builder, layered, config, split_layer, pad_id, device,
-                             compile, progress)
+        cache = _frozen_pass(
+            examples, builder, layered, config, split_layer, pad_id, device, compile, progress
+        )
         atomic_write(cache_path, lambda tmp: torch.save(cache.state(), tmp))
-    return _Run(root, config, device, base, base.config.hidden_size, layered, cache, examples, sets,
-                item_embeddings, split_layer, pad_id, model_path, time.perf_counter() - lower_started)
+    return _Run(
+        root,
+        config,
+        device,
+        base,
+        base.config.hidden_size,
+        layered,
+        cache,
+        examples,
+        sets,
+        item_embeddings,
+        split_layer,
+        pad_id,
+        model_path,
+        time.perf_counter() - lower_started,
+    )
 
 
-def _worker_run(root: Path, config: TrainConfig, device: str, compile: bool, progress: bool,
-                rank: int) -> Callable[[str], dict]:
+def _worker_run(
+    root: Path, config: TrainConfig, device: str, compile: bool, progress: bool, rank: int
+) -> Callable[[str], dict]:
     """A worker's job runner (:func:`training.parallel.run_in_workers`): its own copy of the
     run; the first worker shows its progress bars."""
     run = _load_run(root, config, device, compile, progress=False)
     return lambda name: run.train_one(name, progress and rank == 0)
 
 
-def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progress: bool = True,
-          compile: bool = False, force: bool = False, workers: int = 1) -> dict:
+def train(
+    artifacts: str | Path,
+    config: TrainConfig,
+    device: str = "cpu",
+    progress: bool = True,
+    compile: bool = False,
+    force: bool = False,
+    workers: int = 1,
+) -> dict:
     """Train every adapter of ``config.variants`` into ``artifacts``; write the manifest.
 
     ``compile`` runs the decoder layers through ``torch.compile`` (faster on CPU after ~1 min).
@@ -297,7 +378,12 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
     prepare_stage(root, "train", force=force, same_run=_trained_with(root, config))
     started = time.perf_counter()
     run = _load_run(root, config, device, compile, progress)
-    sets, split_layer, examples, model_path = run.sets, run.split_layer, run.examples, run.model_path
+    sets, split_layer, examples, model_path = (
+        run.sets,
+        run.split_layer,
+        run.examples,
+        run.model_path,
+    )
     lower_seconds = run.lower_seconds
 
     metrics: dict[str, dict] = {}
@@ -311,8 +397,12 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
         else:
             todo.append(name)
     if workers > max(1, len(todo)):
-        log.info("--workers %d but %d adapters to train: %d workers", workers, len(todo),
-                 max(1, len(todo)))
+        log.info(
+            "--workers %d but %d adapters to train: %d workers",
+            workers,
+            len(todo),
+            max(1, len(todo)),
+        )
         workers = max(1, len(todo))
     finished: Iterable[tuple[str, dict]]
     if workers == 1:
@@ -320,15 +410,21 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
     else:
         del run  # the workers load their own
         setup = functools.partial(_worker_run, root, config, device, compile, progress)
-        finished = run_in_workers(setup, todo, workers, resume_hint="rerun the same command to "
-                                  "resume from the checkpoints")
+        finished = run_in_workers(
+            setup,
+            todo,
+            workers,
+            resume_hint="rerun the same command to resume from the checkpoints",
+        )
     for name, adapter_metrics in finished:
         metrics[name] = adapter_metrics
         atomic_write_json(metrics_path, {config.digest(): metrics})
     # in the order of the adapter sets, however the workers finished (earlier variants' last)
     metrics = {**{n: metrics[n] for n in sets if n in metrics}, **metrics}
 
-    split_info = json.loads((root / "split.json").read_text()) if (root / "split.json").exists() else {}
+    split_info = (
+        json.loads((root / "split.json").read_text()) if (root / "split.json").exists() else {}
+    )
     personas: dict[str, list[int]] = defaultdict(list)
     for user, p in sorted(load_personas(root).items()):
         personas[str(p)].append(user)
@@ -344,7 +440,9 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
     }
     manifest = {
         "base_model": model_source(model_path),
-        "dataset": split_info.get("dataset", split_info.get("params", {}).get("dataset", "unknown")),
+        "dataset": split_info.get(
+            "dataset", split_info.get("params", {}).get("dataset", "unknown")
+        ),
         "protocol": split_info,
         "tables_sha256": tables_digest(root),
         "seeds": {"training": config.seed},
@@ -355,79 +453,157 @@ def train(artifacts: str | Path, config: TrainConfig, device: str = "cpu", progr
         "metrics": {"adapters": metrics, "run": summary},
     }
     manifest = write_manifest(root, manifest)
-    log.info("trained %d adapters in %.0f s; manifest at %s", len(metrics), summary["wall_seconds"],
-             root / "manifest.json")
+    log.info(
+        "trained %d adapters in %.0f s; manifest at %s",
+        len(metrics),
+        summary["wall_seconds"],
+        root / "manifest.json",
+    )
     return manifest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     parser = subparsers.add_parser(
-        "train", help="fine-tune persona LoRA adapters (stage 3)", description=plain(__doc__ or ""),
+        "train",
+        help="fine-tune persona LoRA adapters (stage 3)",
+        description=plain(__doc__ or ""),
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--artifacts", required=True, type=Path,
-                        help="directory written by `persona-gym distill` and `persona-gym personas`")
+    parser.add_argument(
+        "--artifacts",
+        required=True,
+        type=Path,
+        help="directory written by `persona-gym distill` and `persona-gym personas`",
+    )
     parser.add_argument("--variants", nargs="+", default=list(defaults.variants), choices=VARIANTS)
     parser.add_argument("--base-model", default=defaults.base_model)
     parser.add_argument("--rank", type=int, default=defaults.rank)
     parser.add_argument("--alpha", type=int, default=defaults.alpha)
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
     parser.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules))
-    parser.add_argument("--lora-layers", type=int, default=defaults.lora_layers,
-                        help="LoRA on the top N layers (0 = all)")
+    parser.add_argument(
+        "--lora-layers",
+        type=int,
+        default=defaults.lora_layers,
+        help="LoRA on the top N layers (0 = all)",
+    )
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", dest="batch_examples", type=int, default=defaults.batch_examples,
-                        help="examples per optimizer step (train-agent's --batch-size)")
-    parser.add_argument("--blocks-per-sequence", type=int, default=defaults.blocks_per_sequence,
-                        help="examples of one user packed behind one profile prefix")
+    parser.add_argument(
+        "--batch-size",
+        dest="batch_examples",
+        type=int,
+        default=defaults.batch_examples,
+        help="examples per optimizer step (train-agent's --batch-size)",
+    )
+    parser.add_argument(
+        "--blocks-per-sequence",
+        type=int,
+        default=defaults.blocks_per_sequence,
+        help="examples of one user packed behind one profile prefix",
+    )
     parser.add_argument("--max-examples-per-user", type=int, default=defaults.max_examples_per_user)
     parser.add_argument("--mse-weight", type=float, default=defaults.mse_weight)
-    parser.add_argument("--window", type=int, default=defaults.prompt.window_size,
-                        help="short-term window size k (0 = none)")
-    parser.add_argument("--memories", type=int, default=defaults.prompt.n_memories,
-                        help="retrieved Ml memories per prompt (0 = none)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=defaults.prompt.window_size,
+        help="short-term window size k (0 = none)",
+    )
+    parser.add_argument(
+        "--memories",
+        type=int,
+        default=defaults.prompt.n_memories,
+        help="retrieved Ml memories per prompt (0 = none)",
+    )
     parser.add_argument("--no-profile", action="store_true", help="leave Ms out of the prompt")
-    parser.add_argument("--max-tokens", type=int, default=defaults.prompt.max_tokens,
-                        help="prompt budget in tokens; older memories are dropped first")
-    parser.add_argument("--item-tokens", action="store_true",
-                        help="compact prompts: each movie is one soft token projected from its "
-                             "embedding, trained with each adapter (~3x fewer tokens per rating)")
-    parser.add_argument("--cf-cue", action="store_true",
-                        help="show the collaborative model's prediction next to the answer")
-    parser.add_argument("--surprise-cue", action="store_true",
-                        help="show how the window's ratings deviated from the collaborative predictions")
-    parser.add_argument("--cf-prior", action="store_true",
-                        help="add a learned Gaussian prior around the collaborative prediction to the "
-                             "rating logits (needs --cf-cue)")
-    parser.add_argument("--persona-taste", type=float, default=defaults.prompt.persona_taste, metavar="S",
-                        help="share of each user's collaborative taste their persona adapter owns (0..1; "
-                             "needs --cf-cue and --variants persona; personas clustered with --features taste)")
-    parser.add_argument("--cf-items", action="store_true",
-                        help="item tokens carry collaborative factors (needs --item-tokens)")
-    parser.add_argument("--val-per-user", type=int, default=defaults.val_per_user,
-                        help="the last N training interactions of each user form the validation slice")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=defaults.prompt.max_tokens,
+        help="prompt budget in tokens; older memories are dropped first",
+    )
+    parser.add_argument(
+        "--item-tokens",
+        action="store_true",
+        help="compact prompts: each movie is one soft token projected from its "
+        "embedding, trained with each adapter (~3x fewer tokens per rating)",
+    )
+    parser.add_argument(
+        "--cf-cue",
+        action="store_true",
+        help="show the collaborative model's prediction next to the answer",
+    )
+    parser.add_argument(
+        "--surprise-cue",
+        action="store_true",
+        help="show how the window's ratings deviated from the collaborative predictions",
+    )
+    parser.add_argument(
+        "--cf-prior",
+        action="store_true",
+        help="add a learned Gaussian prior around the collaborative prediction to the "
+        "rating logits (needs --cf-cue)",
+    )
+    parser.add_argument(
+        "--persona-taste",
+        type=float,
+        default=defaults.prompt.persona_taste,
+        metavar="S",
+        help="share of each user's collaborative taste their persona adapter owns (0..1; "
+        "needs --cf-cue and --variants persona; personas clustered with --features taste)",
+    )
+    parser.add_argument(
+        "--cf-items",
+        action="store_true",
+        help="item tokens carry collaborative factors (needs --item-tokens)",
+    )
+    parser.add_argument(
+        "--val-per-user",
+        type=int,
+        default=defaults.val_per_user,
+        help="the last N training interactions of each user form the validation slice",
+    )
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--patience", type=int, default=defaults.patience)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--item-learning-rate", type=float, default=defaults.item_learning_rate)
-    parser.add_argument("--lower-dtype", default=defaults.lower_dtype, choices=["auto", "float32", "bfloat16"],
-                        help="dtype of the one-off frozen-layer pass (auto: bfloat16 where the hardware has it)")
+    parser.add_argument(
+        "--lower-dtype",
+        default=defaults.lower_dtype,
+        choices=["auto", "float32", "bfloat16"],
+        help="dtype of the one-off frozen-layer pass (auto: bfloat16 where the hardware has it)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default="cpu", help="torch device of the training (cpu, cuda, cuda:N)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="train the adapters in N processes, the adapters split over them (at "
-                             "most one per adapter to train); each runs its share of the torch "
-                             "threads (this process's // N). The adapters and metrics are those of one "
-                             "process; a killed run resumes with any N")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the training (cpu, cuda, cuda:N)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train the adapters in N processes, the adapters split over them (at "
+        "most one per adapter to train); each runs its share of the torch "
+        "threads (this process's // N). The adapters and metrics are those of one "
+        "process; a killed run resumes with any N",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--force", action="store_true",
-                        help="replace adapters trained with another config (and their evaluation)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="run eagerly instead of through torch.compile (slower, no warm-up)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace adapters trained with another config (and their evaluation)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="run eagerly instead of through torch.compile (slower, no warm-up)",
+    )
     helps = field_help(TrainConfig)
-    for action in parser._actions:  # the rest of the flags: their TrainConfig field's docstring line
+    for (
+        action
+    ) in parser._actions:  # the rest of the flags: their TrainConfig field's docstring line
         if action.help is None and action.dest in helps:
             action.help = plain(helps[action.dest]).replace("%", "%%")
     parser.set_defaults(func=_run)
@@ -438,26 +614,55 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def _run(args: argparse.Namespace) -> int:
-    prompt = PromptConfig(window_size=args.window, n_memories=args.memories,
-                          use_profile=not args.no_profile, max_tokens=args.max_tokens,
-                          item_tokens=args.item_tokens, cf_cue=args.cf_cue,
-                          surprise_cue=args.surprise_cue, cf_items=args.cf_items,
-                          cf_prior=args.cf_prior, persona_taste=args.persona_taste)
-    config = TrainConfig(
-        variants=tuple(args.variants), base_model=args.base_model, rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, target_modules=tuple(args.target_modules), lora_layers=args.lora_layers,
-        learning_rate=args.learning_rate, epochs=args.epochs, batch_examples=args.batch_examples,
-        max_examples_per_user=args.max_examples_per_user, mse_weight=args.mse_weight,
-        seed=args.seed, prompt=prompt, item_learning_rate=args.item_learning_rate,
-        val_per_user=args.val_per_user, lower_dtype=args.lower_dtype,
-        blocks_per_sequence=args.blocks_per_sequence, eval_every=args.eval_every,
-        patience=args.patience, checkpoint_every=args.checkpoint_every,
+    prompt = PromptConfig(
+        window_size=args.window,
+        n_memories=args.memories,
+        use_profile=not args.no_profile,
+        max_tokens=args.max_tokens,
+        item_tokens=args.item_tokens,
+        cf_cue=args.cf_cue,
+        surprise_cue=args.surprise_cue,
+        cf_items=args.cf_items,
+        cf_prior=args.cf_prior,
+        persona_taste=args.persona_taste,
     )
-    manifest = train(args.artifacts, config, device=args.device, progress=not args.no_progress,
-                     compile=not args.no_compile, force=args.force, workers=args.workers)
+    config = TrainConfig(
+        variants=tuple(args.variants),
+        base_model=args.base_model,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=tuple(args.target_modules),
+        lora_layers=args.lora_layers,
+        learning_rate=args.learning_rate,
+        epochs=args.epochs,
+        batch_examples=args.batch_examples,
+        max_examples_per_user=args.max_examples_per_user,
+        mse_weight=args.mse_weight,
+        seed=args.seed,
+        prompt=prompt,
+        item_learning_rate=args.item_learning_rate,
+        val_per_user=args.val_per_user,
+        lower_dtype=args.lower_dtype,
+        blocks_per_sequence=args.blocks_per_sequence,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        checkpoint_every=args.checkpoint_every,
+    )
+    manifest = train(
+        args.artifacts,
+        config,
+        device=args.device,
+        progress=not args.no_progress,
+        compile=not args.no_compile,
+        force=args.force,
+        workers=args.workers,
+    )
     for name, m in manifest["metrics"]["adapters"].items():
-        print(f"{name:>14}: {m['train_examples']:5d} examples, {m['steps']:4d} steps, "
-              f"val RMSE {m['best_val_rmse']:.4f}, {m['train_tokens_per_s']:.0f} tokens/s")
+        print(
+            f"{name:>14}: {m['train_examples']:5d} examples, {m['steps']:4d} steps, "
+            f"val RMSE {m['best_val_rmse']:.4f}, {m['train_tokens_per_s']:.0f} tokens/s"
+        )
     print(json.dumps(manifest["metrics"]["run"]))
     print(json.dumps(library_versions()))
     return 0

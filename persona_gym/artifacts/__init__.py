@@ -74,12 +74,41 @@ from persona_gym.artifacts.shipped import (
 from persona_gym.artifacts.stages import prepare_stage, staged_dir
 from persona_gym.artifacts.tables import load_personas, load_tables, tables_digest, training_users
 
-__all__ = ["BUILD_LOG", "BUILD_RECORD", "MANIFEST", "SCHEMA_VERSION", "SEAL", "SHIPPABLE",
-           "STAGE_PRODUCTS", "TABLES", "UNHASHED", "Artifacts", "ArtifactsError", "MissingArtifactsError",
-           "artifact_files", "check_adapters", "check_base_model", "export_shippable", "file_hashes", "hash_files", "library_versions",
-           "load_artifacts", "load_personas", "load_tables", "missing_artifacts_message",
-           "prepare_stage", "read_manifest", "rehash", "resolve_artifacts", "seal_manifest",
-           "staged_dir", "tables_digest", "training_users", "verify_artifacts", "write_manifest"]
+__all__ = [
+    "BUILD_LOG",
+    "BUILD_RECORD",
+    "MANIFEST",
+    "SCHEMA_VERSION",
+    "SEAL",
+    "SHIPPABLE",
+    "STAGE_PRODUCTS",
+    "TABLES",
+    "UNHASHED",
+    "Artifacts",
+    "ArtifactsError",
+    "MissingArtifactsError",
+    "artifact_files",
+    "check_adapters",
+    "check_base_model",
+    "export_shippable",
+    "file_hashes",
+    "hash_files",
+    "library_versions",
+    "load_artifacts",
+    "load_personas",
+    "load_tables",
+    "missing_artifacts_message",
+    "prepare_stage",
+    "read_manifest",
+    "rehash",
+    "resolve_artifacts",
+    "seal_manifest",
+    "staged_dir",
+    "tables_digest",
+    "training_users",
+    "verify_artifacts",
+    "write_manifest",
+]
 from persona_gym.catalog import ItemCatalog
 from persona_gym.collaborative import (
     CF_FILE,
@@ -102,7 +131,9 @@ class Artifacts:
     memories: pd.DataFrame
     item_embeddings: np.ndarray
     user_persona: dict[int, int]
-    collaborative: CollaborativeModel | None = None  # None for artifacts distilled before it existed
+    collaborative: CollaborativeModel | None = (
+        None  # None for artifacts distilled before it existed
+    )
 
     @property
     def user_ids(self) -> list[int]:
@@ -116,7 +147,9 @@ class Artifacts:
 
     @property
     def prompt_config(self) -> PromptConfig:
-        return PromptConfig(**{"crowd_cue": False, **self.manifest["prompt"]})  # older manifests lack it
+        return PromptConfig(
+            **{"crowd_cue": False, **self.manifest["prompt"]}
+        )  # older manifests lack it
 
     @property
     def adapter_dirs(self) -> dict[str, Path]:
@@ -131,14 +164,18 @@ class Artifacts:
 
     def require_collaborative(self) -> CollaborativeModel:
         if self.collaborative is None:
-            raise ArtifactsError(f"{self.root / CF_FILE} not found: the prompt uses collaborative "
-                                 f"cues; re-run `persona-gym distill --out {self.root} --force` with this version")
+            raise ArtifactsError(
+                f"{self.root / CF_FILE} not found: the prompt uses collaborative "
+                f"cues; re-run `persona-gym distill --out {self.root} --force` with this version"
+            )
         return self.collaborative
 
     @functools.cached_property
     def persona_tastes(self) -> dict[int, np.ndarray]:
         """Each persona's mean MF factors over its training users (``PromptConfig.persona_taste``)."""
-        return persona_tastes(self.require_collaborative(), self.user_persona, self.training_user_ids)
+        return persona_tastes(
+            self.require_collaborative(), self.user_persona, self.training_user_ids
+        )
 
     @functools.cached_property
     def taste_axes(self) -> np.ndarray:
@@ -154,9 +191,12 @@ class Artifacts:
         if not share or persona is None:
             return None
         if persona not in self.persona_tastes:
-            raise ArtifactsError(f"{self.root / 'personas.json'} has no persona {persona} for adapter {adapter!r}")
-        return self.require_collaborative().taste_of(user_id, self.persona_tastes[persona], share,
-                                                     self.taste_axes)
+            raise ArtifactsError(
+                f"{self.root / 'personas.json'} has no persona {persona} for adapter {adapter!r}"
+            )
+        return self.require_collaborative().taste_of(
+            user_id, self.persona_tastes[persona], share, self.taste_axes
+        )
 
     def adapter_of(self, user_id: int, variant: str = "persona") -> str:
         """The adapter that simulates ``user_id`` under a variant (persona / single-max / ...)."""
@@ -175,7 +215,8 @@ class Artifacts:
                     f"{self.root / 'personas.json'} assigns no persona to {len(lost)} of the "
                     f"{len(users)} users of profiles.jsonl (e.g. {lost[:5]}): the files come from "
                     f"different runs; re-run `persona-gym personas --artifacts {self.root} --force` "
-                    f"and `persona-gym train --artifacts {self.root} --force`")
+                    f"and `persona-gym train --artifacts {self.root} --force`"
+                )
         lost = [u for u in users if self.adapter_of(u, variant) not in self.manifest["adapters"]]
         if lost:
             missing = sorted({self.adapter_of(u, variant) for u in lost})
@@ -183,7 +224,8 @@ class Artifacts:
             raise ArtifactsError(
                 f"{self.root / MANIFEST} has no adapter {missing[:3]} for {len(lost)} of the "
                 f"{len(users)} users (e.g. {lost[:5]}) under variant={variant!r}; train them with "
-                f"`persona-gym train --artifacts {self.root} --variants {variants}`")
+                f"`persona-gym train --artifacts {self.root} --variants {variants}`"
+            )
 
 
 def load_artifacts(root: str | Path) -> Artifacts:
@@ -194,4 +236,6 @@ def load_artifacts(root: str | Path) -> Artifacts:
     check_adapters(root, manifest)
     catalog, profiles, memories, embeddings = load_tables(root)
     cf = load_collaborative(root / CF_FILE) if (root / CF_FILE).exists() else None
-    return Artifacts(root, manifest, catalog, profiles, memories, embeddings, load_personas(root), cf)
+    return Artifacts(
+        root, manifest, catalog, profiles, memories, embeddings, load_personas(root), cf
+    )

@@ -72,8 +72,9 @@ def artifact_files(root: str | Path) -> list[str]:
     found = []
     for folder, dirs, files in os.walk(root):
         rel = Path(folder).relative_to(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and not (rel == Path(".") and d in UNHASHED))
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not (rel == Path(".") and d in UNHASHED)
+        )
         for name in files:
             not_hashed = rel == Path(".") and name in (MANIFEST, *UNHASHED)
             if name.startswith(".") or name.endswith(".tmp") or not_hashed:
@@ -137,8 +138,12 @@ def seal_manifest(root: str | Path, manifest: dict) -> dict:
     """
     root = Path(root)
     body = {k: v for k, v in manifest.items() if k not in (SEAL, "files")}
-    body = json.loads(json.dumps({**body, "schema_version": SCHEMA_VERSION,
-                                  "files": file_hashes(root)}, default=_json_default))
+    body = json.loads(
+        json.dumps(
+            {**body, "schema_version": SCHEMA_VERSION, "files": file_hashes(root)},
+            default=_json_default,
+        )
+    )
     body[SEAL] = _seal(body)
     atomic_write_json(root / MANIFEST, body)
     return body
@@ -147,8 +152,9 @@ def seal_manifest(root: str | Path, manifest: dict) -> dict:
 def write_manifest(root: str | Path, manifest: dict) -> dict:
     """Write ``manifest.json`` atomically, stamped with the schema and library versions and the
     hash of every artifact file (:func:`seal_manifest`); return it."""
-    return seal_manifest(root, {"schema_version": SCHEMA_VERSION, **manifest,
-                                "versions": library_versions()})
+    return seal_manifest(
+        root, {"schema_version": SCHEMA_VERSION, **manifest, "versions": library_versions()}
+    )
 
 
 def rehash(root: str | Path) -> dict:
@@ -160,8 +166,10 @@ def rehash(root: str | Path) -> dict:
     """
     root = Path(root)
     if not (root / MANIFEST).exists():
-        raise ArtifactsError(f"{root / MANIFEST} not found: there is nothing to rehash; "
-                             f"train a simulator with `persona-gym train --artifacts {root}`")
+        raise ArtifactsError(
+            f"{root / MANIFEST} not found: there is nothing to rehash; "
+            f"train a simulator with `persona-gym train --artifacts {root}`"
+        )
     manifest = _read_json(root / MANIFEST, f"re-run `persona-gym train --artifacts {root}`")
     _check_structure(root, manifest, root / MANIFEST)
     return seal_manifest(root, manifest)
@@ -172,7 +180,9 @@ def _read_json(path: Path, fix: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ArtifactsError(f"{path} is not valid JSON (line {err.lineno}): {err.msg}; {fix}") from err
+        raise ArtifactsError(
+            f"{path} is not valid JSON (line {err.lineno}): {err.msg}; {fix}"
+        ) from err
     except UnicodeDecodeError as err:
         raise ArtifactsError(f"{path} is not UTF-8 text; {fix}") from err
 
@@ -181,34 +191,54 @@ def _inside(root: Path, rel: object, where: str) -> Path:
     """``root / rel`` for a relative path that stays inside ``root``; else ``ArtifactsError``."""
     if not isinstance(rel, str) or not rel:
         raise ArtifactsError(f"{where}: path {rel!r} is not a relative path inside {root}")
-    if (PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive
-            or ".." in PurePosixPath(rel.replace("\\", "/")).parts):
-        raise ArtifactsError(f"{where}: path {rel!r} leaves the artifacts directory {root} "
-                             "(absolute paths and '..' are refused); re-run `persona-gym train`")
+    if (
+        PurePosixPath(rel).is_absolute()
+        or PureWindowsPath(rel).is_absolute()
+        or PureWindowsPath(rel).drive
+        or ".." in PurePosixPath(rel.replace("\\", "/")).parts
+    ):
+        raise ArtifactsError(
+            f"{where}: path {rel!r} leaves the artifacts directory {root} "
+            "(absolute paths and '..' are refused); re-run `persona-gym train`"
+        )
     path = root / rel
     if not path.resolve().is_relative_to(root.resolve()):
-        raise ArtifactsError(f"{where}: path {rel!r} resolves to {path.resolve()}, outside "
-                             f"{root} (a symbolic link?); copy the files into the directory")
+        raise ArtifactsError(
+            f"{where}: path {rel!r} resolves to {path.resolve()}, outside "
+            f"{root} (a symbolic link?); copy the files into the directory"
+        )
     return path
 
 
 def _check_structure(root: Path, manifest: object, path: Path) -> None:
     """Required fields, base model identity and adapter paths of a manifest (no file reads)."""
     if not isinstance(manifest, dict):
-        raise ArtifactsError(f"{path}: expected a JSON object, got {type(manifest).__name__}; "
-                             "re-run `persona-gym train` to rewrite it")
+        raise ArtifactsError(
+            f"{path}: expected a JSON object, got {type(manifest).__name__}; "
+            "re-run `persona-gym train` to rewrite it"
+        )
     for field in ("base_model", "adapters", "prompt", "dataset"):
         if field not in manifest:
-            raise ArtifactsError(f"{path}: required field {field!r} is missing; retrain to rewrite it")
+            raise ArtifactsError(
+                f"{path}: required field {field!r} is missing; retrain to rewrite it"
+            )
     base = manifest["base_model"]
     if not isinstance(base, dict) or "sha256" not in base:
-        raise ArtifactsError(f"{path}: base_model.sha256 is missing, so the adapters cannot be "
-                             "matched to their base model; re-run `persona-gym train` to record it")
-    if not (base["sha256"] is None or (isinstance(base["sha256"], str) and len(base["sha256"]) == 64)):
-        raise ArtifactsError(f"{path}: base_model.sha256 {base['sha256']!r} is not a SHA-256; "
-                             "re-run `persona-gym train` to record it")
+        raise ArtifactsError(
+            f"{path}: base_model.sha256 is missing, so the adapters cannot be "
+            "matched to their base model; re-run `persona-gym train` to record it"
+        )
+    if not (
+        base["sha256"] is None or (isinstance(base["sha256"], str) and len(base["sha256"]) == 64)
+    ):
+        raise ArtifactsError(
+            f"{path}: base_model.sha256 {base['sha256']!r} is not a SHA-256; "
+            "re-run `persona-gym train` to record it"
+        )
     if not isinstance(manifest["adapters"], dict) or not isinstance(manifest["prompt"], dict):
-        raise ArtifactsError(f"{path}: 'adapters' and 'prompt' must be JSON objects; retrain to rewrite it")
+        raise ArtifactsError(
+            f"{path}: 'adapters' and 'prompt' must be JSON objects; retrain to rewrite it"
+        )
     for name, rel in manifest["adapters"].items():
         _inside(root, rel, f"{path}: adapter {name!r}")
 
@@ -231,17 +261,21 @@ def read_manifest(root: str | Path) -> dict:
             f"(supports {SCHEMA_VERSION}); upgrade persona-gym or retrain"
         )
     if version < 1:
-        raise ArtifactsError(f"{path}: schema_version {version} is not a persona-gym manifest "
-                             f"(this version writes {SCHEMA_VERSION}); re-run `persona-gym train`")
+        raise ArtifactsError(
+            f"{path}: schema_version {version} is not a persona-gym manifest "
+            f"(this version writes {SCHEMA_VERSION}); re-run `persona-gym train`"
+        )
     if version < SCHEMA_VERSION:
         raise ArtifactsError(
             f"{path}: schema_version {version} predates file hashes, so its files cannot be "
             f"verified; record them with `persona-gym artifacts rehash {root}` (if the files are "
-            f"the ones you trained) or re-run `persona-gym train --artifacts {root} --force`")
+            f"the ones you trained) or re-run `persona-gym train --artifacts {root} --force`"
+        )
     if manifest.get(SEAL) != _seal(manifest):
         raise ArtifactsError(
             f"{path} was changed after it was written (its {SEAL} does not match); "
-            f"{_fix(root, MANIFEST, manifest)}")
+            f"{_fix(root, MANIFEST, manifest)}"
+        )
     _check_structure(root, manifest, path)
     for name, rel in manifest["adapters"].items():
         folder = root / rel
@@ -264,8 +298,10 @@ def _stage_of(rel: str) -> str:
 def _fix(root: Path, rel: str, manifest: dict) -> str:
     """The command that rewrites ``rel`` of ``root`` (or what to do for the shipped simulator)."""
     if manifest.get("materialised_from"):
-        return (f"delete {root} (the cached copy of the shipped {manifest['materialised_from']} "
-                "simulator; it is rebuilt on next use)")
+        return (
+            f"delete {root} (the cached copy of the shipped {manifest['materialised_from']} "
+            "simulator; it is rebuilt on next use)"
+        )
     if root.resolve().is_relative_to(registry.SHIPPED_DIR.resolve()):
         return "reinstall persona-gym (the shipped simulator's files were changed)"
     stage = _stage_of(rel)
@@ -274,8 +310,10 @@ def _fix(root: Path, rel: str, manifest: dict) -> str:
         "personas": f"re-run `persona-gym personas --artifacts {root} --force`, then `train`",
         "train": f"re-run `persona-gym train --artifacts {root} --force`",
     }
-    return (f"{commands.get(stage, commands['train'])} (or, if you changed it on purpose, "
-            f"`persona-gym artifacts rehash {root}`)")
+    return (
+        f"{commands.get(stage, commands['train'])} (or, if you changed it on purpose, "
+        f"`persona-gym artifacts rehash {root}`)"
+    )
 
 
 def verify_artifacts(root: str | Path, manifest: dict, tables: bool = True) -> None:
@@ -295,24 +333,35 @@ def verify_artifacts(root: str | Path, manifest: dict, tables: bool = True) -> N
         needed |= {f"{folder}/adapter_config.json", f"{folder}/adapter_model.safetensors"}
         needed |= {f"{folder}/{name}" for name in artifact_files(root / rel)}
     if tables:
-        needed |= {"items.parquet", "profiles.jsonl", "memories.parquet", "embeddings/items.npy",
-                   "personas.json"}
+        needed |= {
+            "items.parquet",
+            "profiles.jsonl",
+            "memories.parquet",
+            "embeddings/items.npy",
+            "personas.json",
+        }
         if (root / CF_FILE).exists():
             needed.add(CF_FILE)
     for rel in sorted(needed - set(files)):
-        raise ArtifactsError(f"{root / rel} is not recorded in {path}: it was added after the "
-                             f"manifest was written; {_fix(root, rel, manifest)}")
+        raise ArtifactsError(
+            f"{root / rel} is not recorded in {path}: it was added after the "
+            f"manifest was written; {_fix(root, rel, manifest)}"
+        )
     paths = {}
     for rel in sorted(files):
         file = _inside(root, rel, f"{path}: files")
         if not file.is_file():
-            raise ArtifactsError(f"{file} is missing (recorded in {path}); {_fix(root, rel, manifest)}")
+            raise ArtifactsError(
+                f"{file} is missing (recorded in {path}); {_fix(root, rel, manifest)}"
+            )
         paths[rel] = file
     digests = hash_files(list(paths.values()))
     for rel, file in paths.items():
         if digests[file] != files[rel]:
-            raise ArtifactsError(f"{file} does not match its hash in {path}: it changed after "
-                                 f"it was written; {_fix(root, rel, manifest)}")
+            raise ArtifactsError(
+                f"{file} does not match its hash in {path}: it changed after "
+                f"it was written; {_fix(root, rel, manifest)}"
+            )
 
 
 def check_adapters(root: str | Path, manifest: dict) -> None:
@@ -325,8 +374,10 @@ def check_adapters(root: str | Path, manifest: dict) -> None:
         fix = _fix(root, f"adapters/{name}", manifest)
         config = _read_json(folder / "adapter_config.json", fix)
         if not isinstance(config, dict) or "peft_type" not in config:
-            raise ArtifactsError(f"{folder / 'adapter_config.json'} is not a peft adapter config "
-                                 f"(no peft_type); {fix}")
+            raise ArtifactsError(
+                f"{folder / 'adapter_config.json'} is not a peft adapter config "
+                f"(no peft_type); {fix}"
+            )
         weights = folder / "adapter_model.safetensors"
         size = weights.stat().st_size
         try:
@@ -335,11 +386,15 @@ def check_adapters(root: str | Path, manifest: dict) -> None:
                 if not 0 < length <= size - 8:
                     raise ValueError(f"header length {length} for a {size}-byte file")
                 header = json.loads(handle.read(length))
-            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            ends = [
+                entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"
+            ]
             if not ends or max(ends) > size - 8 - length:
                 raise ValueError("tensors beyond the end of the file")
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            raise ArtifactsError(f"{weights} is not a readable safetensors file ({err}); {fix}") from err
+            raise ArtifactsError(
+                f"{weights} is not a readable safetensors file ({err}); {fix}"
+            ) from err
 
 
 def check_base_model(manifest: dict, model_path: str) -> None:

@@ -35,8 +35,10 @@ class MissingArtifactsError(ArtifactsError, FileNotFoundError):
 
 # What `persona-gym build` takes, from README "Build a simulator": the measured build of the
 # shipped ML-100k simulator on 2 CPU cores; the GPU figure is estimated from benchmarks/README.md.
-BUILD_TIME = ("about 1 h on 2 CPU cores, a few minutes on one GPU with --device cuda (estimated); "
-              'README: "Build a simulator"')
+BUILD_TIME = (
+    "about 1 h on 2 CPU cores, a few minutes on one GPU with --device cuda (estimated); "
+    'README: "Build a simulator"'
+)
 
 
 def missing_artifacts_message(where: Path, dataset: str = "ml-100k", named: bool = False) -> str:
@@ -46,8 +48,10 @@ def missing_artifacts_message(where: Path, dataset: str = "ml-100k", named: bool
     out = "DIR" if named else str(where)
     fetch = ""
     if dataset == "ml-1m":
-        fetch = ("`persona-gym data fetch ml-1m` (or pass the folder holding ratings.dat, "
-                 "users.dat, movies.dat as --dataset), then ")
+        fetch = (
+            "`persona-gym data fetch ml-1m` (or pass the folder holding ratings.dat, "
+            "users.dat, movies.dat as --dataset), then "
+        )
     return (
         f"{where / MANIFEST} not found: no trained simulator there. Build one with "
         f"`persona-gym build {dataset} --out {out}` (downloads {dataset}, checksum verified, when it "
@@ -58,8 +62,9 @@ def missing_artifacts_message(where: Path, dataset: str = "ml-100k", named: bool
     )
 
 
-def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None,
-                      dataset: str | None = None) -> Path:
+def resolve_artifacts(
+    name_or_path: str | Path, cache: str | Path | None = None, dataset: str | None = None
+) -> Path:
     """The artifacts directory of a simulator name (``"ml-100k"``) or a path;
     :class:`MissingArtifactsError` naming the commands (for ``dataset``) when it has no manifest.
 
@@ -72,8 +77,9 @@ def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None,
     named = name in SIMULATORS
     root = registry.simulator_dir(name) if named else Path(name_or_path).expanduser()
     if not (root / MANIFEST).is_file():
-        raise MissingArtifactsError(missing_artifacts_message(root, dataset or (name if named else "ml-100k"),
-                                                              named))
+        raise MissingArtifactsError(
+            missing_artifacts_message(root, dataset or (name if named else "ml-100k"), named)
+        )
     if not named:
         return root
     from persona_gym.assets import cache_dir
@@ -89,7 +95,9 @@ def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None,
     with _file_lock(target.parent / f".{target.name}.lock"):
         if (target / MANIFEST).exists():  # another process finished it while we waited
             return target
-        log.info("materialising the shipped %s simulator into %s (once, about a minute)", name, target)
+        log.info(
+            "materialising the shipped %s simulator into %s (once, about a minute)", name, target
+        )
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
             shutil.copytree(shipped, tmp / "art", ignore=shutil.ignore_patterns(".*"))
@@ -100,7 +108,9 @@ def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None,
                 warnings.warn(
                     f"the regenerated {name} tables differ from those the shipped adapters were "
                     "trained on (another dataset copy or library version); ratings may deviate "
-                    "from the published evaluation", stacklevel=2)
+                    "from the published evaluation",
+                    stacklevel=2,
+                )
             seal_manifest(tmp / "art", {**manifest, "materialised_from": name})
             _make_readable(tmp / "art")
             if target.exists():  # an incomplete copy made before this lock existed
@@ -111,7 +121,14 @@ def resolve_artifacts(name_or_path: str | Path, cache: str | Path | None = None,
     return target
 
 
-SHIPPABLE = ("manifest.json", "personas.json", "split.json", "distill.json", "adapters", "evaluation")
+SHIPPABLE = (
+    "manifest.json",
+    "personas.json",
+    "split.json",
+    "distill.json",
+    "adapters",
+    "evaluation",
+)
 CF_PARAMS = "collaborative.json"  # the collaborative model's tuned parameters (no data): materialising skips the tuning
 
 
@@ -131,7 +148,9 @@ def export_shippable(src: str | Path, dest: str | Path) -> Path:
     try:
         for name in SHIPPABLE:
             if (src / name).is_dir():  # per-rating tables (e.g. predictions) hold MovieLens ratings
-                shutil.copytree(src / name, tmp / name, ignore=shutil.ignore_patterns("*.parquet", ".*"))
+                shutil.copytree(
+                    src / name, tmp / name, ignore=shutil.ignore_patterns("*.parquet", ".*")
+                )
             elif (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
         if (src / CF_FILE).exists():
@@ -163,6 +182,8 @@ def _regenerate_tables(root: Path, split_info: dict) -> None:
     catalog = ItemCatalog.from_frames(dataset.items, split.item_stats())
     result = DataDistiller().distill(dataset, split, catalog)
     embeddings = embed_items(catalog, Embedder(DEFAULT_EMBEDDER))
-    info = json.loads((root / "distill.json").read_text()) if (root / "distill.json").exists() else {}
+    info = (
+        json.loads((root / "distill.json").read_text()) if (root / "distill.json").exists() else {}
+    )
     cf_params = json.loads((root / CF_PARAMS).read_text()) if (root / CF_PARAMS).exists() else None
     write_artifacts(root, dataset, split, catalog, result, embeddings, info, cf_params)

@@ -34,7 +34,9 @@ def _remove_leftovers(root: Path) -> None:
                 _remove(child)
 
 
-def prepare_stage(root: str | Path, stage: str, force: bool = False, same_run: bool = False) -> None:
+def prepare_stage(
+    root: str | Path, stage: str, force: bool = False, same_run: bool = False
+) -> None:
     """Get ``root`` ready for ``stage`` (``"personas"``, ``"train"`` or ``"evaluate"``) to write.
 
     When the stage's results already exist it refuses (:class:`StageError`), unless
@@ -44,17 +46,20 @@ def prepare_stage(root: str | Path, stage: str, force: bool = False, same_run: b
     """
     root = Path(root)
     names = list(STAGE_PRODUCTS)
-    later = [p for s in names[names.index(stage):] for p in STAGE_PRODUCTS[s]]
+    later = [p for s in names[names.index(stage) :] for p in STAGE_PRODUCTS[s]]
     own = STAGE_PRODUCTS[stage]
     marker = MANIFEST if stage == "train" else own[0]
     if (root / marker).exists() and not force:
         if not same_run:
-            option = {"personas": f"persona-gym personas --artifacts {root} --force",
-                      "train": f"persona-gym train --artifacts {root} --force"}.get(stage, "--force")
+            option = {
+                "personas": f"persona-gym personas --artifacts {root} --force",
+                "train": f"persona-gym train --artifacts {root} --force",
+            }.get(stage, "--force")
             raise StageError(
                 f"{root / marker} exists: {root} already holds {stage} results; re-running "
                 f"{stage} would mix runs. Replace them (and everything built on them) with "
-                f"`{option}`, or write a copy of the directory")
+                f"`{option}`, or write a copy of the directory"
+            )
         if stage == "train":
             verify_artifacts(root, read_manifest(root))
     if force:
@@ -85,12 +90,15 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise StageError(f"{out} is a file, not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not _looks_like_artifacts(out):
-            raise StageError(f"{out} is a non-empty directory that is not an artifacts directory; "
-                             "choose a new or empty --out")
+            raise StageError(
+                f"{out} is a non-empty directory that is not an artifacts directory; "
+                "choose a new or empty --out"
+            )
         if not force:
             raise StageError(
                 f"{out} already holds artifacts; distilling into it would mix runs. Replace it "
-                f"(and the personas and adapters built on it) with --force, or choose a new --out")
+                f"(and the personas and adapters built on it) with --force, or choose a new --out"
+            )
     staging = out.parent / f".{out.name}.partial"
     staging.mkdir(parents=True, exist_ok=True)
     for child in staging.iterdir():

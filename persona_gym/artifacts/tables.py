@@ -22,7 +22,9 @@ def _read_table(path: Path, fix: str) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise ArtifactsError(f"{path} is not a readable parquet table ({type(err).__name__}); {fix}") from err
+        raise ArtifactsError(
+            f"{path} is not a readable parquet table ({type(err).__name__}); {fix}"
+        ) from err
 
 
 def load_tables(root: str | Path) -> tuple[ItemCatalog, dict[int, str], pd.DataFrame, np.ndarray]:
@@ -40,7 +42,9 @@ def load_tables(root: str | Path) -> tuple[ItemCatalog, dict[int, str], pd.DataF
     try:
         catalog = ItemCatalog.from_frame(items)
     except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactsError(f"{root / 'items.parquet'}: not a catalogue table ({err!r}); {fix}") from err
+        raise ArtifactsError(
+            f"{root / 'items.parquet'}: not a catalogue table ({err!r}); {fix}"
+        ) from err
     profiles = {}
     with open(root / "profiles.jsonl", encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -52,27 +56,37 @@ def load_tables(root: str | Path) -> tuple[ItemCatalog, dict[int, str], pd.DataF
                     f"{root / 'profiles.jsonl'} line {number}: not a profile record ({err}); {fix}"
                 ) from err
     memories = _read_table(root / "memories.parquet", fix)
-    missing = sorted({"user_id", "item_index", "rating", "timestamp", "text"} - set(memories.columns))
+    missing = sorted(
+        {"user_id", "item_index", "rating", "timestamp", "text"} - set(memories.columns)
+    )
     if missing:
         raise ArtifactsError(f"{root / 'memories.parquet'} lacks columns {missing}; {fix}")
     index = memories["item_index"].to_numpy()
     ratings = memories["rating"].to_numpy(dtype=np.float64)
     if len(index) and (index.min() < 0 or index.max() >= len(catalog)):
-        raise ArtifactsError(f"{root / 'memories.parquet'}: item_index outside the catalogue "
-                             f"(0..{len(catalog) - 1}); {fix}")
+        raise ArtifactsError(
+            f"{root / 'memories.parquet'}: item_index outside the catalogue "
+            f"(0..{len(catalog) - 1}); {fix}"
+        )
     if not np.isfinite(ratings).all():
         raise ArtifactsError(f"{root / 'memories.parquet'}: non-finite ratings; {fix}")
     try:
         embeddings = np.load(root / "embeddings" / "items.npy", allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ArtifactsError(f"{root / 'embeddings' / 'items.npy'} is not a numpy array file; {fix}") from err
+        raise ArtifactsError(
+            f"{root / 'embeddings' / 'items.npy'} is not a numpy array file; {fix}"
+        ) from err
     if embeddings.ndim != 2 or embeddings.shape[0] != len(catalog):
-        raise ArtifactsError(f"{root / 'embeddings' / 'items.npy'} has shape {embeddings.shape}, "
-                             f"expected ({len(catalog)}, dim); {fix}")
+        raise ArtifactsError(
+            f"{root / 'embeddings' / 'items.npy'} has shape {embeddings.shape}, "
+            f"expected ({len(catalog)}, dim); {fix}"
+        )
     bad = ~np.isfinite(embeddings).all(axis=1)
     if bad.any():
-        raise ArtifactsError(f"{root / 'embeddings' / 'items.npy'}: NaN or inf in {int(bad.sum())} "
-                             f"item embeddings (rows {np.flatnonzero(bad)[:5].tolist()}); {fix}")
+        raise ArtifactsError(
+            f"{root / 'embeddings' / 'items.npy'}: NaN or inf in {int(bad.sum())} "
+            f"item embeddings (rows {np.flatnonzero(bad)[:5].tolist()}); {fix}"
+        )
     return catalog, profiles, memories, embeddings
 
 
@@ -81,13 +95,16 @@ def load_personas(root: str | Path) -> dict[int, int]:
     path = Path(root) / "personas.json"
     fix = f"re-run `persona-gym personas --artifacts {root} --force`"
     if not path.exists():
-        raise ArtifactsError(f"{path} not found: run `persona-gym personas --artifacts {root}` first")
+        raise ArtifactsError(
+            f"{path} not found: run `persona-gym personas --artifacts {root}` first"
+        )
     data = _read_json(path, fix)
     try:
         return {int(u): int(p) for u, p in data["assignment"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ArtifactsError(f"{path}: 'assignment' is not a mapping of user ids to persona "
-                             f"numbers ({err!r}); {fix}") from err
+        raise ArtifactsError(
+            f"{path}: 'assignment' is not a mapping of user ids to persona numbers ({err!r}); {fix}"
+        ) from err
 
 
 def training_users(root: str | Path, user_ids) -> list[int]:
@@ -98,12 +115,18 @@ def training_users(root: str | Path, user_ids) -> list[int]:
     users = sorted(int(u) for u in user_ids)
     if not path.exists():
         return users
-    protocol = {int(u) for u in _read_json(path, f"re-run `persona-gym distill --out {root} --force`")
-                .get("user_ids", [])}
+    protocol = {
+        int(u)
+        for u in _read_json(path, f"re-run `persona-gym distill --out {root} --force`").get(
+            "user_ids", []
+        )
+    }
     kept = [u for u in users if u in protocol]
     if users and not kept:
-        raise ArtifactsError(f"{path}: none of its user_ids has a profile in {Path(root) / 'profiles.jsonl'}; "
-                             f"re-run `persona-gym distill --out {root} --force`")
+        raise ArtifactsError(
+            f"{path}: none of its user_ids has a profile in {Path(root) / 'profiles.jsonl'}; "
+            f"re-run `persona-gym distill --out {root} --force`"
+        )
     return kept
 
 
@@ -124,6 +147,12 @@ def tables_digest(root: str | Path) -> str:
     cf_path = Path(root) / CF_FILE
     if cf_path.exists():  # rounded: the fit's last bits may differ between BLAS builds
         cf = load_collaborative(cf_path)
-        for array in (cf.user_bias, cf.user_factors, cf.item_bias, cf.item_factors, cf.logged_predictions):
+        for array in (
+            cf.user_bias,
+            cf.user_factors,
+            cf.item_bias,
+            cf.item_factors,
+            cf.logged_predictions,
+        ):
             digest.update(np.round(np.asarray(array, dtype=np.float64), 3).tobytes())
     return digest.hexdigest()

@@ -24,8 +24,17 @@ import pandas as pd
 
 from persona_gym.ratings import MAX_RATING, MIN_RATING
 
-__all__ = ["ITEMS_COLUMNS", "ML1M_OCCUPATIONS", "ML100K_GENRES", "RATINGS_COLUMNS", "USERS_COLUMNS",
-           "RatingsDataset", "build_items", "normalize_title", "release_year"]
+__all__ = [
+    "ITEMS_COLUMNS",
+    "ML1M_OCCUPATIONS",
+    "ML100K_GENRES",
+    "RATINGS_COLUMNS",
+    "USERS_COLUMNS",
+    "RatingsDataset",
+    "build_items",
+    "normalize_title",
+    "release_year",
+]
 
 RATINGS_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "rating", "timestamp")
 USERS_COLUMNS: tuple[str, ...] = ("user_id", "gender", "age", "occupation", "zip")

@@ -144,8 +144,13 @@ def load_ml1m(folder: str | Path, name: str | None = None) -> RatingsDataset:
         users_path,
         movies_path,
     )
-    return RatingsDataset(name or folder.name or "ml-1m", finish_ratings(ratings), users, items,
-                          source=str(folder.expanduser().resolve()))
+    return RatingsDataset(
+        name or folder.name or "ml-1m",
+        finish_ratings(ratings),
+        users,
+        items,
+        source=str(folder.expanduser().resolve()),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +224,13 @@ def load_ml100k(folder: str | Path, name: str | None = None) -> RatingsDataset:
         users_path,
         items_path,
     )
-    return RatingsDataset(name or folder.name or "ml-100k", finish_ratings(ratings), users, items,
-                          source=str(folder.expanduser().resolve()))
+    return RatingsDataset(
+        name or folder.name or "ml-100k",
+        finish_ratings(ratings),
+        users,
+        items,
+        source=str(folder.expanduser().resolve()),
+    )
 
 
 def bundled_ml100k_dir() -> Path:

@@ -42,16 +42,22 @@ def read_split_record(root: str | Path) -> dict[str, Any]:
     """``split.json`` of an artifacts directory, checked to name a dataset and parameters."""
     path = Path(root) / "split.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the artifacts were not written by `persona-gym "
-                                "distill`; pass the test interactions to evaluate(test=...) instead")
+        raise FileNotFoundError(
+            f"{path} not found: the artifacts were not written by `persona-gym "
+            "distill`; pass the test interactions to evaluate(test=...) instead"
+        )
     info = json.loads(path.read_text())
     if "params" not in info or "dataset" not in info:
-        raise ValueError(f"{path} lacks 'dataset'/'params' (written by an older distill?); re-run "
-                         "`persona-gym distill` or pass evaluate(test=...)")
+        raise ValueError(
+            f"{path} lacks 'dataset'/'params' (written by an older distill?); re-run "
+            "`persona-gym distill` or pass evaluate(test=...)"
+        )
     return info
 
 
-def rebuild_split(info: dict[str, Any], where: str | Path = "split.json") -> tuple[RatingsDataset, Split]:
+def rebuild_split(
+    info: dict[str, Any], where: str | Path = "split.json"
+) -> tuple[RatingsDataset, Split]:
     """The dataset and protocol split a ``split.json`` record names, from the local dataset
     (``where``: the record's path, for the error messages)."""
     dataset = _recorded_dataset(str(info["dataset"]), where)
@@ -67,16 +73,20 @@ def _recorded_dataset(source: str, where: str | Path) -> RatingsDataset:
     except FileNotFoundError as error:
         if source in KNOWN_DATASETS or Path(source).expanduser().exists():
             raise  # the message names the fetch command, or what the folder lacks
-        rebuild = ("or rebuild the artifacts from where the files are now (`persona-gym build FOLDER "
-                   "--out DIR --force`)")
+        rebuild = (
+            "or rebuild the artifacts from where the files are now (`persona-gym build FOLDER "
+            "--out DIR --force`)"
+        )
         if Path(source).is_absolute():
             raise FileNotFoundError(
                 f"{where} records the dataset folder {source}, which is gone: put the MovieLens files "
-                f"back there, {rebuild}") from error
+                f"back there, {rebuild}"
+            ) from error
         raise FileNotFoundError(
             f"{where} records the dataset {source!r}, a folder relative to where the artifacts were "
             f"distilled (distill recorded only the folder's name before it recorded absolute paths): "
-            f"run this command from the folder that holds {source!r}, {rebuild}") from error
+            f"run this command from the folder that holds {source!r}, {rebuild}"
+        ) from error
 
 
 USER_GROUPS = ("training", "others")
@@ -103,14 +113,18 @@ def logged_data(artifacts: Artifacts, users: str = "training") -> EvalData:
             "the split code changed since `persona-gym distill`; re-distil and retrain"
         )
     if users == "others" and split.other_test is None:
-        raise ValueError(f"{path}: the split simulates no other users; distil with --all-users "
-                         "(`persona-gym build DATASET --all-users`) to evaluate users the adapters never saw")
+        raise ValueError(
+            f"{path}: the split simulates no other users; distil with --all-users "
+            "(`persona-gym build DATASET --all-users`) to evaluate users the adapters never saw"
+        )
     simulated = set(artifacts.user_ids)
     memories = artifacts.memories
     train = split.simulated_train()
     train_mine = train[train["user_id"].isin(simulated)]
     logged = set(zip(memories["user_id"], memories["item_id"], memories["rating"], strict=True))
-    expected = set(zip(train_mine["user_id"], train_mine["item_id"], train_mine["rating"], strict=True))
+    expected = set(
+        zip(train_mine["user_id"], train_mine["item_id"], train_mine["rating"], strict=True)
+    )
     if logged != expected:
         raise ValueError(
             f"{artifacts.root}/memories.parquet does not hold exactly the training interactions of "
@@ -119,5 +133,7 @@ def logged_data(artifacts: Artifacts, users: str = "training") -> EvalData:
     held = split.test if users == "training" or split.other_test is None else split.other_test
     test = held[held["user_id"].isin(simulated)].copy()
     test["item_index"] = artifacts.catalog.indices_of(test["item_id"])
-    source = f"{info['dataset']} protocol split {info['params']}" + (", other users" if users == "others" else "")
+    source = f"{info['dataset']} protocol split {info['params']}" + (
+        ", other users" if users == "others" else ""
+    )
     return EvalData(test, split.train, split.background, source)

@@ -50,7 +50,9 @@ class Split:
 
     def rest(self) -> pd.DataFrame:
         """Background ratings of the users that are not simulated."""
-        return self.background[~self.background["user_id"].isin(self.other_ids)].reset_index(drop=True)
+        return self.background[~self.background["user_id"].isin(self.other_ids)].reset_index(
+            drop=True
+        )
 
     def item_stats(self) -> pd.DataFrame:
         """Per item ``item_id``, ``mean_rating``, ``n_ratings`` from train + background only.

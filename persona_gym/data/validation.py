@@ -23,9 +23,22 @@ from persona_gym.ratings import MAX_RATING, MIN_RATING
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataValidationError", "check_gender", "check_unique_ids", "fail", "finish_ratings",
-           "line_of_row", "parse_lines", "read_ratings", "read_text", "split_fields", "text_lines",
-           "to_int", "users_frame", "validate_ratings"]
+__all__ = [
+    "DataValidationError",
+    "check_gender",
+    "check_unique_ids",
+    "fail",
+    "finish_ratings",
+    "line_of_row",
+    "parse_lines",
+    "read_ratings",
+    "read_text",
+    "split_fields",
+    "text_lines",
+    "to_int",
+    "users_frame",
+    "validate_ratings",
+]
 
 
 class DataValidationError(ValueError):
@@ -47,8 +60,6 @@ def _where(path: Path, line: int | None) -> str:
 
 def fail(path: Path, line: int | None, what: str, fix: str) -> DataValidationError:
     return DataValidationError(f"{_where(path, line)}: {what}. {fix}", path=path, line=line)
-
-
 
 
 def read_text(path: Path, encoding: str) -> str:
@@ -113,8 +124,12 @@ def to_int(path: Path, line: int, field: str, value: str) -> int:
             path, line, f"field {field!r} is {value!r}, not an integer", "Fix or remove that line."
         ) from None
     if not -(2**63) <= number < 2**63:
-        raise fail(path, line, f"field {field!r} is {number}, beyond the 64-bit integer range",
-                    "Fix or remove that line.")
+        raise fail(
+            path,
+            line,
+            f"field {field!r} is {number}, beyond the 64-bit integer range",
+            "Fix or remove that line.",
+        )
     return number
 
 
@@ -196,8 +211,6 @@ _BLANK_LINE = re.compile(r"^[ \t\r]*$", re.MULTILINE)
 def line_of_row(text: str, row: int) -> int:
     """1-based file line of the ``row``-th (0-based) non-blank line."""
     return int(_nonblank_line_numbers(text, limit=row + 1)[row])
-
-
 
 
 def check_unique_ids(path: Path, rows: list[tuple[int, tuple]], what: str) -> None:

@@ -26,6 +26,17 @@ from persona_gym.distill.memories import (
 from persona_gym.distill.templates import DataDistiller, memory_text, profile_text
 from persona_gym.distill.traits import DataDistillerConfig, compute_traits
 
-__all__ = ["MEMORY_COLUMNS", "DataDistiller", "DataDistillerConfig", "Distiller", "UserMemories",
-           "compute_traits", "memories_frame", "memory_text", "profile_text", "select_users",
-           "training_rows", "write_artifacts"]
+__all__ = [
+    "MEMORY_COLUMNS",
+    "DataDistiller",
+    "DataDistillerConfig",
+    "Distiller",
+    "UserMemories",
+    "compute_traits",
+    "memories_frame",
+    "memory_text",
+    "profile_text",
+    "select_users",
+    "training_rows",
+    "write_artifacts",
+]

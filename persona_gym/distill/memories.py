@@ -19,8 +19,15 @@ import pandas as pd
 from persona_gym.catalog import ItemCatalog
 from persona_gym.io import atomic_write, atomic_write_json, atomic_write_parquet, atomic_write_text
 
-__all__ = ["MEMORY_COLUMNS", "Distiller", "UserMemories", "memories_frame", "select_users",
-           "training_rows", "write_artifacts"]
+__all__ = [
+    "MEMORY_COLUMNS",
+    "Distiller",
+    "UserMemories",
+    "memories_frame",
+    "select_users",
+    "training_rows",
+    "write_artifacts",
+]
 
 MEMORY_COLUMNS = ["user_id", "item_id", "item_index", "rating", "timestamp", "text"]
 
@@ -37,8 +44,9 @@ class UserMemories:
         """Write ``profiles.jsonl`` and ``memories.parquet`` into ``out`` (atomically)."""
         out = Path(out)
         lines = [
-            json.dumps({"user_id": u, "text": self.profiles[u], "traits": self.traits[u]},
-                       sort_keys=False)
+            json.dumps(
+                {"user_id": u, "text": self.profiles[u], "traits": self.traits[u]}, sort_keys=False
+            )
             for u in sorted(self.profiles)
         ]
         atomic_write_text(out / "profiles.jsonl", "\n".join(lines) + "\n")
@@ -77,7 +85,6 @@ def training_rows(split, catalog: ItemCatalog) -> pd.DataFrame:
     return train.assign(item_index=index, item_mean=catalog.mean_rating[index])
 
 
-
 def select_users(traits: dict[int, dict], user_ids: list[int] | None) -> list[int]:
     """The users to distil: all with traits, or ``user_ids`` (each must have traits)."""
     if user_ids is None:
@@ -88,23 +95,30 @@ def select_users(traits: dict[int, dict], user_ids: list[int] | None) -> list[in
     return user_ids
 
 
-
 def memories_frame(rows: pd.DataFrame, texts: list[str]) -> pd.DataFrame:
     """The memories table: one row per training interaction of ``rows``, its text from ``texts``."""
-    return pd.DataFrame({
-        "user_id": rows["user_id"].to_numpy(dtype=np.int64),
-        "item_id": rows["item_id"].to_numpy(dtype=np.int64),
-        "item_index": rows["item_index"].to_numpy(dtype=np.int64),
-        "rating": rows["rating"].to_numpy(dtype=np.float64),
-        "timestamp": rows["timestamp"].to_numpy(dtype=np.int64),
-        "text": pd.array(texts, dtype=object),
-    })
+    return pd.DataFrame(
+        {
+            "user_id": rows["user_id"].to_numpy(dtype=np.int64),
+            "item_id": rows["item_id"].to_numpy(dtype=np.int64),
+            "item_index": rows["item_index"].to_numpy(dtype=np.int64),
+            "rating": rows["rating"].to_numpy(dtype=np.float64),
+            "timestamp": rows["timestamp"].to_numpy(dtype=np.int64),
+            "text": pd.array(texts, dtype=object),
+        }
+    )
 
 
-
-def write_artifacts(out: str | Path, dataset, split, catalog: ItemCatalog,
-                    result: UserMemories, item_embeddings: np.ndarray, info: dict,
-                    cf_params: dict | None = None) -> None:
+def write_artifacts(
+    out: str | Path,
+    dataset,
+    split,
+    catalog: ItemCatalog,
+    result: UserMemories,
+    item_embeddings: np.ndarray,
+    info: dict,
+    cf_params: dict | None = None,
+) -> None:
     """Write the artifacts directory, every file atomically.
 
     ``items.parquet`` (the catalogue), ``profiles.jsonl`` (user_id, text, traits),
@@ -121,15 +135,19 @@ def write_artifacts(out: str | Path, dataset, split, catalog: ItemCatalog,
     out = Path(out)
     atomic_write_parquet(out / "items.parquet", catalog.to_frame())
     result.save(out)
-    fit_collaborative(split.simulated_train(), split.rest(), catalog, seed=split.seed,
-                      params=cf_params).save(out / CF_FILE)
-    atomic_write_json(out / "split.json", {
-        "dataset": dataset.source or dataset.name,
-        "params": split.params,
-        "user_ids": [int(u) for u in split.user_ids],
-        "distilled_user_ids": sorted(int(u) for u in result.profiles),
-        "summary": split.summary(),
-    })
+    fit_collaborative(
+        split.simulated_train(), split.rest(), catalog, seed=split.seed, params=cf_params
+    ).save(out / CF_FILE)
+    atomic_write_json(
+        out / "split.json",
+        {
+            "dataset": dataset.source or dataset.name,
+            "params": split.params,
+            "user_ids": [int(u) for u in split.user_ids],
+            "distilled_user_ids": sorted(int(u) for u in result.profiles),
+            "summary": split.summary(),
+        },
+    )
 
     def write_npy(tmp: Path) -> None:
         with open(tmp, "wb") as handle:

@@ -57,9 +57,11 @@ def profile_text(traits: dict) -> str:
     if t["best_decade"] and t["best_decade"] != t["main_decade"]:
         era += f"; best decade {t['best_decade']}s ({t['best_decade_mean']:.1f})"
     parts.append(era + ".")
-    conformity = {"follows the crowd": "follows crowd averages",
-                  "balanced": "balanced vs crowd averages",
-                  "independent": "independent of crowd averages"}[t["conformity"]]
+    conformity = {
+        "follows the crowd": "follows crowd averages",
+        "balanced": "balanced vs crowd averages",
+        "independent": "independent of crowd averages",
+    }[t["conformity"]]
     parts.append(
         f"{t['activity'].capitalize()} viewer ({t['n_ratings']} ratings), {t['diversity']} "
         f"taste, {conformity}."
@@ -67,8 +69,9 @@ def profile_text(traits: dict) -> str:
     return " ".join(parts)
 
 
-def memory_text(catalog: ItemCatalog, item_index: int, rating: float, traits: dict,
-                config: DataDistillerConfig) -> str:
+def memory_text(
+    catalog: ItemCatalog, item_index: int, rating: float, traits: dict, config: DataDistillerConfig
+) -> str:
     """The data distiller's ``Ml`` for one interaction: item, rating and a first-person reason."""
     r = int(round(float(rating)))
     genres = catalog.genres[item_index]
@@ -77,8 +80,11 @@ def memory_text(catalog: ItemCatalog, item_index: int, rating: float, traits: di
     if genres:
         text += f" ({'/'.join(genres)})"
     clauses = [_LIKERT.get(r, f"gave {r}")]
-    stats = [(g, traits["genres"][g]["mean"] - traits["mean"]) for g in genres
-             if g in traits["genres"] and traits["genres"][g]["n"] >= 2]
+    stats = [
+        (g, traits["genres"][g]["mean"] - traits["mean"])
+        for g in genres
+        if g in traits["genres"] and traits["genres"][g]["n"] >= 2
+    ]
     if stats:
         pick = max if r >= traits["mean"] else min
         genre, delta = pick(stats, key=lambda s: s[1])
@@ -99,8 +105,9 @@ class DataDistiller:
 
     name = "data"
 
-    def __init__(self, config: DataDistillerConfig | None = None,
-                 user_ids: Iterable[int] | None = None) -> None:
+    def __init__(
+        self, config: DataDistillerConfig | None = None, user_ids: Iterable[int] | None = None
+    ) -> None:
         """``user_ids`` limits the users distilled (default: all of the split's users)."""
         self.config = config or DataDistillerConfig()
         self.user_ids = None if user_ids is None else sorted(int(u) for u in user_ids)
@@ -119,6 +126,6 @@ class DataDistiller:
             for u, i, r in zip(rows["user_id"], rows["item_index"], rows["rating"], strict=True)
         ]
         memories = memories_frame(rows, texts)
-        return UserMemories({u: profile_text(traits[u]) for u in users},
-                            {u: traits[u] for u in users}, memories)
-
+        return UserMemories(
+            {u: profile_text(traits[u]) for u in users}, {u: traits[u] for u in users}, memories
+        )

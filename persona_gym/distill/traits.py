@@ -19,8 +19,15 @@ from persona_gym.ratings import MAX_RATING, MIN_RATING
 __all__ = ["DataDistillerConfig", "compute_traits"]
 
 # ML-1M stores age bucket codes; ML-100k stores ages.
-_ML1M_AGE_BUCKETS = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49",
-                     50: "50-55", 56: "56+"}
+_ML1M_AGE_BUCKETS = {
+    1: "under 18",
+    18: "18-24",
+    25: "25-34",
+    35: "35-44",
+    45: "45-49",
+    50: "50-55",
+    56: "56+",
+}
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,9 @@ def _tertile_label(value: float, cuts: tuple[float, float], labels: tuple[str, s
     return labels[0] if value < cuts[0] else labels[1] if value < cuts[1] else labels[2]
 
 
-def compute_traits(dataset, split, catalog: ItemCatalog,
-                   config: DataDistillerConfig | None = None) -> dict[int, dict]:
+def compute_traits(
+    dataset, split, catalog: ItemCatalog, config: DataDistillerConfig | None = None
+) -> dict[int, dict]:
     """Per-user statistics from the split's training rows (and training-only item averages).
 
     Reference values ("typical user") come from training + background ratings, never test.
@@ -90,22 +98,27 @@ def compute_traits(dataset, split, catalog: ItemCatalog,
         t["activity"] = _tertile_label(t["n_ratings"], n_cuts, ("occasional", "regular", "heavy"))
         t["diversity"] = _tertile_label(t["genre_entropy"], e_cuts, ("narrow", "moderate", "broad"))
         corr = t["crowd_corr"]
-        t["conformity"] = ("follows the crowd" if corr >= 0.5 else "balanced" if corr >= 0.25
-                           else "independent")
+        t["conformity"] = (
+            "follows the crowd" if corr >= 0.5 else "balanced" if corr >= 0.25 else "independent"
+        )
         if users is not None and user_id in users.index:
             u = users.loc[user_id]
             t["gender"] = None if pd.isna(u.get("gender")) else str(u["gender"])
             age = u.get("age")
-            t["age"] = None if pd.isna(age) else (
-                _ML1M_AGE_BUCKETS[int(age)] if age_codes else str(int(age)))
+            t["age"] = (
+                None
+                if pd.isna(age)
+                else (_ML1M_AGE_BUCKETS[int(age)] if age_codes else str(int(age)))
+            )
             occ = u.get("occupation")
             t["occupation"] = None if pd.isna(occ) or str(occ) in ("none", "other") else str(occ)
         traits[user_id] = t
     return traits
 
 
-def _user_traits(group: pd.DataFrame, catalog: ItemCatalog, config: DataDistillerConfig,
-                 n_all_genres: int) -> dict:
+def _user_traits(
+    group: pd.DataFrame, catalog: ItemCatalog, config: DataDistillerConfig, n_all_genres: int
+) -> dict:
     ratings = group["rating"].to_numpy(dtype=float)
     idx = group["item_index"].to_numpy()
     crowd = group["item_mean"].to_numpy(dtype=float)
@@ -119,38 +132,51 @@ def _user_traits(group: pd.DataFrame, catalog: ItemCatalog, config: DataDistille
     genres = {str(g): {"n": int(s["n"]), "mean": _r(s["mean"])} for g, s in gstats.iterrows()}
     eligible = gstats[gstats["n"] >= config.min_count].assign(delta=lambda d: d["mean"] - mean)
     # ties broken by count then name, so the order is deterministic
-    ordered = eligible.reset_index().sort_values(["delta", "n", "genre"],
-                                                 ascending=[False, False, True])
+    ordered = eligible.reset_index().sort_values(
+        ["delta", "n", "genre"], ascending=[False, False, True]
+    )
     likes = [_genre_entry(r) for r in ordered.itertuples() if r.delta >= config.margin]
     dislikes = [_genre_entry(r) for r in ordered[::-1].itertuples() if r.delta <= -config.margin]
     top = gstats.reset_index().sort_values(["n", "genre"], ascending=[False, True])
     shares = gstats["n"].to_numpy(dtype=float) / max(1, gstats["n"].sum())
-    entropy = float(-(shares * np.log(shares)).sum() / math.log(n_all_genres)) if len(shares) else 0.0
+    entropy = (
+        float(-(shares * np.log(shares)).sum() / math.log(n_all_genres)) if len(shares) else 0.0
+    )
 
     years = np.array([catalog.years[i] if catalog.years[i] is not None else -1 for i in idx])
     dframe = pd.DataFrame({"decade": years // 10 * 10, "rating": ratings})[years > 0]
     dstats = dframe.groupby("decade")["rating"].agg(n="size", mean="mean").sort_index()
-    main_decade = int(dstats.sort_values("n", ascending=False, kind="stable").index[0]) \
-        if len(dstats) else None
+    main_decade = (
+        int(dstats.sort_values("n", ascending=False, kind="stable").index[0])
+        if len(dstats)
+        else None
+    )
     d_elig = dstats[dstats["n"] >= config.min_count]
     best = d_elig[d_elig["mean"] - mean >= config.margin].sort_values(
-        "mean", ascending=False, kind="stable")
+        "mean", ascending=False, kind="stable"
+    )
     best_decade = int(best.index[0]) if len(best) else None
     old_share = float((years[years > 0] < 1980).mean()) if (years > 0).any() else 0.0
 
-    corr = float(np.corrcoef(ratings, crowd)[0, 1]) if ratings.std() > 0 and crowd.std() > 0 else 0.0
+    corr = (
+        float(np.corrcoef(ratings, crowd)[0, 1]) if ratings.std() > 0 and crowd.std() > 0 else 0.0
+    )
     return {
         "n_ratings": len(ratings),
         "days_active": _r((ts.max() - ts.min()) / 86400, 1),
         "mean": _r(mean),
         "std": _r(std),
-        "rating_counts": {str(k): int((ratings == k).sum()) for k in range(MIN_RATING, MAX_RATING + 1)},
+        "rating_counts": {
+            str(k): int((ratings == k).sum()) for k in range(MIN_RATING, MAX_RATING + 1)
+        },
         "genres": genres,
         "likes": likes[: config.max_likes],
         "dislikes": dislikes[: config.max_dislikes],
         "top_genres": [str(g) for g in top["genre"].head(3)],
         "genre_entropy": _r(entropy, 3),
-        "decades": {str(int(d)): {"n": int(s["n"]), "mean": _r(s["mean"])} for d, s in dstats.iterrows()},
+        "decades": {
+            str(int(d)): {"n": int(s["n"]), "mean": _r(s["mean"])} for d, s in dstats.iterrows()
+        },
         "main_decade": main_decade,
         "best_decade": best_decade,
         "best_decade_mean": _r(best["mean"].iloc[0]) if len(best) else None,
@@ -163,4 +189,3 @@ def _user_traits(group: pd.DataFrame, catalog: ItemCatalog, config: DataDistille
 
 def _genre_entry(row) -> dict:
     return {"genre": str(row.genre), "mean": _r(row.mean), "n": int(row.n), "delta": _r(row.delta)}
-

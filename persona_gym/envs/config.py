@@ -23,7 +23,14 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("local", "vllm", "vllm-server")
 USERS = ("all", "training")
 
-__all__ = ["BACKENDS", "EnvConfig", "add_env_kwargs_argument", "check_device", "load_env_config", "parse_env_kwargs"]
+__all__ = [
+    "BACKENDS",
+    "EnvConfig",
+    "add_env_kwargs_argument",
+    "check_device",
+    "load_env_config",
+    "parse_env_kwargs",
+]
 
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(?::(\d+))?")
 
@@ -146,7 +153,9 @@ class EnvConfig:
             raise ConfigError(f"EnvConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check_backend(self)
         if self.max_episode_steps < 1:
-            raise ConfigError(f"EnvConfig.max_episode_steps must be >= 1, got {self.max_episode_steps}")
+            raise ConfigError(
+                f"EnvConfig.max_episode_steps must be >= 1, got {self.max_episode_steps}"
+            )
         if self.obs_window < 1:
             raise ConfigError(f"EnvConfig.obs_window must be >= 1, got {self.obs_window}")
         if not 0.0 <= self.leave_prob <= 1.0:
@@ -154,7 +163,9 @@ class EnvConfig:
         if self.reward_scale == 0:
             raise ConfigError("EnvConfig.reward_scale must be non-zero, got 0")
         if not self.artifacts:
-            raise ConfigError("EnvConfig.artifacts must name 'ml-100k', 'ml-1m' or a directory, got ''")
+            raise ConfigError(
+                "EnvConfig.artifacts must name 'ml-100k', 'ml-1m' or a directory, got ''"
+            )
         check_device(self.device)
 
     def replace(self, **overrides: Any) -> EnvConfig:
@@ -168,27 +179,40 @@ def _check_backend(config: EnvConfig) -> None:
         raise ConfigError(f"EnvConfig.backend must be one of {BACKENDS}, got {config.backend!r}")
     if config.backend == "vllm-server":
         if not config.server_url:
-            raise ConfigError("EnvConfig.backend='vllm-server' needs server_url, the server's base URL "
-                              "(e.g. server_url='http://127.0.0.1:8000/v1')")
+            raise ConfigError(
+                "EnvConfig.backend='vllm-server' needs server_url, the server's base URL "
+                "(e.g. server_url='http://127.0.0.1:8000/v1')"
+            )
         if not config.server_url.startswith(("http://", "https://")):
-            raise ConfigError(f"EnvConfig.server_url must start with http:// or https://, got "
-                              f"{config.server_url!r}")
+            raise ConfigError(
+                f"EnvConfig.server_url must start with http:// or https://, got "
+                f"{config.server_url!r}"
+            )
     elif config.server_url is not None:
-        raise ConfigError(f"EnvConfig.server_url={config.server_url!r} is read only by "
-                          f"backend='vllm-server' (backend is {config.backend!r}); set both or neither")
+        raise ConfigError(
+            f"EnvConfig.server_url={config.server_url!r} is read only by "
+            f"backend='vllm-server' (backend is {config.backend!r}); set both or neither"
+        )
     if config.vllm_kv_cache_gb <= 0:
         raise ConfigError(f"EnvConfig.vllm_kv_cache_gb must be > 0, got {config.vllm_kv_cache_gb}")
 
 
-_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-          "str | None": (str, type(None))}
+_TYPES = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str | None": (str, type(None)),
+}
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
     allowed = _TYPES[annotation]
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:
-        hint = " (YAML reads a bare 1e5 as a string: write 1.0e+5)" if isinstance(value, str) else ""
+        hint = (
+            " (YAML reads a bare 1e5 as a string: write 1.0e+5)" if isinstance(value, str) else ""
+        )
         raise ConfigTypeError(f"EnvConfig.{name} must be {annotation}, got {value!r}{hint}")
 
 
@@ -205,23 +229,31 @@ def check_device(device: str) -> None:
     """Fail (:class:`ConfigError`) unless ``device`` names a torch device usable here."""
     match = _DEVICE.fullmatch(device)
     if match is None:
-        raise ConfigError(f"EnvConfig.device={device!r} is not a device; use 'cpu', 'cuda', "
-                          "'cuda:N', 'mps' or 'xpu'")
+        raise ConfigError(
+            f"EnvConfig.device={device!r} is not a device; use 'cpu', 'cuda', "
+            "'cuda:N', 'mps' or 'xpu'"
+        )
     kind, index = match.group(1), match.group(2)
     if kind == "cpu":
         if index not in (None, "0"):
-            raise ConfigError(f"EnvConfig.device={device!r}: the CPU has no index {index}; use 'cpu'")
+            raise ConfigError(
+                f"EnvConfig.device={device!r}: the CPU has no index {index}; use 'cpu'"
+            )
         return
     import torch
 
     backend = getattr(torch, kind, None) if kind != "mps" else torch.backends.mps
     if backend is None or not backend.is_available():
-        raise ConfigError(f"EnvConfig.device={device!r}: no {kind} device is available on this "
-                          f"machine (torch {torch.__version__}); use device='cpu'")
+        raise ConfigError(
+            f"EnvConfig.device={device!r}: no {kind} device is available on this "
+            f"machine (torch {torch.__version__}); use device='cpu'"
+        )
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if index is not None and int(index) >= count:
-        raise ConfigError(f"EnvConfig.device={device!r}: this machine has {count} {kind} "
-                          f"device(s), numbered 0..{count - 1}")
+        raise ConfigError(
+            f"EnvConfig.device={device!r}: this machine has {count} {kind} "
+            f"device(s), numbered 0..{count - 1}"
+        )
 
 
 def load_env_config(name_or_path: str | Path | EnvConfig = "ml100k", **overrides: Any) -> EnvConfig:
@@ -263,7 +295,12 @@ def parse_env_kwargs(pairs: list[str]) -> dict[str, Any]:
 
 def add_env_kwargs_argument(parser: Any) -> None:
     """``--env-kwargs KEY=VALUE ...`` on a command's parser (:func:`parse_env_kwargs` reads it)."""
-    parser.add_argument("--env-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="environment settings as gym.make keywords (EnvConfig fields, values "
-                             "read as YAML), e.g. max_episode_steps=30 leave_rule=model compile=true "
-                             "reward=sampled device=cuda (default: the env's config)")
+    parser.add_argument(
+        "--env-kwargs",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment settings as gym.make keywords (EnvConfig fields, values "
+        "read as YAML), e.g. max_episode_steps=30 leave_rule=model compile=true "
+        "reward=sampled device=cuda (default: the env's config)",
+    )

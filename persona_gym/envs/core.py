@@ -41,8 +41,17 @@ def get_simulator(config: EnvConfig) -> Rater:
     (:func:`persona_gym.simulator.served.load_served`).
     """
     root = resolve_artifacts(config.artifacts, dataset=config.dataset)
-    key = (str(root), config.variant, config.base_model, config.device, config.dtype, config.compile,
-           config.backend, config.server_url, config.vllm_kv_cache_gb)
+    key = (
+        str(root),
+        config.variant,
+        config.base_model,
+        config.device,
+        config.dtype,
+        config.compile,
+        config.backend,
+        config.server_url,
+        config.vllm_kv_cache_gb,
+    )
     with _CACHE_LOCK:
         simulator = _CACHE.get(key)
         if simulator is None:
@@ -55,14 +64,26 @@ def _load_simulator(root: Path, config: EnvConfig) -> Rater:
     if config.backend == "local":
         from persona_gym.simulator.simulator import UserSimulator
 
-        return UserSimulator.load(root, variant=config.variant, base_model=config.base_model,
-                                  device=config.device, dtype=config.dtype, compile=config.compile)
+        return UserSimulator.load(
+            root,
+            variant=config.variant,
+            base_model=config.base_model,
+            device=config.device,
+            dtype=config.dtype,
+            compile=config.compile,
+        )
     from persona_gym.assets import resolve_dtype
     from persona_gym.simulator.served import VLLMSettings, load_served
 
     settings = VLLMSettings(url=config.server_url, kv_cache_gb=config.vllm_kv_cache_gb)
-    return load_served(root, backend=config.backend, variant=config.variant, base_model=config.base_model,
-                       dtype=resolve_dtype(config.dtype, config.device), settings=settings)
+    return load_served(
+        root,
+        backend=config.backend,
+        variant=config.variant,
+        base_model=config.base_model,
+        dtype=resolve_dtype(config.dtype, config.device),
+        settings=settings,
+    )
 
 
 def clear_simulator_cache() -> None:
@@ -135,31 +156,38 @@ class RecCore:
         self._injected = rater  # pickled with the env; the SLM simulator is reloaded instead
         self.rater: Rater = rater if rater is not None else get_simulator(config)
         self.leave_model: LeaveModel | None = (
-            load_leave_model(config.leave_model) if config.leave_rule == "model" else None)
+            load_leave_model(config.leave_model) if config.leave_rule == "model" else None
+        )
         self._init_static()
 
     def _init_static(self) -> None:
         rater = self.rater
         self.catalog = rater.catalog
         self.n_items = len(self.catalog)
-        self.user_ids: list[int] = list(rater.user_ids if self.config.users == "all" else rater.training_user_ids)
+        self.user_ids: list[int] = list(
+            rater.user_ids if self.config.users == "all" else rater.training_user_ids
+        )
         self._known_users = set(self.user_ids)
         self.window_size = rater.window_size
         emb = np.asarray(rater.item_embeddings, dtype=np.float32)
         if emb.shape[0] != self.n_items:
-            raise ValueError(f"{rater.source}: {emb.shape[0]} item embeddings for "
-                             f"{self.n_items} catalogue items; re-run `persona-gym distill`")
+            raise ValueError(
+                f"{rater.source}: {emb.shape[0]} item embeddings for "
+                f"{self.n_items} catalogue items; re-run `persona-gym distill`"
+            )
         self.item_embeddings = emb
         self.dim = emb.shape[1]
         self._users: dict[int, _UserData] = {}
         w = self.config.obs_window
-        self.observation_space = spaces.Dict({
-            "profile": spaces.Box(-1.0, 1.0, (self.dim,), np.float32),
-            "recent_items": spaces.Box(-1.0, 1.0, (w * self.dim,), np.float32),
-            "recent_ratings": spaces.Box(0.0, 1.0, (w,), np.float32),
-            "recent_mask": spaces.Box(0.0, 1.0, (w,), np.float32),
-            "step_fraction": spaces.Box(0.0, 1.0, (1,), np.float32),
-        })
+        self.observation_space = spaces.Dict(
+            {
+                "profile": spaces.Box(-1.0, 1.0, (self.dim,), np.float32),
+                "recent_items": spaces.Box(-1.0, 1.0, (w * self.dim,), np.float32),
+                "recent_ratings": spaces.Box(0.0, 1.0, (w,), np.float32),
+                "recent_mask": spaces.Box(0.0, 1.0, (w,), np.float32),
+                "step_fraction": spaces.Box(0.0, 1.0, (1,), np.float32),
+            }
+        )
         self.action_space = spaces.Discrete(self.n_items)
 
     # -- pickling: the model is reloaded (through the cache), never pickled ------------------
@@ -181,8 +209,11 @@ class RecCore:
             rated[items] = True
             liked = items[ratings >= self.config.like_threshold] if len(items) else items
             chosen = liked if len(liked) else items
-            profile = (self.item_embeddings[chosen].mean(axis=0) if len(chosen)
-                       else np.zeros(self.dim, dtype=np.float32))
+            profile = (
+                self.item_embeddings[chosen].mean(axis=0)
+                if len(chosen)
+                else np.zeros(self.dim, dtype=np.float32)
+            )
             norm = float(np.linalg.norm(profile))
             profile = (profile / norm if norm > 0 else profile).astype(np.float32)
             data = _UserData(history, rated, profile)
@@ -228,12 +259,16 @@ class RecCore:
         """The action as an int, or ``ValueError`` naming the valid range."""
         value = np.asarray(action)
         if value.shape != () or not np.issubdtype(value.dtype, np.integer):
-            raise ValueError(f"action {action!r} is not one integer item index "
-                             f"(the action space is Discrete({self.n_items}))")
+            raise ValueError(
+                f"action {action!r} is not one integer item index "
+                f"(the action space is Discrete({self.n_items}))"
+            )
         item = int(value)
         if not 0 <= item < self.n_items:
-            raise ValueError(f"action {item} is outside Discrete({self.n_items}): valid actions "
-                             f"are catalogue indices 0..{self.n_items - 1}")
+            raise ValueError(
+                f"action {item} is outside Discrete({self.n_items}): valid actions "
+                f"are catalogue indices 0..{self.n_items - 1}"
+            )
         return item
 
     def window(self, state: EpisodeState) -> tuple[Interaction, ...]:
@@ -245,15 +280,20 @@ class RecCore:
         evaluation truncate there; ``gym.make``'s ``TimeLimit`` does it for the single env)."""
         return state.steps >= self.config.max_episode_steps
 
-    def step(self, states: Sequence[EpisodeState], actions: Sequence[Any],
-             rngs: Sequence[np.random.Generator]) -> list[StepResult]:
+    def step(
+        self,
+        states: Sequence[EpisodeState],
+        actions: Sequence[Any],
+        rngs: Sequence[np.random.Generator],
+    ) -> list[StepResult]:
         """Advance each state by its action; all rated actions in ONE ``Rater.rate`` call."""
         items = [self.check_action(a) for a in actions]
         rated = [i for i, (s, a) in enumerate(zip(states, items, strict=True)) if s.allowed[a]]
         probs = np.zeros((len(states), 5))
         if rated:
             probs[rated] = self.rater.rate(
-                [states[i].user_id for i in rated], [items[i] for i in rated],
+                [states[i].user_id for i in rated],
+                [items[i] for i in rated],
                 [self.window(states[i]) for i in rated],
             )
         results = []
@@ -264,8 +304,9 @@ class RecCore:
                 results.append(self._masked(state, item))
         return results
 
-    def _rated(self, state: EpisodeState, item: int, probs: np.ndarray,
-               rng: np.random.Generator) -> StepResult:
+    def _rated(
+        self, state: EpisodeState, item: int, probs: np.ndarray, rng: np.random.Generator
+    ) -> StepResult:
         cfg = self.config
         expected = float(ratings.expected(probs[None])[0])
         sampled = float(ratings.sample(probs[None], rng)[0])
@@ -276,10 +317,16 @@ class RecCore:
         else:
             state.left = churn_draw < self.leave_probability(state)
         rating = expected if cfg.reward == "expected" else sampled
-        state.last = {"item": item, "probs": probs.astype(np.float64), "expected": expected,
-                      "sampled": sampled, "masked": False}
-        return StepResult(cfg.reward_scale * rating + cfg.reward_offset, state.left,
-                          not state.allowed.any())
+        state.last = {
+            "item": item,
+            "probs": probs.astype(np.float64),
+            "expected": expected,
+            "sampled": sampled,
+            "masked": False,
+        }
+        return StepResult(
+            cfg.reward_scale * rating + cfg.reward_offset, state.left, not state.allowed.any()
+        )
 
     def leave_probability(self, state: EpisodeState) -> float:
         """The leave model's P(leave) after the state's last rated step (the episode is one
@@ -294,11 +341,17 @@ class RecCore:
     def _masked(self, state: EpisodeState, item: int) -> StepResult:
         state.steps += 1
         state.left = False
-        state.last = {"item": item, "probs": np.full(5, np.nan), "expected": float("nan"),
-                      "sampled": float("nan"), "masked": True}
+        state.last = {
+            "item": item,
+            "probs": np.full(5, np.nan),
+            "expected": float("nan"),
+            "sampled": float("nan"),
+            "masked": True,
+        }
         terminate = self.config.repeat_rule == "terminate"
-        return StepResult(float(self.config.repeat_penalty), terminate,
-                          not terminate and not state.allowed.any())
+        return StepResult(
+            float(self.config.repeat_penalty), terminate, not terminate and not state.allowed.any()
+        )
 
     # -- views -------------------------------------------------------------------------------
     def observation(self, state: EpisodeState) -> dict[str, np.ndarray]:
@@ -310,9 +363,9 @@ class RecCore:
         mask = np.zeros(w, dtype=np.float32)
         if recent:
             n = len(recent)
-            items[w - n:] = self.item_embeddings[[x.item_index for x in recent]]
-            scores[w - n:] = [ratings.to_unit(x.rating) for x in recent]
-            mask[w - n:] = 1.0
+            items[w - n :] = self.item_embeddings[[x.item_index for x in recent]]
+            scores[w - n :] = [ratings.to_unit(x.rating) for x in recent]
+            mask[w - n :] = 1.0
         fraction = min(state.steps / self.config.max_episode_steps, 1.0)
         return {
             "profile": self.user_data(state.user_id).profile.copy(),
@@ -363,12 +416,14 @@ class RecCore:
         if last:
             title = self.catalog.title_year(int(last["item"]))
             if last["masked"]:
-                lines.append(f"Last: {title} was masked (already rated or shown): "
-                             f"{self.config.repeat_rule}")
+                lines.append(
+                    f"Last: {title} was masked (already rated or shown): {self.config.repeat_rule}"
+                )
             else:
-                lines.append(f"Last: recommended {title}; rated {last['sampled']:.0f} "
-                             f"(expected {last['expected']:.2f})")
+                lines.append(
+                    f"Last: recommended {title}; rated {last['sampled']:.0f} "
+                    f"(expected {last['expected']:.2f})"
+                )
         if state.left:
             lines.append("The user left.")
         return "\n".join(lines)
-

@@ -135,13 +135,20 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(self, config: str | EnvConfig = "ml100k", render_mode: str | None = None,
-                 rater: Rater | None = None, **overrides: Any):
+    def __init__(
+        self,
+        config: str | EnvConfig = "ml100k",
+        render_mode: str | None = None,
+        rater: Rater | None = None,
+        **overrides: Any,
+    ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             # Like Gymnasium's own envs, an unsupported mode is not fatal (SB3's make_vec_env
             # asks for "rgb_array" by default): warn, and render() returns None.
-            gym.logger.warn(f"render_mode {render_mode!r} is not supported; choose from "
-                            f"{self.metadata['render_modes']} or None; render() will return None")
+            gym.logger.warn(
+                f"render_mode {render_mode!r} is not supported; choose from "
+                f"{self.metadata['render_modes']} or None; render() will return None"
+            )
         self.config = load_env_config(config, **overrides)
         self.render_mode = render_mode
         self.core = RecCore(self.config, rater)
@@ -160,8 +167,9 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
         """Ids of the simulated users (valid ``options["user_id"]`` values)."""
         return list(self.core.user_ids)
 
-    def reset(self, *, seed: int | None = None,
-              options: dict[str, Any] | None = None) -> tuple[ObsType, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[ObsType, dict[str, Any]]:
         super().reset(seed=seed)
         self.state = self.core.new_episode(self.np_random, options)
         self._ended = False
@@ -171,12 +179,18 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
         if self.state is None:
             raise gym.error.ResetNeeded("call reset() before step()")
         if self._ended:
-            raise gym.error.ResetNeeded("the episode ended (terminated or truncated); call reset() "
-                                        "before step()")
+            raise gym.error.ResetNeeded(
+                "the episode ended (terminated or truncated); call reset() before step()"
+            )
         result = self.core.step([self.state], [action], [self.np_random])[0]
         self._ended = bool(result.terminated or result.truncated)
-        return (self.core.observation(self.state), float(result.reward), result.terminated,
-                result.truncated, self._info())
+        return (
+            self.core.observation(self.state),
+            float(result.reward),
+            result.terminated,
+            result.truncated,
+            self._info(),
+        )
 
     def action_masks(self) -> np.ndarray:
         """``(n_items,)`` bool, true where the action is allowed (sb3-contrib MaskablePPO)."""
@@ -186,8 +200,10 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
 
     def render(self) -> str | None:
         if self.render_mode != "ansi":
-            gym.logger.warn(f"render() with render_mode={self.render_mode!r} does nothing; "
-                            "make the env with render_mode='ansi'")
+            gym.logger.warn(
+                f"render() with render_mode={self.render_mode!r} does nothing; "
+                "make the env with render_mode='ansi'"
+            )
             return None
         if self.state is None:
             return ""

@@ -42,11 +42,21 @@ class PersonaRecVectorEnv(VectorEnv):
     ``text``.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
+    metadata = {
+        "render_modes": ["ansi"],
+        "render_fps": 4,
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+    }
 
-    def __init__(self, num_envs: int = 1, config: str | EnvConfig = "ml100k",
-                 max_episode_steps: int | None = None, render_mode: str | None = None,
-                 rater: Rater | None = None, **overrides: Any):
+    def __init__(
+        self,
+        num_envs: int = 1,
+        config: str | EnvConfig = "ml100k",
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+        rater: Rater | None = None,
+        **overrides: Any,
+    ):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if max_episode_steps is not None:
@@ -69,8 +79,9 @@ class PersonaRecVectorEnv(VectorEnv):
         """Ids of the simulated users (valid ``options["user_id"]`` values)."""
         return list(self.core.user_ids)
 
-    def reset(self, *, seed: int | list[int | None] | None = None,
-              options: dict[str, Any] | None = None):
+    def reset(
+        self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
+    ):
         """Reset every sub-environment.
 
         ``seed``: ``s`` seeds sub-environment ``i`` with ``s + i``; a list gives one seed per
@@ -81,7 +92,9 @@ class PersonaRecVectorEnv(VectorEnv):
         options = dict(options or {})
         mask = np.asarray(options.pop("reset_mask", np.ones(self.num_envs, dtype=bool)), dtype=bool)
         if mask.shape != (self.num_envs,):
-            raise ValueError(f"options['reset_mask'] must have shape ({self.num_envs},), got {mask.shape}")
+            raise ValueError(
+                f"options['reset_mask'] must have shape ({self.num_envs},), got {mask.shape}"
+            )
         if isinstance(seed, int) or seed is None:
             super().reset(seed=seed)
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
@@ -93,8 +106,9 @@ class PersonaRecVectorEnv(VectorEnv):
         if not isinstance(users, list | tuple | np.ndarray):
             users = [users] * self.num_envs
         if len(users) != self.num_envs:
-            raise ValueError(f"options['user_id'] has {len(users)} ids for {self.num_envs} "
-                             "sub-environments")
+            raise ValueError(
+                f"options['user_id'] has {len(users)} ids for {self.num_envs} sub-environments"
+            )
         infos: dict[str, Any] = {}
         for i in range(self.num_envs):
             if mask[i]:
@@ -119,8 +133,11 @@ class PersonaRecVectorEnv(VectorEnv):
                 self.states[i] = self.core.new_episode(self.rngs[i], None)
             else:
                 stepping.append(i)
-        results = self.core.step([self._state(i) for i in stepping], [actions[i] for i in stepping],
-                                 [self.rngs[i] for i in stepping])
+        results = self.core.step(
+            [self._state(i) for i in stepping],
+            [actions[i] for i in stepping],
+            [self.rngs[i] for i in stepping],
+        )
         for i, result in zip(stepping, results, strict=True):
             rewards[i] = result.reward
             terminated[i] = result.terminated

@@ -86,8 +86,11 @@ class _Model:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if user_ids.shape != item_ids.shape:
             raise ValueError("user_ids and item_ids differ in length")
-        return np.clip(self._predict(self._lookup(self.users_, user_ids),
-                                     self._lookup(self.items_, item_ids)), 1.0, 5.0)
+        return np.clip(
+            self._predict(self._lookup(self.users_, user_ids), self._lookup(self.items_, item_ids)),
+            1.0,
+            5.0,
+        )
 
     def _predict(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -162,19 +165,39 @@ class BiasedMF(_Model):
 
     name = "matrix factorisation"
 
-    def __init__(self, factors: int = 10, reg: float = 10.0, reg_bias: float = 5.0,
-                 n_iter: int = 15, seed: int = 0, init_scale: float = 0.1):
+    def __init__(
+        self,
+        factors: int = 10,
+        reg: float = 10.0,
+        reg_bias: float = 5.0,
+        n_iter: int = 15,
+        seed: int = 0,
+        init_scale: float = 0.1,
+    ):
         self.factors, self.reg, self.reg_bias = int(factors), float(reg), float(reg_bias)
         self.n_iter, self.seed, self.init_scale = int(n_iter), int(seed), float(init_scale)
 
     def params(self) -> dict:
-        return {"factors": self.factors, "reg": self.reg, "reg_bias": self.reg_bias,
-                "n_iter": self.n_iter, "seed": self.seed}
+        return {
+            "factors": self.factors,
+            "reg": self.reg,
+            "reg_bias": self.reg_bias,
+            "n_iter": self.n_iter,
+            "seed": self.seed,
+        }
 
     @staticmethod
-    def _solve(rows_of: list[np.ndarray], other: np.ndarray, other_bias: np.ndarray,
-               target_idx: np.ndarray, resid: np.ndarray, reg: float, reg_bias: float,
-               n: int, f: int) -> tuple[np.ndarray, np.ndarray]:
+    def _solve(
+        rows_of: list[np.ndarray],
+        other: np.ndarray,
+        other_bias: np.ndarray,
+        target_idx: np.ndarray,
+        resid: np.ndarray,
+        reg: float,
+        reg_bias: float,
+        n: int,
+        f: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """For each entity e: ridge solve of ``[x_e, b_e]`` on ``resid - other_bias`` ≈
         ``[other, 1] @ [x_e, b_e]`` over its ratings."""
         x, b = np.zeros((n, f)), np.zeros(n)
@@ -219,27 +242,34 @@ class ItemKNN(_Model):
 
     name = "item kNN"
 
-    def __init__(self, k: int = 40, shrinkage: float = 100.0, reg_user: float = 15.0,
-                 reg_item: float = 0.3):
+    def __init__(
+        self, k: int = 40, shrinkage: float = 100.0, reg_user: float = 15.0, reg_item: float = 0.3
+    ):
         self.k, self.shrinkage = int(k), float(shrinkage)
         self.reg_user, self.reg_item = float(reg_user), float(reg_item)
 
     def params(self) -> dict:
-        return {"k": self.k, "shrinkage": self.shrinkage, "reg_user": self.reg_user,
-                "reg_item": self.reg_item}
+        return {
+            "k": self.k,
+            "shrinkage": self.shrinkage,
+            "reg_user": self.reg_user,
+            "reg_item": self.reg_item,
+        }
 
     def fit(self, ratings: pd.DataFrame) -> ItemKNN:
         u, i, r = self._index(ratings)
         self.baseline_ = BiasModel(self.reg_user, self.reg_item).fit(ratings)
-        base = self.baseline_._predict(self.baseline_._lookup(self.baseline_.users_, self.users_[u]),
-                                       self.baseline_._lookup(self.baseline_.items_, self.items_[i]))
+        base = self.baseline_._predict(
+            self.baseline_._lookup(self.baseline_.users_, self.users_[u]),
+            self.baseline_._lookup(self.baseline_.items_, self.items_[i]),
+        )
         n_u, n_i = len(self.users_), len(self.items_)
         resid = np.zeros((n_u, n_i), dtype=np.float32)
         rated = np.zeros((n_u, n_i), dtype=np.float32)
         resid[u, i] = r - base
         rated[u, i] = 1.0
         co_rated = rated.T @ rated
-        square = (resid ** 2).T @ rated  # [i, j]: sum of r_ui^2 over users who rated both
+        square = (resid**2).T @ rated  # [i, j]: sum of r_ui^2 over users who rated both
         sim = (resid.T @ resid) / np.sqrt(square * square.T + 1e-12)
         sim *= co_rated / (co_rated + self.shrinkage)
         np.fill_diagonal(sim, 0.0)
@@ -262,10 +292,14 @@ class ItemKNN(_Model):
         return np.where(total > 0, (sims * resid).sum(axis=1) / np.maximum(total, 1e-12), 0.0)
 
     def _predict(self, u, i):
-        users, items = np.where(u >= 0, self.users_[np.maximum(u, 0)], -1), \
-            np.where(i >= 0, self.items_[np.maximum(i, 0)], -1)
-        out = self.baseline_._predict(self.baseline_._lookup(self.baseline_.users_, users),
-                                      self.baseline_._lookup(self.baseline_.items_, items))
+        users, items = (
+            np.where(u >= 0, self.users_[np.maximum(u, 0)], -1),
+            np.where(i >= 0, self.items_[np.maximum(i, 0)], -1),
+        )
+        out = self.baseline_._predict(
+            self.baseline_._lookup(self.baseline_.users_, users),
+            self.baseline_._lookup(self.baseline_.items_, items),
+        )
         known = (u >= 0) & (i >= 0)
         for row in np.unique(u[known]):
             at = np.flatnonzero(known & (u == row))
@@ -285,8 +319,10 @@ DEFAULT_GRIDS: dict[str, tuple[type, dict[str, list]]] = {
     "item mean": (ItemMean, {"shrinkage": [0.0]}),
     "item mean (shrunk)": (ItemMean, {"shrinkage": [1.0, 3.0, 10.0, 25.0]}),
     "user+item bias": (BiasModel, {"reg_user": [5.0, 15.0, 30.0], "reg_item": [0.3, 1.0, 3.0]}),
-    "matrix factorisation": (BiasedMF, {"factors": [2, 5, 10], "reg": [2.0, 5.0, 10.0, 20.0],
-                                        "reg_bias": [5.0]}),
+    "matrix factorisation": (
+        BiasedMF,
+        {"factors": [2, 5, 10], "reg": [2.0, 5.0, 10.0, 20.0], "reg_bias": [5.0]},
+    ),
     "item kNN": (ItemKNN, {"k": [20, 40], "shrinkage": [100.0]}),
 }
 
@@ -299,8 +335,9 @@ def fit_frame(train: pd.DataFrame, background: pd.DataFrame | None = None) -> pd
     return pd.concat(frames, ignore_index=True)
 
 
-def validation_split(train: pd.DataFrame, fraction: float = 0.2,
-                     min_keep: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+def validation_split(
+    train: pd.DataFrame, fraction: float = 0.2, min_keep: int = 1
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(fit_part, validation)``: the last ``ceil(fraction * n)`` time-ordered training
     interactions of each user go to validation (at least ``min_keep`` stay in fit_part)."""
     if not 0.0 < fraction < 1.0:
@@ -319,8 +356,13 @@ def _settings(grid: dict[str, list]) -> Iterable[dict]:
         yield dict(zip(keys, values, strict=True))
 
 
-def tune(cls: type, grid: dict[str, list], fit_on: pd.DataFrame, validation: pd.DataFrame,
-         extra: dict | None = None) -> tuple[dict, float, list[dict]]:
+def tune(
+    cls: type,
+    grid: dict[str, list],
+    fit_on: pd.DataFrame,
+    validation: pd.DataFrame,
+    extra: dict | None = None,
+) -> tuple[dict, float, list[dict]]:
     """Best setting of ``grid`` by validation RMSE: ``(params, val_rmse, all_trials)``."""
     trials: list[dict[str, Any]] = []
     for setting in _settings(grid):
@@ -355,18 +397,37 @@ def run_baselines(
     results = {}
     for name, (cls, grid) in grids.items():
         extra = {"seed": seed} if cls is BiasedMF else None
-        params, val_rmse, trials = tune(cls, grid, tune_on, validation, extra) if len(validation) \
+        params, val_rmse, trials = (
+            tune(cls, grid, tune_on, validation, extra)
+            if len(validation)
             else ({k: v[0] for k, v in grid.items()}, float("nan"), [])
+        )
         model = cls(**params, **(extra or {})).fit(full)
         pred = model.predict(test["user_id"], test["item_id"])
-        entry = {"params": model.params(), "val_rmse": val_rmse, "trials": trials,
-                 "n": int(len(test)), "rmse": rmse(pred, real), "mae": mae(pred, real),
-                 "predictions": pred, "subsets": {}}
+        entry = {
+            "params": model.params(),
+            "val_rmse": val_rmse,
+            "trials": trials,
+            "n": int(len(test)),
+            "rmse": rmse(pred, real),
+            "mae": mae(pred, real),
+            "predictions": pred,
+            "subsets": {},
+        }
         for subset, mask in (subsets or {}).items():
             mask = np.asarray(mask, dtype=bool)
-            entry["subsets"][subset] = {"n": int(mask.sum()), "rmse": rmse(pred[mask], real[mask]),
-                                        "mae": mae(pred[mask], real[mask])}
-        log.info("baseline %s %s: val RMSE %.4f, test RMSE %.4f MAE %.4f", name, params, val_rmse,
-                 entry["rmse"], entry["mae"])
+            entry["subsets"][subset] = {
+                "n": int(mask.sum()),
+                "rmse": rmse(pred[mask], real[mask]),
+                "mae": mae(pred[mask], real[mask]),
+            }
+        log.info(
+            "baseline %s %s: val RMSE %.4f, test RMSE %.4f MAE %.4f",
+            name,
+            params,
+            val_rmse,
+            entry["rmse"],
+            entry["mae"],
+        )
         results[name] = entry
     return results

@@ -28,8 +28,14 @@ Rate = Callable[[str, Sequence[int], Sequence[int], Sequence[Sequence[Interactio
 __all__ = ["landscape", "memory_slope", "persona_specificity"]
 
 
-def persona_specificity(rate: Rate, users: np.ndarray, items: np.ndarray, real: np.ndarray,
-                        windows: Sequence, user_persona: dict[int, int]) -> dict:
+def persona_specificity(
+    rate: Rate,
+    users: np.ndarray,
+    items: np.ndarray,
+    real: np.ndarray,
+    windows: Sequence,
+    user_persona: dict[int, int],
+) -> dict:
     """Own-adapter vs other-adapter fit per user (rows: the users' test interactions): RMSE of
     the expected rating, and which adapter is best per user by RMSE and by NLL (the whole
     distribution: an adapter may know its users' spread without moving their mean)."""
@@ -52,29 +58,46 @@ def persona_specificity(rate: Rate, users: np.ndarray, items: np.ndarray, real: 
         per_nll = {p: float(nlls[p][rows].mean()) for p in personas}
         mine = user_persona[int(user)]
         own.append(per[mine])
-        other.append(float(np.mean([v for p, v in per.items() if p != mine])) if len(per) > 1 else np.nan)
+        other.append(
+            float(np.mean([v for p, v in per.items() if p != mine])) if len(per) > 1 else np.nan
+        )
         best.append(min(per, key=lambda p: per[p]) == mine)
         best_nll.append(min(per_nll, key=lambda p: per_nll[p]) == mine)
-    return {"personas": len(personas), "users": len(own), "rows": int(len(users)),
-            "own_rmse": float(np.mean(own)), "other_rmse": float(np.nanmean(other)),
-            "own_best_share": float(np.mean(best)), "own_best_share_nll": float(np.mean(best_nll)),
-            "chance": 1.0 / max(len(personas), 1)}
+    return {
+        "personas": len(personas),
+        "users": len(own),
+        "rows": int(len(users)),
+        "own_rmse": float(np.mean(own)),
+        "other_rmse": float(np.nanmean(other)),
+        "own_best_share": float(np.mean(best)),
+        "own_best_share_nll": float(np.mean(best_nll)),
+        "chance": 1.0 / max(len(personas), 1),
+    }
 
 
-def _residual_inputs(history: pd.DataFrame, user_mean: dict[int, float],
-                     item_bias: np.ndarray) -> pd.DataFrame:
+def _residual_inputs(
+    history: pd.DataFrame, user_mean: dict[int, float], item_bias: np.ndarray
+) -> pd.DataFrame:
     """Per rating of ``history`` (user_id, item_index, rating, timestamp, is_test): its baseline
     and the mean real residual of the user's previous 3 ratings (NaN for a user's first)."""
-    h = history.sort_values(["user_id", "timestamp", "item_index"], kind="stable").reset_index(drop=True)
+    h = history.sort_values(["user_id", "timestamp", "item_index"], kind="stable").reset_index(
+        drop=True
+    )
     h["baseline"] = h["user_id"].map(user_mean).to_numpy() + item_bias[h["item_index"].to_numpy()]
     h["residual"] = h["rating"] - h["baseline"]
     h["previous"] = h.groupby("user_id")["residual"].transform(
-        lambda s: s.shift(1).rolling(3, min_periods=3).mean())
+        lambda s: s.shift(1).rolling(3, min_periods=3).mean()
+    )
     return h
 
 
-def memory_slope(rate: Rate, history: pd.DataFrame, user_mean: dict[int, float],
-                 item_bias: np.ndarray, max_per_user: int | None = 15) -> dict:
+def memory_slope(
+    rate: Rate,
+    history: pd.DataFrame,
+    user_mean: dict[int, float],
+    item_bias: np.ndarray,
+    max_per_user: int | None = 15,
+) -> dict:
     """Real and simulated slope of a rating's residual on the previous 3 residuals.
 
     ``history``: every rating of the simulated users (train and test) with an ``is_test``
@@ -87,20 +110,40 @@ def memory_slope(rate: Rate, history: pd.DataFrame, user_mean: dict[int, float],
     rows = test.groupby("user_id").head(max_per_user) if max_per_user else test
     windows = []
     for row in rows.itertuples():
-        past = h.iloc[max(0, row.Index - 3): row.Index]
-        windows.append(tuple(Interaction(int(i), float(r), int(t)) for i, r, t in
-                             zip(past["item_index"], past["rating"], past["timestamp"], strict=True)))
-    expected = rate("persona", rows["user_id"].tolist(), rows["item_index"].tolist(), windows) @ RATING_VALUES
+        past = h.iloc[max(0, row.Index - 3) : row.Index]
+        windows.append(
+            tuple(
+                Interaction(int(i), float(r), int(t))
+                for i, r, t in zip(
+                    past["item_index"], past["rating"], past["timestamp"], strict=True
+                )
+            )
+        )
+    expected = (
+        rate("persona", rows["user_id"].tolist(), rows["item_index"].tolist(), windows)
+        @ RATING_VALUES
+    )
     sim_slope = slope(rows["previous"], expected - rows["baseline"].to_numpy())
-    return {"real_slope": real_slope, "real_rows": int(len(test)),
-            "real_slope_same_rows": slope(rows["previous"], rows["residual"]),
-            "simulated_slope": sim_slope, "simulated_rows": int(len(rows)),
-            "ratio": sim_slope / real_slope if real_slope else float("nan")}
+    return {
+        "real_slope": real_slope,
+        "real_rows": int(len(test)),
+        "real_slope_same_rows": slope(rows["previous"], rows["residual"]),
+        "simulated_slope": sim_slope,
+        "simulated_rows": int(len(rows)),
+        "ratio": sim_slope / real_slope if real_slope else float("nan"),
+    }
 
 
-def landscape(rate: Rate, seen: dict[int, set[int]], n_items: int, windows: dict[int, tuple],
-              predict_cf: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-              n_users: int = 30, per_user: int = 300, seed: int = 0) -> dict:
+def landscape(
+    rate: Rate,
+    seen: dict[int, set[int]],
+    n_items: int,
+    windows: dict[int, tuple],
+    predict_cf: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    n_users: int = 30,
+    per_user: int = 300,
+    seed: int = 0,
+) -> dict:
     """Reward landscape over ``per_user`` random unseen movies of ``n_users`` seeded users.
 
     ``seen``: each simulated user's rated catalogue indices (train and test); ``windows``: the
@@ -124,4 +167,3 @@ def landscape(rate: Rate, seen: dict[int, set[int]], n_items: int, windows: dict
     if predict_cf is not None:
         out["matrix factorisation"] = reward_landscape(users_a, predict_cf(users_a, items_a))
     return out
-

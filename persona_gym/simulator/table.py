@@ -46,10 +46,19 @@ class TableRater:
         source: what the users come from (messages).
     """
 
-    def __init__(self, catalog: ItemCatalog, item_embeddings: np.ndarray, memories: pd.DataFrame,
-                 profiles: Mapping[int, str], personas: Mapping[int, int] | None = None,
-                 window_size: int = 3, spread: float = 0.8, window_weight: float = 0.5,
-                 shrinkage: float = 5.0, source: str = "table"):
+    def __init__(
+        self,
+        catalog: ItemCatalog,
+        item_embeddings: np.ndarray,
+        memories: pd.DataFrame,
+        profiles: Mapping[int, str],
+        personas: Mapping[int, int] | None = None,
+        window_size: int = 3,
+        spread: float = 0.8,
+        window_weight: float = 0.5,
+        shrinkage: float = 5.0,
+        source: str = "table",
+    ):
         if spread <= 0:
             raise ValueError(f"TableRater.spread must be > 0, got {spread}")
         if window_size < 0:
@@ -64,9 +73,15 @@ class TableRater:
         means = np.asarray(catalog.mean_rating, dtype=np.float64)
         rows = memories[memories["user_id"].isin(list(self._profiles))]
         residual = rows["rating"].to_numpy(dtype=np.float64) - means[rows["item_index"].to_numpy()]
-        sums = pd.Series(residual, index=rows["user_id"].to_numpy()).groupby(level=0).agg(["sum", "size"])
-        self.user_bias = {int(u): float(s / (n + shrinkage)) for u, s, n in
-                          zip(sums.index, sums["sum"], sums["size"], strict=True)}
+        sums = (
+            pd.Series(residual, index=rows["user_id"].to_numpy())
+            .groupby(level=0)
+            .agg(["sum", "size"])
+        )
+        self.user_bias = {
+            int(u): float(s / (n + shrinkage))
+            for u, s, n in zip(sums.index, sums["sum"], sums["size"], strict=True)
+        }
 
     @classmethod
     def from_artifacts(cls, root: str | Path, **kwargs) -> TableRater:
@@ -126,15 +141,24 @@ class TableRater:
         mu = float(means[item]) + bias
         window = short_term_window(tuple(window), self._window_size)
         if window:
-            mu += self.window_weight * float(np.mean([x.rating - means[x.item_index] - bias
-                                                      for x in window]))
+            mu += self.window_weight * float(
+                np.mean([x.rating - means[x.item_index] - bias for x in window])
+            )
         return float(clip(mu))
 
-    def rate(self, user_ids: Sequence[int], items: Sequence[int],
-             windows: Sequence[Sequence[Interaction]] | None = None) -> np.ndarray:
+    def rate(
+        self,
+        user_ids: Sequence[int],
+        items: Sequence[int],
+        windows: Sequence[Sequence[Interaction]] | None = None,
+    ) -> np.ndarray:
         windows = windows if windows is not None else [()] * len(user_ids)
-        mu = np.array([self.expected_rating(int(u), int(i), w)
-                       for u, i, w in zip(user_ids, items, windows, strict=True)])
-        logits = -((RATING_VALUES[None, :] - mu[:, None]) ** 2) / (2 * self.spread ** 2)
+        mu = np.array(
+            [
+                self.expected_rating(int(u), int(i), w)
+                for u, i, w in zip(user_ids, items, windows, strict=True)
+            ]
+        )
+        logits = -((RATING_VALUES[None, :] - mu[:, None]) ** 2) / (2 * self.spread**2)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         return probs / probs.sum(axis=1, keepdims=True)

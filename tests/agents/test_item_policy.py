@@ -17,7 +17,9 @@ from persona_gym.evaluation.baselines import BiasedMF
 
 def test_cf_features_reproduce_the_mf_prediction(core, ratings):
     model = BiasedMF(factors=2, reg=1.0, reg_bias=1.0).fit(ratings)
-    features = CFFeatures.fit(model, core.catalog.item_ids, core.catalog.n_ratings, core.item_embeddings)
+    features = CFFeatures.fit(
+        model, core.catalog.item_ids, core.catalog.n_ratings, core.item_embeddings
+    )
     users = np.array(core.user_ids)
     dots = features.users(users) @ features.item_vectors.T
     for row, user in zip(dots, users, strict=True):
@@ -28,14 +30,27 @@ def test_cf_features_reproduce_the_mf_prediction(core, ratings):
     assert unknown[0, -1] == 1.0 and not unknown[0, :-1].any()
 
 
-def test_items_policy_trains_reloads_and_scores_with_its_model(tmp_path, tiny_config, table_rater, core,
-                                                              ratings):
-    config = AgentConfig(policy="items", timesteps=16, n_envs=2, n_steps=4, batch_size=4, checkpoint_every=8,
-                         eval_every=8, eval_episodes=3, out=str(tmp_path), env_kwargs=dict(tiny_config))
+def test_items_policy_trains_reloads_and_scores_with_its_model(
+    tmp_path, tiny_config, table_rater, core, ratings
+):
+    config = AgentConfig(
+        policy="items",
+        timesteps=16,
+        n_envs=2,
+        n_steps=4,
+        batch_size=4,
+        checkpoint_every=8,
+        eval_every=8,
+        eval_episodes=3,
+        out=str(tmp_path),
+        env_kwargs=dict(tiny_config),
+    )
     run_dir = train_agent(config, progress=False, rater=table_rater, ratings=ratings)
     assert (run_dir / FEATURES_FILE).is_file() and read_run(run_dir)["config"]["policy"] == "items"
     evals = (run_dir / "eval.csv").read_text().splitlines()
-    assert evals[0] == "steps,mean_rating,return,churn" and [int(x.split(",")[0]) for x in evals[1:]] == [0, 8, 16]
+    assert evals[0] == "steps,mean_rating,return,churn" and [
+        int(x.split(",")[0]) for x in evals[1:]
+    ] == [0, 8, 16]
     policy = make_policy(str(run_dir), core)
     assert isinstance(policy, SB3Policy) and policy.features is not None
     states = [core.new_episode(np.random.default_rng(0), {"user_id": u}) for u in core.user_ids]
@@ -57,17 +72,28 @@ def test_items_policy_trains_reloads_and_scores_with_its_model(tmp_path, tiny_co
         scorer.cf_weight.fill_(1.0)
     mf = MFPolicy(core, ratings)
     np.testing.assert_array_equal(policy.act(batch), mf.act(batch))
-    resumed = train_agent(AgentConfig(**{**vars(config), "timesteps": 24}), resume=run_dir, progress=False,
-                          rater=table_rater, ratings=ratings)
+    resumed = train_agent(
+        AgentConfig(**{**vars(config), "timesteps": 24}),
+        resume=run_dir,
+        progress=False,
+        rater=table_rater,
+        ratings=ratings,
+    )
     assert read_run(resumed)["timesteps"] == 24
     # shipping: the model (or a checkpoint), its features and curve, no machine path in run.json
     dest = ship_agent(run_dir, tmp_path / "shipped" / "agent", steps=16)
-    assert sorted(p.name for p in dest.iterdir()) == sorted(["model.zip", "run.json", FEATURES_FILE, "eval.csv",
-                                                            "learning_curve.png"])
-    assert str(tmp_path) not in (dest / "run.json").read_text() and read_run(dest)["timesteps"] == 16
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        ["model.zip", "run.json", FEATURES_FILE, "eval.csv", "learning_curve.png"]
+    )
+    assert (
+        str(tmp_path) not in (dest / "run.json").read_text() and read_run(dest)["timesteps"] == 16
+    )
     shipped = SB3Policy.load(dest)
-    fresh = SB3Policy(MaskablePPO.load(run_dir / "checkpoints" / "model_16_steps.zip", device="cpu"), "ckpt",
-                      CFFeatures.load(run_dir / FEATURES_FILE))
+    fresh = SB3Policy(
+        MaskablePPO.load(run_dir / "checkpoints" / "model_16_steps.zip", device="cpu"),
+        "ckpt",
+        CFFeatures.load(run_dir / FEATURES_FILE),
+    )
     np.testing.assert_array_equal(shipped.scores(batch), fresh.scores(batch))
     with pytest.raises(FileNotFoundError, match="train the agent first"):
         ship_agent(run_dir, tmp_path / "other", steps=5)

@@ -62,7 +62,9 @@ def reference_bootstrap(values, seed, n_boot=1000, level=0.95):
     the bootstrap's bias."""
     rng = np.random.default_rng(seed)
     value = values.mean()
-    draws = np.array([values[rng.integers(0, len(values), len(values))].mean() for _ in range(n_boot)])
+    draws = np.array(
+        [values[rng.integers(0, len(values), len(values))].mean() for _ in range(n_boot)]
+    )
     alpha = (1 - level) / 2
     low, high = np.quantile(draws, [alpha, 1 - alpha]) + (value - draws.mean())
     return value, min(low, value), max(high, value)
@@ -76,7 +78,9 @@ def test_bootstrap_interval_equals_the_documented_procedure():
     narrow = bootstrap_ci(len(values), lambda idx: float(values[idx].mean()), seed=7, level=0.5)
     wide = bootstrap_ci(len(values), lambda idx: float(values[idx].mean()), seed=7)
     assert wide[1] < narrow[1] < narrow[0] < narrow[2] < wide[2]
-    assert bootstrap_ci(len(values), lambda idx: float(values[idx].mean()))[1:] != wide[1:]  # seed 0 default
+    assert (
+        bootstrap_ci(len(values), lambda idx: float(values[idx].mean()))[1:] != wide[1:]
+    )  # seed 0 default
     with pytest.raises(ValueError) as err:
         bootstrap_ci(0, lambda idx: 0.0)
     assert str(err.value) == "bootstrap_ci needs at least one unit"
@@ -91,7 +95,9 @@ def test_ndcg_cut_off_and_ideal_by_hand():
     value, hits = ndcg_hit_at_k(list(range(12)), [9])
     assert hits == 1 and value == pytest.approx(1 / math.log2(11))
     value, hits = ndcg_hit_at_k([5, 4, 3], [3, 4], k=3)  # ranks 2 and 3
-    assert hits == 2 and value == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3)))
+    assert hits == 2 and value == pytest.approx(
+        (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    )
     assert ndcg_hit_at_k(np.array([2, 1]), np.array([1]), k=1) == (0.0, 0)
 
 
@@ -115,9 +121,15 @@ def test_rank_agreement_values_and_keys():
 
     a, b = [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]
     got = rank_agreement(a, b)
-    assert got == {"kendall_tau": pytest.approx(4 / 6), "kendall_p": pytest.approx(kendalltau(a, b).pvalue),
-                   "spearman_rho": pytest.approx(0.8), "n_policies": 4}
-    assert rank_agreement(a, [4.0, 3.0, 2.0, 1.0])["spearman_rho"] == pytest.approx(spearmanr(a, [4, 3, 2, 1]).statistic)
+    assert got == {
+        "kendall_tau": pytest.approx(4 / 6),
+        "kendall_p": pytest.approx(kendalltau(a, b).pvalue),
+        "spearman_rho": pytest.approx(0.8),
+        "n_policies": 4,
+    }
+    assert rank_agreement(a, [4.0, 3.0, 2.0, 1.0])["spearman_rho"] == pytest.approx(
+        spearmanr(a, [4, 3, 2, 1]).statistic
+    )
     for bad in (([1, 2], [1, 2, 3]), ([1], [1])):
         with pytest.raises(ValueError) as err:
             rank_agreement(*bad)
@@ -130,7 +142,9 @@ def test_bootstrap_leaves_out_resamples_where_the_statistic_is_undefined():
 
     def mean(idx):
         chosen = values[idx]
-        return float(chosen[~np.isnan(chosen)].mean()) if (~np.isnan(chosen)).any() else float("nan")
+        return (
+            float(chosen[~np.isnan(chosen)].mean()) if (~np.isnan(chosen)).any() else float("nan")
+        )
 
     value, low, high = bootstrap_ci(len(values), mean, seed=2)
     rng = np.random.default_rng(2)
@@ -138,7 +152,11 @@ def test_bootstrap_leaves_out_resamples_where_the_statistic_is_undefined():
     assert np.isnan(draws).any()  # some resamples hold no defined value ...
     draws = draws[~np.isnan(draws)]  # ... and are left out
     ref_low, ref_high = np.quantile(draws, [0.025, 0.975]) + (3.0 - draws.mean())
-    assert value == 3.0 and low == pytest.approx(min(ref_low, 3.0)) and high == pytest.approx(max(ref_high, 3.0))
+    assert (
+        value == 3.0
+        and low == pytest.approx(min(ref_low, 3.0))
+        and high == pytest.approx(max(ref_high, 3.0))
+    )
     assert low < value < high
     calls = []
 

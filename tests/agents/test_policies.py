@@ -45,8 +45,10 @@ def test_data_driven_baselines_rank_as_their_models(core, ratings):
     popular = make_policy("most-popular", core).scores(batch)[0]
     assert np.argmax(popular) == int(np.argmax(core.catalog.n_ratings))
     mf = make_policy("mf", core, ratings)
-    np.testing.assert_allclose(mf.scores(batch)[1], mf.model.predict(
-        np.full(core.n_items, core.user_ids[1]), core.catalog.item_ids))
+    np.testing.assert_allclose(
+        mf.scores(batch)[1],
+        mf.model.predict(np.full(core.n_items, core.user_ids[1]), core.catalog.item_ids),
+    )
 
 
 def test_simulation_is_deterministic_under_a_seed(core, ratings):
@@ -60,8 +62,12 @@ def test_simulation_is_deterministic_under_a_seed(core, ratings):
     # ratings equal up to the last bits (batch shapes change the float summation order)
     mf = make_policy("mf", core, ratings)
     small, large = simulate(mf, core, 5, seed=3, n_envs=2), simulate(mf, core, 5, seed=3, n_envs=5)
-    assert [(r["user_id"], r["items"]) for r in small] == [(r["user_id"], r["items"]) for r in large]
-    np.testing.assert_allclose([r["return"] for r in small], [r["return"] for r in large], rtol=1e-6)
+    assert [(r["user_id"], r["items"]) for r in small] == [
+        (r["user_id"], r["items"]) for r in large
+    ]
+    np.testing.assert_allclose(
+        [r["return"] for r in small], [r["return"] for r in large], rtol=1e-6
+    )
     summary = summarize_episodes(first, core, n_users=4)
     for metric in ("return", "mean_rating", "share_ge4", "churn", "diversity", "novelty"):
         entry = summary[metric]
@@ -69,17 +75,27 @@ def test_simulation_is_deterministic_under_a_seed(core, ratings):
     assert summary["coverage"]["high"] <= summary["coverage"]["mean"]  # resamples cover less
     assert summary == summarize_episodes(first, core, n_users=4)
     # the estimates are the per-episode means averaged, by hand
-    assert summary["mean_rating"]["mean"] == pytest.approx(np.mean([np.mean(r["expected"]) for r in first]))
+    assert summary["mean_rating"]["mean"] == pytest.approx(
+        np.mean([np.mean(r["expected"]) for r in first])
+    )
     assert summary["return"]["mean"] == pytest.approx(np.mean([r["return"] for r in first]))
-    assert summary["churn"]["mean"] == np.mean([r["left"] for r in first]) and summary["episodes"] == 5
+    assert (
+        summary["churn"]["mean"] == np.mean([r["left"] for r in first]) and summary["episodes"] == 5
+    )
 
 
 def test_logged_metrics_and_replay_by_hand(core):
     user = core.user_ids[0]
     # the policy prefers item 0, then 1, 2, ...; k = 2
     policy = FixedScores([6, 5, 4, 3, 2, 1])
-    test = pd.DataFrame({"user_id": [user] * 3, "item_index": [1, 3, 2], "rating": [4.0, 2.0, 5.0],
-                         "timestamp": [10, 11, 12]})
+    test = pd.DataFrame(
+        {
+            "user_id": [user] * 3,
+            "item_index": [1, 3, 2],
+            "rating": [4.0, 2.0, 5.0],
+            "timestamp": [10, 11, 12],
+        }
+    )
     result = evaluate_logged(policy, core, test, k=2)
     # static top-2 = [0, 1]: item 1 is a hit at rank 2; ideal: 2 hits at ranks 1-2
     assert result["hit_rate"]["mean"] == 1.0
@@ -109,13 +125,21 @@ def test_evaluate_policies_writes_the_report(tmp_path, core, ratings):
     from agents.evaluate import PolicyEvalConfig, evaluate_policies, write_report
 
     users = core.user_ids
-    test = pd.DataFrame({"user_id": users * 2, "item_index": [0] * len(users) + [3] * len(users),
-                         "rating": [5.0] * len(users) + [2.0] * len(users),
-                         "timestamp": [1] * len(users) + [2] * len(users)})
-    policies = {name: make_policy(name, core, ratings) for name in ("random", "mf", "item-mean",
-                                                                    "simulator-greedy")}
-    results = evaluate_policies(core, policies, PolicyEvalConfig(episodes=3, seeds=(0, 1), n_envs=2, k=2),
-                                test, n_users=4)
+    test = pd.DataFrame(
+        {
+            "user_id": users * 2,
+            "item_index": [0] * len(users) + [3] * len(users),
+            "rating": [5.0] * len(users) + [2.0] * len(users),
+            "timestamp": [1] * len(users) + [2] * len(users),
+        }
+    )
+    policies = {
+        name: make_policy(name, core, ratings)
+        for name in ("random", "mf", "item-mean", "simulator-greedy")
+    }
+    results = evaluate_policies(
+        core, policies, PolicyEvalConfig(episodes=3, seeds=(0, 1), n_envs=2, k=2), test, n_users=4
+    )
     assert results["policies"]["random"]["simulator"]["episodes"] == 6
     assert "logged" not in results["policies"]["simulator-greedy"]  # too costly to replay
     assert results["agreement"]["mean_rating_vs_ndcg"]["n_policies"] == 3
@@ -133,14 +157,24 @@ def test_paired_differences_gap_closed_and_the_verdict_in_the_report(tmp_path, c
         write_report,
     )
 
-    policies = {name: make_policy(name, core, ratings) for name in ("random", "mf", "simulator-greedy")}
-    results = evaluate_policies(core, policies, PolicyEvalConfig(episodes=4, seeds=(0,), n_envs=2, logged=False),
-                                None, n_users=4)
+    policies = {
+        name: make_policy(name, core, ratings) for name in ("random", "mf", "simulator-greedy")
+    }
+    results = evaluate_policies(
+        core,
+        policies,
+        PolicyEvalConfig(episodes=4, seeds=(0,), n_envs=2, logged=False),
+        None,
+        n_users=4,
+    )
     diffs = {(d["a"], d["b"], d["metric"]): d for d in results["differences"]}
     assert len(diffs) == 6  # 3 pairs x (return, mean_rating)
     # the paired difference is the difference of the two means (same episodes), inside its interval
     for (a, b, metric), d in diffs.items():
-        gap = results["policies"][a]["simulator"][metric]["mean"] - results["policies"][b]["simulator"][metric]["mean"]
+        gap = (
+            results["policies"][a]["simulator"][metric]["mean"]
+            - results["policies"][b]["simulator"][metric]["mean"]
+        )
         assert d["mean"] == pytest.approx(gap) and d["low"] <= d["mean"] <= d["high"]
         assert d["distinguishable"] == (d["low"] > 0 or d["high"] < 0)
     gap = results["gap_closed"]["mean_rating"]

@@ -39,15 +39,25 @@ MASKED = ((0, 1), (0, 4), (2, 0), (3, 5))
 def test_random_scores_are_the_seeded_uniforms(core):
     batch = batch_of(core, MASKED)
     for policy, seed in ((RandomPolicy(), 0), (RandomPolicy(seed=7), 7)):
-        expected = np.where(batch.masks, np.random.default_rng(seed).random(batch.masks.shape), -np.inf)
+        expected = np.where(
+            batch.masks, np.random.default_rng(seed).random(batch.masks.shape), -np.inf
+        )
         np.testing.assert_array_equal(policy.scores(batch), expected)
     policy = RandomPolicy(seed=7)
     policy.scores(batch)
     policy.seed(3)
-    np.testing.assert_array_equal(policy.scores(batch)[batch.masks],
-                                  np.random.default_rng(3).random(batch.masks.shape)[batch.masks])
-    assert make_policy("random", core, seed=5).scores(batch)[0, 0] == np.random.default_rng(5).random((4, 6))[0, 0]
-    assert make_policy("random", core).scores(batch)[0, 0] == np.random.default_rng(0).random((4, 6))[0, 0]
+    np.testing.assert_array_equal(
+        policy.scores(batch)[batch.masks],
+        np.random.default_rng(3).random(batch.masks.shape)[batch.masks],
+    )
+    assert (
+        make_policy("random", core, seed=5).scores(batch)[0, 0]
+        == np.random.default_rng(5).random((4, 6))[0, 0]
+    )
+    assert (
+        make_policy("random", core).scores(batch)[0, 0]
+        == np.random.default_rng(0).random((4, 6))[0, 0]
+    )
 
 
 def test_static_scores_are_counts_and_shrunk_means(core, ratings):
@@ -62,8 +72,10 @@ def test_static_scores_are_counts_and_shrunk_means(core, ratings):
     unshrunk = ItemMean(0.0).fit(ratings).predict(np.zeros(len(ids), dtype=np.int64), ids)
     np.testing.assert_allclose(ItemMeanPolicy(core, ratings, shrinkage=0.0).item_scores, unshrunk)
     assert not np.allclose(means, unshrunk)
-    np.testing.assert_array_equal(make_policy("item-mean", core, ratings).scores(batch),
-                                  np.where(batch.masks, means[None, :], -np.inf))
+    np.testing.assert_array_equal(
+        make_policy("item-mean", core, ratings).scores(batch),
+        np.where(batch.masks, means[None, :], -np.inf),
+    )
     # the best allowed item of each row, ties to the lower index
     np.testing.assert_array_equal(popular.act(batch), np.argmax(expected, axis=1))
 
@@ -72,12 +84,18 @@ def test_mf_scores_are_the_biased_mf_with_its_defaults(core, ratings):
     batch = batch_of(core, MASKED)
     reference = BiasedMF(factors=5, reg=5.0, reg_bias=5.0, seed=0).fit(ratings)
     mf = MFPolicy(core, ratings)
-    expected = np.stack([reference.predict(np.full(6, u), core.catalog.item_ids) for u in core.user_ids])
-    np.testing.assert_allclose(mf.scores(batch), np.where(batch.masks, expected, -np.inf), rtol=1e-12)
+    expected = np.stack(
+        [reference.predict(np.full(6, u), core.catalog.item_ids) for u in core.user_ids]
+    )
+    np.testing.assert_allclose(
+        mf.scores(batch), np.where(batch.masks, expected, -np.inf), rtol=1e-12
+    )
     assert mf.user_scores(core.user_ids[1]) is mf.user_scores(core.user_ids[1])  # cached per user
     other = MFPolicy(core, ratings, factors=2, reg=0.5, reg_bias=0.5, seed=3)
     custom = BiasedMF(factors=2, reg=0.5, reg_bias=0.5, seed=3).fit(ratings)
-    np.testing.assert_allclose(other.user_scores(2), custom.predict(np.full(6, 2), core.catalog.item_ids))
+    np.testing.assert_allclose(
+        other.user_scores(2), custom.predict(np.full(6, 2), core.catalog.item_ids)
+    )
     assert not np.allclose(other.user_scores(2), mf.user_scores(2))
     seeded = make_policy("mf", core, ratings, seed=3).model
     assert (seeded.factors, seeded.seed) == (5, 3)
@@ -98,16 +116,22 @@ def test_simulator_greedy_rates_the_mf_candidates_with_the_window(core, ratings)
         rated = core.rater.rate([state.user_id] * 3, list(top), [window] * 3) @ RATING_VALUES
         np.testing.assert_allclose(scores[r, top], rated, rtol=1e-12)
         rest = np.setdiff1d(allowed, top)
-        np.testing.assert_allclose(scores[r, rest], -1.0 / (1.0 + np.exp(-prior[r, rest])), rtol=1e-12)
+        np.testing.assert_allclose(
+            scores[r, rest], -1.0 / (1.0 + np.exp(-prior[r, rest])), rtol=1e-12
+        )
         assert np.isneginf(scores[r, ~batch.masks[r]]).all()
         assert scores[r, top].min() >= 1.0 > 0.0 > scores[r, rest].max()  # candidates first
     everyone = SimulatorGreedyPolicy(core, mf)  # 20 candidates: every allowed item is rated
     assert everyone.n_candidates == 20 and (everyone.scores(batch)[batch.masks] >= 1.0).all()
     shared = make_policy("simulator-greedy", core, ratings, mf=mf)
-    assert isinstance(shared, SimulatorGreedyPolicy) and shared.mf is mf and shared.n_candidates == 20
+    assert (
+        isinstance(shared, SimulatorGreedyPolicy) and shared.mf is mf and shared.n_candidates == 20
+    )
     assert make_policy("mf", core, ratings, mf=mf) is mf
     assert greedy.logged_eval is False and mf.logged_eval is True
-    with pytest.raises(ValueError, match="^SimulatorGreedyPolicy needs the episode states in the Batch$"):
+    with pytest.raises(
+        ValueError, match="^SimulatorGreedyPolicy needs the episode states in the Batch$"
+    ):
         greedy.scores(type(batch)(batch.obs, batch.masks, batch.user_ids))
 
 
@@ -119,8 +143,11 @@ def test_simulator_greedy_breaks_ties_toward_the_lower_index():
     prior = np.zeros((1, 300))
     prior[0, ::7] = 1.0  # 43 candidates tied first
     rated = []
-    rater = SimpleNamespace(rate=lambda users, items, windows: rated.append(list(items)) or np.tile(
-        [0.0, 0.0, 1.0, 0.0, 0.0], (len(items), 1)))
+    rater = SimpleNamespace(
+        rate=lambda users, items, windows: (
+            rated.append(list(items)) or np.tile([0.0, 0.0, 1.0, 0.0, 0.0], (len(items), 1))
+        )
+    )
     core = SimpleNamespace(rater=rater, window=lambda state: ())
     mf = SimpleNamespace(scores=lambda batch: prior)
     batch = Batch({}, np.ones((1, 300), dtype=bool), np.array([4]), [SimpleNamespace(user_id=4)])
@@ -137,21 +164,30 @@ def test_simulator_greedy_with_nothing_allowed_scores_minus_infinity(core, ratin
 
 
 def test_policy_names_and_errors(core, ratings, tmp_path):
-    names = {"random": RandomPolicy, "most-popular": MostPopularPolicy, "item-mean": ItemMeanPolicy,
-             "mf": MFPolicy, "simulator-greedy": SimulatorGreedyPolicy}
+    names = {
+        "random": RandomPolicy,
+        "most-popular": MostPopularPolicy,
+        "item-mean": ItemMeanPolicy,
+        "mf": MFPolicy,
+        "simulator-greedy": SimulatorGreedyPolicy,
+    }
     for name, cls in names.items():
         policy = make_policy(name, core, ratings)
         assert type(policy) is cls and policy.name == name
     for name in ("item-mean", "mf", "simulator-greedy"):
         with pytest.raises(ValueError) as err:
             make_policy(name, core)
-        assert str(err.value) == f"policy {name!r} needs the training ratings (fit_frame(train, background))"
+        assert (
+            str(err.value)
+            == f"policy {name!r} needs the training ratings (fit_frame(train, background))"
+        )
     with pytest.raises(ValueError) as err:
         make_policy(str(tmp_path / "nowhere"), core, ratings)
     assert str(err.value) == (
         f"unknown policy {str(tmp_path / 'nowhere')!r}: choose from ['random', 'most-popular', 'item-mean', "
         "'mf', 'simulator-greedy'], 'agent' (the shipped agent) or give a run folder / model.zip written "
-        "by `persona-gym train-agent`")
+        "by `persona-gym train-agent`"
+    )
 
 
 # -- trained models -----------------------------------------------------------------------------
@@ -183,14 +219,33 @@ def runs(tmp_path_factory, tiny_config, table_artifacts, ratings):
     rater = TableRater.from_artifacts(table_artifacts, window_size=2)
     env = SB3VecEnv("PersonaML100K-v0", 2, rater=rater, **tiny_config)
     torch.manual_seed(0)
-    out = {"ppo": save_run(root / "ppo", PPO("MultiInputPolicy", env, n_steps=8, batch_size=16, seed=0, device="cpu"), "ppo"),
-           "dqn": save_run(root / "dqn", DQN("MultiInputPolicy", env, buffer_size=64, learning_starts=0,
-                                             seed=0, device="cpu"), "dqn", timesteps=None)}
+    out = {
+        "ppo": save_run(
+            root / "ppo",
+            PPO("MultiInputPolicy", env, n_steps=8, batch_size=16, seed=0, device="cpu"),
+            "ppo",
+        ),
+        "dqn": save_run(
+            root / "dqn",
+            DQN("MultiInputPolicy", env, buffer_size=64, learning_starts=0, seed=0, device="cpu"),
+            "dqn",
+            timesteps=None,
+        ),
+    }
     features = CFFeatures.from_ratings(ratings, rater.catalog, rater.item_embeddings)
     items_env = SB3VecEnv("PersonaML100K-v0", 2, rater=rater, features=features, **tiny_config)
-    model = MaskablePPO(ItemScoringPolicy, items_env, n_steps=8, batch_size=16, seed=0, device="cpu",
-                        policy_kwargs={"item_side": features.item_side, "item_vectors": features.item_vectors})
-    out["items"] = save_run(root / "items", model, "maskable-ppo", policy="items", features=features)
+    model = MaskablePPO(
+        ItemScoringPolicy,
+        items_env,
+        n_steps=8,
+        batch_size=16,
+        seed=0,
+        device="cpu",
+        policy_kwargs={"item_side": features.item_side, "item_vectors": features.item_vectors},
+    )
+    out["items"] = save_run(
+        root / "items", model, "maskable-ppo", policy="items", features=features
+    )
     return out
 
 
@@ -204,7 +259,9 @@ def test_a_saved_ppo_scores_with_its_logits_under_the_mask(core, runs):
     scores = policy.scores(batch)
     assert scores.dtype == np.float64
     np.testing.assert_allclose(scores, np.where(batch.masks, logits, -np.inf), rtol=1e-6)
-    np.testing.assert_array_equal(policy.act(batch), np.argmax(np.where(batch.masks, logits, -np.inf), axis=1))
+    np.testing.assert_array_equal(
+        policy.act(batch), np.argmax(np.where(batch.masks, logits, -np.inf), axis=1)
+    )
     by_zip = SB3Policy.load(runs["ppo"] / "model.zip", name="mine")
     assert by_zip.name == "mine"
     np.testing.assert_array_equal(by_zip.scores(batch), scores)
@@ -231,7 +288,9 @@ def test_a_saved_items_policy_reads_the_users_collaborative_vectors(core, runs):
     obs = {**batch.obs, "user": policy.features.users(batch.user_ids)}
     with torch.no_grad():
         logits = net.get_distribution(net.obs_to_tensor(obs)[0]).distribution.logits.numpy()
-    np.testing.assert_allclose(policy.scores(batch), np.where(batch.masks, logits, -np.inf), rtol=1e-6)
+    np.testing.assert_allclose(
+        policy.scores(batch), np.where(batch.masks, logits, -np.inf), rtol=1e-6
+    )
 
 
 def test_a_folder_without_a_model_is_named(core, runs, tmp_path):
@@ -240,8 +299,10 @@ def test_a_folder_without_a_model_is_named(core, runs, tmp_path):
     (folder / "run.json").write_text((runs["ppo"] / "run.json").read_text())
     with pytest.raises(FileNotFoundError) as err:
         SB3Policy.load(folder)
-    assert str(err.value) == (f"{folder / 'model.zip'}: no trained model; train one with "
-                              "`persona-gym train-agent` (or pass the run folder)")
+    assert str(err.value) == (
+        f"{folder / 'model.zip'}: no trained model; train one with "
+        "`persona-gym train-agent` (or pass the run folder)"
+    )
 
 
 def test_the_shipped_agent_is_the_policy_named_agent(core):

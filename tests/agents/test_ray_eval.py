@@ -19,8 +19,11 @@ from persona_gym.envs.core import RecCore
 from tests.test_reliability_cli import assert_one_line
 from tests.test_reliability_cli import run as run_cli
 
-needs_ray = pytest.mark.skipif(not ray_available(), reason="Ray is not installed: pip install "
-                               "'persona-gym[ray]' (`make install` installs it, so CI runs these)")
+needs_ray = pytest.mark.skipif(
+    not ray_available(),
+    reason="Ray is not installed: pip install "
+    "'persona-gym[ray]' (`make install` installs it, so CI runs these)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +50,35 @@ def churn_core(tiny_config, table_artifacts) -> RecCore:
 
 @pytest.fixture
 def logged(churn_core) -> pd.DataFrame:
-    return pd.DataFrame({"user_id": churn_core.user_ids, "item_index": [0, 1, 2, 3],
-                         "rating": [5.0, 4.0, 2.0, 1.0], "timestamp": [1, 1, 1, 1]})
+    return pd.DataFrame(
+        {
+            "user_id": churn_core.user_ids,
+            "item_index": [0, 1, 2, 3],
+            "rating": [5.0, 4.0, 2.0, 1.0],
+            "timestamp": [1, 1, 1, 1],
+        }
+    )
 
 
 def _policies(core: RecCore, ratings: pd.DataFrame) -> dict:
     mf = make_policy("mf", core, ratings)
-    return {"random": make_policy("random", core), "most-popular": make_policy("most-popular", core),
-            "item-mean": make_policy("item-mean", core, ratings), "mf": mf,
-            "simulator-greedy": make_policy("simulator-greedy", core, ratings, mf=mf)}
+    return {
+        "random": make_policy("random", core),
+        "most-popular": make_policy("most-popular", core),
+        "item-mean": make_policy("item-mean", core, ratings),
+        "mf": mf,
+        "simulator-greedy": make_policy("simulator-greedy", core, ratings, mf=mf),
+    }
 
 
 def _without_seconds(results: dict) -> dict:
-    return {**results, "policies": {n: {k: v for k, v in e.items() if k != "seconds"}
-                                    for n, e in results["policies"].items()}}
+    return {
+        **results,
+        "policies": {
+            n: {k: v for k, v in e.items() if k != "seconds"}
+            for n, e in results["policies"].items()
+        },
+    }
 
 
 def test_chunks_are_whole_batches_in_order():
@@ -91,10 +109,16 @@ def test_ray_workers_give_the_single_process_results(ray_cluster, churn_core, ra
     """3 actors on the 2 CPUs (each reserves 2/3 of one), uneven chunks (4, 2 and 1 episodes)."""
     workers = 3
     config = dict(episodes=7, seeds=(0, 3), n_envs=2, k=2)
-    alone = evaluate_policies(churn_core, _policies(churn_core, ratings), PolicyEvalConfig(**config),
-                              logged, n_users=4)
-    spread = evaluate_policies(churn_core, _policies(churn_core, ratings),
-                               PolicyEvalConfig(**config, ray_workers=workers), logged, n_users=4)
+    alone = evaluate_policies(
+        churn_core, _policies(churn_core, ratings), PolicyEvalConfig(**config), logged, n_users=4
+    )
+    spread = evaluate_policies(
+        churn_core,
+        _policies(churn_core, ratings),
+        PolicyEvalConfig(**config, ray_workers=workers),
+        logged,
+        n_users=4,
+    )
     assert _without_seconds(spread) == _without_seconds(alone)
     assert spread["config"] == {"episodes": 7, "seeds": [0, 3], "n_envs": 2, "k": 2, "logged": True}
     assert spread["policies"]["random"]["simulator"]["episodes"] == 14
@@ -103,14 +127,31 @@ def test_ray_workers_give_the_single_process_results(ray_cluster, churn_core, ra
 
 
 @needs_ray
-def test_cli_ray_workers_writes_the_same_results(ray_cluster, capsys, tmp_path, monkeypatch, churn_core,
-                                                 ratings, logged):
+def test_cli_ray_workers_writes_the_same_results(
+    ray_cluster, capsys, tmp_path, monkeypatch, churn_core, ratings, logged
+):
     """The CLI with --ray-workers 2 writes the results.json of the single-process CLI run (the
     simulator replaced by the table rater: the tiny tables have no adapters)."""
-    monkeypatch.setattr("agents.evaluate.load_evaluation",
-                        lambda env_id, dtype, **overrides: (churn_core, ratings, logged, 4))
-    argv = ["evaluate-policy", "--policies", "random", "mf", "simulator-greedy", "--episodes", "5",
-            "--seeds", "0", "1", "--n-envs", "2", "--k", "2"]
+    monkeypatch.setattr(
+        "agents.evaluate.load_evaluation",
+        lambda env_id, dtype, **overrides: (churn_core, ratings, logged, 4),
+    )
+    argv = [
+        "evaluate-policy",
+        "--policies",
+        "random",
+        "mf",
+        "simulator-greedy",
+        "--episodes",
+        "5",
+        "--seeds",
+        "0",
+        "1",
+        "--n-envs",
+        "2",
+        "--k",
+        "2",
+    ]
     outputs = []
     for extra, out in [((), tmp_path / "alone"), (("--ray-workers", "2"), tmp_path / "ray")]:
         code, _, err = run_cli(capsys, *argv, *extra, "--out", out)
@@ -130,15 +171,23 @@ def no_evaluation_work(monkeypatch):
 
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_ray_workers_below_one_fail_before_work(capsys, tmp_path, no_evaluation_work, value):
-    assert_one_line(run_cli(capsys, "evaluate-policy", "--ray-workers", value, "--out", tmp_path / "out"),
-                    "evaluate-policy", "(--ray-workers) must be >= 1", value)
+    assert_one_line(
+        run_cli(capsys, "evaluate-policy", "--ray-workers", value, "--out", tmp_path / "out"),
+        "evaluate-policy",
+        "(--ray-workers) must be >= 1",
+        value,
+    )
 
 
 def test_ray_missing_names_the_extra(capsys, tmp_path, no_evaluation_work, monkeypatch):
     monkeypatch.setattr("agents.ray_eval.ray_available", lambda: False)
-    assert_one_line(run_cli(capsys, "evaluate-policy", "--ray-workers", "2", "--out", tmp_path / "out"),
-                    "evaluate-policy", "--ray-workers", "Ray is not installed",
-                    "pip install 'persona-gym[ray]'")
+    assert_one_line(
+        run_cli(capsys, "evaluate-policy", "--ray-workers", "2", "--out", tmp_path / "out"),
+        "evaluate-policy",
+        "--ray-workers",
+        "Ray is not installed",
+        "pip install 'persona-gym[ray]'",
+    )
     with pytest.raises(ImportError, match=r"persona-gym\[ray\]"):
         from agents.ray_eval import ray_session
 

@@ -13,8 +13,15 @@ from agents.train import AgentConfig, train_agent
 
 
 def config(tmp_path, tiny_config, **kwargs) -> AgentConfig:
-    values = dict(timesteps=16, n_envs=2, n_steps=4, batch_size=4, checkpoint_every=8,
-                  out=str(tmp_path), env_kwargs=dict(tiny_config))
+    values = dict(
+        timesteps=16,
+        n_envs=2,
+        n_steps=4,
+        batch_size=4,
+        checkpoint_every=8,
+        out=str(tmp_path),
+        env_kwargs=dict(tiny_config),
+    )
     return AgentConfig(**{**values, **kwargs})
 
 
@@ -39,7 +46,9 @@ def test_maskable_ppo_trains_saves_reloads_and_resumes(tmp_path, tiny_config, ta
     for name in ("model.zip", "run.json", "monitor.csv", "learning_curve.png"):
         assert (run_dir / name).exists(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "model_16_steps.zip", "model_8_steps.zip"]
+        "model_16_steps.zip",
+        "model_8_steps.zip",
+    ]
     assert any((run_dir / "tb").rglob("events.out.tfevents.*"))
     policy = make_policy(str(run_dir), core)
     assert isinstance(policy, SB3Policy)
@@ -47,17 +56,24 @@ def test_maskable_ppo_trains_saves_reloads_and_resumes(tmp_path, tiny_config, ta
     states[0].allowed[:3] = False
     batch = make_batch(core, states)
     assert batch.masks[np.arange(len(states)), policy.act(batch)].all()
-    np.testing.assert_array_equal(policy.scores(batch), SB3Policy.load(run_dir / "model.zip").scores(batch))
+    np.testing.assert_array_equal(
+        policy.scores(batch), SB3Policy.load(run_dir / "model.zip").scores(batch)
+    )
     # resume: continues from the latest checkpoint to the new total
-    resumed = train_agent(config(tmp_path, tiny_config, timesteps=24), resume=run_dir, progress=False,
-                          rater=table_rater)
+    resumed = train_agent(
+        config(tmp_path, tiny_config, timesteps=24),
+        resume=run_dir,
+        progress=False,
+        rater=table_rater,
+    )
     assert resumed == run_dir and read_run(run_dir)["timesteps"] == 24
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
 def test_ppo_and_dqn_train(tmp_path, tiny_config, table_rater, algo):
-    run_dir = train_agent(config(tmp_path, tiny_config, algo=algo, seed=1), progress=False,
-                          rater=table_rater)
+    run_dir = train_agent(
+        config(tmp_path, tiny_config, algo=algo, seed=1), progress=False, rater=table_rater
+    )
     assert read_run(run_dir)["algo"] == algo and (run_dir / "model.zip").exists()
 
 
@@ -84,7 +100,10 @@ def test_env_kwargs_are_parsed_and_checked():
     from persona_gym.errors import ConfigError
 
     assert parse_env_kwargs(["max_episode_steps=30", "compile=true", "leave_rule=model"]) == {
-        "max_episode_steps": 30, "compile": True, "leave_rule": "model"}
+        "max_episode_steps": 30,
+        "compile": True,
+        "leave_rule": "model",
+    }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_env_kwargs(["max_episode_steps"])
     with pytest.raises(ConfigError, match="unknown EnvConfig field"):
@@ -112,12 +131,22 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, tiny_config, 
             return self.inner.rate(*args, **kwargs)
 
     with pytest.raises(KeyboardInterrupt):
-        train_agent(config(tmp_path, tiny_config, timesteps=40, checkpoint_every=1000), progress=False,
-                    rater=Interrupting(table_rater))
+        train_agent(
+            config(tmp_path, tiny_config, timesteps=40, checkpoint_every=1000),
+            progress=False,
+            rater=Interrupting(table_rater),
+        )
     (run_dir,) = tmp_path.iterdir()
     path, steps = latest_checkpoint(run_dir)
     assert 0 < steps < 40 and path.is_file()
-    resumed = train_agent(config(tmp_path, tiny_config, timesteps=40), resume=run_dir, progress=False,
-                          rater=table_rater)
+    resumed = train_agent(
+        config(tmp_path, tiny_config, timesteps=40),
+        resume=run_dir,
+        progress=False,
+        rater=table_rater,
+    )
     # (SB3 finishes its last rollout of n_steps x n_envs, so a resume may end a little past 40)
-    assert read_run(resumed)["timesteps"] >= 40 and (resumed / f"monitor-{steps}.monitor.csv").is_file()
+    assert (
+        read_run(resumed)["timesteps"] >= 40
+        and (resumed / f"monitor-{steps}.monitor.csv").is_file()
+    )

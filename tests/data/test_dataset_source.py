@@ -59,12 +59,18 @@ def test_a_record_that_no_longer_resolves_says_why_and_the_fix(tmp_path, monkeyp
     params = {"n_users": 3, "seed": 0}
     where = tmp_path / "art" / "split.json"
     # what distill recorded before: the folder's name only
-    with pytest.raises(FileNotFoundError, match=r"records the dataset 'ml1m', a folder relative.*"
-                                                r"run this command from the folder.*persona-gym build"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"records the dataset 'ml1m', a folder relative.*"
+        r"run this command from the folder.*persona-gym build",
+    ):
         rebuild_split({"dataset": "ml1m", "params": params}, where)
     gone = str(tmp_path / "moved" / "ml1m")
-    with pytest.raises(FileNotFoundError, match=r"records the dataset folder .*ml1m, which is gone: "
-                                                r"put the MovieLens files back there"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"records the dataset folder .*ml1m, which is gone: "
+        r"put the MovieLens files back there",
+    ):
         rebuild_split({"dataset": gone, "params": params}, where)
     # a known name keeps its own message (the fetch command)
     monkeypatch.setenv("PERSONA_GYM_DATA_DIR", str(tmp_path / "empty"))

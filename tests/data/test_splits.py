@@ -134,32 +134,50 @@ def _synthetic(counts: dict[int, int], seed: int = 0) -> RatingsDataset:
     for user, n in counts.items():
         for item, stamp in zip(range(n), rng.permutation(n), strict=True):
             rows.append((user, item + 1, int(rng.integers(1, 6)), int(stamp)))
-    ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).astype(np.int64)
+    ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).astype(
+        np.int64
+    )
     n_items = max(counts.values())
-    users = pd.DataFrame({"user_id": list(counts), "gender": "M", "age": 30, "occupation": "other",
-                          "zip": "1"})
-    items = pd.DataFrame({"item_id": range(1, n_items + 1), "title": [f"m{i}" for i in range(n_items)],
-                          "year": pd.array([None] * n_items, dtype="Int64"), "genres": [()] * n_items})
+    users = pd.DataFrame(
+        {"user_id": list(counts), "gender": "M", "age": 30, "occupation": "other", "zip": "1"}
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": range(1, n_items + 1),
+            "title": [f"m{i}" for i in range(n_items)],
+            "year": pd.array([None] * n_items, dtype="Int64"),
+            "genres": [()] * n_items,
+        }
+    )
     return RatingsDataset("synthetic", ratings, users, items)
 
 
 def test_protocol_split_chooses_with_the_seeded_rng_among_the_inclusive_range() -> None:
     ds = _synthetic({1: 4, 2: 5, 3: 6, 4: 7, 5: 8, 6: 9, 7: 10})
     for seed in (0, 1, 2):
-        s = protocol_split(ds, n_users=3, min_interactions=5, max_interactions=9, train_fraction=0.5, seed=seed)
+        s = protocol_split(
+            ds, n_users=3, min_interactions=5, max_interactions=9, train_fraction=0.5, seed=seed
+        )
         eligible = np.array([2, 3, 4, 5, 6])  # 5..9 ratings, both ends included
         chosen = np.sort(np.random.default_rng(seed).choice(eligible, size=3, replace=False))
         np.testing.assert_array_equal(s.user_ids, chosen)
         assert s.user_ids.dtype == np.int64 and s.seed == seed
         assert set(s.background["user_id"]) == {1, 2, 3, 4, 5, 6, 7} - set(chosen.tolist())
-        assert s.params == {"n_users": 3, "min_interactions": 5, "max_interactions": 9,
-                            "train_fraction": 0.5, "seed": seed}
+        assert s.params == {
+            "n_users": 3,
+            "min_interactions": 5,
+            "max_interactions": 9,
+            "train_fraction": 0.5,
+            "seed": seed,
+        }
     everyone = protocol_split(ds, n_users=5, min_interactions=5, max_interactions=9, seed=0)
     assert everyone.user_ids.tolist() == [2, 3, 4, 5, 6]
     with pytest.raises(ValueError) as err:
         protocol_split(ds, n_users=6, min_interactions=5, max_interactions=9)
-    assert str(err.value) == ("synthetic: only 5 users have 5-9 interactions, fewer than n_users=6; "
-                              "lower n_users or widen the range.")
+    assert str(err.value) == (
+        "synthetic: only 5 users have 5-9 interactions, fewer than n_users=6; "
+        "lower n_users or widen the range."
+    )
 
 
 def test_protocol_split_cuts_each_user_at_floor_of_the_fraction_in_time_order() -> None:
@@ -173,9 +191,11 @@ def test_protocol_split_cuts_each_user_at_floor_of_the_fraction_in_time_order() 
         train = s.train[s.train["user_id"] == user]
         test = s.test[s.test["user_id"] == user]
         assert train["item_id"].tolist() == mine["item_id"].tolist()[: n_train[user]]
-        assert test["item_id"].tolist() == mine["item_id"].tolist()[n_train[user]:]
+        assert test["item_id"].tolist() == mine["item_id"].tolist()[n_train[user] :]
     assert s.background.empty and list(s.background.columns) == list(ds.ratings.columns)
-    half = protocol_split(ds, n_users=3, min_interactions=7, max_interactions=105, train_fraction=0.5)
+    half = protocol_split(
+        ds, n_users=3, min_interactions=7, max_interactions=105, train_fraction=0.5
+    )
     assert half.train.groupby("user_id").size().to_dict() == {1: 52, 2: 3, 3: 5}
 
 
@@ -183,7 +203,9 @@ def test_split_arguments_are_checked() -> None:
     ds = _synthetic({1: 5})
     for fraction in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError) as err:
-            protocol_split(ds, n_users=1, min_interactions=1, max_interactions=5, train_fraction=fraction)
+            protocol_split(
+                ds, n_users=1, min_interactions=1, max_interactions=5, train_fraction=fraction
+            )
         assert str(err.value) == f"train_fraction must be in (0, 1), got {fraction}"
         with pytest.raises(ValueError) as err:
             random_split(ds, test_fraction=fraction)
@@ -200,7 +222,9 @@ def test_random_split_rounds_half_up_and_sorts() -> None:
     assert len(s.test) == 2 and len(s.train) == 4
     is_test = np.zeros(6, dtype=bool)
     is_test[np.random.default_rng(5).permutation(6)[:2]] = True
-    expected = ds.ratings[is_test].sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
+    expected = (
+        ds.ratings[is_test].sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
+    )
     pd.testing.assert_frame_equal(s.test, expected)
     assert s.train["user_id"].is_monotonic_increasing and isinstance(s.train.index, pd.RangeIndex)
     assert s.user_ids.tolist() == [1, 2, 3] and s.user_ids.dtype == np.int64
@@ -213,19 +237,36 @@ def test_random_split_rounds_half_up_and_sorts() -> None:
 def test_summary_and_item_stats_by_hand() -> None:
     s = protocol_split(_tiny(), n_users=1, min_interactions=5, max_interactions=5)
     assert s.summary() == {
-        "name": "protocol", "seed": 0, "n_users": 1, "n_train": 3, "n_test": 2, "n_background": 3,
+        "name": "protocol",
+        "seed": 0,
+        "n_users": 1,
+        "n_train": 3,
+        "n_test": 2,
+        "n_background": 3,
         "train_per_user": {"min": 3, "median": 3.0, "max": 3},
-        "test_per_user": {"min": 2, "median": 2.0, "max": 2}}
+        "test_per_user": {"min": 2, "median": 2.0, "max": 2},
+    }
     stats = s.item_stats()
     assert stats["item_id"].tolist() == [10, 11, 12, 13, 14]
     assert stats["n_ratings"].tolist() == [2, 1, 2, 1, 0]
     np.testing.assert_array_equal(stats["mean_rating"].to_numpy(), [2.0, 5.0, 3.0, 4.0, np.nan])
-    assert stats.dtypes.to_dict() == {"item_id": np.int64, "mean_rating": np.float64, "n_ratings": np.int64}
+    assert stats.dtypes.to_dict() == {
+        "item_id": np.int64,
+        "mean_rating": np.float64,
+        "n_ratings": np.int64,
+    }
     assert isinstance(stats.index, pd.RangeIndex)
-    empty = Split("random", s.train.iloc[:0], s.test.iloc[:0], s.background, np.array([], dtype=np.int64), 0)
+    empty = Split(
+        "random", s.train.iloc[:0], s.test.iloc[:0], s.background, np.array([], dtype=np.int64), 0
+    )
     assert empty.summary()["train_per_user"] == {"min": 0, "median": 0.0, "max": 0}
-    wide = protocol_split(_synthetic({1: 4, 2: 6, 3: 9}), n_users=3, min_interactions=4, max_interactions=9,
-                          train_fraction=0.5)
+    wide = protocol_split(
+        _synthetic({1: 4, 2: 6, 3: 9}),
+        n_users=3,
+        min_interactions=4,
+        max_interactions=9,
+        train_fraction=0.5,
+    )
     assert wide.summary()["train_per_user"] == {"min": 2, "median": 3.0, "max": 4}
     assert wide.summary()["test_per_user"] == {"min": 2, "median": 3.0, "max": 5}
 
@@ -235,17 +276,24 @@ def test_split_logging_default_seed_and_users_without_rows(caplog) -> None:
 
     ds = _synthetic({1: 7, 2: 8, 3: 9})
     with caplog.at_level(logging.INFO, logger="persona_gym.data.splits"):
-        s = protocol_split(ds, n_users=2, min_interactions=7, max_interactions=8, train_fraction=0.5)
+        s = protocol_split(
+            ds, n_users=2, min_interactions=7, max_interactions=8, train_fraction=0.5
+        )
     assert [r.getMessage() for r in caplog.records] == [
-        "protocol split of synthetic: 2 users, 7 train, 8 test, 9 background"]
+        "protocol split of synthetic: 2 users, 7 train, 8 test, 9 background"
+    ]
     pd.testing.assert_frame_equal(random_split(ds).test, random_split(ds, seed=0).test)
     assert not random_split(ds).test.equals(random_split(ds, seed=1).test)
     # a selected user without test rows counts as 0 in the summary, not as absent
-    lopsided = Split("protocol", s.train, s.test[s.test["user_id"] == 1], s.background, s.user_ids, 0)
+    lopsided = Split(
+        "protocol", s.train, s.test[s.test["user_id"] == 1], s.background, s.user_ids, 0
+    )
     assert lopsided.summary()["test_per_user"] == {"min": 0, "median": 2.0, "max": 4}
 
 
-def test_all_users_splits_every_other_user_by_time_and_holds_their_future_out(ml100k: RatingsDataset) -> None:
+def test_all_users_splits_every_other_user_by_time_and_holds_their_future_out(
+    ml100k: RatingsDataset,
+) -> None:
     """``all_users``: the protocol users are unchanged; every other user with >= 20 ratings is cut
     at floor(0.6 n) in time order, the first part joining the background (training signal), the
     rest in ``other_test``, which no item statistic reads."""
@@ -272,6 +320,8 @@ def test_all_users_splits_every_other_user_by_time_and_holds_their_future_out(ml
     stats = s.item_stats().set_index("item_id")
     known = pd.concat([s.train, s.background]).groupby("item_id")["rating"].mean()
     assert np.allclose(stats.loc[known.index, "mean_rating"], known)
-    assert not np.allclose(default.item_stats().set_index("item_id").loc[known.index, "mean_rating"], known)
+    assert not np.allclose(
+        default.item_stats().set_index("item_id").loc[known.index, "mean_rating"], known
+    )
     with pytest.raises(ValueError, match="min_other_interactions must be >= 2"):
         protocol_split(ml100k, all_users=True, min_other_interactions=1)

@@ -20,17 +20,22 @@ from training.distill import LLMDistiller, LLMDistillerConfig, parse_reply
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
 
 
-def synthetic_dataset(n_users: int = 4, n_items: int = 30, per_user: int = 25,
-                      seed: int = 0) -> RatingsDataset:
+def synthetic_dataset(
+    n_users: int = 4, n_items: int = 30, per_user: int = 25, seed: int = 0
+) -> RatingsDataset:
     """Small dataset: users who love one genre and hate another."""
     rng = np.random.default_rng(seed)
-    items = pd.DataFrame({
-        "item_id": np.arange(1, n_items + 1, dtype=np.int64),
-        "title": [f"Movie {i}" for i in range(1, n_items + 1)],
-        "year": pd.array([1950 + (i * 7) % 50 for i in range(n_items)], dtype="Int64"),
-        "genres": [(GENRES[i % 5],) if i % 3 else (GENRES[i % 5], GENRES[(i + 1) % 5])
-                   for i in range(n_items)],
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(1, n_items + 1, dtype=np.int64),
+            "title": [f"Movie {i}" for i in range(1, n_items + 1)],
+            "year": pd.array([1950 + (i * 7) % 50 for i in range(n_items)], dtype="Int64"),
+            "genres": [
+                (GENRES[i % 5],) if i % 3 else (GENRES[i % 5], GENRES[(i + 1) % 5])
+                for i in range(n_items)
+            ],
+        }
+    )
     rows = []
     for u in range(1, n_users + 1):
         liked, hated = GENRES[u % 5], GENRES[(u + 2) % 5]
@@ -39,9 +44,15 @@ def synthetic_dataset(n_users: int = 4, n_items: int = 30, per_user: int = 25,
             r = 5 if liked in g else 1 if hated in g else int(rng.integers(2, 5))
             rows.append((u, int(i) + 1, r, 1000 * u + t))
     ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    users = pd.DataFrame({"user_id": np.arange(1, n_users + 1), "gender": ["M", "F"] * (n_users // 2),
-                          "age": [25 + u for u in range(n_users)],
-                          "occupation": ["writer"] * n_users, "zip": ["00000"] * n_users})
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(1, n_users + 1),
+            "gender": ["M", "F"] * (n_users // 2),
+            "age": [25 + u for u in range(n_users)],
+            "occupation": ["writer"] * n_users,
+            "zip": ["00000"] * n_users,
+        }
+    )
     return RatingsDataset("synthetic", ratings, users, items)
 
 
@@ -68,8 +79,9 @@ def test_data_distiller_covers_every_training_interaction() -> None:
     merged = result.memories.merge(split.train, on=["user_id", "item_id", "timestamp"])
     assert len(merged) == len(split.train) and (merged["rating_x"] == merged["rating_y"]).all()
     test_keys = set(zip(split.test["user_id"], split.test["item_id"], strict=True))
-    assert not test_keys & set(zip(result.memories["user_id"], result.memories["item_id"],
-                                   strict=True))
+    assert not test_keys & set(
+        zip(result.memories["user_id"], result.memories["item_id"], strict=True)
+    )
     # user 1 loves Comedy (GENRES[1]) and the profile says so with evidence
     profile = result.profiles[1]
     assert profile.startswith("PERSONA: You are a")
@@ -133,18 +145,40 @@ def test_cli_outputs_are_byte_identical(tmp_path) -> None:
     data = write_ml1m(tmp_path / "ml-1m")
     dirs = [tmp_path / "run1", tmp_path / "run2"]
     for out in dirs:
-        assert main(["distill", "--dataset", str(data), "--out", str(out), "--n-users", "4",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "distill",
+                    "--dataset",
+                    str(data),
+                    "--out",
+                    str(out),
+                    "--n-users",
+                    "4",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         assert main(["personas", "--artifacts", str(out), "--k-min", "2", "--k-max", "3"]) == 0
     files = sorted(p.relative_to(dirs[0]) for p in dirs[0].rglob("*") if p.is_file())
     assert {str(f) for f in files} >= {
-        "items.parquet", "profiles.jsonl", "memories.parquet", "split.json", "distill.json",
-        "embeddings/items.npy", "embeddings/profiles.npy", "personas.json", "personas.png"}
+        "items.parquet",
+        "profiles.jsonl",
+        "memories.parquet",
+        "split.json",
+        "distill.json",
+        "embeddings/items.npy",
+        "embeddings/profiles.npy",
+        "personas.json",
+        "personas.png",
+    }
     for f in files:
         assert (dirs[0] / f).read_bytes() == (dirs[1] / f).read_bytes(), f
     split = json.loads((dirs[0] / "split.json").read_text())
     assert len(split["user_ids"]) == 4 and "ratings" not in json.dumps(split).lower().replace(
-        "n_ratings", "")
+        "n_ratings", ""
+    )
     items = np.load(dirs[0] / "embeddings" / "items.npy")
     assert items.shape == (150, 384)
 
@@ -168,16 +202,21 @@ class _Server:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server API)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append({"path": self.path, "body": body,
-                                       "auth": self.headers.get("Authorization")})
+                owner.requests.append(
+                    {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+                )
                 if self.path != "/v1/chat/completions":
                     status, payload = 404, "not found"
                 elif owner.script:
                     status, payload = owner.script.pop(0)
                 else:
                     content = _good_reply()
-                    status, payload = 200, json.dumps(
-                        {"choices": [{"message": {"role": "assistant", "content": content}}]})
+                    status, payload = (
+                        200,
+                        json.dumps(
+                            {"choices": [{"message": {"role": "assistant", "content": content}}]}
+                        ),
+                    )
                 data = payload.encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -210,10 +249,12 @@ def _ok(content: str) -> tuple[int, str]:
 
 def test_http_backend_retries_a_malformed_response(monkeypatch) -> None:
     monkeypatch.setenv("TEST_KEY", "sk-test")
-    with _Server([(200, "this is not json"), (200, json.dumps({"choices": []})),
-                  _ok("hello")]) as server:
-        backend = OpenAIChatBackend(server.base_url, "m", api_key_env="TEST_KEY",
-                                    max_retries=3, backoff_s=0.01)
+    with _Server(
+        [(200, "this is not json"), (200, json.dumps({"choices": []})), _ok("hello")]
+    ) as server:
+        backend = OpenAIChatBackend(
+            server.base_url, "m", api_key_env="TEST_KEY", max_retries=3, backoff_s=0.01
+        )
         assert backend.complete([{"role": "user", "content": "hi"}]) == "hello"
     assert len(server.requests) == 3
     assert server.requests[0]["auth"] == "Bearer sk-test"
@@ -235,8 +276,9 @@ def test_http_backend_gives_up_with_a_clear_error() -> None:
             backend.complete([{"role": "user", "content": "hi"}])
         assert len(server.requests) == 1
         with pytest.raises(ChatBackendError, match="Connection|refused|URLError"):
-            OpenAIChatBackend("http://127.0.0.1:9/v1", "m", max_retries=0,
-                              timeout_s=2).complete([{"role": "user", "content": "hi"}])
+            OpenAIChatBackend("http://127.0.0.1:9/v1", "m", max_retries=0, timeout_s=2).complete(
+                [{"role": "user", "content": "hi"}]
+            )
 
 
 def test_llm_distiller_end_to_end_over_http(tmp_path) -> None:
@@ -251,7 +293,9 @@ def test_llm_distiller_end_to_end_over_http(tmp_path) -> None:
     assert len(server.requests) == sum(-(-int(n) // 10) for n in n_train)  # ceil(n/10) each
     assert len(result.memories) == len(split.train)
     first_user = int(split.user_ids[0])
-    assert result.traits[first_user]["llm"]["reason_fallbacks"] == min(10, int(n_train.iloc[0]) - 10)
+    assert result.traits[first_user]["llm"]["reason_fallbacks"] == min(
+        10, int(n_train.iloc[0]) - 10
+    )
     assert result.profiles[first_user] == "PERSONA: I like clever stories and dislike gore."
     texts = result.memories[result.memories["user_id"] == first_user]["text"].tolist()
     assert texts[0].endswith("/5: I enjoyed the story number 1.")
@@ -308,7 +352,9 @@ def test_llm_distiller_resumes_after_a_kill(tmp_path) -> None:
 
 
 def test_parse_reply_is_robust() -> None:
-    reply = "Sure!\n**1.** Great cast.\n2) Too slow\n2. duplicate\n7. out of range\nProfile: I like it."
+    reply = (
+        "Sure!\n**1.** Great cast.\n2) Too slow\n2. duplicate\n7. out of range\nProfile: I like it."
+    )
     reasons, profile = parse_reply(reply, 3)
     assert reasons == ["Great cast.", "Too slow", None]
     assert profile == "I like it."
@@ -320,9 +366,17 @@ def test_llm_distiller_with_a_tiny_hf_model(tmp_path, tokenizer) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=4096,
+        )
+    ).eval()
     backend = HFChatBackend(model="tiny-random-llama", max_new_tokens=6, loaded=(model, tokenizer))
     reply = backend.complete([{"role": "user", "content": "hi"}])
     assert isinstance(reply, str)
@@ -341,10 +395,30 @@ def test_llm_distiller_with_a_tiny_hf_model(tmp_path, tokenizer) -> None:
 def test_profile_grammar_for_ages_and_age_bins() -> None:
     from persona_gym.distill.templates import profile_text
 
-    traits = {"gender": "M", "occupation": "lawyer", "tendency": "generous", "mean": 4.2,
-              "reference_mean": 3.6, "spread": "narrow", "likes": [], "dislikes": [],
-              "top_genres": ["Drama"], "main_decade": 1990, "best_decade": 1990, "best_decade_mean": 4.0,
-              "conformity": "balanced", "activity": "heavy", "n_ratings": 110, "diversity": "broad"}
-    assert profile_text({**traits, "age": "53"}).startswith("PERSONA: You are a 53-year-old male (lawyer).")
-    assert profile_text({**traits, "age": "25-34"}).startswith("PERSONA: You are a male aged 25-34 (lawyer).")
-    assert profile_text({**traits, "age": None, "gender": None}).startswith("PERSONA: You are a viewer (lawyer).")
+    traits = {
+        "gender": "M",
+        "occupation": "lawyer",
+        "tendency": "generous",
+        "mean": 4.2,
+        "reference_mean": 3.6,
+        "spread": "narrow",
+        "likes": [],
+        "dislikes": [],
+        "top_genres": ["Drama"],
+        "main_decade": 1990,
+        "best_decade": 1990,
+        "best_decade_mean": 4.0,
+        "conformity": "balanced",
+        "activity": "heavy",
+        "n_ratings": 110,
+        "diversity": "broad",
+    }
+    assert profile_text({**traits, "age": "53"}).startswith(
+        "PERSONA: You are a 53-year-old male (lawyer)."
+    )
+    assert profile_text({**traits, "age": "25-34"}).startswith(
+        "PERSONA: You are a male aged 25-34 (lawyer)."
+    )
+    assert profile_text({**traits, "age": None, "gender": None}).startswith(
+        "PERSONA: You are a viewer (lawyer)."
+    )

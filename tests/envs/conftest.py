@@ -12,8 +12,14 @@ import persona_gym  # noqa: F401  (registers the ids)
 def tiny_config(table_artifacts) -> dict:
     """``EnvConfig`` fields for the tiny tables: 4 users who rated all 6 items, so the
     logged-history mask is off; churn off unless a test turns it on."""
-    return {"artifacts": str(table_artifacts), "dataset": "synthetic", "mask_rated": False,
-            "leave_rule": "threshold", "leave_prob": 0.0, "obs_window": 3}
+    return {
+        "artifacts": str(table_artifacts),
+        "dataset": "synthetic",
+        "mask_rated": False,
+        "leave_rule": "threshold",
+        "leave_prob": 0.0,
+        "obs_window": 3,
+    }
 
 
 @pytest.fixture
@@ -25,5 +31,12 @@ def tiny_kwargs(tiny_config, table_rater) -> dict:
 @pytest.fixture(scope="session")
 def slm_kwargs(trained_tiny_artifacts) -> dict:
     """``gym.make`` kwargs for the tiny trained artifacts (tiny random SLM + trained LoRAs)."""
-    return {"artifacts": str(trained_tiny_artifacts), "dataset": "synthetic", "mask_rated": False,
-            "leave_rule": "threshold", "leave_prob": 0.0, "obs_window": 3, "dtype": "float32"}
+    return {
+        "artifacts": str(trained_tiny_artifacts),
+        "dataset": "synthetic",
+        "mask_rated": False,
+        "leave_rule": "threshold",
+        "leave_prob": 0.0,
+        "obs_window": 3,
+        "dtype": "float32",
+    }

@@ -17,8 +17,16 @@ import gymnasium as gym
 import numpy as np
 
 DATA = Path(__file__).parent / "data"
-INFO_KEYS = ("user_id", "persona", "item_index", "item_id", "expected_rating", "sampled_rating",
-             "masked_action", "left")
+INFO_KEYS = (
+    "user_id",
+    "persona",
+    "item_index",
+    "item_id",
+    "expected_rating",
+    "sampled_rating",
+    "masked_action",
+    "left",
+)
 
 
 def rollout(env: gym.Env, seeds: tuple[int, ...], steps: int) -> list[dict[str, Any]]:
@@ -36,9 +44,13 @@ def rollout(env: gym.Env, seeds: tuple[int, ...], steps: int) -> list[dict[str, 
             else:
                 action = int(actions.choice(allowed))
             _, reward, terminated, truncated, info = env.step(action)
-            row = {"action": action, "reward": float(reward), "terminated": bool(terminated),
-                   "truncated": bool(truncated),
-                   "rating_probs": [float(p) for p in info["rating_probs"]]}
+            row = {
+                "action": action,
+                "reward": float(reward),
+                "terminated": bool(terminated),
+                "truncated": bool(truncated),
+                "rating_probs": [float(p) for p in info["rating_probs"]],
+            }
             row.update({k: _plain(info[k]) for k in INFO_KEYS})
             record["steps"].append(row)
             previous = action
@@ -61,13 +73,26 @@ def simulator_sha256(artifacts_dir: Path) -> str:
     split, and the manifest's prompt, base model and tables hash (not the whole manifest, whose
     bookkeeping fields may change while the simulator stays the same)."""
     manifest = json.loads((artifacts_dir / "manifest.json").read_text())
-    digest = hashlib.sha256(json.dumps(
-        [manifest["prompt"], manifest["base_model"].get("sha256"), manifest.get("tables_sha256"),
-         manifest["adapters"]], sort_keys=True).encode())
-    files = [artifacts_dir / "personas.json", artifacts_dir / "split.json",
-             *sorted(p for p in (artifacts_dir / "adapters").rglob("*") if p.is_file())]
+    digest = hashlib.sha256(
+        json.dumps(
+            [
+                manifest["prompt"],
+                manifest["base_model"].get("sha256"),
+                manifest.get("tables_sha256"),
+                manifest["adapters"],
+            ],
+            sort_keys=True,
+        ).encode()
+    )
+    files = [
+        artifacts_dir / "personas.json",
+        artifacts_dir / "split.json",
+        *sorted(p for p in (artifacts_dir / "adapters").rglob("*") if p.is_file()),
+    ]
     for path in files:
-        digest.update(path.relative_to(artifacts_dir).as_posix().encode() + b"\0" + path.read_bytes())
+        digest.update(
+            path.relative_to(artifacts_dir).as_posix().encode() + b"\0" + path.read_bytes()
+        )
     return digest.hexdigest()
 
 
@@ -84,10 +109,22 @@ def assert_same(actual: list[dict[str, Any]], expected: list[dict[str, Any]]) ->
         assert len(got["steps"]) == len(want["steps"]), f"episode of seed {got['seed']} length"
         for t, (a, b) in enumerate(zip(got["steps"], want["steps"], strict=True)):
             where = f"seed {got['seed']} step {t}"
-            for key in ("action", "terminated", "truncated", "user_id", "persona", "item_index",
-                        "item_id", "masked_action", "left"):
+            for key in (
+                "action",
+                "terminated",
+                "truncated",
+                "user_id",
+                "persona",
+                "item_index",
+                "item_id",
+                "masked_action",
+                "left",
+            ):
                 assert a[key] == b[key], f"{where}: {key} {a[key]!r} != {b[key]!r}"
             np.testing.assert_allclose(
                 [a["reward"], a["expected_rating"], a["sampled_rating"], *a["rating_probs"]],
                 [b["reward"], b["expected_rating"], b["sampled_rating"], *b["rating_probs"]],
-                rtol=1e-5, atol=1e-5, err_msg=where)
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=where,
+            )

@@ -23,8 +23,10 @@ from persona_gym.memory import Interaction
 from persona_gym.rater import Rater
 
 # six items (the tiny catalogue's order: Toy Story, GoldenEye, Heat, Casino, Babe, Se7en)
-EMBEDDINGS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.6, 0.8, 0], [0, 0.6, 0.8], [1.5, -1.5, 0]],
-                      dtype=np.float32)  # item 5 lies outside [-1, 1]: the observation clips it
+EMBEDDINGS = np.array(
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.6, 0.8, 0], [0, 0.6, 0.8], [1.5, -1.5, 0]],
+    dtype=np.float32,
+)  # item 5 lies outside [-1, 1]: the observation clips it
 HISTORIES = {
     10: (Interaction(0, 5.0, 100), Interaction(1, 2.0, 101), Interaction(2, 4.0, 102)),
     11: (Interaction(3, 1.0, 50),),  # likes nothing: the profile is the mean of all its items
@@ -33,14 +35,25 @@ HISTORIES = {
 }
 PERSONAS = {10: 0, 11: 1, 13: 1}
 # the distribution over 1..5 of each item (the same for every user)
-PROBS = np.array([[0, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0.5, 0.5, 0], [0, 0, 0, 0, 1],
-                  [0, 0.25, 0, 0.75, 0], [0.5, 0, 0, 0, 0.5]], dtype=np.float64)
+PROBS = np.array(
+    [
+        [0, 0, 0, 0, 1],
+        [1, 0, 0, 0, 0],
+        [0, 0, 0.5, 0.5, 0],
+        [0, 0, 0, 0, 1],
+        [0, 0.25, 0, 0.75, 0],
+        [0.5, 0, 0, 0, 0.5],
+    ],
+    dtype=np.float64,
+)
 
 
 class Scripted:
     """A Rater with chosen users, histories, embeddings and per-item distributions."""
 
-    def __init__(self, catalog, histories=HISTORIES, embeddings=EMBEDDINGS, probs=PROBS, window_size=2):
+    def __init__(
+        self, catalog, histories=HISTORIES, embeddings=EMBEDDINGS, probs=PROBS, window_size=2
+    ):
         self.catalog, self.histories, self.probs = catalog, dict(histories), np.asarray(probs)
         self.item_embeddings, self.window_size, self.source = embeddings, window_size, "scripted"
         self.user_ids = sorted(self.histories)
@@ -67,8 +80,15 @@ def rater(catalog) -> Scripted:
 
 
 def make_core(rater, **overrides) -> RecCore:
-    fields = dict(artifacts="scripted", dataset="synthetic", mask_rated=False, leave_rule="threshold",
-                  leave_prob=0.0, obs_window=3, max_episode_steps=20)
+    fields = dict(
+        artifacts="scripted",
+        dataset="synthetic",
+        mask_rated=False,
+        leave_rule="threshold",
+        leave_prob=0.0,
+        obs_window=3,
+        max_episode_steps=20,
+    )
     return RecCore(EnvConfig(**{**fields, **overrides}), rater)
 
 
@@ -99,9 +119,13 @@ def test_episodes_are_drawn_from_all_users_or_only_the_training_users(rater):
 def test_spaces_follow_the_embeddings_and_the_window(rater):
     core = make_core(rater, obs_window=4)
     assert core.action_space == spaces.Discrete(6) and core.n_items == 6 and core.dim == 3
-    expected = {"profile": ((3,), -1.0, 1.0), "recent_items": ((12,), -1.0, 1.0),
-                "recent_ratings": ((4,), 0.0, 1.0), "recent_mask": ((4,), 0.0, 1.0),
-                "step_fraction": ((1,), 0.0, 1.0)}
+    expected = {
+        "profile": ((3,), -1.0, 1.0),
+        "recent_items": ((12,), -1.0, 1.0),
+        "recent_ratings": ((4,), 0.0, 1.0),
+        "recent_mask": ((4,), 0.0, 1.0),
+        "step_fraction": ((1,), 0.0, 1.0),
+    }
     assert list(core.observation_space) == sorted(expected)
     for key, (shape, low, high) in expected.items():
         box = core.observation_space[key]
@@ -112,8 +136,11 @@ def test_spaces_follow_the_embeddings_and_the_window(rater):
 
 
 def test_item_embeddings_must_cover_the_catalogue(catalog):
-    with pytest.raises(ValueError, match=r"^scripted: 5 item embeddings for 6 catalogue items; "
-                                         r"re-run `persona-gym distill`$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^scripted: 5 item embeddings for 6 catalogue items; "
+        r"re-run `persona-gym distill`$",
+    ):
         make_core(Scripted(catalog, embeddings=EMBEDDINGS[:5]))
 
 
@@ -150,9 +177,12 @@ def test_mask_rated_masks_the_logged_items_and_each_episode_has_its_own_mask(rat
     again = start(core, 10)  # a new episode: the last one's recommendations are allowed again
     np.testing.assert_array_equal(again.allowed, [False, False, False, True, True, True])
     assert start(core, 12).allowed.all()  # nothing logged, nothing masked
-    with pytest.raises(ValueError, match=r"^user 13 rated every item of the catalogue in the logged "
-                                         r"history, so nothing can be recommended with "
-                                         r"mask_rated=True; pass mask_rated=False$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^user 13 rated every item of the catalogue in the logged "
+        r"history, so nothing can be recommended with "
+        r"mask_rated=True; pass mask_rated=False$",
+    ):
         start(core, 13)
     unmasked = make_core(rater, mask_rated=False)
     assert start(unmasked, 13).allowed.all()
@@ -168,10 +198,14 @@ def test_unknown_users_and_options_are_named(rater):
             core.check_user(bad)
         assert str(err.value) == (
             f"options['user_id']={bad!r} is not a simulated user of scripted: 4 users with ids in "
-            "[10, 13] (not contiguous), e.g. 10, 11, 12, 13; see env.unwrapped.user_ids")
+            "[10, 13] (not contiguous), e.g. 10, 11, 12, 13; see env.unwrapped.user_ids"
+        )
     assert core.check_user(np.int32(12)) == 12 and type(core.check_user(np.int32(12))) is int
-    with pytest.raises(ValueError, match=r"^unknown reset option\(s\) \['persona', 'seed'\]; "
-                                         r"supported: \['user_id'\]$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown reset option\(s\) \['persona', 'seed'\]; "
+        r"supported: \['user_id'\]$",
+    ):
         core.new_episode(np.random.default_rng(0), {"seed": 1, "persona": 2, "user_id": 10})
 
 
@@ -182,13 +216,15 @@ def test_actions_are_one_integer_inside_the_catalogue(rater):
     for bad in (1.0, np.array([1]), np.float32(2), "1"):
         with pytest.raises(ValueError) as err:
             core.check_action(bad)
-        assert str(err.value) == (f"action {bad!r} is not one integer item index "
-                                  "(the action space is Discrete(6))")
+        assert str(err.value) == (
+            f"action {bad!r} is not one integer item index (the action space is Discrete(6))"
+        )
     for outside in (-1, 6):
         with pytest.raises(ValueError) as err:
             core.check_action(outside)
-        assert str(err.value) == (f"action {outside} is outside Discrete(6): valid actions are "
-                                  "catalogue indices 0..5")
+        assert str(err.value) == (
+            f"action {outside} is outside Discrete(6): valid actions are catalogue indices 0..5"
+        )
 
 
 # -- rated steps --------------------------------------------------------------------------------
@@ -217,7 +253,12 @@ def test_the_reward_is_affine_in_the_chosen_rating(rater):
         rating = state.last["sampled"] if rating is None else rating
         assert result.reward == 2.0 * rating - 1.0, reward
     # a one-hot distribution: sampled == expected == 1
-    assert step(make_core(rater, reward="sampled", reward_offset=0.5), start(make_core(rater), 10), 1).reward == 1.5
+    assert (
+        step(
+            make_core(rater, reward="sampled", reward_offset=0.5), start(make_core(rater), 10), 1
+        ).reward
+        == 1.5
+    )
 
 
 def test_the_last_allowed_item_truncates(rater):
@@ -278,7 +319,11 @@ def test_a_masked_step_costs_the_penalty_and_calls_no_model(rater):
     assert (result.reward, result.terminated, result.truncated) == (-2.5, False, False)
     assert state.left is False
     last = dict(state.last)
-    assert np.isnan(last.pop("probs")).all() and np.isnan(last.pop("expected")) and np.isnan(last.pop("sampled"))
+    assert (
+        np.isnan(last.pop("probs")).all()
+        and np.isnan(last.pop("expected"))
+        and np.isnan(last.pop("sampled"))
+    )
     assert last == {"item": 1, "masked": True}
 
 
@@ -289,7 +334,11 @@ def test_masked_steps_under_each_repeat_rule(rater):
         for item in range(6):
             step(core, state, item)
         result = step(core, state, 0)  # nothing is left: truncated, unless the rule terminated
-        assert (result.reward, result.terminated, result.truncated) == (-1.0, terminated, not terminated), rule
+        assert (result.reward, result.terminated, result.truncated) == (
+            -1.0,
+            terminated,
+            not terminated,
+        ), rule
         state = start(core, 12)
         step(core, state, 0)
         result = step(core, state, 0)
@@ -327,8 +376,14 @@ def test_records_continue_the_logged_timestamps(rater):
     state.record(4, 3.0)
     state.record(5, 2.0)
     state.record(0, 4.0, timestamp=7)
-    assert state.episode == [Interaction(4, 3.0, 103), Interaction(5, 2.0, 104), Interaction(0, 4.0, 7)]
-    assert state.steps == 3 and not state.allowed[[0, 4, 5]].any() and state.allowed[[1, 2, 3]].all()
+    assert state.episode == [
+        Interaction(4, 3.0, 103),
+        Interaction(5, 2.0, 104),
+        Interaction(0, 4.0, 7),
+    ]
+    assert (
+        state.steps == 3 and not state.allowed[[0, 4, 5]].any() and state.allowed[[1, 2, 3]].all()
+    )
     assert state.interactions() == HISTORIES[10] + tuple(state.episode)
     assert core.window(state) == (Interaction(5, 2.0, 104), Interaction(0, 4.0, 7))
     fresh = start(core, 12)
@@ -371,7 +426,9 @@ def test_observed_ratings_are_clipped_into_the_unit_interval(catalog):
 def test_the_profile_is_the_normalised_mean_of_the_liked_items(rater):
     core = make_core(rater)
     r = 1 / np.sqrt(2)
-    np.testing.assert_allclose(core.observation(start(core, 10))["profile"], [r, 0, r], rtol=1e-6)  # 5 and 4
+    np.testing.assert_allclose(
+        core.observation(start(core, 10))["profile"], [r, 0, r], rtol=1e-6
+    )  # 5 and 4
     only_five = make_core(rater, like_threshold=5.0)
     np.testing.assert_allclose(only_five.observation(start(only_five, 10))["profile"], [1, 0, 0])
     np.testing.assert_array_equal(core.observation(start(core, 12))["profile"], np.zeros(3))
@@ -389,7 +446,9 @@ def test_observations_stack_per_key(rater):
     batch = core.observations(states)
     assert list(batch) == list(core.observation_space)
     for key in batch:
-        np.testing.assert_array_equal(batch[key], np.stack([core.observation(s)[key] for s in states]))
+        np.testing.assert_array_equal(
+            batch[key], np.stack([core.observation(s)[key] for s in states])
+        )
 
 
 # -- info and text ------------------------------------------------------------------------------
@@ -403,21 +462,40 @@ def test_info_after_reset_a_rated_and_a_masked_step(rater):
     assert np.isnan(info.pop("expected_rating")) and np.isnan(info.pop("sampled_rating"))
     mask = info.pop("action_mask")
     assert mask.all() and mask is not state.allowed
-    assert info == {"user_id": 10, "persona": 0, "step": 0, "item_index": -1, "item_id": -1, "title": "",
-                    "masked_action": False, "left": False}
+    assert info == {
+        "user_id": 10,
+        "persona": 0,
+        "step": 0,
+        "item_index": -1,
+        "item_id": -1,
+        "title": "",
+        "masked_action": False,
+        "left": False,
+    }
     step(core, state, 2)
     info = core.info(state, with_text=True)
     np.testing.assert_array_equal(info.pop("rating_probs"), PROBS[2])
     assert info.pop("text") == core.text(state)
     np.testing.assert_array_equal(info.pop("action_mask"), [True, True, False, True, True, True])
-    assert info == {"user_id": 10, "persona": 0, "step": 1, "item_index": 2, "item_id": 3,
-                    "title": "Heat (1995)", "expected_rating": 3.5, "sampled_rating": state.last["sampled"],
-                    "masked_action": False, "left": False}
+    assert info == {
+        "user_id": 10,
+        "persona": 0,
+        "step": 1,
+        "item_index": 2,
+        "item_id": 3,
+        "title": "Heat (1995)",
+        "expected_rating": 3.5,
+        "sampled_rating": state.last["sampled"],
+        "masked_action": False,
+        "left": False,
+    }
     step(core, state, 2)
     info = core.info(state)
     assert info["masked_action"] is True and info["step"] == 2 and info["item_index"] == 2
     assert np.isnan(info["rating_probs"]).all() and np.isnan(info["expected_rating"])
-    assert all(type(info[k]) is int for k in ("user_id", "persona", "step", "item_index", "item_id"))
+    assert all(
+        type(info[k]) is int for k in ("user_id", "persona", "step", "item_index", "item_id")
+    )
     first = start(core, 12)
     step(core, first, 0)  # the first catalogue item is an item like any other
     info = core.info(first)
@@ -428,18 +506,27 @@ def test_the_text_view(rater):
     core = make_core(rater, repeat_rule="terminate", leave_prob=1.0, leave_threshold=1.0)
     state = start(core, 10)
     assert core.text(state).split("\n") == [
-        "User 10 (persona 0), step 0/20", "Profile: profile of 10",
-        "Recently rated: GoldenEye (1995) 2; Heat (1995) 4"]
+        "User 10 (persona 0), step 0/20",
+        "Profile: profile of 10",
+        "Recently rated: GoldenEye (1995) 2; Heat (1995) 4",
+    ]
     step(core, state, 3)  # a certain 5
-    assert core.text(state).split("\n")[-1] == "Last: recommended Casino (1995); rated 5 (expected 5.00)"
+    assert (
+        core.text(state).split("\n")[-1]
+        == "Last: recommended Casino (1995); rated 5 (expected 5.00)"
+    )
     assert core.text(state).split("\n")[0] == "User 10 (persona 0), step 1/20"
     step(core, state, 3)
-    assert core.text(state).split("\n")[-1] == ("Last: Casino (1995) was masked (already rated or shown): "
-                                                "terminate")
+    assert core.text(state).split("\n")[-1] == (
+        "Last: Casino (1995) was masked (already rated or shown): terminate"
+    )
     state = start(core, 10)
     step(core, state, 1)  # a certain 1: the user leaves
     lines = core.text(state).split("\n")
-    assert lines[-2:] == ["Last: recommended GoldenEye (1995); rated 1 (expected 1.00)", "The user left."]
+    assert lines[-2:] == [
+        "Last: recommended GoldenEye (1995); rated 1 (expected 1.00)",
+        "The user left.",
+    ]
     assert lines[2] == "Recently rated: Heat (1995) 4; GoldenEye (1995) 1"
 
 
@@ -448,7 +535,11 @@ def test_pickling_keeps_the_config_and_the_injected_rater(rater):
     core = make_core(rater, obs_window=2)
     state = start(core, 10)
     clone = pickle.loads(pickle.dumps(core))
-    assert clone.config == core.config and isinstance(clone.rater, Scripted) and clone.rater is not rater
+    assert (
+        clone.config == core.config
+        and isinstance(clone.rater, Scripted)
+        and clone.rater is not rater
+    )
     assert clone.user_ids == core.user_ids and clone.observation_space == core.observation_space
     for key, value in core.observation(state).items():
         np.testing.assert_array_equal(clone.observation(start(clone, 10))[key], value)
@@ -467,12 +558,29 @@ def test_the_slm_simulator_is_loaded_once_per_key(rater, tmp_path, monkeypatch):
     monkeypatch.setattr(UserSimulator, "load", staticmethod(fake_load))
     clear_simulator_cache()
     try:
-        config = EnvConfig(artifacts=str(tmp_path), dataset="synthetic", leave_rule="threshold",
-                           mask_rated=False, variant="single-max", device="cpu", dtype="float32",
-                           base_model="tiny-base")
+        config = EnvConfig(
+            artifacts=str(tmp_path),
+            dataset="synthetic",
+            leave_rule="threshold",
+            mask_rated=False,
+            variant="single-max",
+            device="cpu",
+            dtype="float32",
+            base_model="tiny-base",
+        )
         assert get_simulator(config) is rater and get_simulator(config) is rater
-        assert loads == [(tmp_path, {"variant": "single-max", "base_model": "tiny-base", "device": "cpu",
-                                     "dtype": "float32", "compile": False})]
+        assert loads == [
+            (
+                tmp_path,
+                {
+                    "variant": "single-max",
+                    "base_model": "tiny-base",
+                    "device": "cpu",
+                    "dtype": "float32",
+                    "compile": False,
+                },
+            )
+        ]
         core = RecCore(config)  # no rater: the cached simulator
         assert core.rater is rater and len(loads) == 1
         assert pickle.loads(pickle.dumps(core)).rater is rater  # reloaded through the cache
@@ -503,16 +611,36 @@ def test_the_served_backends_load_through_vllm_settings(rater, tmp_path, monkeyp
     monkeypatch.setattr(served, "load_served", fake_load_served)
     clear_simulator_cache()
     try:
-        config = EnvConfig(artifacts=str(tmp_path), dataset="synthetic", leave_rule="threshold", variant="persona",
-                           backend="vllm-server", server_url="http://127.0.0.1:9/v1", vllm_kv_cache_gb=1.5,
-                           dtype="float32", base_model="tiny")
+        config = EnvConfig(
+            artifacts=str(tmp_path),
+            dataset="synthetic",
+            leave_rule="threshold",
+            variant="persona",
+            backend="vllm-server",
+            server_url="http://127.0.0.1:9/v1",
+            vllm_kv_cache_gb=1.5,
+            dtype="float32",
+            base_model="tiny",
+        )
         assert get_simulator(config) is rater and get_simulator(config) is rater
         ((root, kwargs),) = loads
-        assert root == tmp_path and kwargs.pop("settings") == served.VLLMSettings(url="http://127.0.0.1:9/v1",
-                                                                                  kv_cache_gb=1.5)
-        assert kwargs == {"backend": "vllm-server", "variant": "persona", "base_model": "tiny", "dtype": "float32"}
-        get_simulator(config.replace(backend="vllm", server_url=None, vllm_kv_cache_gb=3.0, dtype="bfloat16"))
-        assert len(loads) == 2 and loads[1][1]["backend"] == "vllm" and loads[1][1]["dtype"] == "bfloat16"
+        assert root == tmp_path and kwargs.pop("settings") == served.VLLMSettings(
+            url="http://127.0.0.1:9/v1", kv_cache_gb=1.5
+        )
+        assert kwargs == {
+            "backend": "vllm-server",
+            "variant": "persona",
+            "base_model": "tiny",
+            "dtype": "float32",
+        }
+        get_simulator(
+            config.replace(backend="vllm", server_url=None, vllm_kv_cache_gb=3.0, dtype="bfloat16")
+        )
+        assert (
+            len(loads) == 2
+            and loads[1][1]["backend"] == "vllm"
+            and loads[1][1]["dtype"] == "bfloat16"
+        )
         assert loads[1][1]["settings"] == served.VLLMSettings(url=None, kv_cache_gb=3.0)
         get_simulator(config.replace(vllm_kv_cache_gb=2.5))  # each setting is part of the key
         get_simulator(config.replace(server_url="http://127.0.0.1:10/v1"))
@@ -520,8 +648,11 @@ def test_the_served_backends_load_through_vllm_settings(rater, tmp_path, monkeyp
         import persona_gym.assets
 
         asked = []
-        monkeypatch.setattr(persona_gym.assets, "resolve_dtype",
-                            lambda dtype, device: asked.append((dtype, device)) or "resolved")
+        monkeypatch.setattr(
+            persona_gym.assets,
+            "resolve_dtype",
+            lambda dtype, device: asked.append((dtype, device)) or "resolved",
+        )
         get_simulator(config.replace(dtype="auto"))
         assert asked == [("auto", "cpu")] and loads[-1][1]["dtype"] == "resolved"
     finally:

@@ -31,7 +31,9 @@ def rollout(env, seed: int, n_steps: int, action_seed: int = 123):
     obs, info = env.reset(seed=seed)
     trace = [(obs, 0.0, False, False, info)]
     for _ in range(n_steps):
-        obs, reward, terminated, truncated, info = env.step(int(actions.integers(env.action_space.n)))
+        obs, reward, terminated, truncated, info = env.step(
+            int(actions.integers(env.action_space.n))
+        )
         trace.append((obs, reward, terminated, truncated, info))
         if terminated or truncated:
             obs, info = env.reset()
@@ -60,8 +62,9 @@ def test_gymnasium_check_env(tiny_kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env.unwrapped)
-    unexpected = [str(w.message) for w in caught
-                  if not any(a in str(w.message) for a in ALLOWED_GYM_WARNINGS)]
+    unexpected = [
+        str(w.message) for w in caught if not any(a in str(w.message) for a in ALLOWED_GYM_WARNINGS)
+    ]
     assert unexpected == []
 
 
@@ -83,8 +86,21 @@ def test_spaces_and_info_keys(tiny_kwargs):
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
     assert env.action_space == gym.spaces.Discrete(6)
-    keys = {"user_id", "persona", "step", "item_index", "item_id", "title", "rating_probs",
-            "expected_rating", "sampled_rating", "masked_action", "left", "action_mask", "text"}
+    keys = {
+        "user_id",
+        "persona",
+        "step",
+        "item_index",
+        "item_id",
+        "title",
+        "rating_probs",
+        "expected_rating",
+        "sampled_rating",
+        "masked_action",
+        "left",
+        "action_mask",
+        "text",
+    }
     assert set(info) == keys
     obs, reward, terminated, truncated, info2 = env.step(2)
     assert set(info2) == keys
@@ -107,7 +123,7 @@ def test_window_holds_episode_interactions(tiny_kwargs):
     env.step(4)
     window = core.window(state)
     assert window[-1].item_index == 4 and window[-1].timestamp == logged[-1].timestamp + 1
-    assert window[:-1] == logged[-(core.window_size - 1):]
+    assert window[:-1] == logged[-(core.window_size - 1) :]
 
 
 # -- determinism, pickling, vector ------------------------------------------------------------
@@ -167,16 +183,21 @@ def test_vector_env_equals_single_envs(tiny_kwargs):
             assert np.isclose(rewards[i], expected[1], atol=1e-6)
             assert (terminated[i], truncated[i]) == expected[2:]
             assert single_info["user_id"] == infos["user_id"][i] and infos["_user_id"][i]
-            np.testing.assert_allclose(obs["recent_ratings"][i], single_obs["recent_ratings"], atol=1e-6)
-            np.testing.assert_array_equal(vec.unwrapped.action_masks()[i], env.unwrapped.action_masks())
+            np.testing.assert_allclose(
+                obs["recent_ratings"][i], single_obs["recent_ratings"], atol=1e-6
+            )
+            np.testing.assert_array_equal(
+                vec.unwrapped.action_masks()[i], env.unwrapped.action_masks()
+            )
         done = terminated | truncated
     assert rater.calls > calls
     assert infos["rating_probs"].shape == (n, 5) and infos["action_mask"].shape == (n, 6)
 
 
 def test_vector_reset_options(tiny_config, table_rater):
-    vec = PersonaRecVectorEnv(num_envs=2, config=load_env_config("ml100k", **tiny_config),
-                              rater=table_rater)
+    vec = PersonaRecVectorEnv(
+        num_envs=2, config=load_env_config("ml100k", **tiny_config), rater=table_rater
+    )
     _, infos = vec.reset(seed=0, options={"user_id": [2, 3]})
     assert list(infos["user_id"]) == [2, 3]
     _, infos = vec.reset(options={"user_id": 0, "reset_mask": np.array([True, False])})
@@ -253,21 +274,28 @@ def test_mask_rated_on_users_who_rated_everything(tiny_kwargs):
         env.reset(seed=0)
 
 
-@pytest.mark.parametrize("env_id, dataset", [("PersonaML100K-v0", "ml-100k"), ("PersonaML1M-v0", "ml-1m")])
+@pytest.mark.parametrize(
+    "env_id, dataset", [("PersonaML100K-v0", "ml-100k"), ("PersonaML1M-v0", "ml-1m")]
+)
 def test_missing_artifacts_error_names_commands(tmp_path, env_id, dataset):
     with pytest.raises(FileNotFoundError) as err:
         gym.make(env_id, artifacts=str(tmp_path / "nothing"))
     text = str(err.value)
-    for command in (f"persona-gym distill --dataset {dataset}", "persona-gym personas --artifacts",
-                    "persona-gym train --artifacts", "artifacts="):
+    for command in (
+        f"persona-gym distill --dataset {dataset}",
+        "persona-gym personas --artifacts",
+        "persona-gym train --artifacts",
+        "artifacts=",
+    ):
         assert command in text
     assert ("persona-gym data fetch ml-1m" in text) == (dataset == "ml-1m")
 
 
 def test_unsupported_render_mode_warns(tiny_config, table_rater):
     with pytest.warns(UserWarning, match="render_mode 'human' is not supported"):
-        env = PersonaRecEnv(config=load_env_config("ml100k", **tiny_config), render_mode="human",
-                            rater=table_rater)
+        env = PersonaRecEnv(
+            config=load_env_config("ml100k", **tiny_config), render_mode="human", rater=table_rater
+        )
     env.reset(seed=0)
     with pytest.warns(UserWarning, match="render_mode='ansi'"):
         assert env.render() is None
@@ -293,7 +321,9 @@ def test_config_errors_name_key_and_file(tmp_path):
         load_env_config(str(path))
     with pytest.raises(ValueError, match="EnvConfig.reward must be one of"):
         load_env_config("ml100k", reward="mean")
-    with pytest.raises(ValueError, match=r"EnvConfig.users must be one of \('all', 'training'\), got 'new'"):
+    with pytest.raises(
+        ValueError, match=r"EnvConfig.users must be one of \('all', 'training'\), got 'new'"
+    ):
         load_env_config("ml100k", users="new")
     with pytest.raises(ValueError, match="unknown EnvConfig field"):
         load_env_config("ml100k", max_steps=3)
@@ -305,8 +335,9 @@ def test_maskable_ppo_smoke(tiny_kwargs):
     from stable_baselines3.common.env_util import make_vec_env
 
     env = make_vec_env(ENV_ID, n_envs=2, seed=0, env_kwargs={**tiny_kwargs, "render_mode": None})
-    model = sb3_contrib.MaskablePPO("MultiInputPolicy", env, n_steps=64, batch_size=32,
-                                    n_epochs=1, seed=0, device="cpu")
+    model = sb3_contrib.MaskablePPO(
+        "MultiInputPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0, device="cpu"
+    )
     model.learn(total_timesteps=256)
     obs = env.reset()
     masks = np.stack(env.env_method("action_masks"))

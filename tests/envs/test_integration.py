@@ -17,10 +17,12 @@ pytestmark = pytest.mark.xdist_group("shipped")
 def shipped() -> str:
     root = simulator_dir("ml-100k")
     if not (root / "manifest.json").is_file():
-        pytest.fail(f"the default ML-100k artifacts are not shipped: {root}/manifest.json is missing. "
-                    "Copy a trained artifacts directory there (persona-gym distill --dataset ml-100k "
-                    "--out DIR && persona-gym personas --artifacts DIR && persona-gym train "
-                    "--artifacts DIR).")
+        pytest.fail(
+            f"the default ML-100k artifacts are not shipped: {root}/manifest.json is missing. "
+            "Copy a trained artifacts directory there (persona-gym distill --dataset ml-100k "
+            "--out DIR && persona-gym personas --artifacts DIR && persona-gym train "
+            "--artifacts DIR)."
+        )
     return str(root)
 
 
@@ -29,7 +31,8 @@ def test_the_shipped_tests_share_one_worker(request):
     suffix, so they run on one worker and the shipped simulator is materialised once."""
     if request.config.getvalue("loadgroup"):
         assert request.node.nodeid.endswith("@shipped"), (
-            "pytest-xdist did not group the shipped tests (see the pytest pin in pyproject.toml)")
+            "pytest-xdist did not group the shipped tests (see the pytest pin in pyproject.toml)"
+        )
 
 
 @pytest.mark.integration
@@ -45,7 +48,9 @@ def test_default_env_20_step_episode(shipped):
         assert env.observation_space.contains(obs) and not info["masked_action"]
         # the reward is the expected rating of the distribution the step reports
         assert info["expected_rating"] == pytest.approx(info["rating_probs"] @ np.arange(1, 6))
-        assert reward == pytest.approx(info["expected_rating"]) and info["rating_probs"].sum() == pytest.approx(1)
+        assert reward == pytest.approx(info["expected_rating"]) and info[
+            "rating_probs"
+        ].sum() == pytest.approx(1)
         rewards.append(reward)
         if terminated or truncated:
             break
@@ -84,4 +89,3 @@ def test_the_shipped_simulator_is_materialised_once_per_session(shipped, user_di
     monkeypatch.setattr(shipped_module, "_regenerate_tables", regenerate)
     assert resolve_artifacts("ml-100k") == root
     gym.make("PersonaML100K-v0").reset(seed=0)  # the env's simulator comes from that copy too
-

@@ -21,8 +21,13 @@ def leave_kwargs(tiny_kwargs, tmp_path) -> dict:
     a binomial check in a few hundred steps)."""
     model = LeaveModel((-0.6, 0.0, 0.3, 0.0), 0.5)
     path = model.save(tmp_path / "leave.json")
-    return {**tiny_kwargs, "leave_rule": "model", "leave_model": str(path),
-            "reward": "sampled", "max_episode_steps": 50}
+    return {
+        **tiny_kwargs,
+        "leave_rule": "model",
+        "leave_model": str(path),
+        "reward": "sampled",
+        "max_episode_steps": 50,
+    }
 
 
 def test_env_churns_at_the_models_rate(leave_kwargs):

@@ -36,13 +36,19 @@ def write_ml1m_folder(folder: Path, n_users: int = N_USERS) -> dict[str, int]:
         (folder / name).write_bytes(("\n".join(lines) + "\n").encode("latin-1", errors="replace"))
 
     write("users.dat", [f"{u}::{'MF'[i % 2]}::25::{i % 21}::0000{i}" for i, u in enumerate(users)])
-    write("movies.dat", [
-        f"{row.item_id}::{row.title}" + ("" if pd.isna(row.year) else f" ({int(row.year)})")
-        + f"::{'|'.join(row.genres) or '(no genres listed)'}"
-        for row in items.itertuples()
-    ])
-    write("ratings.dat", [f"{r.user_id}::{r.item_id}::{r.rating}::{r.timestamp}"
-                          for r in ratings.itertuples()])
+    write(
+        "movies.dat",
+        [
+            f"{row.item_id}::{row.title}"
+            + ("" if pd.isna(row.year) else f" ({int(row.year)})")
+            + f"::{'|'.join(row.genres) or '(no genres listed)'}"
+            for row in items.itertuples()
+        ],
+    )
+    write(
+        "ratings.dat",
+        [f"{r.user_id}::{r.item_id}::{r.rating}::{r.timestamp}" for r in ratings.itertuples()],
+    )
     return {"users": len(users), "items": len(items), "ratings": len(ratings)}
 
 
@@ -58,8 +64,12 @@ def test_ml1m_env_end_to_end(protocol_artifacts, tiny_base):
     dataset = load_ml1m(folder)
     assert dataset.summary()["n_users"] == 6  # the files parse as ML-1M
 
-    env = gym.make("persona_gym:PersonaML1M-v0", artifacts=str(protocol_artifacts), base_model=tiny_base,
-                   render_mode="ansi")
+    env = gym.make(
+        "persona_gym:PersonaML1M-v0",
+        artifacts=str(protocol_artifacts),
+        base_model=tiny_base,
+        render_mode="ansi",
+    )
     assert env.action_space.n == len(load_dataset(folder).items)
     obs, info = env.reset(seed=0)
     assert info["user_id"] in env.unwrapped.user_ids and len(env.unwrapped.user_ids) == 4
@@ -76,7 +86,9 @@ def test_ml1m_env_end_to_end(protocol_artifacts, tiny_base):
             break
     assert steps <= env.spec.max_episode_steps and "Recently rated:" in env.render()
 
-    vec = gym.make_vec("PersonaML1M-v0", num_envs=2, artifacts=str(protocol_artifacts), base_model=tiny_base)
+    vec = gym.make_vec(
+        "PersonaML1M-v0", num_envs=2, artifacts=str(protocol_artifacts), base_model=tiny_base
+    )
     vec.reset(seed=0)
     masks = vec.unwrapped.action_masks()
     _, rewards, _, _, infos = vec.step(np.array([np.flatnonzero(m)[0] for m in masks]))

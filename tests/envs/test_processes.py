@@ -43,8 +43,12 @@ def table_env(config: dict[str, Any], horizon: int) -> gym.Env:
     worker process of ``AsyncVectorEnv`` builds its own)."""
     import persona_gym  # noqa: F401  (registers the ids in a worker process)
 
-    return gym.make(ENV_ID, config=env_config(config, horizon), max_episode_steps=horizon,
-                    rater=table_rater(config))
+    return gym.make(
+        ENV_ID,
+        config=env_config(config, horizon),
+        max_episode_steps=horizon,
+        rater=table_rater(config),
+    )
 
 
 def vector_trace(vec: gym.vector.VectorEnv, seed: int, n_steps: int) -> list[tuple]:
@@ -66,7 +70,9 @@ def test_async_vector_env_equals_sync_and_native(tiny_config):
     config = {**tiny_config, **CHURN}
     make = functools.partial(table_env, config, horizon)
     sync = gym.vector.SyncVectorEnv([make] * n)
-    native = PersonaRecVectorEnv(num_envs=n, config=env_config(config, horizon), rater=table_rater(config))
+    native = PersonaRecVectorEnv(
+        num_envs=n, config=env_config(config, horizon), rater=table_rater(config)
+    )
     async_ = gym.vector.AsyncVectorEnv([make] * n)
     try:
         got = vector_trace(async_, seed, steps)
@@ -96,10 +102,17 @@ def test_seeded_rollout_is_identical_in_fresh_processes(tiny_config):
     """Nothing depends on the process: no unseeded global RNG, no set or dict order that
     changes with the hash seed, no state left from earlier tests."""
     config = {**tiny_config, **CHURN}
-    runs = [subprocess.Popen([sys.executable, "-c", _ROLLOUT, json.dumps(config)], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONHASHSEED": str(hash_seed)})
-            for hash_seed in (1, 2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ROLLOUT, json.dumps(config)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+        )
+        for hash_seed in (1, 2)
+    ]
     outputs = []
     for run in runs:
         out, err = run.communicate(timeout=120)
@@ -110,4 +123,3 @@ def test_seeded_rollout_is_identical_in_fresh_processes(tiny_config):
     assert json.loads(json.dumps(here)) == outputs[0]
     steps = [s for episode in here for s in episode["steps"]]
     assert any(s["left"] for s in steps) and any(s["masked_action"] for s in steps)
-

@@ -39,8 +39,12 @@ def test_tiny_vector_rollout_matches_the_single_env_recording(slm_kwargs):
 
     recorded = json.loads(TINY.read_text())["episodes"]
     kwargs = {**slm_kwargs, "leave_prob": 0.5}
-    vec = gym.make_vec("PersonaML100K-v0", num_envs=len(recorded), vectorization_mode="vector_entry_point",
-                       **kwargs)
+    vec = gym.make_vec(
+        "PersonaML100K-v0",
+        num_envs=len(recorded),
+        vectorization_mode="vector_entry_point",
+        **kwargs,
+    )
     _, infos = vec.reset(seed=recorded[0]["seed"])
     assert [int(u) for u in infos["user_id"]] == [e["user_id"] for e in recorded]
     length = max(len(e["steps"]) for e in recorded)
@@ -52,8 +56,9 @@ def test_tiny_vector_rollout_matches_the_single_env_recording(slm_kwargs):
                 want = episode["steps"][t]
                 assert rewards[i] == pytest.approx(want["reward"], abs=1e-4)
                 assert int(infos["item_index"][i]) == want["item_index"]
-                assert float(infos["sampled_rating"][i]) == pytest.approx(want["sampled_rating"],
-                                                                          nan_ok=True)
+                assert float(infos["sampled_rating"][i]) == pytest.approx(
+                    want["sampled_rating"], nan_ok=True
+                )
 
 
 @pytest.mark.integration
@@ -68,9 +73,11 @@ def test_shipped_simulator_rollout_is_unchanged(request):
     if not request.config.getoption("--record-rollouts"):
         recorded = json.loads(ML100K.read_text())["simulator_sha256"]
         if recorded != digest:
-            pytest.skip(f"the shipped ml100k simulator (sha256 {digest[:12]}) is not the one the "
-                        f"rollouts were recorded on ({recorded[:12]}); re-record with "
-                        "`pytest tests/envs/test_regression.py -k shipped --record-rollouts`")
+            pytest.skip(
+                f"the shipped ml100k simulator (sha256 {digest[:12]}) is not the one the "
+                f"rollouts were recorded on ({recorded[:12]}); re-record with "
+                "`pytest tests/envs/test_regression.py -k shipped --record-rollouts`"
+            )
     env = gym.make("PersonaML100K-v0", dtype="float32")
     episodes = rollout(env, seeds=(0, 1), steps=10)
     _compare_or_record(request, ML100K, episodes, simulator_sha256=digest)

@@ -18,7 +18,9 @@ def test_within_user_by_hand():
     pred = [2, 3, 4, 3, 3, 3, 4, 4]  # user 1: perfect order; user 2: constant; user 3 has 2 rows
     w = M.within_user(users, pred, real)
     assert w["users"] == 2  # user 3 is below min_items
-    assert w["pearson"] == pytest.approx(1.0) and w["spearman"] == pytest.approx(1.0)  # user 2 left out
+    assert w["pearson"] == pytest.approx(1.0) and w["spearman"] == pytest.approx(
+        1.0
+    )  # user 2 left out
     assert w["std_pred"] == pytest.approx((np.std([2, 3, 4]) + 0.0) / 2)
     assert w["std_real"] == pytest.approx((np.std([1, 3, 5]) + np.std([2, 4, 4])) / 2)
     reversed_ = M.within_user([1, 1, 1], [3, 2, 1], [1, 2, 3])
@@ -46,6 +48,7 @@ def test_reward_landscape_by_hand():
 
 def _table_rate(table: dict[int, float]):
     """A rater whose expected rating is table[variant persona] (+ the window's mean rating)."""
+
     def rate(variant, users, items, windows):
         out = np.zeros((len(users), 5))
         for n, (u, w) in enumerate(zip(users, windows, strict=True)):
@@ -55,6 +58,7 @@ def _table_rate(table: dict[int, float]):
             frac = np.clip(level - low, 0, 1)
             out[n, low - 1], out[n, low] = 1 - frac, frac
         return out
+
     return rate
 
 
@@ -63,11 +67,18 @@ def test_persona_specificity_counts_own_best():
     rate = _table_rate({"persona-0": 2.0, "persona-1": 4.0})
     users = np.array([0, 0, 1, 1, 2, 2, 3, 3])
     real = np.where(users % 2, 4.0, 2.0)
-    s = fidelity.persona_specificity(rate, users, np.zeros(8, int), real, [()] * 8, {u: u % 2 for u in range(4)})
-    assert s["own_best_share"] == 1.0 and s["own_rmse"] == 0.0 and s["other_rmse"] == pytest.approx(2.0)
+    s = fidelity.persona_specificity(
+        rate, users, np.zeros(8, int), real, [()] * 8, {u: u % 2 for u in range(4)}
+    )
+    assert (
+        s["own_best_share"] == 1.0
+        and s["own_rmse"] == 0.0
+        and s["other_rmse"] == pytest.approx(2.0)
+    )
     assert s["own_best_share_nll"] == 1.0
-    swapped = fidelity.persona_specificity(rate, users, np.zeros(8, int), real, [()] * 8,
-                                           {u: 1 - u % 2 for u in range(4)})
+    swapped = fidelity.persona_specificity(
+        rate, users, np.zeros(8, int), real, [()] * 8, {u: 1 - u % 2 for u in range(4)}
+    )
     assert swapped["own_best_share"] == 0.0 and swapped["own_best_share_nll"] == 0.0
 
 
@@ -88,11 +99,23 @@ def test_memory_slope_real_and_simulated():
     # one user; residuals alternate so the previous-3 mean predicts the next residual
     rng = np.random.default_rng(0)
     ratings = np.clip(np.rint(3 + np.cumsum(rng.normal(0, 0.7, 60)) * 0.3), 1, 5)
-    history = pd.DataFrame({"user_id": 0, "item_index": np.arange(60), "rating": ratings,
-                            "timestamp": np.arange(60), "is_test": np.arange(60) >= 20})
+    history = pd.DataFrame(
+        {
+            "user_id": 0,
+            "item_index": np.arange(60),
+            "rating": ratings,
+            "timestamp": np.arange(60),
+            "is_test": np.arange(60) >= 20,
+        }
+    )
     user_mean = {0: float(ratings[:20].mean())}
-    out = fidelity.memory_slope(_table_rate({"persona-0": 3.0, "persona-1": 3.0}), history, user_mean,
-                                np.zeros(60), max_per_user=None)
+    out = fidelity.memory_slope(
+        _table_rate({"persona-0": 3.0, "persona-1": 3.0}),
+        history,
+        user_mean,
+        np.zeros(60),
+        max_per_user=None,
+    )
     assert out["real_rows"] == 40 and out["simulated_rows"] == 40
     # the table rater moves 0.5 per star of the window's mean rating = of its mean residual
     assert out["simulated_slope"] == pytest.approx(0.5, abs=0.05)
@@ -107,8 +130,16 @@ def test_landscape_samples_unseen_movies_only():
         calls["items"] = list(zip(users, items, strict=True))
         return np.eye(5)[np.asarray(items) % 5]
 
-    out = fidelity.landscape(rate, seen, 40, {u: () for u in range(4)}, lambda u, i: np.asarray(i) % 5 + 1.0,
-                             n_users=3, per_user=10, seed=0)
+    out = fidelity.landscape(
+        rate,
+        seen,
+        40,
+        {u: () for u in range(4)},
+        lambda u, i: np.asarray(i) % 5 + 1.0,
+        n_users=3,
+        per_user=10,
+        seed=0,
+    )
     assert all(i not in seen[u] for u, i in calls["items"])
     assert out["simulator"]["users"] == 3 and out["simulator"]["items_per_user"] == 10
     assert out["simulator"] == out["matrix factorisation"]

@@ -22,9 +22,13 @@ WINDOW = (Interaction(1, 4, 10), Interaction(2, 2.5, 20))
 
 def request(candidate: int, user: int = 0, adapter: str = "base", window=WINDOW) -> RatingRequest:
     return RatingRequest(
-        user_id=user, profile=PROFILE_A if user == 0 else PROFILE_B, candidate=candidate,
-        window=window, memories=("I rated Heat (1995) 5/5: crime is my thing",),
-        memory_items=((3, 5.0),), adapter=adapter,
+        user_id=user,
+        profile=PROFILE_A if user == 0 else PROFILE_B,
+        candidate=candidate,
+        window=window,
+        memories=("I rated Heat (1995) 5/5: crime is my thing",),
+        memory_items=((3, 5.0),),
+        adapter=adapter,
     )
 
 
@@ -49,7 +53,9 @@ def test_block_holds_one_item_id_per_movie_in_text_order(tokenizer, catalog):
     assert [i for i in block if i < 0] == [-2, -3, -4, -5]  # window 1, 2; memory 3; candidate 4
     decoded = tokenizer.decode([i for i in block if i >= 0])
     assert "user\nRecently rated:4;2.5<|im_end|>" in decoded  # the state: the window only
-    assert decoded.endswith("assistant\nMemory:5 Movie: Average:3.5 Rating:")  # the candidate's part
+    assert decoded.endswith(
+        "assistant\nMemory:5 Movie: Average:3.5 Rating:"
+    )  # the candidate's part
     assert len(block) < len(text.block_ids(request(4))) - 20
     empty = soft.block_ids(request(4, window=()))
     assert "Recently rated: nothing yet" in tokenizer.decode([i for i in empty if i >= 0])
@@ -80,7 +86,10 @@ def test_cached_scoring_equals_the_packed_path_and_follows_the_item(tokenizer, c
     builder = builder_for(tokenizer, catalog, True)
     peft_model = add_random_adapters(make_tiny_llama(len(tokenizer)), ["p0", "p1"])
     hidden = peft_model.config.hidden_size
-    items = {"p0": random_items(catalog, hidden, 2, seed=1), "p1": random_items(catalog, hidden, 2, seed=2)}
+    items = {
+        "p0": random_items(catalog, hidden, 2, seed=1),
+        "p1": random_items(catalog, hidden, 2, seed=2),
+    }
     model = RatingModel(peft_model, builder, item_tokens=items)
     batch = [request(c, user=c % 2, adapter=("p0", "p1")[c % 2]) for c in range(6)]
     probs = model.score(batch)
@@ -93,7 +102,12 @@ def test_cached_scoring_equals_the_packed_path_and_follows_the_item(tokenizer, c
             reference = model.layered.forward(packed).softmax(-1)[0]
         np.testing.assert_allclose(row, reference.double().numpy(), atol=1e-5)
     # the rating depends on which movie the soft token stands for
-    assert np.abs(model.score([request(0, adapter="p0")]) - model.score([request(5, adapter="p0")])).max() > 1e-4
+    assert (
+        np.abs(
+            model.score([request(0, adapter="p0")]) - model.score([request(5, adapter="p0")])
+        ).max()
+        > 1e-4
+    )
 
 
 def test_item_projection_round_trips_through_its_file(tmp_path, tokenizer, catalog, tiny_llama):
@@ -118,7 +132,11 @@ def test_item_token_prompts_need_projections_and_cannot_generate(tokenizer, cata
     peft_model = add_random_adapters(tiny_llama, ["p0"])
     with pytest.raises(ValueError, match=r"\['p0'\].*--item-tokens"):
         RatingModel(peft_model, builder)
-    model = RatingModel(peft_model, builder, item_tokens={"p0": random_items(catalog, peft_model.config.hidden_size, 2)})
+    model = RatingModel(
+        peft_model,
+        builder,
+        item_tokens={"p0": random_items(catalog, peft_model.config.hidden_size, 2)},
+    )
     with pytest.raises(ValueError, match="base.*--item-tokens"):
         model.score([request(1, adapter="base")])
     with pytest.raises(ValueError, match="generation needs text prompts"):
@@ -127,7 +145,9 @@ def test_item_token_prompts_need_projections_and_cannot_generate(tokenizer, cata
 
 def test_training_with_item_tokens_learns_and_ships_a_projection(artifacts, tiny_base):
     prompt = PromptConfig(window_size=2, n_memories=1, max_tokens=256, item_tokens=True)
-    manifest = train(artifacts, config(tiny_base, variants=("persona",), prompt=prompt), progress=False)
+    manifest = train(
+        artifacts, config(tiny_base, variants=("persona",), prompt=prompt), progress=False
+    )
     assert manifest["prompt"]["item_tokens"] is True
     loaded = load_artifacts(artifacts)
     assert loaded.prompt_config.item_tokens

@@ -11,8 +11,15 @@ WINDOW = (Interaction(0, 4.0, 1), Interaction(1, 2.0, 2))
 
 
 def _request(**kw):
-    return RatingRequest(user_id=1, profile="I like thrillers.", candidate=2, window=WINDOW,
-                         memories=("I rated Heat 4/5.",), memory_items=((3, 4.0),), **kw)
+    return RatingRequest(
+        user_id=1,
+        profile="I like thrillers.",
+        candidate=2,
+        window=WINDOW,
+        memories=("I rated Heat 4/5.",),
+        memory_items=((3, 4.0),),
+        **kw,
+    )
 
 
 def test_text_prompt_shows_prediction_and_surprise(tokenizer, catalog):

@@ -30,8 +30,13 @@ def add_random_adapters(model, names, seed=0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False, layers_to_transform=[2, 3])
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        layers_to_transform=[2, 3],
+    )
     peft_model = get_peft_model(model, config, adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, config)
@@ -46,17 +51,24 @@ def requests(adapters=("base",)):
     window = (Interaction(1, 4, 10), Interaction(2, 2, 20))
     out = []
     for n, candidate in enumerate([0, 2, 3, 5, 4, 1]):
-        out.append(RatingRequest(
-            user_id=n % 2, profile=PROFILE_A if n % 2 == 0 else PROFILE_B, candidate=candidate,
-            window=window[: n % 3], memories=("I rated Heat (1995) 5/5: crime is my thing",),
-            adapter=adapters[n % len(adapters)],
-        ))
+        out.append(
+            RatingRequest(
+                user_id=n % 2,
+                profile=PROFILE_A if n % 2 == 0 else PROFILE_B,
+                candidate=candidate,
+                window=window[: n % 3],
+                memories=("I rated Heat (1995) 5/5: crime is my thing",),
+                adapter=adapters[n % len(adapters)],
+            )
+        )
     return out
 
 
 @pytest.fixture
 def builder(tokenizer, catalog):
-    return PromptBuilder(tokenizer, catalog, PromptConfig(window_size=2, n_memories=1, max_tokens=256))
+    return PromptBuilder(
+        tokenizer, catalog, PromptConfig(window_size=2, n_memories=1, max_tokens=256)
+    )
 
 
 def plain_logits(model, builder, request):
@@ -93,7 +105,10 @@ def test_grouped_multi_adapter_equals_each_adapter_alone(tokenizer, builder):
         np.testing.assert_allclose(row, ref.softmax(-1).double().numpy(), atol=1e-5)
     # the adapters really differ from each other and from the base model
     same = [r for r in mixed if r.user_id == 0][0]
-    outs = [model.score([RatingRequest(**{**same.__dict__, "adapter": a})])[0] for a in ("p0", "p1", "base")]
+    outs = [
+        model.score([RatingRequest(**{**same.__dict__, "adapter": a})])[0]
+        for a in ("p0", "p1", "base")
+    ]
     assert np.abs(outs[0] - outs[1]).max() > 1e-3 and np.abs(outs[0] - outs[2]).max() > 1e-3
 
 
@@ -108,7 +123,9 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, tokenizer, builde
     batch = requests(adapters=("p0", "p1"))
     before = RatingModel(peft_model, builder).score(batch)
     peft_model.save_pretrained(tmp_path)  # non-default names go to tmp_path/<name>
-    reloaded = attach_adapters(make_tiny_llama(len(tokenizer)), {"p0": tmp_path / "p0", "p1": tmp_path / "p1"})
+    reloaded = attach_adapters(
+        make_tiny_llama(len(tokenizer)), {"p0": tmp_path / "p0", "p1": tmp_path / "p1"}
+    )
     after = RatingModel(reloaded, builder).score(batch)
     np.testing.assert_array_equal(before, after)
 
@@ -124,8 +141,12 @@ def test_manifest_validation(tmp_path):
     (tmp_path / "manifest.json").write_text("{ not json")
     with pytest.raises(ArtifactsError, match="not valid JSON"):
         read_manifest(tmp_path)
-    base = {"base_model": {"model": "x", "sha256": None}, "adapters": {"persona-0": "adapters/persona-0"},
-            "prompt": {}, "dataset": "ml-100k"}
+    base = {
+        "base_model": {"model": "x", "sha256": None},
+        "adapters": {"persona-0": "adapters/persona-0"},
+        "prompt": {},
+        "dataset": "ml-100k",
+    }
     write_manifest(tmp_path, base)
     with pytest.raises(ArtifactsError, match="adapter 'persona-0' lacks"):
         read_manifest(tmp_path)
@@ -164,7 +185,9 @@ def test_prompt_budget_cuts_memories_then_window_then_profile(tokenizer, catalog
     request = RatingRequest(0, PROFILE_A * 6, 0, window=window, memories=memories)
     sizes = {}
     for budget in (4096, 200, 150, 100):
-        b = PromptBuilder(tokenizer, catalog, PromptConfig(window_size=5, n_memories=2, max_tokens=budget))
+        b = PromptBuilder(
+            tokenizer, catalog, PromptConfig(window_size=5, n_memories=2, max_tokens=budget)
+        )
         prefix, block = b.segments(request)
         text = tokenizer.decode(block)
         sizes[budget] = (len(prefix), text.count("Memory:"), text.count("(1995)"))
@@ -215,17 +238,20 @@ def test_repeated_kv_heads_give_the_same_attention():
     k, v = torch.randn(2, 2, 7, 8, generator=gen), torch.randn(2, 2, 7, 8, generator=gen)
     mask = torch.rand(2, 1, 3, 7, generator=gen) > 0.3
     mask[..., 0] = True  # every query sees at least one key
-    torch.testing.assert_close(sdpa(q, k, v, mask, 0.3, repeat_kv=True),
-                               sdpa(q, k, v, mask, 0.3, repeat_kv=False))
-
+    torch.testing.assert_close(
+        sdpa(q, k, v, mask, 0.3, repeat_kv=True), sdpa(q, k, v, mask, 0.3, repeat_kv=False)
+    )
 
 
 def test_crowd_cue_starts_the_answer_with_the_item_average(tokenizer, catalog):
     """The block ends with the candidate's average right before the rating is read."""
     config = PromptConfig(window_size=0, n_memories=0, max_tokens=256)
     cued = PromptBuilder(tokenizer, catalog, config)
-    plain = PromptBuilder(tokenizer, catalog, PromptConfig(window_size=0, n_memories=0, max_tokens=256,
-                                                           crowd_cue=False))
+    plain = PromptBuilder(
+        tokenizer,
+        catalog,
+        PromptConfig(window_size=0, n_memories=0, max_tokens=256, crowd_cue=False),
+    )
     request = RatingRequest(user_id=0, profile=PROFILE_A, candidate=0)
     text = tokenizer.decode(cued.block_ids(request))
     assert text.endswith("<|im_start|>assistant\nViewers' average: 3.9. My rating:")
@@ -237,11 +263,15 @@ def test_crowd_cue_starts_the_answer_with_the_item_average(tokenizer, catalog):
 def test_manifests_from_before_the_crowd_cue_load_without_it(tmp_path, catalog):
     from persona_gym.artifacts import Artifacts
 
-    manifest = {"prompt": {"window_size": 3, "n_memories": 1, "use_profile": True, "max_tokens": 384}}
+    manifest = {
+        "prompt": {"window_size": 3, "n_memories": 1, "use_profile": True, "max_tokens": 384}
+    }
     old = Artifacts(tmp_path, manifest, catalog, {}, None, None, {})
     assert old.prompt_config.crowd_cue is False
     manifest["prompt"]["crowd_cue"] = True
-    assert Artifacts(tmp_path, manifest, catalog, {}, None, None, {}).prompt_config.crowd_cue is True
+    assert (
+        Artifacts(tmp_path, manifest, catalog, {}, None, None, {}).prompt_config.crowd_cue is True
+    )
 
 
 def test_generated_answers_parse_to_ratings():
@@ -257,7 +287,9 @@ def test_candidates_in_one_state_share_their_block_start(tiny_llama, builder):
     """Ranking: many movies for one user and window compute the window part once, with the
     ratings of the plain one-prompt-per-candidate path."""
     window = (Interaction(1, 4, 10), Interaction(2, 2, 20))
-    batch = [RatingRequest(0, PROFILE_A, c, window=window, memories=(f"memory {c}",)) for c in range(6)]
+    batch = [
+        RatingRequest(0, PROFILE_A, c, window=window, memories=(f"memory {c}",)) for c in range(6)
+    ]
     model = RatingModel(tiny_llama, builder)
     model.score(batch[:1])  # caches the prefix
     before = model.tokens_processed
@@ -277,7 +309,9 @@ def test_share_rows_never_costs_more_and_keeps_every_block():
 
     rng = np.random.default_rng(0)
     states = [rng.integers(0, 5, 12).tolist() for _ in range(3)]
-    blocks = [states[n % 3] + rng.integers(0, 5, int(rng.integers(1, 6))).tolist() for n in range(30)]
+    blocks = [
+        states[n % 3] + rng.integers(0, 5, int(rng.integers(1, 6))).tolist() for n in range(30)
+    ]
     blocks += [[7], [7], [7, 1]]  # duplicates and a one-token block
     rows = share_rows(blocks, list(range(len(blocks))), max_width=60)
     assert sorted(k for row in rows for k in row.keys) == list(range(len(blocks)))
@@ -294,7 +328,10 @@ def test_batches_bound_padding_and_tokens(tiny_llama, builder):
     model = RatingModel(tiny_llama, builder, max_batch_tokens=1000)
     assert model._budget([100] * 12, lambda n: n) == [[100] * 10, [100] * 2]
     model.max_batch_tokens = 10_000
-    assert model._budget([100] * 12 + [110, 300], lambda n: n) == [[100] * 12 + [110], [300]]  # the long row alone
+    assert model._budget([100] * 12 + [110, 300], lambda n: n) == [
+        [100] * 12 + [110],
+        [300],
+    ]  # the long row alone
 
 
 def test_compiled_layers_keep_a_graph_per_adapter(tiny_llama):

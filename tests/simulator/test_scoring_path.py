@@ -50,8 +50,13 @@ def with_adapters(names, seed=0):
 
     torch.manual_seed(seed)
     model = make_tiny_llama(VOCAB, seed=seed, layers=2)
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        layers_to_transform=[1])
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        layers_to_transform=[1],
+    )
     peft_model = get_peft_model(model, config, adapter_name=names[0])
     for n, name in enumerate(names):
         if n:
@@ -82,8 +87,15 @@ WINDOW = (Interaction(1, 4.0, 10), Interaction(2, 2.0, 20), Interaction(7, 5.0, 
 def requests(adapters=("p0", "p1", "base")) -> list[RatingRequest]:
     out = []
     for n in range(9):
-        out.append(RatingRequest(user_id=n % 3, profile="", candidate=n, window=WINDOW[: n % 3],
-                                 adapter=adapters[(n // 2) % len(adapters)]))
+        out.append(
+            RatingRequest(
+                user_id=n % 3,
+                profile="",
+                candidate=n,
+                window=WINDOW[: n % 3],
+                adapter=adapters[(n // 2) % len(adapters)],
+            )
+        )
     return out
 
 
@@ -98,10 +110,14 @@ def test_scores_are_each_requests_own_adapter_forward(peft_model):
     batch = requests()
     probs = model.score(batch)
     assert probs.shape == (9, 5) and probs.dtype == np.float64
-    reference = torch.stack([plain(peft_model, builder, r) for r in batch]).softmax(-1).double().numpy()
+    reference = (
+        torch.stack([plain(peft_model, builder, r) for r in batch]).softmax(-1).double().numpy()
+    )
     np.testing.assert_allclose(probs, reference, atol=1e-5)
     # the adapters make a difference: the routing is observable
-    other = [RatingRequest(r.user_id, r.profile, r.candidate, r.window, adapter="p1") for r in batch]
+    other = [
+        RatingRequest(r.user_id, r.profile, r.candidate, r.window, adapter="p1") for r in batch
+    ]
     assert np.abs(model.score(other) - probs).max() > 1e-3
     logits = model.score_logits(batch)
     assert logits.dtype == torch.float32 and logits.device.type == "cpu"
@@ -118,11 +134,17 @@ def test_each_prefix_is_computed_once_and_cached(peft_model):
         prefix, block = builder.segments(r)
         groups.setdefault(tuple(prefix), []).append(block)
     prefix_tokens = sum(len(p) for p in groups)
-    block_tokens = sum(row.width for blocks in groups.values() for row in share_rows(blocks, list(range(len(blocks)))))
+    block_tokens = sum(
+        row.width
+        for blocks in groups.values()
+        for row in share_rows(blocks, list(range(len(blocks))))
+    )
     first = model.score(batch)
     assert model.tokens_processed == prefix_tokens + block_tokens
     again = model.score(batch)
-    assert model.tokens_processed == prefix_tokens + 2 * block_tokens  # the prefixes come from the cache
+    assert (
+        model.tokens_processed == prefix_tokens + 2 * block_tokens
+    )  # the prefixes come from the cache
     np.testing.assert_array_equal(first, again)
     assert len(model.cache) == len(groups) == 2
     newcomer = RatingRequest(4, "", 2, adapter="p0")  # a new user: only their prefix is computed
@@ -142,7 +164,9 @@ def test_candidates_in_one_state_share_the_window_and_count_it_once(peft_model):
     common = len(blocks[0]) - 2  # everything but the candidate token and the end token
     assert all(b[:common] == blocks[0][:common] for b in blocks)
     assert model.tokens_processed - before == sum(len(b) for b in blocks) - 4 * common
-    reference = torch.stack([plain(peft_model, builder, r) for r in batch]).softmax(-1).double().numpy()
+    reference = (
+        torch.stack([plain(peft_model, builder, r) for r in batch]).softmax(-1).double().numpy()
+    )
     np.testing.assert_allclose(probs, reference, atol=1e-5)
 
 
@@ -154,7 +178,9 @@ def test_small_token_budgets_split_batches_with_the_same_scores(peft_model):
     one_by_one = RatingModel(peft_model, builder, max_batch_tokens=4)  # each prefix, each row alone
     np.testing.assert_allclose(one_by_one.score(requests()), wide, atol=1e-5)
     assert one_by_one.tokens_processed == expected_tokens(builder, requests())
-    assert narrow.max_batch_tokens == 12 and RatingModel(peft_model, builder).max_batch_tokens == 8192
+    assert (
+        narrow.max_batch_tokens == 12 and RatingModel(peft_model, builder).max_batch_tokens == 8192
+    )
     assert RatingModel(peft_model, builder).cache.max_bytes == 2 << 30
 
 
@@ -165,14 +191,19 @@ def expected_tokens(builder, batch) -> int:
     for r in batch:
         prefix, block = builder.segments(r)
         groups.setdefault((r.adapter, tuple(prefix)), []).append(block)
-    return sum(len(prefix) + sum(row.width for row in share_rows(blocks, list(range(len(blocks)))))
-               for (_, prefix), blocks in groups.items())
+    return sum(
+        len(prefix) + sum(row.width for row in share_rows(blocks, list(range(len(blocks)))))
+        for (_, prefix), blocks in groups.items()
+    )
 
 
 def test_budget_batches_by_hand(peft_model):
     model = RatingModel(peft_model, TokenBuilder(), max_batch_tokens=300)
     same = lambda n: n  # noqa: E731
-    assert model._budget([100, 100, 100, 100], same) == [[100, 100, 100], [100]]  # 300 tokens fit, 400 do not
+    assert model._budget([100, 100, 100, 100], same) == [
+        [100, 100, 100],
+        [100],
+    ]  # 300 tokens fit, 400 do not
     assert model._budget([], same) == []
     assert model._budget([400], same) == [[400]]  # a row wider than the budget goes alone
     model.max_batch_tokens = 10_000
@@ -198,8 +229,11 @@ def test_the_pad_token_falls_back_to_eos_and_adapters_are_listed(peft_model):
     bare = RatingModel(make_tiny_llama(VOCAB, layers=2), TokenBuilder())
     assert bare.adapters == []
     base = RatingRequest(0, "", 3, adapter="base")
-    np.testing.assert_allclose(bare.score([base])[0],
-                               plain_bare(bare.model, TokenBuilder(), base).softmax(-1).double().numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        bare.score([base])[0],
+        plain_bare(bare.model, TokenBuilder(), base).softmax(-1).double().numpy(),
+        atol=1e-5,
+    )
 
 
 def plain_bare(model, builder, request):
@@ -218,20 +252,32 @@ def test_item_token_and_prior_prompts_need_them_for_every_adapter(peft_model):
     items = PromptConfig(window_size=2, n_memories=0, max_tokens=256, item_tokens=True)
     with pytest.raises(ValueError) as err:
         RatingModel(peft_model, TokenBuilder(items), item_tokens={"p0": object()})
-    assert str(err.value) == ("the prompt uses item tokens but adapters ['p1'] have no item_tokens.pt: "
-                              "train them with `persona-gym train --item-tokens`")
+    assert str(err.value) == (
+        "the prompt uses item tokens but adapters ['p1'] have no item_tokens.pt: "
+        "train them with `persona-gym train --item-tokens`"
+    )
     prior = PromptConfig(window_size=2, n_memories=0, max_tokens=256, cf_cue=True, cf_prior=True)
     with pytest.raises(ValueError) as err:
         RatingModel(peft_model, TokenBuilder(prior))
-    assert str(err.value).startswith("the prompt uses a collaborative prior but adapters ['p0', 'p1'] have no ")
+    assert str(err.value).startswith(
+        "the prompt uses a collaborative prior but adapters ['p0', 'p1'] have no "
+    )
     assert str(err.value).endswith(": train them with `persona-gym train --cf-prior`")
     # the base model has no projection: an item-token request for it is refused
-    model = RatingModel(peft_model, TokenBuilder(items), item_tokens={"p0": object(), "p1": object()})
-    with pytest.raises(ValueError, match=r"^adapter 'base' has no item projection: item-token prompts "
-                                         r"need adapters trained with `persona-gym train --item-tokens`$"):
+    model = RatingModel(
+        peft_model, TokenBuilder(items), item_tokens={"p0": object(), "p1": object()}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^adapter 'base' has no item projection: item-token prompts "
+        r"need adapters trained with `persona-gym train --item-tokens`$",
+    ):
         model.score([RatingRequest(0, "", 1, adapter="base")])
     # without item tokens or a prior, nothing is needed
-    assert RatingModel(peft_model, TokenBuilder()).item_tokens == {} and RatingModel(peft_model, TokenBuilder()).priors == {}
+    assert (
+        RatingModel(peft_model, TokenBuilder()).item_tokens == {}
+        and RatingModel(peft_model, TokenBuilder()).priors == {}
+    )
 
 
 @dataclass
@@ -252,19 +298,26 @@ def test_the_prior_moves_each_adapters_logits_with_the_requests_cues(peft_model)
     priors = {"p0": ShiftPrior([]), "p1": ShiftPrior([])}
     model = RatingModel(peft_model, TokenBuilder(config), priors=priors)
     plain_model = RatingModel(peft_model, TokenBuilder())
-    batch = [RatingRequest(0, "", 1, adapter="p0", cf_prediction=3.5, surprise=0.25),
-             RatingRequest(1, "", 2, adapter="p1", cf_prediction=2.0, surprise=None),
-             RatingRequest(2, "", 3, adapter="p0", cf_prediction=4.0, surprise=-0.5)]
+    batch = [
+        RatingRequest(0, "", 1, adapter="p0", cf_prediction=3.5, surprise=0.25),
+        RatingRequest(1, "", 2, adapter="p1", cf_prediction=2.0, surprise=None),
+        RatingRequest(2, "", 3, adapter="p0", cf_prediction=4.0, surprise=-0.5),
+    ]
     got, bare = model.score_logits(batch), plain_model.score_logits(batch)
-    (p0_logits, p0_pred, p0_surprise), = priors["p0"].calls
+    ((p0_logits, p0_pred, p0_surprise),) = priors["p0"].calls
     np.testing.assert_allclose(p0_logits.numpy(), bare[[0, 2]].numpy(), atol=1e-6)
     assert p0_pred.tolist() == [3.5, 4.0] and p0_surprise.tolist() == [0.25, -0.5]
-    assert priors["p1"].calls[0][1].tolist() == [2.0] and priors["p1"].calls[0][2].tolist() == [0.0]  # none: 0
+    assert priors["p1"].calls[0][1].tolist() == [2.0] and priors["p1"].calls[0][2].tolist() == [
+        0.0
+    ]  # none: 0
     for row, shift in {0: 3.5 + 2.5, 1: 2.0, 2: 4.0 - 5.0}.items():
         assert got[row, 0].item() == pytest.approx(bare[row, 0].item() + shift, abs=1e-5)
         np.testing.assert_allclose(got[row, 1:].numpy(), bare[row, 1:].numpy(), atol=1e-6)
-    with pytest.raises(ValueError, match=r"^adapter 'base' has no collaborative prior: prompts with cf_prior "
-                                         r"need adapters trained with `persona-gym train --cf-prior`$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^adapter 'base' has no collaborative prior: prompts with cf_prior "
+        r"need adapters trained with `persona-gym train --cf-prior`$",
+    ):
         model.score([RatingRequest(0, "", 1, adapter="base", cf_prediction=3.0)])
 
 
@@ -273,7 +326,10 @@ def test_each_adapters_item_tokens_shape_its_scores(peft_model):
 
     config = PromptConfig(window_size=2, n_memories=0, max_tokens=256, item_tokens=True)
     embeddings = np.random.default_rng(0).normal(size=(10, 6))
-    items = {"p0": ItemTokens(embeddings, hidden_size=64, layer=1), "p1": ItemTokens(embeddings, hidden_size=64, layer=1)}
+    items = {
+        "p0": ItemTokens(embeddings, hidden_size=64, layer=1),
+        "p1": ItemTokens(embeddings, hidden_size=64, layer=1),
+    }
     model = RatingModel(peft_model, ItemBuilder(config), item_tokens=items)
     batch = [RatingRequest(0, "", 3, adapter="p0"), RatingRequest(1, "", 4, adapter="p1")]
     before = model.score(batch)
@@ -297,9 +353,14 @@ def test_the_layered_model_gets_the_compile_flag_and_the_placeholder(peft_model)
     from persona_gym.simulator.engine import attention, layers
 
     model = RatingModel(peft_model, TokenBuilder())
-    assert model.layered.attend is attention.attend and model.layered._layer_call is layers._layer_forward
+    assert (
+        model.layered.attend is attention.attend
+        and model.layered._layer_call is layers._layer_forward
+    )
     assert model.layered.placeholder_id == 2 and model.layered.rating_ids.tolist() == RATING_IDS
-    compiled = RatingModel(peft_model, TokenBuilder(), compile=True)  # wrapped now, compiled on first use
+    compiled = RatingModel(
+        peft_model, TokenBuilder(), compile=True
+    )  # wrapped now, compiled on first use
     assert compiled.layered.attend is not attention.attend
     shared = RatingModel(peft_model, TokenBuilder(), layered=model.layered)
     assert shared.layered is model.layered
@@ -372,7 +433,11 @@ def test_share_rows_groups_blocks_by_hand():
     assert [len(row.keys) for row in share_rows(blocks, list(range(4)))] == [4]  # default 512
     # duplicates keep their own last token, and their input order (only the blocks are sorted)
     rows = share_rows([[4, 4], [4, 4]], ["y", "x"])
-    assert rows[0].shared == 1 and rows[0].segments() == ([4], [[4], [4]]) and rows[0].keys == ["y", "x"]
+    assert (
+        rows[0].shared == 1
+        and rows[0].segments() == ([4], [[4], [4]])
+        and rows[0].keys == ["y", "x"]
+    )
     assert SharedRow([[1, 2]], [0], 1).width == 2
     # blocks that differ at their first token share nothing, however alike the rest
     assert [row.keys for row in share_rows([[2, 2, 3, 4], [1, 2, 3, 4]], [0, 1])] == [[1], [0]]
@@ -395,7 +460,11 @@ def test_pack_builds_every_tensor_on_the_device():
 # -- the prefix cache's tensors ---------------------------------------------------------------------
 def test_rows_pad_on_the_right_and_prefixes_stack_zero_padded():
     ids, lengths = _rows([[5, 6, 7], [8]], pad_id=3)
-    assert ids.tolist() == [[5, 6, 7], [8, 3, 3]] and lengths.tolist() == [3, 1] and ids.dtype == torch.long
+    assert (
+        ids.tolist() == [[5, 6, 7], [8, 3, 3]]
+        and lengths.tolist() == [3, 1]
+        and ids.dtype == torch.long
+    )
     one = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
     two = torch.ones(2, 1, 1, 2)
     stacked = _stack_padded([one, two])

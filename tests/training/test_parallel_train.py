@@ -23,15 +23,20 @@ TIMINGS = ("train_seconds", "train_tokens_per_s")  # wall-clock figures, not res
 def assert_same_adapters(root, reference) -> None:
     """The same tensors in every adapter (float noise allowed: the workers run fewer threads)."""
     for name in ADAPTERS:
-        a, b = (load_file(r / "adapters" / name / "adapter_model.safetensors") for r in (root, reference))
+        a, b = (
+            load_file(r / "adapters" / name / "adapter_model.safetensors")
+            for r in (root, reference)
+        )
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def results(manifest: dict) -> dict:
-    return {name: {k: v for k, v in m.items() if k not in TIMINGS}
-            for name, m in manifest["metrics"]["adapters"].items()}
+    return {
+        name: {k: v for k, v in m.items() if k not in TIMINGS}
+        for name, m in manifest["metrics"]["adapters"].items()
+    }
 
 
 def assert_close_values(a, b, where: str = "metrics") -> None:
@@ -50,7 +55,9 @@ def assert_close_values(a, b, where: str = "metrics") -> None:
         assert a == b, where
 
 
-def test_two_workers_train_the_one_process_adapters(artifacts, trained_tiny_artifacts, tiny_base, caplog):
+def test_two_workers_train_the_one_process_adapters(
+    artifacts, trained_tiny_artifacts, tiny_base, caplog
+):
     """The fixture's run (3 adapters, one process) again in 2 workers: the same adapters, the
     same metrics (steps, validation histories, best RMSEs) in the same order, the same manifest;
     the workers' log records reach the parent's handlers."""
@@ -70,7 +77,9 @@ def test_two_workers_train_the_one_process_adapters(artifacts, trained_tiny_arti
     assert set(recorded) == set(ADAPTERS)  # the parent recorded each adapter as it came back
 
 
-def test_killed_parallel_run_resumes_in_fewer_workers(tmp_path, trained_tiny_artifacts, tiny_base, caplog):
+def test_killed_parallel_run_resumes_in_fewer_workers(
+    tmp_path, trained_tiny_artifacts, tiny_base, caplog
+):
     """A parallel run killed after persona-0 (recorded) and while persona-1 and single-max were
     being saved (their checkpoints written, no adapter, no manifest): rerun with 3 workers, it
     skips persona-0, resumes the two others in 2 workers (one per adapter) and ends with the
@@ -97,8 +106,19 @@ def test_killed_parallel_run_resumes_in_fewer_workers(tmp_path, trained_tiny_art
 def test_bad_worker_counts_get_one_line(artifacts, tiny_base, capsys):
     with pytest.raises(ConfigError, match=r"workers \(--workers\) must be >= 1, got 0"):
         train(artifacts, trained_tiny_config(tiny_base), progress=False, workers=0)
-    code = main(["train", "--artifacts", str(artifacts), "--base-model", tiny_base, "--workers", "-1",
-                 "--no-progress", "--no-compile"])
+    code = main(
+        [
+            "train",
+            "--artifacts",
+            str(artifacts),
+            "--base-model",
+            tiny_base,
+            "--workers",
+            "-1",
+            "--no-progress",
+            "--no-compile",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip() == "persona-gym train: error: workers (--workers) must be >= 1, got -1"

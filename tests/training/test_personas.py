@@ -65,10 +65,16 @@ def test_cards_describe_each_cluster() -> None:
     assert words[0][0]["word"] in {"horror", "gore"} and words[1][0]["word"] == "romance"
     assert not any(w["word"].isdigit() for ws in words.values() for w in ws)
     items = pd.DataFrame({"item_id": [1, 2], "genres": [("Horror",), ("Romance",)]})
-    memories = pd.DataFrame({"user_id": [10, 11, 12, 13, 14, 15], "item_id": [1, 1, 1, 2, 2, 2],
-                             "rating": [5.0, 4.0, 5.0, 2.0, 3.0, 2.0]})
-    cards = persona_cards([10, 11, 12, 13, 14, 15], texts, labels, memories, items,
-                          PersonaConfig(k=2))
+    memories = pd.DataFrame(
+        {
+            "user_id": [10, 11, 12, 13, 14, 15],
+            "item_id": [1, 1, 1, 2, 2, 2],
+            "rating": [5.0, 4.0, 5.0, 2.0, 3.0, 2.0],
+        }
+    )
+    cards = persona_cards(
+        [10, 11, 12, 13, 14, 15], texts, labels, memories, items, PersonaConfig(k=2)
+    )
     assert [c["size"] for c in cards] == [3, 3]
     assert cards[0]["user_ids"] == [10, 11, 12]
     assert cards[0]["mean_rating"] == pytest.approx(14 / 3, abs=1e-3)
@@ -83,7 +89,6 @@ def test_other_users_get_the_nearest_centroids_persona() -> None:
     labels = np.array([3, 3, 5, 5])  # centroids (0, 1) and (10, 1)
     others = np.array([[1.0, 1.0], [6.0, 5.0], [4.9, -3.0], [100.0, 1.0]])
     assert nearest_centroid(features, labels, others).tolist() == [3, 5, 3, 5]
-
 
 
 def test_taste_features_are_the_collaborative_user_factors(protocol_artifacts) -> None:

@@ -20,9 +20,19 @@ from training.train import TrainConfig, train
 
 def config(base: str, **overrides) -> TrainConfig:
     values = dict(
-        base_model=base, rank=4, alpha=8, lora_layers=2, epochs=2, batch_examples=4,
-        blocks_per_sequence=2, max_examples_per_user=0, val_per_user=1, eval_every=2,
-        patience=100, checkpoint_every=2, learning_rate=1e-2,
+        base_model=base,
+        rank=4,
+        alpha=8,
+        lora_layers=2,
+        epochs=2,
+        batch_examples=4,
+        blocks_per_sequence=2,
+        max_examples_per_user=0,
+        val_per_user=1,
+        eval_every=2,
+        patience=100,
+        checkpoint_every=2,
+        learning_rate=1e-2,
         prompt=PromptConfig(window_size=2, n_memories=1, max_tokens=256),
     )
     values.update(overrides)
@@ -33,16 +43,20 @@ def adapter_weights(root, name):
     return load_file(root / "adapters" / name / "adapter_model.safetensors")
 
 
-def test_train_writes_every_variant_and_a_loadable_manifest(tmp_path, trained_tiny_artifacts, tiny_base,
-                                                             caplog):
+def test_train_writes_every_variant_and_a_loadable_manifest(
+    tmp_path, trained_tiny_artifacts, tiny_base, caplog
+):
     """Adding single-min to the trained fixture (persona, single-max): a loadable manifest of
     every variant; the adapters trained before are skipped and kept bit for bit, the frozen-layer
     activations reused."""
     art = shutil.copytree(trained_tiny_artifacts, tmp_path / "art")
     before = {name: adapter_weights(art, name) for name in ("persona-0", "persona-1", "single-max")}
     with caplog.at_level(logging.INFO, logger="training.train"):
-        manifest = train(art, trained_tiny_config(tiny_base, variants=("persona", "single-max", "single-min")),
-                         progress=False)
+        manifest = train(
+            art,
+            trained_tiny_config(tiny_base, variants=("persona", "single-max", "single-min")),
+            progress=False,
+        )
     for name in before:
         assert f"adapter {name}: already trained, skipping" in caplog.text
     assert "adapter single-min: already trained" not in caplog.text
@@ -60,8 +74,12 @@ def test_train_writes_every_variant_and_a_loadable_manifest(tmp_path, trained_ti
         assert cfg["r"] == 4 and cfg["layers_to_transform"] == [2, 3]
     metrics = manifest["metrics"]["adapters"]
     # 4 users x 6 interactions, 1 validation each -> 5 training examples per user
-    assert metrics["persona-0"]["train_examples"] == 10 and metrics["persona-0"]["val_examples"] == 2
-    assert metrics["single-max"]["train_examples"] == 10 and metrics["single-min"]["val_examples"] == 4
+    assert (
+        metrics["persona-0"]["train_examples"] == 10 and metrics["persona-0"]["val_examples"] == 2
+    )
+    assert (
+        metrics["single-max"]["train_examples"] == 10 and metrics["single-min"]["val_examples"] == 4
+    )
     # the best validation RMSE is one of the evaluations', the lowest up to the 1e-4 it must improve by
     rmses = [h["rmse"] for h in metrics["single-min"]["history"]]
     best = metrics["single-min"]["best_val_rmse"]
@@ -70,7 +88,9 @@ def test_train_writes_every_variant_and_a_loadable_manifest(tmp_path, trained_ti
 
 
 def test_training_changes_the_lora_weights_and_lowers_the_loss(artifacts, tiny_base):
-    manifest = train(artifacts, config(tiny_base, variants=("single-max",), epochs=6), progress=False)
+    manifest = train(
+        artifacts, config(tiny_base, variants=("single-max",), epochs=6), progress=False
+    )
     history = manifest["metrics"]["adapters"]["single-max"]["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     weights = adapter_weights(artifacts, "single-max")
@@ -116,8 +136,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, artifacts, tiny_base, m
     a, b = adapter_weights(artifacts, "single-max"), adapter_weights(other, "single-max")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    a, b = (torch.load(root / "adapters" / "single-max" / "item_tokens.pt", weights_only=True)
-            for root in (artifacts, other))  # the item projection resumes too
+    a, b = (
+        torch.load(root / "adapters" / "single-max" / "item_tokens.pt", weights_only=True)
+        for root in (artifacts, other)
+    )  # the item projection resumes too
     torch.testing.assert_close(a["weight"], b["weight"], rtol=1e-5, atol=1e-6)
     assert a["weight"].abs().sum() > 0
 
@@ -166,7 +188,10 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, protocol_artifacts,
     np.testing.assert_array_equal(again.logged_predictions, original.logged_predictions)
     np.testing.assert_array_equal(again.knn, original.knn)
     loaded = load_artifacts(root)
-    assert loaded.user_ids == json.loads((protocol_artifacts / "split.json").read_text())["distilled_user_ids"]
+    assert (
+        loaded.user_ids
+        == json.loads((protocol_artifacts / "split.json").read_text())["distilled_user_ids"]
+    )
     files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
     def regenerate(*args):
@@ -174,11 +199,18 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, protocol_artifacts,
 
     with monkeypatch.context() as patch:
         patch.setattr(shipped_module, "_regenerate_tables", regenerate)
-        assert resolve_artifacts("ml-100k", cache=tmp_path / "cache") == root  # the second call reuses it
-    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()} == files
+        assert (
+            resolve_artifacts("ml-100k", cache=tmp_path / "cache") == root
+        )  # the second call reuses it
+    assert {
+        p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
+    } == files
     # a package update with retrained adapters (a new manifest) gets its own copy, not the stale one
     manifest = json.loads((shipped / "manifest.json").read_text())
     (shipped / "manifest.json").write_text(json.dumps({**manifest, "note": "retrained"}))
     rehash(shipped)  # what export_shippable does for a retrained simulator
     updated = resolve_artifacts("ml-100k", cache=tmp_path / "cache")
-    assert updated != root and json.loads((updated / "manifest.json").read_text())["note"] == "retrained"
+    assert (
+        updated != root
+        and json.loads((updated / "manifest.json").read_text())["note"] == "retrained"
+    )

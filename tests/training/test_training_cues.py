@@ -46,16 +46,43 @@ def cued_artifacts(tmp_path_factory, trained_tiny_artifacts, tiny_base):
     from training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("cued") / "art"
-    shutil.copytree(trained_tiny_artifacts, root, ignore=shutil.ignore_patterns("adapters", "checkpoints",
-                                                                                 "cache", "manifest.json"))
+    shutil.copytree(
+        trained_tiny_artifacts,
+        root,
+        ignore=shutil.ignore_patterns("adapters", "checkpoints", "cache", "manifest.json"),
+    )
     catalog, _, memories, _ = load_tables(root)
-    fit_collaborative(memories[["user_id", "item_id", "rating", "timestamp"]], pd.DataFrame(
-        columns=["user_id", "item_id", "rating", "timestamp"]), catalog, seed=0).save(root / CF_FILE)
-    prompt = PromptConfig(window_size=2, n_memories=1, max_tokens=256, item_tokens=True, cf_cue=True,
-                          surprise_cue=True, cf_items=True, cf_prior=True)
-    config = TrainConfig(base_model=tiny_base, variants=("persona",), rank=4, alpha=8, lora_layers=2,
-                         epochs=1, batch_examples=4, blocks_per_sequence=2, max_examples_per_user=0,
-                         val_per_user=1, eval_every=2, checkpoint_every=100, prompt=prompt)
+    fit_collaborative(
+        memories[["user_id", "item_id", "rating", "timestamp"]],
+        pd.DataFrame(columns=["user_id", "item_id", "rating", "timestamp"]),
+        catalog,
+        seed=0,
+    ).save(root / CF_FILE)
+    prompt = PromptConfig(
+        window_size=2,
+        n_memories=1,
+        max_tokens=256,
+        item_tokens=True,
+        cf_cue=True,
+        surprise_cue=True,
+        cf_items=True,
+        cf_prior=True,
+    )
+    config = TrainConfig(
+        base_model=tiny_base,
+        variants=("persona",),
+        rank=4,
+        alpha=8,
+        lora_layers=2,
+        epochs=1,
+        batch_examples=4,
+        blocks_per_sequence=2,
+        max_examples_per_user=0,
+        val_per_user=1,
+        eval_every=2,
+        checkpoint_every=100,
+        prompt=prompt,
+    )
     train(root, config, progress=False)
     return root
 
@@ -106,12 +133,16 @@ def test_evaluate_reports_studies_and_the_prior_alone(cued_artifacts, tmp_path):
 
     root, test = _held_out_artifacts(cued_artifacts, tmp_path / "art")
     rehash(root)  # the memories changed on purpose
-    results = evaluate(root, ["persona:Ms+Ml"], test=test, dtype="float32", write=False,
-                       study_rows_per_user=2)
+    results = evaluate(
+        root, ["persona:Ms+Ml"], test=test, dtype="float32", write=False, study_rows_per_user=2
+    )
     prior = results["baselines"]["collaborative prior alone (no SLM)"]
     assert prior["evaluated_rows"]["n"] == len(test)
     studies = results["studies"]
-    assert studies["persona_specificity"]["users"] == 4 and studies["persona_specificity"]["personas"] == 2
+    assert (
+        studies["persona_specificity"]["users"] == 4
+        and studies["persona_specificity"]["personas"] == 2
+    )
     assert studies["memory"]["simulated_rows"] > 0
     assert studies["landscape"] == {}  # the tiny users rated every movie: no unseen ones
     text = render_markdown(results)
@@ -135,14 +166,18 @@ def test_fit_rating_prior_recovers_the_generating_prior():
     assert fitted.log_precision.exp().item() == pytest.approx(1.5, rel=0.05)
     assert fitted.memory.item() == pytest.approx(0.4, abs=0.03)
     # the biases are identified up to a constant
-    torch.testing.assert_close(fitted.bias - fitted.bias.mean(), true.bias - true.bias.mean(), atol=0.05, rtol=0)
+    torch.testing.assert_close(
+        fitted.bias - fitted.bias.mean(), true.bias - true.bias.mean(), atol=0.05, rtol=0
+    )
     again = fit_rating_prior(predictions, surprises, ratings)
     assert torch.equal(again.memory, fitted.memory)
     with pytest.raises(ValueError, match="1..5"):
         fit_rating_prior(predictions[:2], surprises[:2], [0, 3])
 
 
-def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(cued_artifacts, tiny_base, tmp_path):
+def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(
+    cued_artifacts, tiny_base, tmp_path
+):
     import json
 
     from persona_gym.artifacts import load_artifacts, rehash
@@ -166,7 +201,9 @@ def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(cued_ar
         sim = UserSimulator.load(root, variant=variant, base_model=tiny_base, dtype="float32")
         request = sim.request(user, 3)
         own = cf.user_factors[cf.user_rows([user])[0]]
-        axis = (tastes[0] - tastes[1]) / np.linalg.norm(tastes[0] - tastes[1])  # two personas: one axis
+        axis = (tastes[0] - tastes[1]) / np.linalg.norm(
+            tastes[0] - tastes[1]
+        )  # two personas: one axis
         expected = cf.predict([user], [3], own - 0.5 * ((own - tastes[persona]) @ axis) * axis)
         assert request.cf_prediction == pytest.approx(float(expected[0]))
     assert artifacts.taste(user, "single-max") is None  # an adapter of no persona: the user's own
@@ -174,13 +211,19 @@ def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(cued_ar
     from persona_gym.retrieval import MemoryIndex
     from training.train import TrainConfig
 
-    config = TrainConfig(base_model=tiny_base, variants=("persona",), prompt=artifacts.prompt_config)
+    config = TrainConfig(
+        base_model=tiny_base, variants=("persona",), prompt=artifacts.prompt_config
+    )
     index = MemoryIndex(artifacts.memories, artifacts.item_embeddings)
     moved = {user: artifacts.taste(user, f"persona-{mine}")}
     plain = build_examples({user: artifacts.profiles[user]}, artifacts.memories, index, config, cf)
-    shown = build_examples({user: artifacts.profiles[user]}, artifacts.memories, index, config, cf, moved)
+    shown = build_examples(
+        {user: artifacts.profiles[user]}, artifacts.memories, index, config, cf, moved
+    )
     item = shown[0].request.candidate
-    assert shown[0].request.cf_prediction == pytest.approx(float(cf.predict([user], [item], moved[user])[0]))
+    assert shown[0].request.cf_prediction == pytest.approx(
+        float(cf.predict([user], [item], moved[user])[0])
+    )
     assert [e.request.cf_prediction for e in shown] != [e.request.cf_prediction for e in plain]
     with pytest.raises(ValueError, match="--variants persona"):
         TrainConfig(variants=("persona", "single-max"), prompt=artifacts.prompt_config)

@@ -37,5 +37,16 @@ from persona_gym.simulator.engine.packing import (
     share_rows,
 )
 
-__all__ = ["RECOMPILE_LIMIT", "ROW_TOKENS", "ItemTokens", "LayeredLM", "PackedBatch", "PrefixKV",
-           "SharedRow", "encode_prefixes", "pack", "score_blocks", "share_rows"]
+__all__ = [
+    "RECOMPILE_LIMIT",
+    "ROW_TOKENS",
+    "ItemTokens",
+    "LayeredLM",
+    "PackedBatch",
+    "PrefixKV",
+    "SharedRow",
+    "encode_prefixes",
+    "pack",
+    "score_blocks",
+    "share_rows",
+]

@@ -52,4 +52,3 @@ def sdpa(q, keys, values, mask, scale: float, repeat_kv: bool) -> torch.Tensor:
     return torch.nn.functional.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=scale, enable_gqa=not repeat_kv
     )
-

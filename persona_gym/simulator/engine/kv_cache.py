@@ -43,8 +43,9 @@ def _rows(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
 
 
 @torch.inference_mode()
-def encode_prefixes(layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_id: int,
-                    device: torch.device | str) -> list[PrefixKV]:
+def encode_prefixes(
+    layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> list[PrefixKV]:
     """Run prefixes through every layer and keep their keys/values (the prefix KV cache)."""
     ids, lengths = _rows(prefixes, pad_id)
     ids, lengths = ids.to(device), lengths.to(device)
@@ -60,18 +61,26 @@ def encode_prefixes(layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_i
     heads = attn.k_proj.out_features // attn.head_dim
     no_past = hidden.new_zeros((len(prefixes), heads, 0, attn.head_dim))  # same types as blocks'
     for layer in layered.layers:
-        hidden, k, v = layered.attend(layer, hidden, position_embeddings, no_past, no_past, mask[:, None])
+        hidden, k, v = layered.attend(
+            layer, hidden, position_embeddings, no_past, no_past, mask[:, None]
+        )
         key_list.append(k)
         value_list.append(v)
     keys, values = torch.stack(key_list), torch.stack(value_list)  # (layers, B, heads, P, d)
-    return [PrefixKV(keys[:, r, :, :n].clone(), values[:, r, :, :n].clone())
-            for r, n in enumerate(lengths.tolist())]
+    return [
+        PrefixKV(keys[:, r, :, :n].clone(), values[:, r, :, :n].clone())
+        for r, n in enumerate(lengths.tolist())
+    ]
 
 
 @torch.inference_mode()
-def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV],
-                 rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-                 pad_id: int, device: torch.device | str) -> torch.Tensor:
+def score_blocks(
+    layered: LayeredLM,
+    prefixes: Sequence[PrefixKV],
+    rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    pad_id: int,
+    device: torch.device | str,
+) -> torch.Tensor:
     """Rating logits ``(N, 5)`` of every block of ``rows`` (row order, then block order).
 
     Row ``r`` is ``(shared, [block, ...])`` after its cached prefix ``prefixes[r]``: the shared
@@ -86,15 +95,18 @@ def score_blocks(layered: LayeredLM, prefixes: Sequence[PrefixKV],
     past = int(prefix_len.max())
     positions = prefix_len[:, None] + packed.position_ids
     past_valid = torch.arange(past, device=device)[None, :] < prefix_len[:, None]  # (B, P)
-    mask = torch.cat([past_valid[:, None, :].expand(batch, width, past), packed.attention_mask[:, 0]],
-                     dim=2)[:, None]
+    mask = torch.cat(
+        [past_valid[:, None, :].expand(batch, width, past), packed.attention_mask[:, 0]], dim=2
+    )[:, None]
     hidden = layered.embed_ids(ids)
     position_embeddings = layered.rotary(hidden, position_ids=positions)
     past_k = _stack_padded([p.keys for p in prefixes]).to(device)  # (layers, B, heads, P, d)
     past_v = _stack_padded([p.values for p in prefixes]).to(device)
     for index, layer in enumerate(layered.layers):
         hidden = layered.before_layer(index, hidden, ids)
-        hidden, _, _ = layered.attend(layer, hidden, position_embeddings, past_k[index], past_v[index], mask)
+        hidden, _, _ = layered.attend(
+            layer, hidden, position_embeddings, past_k[index], past_v[index], mask
+        )
     return layered.head(hidden[packed.rows, packed.cols])
 
 

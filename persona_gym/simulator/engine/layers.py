@@ -60,8 +60,13 @@ class LayeredLM:
     (set by the caller per adapter); ``placeholder_id`` is the token the lower layers see there.
     """
 
-    def __init__(self, model: torch.nn.Module, rating_ids: Sequence[int], compile: bool = False,
-                 placeholder_id: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        rating_ids: Sequence[int],
+        compile: bool = False,
+        placeholder_id: int = 0,
+    ):
         """``compile=True`` runs each decoder layer through ``torch.compile`` (dynamic shapes):
         faster once compiled, after a warm-up, with the same results (benchmarks/README.md)."""
         # a peft wrapper or the bare model; its submodules are looked up by name
@@ -82,8 +87,12 @@ class LayeredLM:
         if compile:
             # dynamo guards on peft's active adapter name: each adapter gets its own graph
             # (compiled once); past the default limit of 8 the rest would run eagerly
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self._layer_call = torch.compile(_layer_forward, dynamic=True) if compile else _layer_forward
+            torch._dynamo.config.recompile_limit = max(
+                torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
+            )
+        self._layer_call = (
+            torch.compile(_layer_forward, dynamic=True) if compile else _layer_forward
+        )
         self.attend = torch.compile(attend, dynamic=True) if compile else attend
         self.placeholder_id = placeholder_id
         self.items: ItemTokens | None = None
@@ -110,7 +119,9 @@ class LayeredLM:
             return self.items.inject(hidden, ids)
         return hidden
 
-    def run_layers(self, hidden: torch.Tensor, batch: PackedBatch, start: int, end: int) -> torch.Tensor:
+    def run_layers(
+        self, hidden: torch.Tensor, batch: PackedBatch, start: int, end: int
+    ) -> torch.Tensor:
         """Decoder layers ``start..end-1`` on hidden states ``(B, T, H)``."""
         if start >= end:
             return hidden
@@ -118,8 +129,9 @@ class LayeredLM:
         mask = batch.attention_mask
         for index in range(start, end):
             hidden = self.before_layer(index, hidden, batch.input_ids)
-            hidden = self._layer_call(self.layers[index], hidden, mask, batch.position_ids,
-                                      position_embeddings)
+            hidden = self._layer_call(
+                self.layers[index], hidden, mask, batch.position_ids, position_embeddings
+            )
         return hidden
 
     def rating_logits(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -135,7 +147,9 @@ class LayeredLM:
             logits = logits + bias[ids]
         return logits.float()
 
-    def forward(self, batch: PackedBatch, start: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, batch: PackedBatch, start: int = 0, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Rating logits; ``hidden`` is the output of layer ``start - 1`` when ``start > 0``."""
         if hidden is None:
             hidden = self.embed_tokens(batch)
@@ -145,5 +159,9 @@ class LayeredLM:
 
 
 def _layer_forward(layer, hidden, mask, position_ids, position_embeddings):
-    return layer(hidden, attention_mask=mask, position_ids=position_ids,
-                 position_embeddings=position_embeddings)
+    return layer(
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        position_embeddings=position_embeddings,
+    )

@@ -35,8 +35,11 @@ class PackedBatch:
     n_pad: int  # padding tokens
 
 
-def pack(sequences: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
-         device: torch.device | str = "cpu") -> PackedBatch:
+def pack(
+    sequences: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> PackedBatch:
     """Pack ``[(prefix_ids, [block_ids, ...]), ...]`` into one padded batch on ``device``.
 
     Each sequence is ``prefix + block_1 + block_2 + ...``; block tokens attend causally within
@@ -67,14 +70,19 @@ def pack(sequences: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
     mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    mask |= torch.eye(width, dtype=torch.bool, device=device)  # pad rows attend to themselves (no NaN)
+    mask |= torch.eye(
+        width, dtype=torch.bool, device=device
+    )  # pad rows attend to themselves (no NaN)
     n_pad = sum(width - n for n in lengths)
     return PackedBatch(
-        torch.tensor(ids, dtype=torch.long).to(device), torch.tensor(positions, dtype=torch.long).to(device),
-        mask[:, None], torch.tensor(rows).to(device), torch.tensor(cols).to(device),
-        n_tokens=sum(lengths), n_pad=n_pad,
+        torch.tensor(ids, dtype=torch.long).to(device),
+        torch.tensor(positions, dtype=torch.long).to(device),
+        mask[:, None],
+        torch.tensor(rows).to(device),
+        torch.tensor(cols).to(device),
+        n_tokens=sum(lengths),
+        n_pad=n_pad,
     )
-
 
 
 @dataclass
@@ -98,7 +106,9 @@ class SharedRow:
         return self.blocks[0][: self.shared], [b[self.shared :] for b in self.blocks]
 
 
-def share_rows(blocks: Sequence[Sequence[int]], keys: Sequence, max_width: int = ROW_TOKENS) -> list[SharedRow]:
+def share_rows(
+    blocks: Sequence[Sequence[int]], keys: Sequence, max_width: int = ROW_TOKENS
+) -> list[SharedRow]:
     """Group blocks that follow the same prefix into rows sharing their common leading tokens.
 
     Candidates scored in the same state (same window, different movies) differ only at the end
@@ -111,7 +121,9 @@ def share_rows(blocks: Sequence[Sequence[int]], keys: Sequence, max_width: int =
     Every block keeps at least its last token for itself (the rating is read there).
     """
     rows: list[SharedRow] = []
-    for block, key in sorted(zip((list(b) for b in blocks), keys, strict=True), key=lambda bk: bk[0]):
+    for block, key in sorted(
+        zip((list(b) for b in blocks), keys, strict=True), key=lambda bk: bk[0]
+    ):
         row = rows[-1] if rows else None
         if row is not None:
             first = row.blocks[0]
@@ -122,11 +134,14 @@ def share_rows(blocks: Sequence[Sequence[int]], keys: Sequence, max_width: int =
             n = len(row.blocks)
             shared = min(common, row.shared)
             width = row.width + (n - 1) * row.shared + len(block) - n * shared
-            if 4 * shared >= len(block) and n * shared >= (n - 1) * row.shared and width <= max_width:
+            if (
+                4 * shared >= len(block)
+                and n * shared >= (n - 1) * row.shared
+                and width <= max_width
+            ):
                 row.blocks.append(block)
                 row.keys.append(key)
                 row.shared = shared
                 continue
         rows.append(SharedRow([block], [key], shared=len(block) - 1))  # alone: all but its last
     return rows
-
