@@ -30,35 +30,22 @@ log = logging.getLogger(__name__)
 
 
 class MissingArtifactsError(ArtifactsError, FileNotFoundError):
-    """No trained simulator where one was asked for (the message gives the commands)."""
-
-
-# What `persona-gym build` takes, from README "Build a simulator": the measured build of the
-# shipped ML-100k simulator on 2 CPU cores; the GPU figure is estimated from benchmarks/README.md.
-BUILD_TIME = (
-    "about 1 h on 2 CPU cores, a few minutes on one GPU with --device cuda (estimated); "
-    'README: "Build a simulator"'
-)
+    """No trained simulator where one was asked for (the message gives the command that builds it)."""
 
 
 def missing_artifacts_message(where: Path, dataset: str = "ml-100k", named: bool = False) -> str:
-    """How to produce the simulator artifacts asked for at ``where`` (``named``: through a
-    simulator name of :data:`persona_gym.registry.SIMULATORS`, so the commands write to DIR):
-    ``persona-gym build`` and its time, or the stages one by one."""
-    out = "DIR" if named else str(where)
-    fetch = ""
-    if dataset == "ml-1m":
-        fetch = (
-            "`persona-gym data fetch ml-1m` (or pass the folder holding ratings.dat, "
-            "users.dat, movies.dat as --dataset), then "
+    """One short line for a simulator asked for at ``where`` that has no manifest: what is
+    missing and the one command that builds it (``named``: asked for through a simulator name of
+    :data:`persona_gym.registry.SIMULATORS`, so the command writes to DIR and the package path,
+    which the user never typed, is left out)."""
+    if named:
+        return (
+            f"no trained {dataset} simulator: it does not ship with the package; build one with "
+            f"`persona-gym build {dataset} --out DIR`, then pass artifacts='DIR'"
         )
     return (
-        f"{where / MANIFEST} not found: no trained simulator there. Build one with "
-        f"`persona-gym build {dataset} --out {out}` (downloads {dataset}, checksum verified, when it "
-        f"is not on this machine; then distill, personas, train, evaluate; rerun it to resume; "
-        f"{BUILD_TIME}), or stage by stage: {fetch}`persona-gym distill --dataset {dataset} "
-        f"--out {out} && persona-gym personas --artifacts {out} && persona-gym train --artifacts {out}`; "
-        f"then pass artifacts={out!r} (e.g. gym.make(..., artifacts={out!r}))."
+        f"{where / MANIFEST} not found: no trained simulator there; build one with "
+        f"`persona-gym build {dataset} --out {where}`"
     )
 
 
