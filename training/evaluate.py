@@ -3,7 +3,7 @@
 ``persona-gym evaluate --artifacts DIR`` rebuilds the protocol split from ``DIR/split.json``
 (``load_dataset`` + ``protocol_split`` with the recorded parameters; the user ids must match),
 takes each simulated user's TEST interactions and scores them under every configuration of the
-paper's Table 1 that our stack has (DESIGN.md §5):
+paper's Table 1 that our stack has:
 
 ====  ===================  =======================  ==================================
 No.   adapter              memories                 spec
@@ -205,8 +205,8 @@ def evaluate(
         train, background: what the baselines fit on when ``test`` is given (default: the
             artifacts' memories, i.e. the logged training interactions; no background).
         write: write the report into ``out_dir`` (default ``<artifacts>/evaluation``).
-        compile: run the decoder layers through ``torch.compile`` (about 3x faster on CPU after
-            a one-off ~1 min warm-up; same results).
+        compile: run the decoder layers through ``torch.compile`` (faster on CPU after a
+            one-off warm-up; same results).
         studies: also run the persona-specificity, memory-slope and reward-landscape studies of
             the persona simulator (:mod:`persona_gym.evaluation.fidelity`) on the first
             ``study_rows_per_user`` test interactions of each user (needs ``split.json``).
@@ -511,7 +511,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decoder layers (~3x faster on CPU after ~1 min warm-up)",
+        help="torch.compile the decoder layers (faster on CPU after a one-off warm-up)",
     )
     p.add_argument(
         "--users",

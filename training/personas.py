@@ -463,10 +463,11 @@ def add_parser(subparsers) -> None:
     """Add ``persona-gym personas``."""
     p = subparsers.add_parser(
         "personas",
-        help="cluster users into personas on their profile embeddings",
+        help=f"cluster users into personas (on --features, default: {PersonaConfig.features})",
         description=(
-            "Stage 2 of the paper: KMeans++ on the embeddings of the profiles (Ms) written by "
-            "'persona-gym distill'. K is --k, or chosen by the elbow method over "
+            f"Stage 2 of the paper: KMeans++ on the users' --features (default: "
+            f"{PersonaConfig.features}; 'profile', the paper's, clusters the embeddings of the "
+            "profiles (Ms) written by 'persona-gym distill'). K is --k, or chosen by the elbow method over "
             "--k-min..--k-max (largest distance below the chord of the scaled log-inertia curve); "
             "silhouette is reported for every K. Writes personas.json, personas.png and "
             "embeddings/profiles.npy into the artifacts directory."
