@@ -28,6 +28,8 @@ from typing import Any
 
 import platformdirs
 
+from persona_gym.errors import PersonaGymError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SLM = "smollm2-135m-instruct"
@@ -47,11 +49,31 @@ class MissingAssetError(FileNotFoundError):
     """An asset is not installed; the message names the command that provides it."""
 
 
+class CacheDirError(PersonaGymError, NotADirectoryError):
+    """The cache directory names a file (or a path through one), not a folder."""
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The cache directory: ``override``, else ``$PERSONA_GYM_CACHE``, else the user cache dir."""
-    path = override or os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("persona-gym")
-    path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    """The cache directory: ``override``, else ``$PERSONA_GYM_CACHE``, else the user cache dir.
+
+    Created when missing; :class:`CacheDirError` when the path is a file or runs through one.
+    """
+    fix = "pass a folder, or move the file away"
+    if override:
+        path, source = Path(override).expanduser(), "the cache directory"
+    elif os.environ.get(CACHE_ENV):
+        path, source = Path(os.environ[CACHE_ENV]).expanduser(), f"${CACHE_ENV}"
+        fix = f"point {source} at a folder (or unset it), or move the file away"
+    else:
+        path, source = Path(platformdirs.user_cache_dir("persona-gym")), "the user cache directory"
+        fix = f"move the file away, or set ${CACHE_ENV} to a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise CacheDirError(
+            f"{source} is {path}, but {blocker} is a file, not a folder: {fix}"
+        ) from error
     return path
 
 

@@ -37,6 +37,7 @@ from persona_gym.data.dataset import (
 from persona_gym.data.validation import (
     DataValidationError,
     check_gender,
+    check_title,
     check_unique_ids,
     fail,
     finish_ratings,
@@ -121,7 +122,7 @@ def load_ml1m(folder: str | Path, name: str | None = None) -> RatingsDataset:
 
     def movie_row(n: int, f: list[str]) -> tuple:
         genres = tuple(g for g in f[2].strip().split("|") if g and g != "(no genres listed)")
-        return (to_int(movies_path, n, "movie_id", f[0]), f[1], genres)
+        return (to_int(movies_path, n, "movie_id", f[0]), check_title(movies_path, n, f[1]), genres)
 
     mrows = parse_lines(
         movies_path, read_text(movies_path, enc), sep, ("movie_id", "title", "genres"), movie_row
@@ -200,7 +201,8 @@ def load_ml100k(folder: str | Path, name: str | None = None) -> RatingsDataset:
             for g, x in zip(ML100K_GENRES, flags, strict=True)
             if x.strip() == "1" and g != "unknown"
         )
-        return (to_int(items_path, n, "movie_id", f[0]), f[1], genres, release_year(f[2]))
+        movie_id, title = to_int(items_path, n, "movie_id", f[0]), check_title(items_path, n, f[1])
+        return (movie_id, title, genres, release_year(f[2]))
 
     irows = parse_lines(items_path, read_text(items_path, enc), "|", item_fields, item_row)
     check_unique_ids(items_path, irows, "movie")
@@ -339,9 +341,18 @@ def detect_format(folder: str | Path) -> str:
             f"{folder}: not a folder. Pass a MovieLens folder "
             f"({', '.join(ML1M_FILES)} or {', '.join(ML100K_FILES)})."
         )
-    if all((folder / f).is_file() for f in ML1M_FILES):
+    ml1m = [f for f in ML1M_FILES if (folder / f).is_file()]
+    ml100k = [f for f in ML100K_FILES if (folder / f).is_file()]
+    if (len(ml1m) == len(ML1M_FILES) and ml100k) or (len(ml100k) == len(ML100K_FILES) and ml1m):
+        raise DataValidationError(
+            f"{folder}: holds both ML-1M files ({', '.join(ml1m)}) and ML-100k files "
+            f"({', '.join(ml100k)}); which dataset to load is ambiguous. Keep one format per "
+            "folder: move the other dataset's files to a folder of their own.",
+            path=folder,
+        )
+    if len(ml1m) == len(ML1M_FILES):
         return "ml-1m"
-    if all((folder / f).is_file() for f in ML100K_FILES):
+    if len(ml100k) == len(ML100K_FILES):
         return "ml-100k"
     raise DataValidationError(
         f"{folder}: not a MovieLens folder: expected either {', '.join(ML1M_FILES)} (ML-1M) or "

@@ -23,9 +23,15 @@ from persona_gym.ratings import MAX_RATING, MIN_RATING
 
 logger = logging.getLogger(__name__)
 
+# The longest MovieLens title is under 100 characters; a longer field is a corrupted file.
+MAX_TITLE_CHARS = 1000
+
 __all__ = [
     "DataValidationError",
+    "MAX_TITLE_CHARS",
+    "check_digits",
     "check_gender",
+    "check_title",
     "check_unique_ids",
     "fail",
     "finish_ratings",
@@ -181,6 +187,7 @@ def read_ratings(path: Path, sep: str, encoding: str) -> tuple[pd.DataFrame, str
                 quoting=csv.QUOTE_NONE,
             )
             if len(df) == len(_nonblank_line_numbers(text, limit=None)):
+                check_digits(path, text, sep, names)
                 return df, text
         except (ValueError, TypeError, OverflowError, pd.errors.ParserError) as e:
             logger.debug("fast parse of %s failed (%s); re-reading line by line", path, e)
@@ -192,7 +199,48 @@ def read_ratings(path: Path, sep: str, encoding: str) -> tuple[pd.DataFrame, str
         lambda n, f: tuple(to_int(path, n, c, v) for c, v in zip(names, f, strict=True)),
     )
     df = pd.DataFrame([r for _, r in rows], columns=names, dtype=np.int64)
+    check_digits(path, text, sep, names)
     return df, text
+
+
+def check_digits(path: Path, text: str, sep: str, names: Sequence[str]) -> None:
+    """Every field of a parsed ratings file is written as plain ASCII digits (a leading ``-``
+    is left to the range checks): ``' 3 '``, ``'+3'`` or a fullwidth ``'３'`` parse as 3 but
+    are not what MovieLens writes, so the line is refused rather than guessed."""
+    for match in re.finditer(rf"[^0-9\-\r\n{re.escape(sep)}]", text):
+        start = text.rfind("\n", 0, match.start()) + 1
+        end = text.find("\n", match.start())
+        line = text[start : end if end >= 0 else len(text)].rstrip("\r")
+        if not line.strip():
+            continue  # a blank line (spaces only): skipped like the others
+        for name, value in zip(names, line.split(sep), strict=False):
+            if re.fullmatch(r"-?[0-9]+", value):
+                continue
+            try:
+                example = f", e.g. {int(value)}"
+            except ValueError:
+                example = ""
+            raise fail(
+                path,
+                text.count("\n", 0, start) + 1,
+                f"field {name!r} is {value!r}, not written as plain digits",
+                f"Write {name} as ASCII digits only (no sign, spaces or other numerals)"
+                f"{example}; fix that line.",
+            )
+
+
+def check_title(path: Path, line: int, raw: str) -> str:
+    """A movie title as a file gives it: not empty, at most :data:`MAX_TITLE_CHARS` long."""
+    if not raw.strip():
+        raise fail(path, line, "field 'title' is empty", "Give the movie its title; fix that line.")
+    if len(raw) > MAX_TITLE_CHARS:
+        raise fail(
+            path,
+            line,
+            f"field 'title' is {len(raw):,} characters long, more than {MAX_TITLE_CHARS:,}",
+            "A title is a short line of text; the file is corrupted: fix that line.",
+        )
+    return raw
 
 
 def _nonblank_line_numbers(text: str, limit: int | None) -> np.ndarray:
@@ -246,6 +294,15 @@ def validate_ratings(
             line_of(i),
             f"rating {int(df['rating'].iat[i])} is outside {MIN_RATING}..{MAX_RATING}",
             "MovieLens ratings are whole stars 1-5; fix or remove that line.",
+        )
+    bad = df["timestamp"] < 0
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise fail(
+            path,
+            line_of(i),
+            f"timestamp {int(df['timestamp'].iat[i])} is negative",
+            "Timestamps are seconds since 1970-01-01 (0 or more); fix or remove that line.",
         )
     bad = ~df["user_id"].isin(user_ids)
     if bad.any():
