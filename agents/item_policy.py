@@ -35,6 +35,7 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from persona_gym.errors import ConfigError
 from persona_gym.evaluation.baselines import BiasedMF
 from persona_gym.io import atomic_write
 
@@ -114,14 +115,35 @@ class CFFeatures:
     @classmethod
     def load(cls, path: str | Path) -> CFFeatures:
         """Read what :meth:`save` wrote (a clear error if the file is not such an archive)."""
+        fix = "retrain the agent (`persona-gym train-agent --policy items`)"
         try:
             with np.load(path) as data:
-                return cls(**{f.name: data[f.name] for f in fields(cls)})
-        except (OSError, KeyError, ValueError) as err:
-            raise ValueError(
-                f"{path}: not the collaborative features of an items policy ({err}); "
-                "retrain the agent (`persona-gym train-agent --policy items`)"
+                features = cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (OSError, KeyError, ValueError, EOFError) as err:
+            raise ConfigError(
+                f"{path}: not the collaborative features of an items policy ({err}); {fix}"
             ) from err
+        problem = features._problem()
+        if problem is not None:
+            raise ConfigError(f"{path}: {problem}; {fix}")
+        return features
+
+    def _problem(self) -> str | None:
+        """What makes the arrays unusable (``None``: nothing)."""
+        n_users, n_items = len(self.user_ids), len(self.item_vectors)
+        if self.user_vectors.ndim != 2 or len(self.user_vectors) != n_users:
+            return f"user_vectors of shape {self.user_vectors.shape} for {n_users} user_ids"
+        if self.item_vectors.ndim != 2 or self.item_vectors.shape[1] != self.user_vectors.shape[1]:
+            return (
+                f"item_vectors of shape {self.item_vectors.shape} do not match "
+                f"user_vectors {self.user_vectors.shape}"
+            )
+        if self.item_side.ndim != 2 or len(self.item_side) != n_items:
+            return f"item_side of shape {self.item_side.shape} for {n_items} items"
+        for name in ("user_vectors", "item_vectors", "item_side"):
+            if not np.isfinite(getattr(self, name)).all():
+                return f"{name} holds NaN or infinite values"
+        return None
 
     @property
     def dim(self) -> int:

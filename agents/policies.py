@@ -198,6 +198,54 @@ class SimulatorGreedyPolicy(Policy):
         return out
 
 
+def _verify_shipped(folder: Path) -> None:
+    """All of the shipped agent's files (evaluation and curve too) against its manifest."""
+    from agents.runs import SHIPPED_AGENT, SHIPPED_FILES, verify_files
+
+    if folder.resolve() == SHIPPED_AGENT.resolve():
+        verify_files(folder, [n for n in SHIPPED_FILES if (folder / n).is_file()])
+
+
+def check_env(
+    model: Any, features: CFFeatures | None, config: dict, core: RecCore, where: Path
+) -> None:
+    """Refuse, in one line, a model whose observation or action space (or dataset) is not
+    ``core``'s: a model of another environment would fail only at its first prediction."""
+    from agents.item_policy import USER_KEY, user_space
+    from persona_gym.errors import ConfigError
+    from persona_gym.registry import ENVS
+
+    env_id = config.get("env_id", "?")
+    expected = dict(core.observation_space.spaces)
+    if features is not None:
+        expected[USER_KEY] = user_space(features)
+    problem = None
+    if getattr(model.action_space, "n", None) != core.action_space.n:
+        problem = f"actions {model.action_space}, this environment {core.action_space}"
+    else:
+        have = dict(getattr(model.observation_space, "spaces", {}))
+        for key in sorted(set(have) | set(expected)):
+            shape = have[key].shape if key in have else None
+            want = expected[key].shape if key in expected else None
+            if shape != want:
+                problem = (
+                    f"observation {key!r} of shape {shape}, this environment {want} "
+                    f"(obs_window {core.config.obs_window})"
+                )
+                break
+    if problem is None:
+        registered = {e.env_id: e.dataset for e in ENVS}
+        dataset = config.get("env_kwargs", {}).get("dataset", registered.get(env_id))
+        if dataset is not None and dataset != core.config.dataset:
+            problem = f"dataset {dataset!r}, this environment {core.config.dataset!r}"
+    if problem is not None:
+        raise ConfigError(
+            f"{where} was trained on {env_id} with other settings ({problem}); evaluate it on "
+            "the environment it was trained on (--env, --artifacts and --env-kwargs of its "
+            "run.json), or train an agent for this one with `persona-gym train-agent`"
+        )
+
+
 class SB3Policy(Policy):
     """A trained PPO / DQN / MaskablePPO model as a policy.
 
@@ -209,25 +257,35 @@ class SB3Policy(Policy):
         self.model, self.name, self.features = model, name, features
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None) -> SB3Policy:
-        """Load ``model.zip`` (or a run folder holding one) written by ``persona-gym train-agent``."""
-        from agents.runs import FEATURES_FILE, algorithm, read_run
+    def load(
+        cls, path: str | Path, name: str | None = None, core: RecCore | None = None
+    ) -> SB3Policy:
+        """Load ``model.zip`` (or a run folder holding one) written by ``persona-gym train-agent``
+        or :func:`agents.runs.ship_agent`. The files are checked against the folder's manifest;
+        with ``core``, a model trained on another environment is refused here, not at the first
+        prediction."""
+        from agents.runs import FEATURES_FILE, load_model, read_run, verify_files
 
         path = Path(path)
         zip_path = path / "model.zip" if path.is_dir() else path
-        run = read_run(zip_path.parent)
-        algo = algorithm(run["algo"])
+        folder = zip_path.parent
+        run = read_run(folder)
         if not zip_path.is_file():
             raise FileNotFoundError(
                 f"{zip_path}: no trained model; train one with "
                 "`persona-gym train-agent` (or pass the run folder)"
             )
-        model = algo.load(zip_path, device="cpu")
+        items = run["config"].get("policy", "mlp") == "items"
+        verify_files(folder, ["run.json", zip_path.name, *([FEATURES_FILE] if items else [])])
+        _verify_shipped(folder)
+        model = load_model(run["algo"], zip_path)
         features = None
-        if run["config"].get("policy", "mlp") == "items":
+        if items:
             from agents.item_policy import CFFeatures
 
-            features = CFFeatures.load(zip_path.parent / FEATURES_FILE)
+            features = CFFeatures.load(folder / FEATURES_FILE)
+        if core is not None:
+            check_env(model, features, run["config"], core, zip_path)
         return cls(
             model,
             name or f"{run['algo']}:s{run['config']['seed']}:{run.get('timesteps', '?')}",
@@ -285,10 +343,10 @@ def make_policy(
     if name == "agent":
         from agents.runs import SHIPPED_AGENT
 
-        return SB3Policy.load(SHIPPED_AGENT, name="agent")
+        return SB3Policy.load(SHIPPED_AGENT, name="agent", core=core)
     path = Path(name)
     if path.exists():
-        return SB3Policy.load(path)
+        return SB3Policy.load(path, core=core)
     raise ValueError(
         f"unknown policy {name!r}: choose from {list(BASELINES)}, 'agent' (the shipped "
         "agent) or give a run folder / model.zip written by `persona-gym train-agent`"

@@ -10,7 +10,11 @@ rating-model call per step. A run folder ``OUT/{env}_{algo}_s{seed}_{time}`` rec
 * ``tb/``            TensorBoard logs (``tensorboard --logdir OUT``);
 * ``monitor*.csv``   every finished episode's return and length; ``learning_curve.png``.
 
-``--resume RUN_DIR`` continues a killed run from its latest checkpoint up to ``--timesteps``.
+* ``manifest.json``  the sha256 of run.json, model.zip, features.npz and each checkpoint.
+
+``--resume RUN_DIR`` continues a killed run from its newest intact checkpoint up to
+``--timesteps``, with the settings recorded in its run.json (a different ``--artifacts``,
+``--env-kwargs`` or setting is refused).
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ from agents.runs import (
     POLICY_NAMES,
     algorithm,
     latest_checkpoint,
+    load_model,
     read_run,
+    record_files,
+    verify_files,
 )
 from persona_gym.config_cli import add_config_arguments, config_from_args, plain
 from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
@@ -163,6 +170,7 @@ def train_agent(
     if resume is not None:
         run_dir = Path(resume)
         recorded = read_run(run_dir)["config"]
+        verify_files(run_dir, ["run.json", FEATURES_FILE])
         config = AgentConfig(**{**recorded, "timesteps": config.timesteps})
         latest = latest_checkpoint(run_dir)
     else:
@@ -173,6 +181,7 @@ def train_agent(
     atomic_write_json(
         run_dir / "run.json", {"config": dataclasses.asdict(config), "algo": config.algo}
     )
+    record_files(run_dir, "run.json")
 
     features = None
     if config.policy == "items":
@@ -192,7 +201,7 @@ def train_agent(
         monitored = VecMonitor(
             env, str(run_dir / f"monitor-{start_steps}.monitor.csv")
         )  # SB3 adds .monitor.csv otherwise
-        model = algo.load(path, env=monitored, device="cpu")
+        model = load_model(config.algo, path, env=monitored)
     else:
         monitored = VecMonitor(env, str(run_dir / "monitor.csv"))
         policy: Any = "MultiInputPolicy"
@@ -230,6 +239,7 @@ def train_agent(
         path.parent.mkdir(exist_ok=True)
         model.save(tmp)
         tmp.replace(path)
+        record_files(run_dir, f"checkpoints/{path.name}")
         log.warning("interrupted at %d env steps; saved %s", model.num_timesteps, path)
         env.close()
         raise
@@ -237,6 +247,7 @@ def train_agent(
     tmp = run_dir / "model.tmp.zip"
     model.save(tmp)
     tmp.replace(run_dir / "model.zip")
+    record_files(run_dir, "model.zip")
     learning_curve(run_dir)
     atomic_write_json(
         run_dir / "run.json",
@@ -248,14 +259,15 @@ def train_agent(
             "timesteps": int(model.num_timesteps),
         },
     )
+    record_files(run_dir, "run.json")
     env.close()
     return run_dir
 
 
 def atomic_checkpoints(save_freq: int, folder: Path) -> Any:
     """SB3's ``CheckpointCallback`` (``model_{N}_steps.zip`` every ``save_freq`` calls), each
-    file written under a temporary name and renamed: a run killed while saving leaves no
-    truncated checkpoint for ``--resume`` to pick as the latest."""
+    file written under a temporary name, renamed and recorded in the run's manifest: a run
+    killed while saving leaves no truncated checkpoint for ``--resume`` to pick as the latest."""
     from stable_baselines3.common.callbacks import CheckpointCallback
 
     class _Atomic(CheckpointCallback):
@@ -265,6 +277,7 @@ def atomic_checkpoints(save_freq: int, folder: Path) -> Any:
                 tmp = path.with_suffix(".tmp.zip")
                 self.model.save(tmp)
                 tmp.replace(path)
+                record_files(folder.parent, f"{folder.name}/{path.name}")
             return True
 
     return _Atomic(save_freq=save_freq, save_path=str(folder), name_prefix="model")
@@ -393,6 +406,7 @@ def _features(
         )
     features = CFFeatures.from_ratings(ratings, core.catalog, core.item_embeddings)
     features.save(path)
+    record_files(run_dir, FEATURES_FILE)
     return features
 
 
@@ -438,6 +452,43 @@ def learning_curve(run_dir: str | Path, window: int = 50) -> Path | None:
     return path
 
 
+def check_resume_flags(args: argparse.Namespace, run_dir: Path, recorded: AgentConfig) -> None:
+    """Refuse ``--resume`` with a setting other than the run's recorded one (``--artifacts``,
+    ``--env-kwargs``, or a flag given a value other than its default and the recorded one):
+    the run continues with its recorded settings only; ``--timesteps`` may change."""
+    from persona_gym.errors import ConfigError
+
+    where = f"{run_dir / 'run.json'}"
+    fix = "--resume continues a run with its recorded settings"
+    if args.artifacts:
+        before = recorded.env_kwargs.get("artifacts")
+        if before is None or Path(before).resolve() != Path(args.artifacts).resolve():
+            raise ConfigError(
+                f"--artifacts {args.artifacts} differs from the artifacts recorded in {where} "
+                f"({before if before is not None else 'the env config default'}); {fix}: "
+                "drop --artifacts, or start a new run without --resume"
+            )
+    for key, value in parse_env_kwargs(args.env_kwargs).items():
+        if recorded.env_kwargs.get(key, value) != value or key not in recorded.env_kwargs:
+            raise ConfigError(
+                f"--env-kwargs {key}={value} differs from the env settings recorded in {where} "
+                f"({recorded.env_kwargs}); {fix}: drop --env-kwargs, or start a new run without "
+                "--resume"
+            )
+    defaults = AgentConfig()
+    for f in dataclasses.fields(AgentConfig):
+        if f.name in ("timesteps", "env_kwargs") or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if value != getattr(defaults, f.name) and value != getattr(recorded, f.name):
+            flag = "--env" if f.name == "env_id" else f"--{f.name.replace('_', '-')}"
+            raise ConfigError(
+                f"{flag} {value} differs from the recorded {f.name} "
+                f"{getattr(recorded, f.name)!r} in {where}; {fix}: drop {flag}, or start a new "
+                "run without --resume"
+            )
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train-agent",
@@ -480,8 +531,12 @@ def run(args: argparse.Namespace) -> int:
     if args.artifacts:
         env_kwargs["artifacts"] = args.artifacts
     extra: dict[str, Any] = {"env_kwargs": env_kwargs}
-    if args.timesteps is None and args.resume:  # keep the length the run was started with
-        extra["timesteps"] = read_run(args.resume)["config"]["timesteps"]
+    if args.resume:
+        recorded = AgentConfig(**read_run(args.resume)["config"])
+        check_resume_flags(args, Path(args.resume), recorded)
+        extra["env_kwargs"] = recorded.env_kwargs
+        if args.timesteps is None:  # keep the length the run was started with
+            extra["timesteps"] = recorded.timesteps
     config = config_from_args(AgentConfig, args, **extra)
     args.resume_hint = (
         f"continue with `persona-gym train-agent --resume {args.resume}`"

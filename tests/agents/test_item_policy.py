@@ -83,7 +83,7 @@ def test_items_policy_trains_reloads_and_scores_with_its_model(
     # shipping: the model (or a checkpoint), its features and curve, no machine path in run.json
     dest = ship_agent(run_dir, tmp_path / "shipped" / "agent", steps=16)
     assert sorted(p.name for p in dest.iterdir()) == sorted(
-        ["model.zip", "run.json", FEATURES_FILE, "eval.csv", "learning_curve.png"]
+        ["model.zip", "run.json", FEATURES_FILE, "eval.csv", "learning_curve.png", "manifest.json"]
     )
     assert (
         str(tmp_path) not in (dest / "run.json").read_text() and read_run(dest)["timesteps"] == 16

@@ -6,6 +6,7 @@ Q-values under the env's mask (untrained models saved as run folders, no trainin
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -307,8 +308,12 @@ def test_a_folder_without_a_model_is_named(core, runs, tmp_path):
 
 def test_the_shipped_agent_is_the_policy_named_agent(core):
     from agents.runs import SHIPPED_AGENT
+    from persona_gym.errors import ConfigError
 
-    policy = make_policy("agent", core)
+    # "agent" loads the shipped agent, checked against the env: the tiny one has 6 items
+    with pytest.raises(ConfigError, match=re.escape(str(SHIPPED_AGENT / "model.zip"))):
+        make_policy("agent", core)
+    policy = SB3Policy.load(SHIPPED_AGENT, name="agent")
     assert isinstance(policy, SB3Policy) and policy.name == "agent" and policy.features is not None
     assert policy.features.user_vectors.shape[0] > 100  # the ML-100k users it was trained with
     assert SB3Policy.load(SHIPPED_AGENT).name == "maskable-ppo:s0:49152"
