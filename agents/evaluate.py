@@ -33,23 +33,30 @@ its bootstrap interval; a pair whose interval contains 0 is *not distinguishable
 **Gap closed** (with ``random`` and ``simulator-greedy`` among the policies): ``(policy - random)
 / (simulator-greedy - random)`` of mean return and mean rating.
 
-**Agreement**: Kendall's tau / Spearman's rho between the policies' simulator ordering (mean
-rating) and their logged ordering (NDCG@k, replay): do simulator wins carry to logged data?
+Every interval is clipped to its metric's range (``agents.metrics.METRIC_BOUNDS``: a share
+within 0..1, a rating within 1..5).
+
+**Agreement** (with at least 4 policies evaluated on logged data): Kendall's tau / Spearman's
+rho between the policies' simulator ordering (mean rating) and their logged ordering (NDCG@k,
+replay): do simulator wins carry to logged data?
 
 **On Ray** (``--ray-workers N``, ``pip install 'persona-gym[ray]'``): the episodes of each
 (policy, seed) are cut into contiguous chunks of whole ``--n-envs`` batches, played by ``N`` Ray
 actors that each hold their own simulator, and merged back in order: the results are those of
 the single-process run with the same seeds (:mod:`agents.ray_eval`).
 
-Writes ``results.json``, ``report.md`` and ``policies.png`` (bars with intervals) to ``--out``.
+The policy names are checked before anything loads. One progress line per policy and seed goes
+to stderr. Writes ``results.json``, ``report.md`` and ``policies.png`` (bars with intervals) to
+``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +66,15 @@ import numpy as np
 import pandas as pd
 
 from agents.metrics import (
+    METRIC_BOUNDS,
+    MIN_AGREEMENT_POLICIES,
     bootstrap_ci,
     intra_list_diversity,
     ndcg_hit_at_k,
     novelty,
     rank_agreement,
 )
-from agents.policies import BASELINES, Batch, Policy, make_policy
+from agents.policies import BASELINES, Batch, MFPolicy, Policy, make_policy
 from agents.report import format_table, write_report
 from persona_gym.config_cli import add_config_arguments, config_from_args, plain
 from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
@@ -77,6 +86,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PolicyEvalConfig",
+    "check_policy_names",
     "evaluate_logged",
     "evaluate_policies",
     "load_evaluation",
@@ -119,7 +129,7 @@ def simulate(
         rngs = [np.random.default_rng([seed, e]) for e in ids]
         states = [core.new_episode(rng, None) for rng in rngs]
         policy.seed(seed * 1_000_003 + start)
-        recs = [
+        recs: list[dict[str, Any]] = [
             {
                 "seed": seed,
                 "episode": e,
@@ -178,12 +188,15 @@ def summarize_episodes(records: list[dict], core: RecCore, n_users: int, seed: i
             [novelty(r["items"], core.catalog.n_ratings, n_users) for r in records]
         ),
     }
-    out = {}
+    out: dict[str, Any] = {}
     for name, values in per_episode.items():
-        out[name] = _ci(len(records), lambda idx, v=values: float(np.nanmean(v[idx])), seed)
+        out[name] = _ci(len(records), lambda idx, v=values: float(np.nanmean(v[idx])), seed, name)
     items = [set(r["items"]) for r in records]
     out["coverage"] = _ci(
-        len(records), lambda idx: len(set().union(*(items[i] for i in idx))) / core.n_items, seed
+        len(records),
+        lambda idx: len(set().union(*(items[i] for i in idx))) / core.n_items,
+        seed,
+        "coverage",
     )
     out["episodes"] = len(records)
     return out
@@ -231,7 +244,12 @@ def paired_differences(per_episode: dict[str, list[dict]], seed: int = 0) -> lis
         for b in names[i + 1 :]:
             for metric in ("return", "mean_rating"):
                 diff = values(a, metric) - values(b, metric)
-                ci = _ci(len(diff), lambda idx, d=diff: float(np.nanmean(d[idx])), seed)
+                ci = _ci(
+                    len(diff),
+                    lambda idx, d=diff: float(np.nanmean(d[idx])),
+                    seed,
+                    bounds=_difference_bounds(metric),
+                )
                 out.append(
                     {
                         "a": a,
@@ -244,8 +262,25 @@ def paired_differences(per_episode: dict[str, list[dict]], seed: int = 0) -> lis
     return out
 
 
-def _ci(n: int, statistic, seed: int) -> dict:
-    value, low, high = bootstrap_ci(n, statistic, seed=seed)
+def _difference_bounds(metric: str) -> tuple[float, float] | None:
+    """The range of a difference of two values of ``metric`` (``None``: unbounded)."""
+    if metric not in METRIC_BOUNDS:
+        return None
+    low, high = METRIC_BOUNDS[metric]
+    return low - high, high - low
+
+
+def _ci(
+    n: int,
+    statistic,
+    seed: int,
+    metric: str | None = None,
+    bounds: tuple[float, float] | None = None,
+) -> dict:
+    """The value and its bootstrap interval, clipped to ``bounds`` or to ``metric``'s range."""
+    if bounds is None and metric is not None:
+        bounds = METRIC_BOUNDS.get(metric)
+    value, low, high = bootstrap_ci(n, statistic, seed=seed, bounds=bounds)
     return {"mean": value, "low": low, "high": high}
 
 
@@ -307,18 +342,20 @@ def evaluate_logged(
                 accepted[r].append(rating)
 
     n = len(users)
-    ndcgs, hits = np.array(ndcgs), np.array(hits)
+    ndcg_of, hit_of = np.array(ndcgs), np.array(hits)
     flat_hits = [x for h in hit_ratings for x in h]
     flat_accepted = [x for a in accepted for x in a]
     return {
         "users": n,
         "k": k,
-        "hit_rate": _ci(n, lambda idx: float(hits[idx].mean()), seed),
-        "ndcg": _ci(n, lambda idx: float(ndcgs[idx].mean()), seed),
-        "hit_rating": _ci(n, lambda idx: _pooled_mean([hit_ratings[i] for i in idx]), seed)
+        "hit_rate": _ci(n, lambda idx: float(hit_of[idx].mean()), seed, "hit_rate"),
+        "ndcg": _ci(n, lambda idx: float(ndcg_of[idx].mean()), seed, "ndcg"),
+        "hit_rating": _ci(
+            n, lambda idx: _pooled_mean([hit_ratings[i] for i in idx]), seed, "hit_rating"
+        )
         if flat_hits
         else None,
-        "replay": _ci(n, lambda idx: _pooled_mean([accepted[i] for i in idx]), seed)
+        "replay": _ci(n, lambda idx: _pooled_mean([accepted[i] for i in idx]), seed, "replay")
         if flat_accepted
         else None,
         "replay_accepted": len(flat_accepted),
@@ -383,26 +420,25 @@ def evaluate_policies(
     config: PolicyEvalConfig,
     test: pd.DataFrame | None,
     n_users: int,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Simulator and logged metrics of each policy, and the agreement of their orderings.
+    """Simulator and logged metrics of each policy, and the agreement of their orderings (with
+    at least :data:`agents.metrics.MIN_AGREEMENT_POLICIES` policies evaluated on logged data).
+
+    ``progress``: called with one line per policy and seed as their episodes finish (with Ray:
+    per policy, all seeds), and per policy when its logged evaluation is done.
 
     With ``config.ray_workers`` the simulator episodes run on Ray actors (:mod:`agents.ray_eval`;
     a Ray session for the call unless one is open) and ``seconds`` is each policy's wall time
     from the previous one's end (the actors work on the next policies meanwhile)."""
+    say = progress or (lambda line: None)
     settings = {k: v for k, v in vars(config).items() if k != "ray_workers"}
     results: dict[str, Any] = {"policies": {}, "config": settings | {"seeds": list(config.seeds)}}
     per_episode: dict[str, list[dict]] = {}
     with ExitStack() as stack:
         if config.ray_workers is None:
             played: Iterable[tuple[str, list[dict]]] = (
-                (
-                    name,
-                    [
-                        r
-                        for s in config.seeds
-                        for r in simulate(policy, core, config.episodes, s, config.n_envs)
-                    ],
-                )
+                (name, _play_seeds(name, policy, core, config, say))
                 for name, policy in policies.items()
             )
         else:
@@ -423,15 +459,23 @@ def evaluate_policies(
             )
         started = time.perf_counter()
         for name, records in played:
+            if config.ray_workers is not None:
+                say(_progress_line(name, f"seeds {list(config.seeds)}", records, started))
             _summarize_policy(
                 name, policies[name], records, core, config, test, n_users, started, results
             )
+            if "logged" in results["policies"][name]:
+                logged = results["policies"][name]["logged"]
+                say(
+                    f"{name}: logged test interactions of {logged['users']} users, "
+                    f"NDCG@{logged['k']} {logged['ndcg']['mean']:.3f}"
+                )
             per_episode[name] = records
             started = time.perf_counter()
     results["differences"] = paired_differences(per_episode)
     results["gap_closed"] = gap_closed(results["policies"])
     names = [n for n in policies if "logged" in results["policies"][n]]
-    if len(names) >= 2:
+    if len(names) >= MIN_AGREEMENT_POLICIES:
         sim = [results["policies"][n]["simulator"]["mean_rating"]["mean"] for n in names]
         agreement = {}
         for metric in ("ndcg", "replay"):
@@ -443,6 +487,32 @@ def evaluate_policies(
                 agreement[f"mean_rating_vs_{metric}"] = rank_agreement(sim, logged)
         results["agreement"] = agreement
     return results
+
+
+def _mean_rating(records: list[dict]) -> float:
+    """The mean over episodes of each episode's mean expected rating (NaN: nothing rated)."""
+    means = [np.mean(r["expected"]) for r in records if r["expected"]]
+    return float(np.mean(means)) if means else float("nan")
+
+
+def _progress_line(name: str, what: str, records: list[dict], started: float) -> str:
+    return (
+        f"{name} {what}: {len(records)} episodes, mean rating {_mean_rating(records):.3f} "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+
+
+def _play_seeds(
+    name: str, policy: Policy, core: RecCore, config: PolicyEvalConfig, say: Callable[[str], None]
+) -> list[dict]:
+    """Every seed's episodes of one policy, in this process, with a progress line per seed."""
+    records: list[dict] = []
+    for seed in config.seeds:
+        started = time.perf_counter()
+        played = simulate(policy, core, config.episodes, seed, config.n_envs)
+        say(_progress_line(name, f"seed {seed}", played, started))
+        records += played
+    return records
 
 
 def _summarize_policy(
@@ -467,6 +537,20 @@ def _summarize_policy(
         entry["simulator"]["mean_rating"]["mean"],
         entry["seconds"],
     )
+
+
+def check_policy_names(names: Sequence[str]) -> None:
+    """Refuse, in one line and before anything loads, a policy name that is neither a baseline,
+    ``agent`` nor an existing run folder / ``model.zip``."""
+    from persona_gym.errors import ConfigError
+
+    known = (*BASELINES, "agent")
+    for name in names:
+        if name not in known and not Path(name).exists():
+            raise ConfigError(
+                f"--policies: unknown policy {name!r}; choose from {', '.join(known)} or give a "
+                "run folder / model.zip written by `persona-gym train-agent`"
+            )
 
 
 def load_evaluation(
@@ -531,32 +615,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # pragma: no mu
     parser.set_defaults(func=run)
 
 
+def _say(line: str) -> None:
+    """A progress line of the command, on stderr."""
+    print(f"evaluate-policy: {line}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:  # pragma: no mutate block
     from persona_gym.errors import ConfigError
 
     config = config_from_args(PolicyEvalConfig, args)
+    check_policy_names(args.policies)
+    overrides = parse_env_kwargs(args.env_kwargs)
+    if args.artifacts:
+        overrides["artifacts"] = args.artifacts
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(
             f"--out {args.out} is a file; --out names the folder that receives "
             "results.json, report.md and policies.png"
         )
+    created = not args.out.exists()
     args.out.mkdir(
         parents=True, exist_ok=True
     )  # a permission problem shows now, not after the work
-    overrides = parse_env_kwargs(args.env_kwargs)
-    if args.artifacts:
-        overrides["artifacts"] = args.artifacts
-    core, ratings, test, n_users = load_evaluation(args.env_id, args.dtype, **overrides)
-    policies = {}
-    mf = None
-    for name in args.policies:
-        policy = make_policy(name, core, ratings, mf=mf)
-        mf = policy if name == "mf" else mf
-        key = policy.name
-        while key in policies:  # two runs with the same algorithm, seed and length
-            key += "'"
-        policies[key] = policy
-    results = evaluate_policies(core, policies, config, test if config.logged else None, n_users)
+    try:
+        results = _evaluate(args, config, overrides)
+    except BaseException:  # a failure or Ctrl-C leaves no empty --out behind
+        if created and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()
+        raise
     settings = "".join(f", {k}={v}" for k, v in overrides.items())
     results["env"] = {"id": args.env_id, "dtype": args.dtype, **overrides}
     report = write_report(
@@ -568,3 +654,28 @@ def run(args: argparse.Namespace) -> int:  # pragma: no mutate block
     print(format_table(results))
     print(f"report: {report}")
     return 0
+
+
+def _evaluate(
+    args: argparse.Namespace, config: PolicyEvalConfig, overrides: dict[str, Any]
+) -> dict[str, Any]:  # pragma: no mutate block
+    """Load the simulator and the logged data, make the policies, evaluate them."""
+    _say(f"loading the {args.env_id} simulator and its logged data")
+    core, ratings, test, n_users = load_evaluation(args.env_id, args.dtype, **overrides)
+    policies: dict[str, Policy] = {}
+    mf: MFPolicy | None = None
+    for name in args.policies:
+        policy = make_policy(name, core, ratings, mf=mf)
+        if isinstance(policy, MFPolicy):  # simulator-greedy ranks MF's top: one MF fit
+            mf = policy
+        key = policy.name
+        while key in policies:  # two runs with the same algorithm, seed and length
+            key += "'"
+        policies[key] = policy
+    _say(
+        f"{len(policies)} policies x {len(config.seeds)} seeds x {config.episodes} episodes"
+        + (", then the logged test interactions" if config.logged else "")
+    )
+    return evaluate_policies(
+        core, policies, config, test if config.logged else None, n_users, progress=_say
+    )

@@ -6,7 +6,37 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "intra_list_diversity", "ndcg_hit_at_k", "novelty", "rank_agreement"]
+from persona_gym.ratings import MAX_RATING, MIN_RATING
+
+__all__ = [
+    "METRIC_BOUNDS",
+    "MIN_AGREEMENT_POLICIES",
+    "bootstrap_ci",
+    "intra_list_diversity",
+    "ndcg_hit_at_k",
+    "novelty",
+    "rank_agreement",
+]
+
+#: The range each metric of the policy evaluation can take; its bootstrap interval is clipped
+#: to it (a share never above 1, a rating within 1..5). ``return`` has none: its scale is the
+#: env's reward settings'.
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "mean_rating": (float(MIN_RATING), float(MAX_RATING)),
+    "share_ge4": (0.0, 1.0),
+    "churn": (0.0, 1.0),
+    "coverage": (0.0, 1.0),
+    "diversity": (0.0, 1.0),
+    "novelty": (0.0, float("inf")),
+    "hit_rate": (0.0, 1.0),
+    "ndcg": (0.0, 1.0),
+    "hit_rating": (float(MIN_RATING), float(MAX_RATING)),
+    "replay": (float(MIN_RATING), float(MAX_RATING)),
+}
+
+#: The fewest policies whose orderings a rank agreement (Kendall's tau, Spearman's rho) compares:
+#: with 2 or 3 the statistic takes a handful of values and its p-value can never be small.
+MIN_AGREEMENT_POLICIES = 4
 
 
 def bootstrap_ci(
@@ -15,6 +45,7 @@ def bootstrap_ci(
     seed: int = 0,
     n_boot: int = 1000,
     level: float = 0.95,
+    bounds: tuple[float, float] | None = None,
 ) -> tuple[float, float, float]:
     """``(value, low, high)``: ``statistic`` of all ``n`` units (episodes) and its bootstrap
     interval (units resampled with replacement, seeded).
@@ -22,7 +53,9 @@ def bootstrap_ci(
     The percentile interval is shifted by the bootstrap's bias (``value`` minus the mean of the
     resampled statistics). For a mean the shift is ~0; for a statistic a resample biases, like
     coverage (a resample repeats episodes, so it covers fewer movies), the plain percentile
-    interval can miss its own estimate, the shifted one is centred on it. Resamples on which the
+    interval can miss its own estimate, the shifted one is centred on it. The shift can carry an
+    end past what the statistic can take (a share of 1.002): ``bounds`` (``(low, high)``, e.g.
+    :data:`METRIC_BOUNDS`) clips the interval to the statistic's range. Resamples on which the
     statistic is NaN (a mean over no rated episode, a hit rating without hits) are left out."""
     if n < 1:
         raise ValueError("bootstrap_ci needs at least one unit")
@@ -37,6 +70,8 @@ def bootstrap_ci(
         return value, value, value
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(draws, [alpha, 1.0 - alpha]) + (value - draws.mean())
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
     return value, min(float(low), value), max(float(high), value)  # min/max: float rounding only
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.metrics import MIN_AGREEMENT_POLICIES
 from persona_gym.io import atomic_write_json, atomic_write_text
 
 __all__ = ["LOGGED_METRICS", "SIM_METRICS", "format_table", "plot_policies", "write_report"]
@@ -51,6 +52,12 @@ def format_table(results: dict[str, Any]) -> str:
             f"\nAgreement {key}: Kendall tau {value['kendall_tau']:.2f} "
             f"(p={value['kendall_p']:.2f}), Spearman rho {value['spearman_rho']:.2f} "
             f"over {value['n_policies']} policies"
+        )
+    n_logged = sum("logged" in p for p in results["policies"].values())
+    if not results.get("agreement") and 2 <= n_logged < MIN_AGREEMENT_POLICIES:
+        lines.append(
+            "\nNo rank agreement between the simulator's ordering and the logged one: it needs "
+            f"at least {MIN_AGREEMENT_POLICIES} policies evaluated on logged data ({n_logged} here)"
         )
     return "\n".join(lines)
 

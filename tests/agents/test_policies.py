@@ -142,10 +142,10 @@ def test_evaluate_policies_writes_the_report(tmp_path, core, ratings):
     )
     assert results["policies"]["random"]["simulator"]["episodes"] == 6
     assert "logged" not in results["policies"]["simulator-greedy"]  # too costly to replay
-    assert results["agreement"]["mean_rating_vs_ndcg"]["n_policies"] == 3
+    assert "agreement" not in results  # 3 policies on logged data: too few
     report = write_report(results, tmp_path, "tiny")
     text = report.read_text()
-    assert "| simulator-greedy |" in text and "Agreement" in text
+    assert "| simulator-greedy |" in text and "at least 4 policies evaluated on logged data" in text
     assert (tmp_path / "policies.png").stat().st_size > 0 and (tmp_path / "results.json").exists()
 
 
