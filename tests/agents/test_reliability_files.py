@@ -264,6 +264,10 @@ def test_a_run_folder_without_a_manifest_loads_with_a_warning(run_dir, caplog):
     (run_dir / MANIFEST_FILE).unlink()
     SB3Policy.load(run_dir)
     assert any(MANIFEST_FILE in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    truncate(run_dir / "model.zip")  # unverified, yet still refused in one line when loaded
+    with pytest.raises(ConfigError, match=r"model\.zip: not a maskable-ppo model") as err:
+        SB3Policy.load(run_dir)
+    one_line(err.value)
 
 
 # -- a model of another environment --------------------------------------------------------------
