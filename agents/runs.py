@@ -184,9 +184,7 @@ def file_problem(folder: Path, name: str, files: dict[str, str] | None) -> str |
     if files is None or name not in files or not (folder / name).is_file():
         return None
     if file_sha256(folder / name) != files[name]:
-        return (
-            f"sha256 differs from {folder / MANIFEST_FILE} (the file changed after it was written)"
-        )
+        return f"sha256 differs from {folder / MANIFEST_FILE} (the file was truncated or changed after it was written)"
     return None
 
 
@@ -280,9 +278,7 @@ def load_model(algo: str, path: Path, fix: str = RUN_FIX, **kwargs: Any) -> Any:
         reason = " ".join(f"{type(err).__name__}: {err}".split())
         if len(reason) > 300:
             reason = reason[:300] + "…"
-        raise ConfigError(
-            f"{path}: not a {algo} model for this run's environment ({reason}); {fix}"
-        ) from err
+        raise ConfigError(f"{path}: not a {algo} model that loads ({reason}); {fix}") from err
 
 
 def ship_agent(
