@@ -184,7 +184,10 @@ def file_problem(folder: Path, name: str, files: dict[str, str] | None) -> str |
     if files is None or name not in files or not (folder / name).is_file():
         return None
     if file_sha256(folder / name) != files[name]:
-        return f"sha256 differs from {folder / MANIFEST_FILE} (the file was truncated or changed after it was written)"
+        return (
+            f"sha256 differs from {folder / MANIFEST_FILE} "
+            "(the file was truncated or changed after it was written)"
+        )
     return None
 
 
