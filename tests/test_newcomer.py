@@ -86,3 +86,14 @@ def test_personas_help_names_the_default_features(capsys):
     assert f"cluster users into personas (on --features, default: {PersonaConfig.features})" in (
         listing
     )
+
+
+def test_quiet_loading_also_silences_the_gguf_conversion_bar():
+    """transformers draws the GGUF conversion's bar with plain tqdm, outside its own switch."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    with quiet_loading():
+        assert list(gguf_utils.tqdm(range(3), desc="converting")) == [0, 1, 2]
+        assert gguf_utils.tqdm(range(1)).disable
+    assert gguf_utils.tqdm is bar
