@@ -2,7 +2,7 @@
 
 Each study asks the simulator through ``rate(variant, users, items, windows) -> (n, 5)``
 (``variant`` = ``"persona"`` for every user's own adapter, or one adapter's name for everyone)
-and compares with the collaborative-filtering side where that makes sense (DESIGN.md §8):
+and compares with the collaborative-filtering side where that makes sense:
 
 * :func:`persona_specificity`: each user's RMSE under their own persona adapter and under
   every other persona adapter; the share of users whose own adapter is the best.

@@ -295,7 +295,7 @@ def fidelity_report(
     return report
 
 
-# -- within-user fidelity (DESIGN.md §8) ----------------------------------------------------------
+# -- within-user fidelity -------------------------------------------------------------------------
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a @ a) * (b @ b))
