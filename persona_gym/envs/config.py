@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_gym.errors import ConfigError, ConfigTypeError
+from persona_gym.rater import redact_url
 
 REWARDS = ("expected", "sampled")
 REPEAT_RULES = ("penalty", "terminate")
@@ -68,7 +69,12 @@ class EnvConfig:
             see :mod:`persona_gym.simulator.served`. ``device`` and ``compile`` are the local
             engine's.
         server_url: base URL of the server for ``backend="vllm-server"``
-            (``"http://127.0.0.1:8000/v1"``); must be ``None`` for the other backends.
+            (``"http://127.0.0.1:8000/v1"``); must be ``None`` for the other backends. It may
+            carry credentials (``http://user:pass@host/v1``, ``?api_key=...``): messages, logs
+            and this config's ``repr`` show it redacted (``persona_gym.rater.redact_url``).
+        server_timeout_s: ``backend="vllm-server"``: seconds one request to the server may
+            take, its retries included (``VLLMSettings.timeout_s``); a server that holds a
+            request fails within it. Must be > 0.
         vllm_kv_cache_gb: key/value cache of the offline vLLM engine in GiB (from RAM on a CPU).
         max_episode_steps: the horizon; ``truncated`` becomes true after this many steps (the
             registered ids pass it to ``TimeLimit``; the vector env applies it itself). Also the
@@ -114,6 +120,7 @@ class EnvConfig:
     backend: str = "local"
     server_url: str | None = None
     vllm_kv_cache_gb: float = 2.0
+    server_timeout_s: float = 300.0
     max_episode_steps: int = 20
     reward: str = "expected"
     reward_scale: float = 1.0
@@ -168,6 +175,12 @@ class EnvConfig:
             )
         check_device(self.device)
 
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.server_url:
+            shown["server_url"] = redact_url(self.server_url)
+        return "EnvConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
     def replace(self, **overrides: Any) -> EnvConfig:
         """A copy with some fields changed (unknown names raise, naming the field)."""
         _check_keys(overrides, "overrides")
@@ -186,15 +199,16 @@ def _check_backend(config: EnvConfig) -> None:
         if not config.server_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"EnvConfig.server_url must start with http:// or https://, got "
-                f"{config.server_url!r}"
+                f"{redact_url(config.server_url)!r}"
             )
     elif config.server_url is not None:
         raise ConfigError(
-            f"EnvConfig.server_url={config.server_url!r} is read only by "
+            f"EnvConfig.server_url={redact_url(config.server_url)!r} is read only by "
             f"backend='vllm-server' (backend is {config.backend!r}); set both or neither"
         )
-    if config.vllm_kv_cache_gb <= 0:
-        raise ConfigError(f"EnvConfig.vllm_kv_cache_gb must be > 0, got {config.vllm_kv_cache_gb}")
+    for name in ("vllm_kv_cache_gb", "server_timeout_s"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"EnvConfig.{name} must be > 0, got {getattr(config, name)}")
 
 
 _TYPES = {

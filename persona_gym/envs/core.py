@@ -11,7 +11,7 @@ documented once, in :class:`~persona_gym.envs.PersonaRecEnv`'s docstring.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,34 @@ from gymnasium import spaces
 from persona_gym import ratings
 from persona_gym.artifacts import resolve_artifacts
 from persona_gym.envs.config import EnvConfig
+from persona_gym.errors import ConfigTypeError
 from persona_gym.leave import LeaveModel, episode_features, load_leave_model
 from persona_gym.memory import Interaction, format_window, short_term_window
-from persona_gym.rater import Rater
+from persona_gym.rater import Rater, check_distribution
 
-__all__ = ["EpisodeState", "RecCore", "StepResult", "clear_simulator_cache", "get_simulator"]
+__all__ = [
+    "EpisodeState",
+    "RecCore",
+    "StepResult",
+    "check_options",
+    "clear_simulator_cache",
+    "get_simulator",
+]
+
+
+def check_options(options: Any, example: str) -> Mapping[str, Any]:
+    """``reset``'s ``options`` as a mapping (``None`` -> ``{}``), or a one-line
+    :class:`~persona_gym.errors.ConfigTypeError` that shows what it accepts (``example``)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        shown = repr(options)
+        shown = shown if len(shown) <= 80 else shown[:80] + "…"
+        raise ConfigTypeError(
+            f"reset(options={shown}): options must be a dict such as {example}, or None"
+        )
+    return options
+
 
 _CACHE: dict[tuple, Any] = {}
 _CACHE_LOCK = threading.Lock()
@@ -36,7 +59,7 @@ def get_simulator(config: EnvConfig) -> Rater:
     """The process-wide SLM :class:`UserSimulator` of a config (loaded once per key).
 
     Key: (artifacts directory, variant, base model, device, dtype, compile, backend, server URL,
-    vLLM cache size); so ``gym.make_vec(..., vectorization_mode="sync")`` with 16 copies loads
+    server timeout, vLLM cache size); so ``gym.make_vec(..., vectorization_mode="sync")`` with 16 copies loads
     one model. ``backend="vllm"``/``"vllm-server"`` rates through vLLM
     (:func:`persona_gym.simulator.served.load_served`).
     """
@@ -50,6 +73,7 @@ def get_simulator(config: EnvConfig) -> Rater:
         config.compile,
         config.backend,
         config.server_url,
+        config.server_timeout_s,
         config.vllm_kv_cache_gb,
     )
     with _CACHE_LOCK:
@@ -75,7 +99,11 @@ def _load_simulator(root: Path, config: EnvConfig) -> Rater:
     from persona_gym.assets import resolve_dtype
     from persona_gym.simulator.served import VLLMSettings, load_served
 
-    settings = VLLMSettings(url=config.server_url, kv_cache_gb=config.vllm_kv_cache_gb)
+    settings = VLLMSettings(
+        url=config.server_url,
+        kv_cache_gb=config.vllm_kv_cache_gb,
+        timeout_s=config.server_timeout_s,
+    )
     return load_served(
         root,
         backend=config.backend,
@@ -236,7 +264,7 @@ class RecCore:
 
     def new_episode(self, rng: np.random.Generator, options: dict[str, Any] | None) -> EpisodeState:
         """A fresh episode: the user from ``options["user_id"]`` or drawn with ``rng``."""
-        options = dict(options or {})
+        options = dict(check_options(options, "{'user_id': 42}"))
         unknown = sorted(set(options) - {"user_id"})
         if unknown:
             raise ValueError(f"unknown reset option(s) {unknown}; supported: ['user_id']")
@@ -286,15 +314,22 @@ class RecCore:
         actions: Sequence[Any],
         rngs: Sequence[np.random.Generator],
     ) -> list[StepResult]:
-        """Advance each state by its action; all rated actions in ONE ``Rater.rate`` call."""
+        """Advance each state by its action; all rated actions in ONE ``Rater.rate`` call, whose
+        rows must be rating distributions (:func:`~persona_gym.rater.check_distribution`: a
+        corrupt model raises there, before any state changes)."""
         items = [self.check_action(a) for a in actions]
         rated = [i for i, (s, a) in enumerate(zip(states, items, strict=True)) if s.allowed[a]]
         probs = np.zeros((len(states), 5))
         if rated:
-            probs[rated] = self.rater.rate(
-                [states[i].user_id for i in rated],
-                [items[i] for i in rated],
-                [self.window(states[i]) for i in rated],
+            probs[rated] = check_distribution(
+                self.rater.rate(
+                    [states[i].user_id for i in rated],
+                    [items[i] for i in rated],
+                    [self.window(states[i]) for i in rated],
+                ),
+                self.rater.source,
+                row_name=lambda row: self._rater_of(states[rated[row]]),
+                n_rows=len(rated),
             )
         results = []
         for i, (state, item) in enumerate(zip(states, items, strict=True)):
@@ -303,6 +338,13 @@ class RecCore:
             else:
                 results.append(self._masked(state, item))
         return results
+
+    def _rater_of(self, state: EpisodeState) -> str:
+        """Who rated the state's user, for messages: the user and their adapter (or persona)."""
+        adapter_of = getattr(self.rater, "adapter_of", None)
+        if callable(adapter_of):
+            return f"user {state.user_id} (adapter {adapter_of(state.user_id)!r})"
+        return f"user {state.user_id} (persona {state.persona})"
 
     def _rated(
         self, state: EpisodeState, item: int, probs: np.ndarray, rng: np.random.Generator

@@ -40,17 +40,20 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from base64 import b64encode
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import torch
@@ -58,6 +61,7 @@ import torch
 from persona_gym.adapter_names import BASE
 from persona_gym.errors import ConfigError, PersonaGymError
 from persona_gym.prompt_config import PromptConfig
+from persona_gym.rater import redact_url
 from persona_gym.rating_prior import RatingPrior
 from persona_gym.ratings import N_LEVELS
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
@@ -87,6 +91,11 @@ __all__ = [
 SERVED_BACKENDS = ("vllm", "vllm-server")
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 _TOKEN_ID = "token_id:"  # how the server names tokens with return_tokens_as_token_ids
+QUOTE_CHARS = 200  # how much of a server's reply an error or a log line quotes
+_SECRETS = re.compile(
+    r"(?i)(\bbearer\s+|\bbasic\s+|\b(?:authorization|x-api-key|api[-_]?key|access[-_]?token|"
+    r"token|secret|password)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]+"
+)
 
 
 class ServedError(PersonaGymError, RuntimeError):
@@ -117,9 +126,16 @@ class VLLMSettings:
             CPUs without Triton run eagerly anyway).
         batch_size: prompts per server request (the server batches them and across requests).
         concurrency: server requests in flight at once (adapter groups overlap on the server).
-        timeout_s: seconds per server request.
-        max_retries: extra attempts after a connection error, a timeout or HTTP 429/5xx.
+        timeout_s: seconds one server request may take, its retries and their waits included
+            (a deadline: each attempt waits at most what is left of it), so a server that holds
+            a request fails within ``timeout_s``; ``EnvConfig.server_timeout_s`` sets it.
+        max_retries: extra attempts after a connection error, a timeout or HTTP 429/5xx, while
+            the deadline allows.
         backoff_s: first wait between attempts; doubles each retry.
+        max_reply_bytes: the largest reply accepted (a bigger one is an error, not read on).
+
+    The URL may carry credentials (``http://user:pass@host/v1``, ``?api_key=...``): they are
+    sent, but quoted nowhere (messages, logs, this object's ``repr``: :func:`redact_url`).
     """
 
     url: str | None = None
@@ -132,53 +148,107 @@ class VLLMSettings:
     enforce_eager: bool = True
     batch_size: int = 256
     concurrency: int = 4
-    timeout_s: float = 600.0
+    timeout_s: float = 300.0
     max_retries: int = 2
     backoff_s: float = 1.0
+    max_reply_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
-        if self.url is not None and not self.url.startswith(("http://", "https://")):
+        if self.url is not None and not (
+            isinstance(self.url, str) and self.url.startswith(("http://", "https://"))
+        ):
             raise ConfigError(
-                f"VLLMSettings.url must start with http:// or https://, got {self.url!r}"
+                f"VLLMSettings.url must start with http:// or https://, got "
+                f"{redact_url(str(self.url))!r}"
             )
         for name in ("max_loras", "max_lora_rank", "max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"VLLMSettings.{name} must be >= 1 or None, got {value}")
-        for name, least in (("batch_size", 1), ("concurrency", 1), ("max_retries", 0)):
-            if getattr(self, name) < least:
-                raise ConfigError(
-                    f"VLLMSettings.{name} must be >= {least}, got {getattr(self, name)}"
-                )
-        for name in ("kv_cache_gb", "timeout_s"):
+        for name, least in (
+            ("batch_size", 1),
+            ("concurrency", 1),
+            ("max_retries", 0),
+            ("max_reply_bytes", 1),
+        ):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"VLLMSettings.{name} must be a positive number, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"VLLMSettings.{name} must be >= {least}, got {value!r}")
+        for name, positive in (("kv_cache_gb", True), ("timeout_s", True), ("backoff_s", False)):
+            number = getattr(self, name)
+            is_number = isinstance(number, int | float) and not isinstance(number, bool)
+            if not (is_number and math.isfinite(number)) or (
+                number <= 0 if positive else number < 0
+            ):
+                bound = "a positive number" if positive else "a number >= 0"
+                raise ConfigError(f"VLLMSettings.{name} must be {bound}, got {number!r}")
+
+    def __repr__(self) -> str:
+        shown = {**vars(self), "url": redact_url(self.url) if self.url else self.url}
+        return "VLLMSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 # -- pure parts -------------------------------------------------------------------------------
 def rating_logprobs(
-    entries: Sequence[Mapping[Any, float]], rating_ids: Sequence[int]
+    entries: Sequence[Mapping[Any, Any]], rating_ids: Sequence[int], source: str = "the backend"
 ) -> torch.Tensor:
     """``(n, 5)`` float32 log-probabilities of the rating tokens, one row per answer.
 
     ``entries[i]`` maps token ids (or the server's ``"token_id:N"`` names) to log-probabilities;
-    it may hold more tokens (the sampled one), but must hold every rating token.
+    it may hold more tokens (the sampled one), but must hold every rating token, each a finite
+    number (JSON number, not a string; not NaN or infinite): anything else is a
+    :class:`ServedError` naming ``source``, the answer, the token and the value.
     """
     out = torch.empty((len(entries), N_LEVELS), dtype=torch.float32)
     for row, entry in enumerate(entries):
-        by_id = {
-            (int(k[len(_TOKEN_ID) :]) if isinstance(k, str) and k.startswith(_TOKEN_ID) else k): v
-            for k, v in entry.items()
-        }
+        if not isinstance(entry, Mapping):
+            raise ServedError(
+                f"{source}: answer {row}'s top_logprobs is {_quote(entry)}, expected an object "
+                "of token -> log-probability"
+            )
+        by_id = {_token_id(k): v for k, v in entry.items()}
         missing = [t for t in rating_ids if t not in by_id]
         if missing:
             raise ServedError(
-                f"answer {row} has no log-probability for rating token id(s) {missing} (got "
-                f"{sorted(by_id, key=str)[:8]}); the backend must honour logprob_token_ids"
+                f"{source}: answer {row} has no log-probability for rating token id(s) {missing} "
+                f"(got {sorted(by_id, key=str)[:8]}); the backend must honour logprob_token_ids"
             )
-        out[row] = torch.tensor([float(by_id[t]) for t in rating_ids])
+        values = [by_id[t] for t in rating_ids]
+        for token, value in zip(rating_ids, values, strict=True):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value)):
+                raise ServedError(
+                    f"{source}: answer {row}'s log-probability of rating token {token} is "
+                    f"{_quote(value)}, expected a finite number; the server's output is "
+                    "corrupt (check its model, dtype and adapters)"
+                )
+        out[row] = torch.tensor(values, dtype=torch.float64)
     return out
+
+
+def _token_id(key: Any) -> Any:
+    """A token id of an answer's ``top_logprobs`` key (the server's ``"token_id:N"`` -> ``N``)."""
+    if isinstance(key, str) and key.startswith(_TOKEN_ID):
+        try:
+            return int(key[len(_TOKEN_ID) :])
+        except ValueError:
+            return key
+    return key
+
+
+def _redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` safe to quote: the given secret values, bearer/basic credentials and
+    ``key: value`` pairs of auth fields become ``***``; cut to :data:`QUOTE_CHARS`."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    text = _SECRETS.sub(lambda m: m.group(1) + "***", text)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "…"
+
+
+def _quote(value: Any, secrets: Sequence[str] = ()) -> str:
+    """A short, redacted ``repr`` of a value a server sent."""
+    return _redact(repr(value), secrets)
 
 
 def apply_priors(
@@ -429,6 +499,12 @@ class VLLMServerClient:
     the base model's name for ``"base"``), ``max_tokens=1``, ``logprobs`` and
     ``logprob_token_ids`` (vLLM's extra field; with the ``openai`` client it goes in
     ``extra_body``), ``return_tokens_as_token_ids`` so answers are keyed by token id.
+
+    The request paths are joined to the URL's path (its query string is kept at the end);
+    userinfo in the URL is sent as HTTP basic auth. Every reply is checked (size, JSON, one
+    choice per prompt, five finite log-probabilities): a bad one is a :class:`ServedError`
+    naming the field. Messages and logs name the server by :func:`redact_url`; nothing a
+    server echoes back is quoted with the URL's credentials.
     """
 
     def __init__(self, settings: VLLMSettings, adapters: Sequence[str], rating_ids: Sequence[int]):
@@ -438,7 +514,15 @@ class VLLMServerClient:
                 "e.g. http://127.0.0.1:8000/v1"
             )
         self.settings = settings
-        self.url = settings.url.rstrip("/")
+        parts = urlsplit(settings.url)
+        self._secrets = _url_secrets(settings.url)
+        self._headers = {"Content-Type": "application/json"}
+        if parts.username is not None:
+            user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self._headers["Authorization"] = "Basic " + b64encode(user.encode()).decode()
+        host = parts.netloc.rpartition("@")[2]
+        self._base = parts._replace(netloc=host, path=parts.path.rstrip("/"), fragment="")
+        self.url = redact_url(urlunsplit(self._base))  # how messages name the server
         self.rating_ids = list(rating_ids)
         served = self._models()
         self.base_name = next((m["id"] for m in served if not m.get("parent")), None)
@@ -449,46 +533,114 @@ class VLLMServerClient:
         if missing:
             raise ConfigError(
                 f"the server at {self.url} does not serve the LoRA model(s) {missing} "
-                f"(it serves {sorted(names)}); start it with `--enable-lora --lora-modules "
-                f"{missing[0]}=ADAPTER_DIR ...` (persona_gym.simulator.served.vllm_serve_command)"
+                f"(it serves {_quote(sorted(names), self._secrets)}); start it with "
+                f"`--enable-lora --lora-modules {missing[0]}=ADAPTER_DIR ...` "
+                "(persona_gym.simulator.served.vllm_serve_command)"
             )
 
+    def __repr__(self) -> str:
+        return f"VLLMServerClient(url={self.url!r})"
+
+    def endpoint(self, path: str) -> str:
+        """The URL of ``path`` (``"/models"``) on the server: joined to the base URL's path,
+        before its query string (credentials included: never quote it, :func:`redact_url`)."""
+        return urlunsplit(self._base._replace(path=self._base.path + path))
+
     def _post(self, path: str, body: dict[str, Any] | None) -> Any:
+        """The server's JSON answer to ``path`` (GET without ``body``), within the deadline
+        ``timeout_s``, retrying connection errors, timeouts and HTTP 429/5xx."""
+        url = self.endpoint(path)
+        shown = redact_url(url)
         data = json.dumps(body).encode() if body is not None else None
-        last = ""
-        for attempt in range(self.settings.max_retries + 1):
+        settings = self.settings
+        deadline = time.monotonic() + settings.timeout_s
+        last = "no attempt"
+        attempts = 0
+        for attempt in range(settings.max_retries + 1):
             if attempt:
-                time.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
+                wait = settings.backoff_s * 2 ** (attempt - 1)
+                if time.monotonic() + wait >= deadline:
+                    break
+                time.sleep(wait)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            attempts += 1
             request = urllib.request.Request(
-                self.url + path,
-                data=data,
-                method="POST" if data else "GET",
-                headers={"Content-Type": "application/json"},
+                url, data=data, method="POST" if data else "GET", headers=self._headers
             )
+            refused = False
             try:
-                with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
-                    return json.loads(response.read().decode("utf-8", errors="replace"))
+                with urllib.request.urlopen(request, timeout=left) as response:
+                    raw = self._read(response, deadline, shown)
             except urllib.error.HTTPError as err:
-                last = f"HTTP {err.code}: {err.read().decode('utf-8', errors='replace')[:300]}"
-                if err.code != 429 and err.code < 500:
-                    raise ServedError(f"{self.url + path} refused the request: {last}") from err
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
-                last = f"{type(err).__name__}: {err}"
-            log.warning("%s: %s (attempt %d)", self.url + path, last, attempt + 1)
+                reply = err.read(4 * QUOTE_CHARS).decode("utf-8", errors="replace")
+                last = f"HTTP {err.code}: {_redact(reply, self._secrets)}"
+                refused = err.code != 429 and err.code < 500
+            except (urllib.error.URLError, TimeoutError, OSError) as err:
+                last = f"{type(err).__name__}: {_redact(str(err), self._secrets)}"
+            else:
+                return self._parse(raw, shown)
+            if refused:  # raised out of the except block: the HTTPError (its URL) is not chained
+                raise ServedError(f"{shown} refused the request: {last}")
+            log.warning("%s: %s (attempt %d)", shown, last, attempt + 1)
         raise ServedError(
-            f"{self.url + path} failed after {self.settings.max_retries + 1} attempts; "
-            f"last error: {last}; check that `vllm serve` runs there"
+            f"{shown} failed after {attempts} attempt(s) within timeout_s={settings.timeout_s:g} "
+            f"s; last error: {last}; check that `vllm serve` runs there (a slow server needs a "
+            "larger EnvConfig.server_timeout_s)"
+        )
+
+    def _read(self, response: Any, deadline: float, shown: str) -> bytes:
+        """The reply's bytes, refused beyond ``max_reply_bytes``; ``TimeoutError`` past the
+        deadline (a server that trickles its answer)."""
+        limit = self.settings.max_reply_bytes
+        length = response.headers.get("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > limit:
+            raise ServedError(
+                f"{shown} answered {int(length)} bytes, more than VLLMSettings.max_reply_bytes="
+                f"{limit}; a rating reply is small: check the server (or lower batch_size)"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the reply did not finish within {self.settings.timeout_s:g} s")
+            chunk = response.read1(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise ServedError(
+                    f"{shown} answered more than VLLMSettings.max_reply_bytes={limit} bytes; a "
+                    "rating reply is small: check the server (or lower batch_size)"
+                )
+            chunks.append(chunk)
+
+    def _parse(self, raw: bytes, shown: str) -> Any:
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            why = f"{type(err).__name__} at position {getattr(err, 'pos', getattr(err, 'start', '?'))}"
+        text = raw[: 4 * QUOTE_CHARS].decode("utf-8", errors="replace")
+        raise ServedError(
+            f"{shown} answered what is not JSON ({why}): {_redact(text, self._secrets)}"
         )
 
     def _models(self) -> list[dict[str, Any]]:
         answer = self._post("/models", None)
-        if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("id"), str) for m in data
+        ):
             raise ServedError(
-                f"{self.url}/models did not answer an OpenAI model list: {str(answer)[:200]}"
+                f"{redact_url(self.endpoint('/models'))} did not answer an OpenAI model list "
+                f"(data: a list of {{'id': str}}): {_quote(answer, self._secrets)}"
             )
-        return list(answer["data"])
+        return list(data)
 
-    def _complete(self, model: str, prompts: list[list[int]]) -> list[dict[str, float]]:
+    def _complete(self, model: str, prompts: list[list[int]]) -> torch.Tensor:
+        """``(len(prompts), 5)`` log-probabilities of one request, the answer checked."""
+        shown = redact_url(self.endpoint("/completions"))
         answer = self._post(
             "/completions",
             {
@@ -501,18 +653,28 @@ class VLLMServerClient:
                 "return_tokens_as_token_ids": True,
             },
         )
-        try:
-            choices = sorted(answer["choices"], key=lambda c: c["index"])
-            entries = [c["logprobs"]["top_logprobs"][0] for c in choices]
-        except (KeyError, TypeError, IndexError) as err:
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list):
             raise ServedError(
-                f"{self.url}/completions answered without logprobs: {str(answer)[:200]}"
-            ) from err
-        if len(entries) != len(prompts):
-            raise ServedError(
-                f"{self.url}/completions answered {len(entries)} choices for {len(prompts)} prompts"
+                f"{shown} answered without a 'choices' list: {_quote(answer, self._secrets)}"
             )
-        return entries
+        indices = [c.get("index") if isinstance(c, dict) else None for c in choices]
+        if sorted(i for i in indices if isinstance(i, int)) != list(range(len(prompts))):
+            raise ServedError(
+                f"{shown} answered {len(choices)} choices with indices "
+                f"{_quote(indices[:8], self._secrets)} for {len(prompts)} prompts; expected one "
+                f"choice per prompt, indices 0..{len(prompts) - 1}"
+            )
+        entries = []
+        for choice in sorted(choices, key=lambda c: c["index"]):
+            try:
+                entries.append(choice["logprobs"]["top_logprobs"][0])
+            except (KeyError, TypeError, IndexError):
+                raise ServedError(
+                    f"{shown} answered choice {choice['index']} without "
+                    f"logprobs.top_logprobs[0]: {_quote(choice, self._secrets)}"
+                ) from None
+        return rating_logprobs(entries, self.rating_ids, source=shown)
 
     def logprobs(self, prompts: Sequence[list[int]], adapters: Sequence[str]) -> torch.Tensor:
         groups: dict[str, list[int]] = defaultdict(list)
@@ -527,15 +689,27 @@ class VLLMServerClient:
                 )
             size = self.settings.batch_size
             jobs += [(model, positions[i : i + size]) for i in range(0, len(positions), size)]
-        entries: list[dict[str, float]] = [{} for _ in prompts]
-        with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
-            answers = pool.map(
-                lambda job: self._complete(job[0], [list(prompts[i]) for i in job[1]]), jobs
-            )
-            for (_, positions), answer in zip(jobs, answers, strict=True):
-                for position, entry in zip(positions, answer, strict=True):
-                    entries[position] = entry
-        return rating_logprobs(entries, self.rating_ids)
+        out = torch.empty((len(prompts), N_LEVELS), dtype=torch.float32)
+        pool = ThreadPoolExecutor(max_workers=self.settings.concurrency)
+        try:
+            futures = [
+                pool.submit(self._complete, model, [list(prompts[i]) for i in positions])
+                for model, positions in jobs
+            ]
+            for (_, positions), future in zip(jobs, futures, strict=True):
+                out[positions] = future.result()
+        finally:  # a failed request cancels the queued ones (each would wait its own deadline)
+            pool.shutdown(wait=True, cancel_futures=True)
+        return out
+
+
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The credential-like parts of a URL (userinfo, query values), raw and percent-decoded:
+    what a server's echo must not be quoted with."""
+    parts = urlsplit(url)
+    values = [parts.username, parts.password]
+    values += [pair.partition("=")[2] for pair in parts.query.split("&")]
+    return tuple({v for value in values if value for v in (value, unquote(value))})
 
 
 # -- the scorer ---------------------------------------------------------------------------------

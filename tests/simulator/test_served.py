@@ -372,6 +372,7 @@ class FakeVLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()  # connections are refused from now on
 
 
 def test_server_client_groups_by_adapter_and_keeps_request_order():
@@ -411,7 +412,7 @@ def test_server_client_names_adapters_the_server_lacks_and_refusals():
 def test_server_client_without_a_server_fails_after_its_retries():
     with FakeVLLMServer() as server:
         url = server.url
-    with pytest.raises(ServedError, match="failed after 2 attempts.*vllm serve"):
+    with pytest.raises(ServedError, match=r"failed after 2 attempt\(s\).*vllm serve"):
         VLLMServerClient(VLLMSettings(url=url, max_retries=1, backoff_s=0.01, timeout_s=2), [], IDS)
 
 
