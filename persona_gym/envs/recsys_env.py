@@ -7,6 +7,9 @@ docstring is the environments' contract; the rules are implemented once, in
 
 from __future__ import annotations
 
+import re
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -14,9 +17,82 @@ import numpy as np
 
 from persona_gym.envs.config import EnvConfig, load_env_config
 from persona_gym.envs.core import EpisodeState, RecCore
-from persona_gym.rater import Rater
+from persona_gym.errors import ConfigError, ConfigTypeError
+from persona_gym.rater import Rater, redact_url
 
-__all__ = ["ActType", "ObsType", "PersonaRecEnv"]
+__all__ = [
+    "ActType",
+    "EnvTypeError",
+    "ObsType",
+    "PersonaRecEnv",
+    "check_render_mode",
+    "check_time_limit",
+]
+
+_URL = re.compile(r"https?://[^\s'\"<>]+")
+
+
+class EnvTypeError(ConfigTypeError):
+    """An argument of the env has the wrong type. Its message is redacted when it is made:
+    ``gym.make`` re-raises a ``TypeError`` from the env as ``type(err)(message + its kwargs)``,
+    and the kwargs may hold a ``server_url`` with credentials."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_URL.sub(lambda m: redact_url(m.group(0)), message))
+
+
+def check_render_mode(render_mode: Any, supported: Sequence[str]) -> None:
+    """Refuse (:class:`EnvTypeError`, a ``TypeError``) a ``render_mode`` other than ``None`` or
+    one of ``supported``. A ``TypeError``: SB3's ``make_vec_env`` asks for ``"rgb_array"`` and
+    retries without a render mode on a ``TypeError``."""
+    if render_mode is not None and render_mode not in supported:
+        raise EnvTypeError(
+            f"render_mode={render_mode!r} is not supported: use one of {list(supported)} "
+            "(render() returns the text view) or None"
+        )
+
+
+def check_time_limit(limit: Any) -> int:
+    """``gym.make``'s ``max_episode_steps`` argument as the env's horizon: an int >= 1 (``None``:
+    not given, the caller uses the config's); ``-1``, 0 or a non-int is a :class:`ConfigError`."""
+    if (
+        isinstance(limit, int | np.integer)
+        and not isinstance(limit, bool | np.bool_)
+        and limit >= 1
+    ):
+        return int(limit)
+    why = (
+        "removes the TimeLimit, and these episodes need a horizon"
+        if isinstance(limit, int) and limit == -1 and not isinstance(limit, bool)
+        else "is not an int >= 1"
+    )
+    raise ConfigError(
+        f"gym.make(..., max_episode_steps={limit!r}) {why}: pass an int >= 1 or leave it out "
+        "(the env config's EnvConfig.max_episode_steps applies)"
+    )
+
+
+def _time_limit(env: gym.Env) -> Any:
+    """The ``max_episode_steps`` of the ``TimeLimit`` that ``gymnasium.make`` is about to wrap
+    ``env`` in: the argument of the call, else the registered one; ``None`` when ``env`` is not
+    being built by ``gym.make`` or gets no ``TimeLimit`` (``-1`` is returned, to be refused).
+
+    ``gym.make`` keeps that argument for the wrapper and tells the env nothing, so the env reads
+    it from the frame of ``gymnasium.envs.registration.make`` itself (past the ``__init__``
+    frames of ``env``); any other caller gets ``None``.
+    """
+    from gymnasium.envs import registration
+
+    make_code = getattr(registration.make, "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_locals.get("self") is env:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None or frame.f_code is not make_code:
+        return None
+    limit = frame.f_locals.get("max_episode_steps")
+    if limit is None:
+        limit = getattr(frame.f_locals.get("env_spec"), "max_episode_steps", None)
+    return limit
 
 
 ObsType = dict[str, Any]  # the arrays of the Observation Space table
@@ -81,12 +157,14 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
       ``<= leave_threshold`` they leave with probability ``leave_prob``; ``"model"``: after each
       rated step with the probability of the fitted leave model, :mod:`persona_gym.leave`), or
       a masked action under ``repeat_rule="terminate"``;
-    * ``truncated``: every item is masked (nothing left to recommend), or the horizon
-      ``max_episode_steps`` (applied by ``gym.make``'s ``TimeLimit``).
+    * ``truncated``: every item is masked (nothing left to recommend), or the horizon: after
+      ``max_episode_steps`` steps. The env truncates there itself, on the same step as the
+      ``TimeLimit`` that ``gym.make`` adds: its horizon is ``gym.make``'s ``max_episode_steps``
+      argument when given (an int >= 1; ``-1``, which would remove the ``TimeLimit``, is
+      refused), else ``EnvConfig.max_episode_steps``.
 
-    After ``terminated`` or ``truncated`` from the env itself, ``step`` raises
-    ``gymnasium.error.ResetNeeded`` until ``reset``. A ``TimeLimit`` truncation happens in the
-    wrapper, which does not refuse further steps; the env then keeps the episode going.
+    After ``terminated`` or ``truncated``, ``step`` raises ``gymnasium.error.ResetNeeded``
+    until ``reset``.
 
     ## Info
 
@@ -105,8 +183,9 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
     | Argument        | Default     | Meaning                                                   |
     |-----------------|-------------|-----------------------------------------------------------|
     | ``config``      | ``"ml100k"``| a bundled config name, a YAML path or an ``EnvConfig``    |
-    | ``render_mode`` | ``None``    | ``"ansi"``: ``render()`` returns the text view; other     |
-    |                 |             | modes warn and ``render()`` returns None                  |
+    | ``render_mode`` | ``None``    | ``"ansi"``: ``render()`` returns the text view; any other |
+    |                 |             | mode is refused (a ``TypeError``, so SB3's                |
+    |                 |             | ``make_vec_env`` retries without its ``"rgb_array"``)     |
     | ``rater``       | ``None``    | a :class:`~persona_gym.rater.Rater` to use instead of     |
     |                 |             | loading the config's SLM simulator (e.g. a ``TableRater``)|
     | ``**overrides`` |             | single :class:`EnvConfig` fields; those that shape the    |
@@ -142,14 +221,15 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
         rater: Rater | None = None,
         **overrides: Any,
     ):
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            # Like Gymnasium's own envs, an unsupported mode is not fatal (SB3's make_vec_env
-            # asks for "rgb_array" by default): warn, and render() returns None.
-            gym.logger.warn(
-                f"render_mode {render_mode!r} is not supported; choose from "
-                f"{self.metadata['render_modes']} or None; render() will return None"
-            )
-        self.config = load_env_config(config, **overrides)
+        check_render_mode(render_mode, self.metadata["render_modes"])
+        limit = _time_limit(self)
+        try:
+            self.config = load_env_config(config, **overrides)
+        except ConfigTypeError as err:  # gym.make re-raises it with its kwargs: redact them
+            raise EnvTypeError(str(err)) from None
+        self.max_episode_steps = (
+            check_time_limit(limit) if limit is not None else self.config.max_episode_steps
+        )
         self.render_mode = render_mode
         self.core = RecCore(self.config, rater)
         self.observation_space = self.core.observation_space
@@ -183,12 +263,13 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
                 "the episode ended (terminated or truncated); call reset() before step()"
             )
         result = self.core.step([self.state], [action], [self.np_random])[0]
-        self._ended = bool(result.terminated or result.truncated)
+        truncated = bool(result.truncated or self.state.steps >= self.max_episode_steps)
+        self._ended = bool(result.terminated or truncated)
         return (
             self.core.observation(self.state),
             float(result.reward),
             result.terminated,
-            result.truncated,
+            truncated,
             self._info(),
         )
 
@@ -201,8 +282,7 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
     def render(self) -> str | None:
         if self.render_mode != "ansi":
             gym.logger.warn(
-                f"render() with render_mode={self.render_mode!r} does nothing; "
-                "make the env with render_mode='ansi'"
+                "render() with render_mode=None does nothing; make the env with render_mode='ansi'"
             )
             return None
         if self.state is None:

@@ -19,7 +19,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from persona_gym.envs.config import EnvConfig, load_env_config
-from persona_gym.envs.core import EpisodeState, RecCore
+from persona_gym.envs.core import EpisodeState, RecCore, check_options
+from persona_gym.envs.recsys_env import EnvTypeError, check_render_mode
+from persona_gym.errors import ConfigError, ConfigTypeError
 from persona_gym.rater import Rater
 
 __all__ = ["PersonaRecVectorEnv"]
@@ -34,7 +36,7 @@ class PersonaRecVectorEnv(VectorEnv):
         max_episode_steps: the horizon (``None`` = the config's); each sub-environment
             truncates after this many steps.
         render_mode: ``None`` or ``"ansi"`` (``render()`` returns the sub-environments'
-            text views joined by blank lines).
+            text views joined by blank lines); any other mode is refused.
         rater: the simulated users (``None``: the config's SLM simulator).
         **overrides: single :class:`EnvConfig` fields.
 
@@ -57,11 +59,19 @@ class PersonaRecVectorEnv(VectorEnv):
         rater: Rater | None = None,
         **overrides: Any,
     ):
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        is_int = isinstance(num_envs, int | np.integer) and not isinstance(
+            num_envs, bool | np.bool_
+        )
+        if not is_int or num_envs < 1:
+            raise ConfigError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        check_render_mode(render_mode, self.metadata["render_modes"])
         if max_episode_steps is not None:
             overrides["max_episode_steps"] = max_episode_steps
-        self.config = load_env_config(config, **overrides)
+        try:
+            self.config = load_env_config(config, **overrides)
+        except ConfigTypeError as err:  # gym.make_vec may quote its kwargs: redact them
+            raise EnvTypeError(str(err)) from None
+        num_envs = int(num_envs)
         self.num_envs = num_envs
         self.max_episode_steps = self.config.max_episode_steps
         self.render_mode = render_mode
@@ -89,12 +99,10 @@ class PersonaRecVectorEnv(VectorEnv):
         ``{"user_id": [u0, u1, ...]}`` (one per sub-environment) and/or ``{"reset_mask": m}``
         (reset only where ``m`` is true; the others keep their episodes).
         """
-        options = dict(options or {})
-        mask = np.asarray(options.pop("reset_mask", np.ones(self.num_envs, dtype=bool)), dtype=bool)
-        if mask.shape != (self.num_envs,):
-            raise ValueError(
-                f"options['reset_mask'] must have shape ({self.num_envs},), got {mask.shape}"
-            )
+        options = dict(
+            check_options(options, "{'user_id': u or [u0, u1, ...], 'reset_mask': [True, ...]}")
+        )
+        mask = self._reset_mask(options.pop("reset_mask", None))
         if isinstance(seed, int) or seed is None:
             super().reset(seed=seed)
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
@@ -156,6 +164,21 @@ class PersonaRecVectorEnv(VectorEnv):
         if self.render_mode != "ansi":
             return None
         return "\n\n".join(self.core.text(s) for s in self.states if s is not None)
+
+    def _reset_mask(self, value: Any) -> np.ndarray:
+        """``options['reset_mask']`` as a bool array of shape ``(num_envs,)`` (``None``: all);
+        values that are not booleans are refused, not cast (``'no'`` would be true)."""
+        if value is None:
+            return np.ones(self.num_envs, dtype=bool)
+        mask = np.asarray(value)
+        if mask.dtype != np.bool_ or mask.shape != (self.num_envs,):
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:80] + "…"
+            raise ConfigError(
+                f"options['reset_mask'] must be {self.num_envs} booleans (a list of True/False "
+                f"or a bool array of shape ({self.num_envs},)), got {shown}"
+            )
+        return mask
 
     def _state(self, i: int) -> EpisodeState:
         state = self.states[i]

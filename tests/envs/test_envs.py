@@ -291,11 +291,14 @@ def test_missing_artifacts_error_names_commands(tmp_path, env_id, dataset):
     assert ("persona-gym data fetch ml-1m" in text) == (dataset == "ml-1m")
 
 
-def test_unsupported_render_mode_warns(tiny_config, table_rater):
-    with pytest.warns(UserWarning, match="render_mode 'human' is not supported"):
-        env = PersonaRecEnv(
-            config=load_env_config("ml100k", **tiny_config), render_mode="human", rater=table_rater
-        )
+def test_unsupported_render_mode_is_refused_naming_the_supported_ones(tiny_config, table_rater):
+    config = load_env_config("ml100k", **tiny_config)
+    for mode in ("human", "rgb_array"):
+        with pytest.raises(
+            TypeError, match=rf"render_mode='{mode}' is not supported: use one of \['ansi'\]"
+        ):
+            PersonaRecEnv(config=config, render_mode=mode, rater=table_rater)
+    env = PersonaRecEnv(config=config, rater=table_rater)
     env.reset(seed=0)
     with pytest.warns(UserWarning, match="render_mode='ansi'"):
         assert env.render() is None
