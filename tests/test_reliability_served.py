@@ -115,6 +115,7 @@ class LoopbackServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handle)
         self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda *args: None  # type: ignore[method-assign]  # a client that hung up
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

@@ -76,12 +76,15 @@ class EnvConfig:
             take, its retries included (``VLLMSettings.timeout_s``); a server that holds a
             request fails within it. Must be > 0.
         vllm_kv_cache_gb: key/value cache of the offline vLLM engine in GiB (from RAM on a CPU).
-        max_episode_steps: the horizon; ``truncated`` becomes true after this many steps (the
-            registered ids pass it to ``TimeLimit``; the vector env applies it itself). Also the
-            denominator of the observation's ``step_fraction``. Note: ``gym.make(id,
-            max_episode_steps=N)`` changes only the ``TimeLimit`` (Gymnasium does not pass it to
-            the env); to change ``step_fraction`` too, use a YAML config or an ``EnvConfig``
-            with the same value. ``gym.make_vec`` passes it to the vector env.
+        max_episode_steps: the horizon; ``truncated`` becomes true after this many steps and
+            the next ``step`` raises ``ResetNeeded`` (the registered ids also pass it to
+            ``TimeLimit``; the envs apply it themselves). Also the denominator of the
+            observation's ``step_fraction``. Note: ``gym.make(id, max_episode_steps=N)`` sets
+            the ``TimeLimit`` and the single env's truncation to ``N`` but not ``step_fraction``
+            (Gymnasium does not pass it to the env's config); to change ``step_fraction`` too,
+            use a YAML config or an ``EnvConfig`` with the same value. ``gym.make(id,
+            max_episode_steps=-1)``, which would remove the ``TimeLimit``, is refused.
+            ``gym.make_vec`` passes it to the vector env.
         reward: ``"expected"`` (mean of the 5-way rating distribution, low variance) or
             ``"sampled"`` (the rating the user actually gave this step, drawn with the env's RNG).
         reward_scale, reward_offset: reward = ``reward_scale * rating + reward_offset``. Every

@@ -481,6 +481,7 @@ class VLLMEngineClient:
         return rating_logprobs(
             [{k: v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outputs],
             self.rating_ids,
+            source="the vLLM engine",
         )
 
     def close(self) -> None:
