@@ -25,6 +25,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from persona_gym.config_cli import plain
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     evaluation = PolicyEvalConfig(episodes=args.episodes, seeds=(args.seed,))  # bad values fail now
-    overrides = {} if args.artifacts is None else {"artifacts": str(args.artifacts)}
+    overrides: dict[str, Any] = {} if args.artifacts is None else {"artifacts": str(args.artifacts)}
     if args.artifacts is None:
         summary = load_dataset("ml-100k").summary()
         print(

@@ -161,7 +161,9 @@ class CFFeatures:
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    # numpy's stub types savez's keywords as `allow_pickle: bool` plus `**kwds: ArrayLike`, so
+    # mypy matches a dict of arrays against the bool; the names here are array names only
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
 
 
@@ -177,14 +179,20 @@ def user_space(features: CFFeatures) -> spaces.Box:
     return spaces.Box(-np.inf, np.inf, (features.dim,), np.float32)
 
 
+def _shape(space: spaces.Space[Any]) -> tuple[int, ...]:
+    """The shape of a flat space (``Box``, ``Discrete``, ...; a nested ``Dict`` has none)."""
+    assert space.shape is not None, f"{space} has no shape"
+    return space.shape
+
+
 class _StateExtractor(BaseFeaturesExtractor):
     """Flattens the observation dict: the user vector first, then every other key (sorted)."""
 
     def __init__(self, observation_space: spaces.Dict):
         self.keys = [USER_KEY] + sorted(k for k in observation_space.spaces if k != USER_KEY)
-        dim = sum(int(np.prod(observation_space.spaces[k].shape)) for k in self.keys)
+        dim = sum(int(np.prod(_shape(observation_space.spaces[k]))) for k in self.keys)
         super().__init__(observation_space, features_dim=dim)
-        self.user_dim = int(observation_space.spaces[USER_KEY].shape[0])
+        self.user_dim = int(_shape(observation_space.spaces[USER_KEY])[0])
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([observations[k].flatten(1) for k in self.keys], dim=1)
@@ -218,6 +226,10 @@ class _Extractor(nn.Module):
 
 class _ItemScorer(nn.Module):
     """``logits = h · W e_i + c_i + a · (user · item_vector_i)`` for every catalogue item."""
+
+    # registered buffers (nn.Module's __getattr__ types them as `Tensor | Module`)
+    item_side: torch.Tensor
+    item_vectors: torch.Tensor
 
     def __init__(self, hidden: int, item_side: np.ndarray, item_vectors: np.ndarray, dim: int):
         super().__init__()
@@ -277,13 +289,20 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _build_mlp_extractor(self) -> None:
-        user_dim = int(self.observation_space.spaces[USER_KEY].shape[0])
-        self.mlp_extractor = _Extractor(self.features_dim, user_dim, self.hidden)
+        assert isinstance(self.observation_space, spaces.Dict)  # __init__ took a Dict
+        user_dim = int(_shape(self.observation_space.spaces[USER_KEY])[0])
+        # SB3 types the attribute as its MlpExtractor; its docs' custom-network example assigns
+        # any module with latent_dim_pi/vf and forward_actor/critic, as _Extractor is
+        self.mlp_extractor = _Extractor(  # type: ignore[assignment]
+            self.features_dim, user_dim, self.hidden
+        )
 
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
         self.action_net = _ItemScorer(self.hidden, self.item_side, self.item_vectors, self.dim)
-        self.optimizer = self.optimizer_class(
+        # SB3 types optimizer_class as type[Optimizer], whose base __init__ takes no `lr`; every
+        # concrete optimizer (Adam by default) does, and SB3's own _build passes it the same way
+        self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
             self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
 

@@ -58,6 +58,7 @@ class SB3VecEnv(VecEnv):
         self.features = features
         space = self.venv.single_observation_space
         if features is not None:
+            assert isinstance(space, spaces.Dict)  # PersonaRecVectorEnv's observations are a Dict
             space = spaces.Dict({**space.spaces, USER_KEY: user_space(features)})
         super().__init__(num_envs, space, self.venv.single_action_space)
         self._actions: np.ndarray | None = None
@@ -94,9 +95,9 @@ class SB3VecEnv(VecEnv):
         if dones.any():  # SB3 semantics: a finished sub-environment returns its next first obs
             obs, reset_infos = self.venv.reset(options={"reset_mask": dones})
             obs = self._with_users(obs)
-            for i, info in enumerate(_split_infos(reset_infos, self.num_envs)):
-                if dones[i]:
-                    self.reset_infos[i] = info
+            for j, info in enumerate(_split_infos(reset_infos, self.num_envs)):
+                if dones[j]:
+                    self.reset_infos[j] = info
         return obs, rewards.astype(np.float32), dones, out
 
     def action_masks(self) -> np.ndarray:

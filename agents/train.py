@@ -299,6 +299,8 @@ def progress_lines(total: int, every: float = 0.05) -> Any:
                 done = self.num_timesteps - self.first
                 rate = done / max(time.perf_counter() - self.started, 1e-9)
                 left = max(total - self.num_timesteps, 0) / max(rate, 1e-9)
+                # SB3 creates the buffer in learn() before the first step
+                assert self.model.ep_info_buffer is not None
                 returns = [e["r"] for e in self.model.ep_info_buffer]
                 mean = (
                     f", mean return {np.mean(returns):.2f} (last {len(returns)} episodes)"
