@@ -360,7 +360,7 @@ def test_tampered_shipped_adapter_fails_before_materialising(shipped, tmp_path):
 def test_two_processes_materialise_the_shipped_cache_once(shipped, tmp_path, monkeypatch):
     package, calls = shipped
     entered = threading.Semaphore(0)
-    real_lock, real_regenerate = shipped_module._file_lock, shipped_module._regenerate_tables
+    real_lock, real_regenerate = shipped_module.file_lock, shipped_module._regenerate_tables
 
     def counting_lock(path):
         entered.release()
@@ -371,7 +371,7 @@ def test_two_processes_materialise_the_shipped_cache_once(shipped, tmp_path, mon
             assert entered.acquire(timeout=30)
         real_regenerate(root, split_info)
 
-    monkeypatch.setattr(shipped_module, "_file_lock", counting_lock)
+    monkeypatch.setattr(shipped_module, "file_lock", counting_lock)
     monkeypatch.setattr(shipped_module, "_regenerate_tables", slow_regenerate)
     results: list[Path] = []
     threads = [

@@ -19,7 +19,7 @@ from persona_gym.artifacts.manifest import (
     seal_manifest,
     verify_artifacts,
 )
-from persona_gym.artifacts.stages import _file_lock
+from persona_gym.artifacts.stages import file_lock
 from persona_gym.artifacts.tables import tables_digest
 from persona_gym.catalog import ItemCatalog
 from persona_gym.collaborative import CF_FILE, load_collaborative
@@ -79,7 +79,7 @@ def resolve_artifacts(
     target = cache_dir(cache) / "artifacts" / f"{SIMULATORS[name]}-{key}"
     if (target / MANIFEST).exists():
         return target
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock"):
         if (target / MANIFEST).exists():  # another process finished it while we waited
             return target
         log.info(
