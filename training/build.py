@@ -20,13 +20,18 @@ validation slice by ``benchmarks/persona_taste.py``), every training interaction
 sequence, and the evaluation of persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms. ``--dry-run``
 prints the commands.
 
-Resumable: ``DIR/build.json`` records each finished stage and the settings it ran with; the
-same command again skips those and goes on where it stopped (train also resumes inside a stage,
-from its checkpoints). A finished distill or personas stage with other settings is refused
-(``--force`` starts again from scratch); train and evaluate with other settings run again
-(train refuses to mix adapters of another config, in its own words). Progress: one line when a
-stage starts and one when it ends, and the total time, on stdout and in ``DIR/build.log``, which
-also keeps every log record and what the stages print.
+Resumable: ``DIR/build.json`` records each finished stage, the settings it ran with and the
+SHA-256 of every file it wrote; the same command again skips those and goes on where it stopped
+(train also resumes inside a stage, from its checkpoints). A finished distill or personas stage
+with other settings is refused (``--force`` starts again from scratch); train and evaluate with
+other settings run again (train refuses to mix adapters of another config, in its own words). A
+finished stage whose files changed since (an edited or copied-in file) is refused, naming the
+file (restore it, or ``--force``); changed evaluation results are evaluated again. One build
+writes a directory at a time: a second one into the same ``--out`` waits for the first, then
+finds its stages done. Progress: one line when a stage starts and one when it ends, and the
+total time, on stdout and in ``DIR/build.log``, which also keeps every log record and what the
+stages print. A full disk stops the build with one line naming the path; the same command
+resumes once there is space.
 
 Time (README "Build a simulator"): about an hour on 2 CPU cores for the 200 protocol users of
 ML-100k or ML-1M; a few minutes estimated on one GPU (``--device cuda``).
@@ -48,10 +53,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from persona_gym.artifacts import BUILD_LOG, BUILD_RECORD, MANIFEST
+from persona_gym.artifacts.manifest import (
+    BUILD_LOG,
+    BUILD_RECORD,
+    MANIFEST,
+    STAGE_PRODUCTS,
+    hash_files,
+)
+from persona_gym.artifacts.stages import file_lock
 from persona_gym.config_cli import field_help, plain
 from persona_gym.errors import StageError
-from persona_gym.io import atomic_write_json
+from persona_gym.io import DiskFullError, atomic_write_json, disk_full, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +78,7 @@ __all__ = [
     "fetch_dataset",
     "plan",
     "run_build",
+    "stage_files",
 ]
 
 # The shipped simulator's recipe (Makefile `simulator`); the budget knobs are build's own flags.
@@ -93,6 +106,8 @@ _PRODUCT = {
     "evaluate": "evaluation/results.json",
 }
 _STAGE_MODULES = ("training.distill", "training.personas", "training.train", "training.evaluate")
+# Intermediate results among the stages' products: resumable state, not a stage's output.
+_UNRECORDED = ("llm_cache", "checkpoints", "cache")
 
 
 @dataclass
@@ -209,19 +224,38 @@ class BuildLog(logging.Handler):
         self.stdout = stdout
         self.file: TextIO | None = None
         self.pending: list[str] = []
+        self.broken = False  # the log file could not be written (a full disk): stdout only
 
     def open(self, path: Path) -> None:
-        if self.file is None:
-            self.file = path.open("a", encoding="utf-8")
+        if self.file is None and not self.broken:
+            try:
+                self.file = path.open("a", encoding="utf-8")
+            except OSError as error:
+                self._give_up(path, error)
+                return
             self.write("".join(self.pending))
             self.pending = []
 
     def write(self, text: str) -> None:
+        if self.broken:
+            return
         if self.file is None:
             self.pending.append(text)
         elif text:
-            self.file.write(text)
-            self.file.flush()
+            try:
+                self.file.write(text)
+                self.file.flush()
+            except OSError as error:
+                self._give_up(Path(self.file.name), error)
+
+    def _give_up(self, path: Path, error: OSError) -> None:
+        """Stop writing the log file (the build goes on; its errors say what failed)."""
+        self.broken, self.pending = True, []
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+        self.stdout.write(f"cannot write {path} ({error.strerror or error}); logging to it stops\n")
 
     def emit(self, record: logging.LogRecord) -> None:
         self.write(self.format(record) + "\n")
@@ -233,7 +267,8 @@ class BuildLog(logging.Handler):
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
         super().close()
 
 
@@ -313,15 +348,65 @@ def _read_record(root: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _decide(stage: Stage, root: Path, record: dict, force: bool) -> str:
+def stage_files(root: Path, stage: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of the files a stage wrote (its products in
+    ``STAGE_PRODUCTS``, without resumable intermediate folders and hidden leftovers)."""
+    paths: list[Path] = []
+    for product in STAGE_PRODUCTS[stage]:
+        path = root / product
+        if product in _UNRECORDED:
+            continue
+        if path.is_file():
+            paths.append(path)
+        elif path.is_dir():
+            paths += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                and not p.name.endswith(".tmp")
+            )
+    digests = hash_files(paths)
+    return {p.relative_to(root).as_posix(): digests[p] for p in paths}
+
+
+def _changed_file(root: Path, stage: str, done: dict) -> str | None:
+    """How the first file a finished stage wrote differs from ``build.json``'s record of it
+    (``None`` when none does, or the record predates file hashes)."""
+    recorded = done.get("files")
+    if not isinstance(recorded, dict):
+        return None
+    now = stage_files(root, stage)
+    for rel in sorted(set(recorded) | set(now)):
+        if rel not in now:
+            return f"{root / rel} is gone"
+        if rel not in recorded:
+            return f"{root / rel} was added"
+        if now[rel] != recorded[rel]:
+            return f"{root / rel} changed"
+    return None
+
+
+def _decide(stage: Stage, root: Path, record: dict, force: bool, command: str = "") -> str:
     """``"skip"``, ``"run"`` or ``"force"`` (personas only: rewrite its unrecorded outputs);
-    :class:`StageError` when a finished stage of another build is in the way."""
+    :class:`StageError` when a finished stage of another build is in the way, or its files
+    changed since it finished (``command``: the build's own, for the fix)."""
     done = (record.get("stages") or {}).get(stage.name)
     product = (root / _PRODUCT[stage.name]).exists()
     if stage.name == "distill" and force:
         return "force"
     if done and product and done.get("settings") == stage.settings:
-        return "skip"
+        changed = _changed_file(root, stage.name, done)
+        if changed is None:
+            return "skip"
+        if stage.name == "evaluate":  # results only: evaluated again
+            log.warning("%s since the build's evaluate stage finished; evaluating again", changed)
+            return "run"
+        raise StageError(
+            f"{changed} since the build's {stage.name} stage wrote it ({root / BUILD_RECORD} "
+            f"records every file's SHA-256): restore it, or rebuild from scratch with "
+            f"`{command or 'persona-gym build DATASET --out ' + str(root)} --force`"
+        )
     if stage.name == "distill" and product and not done:
         raise StageError(
             f"{root} already holds artifacts that {root / BUILD_RECORD} does not record "
@@ -352,70 +437,103 @@ def run_build(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     out = args.out or default_out(args.dataset)
     root = Path(out).expanduser()
-    args.resume_hint = (
-        f"run the same `persona-gym build` command again to resume ({root / BUILD_RECORD})"
-    )
-    started = time.perf_counter()
+    resume = "run the same `persona-gym build` command again to resume"
+    args.resume_hint = f"{resume} ({root / BUILD_RECORD})"
     build_log = BuildLog(sys.stdout)
-    total = len(STAGES) - (1 if args.no_evaluate else 0)
     root_logger = logging.getLogger()
     level = root_logger.level
     root_logger.addHandler(build_log)
     root_logger.setLevel(min(level or logging.WARNING, logging.INFO))  # the log keeps INFO records
     try:
         build_log.progress(f"persona-gym build: {args.dataset} -> {out} (log: {root / BUILD_LOG})")
-        dataset, note = fetch_dataset(args.dataset, dry_run=args.dry_run)
-        build_log.progress(f"[1/{total}] fetch: {note}")
-        stages = plan(args, dataset)
         if args.dry_run:
-            return _dry_run(stages, root, out, total, build_log, args.force)
-        parser = _stage_parser()
-        for number, stage in enumerate(stages, start=2):
-            if stage.name != "distill":
-                build_log.open(root / BUILD_LOG)
-            record = _read_record(root)
-            action = _decide(stage, root, record, args.force)
-            tag = f"[{number}/{total}] {stage.name}"
-            if action == "skip":
-                build_log.progress(
-                    f"{tag}: done before ({BUILD_RECORD}), skipped; {_summary(root, stage.name)}"
-                )
-                continue
-            argv = stage.argv(out) + (["--force"] if action == "force" else [])
-            build_log.progress(
-                f"{tag}: {' '.join(['persona-gym', *(shlex.quote(a) for a in argv)])}"
-            )
-            t0 = time.perf_counter()
-            with _reporting(build_log, tag, t0):
-                stage_args = parser.parse_args(argv)
-                code = int(stage_args.func(stage_args) or 0)
-                if code:
-                    raise StageError(f"`persona-gym {stage.name}` exited with status {code}")
-            seconds = time.perf_counter() - t0
-            if stage.name == "distill":
-                build_log.open(root / BUILD_LOG)
-                record = _read_record(root)  # a new directory: distill swapped it in whole
-            stages_record = dict(record.get("stages") or {})
-            stages_record[stage.name] = {
-                "settings": stage.settings,
-                "seconds": round(seconds, 1),
-                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            atomic_write_json(root / BUILD_RECORD, {"dataset": dataset, "stages": stages_record})
-            build_log.progress(f"{tag}: done in {duration(seconds)}; {_summary(root, stage.name)}")
-        recorded = sum(
-            s.get("seconds", 0.0) for s in (_read_record(root).get("stages") or {}).values()
-        )
-        build_log.progress(
-            f"persona-gym build: {out} is ready in {duration(time.perf_counter() - started)} "
-            f"(all stages, over every run: {duration(recorded)}); use it with "
-            f"gym.make(..., artifacts={str(root.resolve())!r})"
-        )
-        return 0
+            return _build(args, out, root, build_log)
+        where = root.resolve()
+        with file_lock(
+            where.parent / f".{where.name}.build.lock",
+            on_wait=lambda: build_log.progress(
+                f"another `persona-gym build` is writing {out}; waiting for it to finish "
+                "(Ctrl-C stops this one)"
+            ),
+        ):
+            return _build(args, out, root, build_log)
+    except OSError as error:
+        if is_disk_full(error) and not isinstance(error, DiskFullError):
+            raise disk_full(error.filename or root, then=resume) from error
+        raise
     finally:
         root_logger.removeHandler(build_log)
         root_logger.setLevel(level)
         build_log.close()
+
+
+def _build(args: argparse.Namespace, out: str, root: Path, build_log: BuildLog) -> int:
+    """The stages of :func:`run_build`, in order (the caller holds the directory's lock)."""
+    started = time.perf_counter()
+    total = len(STAGES) - (1 if args.no_evaluate else 0)
+    command = build_command(args)
+    dataset, note = fetch_dataset(args.dataset, dry_run=args.dry_run)
+    build_log.progress(f"[1/{total}] fetch: {note}")
+    stages = plan(args, dataset)
+    if args.dry_run:
+        return _dry_run(stages, root, out, total, build_log, args.force, command)
+    parser = _stage_parser()
+    for number, stage in enumerate(stages, start=2):
+        if stage.name != "distill":
+            build_log.open(root / BUILD_LOG)
+        record = _read_record(root)
+        action = _decide(stage, root, record, args.force, command)
+        tag = f"[{number}/{total}] {stage.name}"
+        if action == "skip":
+            build_log.progress(
+                f"{tag}: done before ({BUILD_RECORD}), skipped; {_summary(root, stage.name)}"
+            )
+            continue
+        argv = stage.argv(out) + (["--force"] if action == "force" else [])
+        build_log.progress(f"{tag}: {' '.join(['persona-gym', *(shlex.quote(a) for a in argv)])}")
+        t0 = time.perf_counter()
+        with _reporting(build_log, tag, t0):
+            stage_args = parser.parse_args(argv)
+            code = int(stage_args.func(stage_args) or 0)
+            if code:
+                raise StageError(f"`persona-gym {stage.name}` exited with status {code}")
+        seconds = time.perf_counter() - t0
+        if stage.name == "distill":
+            build_log.open(root / BUILD_LOG)
+            record = _read_record(root)  # a new directory: distill swapped it in whole
+        stages_record = dict(record.get("stages") or {})
+        stages_record[stage.name] = {
+            "settings": stage.settings,
+            "seconds": round(seconds, 1),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": stage_files(root, stage.name),
+        }
+        atomic_write_json(root / BUILD_RECORD, {"dataset": dataset, "stages": stages_record})
+        build_log.progress(f"{tag}: done in {duration(seconds)}; {_summary(root, stage.name)}")
+    recorded = sum(s.get("seconds", 0.0) for s in (_read_record(root).get("stages") or {}).values())
+    build_log.progress(
+        f"persona-gym build: {out} is ready in {duration(time.perf_counter() - started)} "
+        f"(all stages, over every run: {duration(recorded)}); use it with "
+        f"gym.make(..., artifacts={str(root.resolve())!r})"
+    )
+    return 0
+
+
+def build_command(args: argparse.Namespace) -> str:
+    """The ``persona-gym build`` command line of ``args``: its dataset and every option that
+    differs from its default (without ``--force`` and ``--dry-run``)."""
+    words = ["persona-gym", "build", args.dataset]
+    parser = getattr(args, "build_parser", None)
+    for action in parser._actions if parser is not None else []:
+        if not action.option_strings or action.dest in ("help", "verbose", "force", "dry_run"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        words.append(action.option_strings[-1])
+        if action.nargs != 0:
+            words.append(str(value))
+    return " ".join(shlex.quote(w) for w in words)
 
 
 @contextlib.contextmanager
@@ -436,12 +554,18 @@ def _reporting(build_log: BuildLog, tag: str, t0: float) -> Iterator[None]:
 
 
 def _dry_run(
-    stages: list[Stage], root: Path, out: str, total: int, build_log: BuildLog, force: bool
+    stages: list[Stage],
+    root: Path,
+    out: str,
+    total: int,
+    build_log: BuildLog,
+    force: bool,
+    command: str,
 ) -> int:
     record = _read_record(root)
     for number, stage in enumerate(stages, start=2):
         try:
-            action = _decide(stage, root, record, force)
+            action = _decide(stage, root, record, force, command)
         except StageError as error:
             action = f"refused: {error}"
         state = {"skip": "done, would skip", "run": "would run", "force": "would run with --force"}
@@ -572,4 +696,4 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="print each stage's command and whether it would run; run nothing",
     )
-    p.set_defaults(func=run_build)
+    p.set_defaults(func=run_build, build_parser=p)
