@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PromptConfig"]
+__all__ = ["LAYOUTS", "PromptConfig"]
+
+LAYOUTS = ("block", "sequence")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class PromptConfig:
             user's MF factors moved a share ``s`` toward the persona's mean factors along the
             axes that separate the personas (:mod:`persona_gym.collaborative`); 0 = each user's
             own factors.
+        layout: ``"block"``, the text prompt of :mod:`persona_gym.simulator.prompts`, or
+            ``"sequence"``, the user as their rating sequence of soft tokens
+            (:mod:`persona_gym.simulator.sequence`: ``2 window_size + 1`` tokens per rating on a
+            static per-user prefix); artifacts trained before it existed load as ``"block"``.
+        history: logged events in the sequence layout's static prefix.
     """
 
     window_size: int = 3
@@ -51,6 +58,8 @@ class PromptConfig:
     cf_items: bool = False
     cf_prior: bool = False
     persona_taste: float = 0.0
+    layout: str = "block"
+    history: int = 32
 
     def __post_init__(self) -> None:
         for name in ("window_size", "n_memories", "max_tokens"):
@@ -66,6 +75,10 @@ class PromptConfig:
             raise ValueError(
                 "PromptConfig.cf_prior needs cf_cue=True (the prior is centred on that prediction)"
             )
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"PromptConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.history < 1:
+            raise ValueError(f"PromptConfig.history must be >= 1, got {self.history}")
         if not 0.0 <= self.persona_taste <= 1.0:
             raise ValueError(
                 f"PromptConfig.persona_taste must be in [0, 1], got {self.persona_taste}"

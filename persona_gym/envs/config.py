@@ -23,6 +23,7 @@ LEAVE_RULES = ("threshold", "model")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("local", "vllm", "vllm-server")
 USERS = ("all", "training")
+RATERS = ("slm", "prior")
 
 __all__ = [
     "BACKENDS",
@@ -46,6 +47,10 @@ class EnvConfig:
         artifacts: ``"ml-100k"`` / ``"ml-1m"`` (the artifacts shipped in
             ``persona_gym/default_artifacts/``) or the path of an artifacts directory written by
             ``persona-gym distill``, ``personas`` and ``train``.
+        rater: what rates the items: ``"slm"`` (the simulated users of the artifacts: the
+            SLM with its persona adapters, the default) or ``"prior"`` (their collaborative
+            prior alone, no language model: :class:`~persona_gym.simulator.prior_rater.PriorRater`,
+            thousands of steps per second for prototyping; same users, windows and interface).
         variant: which adapter rates a user: ``"persona"`` (their persona's), ``"base"``, or
             the name of one adapter for everyone (``"single-max"``).
         users: whom episodes are drawn from: ``"all"`` (every simulated user of the artifacts;
@@ -114,6 +119,7 @@ class EnvConfig:
 
     dataset: str = "ml-100k"
     artifacts: str = "ml-100k"
+    rater: str = "slm"
     variant: str = "persona"
     users: str = "all"
     base_model: str | None = None
@@ -157,6 +163,8 @@ class EnvConfig:
             raise ConfigError(
                 f"EnvConfig.leave_rule must be one of {LEAVE_RULES}, got {self.leave_rule!r}"
             )
+        if self.rater not in RATERS:
+            raise ConfigError(f"EnvConfig.rater must be one of {RATERS}, got {self.rater!r}")
         if self.users not in USERS:
             raise ConfigError(f"EnvConfig.users must be one of {USERS}, got {self.users!r}")
         if self.dtype not in DTYPES:

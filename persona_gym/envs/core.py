@@ -66,6 +66,7 @@ def get_simulator(config: EnvConfig) -> Rater:
     root = resolve_artifacts(config.artifacts, dataset=config.dataset)
     key = (
         str(root),
+        config.rater,
         config.variant,
         config.base_model,
         config.device,
@@ -85,6 +86,10 @@ def get_simulator(config: EnvConfig) -> Rater:
 
 
 def _load_simulator(root: Path, config: EnvConfig) -> Rater:
+    if config.rater == "prior":
+        from persona_gym.simulator.prior_rater import PriorRater
+
+        return PriorRater.load(root)
     if config.backend == "local":
         from persona_gym.simulator.simulator import UserSimulator
 

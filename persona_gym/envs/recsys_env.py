@@ -218,9 +218,11 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
         self,
         config: str | EnvConfig = "ml100k",
         render_mode: str | None = None,
-        rater: Rater | None = None,
+        rater: Rater | str | None = None,
         **overrides: Any,
     ):
+        if isinstance(rater, str):  # a name: EnvConfig.rater ("slm" or "prior"), not a Rater
+            overrides["rater"], rater = rater, None
         check_render_mode(render_mode, self.metadata["render_modes"])
         limit = _time_limit(self)
         try:

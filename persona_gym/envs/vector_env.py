@@ -56,9 +56,11 @@ class PersonaRecVectorEnv(VectorEnv):
         config: str | EnvConfig = "ml100k",
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
-        rater: Rater | None = None,
+        rater: Rater | str | None = None,
         **overrides: Any,
     ):
+        if isinstance(rater, str):  # a name: EnvConfig.rater ("slm" or "prior"), not a Rater
+            overrides["rater"], rater = rater, None
         is_int = isinstance(num_envs, int | np.integer) and not isinstance(
             num_envs, bool | np.bool_
         )

@@ -81,6 +81,14 @@ class UserSimulator:
         adapters: dict[str, str | Path] = variant_adapters(variant, artifacts.adapter_dirs)
         model, tokenizer = load_model(artifacts, adapters, base_model, device, dtype)
         builder = PromptBuilder(tokenizer, artifacts.catalog, prompt or artifacts.prompt_config)
+        if builder.config.layout == "sequence":
+            from persona_gym.simulator.sequence import SequenceRatingModel
+
+            return cls(
+                artifacts,
+                SequenceRatingModel.load(model, tokenizer, builder, artifacts, adapters),
+                variant,
+            )
         items = (
             load_item_tokens(adapters, artifacts.item_token_features(builder.config), device)
             if builder.config.item_tokens

@@ -1,0 +1,311 @@
+"""The sequence user model: a user is their rating sequence, read by the SLM one token per event.
+
+A user's state is a sequence of input embeddings, not text::
+
+    <head> [item][rating] [item][rating] ... [item][rating] | [item][rating] x k | [candidate]
+           `---- the last `history` logged ratings: the prefix -'   the window   '- block -'
+
+* an **item token** is one vector: a learned projection of the movie's text embedding and its
+  collaborative factors and bias, plus a learned direction times the collaborative model's
+  prediction of this user's rating of it (centred on 3);
+* a **rating token** is the LM's own embedding of the digit "1".."5" plus a learned direction
+  times the residual (rating minus that prediction): how far the rating fell from expectation.
+
+The rating of the candidate is read from the LM's next-token logits of "1".."5" at the
+candidate's item token, plus the adapter's collaborative prior (:mod:`persona_gym.rating_prior`,
+a Gaussian around the prediction, without a window term: what the window does to a rating is the
+SLM's). The prefix is static per user and adapter (computed once, kept as keys/values); a step
+pays for the window and the candidate: ``2 k + 1`` tokens. The window holds the interactions
+after the logged history (an episode's recommendations and ratings), newest last.
+
+Every input is an embedding at the input layer, so a server that takes prompt embeddings (vLLM's
+``enable_prompt_embeds``) computes the same logits from :meth:`SequenceUserModel.embeddings`.
+Training (``training/sequence_training.py``) reads each user's logged sequence autoregressively:
+every rating is predicted at its item token from the ratings before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from persona_gym.memory import Interaction, logged_history
+
+TOKENS_FILE = "sequence_tokens.pt"
+HEAD_TEXT = "Movie ratings:"
+CENTRE = 3.0  # predictions enter the item tokens as (prediction - CENTRE)
+
+__all__ = ["CENTRE", "HEAD_TEXT", "TOKENS_FILE", "SequenceTokens", "UserSequence"]
+
+
+class SequenceTokens(torch.nn.Module):
+    """The soft input tokens of one adapter: items and ratings as input embeddings.
+
+    Args:
+        features: ``(n_items, E)`` item features (text embedding, collaborative factors and bias);
+            standardised per dimension so the projection starts on a unit scale.
+        digits: ``(5, H)`` the LM's input embeddings of "1".."5" (frozen).
+        placeholder: ``(H,)`` the LM's embedding of a neutral token: the item tokens' start.
+    """
+
+    features: torch.Tensor
+    digits: torch.Tensor
+
+    def __init__(self, features, digits: torch.Tensor, placeholder: torch.Tensor):
+        super().__init__()
+        feats = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        feats = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+        self.register_buffer("features", feats, persistent=False)
+        self.register_buffer("digits", digits.detach().float().clone())
+        hidden = digits.shape[1]
+        self.item = torch.nn.Linear(feats.shape[1], hidden)
+        torch.nn.init.zeros_(self.item.weight)
+        with torch.no_grad():
+            self.item.bias.copy_(placeholder.detach().float())
+        self.prediction = torch.nn.Parameter(torch.zeros(hidden))
+        self.residual = torch.nn.Parameter(torch.zeros(hidden))
+
+    def items(self, indices: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+        """``(..., H)`` item tokens of catalogue ``indices`` with this user's ``predictions``."""
+        feats = self.features[indices.to(self.features.device)]
+        centred = (predictions.to(feats.device, torch.float32) - CENTRE)[..., None]
+        return self.item(feats) + centred * self.prediction
+
+    def ratings(self, ratings: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+        """``(..., H)`` rating tokens of 1..5 ``ratings`` with their ``residuals``."""
+        digits = self.digits[(ratings.to(self.digits.device).long() - 1).clamp(0, 4)]
+        return digits + residuals.to(digits.device, torch.float32)[..., None] * self.residual
+
+    def save(self, folder: str | Path) -> None:
+        torch.save(
+            {k: v.detach().cpu() for k, v in self.state_dict().items()}, Path(folder) / TOKENS_FILE
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path, features) -> SequenceTokens:
+        """The tokens saved next to an adapter's weights; fail with the fix when missing."""
+        path = Path(folder) / TOKENS_FILE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} not found: this adapter was not trained as a sequence user model; "
+                "retrain it with `persona-gym train`"
+            )
+        state = torch.load(path, weights_only=True)
+        hidden = state["digits"].shape[1]
+        tokens = cls(features, state["digits"], torch.zeros(hidden))
+        tokens.load_state_dict(state)
+        return tokens
+
+
+@dataclass(frozen=True)
+class UserSequence:
+    """A stretch of one user's rating sequence: item indices, ratings and the collaborative
+    predictions of those items for this user (``(n,)`` arrays, oldest first)."""
+
+    items: np.ndarray
+    ratings: np.ndarray
+    predictions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def of(cls, interactions: Sequence[Interaction], predictions) -> UserSequence:
+        return cls(
+            np.array([x.item_index for x in interactions], dtype=np.int64),
+            np.array([x.rating for x in interactions], dtype=np.float32),
+            np.asarray(predictions, dtype=np.float32).reshape(-1),
+        )
+
+    def embed(self, tokens: SequenceTokens) -> torch.Tensor:
+        """``(2 n, H)`` input embeddings: each event's item token then its rating token."""
+        items = tokens.items(torch.from_numpy(self.items), torch.from_numpy(self.predictions))
+        ratings = torch.from_numpy(np.rint(self.ratings).astype(np.int64))
+        residual = torch.from_numpy(self.ratings - self.predictions)
+        rated = tokens.ratings(ratings, residual)
+        return torch.stack([items, rated], dim=1).reshape(-1, items.shape[-1])
+
+
+PREFIX_CACHE = 512  # prefixes kept as keys/values (one per user, adapter and window start)
+
+
+def logged_in_window(history: Sequence[Interaction], window: Sequence[Interaction]) -> int:
+    """How many of the window's first entries are the logged history's last ones (an episode's
+    first windows and a rolling evaluation's first test rows start inside the history)."""
+    for n in range(min(len(window), len(history)), 0, -1):
+        if tuple(history[-n:]) == tuple(window[:n]):
+            return n
+    return 0
+
+
+class SequenceRatingModel:
+    """Scores rating requests with the sequence layout (module docstring): the local engine.
+
+    Args:
+        model: the base LM wrapped in a ``PeftModel`` holding the persona adapters.
+        tokenizer: its tokenizer (the head text and the rating digits).
+        builder: the prompt builder (its ``config`` holds ``history`` and ``window_size``).
+        artifacts: the users' logged histories and the collaborative model.
+        tokens / priors: each adapter's :class:`SequenceTokens` and rating prior.
+    """
+
+    def __init__(self, model, tokenizer, builder, artifacts, tokens: dict, priors: dict):
+        from persona_gym.simulator.prompts import rating_token_ids
+
+        self.model = model
+        self.builder = builder
+        self.artifacts = artifacts
+        self.tokens = tokens
+        self.priors = priors
+        self.history_size = builder.config.history
+        get_base = getattr(model, "get_base_model", None)
+        inner = get_base() if get_base is not None else model
+        self.body = inner.model
+        self.rating_rows = inner.lm_head.weight[torch.as_tensor(rating_token_ids(tokenizer))]
+        head_ids = torch.as_tensor(tokenizer(HEAD_TEXT, add_special_tokens=False)["input_ids"])
+        self.head = self.body.embed_tokens(head_ids).detach()
+        self._prefixes: dict[tuple, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
+        self._histories: dict[int, tuple[Interaction, ...]] = {}
+        self.tokens_processed = 0  # real tokens through the model (benchmarks)
+
+    @classmethod
+    def load(cls, model, tokenizer, builder, artifacts, adapters) -> SequenceRatingModel:
+        """The engine over ``model`` with each adapter's tokens and prior read from its folder."""
+        from persona_gym.rating_prior import load_rating_priors
+
+        features = np.c_[
+            artifacts.item_embeddings, artifacts.require_collaborative().item_features()
+        ]
+        tokens = {name: SequenceTokens.load(folder, features) for name, folder in adapters.items()}
+        return cls(model, tokenizer, builder, artifacts, tokens, load_rating_priors(adapters))
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(getattr(self.model, "peft_config", {}).keys())
+
+    def history(self, user_id: int) -> tuple[Interaction, ...]:
+        """The user's time-ordered logged interactions (read once)."""
+        found = self._histories.get(user_id)
+        if found is None:
+            found = self._histories[user_id] = logged_history(self.artifacts.memories, user_id)
+        return found
+
+    def predictions(self, user_id: int, adapter: str, items: Sequence[int]) -> np.ndarray:
+        """The collaborative predictions of ``items`` for the user under ``adapter``'s taste."""
+        taste = self.artifacts.taste(user_id, adapter)
+        return self.artifacts.require_collaborative().predict([user_id] * len(items), items, taste)
+
+    def _sequence(self, user_id: int, adapter: str, events: Sequence[Interaction]) -> UserSequence:
+        return UserSequence.of(
+            events, self.predictions(user_id, adapter, [x.item_index for x in events])
+        )
+
+    def prefix_events(self, user_id: int, window: Sequence[Interaction]) -> tuple[Interaction, ...]:
+        """The logged events before the window, at most ``history`` of them."""
+        history = self.history(user_id)
+        end = len(history) - logged_in_window(history, window)
+        return tuple(history[max(0, end - self.history_size) : end])
+
+    def embeddings(self, request) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prefix, block)`` input embeddings of a request: what a server taking prompt
+        embeddings is sent (their concatenation), and what the local engine computes."""
+        tokens = self.tokens[request.adapter]
+        user, adapter, window = request.user_id, request.adapter, tuple(request.window)
+        prefix = self._sequence(user, adapter, self.prefix_events(user, window))
+        candidate = tokens.items(
+            torch.as_tensor([request.candidate]),
+            torch.as_tensor(self.predictions(user, adapter, [request.candidate])),
+        )
+        return (
+            torch.cat([self.head, prefix.embed(tokens)]),
+            torch.cat([self._sequence(user, adapter, window).embed(tokens), candidate]),
+        )
+
+    def _prefix_kvs(self, wanted: dict[tuple, torch.Tensor]) -> dict[tuple, tuple]:
+        """The keys/values of the ``{key: embeddings}`` prefixes (their adapter active): the
+        cached ones, the others computed in batches of equal length and cached."""
+        found = {key: self._prefixes[key] for key in wanted if key in self._prefixes}
+        missing: dict[int, list[tuple]] = {}
+        for key, embeds in wanted.items():
+            if key not in found:
+                missing.setdefault(len(embeds), []).append(key)
+        for keys in missing.values():
+            embeds = torch.stack([wanted[k] for k in keys])
+            cache = self.body(inputs_embeds=embeds, use_cache=True).past_key_values
+            self.tokens_processed += embeds.shape[0] * embeds.shape[1]
+            for row, key in enumerate(keys):
+                if len(self._prefixes) >= PREFIX_CACHE:
+                    self._prefixes.pop(next(iter(self._prefixes)))
+                found[key] = self._prefixes[key] = tuple(
+                    (layer.keys[row : row + 1], layer.values[row : row + 1])
+                    for layer in cache.layers
+                )
+        return found
+
+    @torch.inference_mode()
+    def score(self, requests: Sequence) -> np.ndarray:
+        """``(len(requests), 5)`` probabilities of the ratings 1..5, in request order."""
+        return self.score_logits(requests).softmax(-1).double().numpy()
+
+    def score_logits(self, requests: Sequence) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        out = torch.empty((len(requests), 5), dtype=torch.float32)
+        groups: dict[tuple[str, int], list[tuple[int, tuple, torch.Tensor]]] = {}
+        prefixes: dict[str, dict[tuple, torch.Tensor]] = {}
+        blocks = []
+        for request in requests:
+            if request.adapter not in self.tokens:
+                raise KeyError(
+                    f"adapter {request.adapter!r} is not loaded; loaded: {sorted(self.tokens)}"
+                )
+            events = self.prefix_events(request.user_id, tuple(request.window))
+            key = (
+                request.user_id,
+                request.adapter,
+                events[-1].timestamp if events else 0,
+                len(events),
+            )
+            prefix, block = self.embeddings(request)
+            prefixes.setdefault(request.adapter, {})[key] = prefix
+            blocks.append((key, len(prefix), block))
+        kvs = {}
+        for adapter, wanted in prefixes.items():
+            self.model.set_adapter(adapter)
+            kvs.update(self._prefix_kvs(wanted))
+        for i, (key, length, block) in enumerate(blocks):
+            groups.setdefault((requests[i].adapter, length), []).append((i, kvs[key], block))
+        for (adapter, length), members in groups.items():
+            self.model.set_adapter(adapter)
+            longest = max(len(b) for _, _, b in members)
+            embeds = torch.zeros(len(members), longest, self.head.shape[1])
+            for row, (_, _, block) in enumerate(members):
+                embeds[row, : len(block)] = block
+            layers = [
+                (torch.cat([m[1][j][0] for m in members]), torch.cat([m[1][j][1] for m in members]))
+                for j in range(len(members[0][1]))
+            ]
+            cache = DynamicCache(layers)
+            positions = torch.arange(length, length + longest)[None].expand(len(members), -1)
+            hidden = self.body(
+                inputs_embeds=embeds, past_key_values=cache, position_ids=positions, use_cache=True
+            ).last_hidden_state
+            self.tokens_processed += sum(len(b) for _, _, b in members)
+            last = hidden[
+                torch.arange(len(members)), torch.as_tensor([len(b) - 1 for _, _, b in members])
+            ]
+            logits = (last @ self.rating_rows.T).float()
+            rows = torch.as_tensor([i for i, _, _ in members])
+            predictions = torch.as_tensor(
+                [
+                    self.predictions(requests[i].user_id, adapter, [requests[i].candidate])[0]
+                    for i, _, _ in members
+                ],
+                dtype=torch.float32,
+            )
+            out[rows] = self.priors[adapter](logits, predictions, torch.zeros_like(predictions))
+        return out

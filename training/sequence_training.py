@@ -1,0 +1,387 @@
+"""Train the sequence user model's persona adapters (:mod:`persona_gym.simulator.sequence`).
+
+Each persona adapter (LoRA on every layer, its soft tokens and its collaborative prior) reads
+its users' logged rating sequences autoregressively: in chunks of ``chunk`` events, every rating
+after the first ``min_context`` of a chunk is predicted at its item token from the events before
+it. The last ``val_per_user`` ratings of each user are the validation slice (never trained on):
+they are scored with the layout the simulator uses (``history`` events, then the window), and
+choose the step to keep (early stopping on the validation NLL). The prior alone is scored on the
+same slice, so what the SLM adds is measured while it trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from persona_gym.artifacts import Artifacts, load_artifacts
+from persona_gym.memory import logged_history
+from persona_gym.rating_prior import RatingPrior, fit_rating_prior
+from persona_gym.ratings import RATING_VALUES
+from persona_gym.simulator.sequence import HEAD_TEXT, SequenceTokens, UserSequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SequenceTrainConfig:
+    """How the persona adapters of the sequence user model are trained.
+
+    Attributes:
+        history: logged events in a user's static prefix (the simulator's layout).
+        window: events after the prefix that a step shows (``k``).
+        chunk: events per training sequence.
+        min_context: events before the first trained rating of a chunk.
+        rank / alpha / dropout: the LoRA adapters (every linear layer of every block).
+        learning_rate: AdamW, linear warm-up over the first 10% of steps, then constant.
+        epochs: passes over the training chunks (early stopping keeps the best step).
+        batch: chunks per optimiser step.
+        mse_weight: weight of the squared error of the expected rating beside the NLL.
+        val_per_user: each user's last ratings held out as the validation slice.
+        eval_every: optimiser steps between validation passes.
+        seed: shuffling and initialisation.
+    """
+
+    history: int = 32
+    window: int = 3
+    chunk: int = 64
+    min_context: int = 24
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    learning_rate: float = 5e-4
+    epochs: int = 5
+    batch: int = 8
+    mse_weight: float = 0.1
+    val_per_user: int = 5
+    eval_every: int = 15
+    seed: int = 0
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _sequences(artifacts: Artifacts, users: list[int], adapter: str) -> dict[int, UserSequence]:
+    collaborative = artifacts.require_collaborative()
+    out = {}
+    for user in users:
+        history = logged_history(artifacts.memories, user)
+        taste = artifacts.taste(user, adapter)
+        predictions = collaborative.predict(
+            [user] * len(history), [x.item_index for x in history], taste
+        )
+        out[user] = UserSequence.of(history, predictions)
+    return out
+
+
+def _slice(seq: UserSequence, start: int, end: int) -> UserSequence:
+    return UserSequence(seq.items[start:end], seq.ratings[start:end], seq.predictions[start:end])
+
+
+@dataclass
+class _Chunk:
+    seq: UserSequence
+    first_target: int  # index in the chunk of the first trained rating
+
+
+def _chunks(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[_Chunk]:
+    stride = config.chunk - config.min_context
+    chunks = []
+    for seq in seqs.values():
+        n = len(seq) - config.val_per_user
+        for start in range(0, max(n - config.min_context, 0), stride):
+            end = min(start + config.chunk, n)
+            if end - start > config.min_context:
+                chunks.append(_Chunk(_slice(seq, start, end), config.min_context))
+    return chunks
+
+
+def _val_chunks(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[_Chunk]:
+    """Each user's validation ratings, each with the ``history + window`` events before it."""
+    context = config.history + config.window
+    chunks = []
+    for seq in seqs.values():
+        n = len(seq)
+        first = n - config.val_per_user
+        start = max(0, first - context)
+        chunks.append(_Chunk(_slice(seq, start, n), first - start))
+    return chunks
+
+
+class SequenceLM:
+    """The LM run on input embeddings: hidden states and the five rating logits."""
+
+    def __init__(self, model: torch.nn.Module, rating_ids: list[int], head_ids: list[int]):
+        self.model = model
+        get_base = getattr(model, "get_base_model", None)
+        inner = get_base() if get_base is not None else model
+        self.body = inner.model  # the decoder stack (LoRA layers inside when attached)
+        self.lm_head = inner.lm_head
+        self.rating_ids = torch.as_tensor(rating_ids)
+        self.head_ids = torch.as_tensor(head_ids)
+
+    def head_embeddings(self) -> torch.Tensor:
+        return self.body.embed_tokens(self.head_ids).detach()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., 5)`` logits of "1".."5" from final hidden states."""
+        return (hidden @ self.lm_head.weight[self.rating_ids].T).float()
+
+
+def _batch_logits(
+    lm: SequenceLM, tokens: SequenceTokens, chunks: list[_Chunk]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rating logits at every target item token of ``chunks`` (one padded forward), with the
+    targets' 1..5 ratings and collaborative predictions."""
+    head = lm.head_embeddings()
+    seqs = [torch.cat([head, c.seq.embed(tokens)]) for c in chunks]
+    longest = max(len(s) for s in seqs)
+    embeds = torch.zeros(len(seqs), longest, head.shape[1])
+    for row, s in enumerate(seqs):
+        embeds[row, : len(s)] = s  # right padding: causal attention never reads it
+    hidden = lm.body(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    rows, cols, ratings, predictions = [], [], [], []
+    for row, c in enumerate(chunks):
+        for j in range(c.first_target, len(c.seq)):
+            rows.append(row)
+            cols.append(len(head) + 2 * j)
+            ratings.append(int(round(float(c.seq.ratings[j]))))
+            predictions.append(float(c.seq.predictions[j]))
+    logits = lm.logits(hidden[torch.tensor(rows), torch.tensor(cols)])
+    return logits, torch.tensor(ratings), torch.tensor(predictions)
+
+
+def _with_prior(prior: RatingPrior, logits: torch.Tensor, predictions: torch.Tensor):
+    return prior(logits, predictions, torch.zeros_like(predictions))
+
+
+def _scores(logits: torch.Tensor, ratings: torch.Tensor) -> dict[str, float]:
+    probs = logits.softmax(-1)
+    expected = probs @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
+    nll = torch.nn.functional.cross_entropy(logits, ratings - 1)
+    rmse = ((expected - ratings.float()) ** 2).mean().sqrt()
+    return {"nll": float(nll), "rmse": float(rmse), "n": len(ratings)}
+
+
+def train_sequence_adapter(
+    name: str,
+    artifacts: Artifacts,
+    users: list[int],
+    base: torch.nn.Module,
+    tokenizer,
+    config: SequenceTrainConfig,
+    out: Path,
+) -> dict:
+    """Train one persona adapter on ``users``' sequences; save it under ``out / name``."""
+    from peft import LoraConfig, get_peft_model
+
+    from persona_gym.simulator.prompts import rating_token_ids
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    seqs = _sequences(artifacts, users, name)
+    train, val = _chunks(seqs, config), _val_chunks(seqs, config)
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora, adapter_name=name)
+    rating_ids = rating_token_ids(tokenizer)
+    head_ids = list(tokenizer(HEAD_TEXT, add_special_tokens=False)["input_ids"])
+    lm = SequenceLM(model, rating_ids, head_ids)
+    embed = lm.body.embed_tokens
+    placeholder_id = tokenizer(" movie", add_special_tokens=False)["input_ids"][-1]
+    features = np.c_[artifacts.item_embeddings, artifacts.require_collaborative().item_features()]
+    tokens = SequenceTokens(
+        features,
+        embed(torch.as_tensor(rating_ids)).detach(),
+        embed(torch.as_tensor([placeholder_id]))[0].detach(),
+    )
+    fit_targets = [c.seq for c in train]
+    ratings_fit = np.concatenate([np.rint(s.ratings[config.min_context :]) for s in fit_targets])
+    preds_fit = np.concatenate([s.predictions[config.min_context :] for s in fit_targets])
+    prior = fit_rating_prior(preds_fit, np.zeros_like(preds_fit), ratings_fit.astype(np.int64))
+    prior.memory.requires_grad_(False)  # no window term: the window is the SLM's
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += list(tokens.parameters()) + [prior.log_precision, prior.bias]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    steps = config.epochs * int(np.ceil(len(train) / config.batch))
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    def validate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            logits, ratings, predictions = _batch_logits(lm, tokens, val)
+            return _scores(_with_prior(prior, logits, predictions), ratings)
+
+    with torch.no_grad():
+        val_ratings = torch.tensor(
+            [int(round(float(r))) for c in val for r in c.seq.ratings[c.first_target :]]
+        )
+        val_preds = torch.tensor(
+            [float(p) for c in val for p in c.seq.predictions[c.first_target :]]
+        )
+        prior_only = _scores(
+            _with_prior(prior, torch.zeros(len(val_ratings), 5), val_preds), val_ratings
+        )
+    log.info(
+        "%s: %d train chunks, %d val ratings; prior alone %s",
+        name,
+        len(train),
+        len(val_ratings),
+        prior_only,
+    )
+    best = validate()
+    best_state = _snapshot(model, tokens, prior)
+    history = [{"step": 0, **best}]
+    started = time.perf_counter()
+    step = 0
+    for epoch in range(config.epochs):
+        order = rng.permutation(len(train))
+        for first in range(0, len(order), config.batch):
+            model.train()
+            batch = [train[i] for i in order[first : first + config.batch]]
+            logits, ratings, predictions = _batch_logits(lm, tokens, batch)
+            logits = _with_prior(prior, logits, predictions)
+            expected = logits.softmax(-1) @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
+            loss = torch.nn.functional.cross_entropy(logits, ratings - 1)
+            loss = loss + config.mse_weight * ((expected - ratings.float()) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            log.debug("%s step %d: loss %.4f", name, step, float(loss.detach()))
+            if step % config.eval_every == 0 or step == steps:
+                scores = validate()
+                history.append({"step": step, "loss": float(loss.detach()), **scores})
+                log.info(
+                    "%s step %d/%d (epoch %d): loss %.4f val %s (%.0f s)",
+                    name,
+                    step,
+                    steps,
+                    epoch,
+                    float(loss),
+                    scores,
+                    time.perf_counter() - started,
+                )
+                if scores["nll"] < best["nll"]:
+                    best, best_state = scores, _snapshot(model, tokens, prior)
+    _restore(model, tokens, prior, best_state)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), selected_adapters=[name])
+    tokens.save(folder)
+    prior.save(folder)
+    metrics = {
+        "best": best,
+        "prior_alone": prior_only,
+        "history": history,
+        "steps": step,
+        "seconds": time.perf_counter() - started,
+        "train_chunks": len(train),
+    }
+    (folder / "training.json").write_text(json.dumps(metrics, indent=1))
+    model.unload()
+    return metrics
+
+
+def _snapshot(model, tokens, prior) -> dict:
+    lora = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    return {
+        "lora": lora,
+        "tokens": {k: v.clone() for k, v in tokens.state_dict().items()},
+        "prior": {k: v.detach().clone() for k, v in prior.state_dict().items()},
+    }
+
+
+def _restore(model, tokens, prior, state: dict) -> None:
+    model.load_state_dict(state["lora"], strict=False)
+    tokens.load_state_dict(state["tokens"])
+    prior.load_state_dict(state["prior"])
+
+
+SEQUENCE_PROMPT = {
+    "n_memories": 0,
+    "use_profile": False,
+    "crowd_cue": False,
+    "item_tokens": False,
+    "cf_cue": True,
+    "surprise_cue": False,
+    "cf_items": False,
+    "cf_prior": True,
+    "layout": "sequence",
+}
+
+
+def install_adapters(root: Path, trained: Path, config: SequenceTrainConfig, metrics: dict) -> None:
+    """Put the adapters trained under ``trained`` into artifacts ``root`` and re-seal its
+    manifest with the sequence layout and this training's config and metrics."""
+    import shutil
+
+    from persona_gym.artifacts.manifest import read_manifest, seal_manifest
+
+    manifest = read_manifest(root)
+    for name, rel in manifest["adapters"].items():
+        target = root / rel
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(trained / name, target)
+    prompt = {
+        **manifest["prompt"],
+        **SEQUENCE_PROMPT,
+        "window_size": config.window,
+        "history": config.history,
+    }
+    manifest["prompt"] = prompt
+    manifest["training"] = {**manifest["training"], "sequence": asdict(config), "prompt": prompt}
+    manifest["metrics"] = {"adapters": metrics}
+    seal_manifest(root, manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--artifacts", required=True)
+    parser.add_argument("--out", required=True, help="folder for the adapters")
+    parser.add_argument("--personas", nargs="*", default=None)
+    parser.add_argument("--epochs", type=int, default=SequenceTrainConfig.epochs)
+    parser.add_argument("--max-users", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from persona_gym.assets import load_causal_lm
+
+    artifacts = load_artifacts(args.artifacts)
+    config = SequenceTrainConfig(epochs=args.epochs)
+    base, tokenizer = load_causal_lm(artifacts.manifest["training"]["base_model"])
+    for p in base.parameters():
+        p.requires_grad_(False)
+    out = Path(args.out)
+    personas: dict[str, list[int]] = {}
+    for user, persona in artifacts.user_persona.items():
+        personas.setdefault(f"persona-{persona}", []).append(int(user))
+    results = {}
+    for name in sorted(personas):
+        if args.personas and name not in args.personas:
+            continue
+        users = sorted(personas[name])[: args.max_users or None]
+        results[name] = train_sequence_adapter(name, artifacts, users, base, tokenizer, config, out)
+    (out / "sequence_training.json").write_text(
+        json.dumps({"config": asdict(config), "adapters": results}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
