@@ -226,8 +226,10 @@ def test_personas_refuse_to_overwrite_and_force_invalidates_downstream(art):
     run_personas_stage(art, PersonaConfig(k=2, seed=1, features="profile"), force=True)
     assert (art / "personas.json").exists()
     assert not (art / "manifest.json").exists() and not (art / "adapters").exists()
-    with pytest.raises(ArtifactsError, match="persona-gym train"):
+    with pytest.raises(ArtifactsError) as err:  # one line: what is missing, the one command
         load_artifacts(art)
+    assert str(art / "manifest.json") in one_line(err)
+    assert f"`persona-gym build ml-100k --out {art}`" in str(err.value)
 
 
 def test_train_refuses_another_config_and_resumes_the_same(art, caplog):

@@ -196,8 +196,8 @@ def test_evaluate_missing_artifacts(capsys, tmp_path):
     assert_one_line(
         run(capsys, "evaluate", "--artifacts", tmp_path / "nowhere"),
         "evaluate",
-        str(tmp_path / "nowhere"),
-        "persona-gym distill",
+        str(tmp_path / "nowhere" / "manifest.json"),
+        f"`persona-gym build ml-100k --out {tmp_path / 'nowhere'}`",
     )
 
 

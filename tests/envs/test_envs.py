@@ -278,17 +278,15 @@ def test_mask_rated_on_users_who_rated_everything(tiny_kwargs):
     "env_id, dataset", [("PersonaML100K-v0", "ml-100k"), ("PersonaML1M-v0", "ml-1m")]
 )
 def test_missing_artifacts_error_names_commands(tmp_path, env_id, dataset):
+    """One short line: what is missing and the one command that builds it (build fetches)."""
+    where = tmp_path / "nothing"
     with pytest.raises(FileNotFoundError) as err:
-        gym.make(env_id, artifacts=str(tmp_path / "nothing"))
+        gym.make(env_id, artifacts=str(where))
     text = str(err.value)
-    for command in (
-        f"persona-gym distill --dataset {dataset}",
-        "persona-gym personas --artifacts",
-        "persona-gym train --artifacts",
-        "artifacts=",
-    ):
-        assert command in text
-    assert ("persona-gym data fetch ml-1m" in text) == (dataset == "ml-1m")
+    assert "\n" not in text, text
+    assert text.startswith(f"{where / 'manifest.json'} not found"), text
+    assert f"`persona-gym build {dataset} --out {where}`" in text, text
+    assert text.count("persona-gym ") == 1, text  # the one command, not a stage-by-stage recipe
 
 
 def test_unsupported_render_mode_is_refused_naming_the_supported_ones(tiny_config, table_rater):
