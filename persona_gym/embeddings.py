@@ -19,6 +19,7 @@ import numpy as np
 
 from persona_gym.assets import DEFAULT_EMBEDDER, cache_dir, resolve_embedder
 from persona_gym.io import atomic_write
+from persona_gym.quiet import quiet_loading
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ class Embedder:
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(resolve_embedder(self.model_id), device=self.device)
+            with quiet_loading():
+                self._model = SentenceTransformer(
+                    resolve_embedder(self.model_id), device=self.device
+                )
         return self._model
 
     def _load_cache(self) -> dict[str, np.ndarray]:

@@ -33,8 +33,7 @@ total time, on stdout and in ``DIR/build.log``, which also keeps every log recor
 stages print. A full disk stops the build with one line naming the path; the same command
 resumes once there is space.
 
-Time (README "Build a simulator"): about an hour on 2 CPU cores for the 200 protocol users of
-ML-100k or ML-1M; a few minutes estimated on one GPU (``--device cuda``).
+Time: docs/pipeline.md gives the build times, measured and estimated (CPU, ``--device cuda``).
 """
 
 from __future__ import annotations
@@ -671,7 +670,7 @@ def add_parser(subparsers) -> None:
         "--no-studies",
         action="store_true",
         help="evaluate without the persona-specificity, memory-slope and reward-landscape "
-        "studies (433 of the 1,019 s of the 2026-12-01 shipped evaluation)",
+        "studies (their share of the evaluation time: docs/pipeline.md)",
     )
     p.add_argument("--no-evaluate", action="store_true", help="stop after training")
     p.add_argument(
@@ -682,7 +681,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--no-compile",
         action="store_true",
-        help="run eagerly instead of through torch.compile (no ~1 min warm-up, slower on a "
+        help="run eagerly instead of through torch.compile (no compile warm-up, slower on a "
         "long CPU run; its gain on a GPU is not measured)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside the stages")

@@ -365,7 +365,7 @@ def train(
 ) -> dict:
     """Train every adapter of ``config.variants`` into ``artifacts``; write the manifest.
 
-    ``compile`` runs the decoder layers through ``torch.compile`` (faster on CPU after ~1 min).
+    ``compile`` runs the decoder layers through ``torch.compile`` (faster on CPU after its warm-up).
     A directory with adapters of another config is refused unless ``force``, which deletes them
     (and the manifest, checkpoints and evaluation) first; the same config resumes or adds variants.
     ``workers`` > 1 trains the adapters in that many processes (:mod:`training.parallel`; at
