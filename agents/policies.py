@@ -29,6 +29,7 @@ import pandas as pd
 
 from persona_gym.envs.core import EpisodeState, RecCore
 from persona_gym.evaluation.baselines import BiasedMF, ItemMean
+from persona_gym.rater import check_distribution
 from persona_gym.ratings import RATING_VALUES
 
 if TYPE_CHECKING:
@@ -190,7 +191,10 @@ class SimulatorGreedyPolicy(Policy):
             rows += [r] * len(allowed)
         out = np.full(prior.shape, -np.inf)
         if items:
-            probs = self.core.rater.rate(users, items, windows)
+            rater = self.core.rater
+            probs = check_distribution(
+                rater.rate(users, items, windows), rater.source, n_rows=len(items)
+            )
             # below any candidate: the MF order, squashed into (-1, 0)
             finite = np.isfinite(prior)
             out[finite] = -1.0 / (1.0 + np.exp(-prior[finite]))

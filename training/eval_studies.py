@@ -12,6 +12,7 @@ import pandas as pd
 
 from persona_gym.evaluation.metrics import fidelity_report, mae, rmse
 from persona_gym.memory import logged_history
+from persona_gym.rater import check_distribution
 from persona_gym.ratings import expected
 from training.eval_configs import EvalConfig, select_test
 
@@ -113,8 +114,14 @@ def _studies(
         unique = list(dict.fromkeys(users.tolist()))
         for start in range(0, len(unique), chunk_users):
             index = np.flatnonzero(np.isin(users, unique[start : start + chunk_users]))
-            probs[index] = simulator.rate(
-                users[index].tolist(), [int(items[i]) for i in index], [windows[i] for i in index]
+            probs[index] = check_distribution(
+                simulator.rate(
+                    users[index].tolist(),
+                    [int(items[i]) for i in index],
+                    [windows[i] for i in index],
+                ),
+                simulator.source,
+                n_rows=len(index),
             )
         return probs
 

@@ -67,6 +67,7 @@ from persona_gym.config_cli import plain
 from persona_gym.data.protocol import USER_GROUPS, EvalData, logged_data
 from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
 from persona_gym.memory import logged_history
+from persona_gym.rater import check_distribution
 from persona_gym.ratings import expected
 from training.eval_configs import (
     DEFAULT_CONFIGS,
@@ -336,8 +337,12 @@ def evaluate(
         for start in range(0, len(unique_users), chunk_users):
             mask = np.isin(users, unique_users[start : start + chunk_users])
             index = np.flatnonzero(mask)
-            probs[index] = simulator.rate(
-                users[index].tolist(), items[index].tolist(), [windows[i] for i in index]
+            probs[index] = check_distribution(
+                simulator.rate(
+                    users[index].tolist(), items[index].tolist(), [windows[i] for i in index]
+                ),
+                simulator.source,
+                n_rows=len(index),
             )
         seconds = time.perf_counter() - t0
         report = fidelity_report(users, real, probs=probs, groups=personas)

@@ -136,6 +136,21 @@ def test_simulator_greedy_rates_the_mf_candidates_with_the_window(core, ratings)
         greedy.scores(type(batch)(batch.obs, batch.masks, batch.user_ids))
 
 
+def test_simulator_greedy_refuses_a_rater_output_that_is_not_distributions(
+    core, ratings, monkeypatch
+):
+    from persona_gym.rater import RaterOutputError
+
+    greedy = SimulatorGreedyPolicy(core, MFPolicy(core, ratings), n_candidates=3)
+    batch = batch_of(core)
+    monkeypatch.setattr(core.rater, "rate", lambda u, i, w: np.full((len(u), 5), np.nan))
+    with pytest.raises(RaterOutputError, match=r"rating distribution of row 0, .* is not finite"):
+        greedy.scores(batch)
+    monkeypatch.setattr(core.rater, "rate", lambda u, i, w: np.full((len(u) - 1, 5), 0.2))
+    with pytest.raises(RaterOutputError, match=r"returned an array of shape \(11, 5\) for 12"):
+        greedy.scores(batch)
+
+
 def test_simulator_greedy_breaks_ties_toward_the_lower_index():
     from types import SimpleNamespace
 
@@ -147,7 +162,8 @@ def test_simulator_greedy_breaks_ties_toward_the_lower_index():
     rater = SimpleNamespace(
         rate=lambda users, items, windows: (
             rated.append(list(items)) or np.tile([0.0, 0.0, 1.0, 0.0, 0.0], (len(items), 1))
-        )
+        ),
+        source="fake",
     )
     core = SimpleNamespace(rater=rater, window=lambda state: ())
     mf = SimpleNamespace(scores=lambda batch: prior)
