@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -143,8 +144,9 @@ class OpenAIChatBackend:
 
     Transient failures (connection errors, timeouts, HTTP 429/5xx, a reply that is not the
     OpenAI JSON shape) are retried ``max_retries`` times with exponential backoff; other HTTP
-    errors fail at once. The final error names the URL and quotes the start of the bad response
-    with credentials removed (:func:`redact`).
+    errors, and a reply over :data:`~persona_gym.simulator.served.MAX_REPLY_BYTES`, fail at
+    once. The final error names the URL and quotes the start of the bad response with
+    credentials removed (:func:`redact`).
     """
 
     base_url: str  # e.g. "https://api.openai.com/v1" or "http://localhost:8000/v1"
@@ -157,6 +159,13 @@ class OpenAIChatBackend:
     backoff_s: float = 1.0  # first wait; doubles each retry
 
     def __post_init__(self) -> None:
+        timeout = self.timeout_s
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not (math.isfinite(timeout) and timeout > 0)
+        ):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout!r}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if not self.base_url.startswith(("http://", "https://")):
@@ -174,6 +183,8 @@ class OpenAIChatBackend:
         )
 
     def complete(self, messages: list[Message]) -> str:
+        from persona_gym.simulator.served import MAX_REPLY_BYTES, ReplyTooLargeError, read_reply
+
         body = json.dumps(
             {
                 "model": self.model,
@@ -192,9 +203,17 @@ class OpenAIChatBackend:
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            deadline = time.monotonic() + self.timeout_s
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    raw = response.read().decode("utf-8", errors="replace")
+                    raw = read_reply(response, MAX_REPLY_BYTES, deadline, self.timeout_s).decode(
+                        "utf-8", errors="replace"
+                    )
+            except ReplyTooLargeError:
+                raise ChatBackendError(
+                    f"{redact(self.url)} answered more than {MAX_REPLY_BYTES} bytes; a chat reply "
+                    f"of max_tokens={self.max_tokens} is small: check the server (--base-url)"
+                ) from None
             except urllib.error.HTTPError as err:
                 detail = redact(err.read().decode("utf-8", errors="replace"), secrets)
                 last = f"HTTP {err.code}: {detail}"

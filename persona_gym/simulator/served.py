@@ -30,8 +30,8 @@ vLLM's ``prompt_embeds`` replace the input of layer 0 (and one embedding tensor 
 cannot depend on the adapter), so no vLLM input reproduces them: serving them needs a vLLM
 model plugin that injects at that layer.
 
-vLLM is optional, in its own environment (``make vllm-env``; README: "Serving the simulated
-users with vLLM"); it is imported only when an engine starts.
+vLLM is optional, in its own environment (``make vllm-env``; docs/vllm.md); it is
+imported only when an engine starts.
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_REPLY_BYTES",
     "SERVED_BACKENDS",
     "LogprobClient",
+    "ReplyTooLargeError",
     "ServedError",
     "ServedRatingModel",
     "VLLMEngineClient",
@@ -85,6 +87,7 @@ __all__ = [
     "lora_rank",
     "rating_distribution",
     "rating_logprobs",
+    "read_reply",
     "vllm_serve_command",
 ]
 
@@ -92,6 +95,7 @@ SERVED_BACKENDS = ("vllm", "vllm-server")
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 _TOKEN_ID = "token_id:"  # how the server names tokens with return_tokens_as_token_ids
 QUOTE_CHARS = 200  # how much of a server's reply an error or a log line quotes
+MAX_REPLY_BYTES = 4 << 20  # the largest HTTP reply a client accepts (VLLMSettings, training.chat)
 _SECRETS = re.compile(
     r"(?i)(\bbearer\s+|\bbasic\s+|\b(?:authorization|x-api-key|api[-_]?key|access[-_]?token|"
     r"token|secret|password)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]+"
@@ -100,6 +104,36 @@ _SECRETS = re.compile(
 
 class ServedError(PersonaGymError, RuntimeError):
     """A served backend failed for good (after its retries) or answered the wrong shape."""
+
+
+class ReplyTooLargeError(ValueError):
+    """An HTTP reply over ``limit`` bytes (:func:`read_reply`): ``size`` is its announced
+    Content-Length, ``None`` when it was found too large while read (the rest is not read)."""
+
+    def __init__(self, limit: int, size: int | None = None):
+        self.limit, self.size = limit, size
+        super().__init__(f"reply over {limit} bytes" + (f" ({size})" if size is not None else ""))
+
+
+def read_reply(response: Any, limit: int, deadline: float, timeout_s: float) -> bytes:
+    """The bytes of an ``urlopen`` response, :class:`ReplyTooLargeError` beyond ``limit`` (by
+    its Content-Length, or once read past it); ``TimeoutError`` past the ``time.monotonic()``
+    ``deadline`` (a server that trickles its answer; ``timeout_s`` is quoted)."""
+    length = response.headers.get("Content-Length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise ReplyTooLargeError(limit, int(length))
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the reply did not finish within {timeout_s:g} s")
+        chunk = response.read1(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise ReplyTooLargeError(limit)
+        chunks.append(chunk)
 
 
 @dataclass(frozen=True)
@@ -121,7 +155,7 @@ class VLLMSettings:
             on a CPU it is taken from RAM).
         max_num_batched_tokens: tokens per engine step; ``None`` = vLLM's default (4096 on a
             CPU). vLLM aborts a step that takes longer than ``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS``
-            (300 s): on a slow or shared CPU set a smaller step or a longer timeout (README).
+            (300 s): on a slow or shared CPU set a smaller step or a longer timeout (docs/vllm.md).
         enforce_eager: no CUDA graphs / ``torch.compile`` in the offline engine (fast start;
             CPUs without Triton run eagerly anyway).
         batch_size: prompts per server request (the server batches them and across requests).
@@ -151,7 +185,7 @@ class VLLMSettings:
     timeout_s: float = 300.0
     max_retries: int = 2
     backoff_s: float = 1.0
-    max_reply_bytes: int = 4 << 20
+    max_reply_bytes: int = MAX_REPLY_BYTES
 
     def __post_init__(self) -> None:
         if self.url is not None and not (
@@ -595,27 +629,18 @@ class VLLMServerClient:
         """The reply's bytes, refused beyond ``max_reply_bytes``; ``TimeoutError`` past the
         deadline (a server that trickles its answer)."""
         limit = self.settings.max_reply_bytes
-        length = response.headers.get("Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) > limit:
-            raise ServedError(
-                f"{shown} answered {int(length)} bytes, more than VLLMSettings.max_reply_bytes="
-                f"{limit}; a rating reply is small: check the server (or lower batch_size)"
+        try:
+            return read_reply(response, limit, deadline, self.settings.timeout_s)
+        except ReplyTooLargeError as err:
+            answered = (
+                f"more than VLLMSettings.max_reply_bytes={limit} bytes"
+                if err.size is None
+                else f"{err.size} bytes, more than VLLMSettings.max_reply_bytes={limit}"
             )
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the reply did not finish within {self.settings.timeout_s:g} s")
-            chunk = response.read1(1 << 16)
-            if not chunk:
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > limit:
-                raise ServedError(
-                    f"{shown} answered more than VLLMSettings.max_reply_bytes={limit} bytes; a "
-                    "rating reply is small: check the server (or lower batch_size)"
-                )
-            chunks.append(chunk)
+            raise ServedError(
+                f"{shown} answered {answered}; a rating reply is small: check the server (or "
+                "lower batch_size)"
+            ) from None
 
     def _parse(self, raw: bytes, shown: str) -> Any:
         try:
