@@ -25,7 +25,7 @@ from persona_gym.artifacts import Artifacts, load_artifacts
 from persona_gym.memory import logged_history
 from persona_gym.rating_prior import RatingPrior, fit_rating_prior
 from persona_gym.ratings import RATING_VALUES
-from persona_gym.simulator.sequence import HEAD_TEXT, SequenceTokens, UserSequence
+from persona_gym.simulator.sequence import SequenceLM, SequenceTokens, UserSequence
 
 log = logging.getLogger(__name__)
 
@@ -115,32 +115,12 @@ def _val_chunks(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> l
     return chunks
 
 
-class SequenceLM:
-    """The LM run on input embeddings: hidden states and the five rating logits."""
-
-    def __init__(self, model: torch.nn.Module, rating_ids: list[int], head_ids: list[int]):
-        self.model = model
-        get_base = getattr(model, "get_base_model", None)
-        inner = get_base() if get_base is not None else model
-        self.body = inner.model  # the decoder stack (LoRA layers inside when attached)
-        self.lm_head = inner.lm_head
-        self.rating_ids = torch.as_tensor(rating_ids)
-        self.head_ids = torch.as_tensor(head_ids)
-
-    def head_embeddings(self) -> torch.Tensor:
-        return self.body.embed_tokens(self.head_ids).detach()
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(..., 5)`` logits of "1".."5" from final hidden states."""
-        return (hidden @ self.lm_head.weight[self.rating_ids].T).float()
-
-
 def _batch_logits(
     lm: SequenceLM, tokens: SequenceTokens, chunks: list[_Chunk]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rating logits at every target item token of ``chunks`` (one padded forward), with the
     targets' 1..5 ratings and collaborative predictions."""
-    head = lm.head_embeddings()
+    head = lm.head
     seqs = [torch.cat([head, c.seq.embed(tokens)]) for c in chunks]
     longest = max(len(s) for s in seqs)
     embeds = torch.zeros(len(seqs), longest, head.shape[1])
@@ -182,8 +162,6 @@ def train_sequence_adapter(
     """Train one persona adapter on ``users``' sequences; save it under ``out / name``."""
     from peft import LoraConfig, get_peft_model
 
-    from persona_gym.simulator.prompts import rating_token_ids
-
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     seqs = _sequences(artifacts, users, name)
@@ -196,17 +174,9 @@ def train_sequence_adapter(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora, adapter_name=name)
-    rating_ids = rating_token_ids(tokenizer)
-    head_ids = list(tokenizer(HEAD_TEXT, add_special_tokens=False)["input_ids"])
-    lm = SequenceLM(model, rating_ids, head_ids)
-    embed = lm.body.embed_tokens
-    placeholder_id = tokenizer(" movie", add_special_tokens=False)["input_ids"][-1]
+    lm = SequenceLM(model, tokenizer)
     features = np.c_[artifacts.item_embeddings, artifacts.require_collaborative().item_features()]
-    tokens = SequenceTokens(
-        features,
-        embed(torch.as_tensor(rating_ids)).detach(),
-        embed(torch.as_tensor([placeholder_id]))[0].detach(),
-    )
+    tokens = SequenceTokens.initial(features, lm, tokenizer)
     fit_targets = [c.seq for c in train]
     ratings_fit = np.concatenate([np.rint(s.ratings[config.min_context :]) for s in fit_targets])
     preds_fit = np.concatenate([s.predictions[config.min_context :] for s in fit_targets])
@@ -274,7 +244,7 @@ def train_sequence_adapter(
                     step,
                     steps,
                     epoch,
-                    float(loss),
+                    float(loss.detach()),
                     scores,
                     time.perf_counter() - started,
                 )
@@ -287,6 +257,7 @@ def train_sequence_adapter(
     tokens.save(folder)
     prior.save(folder)
     metrics = {
+        "config": asdict(config),
         "best": best,
         "prior_alone": prior_only,
         "history": history,
@@ -328,58 +299,80 @@ SEQUENCE_PROMPT = {
 
 
 def install_adapters(root: Path, trained: Path, config: SequenceTrainConfig, metrics: dict) -> None:
-    """Put the adapters trained under ``trained`` into artifacts ``root`` and re-seal its
-    manifest with the sequence layout and this training's config and metrics."""
+    """Make the adapters trained under ``trained`` (one folder per name in ``metrics``) the
+    artifacts' adapters and re-seal the manifest with the sequence layout, this training's config
+    and its metrics."""
     import shutil
 
     from persona_gym.artifacts.manifest import read_manifest, seal_manifest
 
     manifest = read_manifest(root)
-    for name, rel in manifest["adapters"].items():
-        target = root / rel
+    adapters = {}
+    for name in sorted(metrics):
+        target = root / "adapters" / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(trained / name, target)
+        adapters[name] = f"adapters/{name}"
+    for rel in manifest["adapters"].values():
+        if (root / rel).exists() and rel not in adapters.values():
+            shutil.rmtree(root / rel)
     prompt = {
         **manifest["prompt"],
         **SEQUENCE_PROMPT,
         "window_size": config.window,
         "history": config.history,
     }
+    manifest["adapters"] = adapters
     manifest["prompt"] = prompt
     manifest["training"] = {**manifest["training"], "sequence": asdict(config), "prompt": prompt}
     manifest["metrics"] = {"adapters": metrics}
     seal_manifest(root, manifest)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--artifacts", required=True)
-    parser.add_argument("--out", required=True, help="folder for the adapters")
-    parser.add_argument("--personas", nargs="*", default=None)
-    parser.add_argument("--epochs", type=int, default=SequenceTrainConfig.epochs)
-    parser.add_argument("--max-users", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+def train_sequence(
+    root: str | Path, config: SequenceTrainConfig, base_model: str | None = None
+) -> dict[str, dict]:
+    """Train every persona adapter of artifacts ``root`` on its training users, then install
+    them (:func:`install_adapters`). Resumable: a persona whose adapter was already trained with
+    this config (under ``root/cache/sequence``) is not trained again."""
     from persona_gym.assets import load_causal_lm
 
-    artifacts = load_artifacts(args.artifacts)
-    config = SequenceTrainConfig(epochs=args.epochs)
-    base, tokenizer = load_causal_lm(artifacts.manifest["training"]["base_model"])
+    root = Path(root)
+    artifacts = load_artifacts(root)
+    name = base_model or artifacts.manifest["training"]["base_model"]
+    base, tokenizer = load_causal_lm(name)
     for p in base.parameters():
         p.requires_grad_(False)
-    out = Path(args.out)
+    staging = root / "cache" / "sequence"
     personas: dict[str, list[int]] = {}
-    for user, persona in artifacts.user_persona.items():
-        personas.setdefault(f"persona-{persona}", []).append(int(user))
+    for user in artifacts.training_user_ids:
+        persona = artifacts.user_persona.get(int(user))
+        if persona is not None:
+            personas.setdefault(f"persona-{persona}", []).append(int(user))
     results = {}
-    for name in sorted(personas):
-        if args.personas and name not in args.personas:
+    for adapter in sorted(personas):
+        record = staging / adapter / "training.json"
+        if record.exists() and json.loads(record.read_text()).get("config") == asdict(config):
+            log.info("%s: already trained with this config (%s)", adapter, record)
+            results[adapter] = json.loads(record.read_text())
             continue
-        users = sorted(personas[name])[: args.max_users or None]
-        results[name] = train_sequence_adapter(name, artifacts, users, base, tokenizer, config, out)
-    (out / "sequence_training.json").write_text(
-        json.dumps({"config": asdict(config), "adapters": results}, indent=1)
+        results[adapter] = train_sequence_adapter(
+            adapter, artifacts, sorted(personas[adapter]), base, tokenizer, config, staging
+        )
+    install_adapters(root, staging, config, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--artifacts", required=True, help="artifacts directory (distilled, with personas)"
     )
+    parser.add_argument("--epochs", type=int, default=SequenceTrainConfig.epochs)
+    parser.add_argument("--base-model", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train_sequence(args.artifacts, SequenceTrainConfig(epochs=args.epochs), args.base_model)
     return 0
 
 

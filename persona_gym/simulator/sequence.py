@@ -86,6 +86,14 @@ class SequenceTokens(torch.nn.Module):
         )
 
     @classmethod
+    def initial(cls, features, lm: SequenceLM, tokenizer) -> SequenceTokens:
+        """Untrained tokens for ``lm``: its digit embeddings, items starting at " movie"."""
+        embed = lm.body.embed_tokens
+        placeholder = tokenizer(" movie", add_special_tokens=False)["input_ids"][-1]
+        with torch.no_grad():
+            return cls(features, embed(lm.rating_ids), embed(torch.as_tensor([placeholder]))[0])
+
+    @classmethod
     def load(cls, folder: str | Path, features) -> SequenceTokens:
         """The tokens saved next to an adapter's weights; fail with the fix when missing."""
         path = Path(folder) / TOKENS_FILE
@@ -99,6 +107,28 @@ class SequenceTokens(torch.nn.Module):
         tokens = cls(features, state["digits"], torch.zeros(hidden))
         tokens.load_state_dict(state)
         return tokens
+
+
+class SequenceLM:
+    """The LM run on input embeddings: the decoder stack (with its LoRA layers when a peft
+    model is given), the head text's embeddings and the five rating rows of the LM head."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer):
+        from persona_gym.simulator.prompts import rating_token_ids
+
+        self.model = model
+        get_base = getattr(model, "get_base_model", None)
+        inner = get_base() if get_base is not None else model
+        self.body = inner.model
+        self.lm_head = inner.lm_head
+        self.rating_ids = torch.as_tensor(rating_token_ids(tokenizer))
+        head_ids = torch.as_tensor(tokenizer(HEAD_TEXT, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            self.head = self.body.embed_tokens(head_ids)  # (T_head, H)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., 5)`` logits of "1".."5" from final hidden states ``(..., H)``."""
+        return (hidden @ self.lm_head.weight[self.rating_ids].T).float()
 
 
 @dataclass(frozen=True)
@@ -154,20 +184,15 @@ class SequenceRatingModel:
     """
 
     def __init__(self, model, tokenizer, builder, artifacts, tokens: dict, priors: dict):
-        from persona_gym.simulator.prompts import rating_token_ids
-
         self.model = model
         self.builder = builder
         self.artifacts = artifacts
         self.tokens = tokens
         self.priors = priors
         self.history_size = builder.config.history
-        get_base = getattr(model, "get_base_model", None)
-        inner = get_base() if get_base is not None else model
-        self.body = inner.model
-        self.rating_rows = inner.lm_head.weight[torch.as_tensor(rating_token_ids(tokenizer))]
-        head_ids = torch.as_tensor(tokenizer(HEAD_TEXT, add_special_tokens=False)["input_ids"])
-        self.head = self.body.embed_tokens(head_ids).detach()
+        self.lm = SequenceLM(model, tokenizer)
+        self.body = self.lm.body
+        self.head = self.lm.head
         self._prefixes: dict[tuple, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._histories: dict[int, tuple[Interaction, ...]] = {}
         self.tokens_processed = 0  # real tokens through the model (benchmarks)
@@ -235,7 +260,7 @@ class SequenceRatingModel:
                 missing.setdefault(len(embeds), []).append(key)
         for keys in missing.values():
             embeds = torch.stack([wanted[k] for k in keys])
-            cache = self.body(inputs_embeds=embeds, use_cache=True).past_key_values
+            cache = self.body(inputs_embeds=embeds, use_cache=True).cache
             self.tokens_processed += embeds.shape[0] * embeds.shape[1]
             for row, key in enumerate(keys):
                 if len(self._prefixes) >= PREFIX_CACHE:
@@ -292,13 +317,13 @@ class SequenceRatingModel:
             cache = DynamicCache(layers)
             positions = torch.arange(length, length + longest)[None].expand(len(members), -1)
             hidden = self.body(
-                inputs_embeds=embeds, past_key_values=cache, position_ids=positions, use_cache=True
+                inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True
             ).last_hidden_state
             self.tokens_processed += sum(len(b) for _, _, b in members)
             last = hidden[
                 torch.arange(len(members)), torch.as_tensor([len(b) - 1 for _, _, b in members])
             ]
-            logits = (last @ self.rating_rows.T).float()
+            logits = self.lm.logits(last)
             rows = torch.as_tensor([i for i, _, _ in members])
             predictions = torch.as_tensor(
                 [

@@ -1,0 +1,225 @@
+"""The sequence user model (persona_gym.simulator.sequence) on the tiny random SmolLM2-layout
+model: exact cached scoring, window semantics, tokens per rating, its training and install;
+the prior-only rater on the same artifacts; both behind gym.make with the same policy code."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import persona_gym  # noqa: F401  (registers the ids)
+from persona_gym.artifacts import load_tables
+from persona_gym.artifacts.manifest import read_manifest, seal_manifest
+from persona_gym.collaborative import CF_FILE, fit_collaborative
+from persona_gym.memory import Interaction
+from persona_gym.simulator.sequence import TOKENS_FILE, SequenceTokens, logged_in_window
+from training.sequence_training import SequenceTrainConfig, train_sequence
+
+TINY = SequenceTrainConfig(
+    history=2,
+    window=2,
+    chunk=4,
+    min_context=1,
+    rank=4,
+    alpha=8,
+    epochs=1,
+    batch=2,
+    eval_every=1,
+    val_per_user=1,
+)
+
+
+@pytest.fixture(scope="module")
+def seq_artifacts(tmp_path_factory, trained_tiny_artifacts, tiny_base):
+    root = tmp_path_factory.mktemp("sequence") / "art"
+    shutil.copytree(trained_tiny_artifacts, root, ignore=shutil.ignore_patterns("cache"))
+    catalog, _, memories, _ = load_tables(root)
+    columns = ["user_id", "item_id", "rating", "timestamp"]
+    fit_collaborative(memories[columns], pd.DataFrame(columns=columns), catalog, seed=0).save(
+        root / CF_FILE
+    )
+    seal_manifest(root, read_manifest(root))  # the collaborative model joins the record
+    train_sequence(root, TINY, tiny_base)
+    return root
+
+
+@pytest.fixture(scope="module")
+def simulator(seq_artifacts, tiny_base):
+    from persona_gym.simulator.simulator import UserSimulator
+
+    return UserSimulator.load(seq_artifacts, base_model=tiny_base, dtype="float32")
+
+
+def _full_forward(sim, user, candidate, window) -> np.ndarray:
+    """The rating distribution from ONE forward pass over prefix + block (no cache)."""
+    model = sim.model
+    request = sim.request(user, candidate, window)
+    prefix, block = model.embeddings(request)
+    model.model.set_adapter(request.adapter)
+    with torch.no_grad():
+        hidden = model.body(inputs_embeds=torch.cat([prefix, block])[None]).last_hidden_state
+        logits = model.lm.logits(hidden[0, -1:])
+        prediction = torch.tensor(request.cf_prediction, dtype=torch.float32)[None]
+        logits = model.priors[request.adapter](logits, prediction, torch.zeros(1))
+    return logits.softmax(-1).double().numpy()[0]
+
+
+def test_the_artifacts_are_sequence_users(seq_artifacts, simulator):
+    from persona_gym.artifacts import load_artifacts
+
+    config = load_artifacts(seq_artifacts).prompt_config
+    assert (config.layout, config.history, config.window_size) == ("sequence", 2, 2)
+    assert type(simulator.model).__name__ == "SequenceRatingModel"
+    assert sorted(simulator.model.adapters) == ["persona-0", "persona-1"]
+
+
+def test_cached_scores_equal_one_full_forward(simulator):
+    user = simulator.user_ids[0]
+    history = simulator.history(user)
+    episode = (Interaction(history[0].item_index, 5.0, history[-1].timestamp + 1),)
+    windows = [(), history[-1:], history[-2:], history[-1:] + episode, episode]
+    users = [user] * len(windows)
+    candidates = [history[0].item_index] * len(windows)
+    probs = simulator.rate(users, candidates, windows)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    for row, window in enumerate(windows):
+        np.testing.assert_allclose(
+            probs[row], _full_forward(simulator, user, candidates[row], window), atol=1e-5
+        )
+    one_by_one = np.vstack(
+        [simulator.rate([u], [c], [w]) for u, c, w in zip(users, candidates, windows, strict=True)]
+    )
+    np.testing.assert_allclose(probs, one_by_one, atol=1e-5)
+
+
+def test_the_window_starts_where_the_logged_history_stops(simulator):
+    user = simulator.user_ids[1]
+    history = simulator.history(user)
+    assert logged_in_window(history, history[-2:]) == 2
+    assert logged_in_window(history, history[-1:] + (Interaction(0, 3.0, 10**9),)) == 1
+    assert logged_in_window(history, (Interaction(0, 3.0, 10**9),)) == 0
+    # the window's logged events leave the prefix: the model reads each event once
+    model = simulator.model
+    assert model.prefix_events(user, history[-2:]) == history[-4:-2]
+    assert model.prefix_events(user, ()) == history[-2:]
+
+
+def test_the_window_moves_the_rating(simulator):
+    user = simulator.user_ids[0]
+    last = simulator.history(user)[-1].timestamp
+    loved = tuple(Interaction(i, 5.0, last + 1 + i) for i in range(2))
+    hated = tuple(Interaction(i, 1.0, last + 1 + i) for i in range(2))
+    probs = simulator.rate([user, user], [3, 3], [loved, hated])
+    assert np.abs(probs[0] - probs[1]).max() > 1e-4
+
+
+def test_a_rating_costs_two_tokens_per_window_event_plus_one(simulator):
+    model = simulator.model
+    user = simulator.user_ids[2]
+    simulator.rate([user], [0], [()])  # the prefix is now cached
+    window = (Interaction(1, 4.0, 10**9), Interaction(2, 2.0, 10**9 + 1))
+    before = model.tokens_processed
+    simulator.rate([user], [0], [window])
+    assert model.tokens_processed - before == 2 * len(window) + 1
+
+
+def test_training_records_each_adapter_and_resumes(seq_artifacts, tiny_base, caplog):
+    import json
+
+    for name in ("persona-0", "persona-1"):
+        folder = seq_artifacts / "adapters" / name
+        record = json.loads((folder / "training.json").read_text())
+        assert record["config"] == dataclasses.asdict(TINY)
+        assert record["best"]["nll"] <= record["history"][0]["nll"]
+        assert {"nll", "rmse"} <= set(record["prior_alone"])
+        assert (folder / TOKENS_FILE).exists()
+    with caplog.at_level("INFO"):
+        train_sequence(seq_artifacts, TINY, tiny_base)
+    assert caplog.text.count("already trained with this config") == 2
+
+
+def test_missing_tokens_file_names_the_fix(seq_artifacts, tmp_path):
+    folder = tmp_path / "persona-0"
+    shutil.copytree(seq_artifacts / "adapters" / "persona-0", folder)
+    (folder / TOKENS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="retrain it with `persona-gym train`"):
+        SequenceTokens.load(folder, np.zeros((6, 3)))
+
+
+# -- the prior-only rater ---------------------------------------------------------------------
+def test_prior_rater_is_the_fitted_prior_formula(seq_artifacts):
+    from persona_gym.simulator.prior_rater import PriorRater
+
+    rater = PriorRater.load(seq_artifacts)
+    user = rater.user_ids[0]
+    last = rater.history(user)[-1].timestamp
+    window = (Interaction(1, 5.0, last + 1), Interaction(2, 4.0, last + 2))
+    probs = rater.rate([user, user], [3, 3], [(), window])
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    prior = rater.priors[rater.adapter_of(user)]
+    prediction = torch.tensor(rater._predict(np.array([user]), np.array([3])), dtype=torch.float32)
+    residual = np.array([5.0, 4.0]) - rater._predict(np.array([user, user]), np.array([1, 2]))
+    surprise = torch.tensor([residual.mean()], dtype=torch.float32)
+    with torch.no_grad():
+        expected = prior(torch.zeros(1, 5), prediction, surprise).softmax(-1).numpy()[0]
+    np.testing.assert_allclose(probs[1], expected, atol=1e-5)
+    with pytest.raises(KeyError, match="not a simulated user"):
+        rater.rate([10**6], [0], [()])
+
+
+def _run_policy(env, steps: int = 4) -> list[float]:
+    """A policy written once for every rater: the first allowed item of the action mask."""
+    _, info = env.reset(seed=0)
+    rewards = []
+    for _ in range(steps):
+        action = int(np.flatnonzero(info["action_mask"])[0])
+        _, reward, terminated, truncated, info = env.step(action)
+        rewards.append(float(reward))
+        if terminated or truncated:
+            _, info = env.reset()
+    return rewards
+
+
+@pytest.mark.parametrize("rater", ["slm", "prior"])
+def test_the_same_policy_code_runs_on_both_raters(seq_artifacts, tiny_base, rater):
+    env = gym.make(
+        "PersonaML100K-v0",
+        artifacts=str(seq_artifacts),
+        base_model=tiny_base,
+        dataset="synthetic",
+        dtype="float32",
+        mask_rated=False,
+        leave_rule="threshold",
+        leave_prob=0.0,
+        rater=rater,
+    )
+    rewards = _run_policy(env)
+    assert len(rewards) == 4 and all(1.0 <= r <= 5.0 for r in rewards)
+    vector = gym.make_vec(
+        "PersonaML100K-v0",
+        num_envs=2,
+        artifacts=str(seq_artifacts),
+        base_model=tiny_base,
+        dataset="synthetic",
+        dtype="float32",
+        mask_rated=False,
+        leave_rule="threshold",
+        leave_prob=0.0,
+        rater=rater,
+    )
+    vector.reset(seed=0)
+    _, reward, *_ = vector.step(np.array([0, 1]))
+    assert reward.shape == (2,)
+
+
+def test_an_unknown_rater_name_is_refused():
+    from persona_gym.envs import load_env_config
+
+    with pytest.raises(ValueError, match="EnvConfig.rater must be one of"):
+        load_env_config("ml100k", rater="table")
