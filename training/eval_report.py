@@ -222,6 +222,10 @@ def render_markdown(results: dict) -> str:
                 f"| {name} | {r['users']} | {r['items_per_user']:.0f} | {_f(r['within_user_std'])} | "
                 f"{_f(r['top_minus_mean'])} | {_f(r['between_user_share'], percent=True)} |"
             )
+        if "sequential" in studies:
+            from training.eval_sequential import sequential_table
+
+            lines += ["", "## Sequential fidelity", "", sequential_table(studies["sequential"])]
     lines += [
         "",
         "Plots: [histograms](histograms.png), [calibration](calibration.png), "

@@ -28,6 +28,7 @@ from persona_gym.evaluation.sequential import (
     within_user_pearson,
 )
 from persona_gym.memory import Interaction
+from persona_gym.rater import check_distribution
 from persona_gym.ratings import expected
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def sequential_study(simulator, data, k: int = 3, chunk: int = 256, n_boot: int 
     prior = np.zeros(len(rows))
     for start in range(0, len(rows), chunk):
         part = slice(start, start + chunk)
-        sim[part] = expected(simulator.rate(users[part], items[part], windows[part]))
+        probs = simulator.rate(users[part], items[part], windows[part])
+        sim[part] = expected(check_distribution(probs, simulator.source, n_rows=len(probs)))
         prior[part] = expected(prior_only(simulator, users[part], items[part], windows[part]))
         log.info("sequential study: %d/%d test ratings", min(start + chunk, len(rows)), len(rows))
     mf_model = BiasedMF().fit(fit_frame(data.train, data.background))

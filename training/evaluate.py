@@ -139,6 +139,7 @@ class _Models:
         self.adapters = set(artifacts.adapter_dirs)
         self.compile = compile
         self._layered = None  # one LayeredLM (and its compiled kernels) for every configuration
+        self._sequence = None  # one sequence engine (and its prefix cache) for every configuration
 
     def simulator(self, config: EvalConfig, prompt):
         from persona_gym.simulator.engine import LayeredLM
@@ -147,6 +148,14 @@ class _Models:
         from persona_gym.simulator.simulator import UserSimulator
 
         builder = PromptBuilder(self.tokenizer, self.artifacts.catalog, prompt)
+        if prompt.layout == "sequence":  # the user is their rating sequence: no text configs
+            from persona_gym.simulator.sequence import SequenceRatingModel
+
+            if self._sequence is None:
+                self._sequence = SequenceRatingModel.load(
+                    self.model, self.tokenizer, builder, self.artifacts, self.artifacts.adapter_dirs
+                )
+            return UserSimulator(self.artifacts, self._sequence, config.variant)
         if self._layered is None:
             self._layered = LayeredLM(
                 self.model,
@@ -436,6 +445,14 @@ def evaluate(
             study_rows_per_user,
             chunk_users,
         )
+        if trained_prompt.cf_prior:  # the prior-alone row needs the adapters' priors
+            from training.eval_sequential import sequential_study
+
+            log.info("studies: sequential fidelity (rolling window)")
+            simulator = models.simulator(persona, trained_prompt)
+            results["studies"]["sequential"] = sequential_study(
+                simulator, data, k=trained_prompt.window_size or 3
+            )
         results["studies"]["seconds"] = round(time.perf_counter() - t0, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
     if write:

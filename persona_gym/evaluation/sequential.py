@@ -109,19 +109,22 @@ def sequential_slopes(
     xty = np.zeros((n_users, 2))
     np.add.at(xtx, codes, x[:, :, None] * x[:, None, :])
     np.add.at(xty, codes, x * y[:, None])
-    full = np.linalg.solve(xtx.sum(0), xty.sum(0))
+    full = _solve(xtx.sum(0), xty.sum(0))
     rng = np.random.default_rng(seed)
     draws = np.empty((n_boot, 2))
     for b in range(n_boot):
         weight = np.bincount(rng.integers(n_users, size=n_users), minlength=n_users)
-        draws[b] = np.linalg.solve(
-            np.tensordot(weight, xtx, axes=1), np.tensordot(weight, xty, axes=1)
-        )
+        draws[b] = _solve(np.tensordot(weight, xtx, axes=1), np.tensordot(weight, xty, axes=1))
     low, high = np.percentile(draws, [2.5, 97.5], axis=0)
     return {
         name: {"slope": float(full[j]), "low": float(low[j]), "high": float(high[j])}
         for j, name in enumerate(("mood", "similarity"))
     }
+
+
+def _solve(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
+    """Least squares from the normal equations (minimum norm where a feature never varies)."""
+    return np.linalg.lstsq(xtx, xty, rcond=None)[0]
 
 
 def paired_rmse_difference(

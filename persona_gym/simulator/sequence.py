@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ class SequenceTokens(torch.nn.Module):
     @classmethod
     def initial(cls, features, lm: SequenceLM, tokenizer) -> SequenceTokens:
         """Untrained tokens for ``lm``: its digit embeddings, items starting at " movie"."""
-        embed = lm.body.embed_tokens
+        embed: Any = lm.body.embed_tokens
         placeholder = tokenizer(" movie", add_special_tokens=False)["input_ids"][-1]
         with torch.no_grad():
             return cls(features, embed(lm.rating_ids), embed(torch.as_tensor([placeholder]))[0])
@@ -118,9 +119,9 @@ class SequenceLM:
 
         self.model = model
         get_base = getattr(model, "get_base_model", None)
-        inner = get_base() if get_base is not None else model
-        self.body = inner.model
-        self.lm_head = inner.lm_head
+        inner: Any = get_base() if get_base is not None else model
+        self.body: Any = inner.model  # the decoder stack (LoRA layers inside when attached)
+        self.lm_head: Any = inner.lm_head
         self.rating_ids = torch.as_tensor(rating_token_ids(tokenizer))
         head_ids = torch.as_tensor(tokenizer(HEAD_TEXT, add_special_tokens=False)["input_ids"])
         with torch.no_grad():
