@@ -45,6 +45,7 @@ __all__ = [
     "RandomPolicy",
     "SB3Policy",
     "SimulatorGreedyPolicy",
+    "WindowGreedyPolicy",
     "make_policy",
 ]
 
@@ -164,6 +165,35 @@ class MFPolicy(Policy):
 
     def scores(self, batch: Batch) -> np.ndarray:
         return _masked(np.stack([self.user_scores(int(u)) for u in batch.user_ids]), batch.masks)
+
+
+class WindowGreedyPolicy(Policy):
+    """The obvious sequence-aware heuristic: MF's predicted rating plus ``weight`` times the
+    mean genre Jaccard similarity of the item with the window's liked movies (rated at least
+    ``like``), so what follows a liked movie looks like it. A fixed rule, not learned."""
+
+    name = "window-greedy"
+
+    def __init__(self, core: RecCore, mf: MFPolicy, weight: float = 0.15, like: float = 4.0):
+        self.core, self.mf, self.weight, self.like = core, mf, float(weight), float(like)
+        names = sorted({g for genres in core.catalog.genres for g in genres})
+        column = {g: j for j, g in enumerate(names)}
+        self.genres = np.zeros((len(core.catalog), len(names)))
+        for i, genres in enumerate(core.catalog.genres):
+            self.genres[i, [column[g] for g in genres]] = 1.0
+        self.sizes = self.genres.sum(axis=1)
+
+    def scores(self, batch: Batch) -> np.ndarray:
+        if len(batch.states) != len(batch.user_ids):
+            raise ValueError("WindowGreedyPolicy needs the episode states in the Batch")
+        out = self.mf.scores(batch).copy()
+        for r, state in enumerate(batch.states):
+            liked = [x.item_index for x in self.core.window(state) if x.rating >= self.like]
+            if liked:
+                inter = self.genres @ self.genres[liked].T  # (n_items, n_liked)
+                union = self.sizes[:, None] + self.sizes[liked][None, :] - inter
+                out[r] += self.weight * (inter / np.maximum(union, 1.0)).mean(axis=1)
+        return out
 
 
 class SimulatorGreedyPolicy(Policy):
@@ -316,7 +346,7 @@ class SB3Policy(Policy):
         return _masked(values.cpu().numpy().astype(np.float64), batch.masks)
 
 
-BASELINES = ("random", "most-popular", "item-mean", "mf", "simulator-greedy")
+BASELINES = ("random", "most-popular", "item-mean", "mf", "window-greedy", "simulator-greedy")
 
 
 def make_policy(
@@ -335,7 +365,7 @@ def make_policy(
         return RandomPolicy(seed)
     if name == "most-popular":
         return MostPopularPolicy(core)
-    if name in ("item-mean", "mf", "simulator-greedy"):
+    if name in ("item-mean", "mf", "window-greedy", "simulator-greedy"):
         if ratings is None:
             raise ValueError(
                 f"policy {name!r} needs the training ratings (fit_frame(train, background))"
@@ -343,6 +373,8 @@ def make_policy(
         if name == "item-mean":
             return ItemMeanPolicy(core, ratings)
         mf = mf or MFPolicy(core, ratings, seed=seed)
+        if name == "window-greedy":
+            return WindowGreedyPolicy(core, mf)
         return mf if name == "mf" else SimulatorGreedyPolicy(core, mf)
     if name == "agent":
         from agents.runs import SHIPPED_AGENT

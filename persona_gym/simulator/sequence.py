@@ -278,60 +278,100 @@ class SequenceRatingModel:
         return self.score_logits(requests).softmax(-1).double().numpy()
 
     def score_logits(self, requests: Sequence) -> torch.Tensor:
-        from transformers import DynamicCache
+        """``(len(requests), 5)`` rating logits, prior included, in request order.
 
-        out = torch.empty((len(requests), 5), dtype=torch.float32)
-        groups: dict[tuple[str, int], list[tuple[int, tuple, torch.Tensor]]] = {}
+        Three stages, each batched over rows of equal length: the prefixes (cached across
+        calls), the states (prefix + window, once per distinct state in this call) and the
+        candidates (one token each on their state's keys/values), so candidates ranked in one
+        state share its window.
+        """
         prefixes: dict[str, dict[tuple, torch.Tensor]] = {}
-        blocks = []
+        states: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # state key -> (prefix key, window)
+        rows: list[tuple[tuple, torch.Tensor]] = []  # per request: (state key, candidate token)
         for request in requests:
             if request.adapter not in self.tokens:
                 raise KeyError(
                     f"adapter {request.adapter!r} is not loaded; loaded: {sorted(self.tokens)}"
                 )
-            events = self.prefix_events(request.user_id, tuple(request.window))
-            key = (
-                request.user_id,
-                request.adapter,
-                events[-1].timestamp if events else 0,
-                len(events),
-            )
-            prefix, block = self.embeddings(request)
-            prefixes.setdefault(request.adapter, {})[key] = prefix
-            blocks.append((key, len(prefix), block))
-        kvs = {}
+            user, adapter, window = request.user_id, request.adapter, tuple(request.window)
+            events = self.prefix_events(user, window)
+            prefix_key = (user, adapter, events[-1].timestamp if events else 0, len(events))
+            state_key = (prefix_key, window)
+            if state_key not in states:
+                prefix, block = self.embeddings(request)
+                prefixes.setdefault(adapter, {})[prefix_key] = prefix
+                states[state_key] = (prefix_key, block[:-1])
+                candidate = block[-1]
+            else:
+                tokens = self.tokens[adapter]
+                prediction = self.predictions(user, adapter, [request.candidate])
+                candidate = tokens.items(
+                    torch.as_tensor([request.candidate]), torch.as_tensor(prediction)
+                )[0]
+            rows.append((state_key, candidate))
+        kvs: dict[tuple, tuple] = {}
         for adapter, wanted in prefixes.items():
             self.model.set_adapter(adapter)
             kvs.update(self._prefix_kvs(wanted))
-        for i, (key, length, block) in enumerate(blocks):
-            groups.setdefault((requests[i].adapter, length), []).append((i, kvs[key], block))
-        for (adapter, length), members in groups.items():
+        # states: the window's events on their prefix, grouped by adapter and lengths
+        by_shape: dict[tuple, list[tuple]] = {}
+        for key, (prefix_key, block) in states.items():
+            shape = (key[0][1], _length(kvs[prefix_key]), len(block))
+            by_shape.setdefault(shape, []).append(key)
+        state_kvs: dict[tuple, tuple] = {}
+        for (adapter, length, n_window), keys in by_shape.items():
+            if not n_window:
+                state_kvs.update({key: kvs[states[key][0]] for key in keys})
+                continue
             self.model.set_adapter(adapter)
-            longest = max(len(b) for _, _, b in members)
-            embeds = torch.zeros(len(members), longest, self.head.shape[1])
-            for row, (_, _, block) in enumerate(members):
-                embeds[row, : len(block)] = block
-            layers = [
-                (torch.cat([m[1][j][0] for m in members]), torch.cat([m[1][j][1] for m in members]))
-                for j in range(len(members[0][1]))
-            ]
-            cache = DynamicCache(layers)
-            positions = torch.arange(length, length + longest)[None].expand(len(members), -1)
-            hidden = self.body(
-                inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True
-            ).last_hidden_state
-            self.tokens_processed += sum(len(b) for _, _, b in members)
-            last = hidden[
-                torch.arange(len(members)), torch.as_tensor([len(b) - 1 for _, _, b in members])
-            ]
-            logits = self.lm.logits(last)
-            rows = torch.as_tensor([i for i, _, _ in members])
+            embeds = torch.stack([states[key][1] for key in keys])
+            cache = self._run(embeds, [kvs[states[key][0]] for key in keys], length)[1]
+            for row, key in enumerate(keys):
+                state_kvs[key] = tuple(
+                    (layer.keys[row : row + 1], layer.values[row : row + 1])
+                    for layer in cache.layers
+                )
+        # candidates: one token each on their state
+        out = torch.empty((len(requests), 5), dtype=torch.float32)
+        by_state: dict[tuple, list[int]] = {}
+        for i, (key, _) in enumerate(rows):
+            by_state.setdefault((requests[i].adapter, _length(state_kvs[key])), []).append(i)
+        for (adapter, length), index in by_state.items():
+            self.model.set_adapter(adapter)
+            embeds = torch.stack([rows[i][1] for i in index])[:, None]  # (B, 1, H)
+            hidden = self._run(embeds, [state_kvs[rows[i][0]] for i in index], length)[0]
+            logits = self.lm.logits(hidden[:, -1])
             predictions = torch.as_tensor(
-                [
-                    self.predictions(requests[i].user_id, adapter, [requests[i].candidate])[0]
-                    for i, _, _ in members
-                ],
+                np.concatenate(
+                    [
+                        self.predictions(requests[i].user_id, adapter, [requests[i].candidate])
+                        for i in index
+                    ]
+                ),
                 dtype=torch.float32,
             )
-            out[rows] = self.priors[adapter](logits, predictions, torch.zeros_like(predictions))
+            prior = self.priors[adapter]
+            out[torch.as_tensor(index)] = prior(logits, predictions, torch.zeros_like(predictions))
         return out
+
+    def _run(self, embeds: torch.Tensor, kvs: list[tuple], length: int):
+        """The decoder on ``(B, T, H)`` input embeddings after the ``B`` cached sequences
+        ``kvs`` (each ``length`` tokens): last hidden states and the extended cache."""
+        from transformers import DynamicCache
+
+        layers = [
+            (torch.cat([kv[j][0] for kv in kvs]), torch.cat([kv[j][1] for kv in kvs]))
+            for j in range(len(kvs[0]))
+        ]
+        positions = torch.arange(length, length + embeds.shape[1])[None].expand(len(kvs), -1)
+        out = self.body(
+            inputs_embeds=embeds, cache=DynamicCache(layers), position_ids=positions, use_cache=True
+        )
+        self.tokens_processed += embeds.shape[0] * embeds.shape[1]
+        return out.last_hidden_state, out.cache
+
+
+def _length(kv: tuple) -> int:
+    """Tokens held by one sequence's keys/values (``((k, v), ...)`` per layer, ``k`` of shape
+    ``(1, heads, T, d)``)."""
+    return int(kv[0][0].shape[2])

@@ -200,3 +200,23 @@ def test_coverage_interval_contains_its_estimate(core, ratings):
     records = simulate(make_policy("random", core), core, episodes=12, seed=0, n_envs=4)
     coverage = summarize_episodes(records, core, n_users=4)["coverage"]
     assert coverage["low"] <= coverage["mean"] <= coverage["high"]
+
+
+def test_window_greedy_adds_genre_similarity_to_the_liked_window(core, ratings):
+    from persona_gym.memory import Interaction
+
+    policy = make_policy("window-greedy", core, ratings)
+    state = core.new_episode(np.random.default_rng(0), {"user_id": core.user_ids[0]})
+    state.history = ()  # the window is the episode's alone
+    mf = policy.mf.scores(make_batch(core, [state]))[0]
+    np.testing.assert_allclose(policy.scores(make_batch(core, [state]))[0], mf)  # empty window
+    genres = core.catalog.genres
+    liked = next(i for i in range(core.n_items) if genres[i])
+    state.episode.append(Interaction(liked, 5.0, 1))
+    boost = policy.scores(make_batch(core, [state]))[0] - mf
+    for i in range(core.n_items):
+        union = set(genres[i]) | set(genres[liked])
+        jaccard = len(set(genres[i]) & set(genres[liked])) / max(len(union), 1)
+        assert boost[i] == pytest.approx(policy.weight * jaccard)
+    state.episode[-1] = Interaction(liked, 2.0, 1)  # not liked: no boost
+    np.testing.assert_allclose(policy.scores(make_batch(core, [state]))[0], mf)

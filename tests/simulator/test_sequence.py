@@ -136,7 +136,7 @@ def test_training_records_each_adapter_and_resumes(seq_artifacts, tiny_base, cap
         folder = seq_artifacts / "adapters" / name
         record = json.loads((folder / "training.json").read_text())
         assert record["config"] == dataclasses.asdict(TINY)
-        assert record["best"]["nll"] <= record["history"][0]["nll"]
+        assert record["best"]["rmse"] <= record["history"][0]["rmse"]
         assert {"nll", "rmse"} <= set(record["prior_alone"])
         assert (folder / TOKENS_FILE).exists()
     with caplog.at_level("INFO"):
@@ -223,3 +223,15 @@ def test_an_unknown_rater_name_is_refused():
 
     with pytest.raises(ValueError, match="EnvConfig.rater must be one of"):
         load_env_config("ml100k", rater="table")
+
+
+def test_candidates_ranked_in_one_state_share_its_window(simulator):
+    model = simulator.model
+    user = simulator.user_ids[3]
+    simulator.rate([user], [0], [()])  # the prefix is now cached
+    window = (Interaction(1, 4.0, 10**9), Interaction(2, 2.0, 10**9 + 1))
+    before = model.tokens_processed
+    ranked = simulator.rate([user] * 4, [0, 3, 4, 5], [window] * 4)
+    assert model.tokens_processed - before == 2 * len(window) + 4
+    alone = np.vstack([simulator.rate([user], [c], [window]) for c in (0, 3, 4, 5)])
+    np.testing.assert_allclose(ranked, alone, atol=1e-5)
