@@ -11,7 +11,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -29,6 +29,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RATINGS = torch.as_tensor(RATING_VALUES, dtype=torch.float32)
+
+
+class _TrainState(TypedDict):
+    """The training loop's progress, saved in (and resumed from) the checkpoint."""
+
+    step: int
+    best: dict[str, torch.Tensor] | None
+    best_val: float
+    bad_evals: int
+    history: list[dict[str, Any]]
+    tokens: int
+    seconds: float
+    best_extras: NotRequired[dict[str, dict[str, torch.Tensor]]]
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, mse_weight: float) -> torch.Tensor:
@@ -169,7 +182,7 @@ def train_adapter(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ckpt_path = out_dir / "checkpoints" / f"{name}.pt"
-    state = {
+    state: _TrainState = {
         "step": 0,
         "best": None,
         "best_val": float("inf"),

@@ -293,11 +293,13 @@ def write_plots(results: dict, out: Path) -> None:
     _save_png(out / "calibration.png", fig)
     # per-persona RMSE bars of every configuration
     personas = sorted({p for c in ok for p in c["expected"].get("per_group", {})}, key=str)
-    bars = [(c["spec"], c["expected"].get("per_group", {}), None) for c in ok]
-    for name, hatch in (("item mean", "//"), ("matrix factorisation", "xx")):
+    bars: list[tuple[str, dict, str | None]] = [
+        (c["spec"], c["expected"].get("per_group", {}), None) for c in ok
+    ]
+    for name, pattern in (("item mean", "//"), ("matrix factorisation", "xx")):
         b = results["baselines"].get(name)
         if b:
-            bars.append((f"baseline: {name}", b["evaluated_rows"].get("per_group", {}), hatch))
+            bars.append((f"baseline: {name}", b["evaluated_rows"].get("per_group", {}), pattern))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(bars) * max(len(personas), 1) + 2), 3.5))
     width = 0.8 / max(len(bars), 1)
     for n, (label, groups, hatch) in enumerate(bars):

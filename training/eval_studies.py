@@ -5,7 +5,7 @@ slope, reward landscape; :mod:`persona_gym.evaluation.fidelity`)."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -72,8 +72,11 @@ def _prior_alone(
             "rmse": rmse(full, full_test["rating"]),
             "mae": mae(full, full_test["rating"]),
         },
-        "evaluated_rows": fidelity_report(
-            rows["user_id"].to_numpy(), real, probs=probs, groups=personas
+        "evaluated_rows": fidelity_report(  # takes any array-like `groups` (np.asarray)
+            rows["user_id"].to_numpy(),
+            real,
+            probs=probs,
+            groups=personas,  # type: ignore[arg-type]
         ),
         "first_3": _first_3(rows, expected(probs), real),
     }
@@ -129,7 +132,7 @@ def _studies(
     histories = {u: logged_history(artifacts.memories, u) for u in artifacts.user_ids}
     last = {u: (h[-k:] if k else ()) for u, h in histories.items()}
     rows = select_test(full_test, per_user)
-    out = {"rows_per_user": per_user}
+    out: dict[str, Any] = {"rows_per_user": per_user}
     log.info(
         "studies: persona specificity on %d rows x %d adapters",
         len(rows),

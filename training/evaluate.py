@@ -59,6 +59,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -80,6 +81,10 @@ from training.eval_configs import (
 )
 from training.eval_report import render_markdown, write_report
 from training.eval_studies import _first_3, _prior_alone, _studies
+
+if TYPE_CHECKING:
+    from persona_gym.simulator.engine import LayeredLM
+    from persona_gym.simulator.sequence import SequenceRatingModel
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +143,10 @@ class _Models:
         self.artifacts = artifacts
         self.adapters = set(artifacts.adapter_dirs)
         self.compile = compile
-        self._layered = None  # one LayeredLM (and its compiled kernels) for every configuration
-        self._sequence = None  # one sequence engine (and its prefix cache) for every configuration
+        # one LayeredLM (and its compiled kernels) for every configuration
+        self._layered: LayeredLM | None = None
+        # one sequence engine (and its prefix cache) for every configuration
+        self._sequence: SequenceRatingModel | None = None
 
     def simulator(self, config: EvalConfig, prompt):
         from persona_gym.simulator.engine import LayeredLM
@@ -233,9 +240,8 @@ def evaluate(
     configs = [
         c if isinstance(c, EvalConfig) else parse_config(c) for c in (configs or DEFAULT_CONFIGS)
     ]
-    group = users  # `users` is the test rows' user ids below
     if test is None:
-        data = logged_data(artifacts, group)
+        data = logged_data(artifacts, users)
     else:
         missing_cols = {"user_id", "item_id", "item_index", "rating", "timestamp"} - set(
             test.columns
@@ -271,15 +277,15 @@ def evaluate(
     if not len(rows):
         raise ValueError("no test interactions to evaluate")
     _check_no_leakage(rows, artifacts.memories)
-    users = rows["user_id"].to_numpy(np.int64)
+    user_ids = rows["user_id"].to_numpy(np.int64)
     items = rows["item_index"].to_numpy(np.int64)
     real = rows["rating"].to_numpy(np.float64)
-    personas = np.array([artifacts.user_persona.get(int(u), -1) for u in users])
+    personas = np.array([artifacts.user_persona.get(int(u), -1) for u in user_ids])
     trained_prompt = artifacts.prompt_config
     log.info(
         "evaluating %d test interactions of %d users (%s) under %d configurations",
         len(rows),
-        len(np.unique(users)),
+        len(np.unique(user_ids)),
         data.source,
         len(configs),
     )
@@ -288,19 +294,19 @@ def evaluate(
         "artifacts": str(artifacts_dir),  # as given: a shipped name stays a name, not a cache path
         "data": {
             "source": data.source,
-            "n_users": int(len(np.unique(users))),
+            "n_users": int(len(np.unique(user_ids))),
             "n_test_total": int(len(full_test)),
             "n_evaluated": int(len(rows)),
             "max_test_per_user": max_test_per_user,
             "subsample": subsample,
             "seed": seed,
-            "users": group,
+            "users": users,
             "max_users": max_users,
             "window_rule": "last k TRAINING interactions of the user (no test rating is an input)",
         },
         "base_model": Path(str(artifacts.manifest.get("base_model", {}).get("model", "?"))).name,
         "training_prompt": dataclasses.asdict(trained_prompt),
-        "ndcg@10_random_order": ndcg_random(users, real, 10, seed=seed),
+        "ndcg@10_random_order": ndcg_random(user_ids, real, 10, seed=seed),
         "configs": [],
         "baselines": {},
         "paper": {str(k): v for k, v in PAPER_TABLE.items()},
@@ -316,6 +322,7 @@ def evaluate(
         else None
     )
     for config in configs:
+        assert models is not None  # loaded above when there are configs
         prompt = config.prompt(trained_prompt)
         entry = {
             "spec": config.spec,
@@ -326,7 +333,7 @@ def evaluate(
             "prompt": dataclasses.asdict(prompt),
             "prompt_differs_from_training": config.variant != "base" and prompt != trained_prompt,
         }
-        missing = models.missing(config, np.unique(users))
+        missing = models.missing(config, np.unique(user_ids))
         if missing:
             entry.update(status="skipped", reason=f"not in the artifacts: {missing}")
             log.warning("%s: skipped (%s)", config.spec, entry["reason"])
@@ -334,7 +341,7 @@ def evaluate(
             continue
         simulator = models.simulator(config, prompt)
         windows = []
-        for u in users:
+        for u in user_ids:
             if int(u) not in history_cache:
                 history_cache[int(u)] = simulator.history(int(u))
             windows.append(
@@ -342,19 +349,20 @@ def evaluate(
             )
         t0 = time.perf_counter()
         probs = np.zeros((len(rows), 5))
-        unique_users = list(dict.fromkeys(users.tolist()))
+        unique_users = list(dict.fromkeys(user_ids.tolist()))
         for start in range(0, len(unique_users), chunk_users):
-            mask = np.isin(users, unique_users[start : start + chunk_users])
+            mask = np.isin(user_ids, unique_users[start : start + chunk_users])
             index = np.flatnonzero(mask)
             probs[index] = check_distribution(
                 simulator.rate(
-                    users[index].tolist(), items[index].tolist(), [windows[i] for i in index]
+                    user_ids[index].tolist(), items[index].tolist(), [windows[i] for i in index]
                 ),
                 simulator.source,
                 n_rows=len(index),
             )
         seconds = time.perf_counter() - t0
-        report = fidelity_report(users, real, probs=probs, groups=personas)
+        # fidelity_report takes any array-like `groups` (np.asarray); its hint says Sequence
+        report = fidelity_report(user_ids, real, probs=probs, groups=personas)  # type: ignore[arg-type]
         entry.update(
             status="ok",
             seconds=round(seconds, 2),
@@ -370,9 +378,10 @@ def evaluate(
                 "%s: no paper-style generation with item tokens (soft tokens are not text)",
                 config.spec,
             )
-        elif generation:
+        elif generation_rows is not None:  # with --generation
             requests = [
-                simulator.request(int(users[i]), int(items[i]), windows[i]) for i in generation_rows
+                simulator.request(int(user_ids[i]), int(items[i]), windows[i])
+                for i in generation_rows
             ]
             t0 = time.perf_counter()
             generated = simulator.model.generate(requests, seed=seed)
@@ -420,20 +429,25 @@ def evaluate(
                 "params": fit["params"],
                 "val_rmse": fit["val_rmse"],
                 "full_test": {"n": fit["n"], "rmse": fit["rmse"], "mae": fit["mae"]},
-                "evaluated_rows": fidelity_report(users, real, pred=pred, groups=personas),
+                "evaluated_rows": fidelity_report(
+                    user_ids,
+                    real,
+                    pred=pred,
+                    groups=personas,  # type: ignore[arg-type]
+                ),
                 "first_3": _first_3(rows, pred, real),
             }
     if models is not None and models.priors and artifacts.collaborative is not None:
         k = trained_prompt.window_size
-        windows = {
+        logged_windows = {
             int(u): logged_history(artifacts.memories, int(u))[-k:] if k else ()
             for u in np.unique(full_test["user_id"])
         }
         results["baselines"]["collaborative prior alone (no SLM)"] = _prior_alone(
-            models.priors, artifacts, rows, full_test, personas, windows
+            models.priors, artifacts, rows, full_test, personas, logged_windows
         )
     persona = parse_config("persona:Ms+Ml")
-    if studies and models is not None and not models.missing(persona, np.unique(users)):
+    if studies and models is not None and not models.missing(persona, np.unique(user_ids)):
         t0 = time.perf_counter()
         results["studies"] = _studies(
             models,

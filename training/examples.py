@@ -68,7 +68,7 @@ def build_examples(
             window = short_term_window(history, prompt.window_size, before=position)
             prediction, surprise = (
                 collaborative.cues(user_id, item.item_index, window, (tastes or {}).get(user_id))
-                if cued
+                if cued and collaborative is not None  # cued implies a model (checked above)
                 else (None, None)
             )
             request = RatingRequest(
@@ -108,7 +108,9 @@ class LowerCache:
         blocks_per_sequence: int,
         progress: bool,
     ) -> LowerCache:
-        prefix_ids, prefix_hidden, block_ids = {}, {}, []
+        prefix_ids: dict[int, list[int]] = {}
+        prefix_hidden: dict[int, torch.Tensor] = {}
+        block_ids: list[list[int]] = []
         block_hidden: list[torch.Tensor | None] = [None] * len(examples)
         by_user = defaultdict(list)
         for n, example in enumerate(examples):
@@ -207,10 +209,10 @@ def _frozen_pass(
 
 def _chunks(indices: list[int], examples: list[Example], size: int, rng: np.random.Generator):
     """Shuffle examples within users, cut into same-user chunks of ``size``, shuffle the chunks."""
-    by_user = defaultdict(list)
+    by_user: defaultdict[int, list[int]] = defaultdict(list)
     for n in indices:
         by_user[examples[n].user_id].append(n)
-    chunks = []
+    chunks: list[tuple[int, list[int]]] = []
     for user in sorted(by_user):
         ns = list(rng.permutation(by_user[user]))
         chunks.extend((user, [int(n) for n in ns[i : i + size]]) for i in range(0, len(ns), size))
@@ -237,7 +239,8 @@ def adapter_datasets(
     config: TrainConfig,
 ) -> dict[str, tuple[list[int], list[int]]]:
     """``{adapter name: (train example indices, validation example indices)}`` per variant."""
-    train_by_user, val_by_user = defaultdict(list), defaultdict(list)
+    train_by_user: defaultdict[int, list[int]] = defaultdict(list)
+    val_by_user: defaultdict[int, list[int]] = defaultdict(list)
     for n, example in enumerate(examples):
         (val_by_user if example.validation else train_by_user)[example.user_id].append(n)
     personas = sorted(set(user_persona.values()))

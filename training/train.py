@@ -291,6 +291,7 @@ def _load_run(root: Path, config: TrainConfig, device: str, compile: bool, progr
     mine = training_users(root, profiles)  # not the other simulated users of --all-users
     tastes = None
     if config.prompt.persona_taste:
+        assert collaborative is not None  # persona_taste needs cf_cue, so it was loaded above
         persona_taste = persona_tastes(collaborative, user_persona, mine)
         axes = taste_axes(persona_taste)
         tastes = {
