@@ -76,7 +76,7 @@ def _prior_alone(
             rows["user_id"].to_numpy(),
             real,
             probs=probs,
-            groups=personas,  # type: ignore[arg-type]
+            groups=personas,
         ),
         "first_3": _first_3(rows, expected(probs), real),
     }

@@ -362,7 +362,7 @@ def evaluate(
             )
         seconds = time.perf_counter() - t0
         # fidelity_report takes any array-like `groups` (np.asarray); its hint says Sequence
-        report = fidelity_report(user_ids, real, probs=probs, groups=personas)  # type: ignore[arg-type]
+        report = fidelity_report(user_ids, real, probs=probs, groups=personas)
         entry.update(
             status="ok",
             seconds=round(seconds, 2),
@@ -433,7 +433,7 @@ def evaluate(
                     user_ids,
                     real,
                     pred=pred,
-                    groups=personas,  # type: ignore[arg-type]
+                    groups=personas,
                 ),
                 "first_3": _first_3(rows, pred, real),
             }

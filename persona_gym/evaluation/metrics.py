@@ -237,7 +237,7 @@ def fidelity_report(
     real,
     pred=None,
     probs=None,
-    groups: Sequence | None = None,
+    groups: Sequence | np.ndarray | None = None,
     k: int = 10,
     n_bins: int = 10,
 ) -> dict:
