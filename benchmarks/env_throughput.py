@@ -10,17 +10,24 @@ import numpy as np
 
 
 def env_throughput(
-    artifacts: str, dtype: str, compile: bool, steps: int, seed: int = 0, warmup: int = 128
+    artifacts: str,
+    dtype: str,
+    compile: bool,
+    steps: int,
+    seed: int = 0,
+    warmup: int = 128,
+    rater: str = "slm",
+    sizes: tuple[int, ...] = (1, 16, 64),
 ) -> dict:
-    """Env steps/s of one env and of make_vec(16), make_vec(64) on real artifacts, after
-    ``warmup`` env steps: compiled graphs are built on first use, per adapter and for prefix
-    encoding and block scoring apart, so one env meets them all only over ~100 steps."""
+    """Env steps/s of ``make_vec(n)`` for each of ``sizes`` on real artifacts, after ``warmup``
+    env steps (compiled graphs and cached prefixes are built on first use); ``rater="prior"``:
+    the collaborative prior alone, no model tokens."""
     import gymnasium as gym
 
     import persona_gym  # noqa: F401  (registers the ids)
 
     out = {}
-    for n_envs in (1, 16, 64):
+    for n_envs in sizes:
         env = gym.make_vec(
             "PersonaML100K-v0",
             num_envs=n_envs,
@@ -28,25 +35,27 @@ def env_throughput(
             artifacts=artifacts,
             dtype=dtype,
             compile=compile,
+            rater=rater,
         )
-        rating_model = env.unwrapped.core.rater.model
+        rating_model = getattr(env.unwrapped.core.rater, "model", None)
         rng = np.random.default_rng(seed)
         env.reset(seed=seed)
         for _ in range(max(1, warmup // n_envs)):  # warm-up: every persona's kernels compiled
             env.step(_random_actions(env, rng))
-        tokens, start = rating_model.tokens_processed, time.perf_counter()
+        tokens, start = _tokens(rating_model), time.perf_counter()
         n_steps = max(2, steps // n_envs)
         for _ in range(n_steps):
             env.step(_random_actions(env, rng))
         seconds = time.perf_counter() - start
         out[f"make_vec({n_envs})"] = {
             "env_steps_per_s": n_steps * n_envs / seconds,
-            "tokens_per_env_step": (rating_model.tokens_processed - tokens) / (n_steps * n_envs),
+            "tokens_per_env_step": (_tokens(rating_model) - tokens) / (n_steps * n_envs),
             "seconds": seconds,
         }
         env.close()
         print(
-            f"  env {artifacts} make_vec({n_envs}): {out[f'make_vec({n_envs})']['env_steps_per_s']:.1f} "
+            f"  env {artifacts} ({rater}) make_vec({n_envs}): "
+            f"{out[f'make_vec({n_envs})']['env_steps_per_s']:.1f} "
             "env steps/s",
             flush=True,
         )
@@ -80,6 +89,11 @@ def ranking_throughput(
         "tokens_per_rating": (sim.model.tokens_processed - tokens) / n,
         "candidates_per_state": candidates,
     }
+
+
+def _tokens(rating_model) -> int:
+    """Model tokens processed so far (0 for a rater without a language model)."""
+    return rating_model.tokens_processed if rating_model is not None else 0
 
 
 def _random_actions(env, rng) -> np.ndarray:

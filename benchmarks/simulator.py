@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         default=20,
         help="candidates ranked per state in the ranking mode (SimulatorGreedyPolicy's 20)",
     )
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
     parser.add_argument(
         "--env",
         nargs="*",
@@ -506,6 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     env_results = {
         name: env_throughput(name, args.dtype, args.compile, args.env_steps) for name in args.env
     }
+    for sizes in env_results.values():
+        for r in sizes.values():  # share of the FLOP bound of the tokens an env step pays for
+            flops = r["env_steps_per_s"] * r["tokens_per_env_step"] * flops_per_token
+            r["fraction_of_flop_bound"] = flops / (peak * 1e9)
+    prior_env = (
+        env_throughput(args.env[-1], args.dtype, False, 64 * 50, rater="prior", sizes=(64,))
+        if args.env
+        else {}
+    )
     ranking_results = {
         name: ranking_throughput(name, args.dtype, args.compile) for name in args.env
     }
@@ -524,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": results,
         "env": env_results,
         "simulator_ranking": ranking_results,
+        "prior_env": prior_env,
     }
     print(f"cpu: {report['cpu']} (hardware bf16: {'yes' if report['cpu_fast_bf16'] else 'no'})")
     print(
@@ -553,8 +563,11 @@ def main(argv: list[str] | None = None) -> int:
         for size, r in sizes.items():
             print(
                 f"env {name} {size}: {r['env_steps_per_s']:.1f} env steps/s, "
-                f"{r['tokens_per_env_step']:.0f} tokens per env step"
+                f"{r['tokens_per_env_step']:.1f} tokens per env step, "
+                f"{100 * r['fraction_of_flop_bound']:.0f}% of the FLOP bound"
             )
+    for size, r in prior_env.items():
+        print(f"env rater='prior' {size}: {r['env_steps_per_s']:.0f} env steps/s")
     for name, r in ranking_results.items():
         print(
             f"simulator {name}, {r['candidates_per_state']} candidates per state: "

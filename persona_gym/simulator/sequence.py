@@ -2,8 +2,9 @@
 
 A user's state is a sequence of input embeddings, not text::
 
-    <head> [item][rating] [item][rating] ... [item][rating] | [item][rating] x k | [candidate]
-           `---- the last `history` logged ratings: the prefix -'   the window   '- block -'
+    <head> [item][rating] ... [item][rating] | [item][rating] x k | [candidate]
+           `-- the prefix: the user's `history` --'  `--- the window ---'
+               logged events before their last k        (the block)
 
 * an **item token** is one vector: a learned projection of the movie's text embedding and its
   collaborative factors and bias, plus a learned direction times the collaborative model's
@@ -15,8 +16,10 @@ The rating of the candidate is read from the LM's next-token logits of "1".."5" 
 candidate's item token, plus the adapter's collaborative prior (:mod:`persona_gym.rating_prior`,
 a Gaussian around the prediction, without a window term: what the window does to a rating is the
 SLM's). The prefix is static per user and adapter (computed once, kept as keys/values); a step
-pays for the window and the candidate: ``2 k + 1`` tokens. The window holds the interactions
-after the logged history (an episode's recommendations and ratings), newest last.
+pays for the window and the candidate: ``2 k + 1`` tokens, and each further candidate ranked in
+the same state one token. The window is the user's last ``k`` interactions: at an episode's
+start the last ``k`` logged ones, then the episode's recommendations with their ratings (the
+events between the prefix and the window are not shown once the window has moved past them).
 
 Every input is an embedding at the input layer, so a server that takes prompt embeddings (vLLM's
 ``enable_prompt_embeds``) computes the same logits from :meth:`SequenceUserModel.embeddings`.
@@ -164,15 +167,6 @@ class UserSequence:
 PREFIX_CACHE = 512  # prefixes kept as keys/values (one per user, adapter and window start)
 
 
-def logged_in_window(history: Sequence[Interaction], window: Sequence[Interaction]) -> int:
-    """How many of the window's first entries are the logged history's last ones (an episode's
-    first windows and a rolling evaluation's first test rows start inside the history)."""
-    for n in range(min(len(window), len(history)), 0, -1):
-        if tuple(history[-n:]) == tuple(window[:n]):
-            return n
-    return 0
-
-
 class SequenceRatingModel:
     """Scores rating requests with the sequence layout (module docstring): the local engine.
 
@@ -191,6 +185,7 @@ class SequenceRatingModel:
         self.tokens = tokens
         self.priors = priors
         self.history_size = builder.config.history
+        self.window_size = builder.config.window_size
         self.lm = SequenceLM(model, tokenizer)
         self.body = self.lm.body
         self.head = self.lm.head
@@ -230,10 +225,11 @@ class SequenceRatingModel:
             events, self.predictions(user_id, adapter, [x.item_index for x in events])
         )
 
-    def prefix_events(self, user_id: int, window: Sequence[Interaction]) -> tuple[Interaction, ...]:
-        """The logged events before the window, at most ``history`` of them."""
+    def prefix_events(self, user_id: int) -> tuple[Interaction, ...]:
+        """The user's static prefix: the ``history`` logged events before the last
+        ``window_size`` ones (those are the first windows of an episode)."""
         history = self.history(user_id)
-        end = len(history) - logged_in_window(history, window)
+        end = max(0, len(history) - self.window_size)
         return tuple(history[max(0, end - self.history_size) : end])
 
     def embeddings(self, request) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +237,7 @@ class SequenceRatingModel:
         embeddings is sent (their concatenation), and what the local engine computes."""
         tokens = self.tokens[request.adapter]
         user, adapter, window = request.user_id, request.adapter, tuple(request.window)
-        prefix = self._sequence(user, adapter, self.prefix_events(user, window))
+        prefix = self._sequence(user, adapter, self.prefix_events(user))
         candidate = tokens.items(
             torch.as_tensor([request.candidate]),
             torch.as_tensor(self.predictions(user, adapter, [request.candidate])),
@@ -280,67 +276,69 @@ class SequenceRatingModel:
     def score_logits(self, requests: Sequence) -> torch.Tensor:
         """``(len(requests), 5)`` rating logits, prior included, in request order.
 
-        Three stages, each batched over rows of equal length: the prefixes (cached across
-        calls), the states (prefix + window, once per distinct state in this call) and the
-        candidates (one token each on their state's keys/values), so candidates ranked in one
-        state share its window.
+        The prefixes are cached across calls (one per user and adapter). A state (user,
+        adapter, window) rated for one candidate costs one forward of its window and candidate
+        on the prefix; a state ranked for several candidates is computed once, then each
+        candidate costs one token on it. Rows of equal length are batched.
         """
+        states: dict[tuple, list[int]] = {}
         prefixes: dict[str, dict[tuple, torch.Tensor]] = {}
-        states: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # state key -> (prefix key, window)
-        rows: list[tuple[tuple, torch.Tensor]] = []  # per request: (state key, candidate token)
-        for request in requests:
+        blocks: list[torch.Tensor] = []
+        for i, request in enumerate(requests):
             if request.adapter not in self.tokens:
                 raise KeyError(
                     f"adapter {request.adapter!r} is not loaded; loaded: {sorted(self.tokens)}"
                 )
-            user, adapter, window = request.user_id, request.adapter, tuple(request.window)
-            events = self.prefix_events(user, window)
-            prefix_key = (user, adapter, events[-1].timestamp if events else 0, len(events))
-            state_key = (prefix_key, window)
-            if state_key not in states:
-                prefix, block = self.embeddings(request)
-                prefixes.setdefault(adapter, {})[prefix_key] = prefix
-                states[state_key] = (prefix_key, block[:-1])
-                candidate = block[-1]
-            else:
-                tokens = self.tokens[adapter]
-                prediction = self.predictions(user, adapter, [request.candidate])
-                candidate = tokens.items(
-                    torch.as_tensor([request.candidate]), torch.as_tensor(prediction)
-                )[0]
-            rows.append((state_key, candidate))
+            key = (request.user_id, request.adapter)
+            prefix, block = self.embeddings(request)
+            prefixes.setdefault(request.adapter, {})[key] = prefix
+            blocks.append(block)
+            states.setdefault((*key, tuple(request.window)), []).append(i)
         kvs: dict[tuple, tuple] = {}
         for adapter, wanted in prefixes.items():
             self.model.set_adapter(adapter)
             kvs.update(self._prefix_kvs(wanted))
-        # states: the window's events on their prefix, grouped by adapter and lengths
-        by_shape: dict[tuple, list[tuple]] = {}
-        for key, (prefix_key, block) in states.items():
-            shape = (key[0][1], _length(kvs[prefix_key]), len(block))
-            by_shape.setdefault(shape, []).append(key)
-        state_kvs: dict[tuple, tuple] = {}
-        for (adapter, length, n_window), keys in by_shape.items():
-            if not n_window:
-                state_kvs.update({key: kvs[states[key][0]] for key in keys})
-                continue
+        hidden = torch.empty((len(requests), self.head.shape[1]))
+        # states with one candidate: window and candidate in one forward on the prefix
+        singles: dict[tuple, list[int]] = {}
+        shared: dict[tuple, list[tuple]] = {}
+        for state, index in states.items():
+            length = _length(kvs[state[:2]])
+            if len(index) == 1:
+                singles.setdefault((state[1], length), []).append(index[0])
+            else:
+                shared.setdefault((state[1], length, len(blocks[index[0]]) - 1), []).append(state)
+        for (adapter, length), index in singles.items():
             self.model.set_adapter(adapter)
-            embeds = torch.stack([states[key][1] for key in keys])
-            cache = self._run(embeds, [kvs[states[key][0]] for key in keys], length)[1]
-            for row, key in enumerate(keys):
-                state_kvs[key] = tuple(
-                    (layer.keys[row : row + 1], layer.values[row : row + 1])
-                    for layer in cache.layers
-                )
-        # candidates: one token each on their state
-        out = torch.empty((len(requests), 5), dtype=torch.float32)
-        by_state: dict[tuple, list[int]] = {}
-        for i, (key, _) in enumerate(rows):
-            by_state.setdefault((requests[i].adapter, _length(state_kvs[key])), []).append(i)
-        for (adapter, length), index in by_state.items():
+            longest = max(len(blocks[i]) for i in index)
+            embeds = torch.zeros(len(index), longest, self.head.shape[1])
+            for row, i in enumerate(index):
+                embeds[row, : len(blocks[i])] = blocks[i]  # right padding: never attended to
+            key_of = [(requests[i].user_id, adapter) for i in index]
+            out = self._run(embeds, [kvs[k] for k in key_of], length)[0]
+            ends = torch.as_tensor([len(blocks[i]) - 1 for i in index])
+            hidden[torch.as_tensor(index)] = out[torch.arange(len(index)), ends]
+        # states ranked for several candidates: the state once, then one token per candidate
+        for (adapter, length, n_window), group in shared.items():
             self.model.set_adapter(adapter)
-            embeds = torch.stack([rows[i][1] for i in index])[:, None]  # (B, 1, H)
-            hidden = self._run(embeds, [state_kvs[rows[i][0]] for i in index], length)[0]
-            logits = self.lm.logits(hidden[:, -1])
+            state_kvs = [kvs[state[:2]] for state in group]
+            if n_window:
+                window = torch.stack([blocks[states[state][0]][:-1] for state in group])
+                cache = self._run(window, state_kvs, length)[1]
+                state_kvs = [
+                    tuple(
+                        (layer.keys[r : r + 1], layer.values[r : r + 1]) for layer in cache.layers
+                    )
+                    for r in range(len(group))
+                ]
+            rows = [(r, i) for r, state in enumerate(group) for i in states[state]]
+            candidates = torch.stack([blocks[i][-1] for _, i in rows])[:, None]  # (N, 1, H)
+            out = self._run(candidates, [state_kvs[r] for r, _ in rows], length + n_window)[0]
+            hidden[torch.as_tensor([i for _, i in rows])] = out[:, -1]
+        logits = torch.empty((len(requests), 5), dtype=torch.float32)
+        adapters = [r.adapter for r in requests]
+        for adapter in set(adapters):
+            index = [i for i, a in enumerate(adapters) if a == adapter]
             predictions = torch.as_tensor(
                 np.concatenate(
                     [
@@ -350,9 +348,10 @@ class SequenceRatingModel:
                 ),
                 dtype=torch.float32,
             )
-            prior = self.priors[adapter]
-            out[torch.as_tensor(index)] = prior(logits, predictions, torch.zeros_like(predictions))
-        return out
+            zeros = torch.zeros_like(predictions)
+            rows_ = torch.as_tensor(index)
+            logits[rows_] = self.priors[adapter](self.lm.logits(hidden[rows_]), predictions, zeros)
+        return logits
 
     def _run(self, embeds: torch.Tensor, kvs: list[tuple], length: int):
         """The decoder on ``(B, T, H)`` input embeddings after the ``B`` cached sequences

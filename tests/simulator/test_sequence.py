@@ -15,10 +15,9 @@ import torch
 
 import persona_gym  # noqa: F401  (registers the ids)
 from persona_gym.artifacts import load_tables
-from persona_gym.artifacts.manifest import read_manifest, seal_manifest
 from persona_gym.collaborative import CF_FILE, fit_collaborative
 from persona_gym.memory import Interaction
-from persona_gym.simulator.sequence import TOKENS_FILE, SequenceTokens, logged_in_window
+from persona_gym.simulator.sequence import TOKENS_FILE, SequenceTokens
 from training.sequence_training import SequenceTrainConfig, train_sequence
 
 TINY = SequenceTrainConfig(
@@ -37,14 +36,19 @@ TINY = SequenceTrainConfig(
 
 @pytest.fixture(scope="module")
 def seq_artifacts(tmp_path_factory, trained_tiny_artifacts, tiny_base):
+    """The tiny tables and personas as ``distill`` and ``personas`` leave them (no manifest, no
+    adapters), a collaborative model fitted on them, then the sequence adapters trained."""
     root = tmp_path_factory.mktemp("sequence") / "art"
-    shutil.copytree(trained_tiny_artifacts, root, ignore=shutil.ignore_patterns("cache"))
+    shutil.copytree(
+        trained_tiny_artifacts,
+        root,
+        ignore=shutil.ignore_patterns("cache", "checkpoints", "adapters", "manifest.json"),
+    )
     catalog, _, memories, _ = load_tables(root)
     columns = ["user_id", "item_id", "rating", "timestamp"]
     fit_collaborative(memories[columns], pd.DataFrame(columns=columns), catalog, seed=0).save(
         root / CF_FILE
     )
-    seal_manifest(root, read_manifest(root))  # the collaborative model joins the record
     train_sequence(root, TINY, tiny_base)
     return root
 
@@ -98,16 +102,15 @@ def test_cached_scores_equal_one_full_forward(simulator):
     np.testing.assert_allclose(probs, one_by_one, atol=1e-5)
 
 
-def test_the_window_starts_where_the_logged_history_stops(simulator):
+def test_the_prefix_is_the_logged_history_before_the_first_window(simulator):
     user = simulator.user_ids[1]
     history = simulator.history(user)
-    assert logged_in_window(history, history[-2:]) == 2
-    assert logged_in_window(history, history[-1:] + (Interaction(0, 3.0, 10**9),)) == 1
-    assert logged_in_window(history, (Interaction(0, 3.0, 10**9),)) == 0
-    # the window's logged events leave the prefix: the model reads each event once
     model = simulator.model
-    assert model.prefix_events(user, history[-2:]) == history[-4:-2]
-    assert model.prefix_events(user, ()) == history[-2:]
+    assert model.prefix_events(user) == history[-4:-2]  # history=2, window=2
+    # at an episode's start prefix + window is the user's contiguous logged tail
+    request = simulator.request(user, 0, history[-2:])
+    prefix, block = model.embeddings(request)
+    assert len(prefix) == len(model.head) + 4 and len(block) == 2 * 2 + 1
 
 
 def test_the_window_moves_the_rating(simulator):
