@@ -52,19 +52,21 @@ $(VENV)/.mutation-installed: $(VENV)/.installed
 	touch $@
 
 # The shipped PersonaML100K-v0 simulator, rebuilt into $(SIM) (docs/simulator.md, docs/pipeline.md):
-# distil, behaviour personas, persona adapters with the collaborative signal, report. Its recipe is
-# `persona-gym build`'s default (`--dry-run` prints the four commands); rerun to resume.
+# distil, taste personas, the sequence user model's persona adapters (`persona-gym train`'s
+# defaults), report. Its recipe is `persona-gym build`'s default (`--dry-run` prints the four
+# commands); rerun to resume.
 SIM ?= artifacts/ml100k
 simulator: install
 	$(VENV)/bin/persona-gym build ml-100k --out $(SIM)
 
 # The paper's configuration (text prompts, personas on profile embeddings, θpersona and θsingle
-# adapters, no collaborative signal) and its Table 1 on our stack, into $(PAPER).
+# adapters, no collaborative signal: `persona-gym train --preset paper`) and its Table 1 on our
+# stack, into $(PAPER).
 PAPER ?= artifacts/ml100k-paper
 paper-table: install
 	$(VENV)/bin/persona-gym distill --dataset ml-100k --out $(PAPER)
 	$(VENV)/bin/persona-gym personas --artifacts $(PAPER) --features profile
-	$(VENV)/bin/persona-gym train --artifacts $(PAPER) --lower-dtype float32
+	$(VENV)/bin/persona-gym train --artifacts $(PAPER) --preset paper --lower-dtype float32
 	$(VENV)/bin/persona-gym evaluate --artifacts $(PAPER) --max-test-per-user 3 --generation --generation-per-user 1 --compile --no-studies
 
 # The RL agent shipped in agents/shipped/PersonaML100K-v0 and its evaluation in benchmarks/rl/

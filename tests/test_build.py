@@ -17,7 +17,7 @@ import pytest
 
 from persona_gym.cli import main
 from tests.envs.test_ml1m import write_ml1m_folder
-from training.build import EVALUATE_CONFIGS, STAGES, TRAIN_RECIPE
+from training.build import EVALUATE_CONFIGS, STAGES
 
 
 def _build(*extra: str, base: str) -> list[str]:
@@ -31,8 +31,6 @@ def _build(*extra: str, base: str) -> list[str]:
         "--all-users",
         "--base-model",
         base,
-        "--max-examples-per-user",
-        "4",
         "--val-per-user",
         "1",
         "--max-test-per-user",
@@ -116,7 +114,8 @@ def test_dry_run_prints_the_shipped_simulators_recipe(tmp_path, monkeypatch, cap
     lines = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("[")}
     assert "persona-gym distill --out artifacts/ml100k --dataset ml-100k" in lines["[2/5] distill"]
     train = lines["[4/5] train"]
-    assert " ".join(TRAIN_RECIPE) in train and "--max-examples-per-user 0 --val-per-user 5" in train
+    # train's defaults are the shipped recipe: the build gives it the seed only
+    assert train.endswith(": persona-gym train --artifacts artifacts/ml100k --seed 0"), train
     assert "--configs " + " ".join(EVALUATE_CONFIGS) in lines["[5/5] evaluate"]
     assert lines["[5/5] evaluate"].endswith("--compile")
     assert not (tmp_path / "artifacts").exists()  # nothing written
@@ -218,9 +217,9 @@ def _check_all_users(root, tiny_base) -> None:
         sorted(u for card in personas["cards"] for u in card["user_ids"]) == protocol
     )  # clustered: protocol only
     manifest = json.loads((root / "manifest.json").read_text())
-    # 4 training + 1 validation example (--max-examples-per-user 4 --val-per-user 1) for each
-    # protocol user, none for the others
-    assert manifest["metrics"]["run"]["examples"] == 3 * 5
+    # the adapters train on the protocol users only, with the build's --val-per-user
+    assert manifest["metrics"]["run"]["training_users"] == 3
+    assert manifest["training"]["sequence"]["val_per_user"] == 1
 
     report = json.loads((root / "evaluation" / "others" / "results.json").read_text())
     assert report["data"]["users"] == "others" and report["data"]["n_users"] == 2

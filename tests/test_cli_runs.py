@@ -49,6 +49,8 @@ def test_train_run_writes_the_adapters_and_prints_their_metrics(
         "train",
         "--artifacts",
         art,
+        "--preset",
+        "paper",
         "--base-model",
         tiny_base,
         "--variants",

@@ -70,6 +70,8 @@ def test_train_killed_resumes_from_its_checkpoint(tmp_path, catalog, tiny_base):
         "train",
         "--artifacts",
         str(art),
+        "--preset",
+        "paper",
         "--base-model",
         tiny_base,
         "--variants",

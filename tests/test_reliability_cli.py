@@ -186,8 +186,6 @@ def test_train_refuses_another_config(capsys, trained, tiny_base):
         tiny_base,
         "--rank",
         "8",
-        "--no-progress",
-        "--no-compile",
     )
     assert_one_line(result, "train", "--force")
 

@@ -7,18 +7,16 @@ Five stages, each the command that does it by hand, with the same flags:
              has it); a folder of MovieLens files is used where it is
 2. distill   persona-gym distill --dataset DATASET --out DIR
 3. personas  persona-gym personas --artifacts DIR
-4. train     persona-gym train --artifacts DIR (the shipped simulator's recipe, below)
+4. train     persona-gym train --artifacts DIR (its defaults: the shipped simulator's recipe)
 5. evaluate  persona-gym evaluate --artifacts DIR (its three configurations)
 
 The defaults are the recipe of the shipped PersonaML100K-v0 simulator (the Makefile's
 ``simulator`` target): two personas clustered on the users' collaborative taste (--features
-taste --k 2), persona adapters with item tokens and the collaborative signal (--item-tokens
---cf-cue --surprise-cue --cf-items --cf-prior) that own 0.75 of their users' taste along the
-axes that separate the personas (--persona-taste 0.75; K and the share chosen on the
-validation slice by ``benchmarks/persona_taste.py``), every training interaction
-(--max-examples-per-user 0), 5 validation interactions per user, 8 examples per packed
-sequence, and the evaluation of persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms. ``--dry-run``
-prints the commands.
+taste --k 2), then ``persona-gym train`` with its defaults, the sequence user model
+(``training/sequence_training.py``: one persona adapter per persona reading its users' rating
+sequences, with the collaborative prior, owning 0.75 of their users' taste along the axes that
+separate the personas), and the evaluation of persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms.
+``--dry-run`` prints the commands.
 
 Resumable: ``DIR/build.json`` records each finished stage, the settings it ran with and the
 SHA-256 of every file it wrote; the same command again skips those and goes on where it stopped
@@ -70,7 +68,6 @@ __all__ = [
     "EVALUATE_CONFIGS",
     "PERSONAS_RECIPE",
     "STAGES",
-    "TRAIN_RECIPE",
     "Stage",
     "add_parser",
     "default_out",
@@ -80,21 +77,9 @@ __all__ = [
     "stage_files",
 ]
 
-# The shipped simulator's recipe (Makefile `simulator`); the budget knobs are build's own flags.
+# The shipped simulator's recipe (Makefile `simulator`): personas on taste, train's defaults; the
+# budget knobs are build's own flags.
 PERSONAS_RECIPE = ("--features", "taste")
-TRAIN_RECIPE = (
-    "--variants",
-    "persona",
-    "--item-tokens",
-    "--cf-cue",
-    "--surprise-cue",
-    "--cf-items",
-    "--cf-prior",
-    "--persona-taste",
-    "0.75",
-    "--blocks-per-sequence",
-    "8",
-)
 EVALUATE_CONFIGS = ("persona:Ms+Ml", "persona:Ms+Ml:w0", "persona:Ms")
 STAGES = ("fetch", "distill", "personas", "train", "evaluate")
 # What a finished stage leaves; a recorded stage whose product is gone runs again.
@@ -152,21 +137,12 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
         )
     ]
     stages.append(Stage("personas", [*PERSONAS_RECIPE, "--k", str(args.k), *seed]))
-    train = [
-        *TRAIN_RECIPE,
-        "--max-examples-per-user",
-        str(args.max_examples_per_user),
-        "--val-per-user",
-        str(args.val_per_user),
-        *seed,
-    ]
-    for flag in ("base_model", "epochs", "lora_layers"):
+    train = [*seed]  # train's defaults are the shipped recipe
+    for flag in ("base_model", "epochs", "val_per_user"):
         value = getattr(args, flag)
         if value is not None:
             train += [f"--{flag.replace('_', '-')}", str(value)]
-    stages.append(
-        Stage("train", train, [*progress, *device, *(["--no-compile"] if args.no_compile else [])])
-    )
+    stages.append(Stage("train", train))
     if not args.no_evaluate:
         evaluate = ["--configs", *EVALUATE_CONFIGS, *seed]
         if args.max_test_per_user is not None:
@@ -316,7 +292,9 @@ def _summary(root: Path, stage: str) -> str:
             )
         if stage == "train":
             adapters = read(MANIFEST)["metrics"]["adapters"]
-            rmse = [m["best_val_rmse"] for m in adapters.values()]
+            rmse = [  # the sequence trainer's record, or the block trainer's (--preset paper)
+                m["best"]["rmse"] if "best" in m else m["best_val_rmse"] for m in adapters.values()
+            ]
             return f"{len(adapters)} adapters, validation RMSE {sum(rmse) / len(rmse):.3f} (mean)"
         if stage == "evaluate":
             ok = [c for c in read("evaluation/results.json")["configs"] if c.get("status") == "ok"]
@@ -430,7 +408,7 @@ def run_build(args: argparse.Namespace) -> int:
     """Body of ``persona-gym build``."""
     from persona_gym.errors import ConfigError
 
-    for flag in ("n_users", "max_test_per_user", "epochs"):
+    for flag in ("n_users", "max_test_per_user", "epochs", "val_per_user"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -577,9 +555,9 @@ def _dry_run(
 # -- CLI -----------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
     """Add ``persona-gym build``."""
-    from training.train import TrainConfig
+    from training.sequence_training import SequenceTrainConfig
 
-    helps = field_help(TrainConfig)
+    helps = field_help(SequenceTrainConfig)
     p = subparsers.add_parser(
         "build",
         help="build a dataset's simulator in one command: fetch, distill, personas, train, evaluate",
@@ -589,7 +567,7 @@ def add_parser(subparsers) -> None:
         "  persona-gym build ml-1m                        # into artifacts/ml1m; then\n"
         "      gym.make('PersonaML1M-v0', artifacts='artifacts/ml1m')\n"
         "  persona-gym build ml-1m --device cuda --no-compile\n"
-        "  persona-gym build path/to/ml-1m --out artifacts/mine --max-examples-per-user 20\n"
+        "  persona-gym build path/to/ml-1m --out artifacts/mine --epochs 1\n"
         "  persona-gym build ml-100k --dry-run            # the commands, nothing run",
     )
     p.add_argument(
@@ -637,28 +615,17 @@ def add_parser(subparsers) -> None:
         help="base SLM: alias, local folder or hub id (default: train's, smollm2-135m-instruct)",
     )
     p.add_argument(
-        "--max-examples-per-user",
-        type=int,
-        default=0,
-        help=plain(helps["max_examples_per_user"]) + " (default: 0, as the shipped simulator)",
-    )
-    p.add_argument(
         "--val-per-user",
         type=int,
-        default=5,
-        help=plain(helps["val_per_user"]).rstrip(".") + " (default: 5)",
+        default=None,
+        help=plain(helps["val_per_user"]).rstrip(".")
+        + f" (default: train's, {SequenceTrainConfig.val_per_user})",
     )
     p.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help=plain(helps["epochs"]).rstrip(".") + f" (default: {TrainConfig.epochs})",
-    )
-    p.add_argument(
-        "--lora-layers",
-        type=int,
-        default=None,
-        help=plain(helps["lora_layers"]).rstrip(".") + f" (default: {TrainConfig.lora_layers})",
+        help=plain(helps["epochs"]).rstrip(".") + f" (default: {SequenceTrainConfig.epochs})",
     )
     p.add_argument(
         "--max-test-per-user",
@@ -676,13 +643,14 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--device",
         default="cpu",
-        help="torch device of training and evaluation: cpu, cuda, cuda:N (default: cpu)",
+        help="torch device of the evaluation: cpu, cuda, cuda:N (default: cpu; training "
+        "runs on the CPU)",
     )
     p.add_argument(
         "--no-compile",
         action="store_true",
-        help="run eagerly instead of through torch.compile (no compile warm-up, slower on a "
-        "long CPU run; its gain on a GPU is not measured)",
+        help="evaluate eagerly instead of through torch.compile (no compile warm-up, slower "
+        "on a long CPU run; its gain on a GPU is not measured)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside the stages")
     p.add_argument(

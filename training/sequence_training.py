@@ -7,22 +7,50 @@ it. The last ``val_per_user`` ratings of each user are the validation slice (nev
 they are scored with the layout the simulator uses (``history`` events, then the window), and
 choose the step to keep (the lowest validation RMSE: the adapters overfit within a few epochs).
 The prior alone is scored on the same slice, so what the SLM adds is measured while it trains.
+
+This is the shipped recipe: ``persona-gym train --artifacts DIR`` with its defaults
+(:class:`SequenceTrainConfig` and :func:`sequence_prompt`) reads what ``persona-gym distill`` and
+``persona-gym personas`` wrote into DIR and writes the adapters and the manifest.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import resource
+import shutil
+import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from persona_gym.artifacts import Artifacts, load_artifacts
+from persona_gym.artifacts import (
+    ArtifactsError,
+    load_personas,
+    load_tables,
+    prepare_stage,
+    tables_digest,
+    training_users,
+    write_manifest,
+)
+from persona_gym.artifacts.manifest import MANIFEST
+from persona_gym.assets import DEFAULT_SLM, model_source, resolve_model
+from persona_gym.collaborative import (
+    CF_FILE,
+    CollaborativeModel,
+    load_collaborative,
+    persona_tastes,
+    taste_axes,
+)
+from persona_gym.errors import ConfigError
 from persona_gym.memory import logged_history
+from persona_gym.prompt_config import PromptConfig
 from persona_gym.rating_prior import RatingPrior, fit_rating_prior
 from persona_gym.ratings import RATING_VALUES
 from persona_gym.simulator.sequence import SequenceLM, SequenceTokens, UserSequence
@@ -39,7 +67,7 @@ class SequenceTrainConfig:
         window: events after the prefix that a step shows (``k``).
         chunk: events per training sequence.
         min_context: events before the first trained rating of a chunk.
-        rank / alpha / dropout: the LoRA adapters (every linear layer of every block).
+        rank, alpha, dropout: the LoRA adapters (every linear layer of every block).
         learning_rate: AdamW, linear warm-up over the first 10% of steps, then constant.
         epochs: passes over the training chunks (early stopping keeps the best step).
         batch: chunks per optimiser step.
@@ -68,14 +96,59 @@ class SequenceTrainConfig:
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _sequences(artifacts: Artifacts, users: list[int], adapter: str) -> dict[int, UserSequence]:
-    collaborative = artifacts.require_collaborative()
+PERSONA_TASTE = 0.75  # the shipped share of a user's collaborative taste their persona owns
+
+
+@dataclass
+class SequenceInputs:
+    """What the trainer reads from a directory written by ``persona-gym distill`` and
+    ``persona-gym personas`` (no manifest needed): the logged ratings, the item features, the
+    collaborative model, the personas, and the collaborative taste each training user is
+    predicted with (their own moved toward their persona's, ``PromptConfig.persona_taste``)."""
+
+    memories: pd.DataFrame
+    item_embeddings: np.ndarray
+    collaborative: CollaborativeModel
+    user_persona: dict[int, int]
+    users: list[int]  # the adapters' training users (the protocol users of split.json)
+    tastes: dict[int, np.ndarray | None]
+
+    @classmethod
+    def load(cls, root: str | Path, persona_taste: float = PERSONA_TASTE) -> SequenceInputs:
+        root = Path(root)
+        _, profiles, memories, item_embeddings = load_tables(root)
+        if not (root / CF_FILE).exists():
+            raise ArtifactsError(
+                f"{root / CF_FILE} not found: the sequence user model reads the collaborative "
+                f"model; re-run `persona-gym distill --out {root} --force` with this version"
+            )
+        collaborative = load_collaborative(root / CF_FILE)
+        user_persona = load_personas(root)
+        users = [u for u in training_users(root, profiles) if u in user_persona]
+        tastes: dict[int, np.ndarray | None] = dict.fromkeys(users)
+        if persona_taste:
+            means = persona_tastes(collaborative, user_persona, users)
+            axes = taste_axes(means)
+            tastes = {
+                u: collaborative.taste_of(u, means[user_persona[u]], persona_taste, axes)
+                for u in users
+            }
+        return cls(memories, item_embeddings, collaborative, user_persona, users, tastes)
+
+    def personas(self) -> dict[str, list[int]]:
+        """``{adapter name: its training users}``, one adapter per persona."""
+        out: dict[str, list[int]] = {}
+        for user in self.users:
+            out.setdefault(f"persona-{self.user_persona[user]}", []).append(user)
+        return {name: sorted(out[name]) for name in sorted(out)}
+
+
+def _sequences(inputs: SequenceInputs, users: list[int]) -> dict[int, UserSequence]:
     out = {}
     for user in users:
-        history = logged_history(artifacts.memories, user)
-        taste = artifacts.taste(user, adapter)
-        predictions = collaborative.predict(
-            [user] * len(history), [x.item_index for x in history], taste
+        history = logged_history(inputs.memories, user)
+        predictions = inputs.collaborative.predict(
+            [user] * len(history), [x.item_index for x in history], inputs.tastes[user]
         )
         out[user] = UserSequence.of(history, predictions)
     return out
@@ -152,20 +225,30 @@ def _scores(logits: torch.Tensor, ratings: torch.Tensor) -> dict[str, float]:
 
 def train_sequence_adapter(
     name: str,
-    artifacts: Artifacts,
+    inputs: SequenceInputs,
     users: list[int],
     base: torch.nn.Module,
     tokenizer,
     config: SequenceTrainConfig,
     out: Path,
+    persona_taste: float = PERSONA_TASTE,
+    base_model: dict | None = None,
 ) -> dict:
-    """Train one persona adapter on ``users``' sequences; save it under ``out / name``."""
+    """Train one persona adapter on ``users``' sequences; save it under ``out / name``
+    (``persona_taste`` and the ``base_model``'s identity are recorded with it: a rerun reuses
+    it only for the same ones)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    seqs = _sequences(artifacts, users, name)
+    seqs = _sequences(inputs, users)
     train, val = _chunks(seqs, config), _val_chunks(seqs, config)
+    if not train:
+        raise ConfigError(
+            f"{name}: no training sequence: its {len(users)} users have at most "
+            f"min_context + val_per_user = {config.min_context + config.val_per_user} ratings; "
+            "lower --min-context or --val-per-user"
+        )
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -175,7 +258,7 @@ def train_sequence_adapter(
     )
     model = get_peft_model(base, lora, adapter_name=name)
     lm = SequenceLM(model, tokenizer)
-    features = np.c_[artifacts.item_embeddings, artifacts.require_collaborative().item_features()]
+    features = np.c_[inputs.item_embeddings, inputs.collaborative.item_features()]
     tokens = SequenceTokens.initial(features, lm, tokenizer)
     fit_targets = [c.seq for c in train]
     ratings_fit = np.concatenate([np.rint(s.ratings[config.min_context :]) for s in fit_targets])
@@ -258,6 +341,8 @@ def train_sequence_adapter(
     prior.save(folder)
     metrics = {
         "config": asdict(config),
+        "persona_taste": persona_taste,
+        "base_model": base_model,
         "best": best,
         "prior_alone": prior_only,
         "history": history,
@@ -285,7 +370,7 @@ def _restore(model, tokens, prior, state: dict) -> None:
     prior.load_state_dict(state["prior"])
 
 
-SEQUENCE_PROMPT = {
+SEQUENCE_PROMPT: dict[str, Any] = {
     "n_memories": 0,
     "use_profile": False,
     "crowd_cue": False,
@@ -298,82 +383,138 @@ SEQUENCE_PROMPT = {
 }
 
 
-def install_adapters(root: Path, trained: Path, config: SequenceTrainConfig, metrics: dict) -> None:
+def sequence_prompt(
+    config: SequenceTrainConfig, persona_taste: float = PERSONA_TASTE
+) -> PromptConfig:
+    """The prompt config of artifacts trained with ``config``: the sequence layout (its
+    ``history`` and ``window``), the collaborative cue and prior, ``persona_taste``."""
+    return PromptConfig(
+        **SEQUENCE_PROMPT,
+        window_size=config.window,
+        history=config.history,
+        persona_taste=persona_taste,
+    )
+
+
+def _same_run(root: Path, config: SequenceTrainConfig, prompt: PromptConfig, base: dict) -> bool:
+    """Whether ``root``'s manifest records sequence adapters of this config, prompt and base."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        return (
+            manifest["training"].get("sequence") == asdict(config)
+            and manifest["prompt"] == asdict(prompt)
+            and manifest["base_model"] == base
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def install_adapters(
+    root: Path,
+    trained: Path,
+    config: SequenceTrainConfig,
+    metrics: dict,
+    prompt: PromptConfig,
+    base_model: str,
+    run: dict | None = None,
+) -> dict:
     """Make the adapters trained under ``trained`` (one folder per name in ``metrics``) the
-    artifacts' adapters and re-seal the manifest with the sequence layout, this training's config
-    and its metrics."""
-    import shutil
-
-    from persona_gym.artifacts.manifest import read_manifest, seal_manifest
-
-    manifest = read_manifest(root)
+    artifacts' adapters and write the manifest (as ``persona-gym train`` does: base model,
+    dataset, protocol, tables, seeds, personas, adapters, the sequence prompt, this training's
+    config and its metrics); return it."""
     adapters = {}
     for name in sorted(metrics):
         target = root / "adapters" / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(trained / name, target)
         adapters[name] = f"adapters/{name}"
-    for rel in manifest["adapters"].values():
-        if (root / rel).exists() and rel not in adapters.values():
-            shutil.rmtree(root / rel)
-    prompt = {
-        **manifest["prompt"],
-        **SEQUENCE_PROMPT,
-        "window_size": config.window,
-        "history": config.history,
+    if (root / "adapters").is_dir():
+        for folder in (root / "adapters").iterdir():
+            if folder.is_dir() and folder.name not in metrics:
+                shutil.rmtree(folder)
+    split_path = root / "split.json"
+    split_info = json.loads(split_path.read_text()) if split_path.exists() else {}
+    personas: dict[str, list[int]] = defaultdict(list)
+    for user, p in sorted(load_personas(root).items()):
+        personas[str(p)].append(user)
+    manifest = {
+        "base_model": model_source(resolve_model(base_model)),
+        "dataset": split_info.get(
+            "dataset", split_info.get("params", {}).get("dataset", "unknown")
+        ),
+        "protocol": split_info,
+        "tables_sha256": tables_digest(root),
+        "seeds": {"training": config.seed},
+        "personas": dict(personas),
+        "adapters": adapters,
+        "prompt": asdict(prompt),
+        "training": {"base_model": base_model, "sequence": asdict(config)},
+        "metrics": {"adapters": metrics, **({"run": run} if run is not None else {})},
     }
-    manifest["adapters"] = adapters
-    manifest["prompt"] = prompt
-    manifest["training"] = {**manifest["training"], "sequence": asdict(config), "prompt": prompt}
-    manifest["metrics"] = {"adapters": metrics}
-    seal_manifest(root, manifest)
+    return write_manifest(root, manifest)
 
 
 def train_sequence(
-    root: str | Path, config: SequenceTrainConfig, base_model: str | None = None
+    root: str | Path,
+    config: SequenceTrainConfig | None = None,
+    base_model: str | None = None,
+    persona_taste: float = PERSONA_TASTE,
+    force: bool = False,
 ) -> dict[str, dict]:
-    """Train every persona adapter of artifacts ``root`` on its training users, then install
-    them (:func:`install_adapters`). Resumable: a persona whose adapter was already trained with
-    this config (under ``root/cache/sequence``) is not trained again."""
+    """Train every persona adapter of the directory ``root`` (written by ``persona-gym
+    distill`` and ``persona-gym personas``) on its training users, then install them and write
+    the manifest (:func:`install_adapters`). A directory with adapters of another run is
+    refused unless ``force``, which deletes them (and the evaluation) first. Resumable: a
+    persona whose adapter was already trained with this config, taste share and base model
+    (under ``root/cache/sequence``) is not trained again."""
     from persona_gym.assets import load_causal_lm
 
     root = Path(root)
-    artifacts = load_artifacts(root)
-    name = base_model or artifacts.manifest["training"]["base_model"]
+    config = config or SequenceTrainConfig()
+    name = base_model or DEFAULT_SLM
+    prompt = sequence_prompt(config, persona_taste)
+    started = time.perf_counter()
+    same_run = (root / MANIFEST).exists() and _same_run(
+        root, config, prompt, model_source(resolve_model(name))
+    )
+    prepare_stage(root, "train", force=force, same_run=same_run)
+    inputs = SequenceInputs.load(root, persona_taste)
+    base_id = model_source(resolve_model(name))
     base, tokenizer = load_causal_lm(name)
     for p in base.parameters():
         p.requires_grad_(False)
     staging = root / "cache" / "sequence"
-    personas: dict[str, list[int]] = {}
-    for user in artifacts.training_user_ids:
-        persona = artifacts.user_persona.get(int(user))
-        if persona is not None:
-            personas.setdefault(f"persona-{persona}", []).append(int(user))
     results = {}
-    for adapter in sorted(personas):
+    for adapter, users in inputs.personas().items():
         record = staging / adapter / "training.json"
-        if record.exists() and json.loads(record.read_text()).get("config") == asdict(config):
-            log.info("%s: already trained with this config (%s)", adapter, record)
-            results[adapter] = json.loads(record.read_text())
-            continue
+        if record.exists():
+            done = json.loads(record.read_text())
+            # records written before the taste share and base were recorded count as this run's
+            if (
+                done.get("config") == asdict(config)
+                and done.get("persona_taste", persona_taste) == persona_taste
+                and done.get("base_model", base_id) == base_id
+            ):
+                log.info("%s: already trained with this config (%s)", adapter, record)
+                results[adapter] = done
+                continue
         results[adapter] = train_sequence_adapter(
-            adapter, artifacts, sorted(personas[adapter]), base, tokenizer, config, staging
+            adapter, inputs, users, base, tokenizer, config, staging, persona_taste, base_id
         )
-    install_adapters(root, staging, config, results)
+    run = {
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "training_users": len(inputs.users),
+    }
+    install_adapters(root, staging, config, results, prompt, name, run)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--artifacts", required=True, help="artifacts directory (distilled, with personas)"
-    )
-    parser.add_argument("--epochs", type=int, default=SequenceTrainConfig.epochs)
-    parser.add_argument("--base-model", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train_sequence(args.artifacts, SequenceTrainConfig(epochs=args.epochs), args.base_model)
-    return 0
+    """``python -m training.sequence_training``: ``persona-gym train`` (its default recipe)."""
+    from persona_gym.cli import main as cli
+
+    return cli(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
 """Stage 3: fine-tune LoRA adapters that rate movies like the users of a persona.
 
 ``persona-gym train --artifacts DIR`` reads what ``distill`` and ``personas`` wrote into DIR and
-trains, with RAFT (retrieved ``Ml`` memories in every training prompt, as at inference):
+trains the shipped recipe: the sequence user model's persona adapters
+(``training/sequence_training.py``; its defaults are the shipped simulator's), then writes the
+manifest.
+
+``--preset paper`` trains the paper's configuration instead, with the block trainer below (what
+``make paper-table`` runs); the options of the block trainer apply under it only. It trains,
+with RAFT (retrieved ``Ml`` memories in every training prompt, as at inference):
 
 * ``persona``     one adapter per persona (θpersona), on its users' training interactions;
 * ``single-max``  one adapter for all users, sub-sampled per user to the largest persona's size;
@@ -58,7 +64,7 @@ from persona_gym.assets import (
     resolve_model,
 )
 from persona_gym.collaborative import CF_FILE, load_collaborative, persona_tastes, taste_axes
-from persona_gym.config_cli import field_help, plain
+from persona_gym.config_cli import plain
 from persona_gym.errors import ConfigError
 from persona_gym.io import atomic_write, atomic_write_json
 from persona_gym.rating_prior import fit_rating_prior
@@ -195,6 +201,8 @@ def _trained_with(root: Path, config: TrainConfig) -> bool:
     variants may be added to them)."""
     try:
         recorded = json.loads((root / "manifest.json").read_text())["training"]
+        if "sequence" in recorded:  # the shipped recipe's adapters, not the block trainer's
+            return False
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         return (
             TrainConfig(**{k: v for k, v in recorded.items() if k in names}).digest()
@@ -463,11 +471,78 @@ def train(
     return manifest
 
 
+PRESETS = ("shipped", "paper")
+
+# Options of one recipe only: (flag, dest). Given under the other, they are refused in one line.
+PAPER_ONLY = (
+    ("--variants", "variants"),
+    ("--target-modules", "target_modules"),
+    ("--lora-layers", "lora_layers"),
+    ("--blocks-per-sequence", "blocks_per_sequence"),
+    ("--max-examples-per-user", "max_examples_per_user"),
+    ("--memories", "memories"),
+    ("--no-profile", "no_profile"),
+    ("--max-tokens", "max_tokens"),
+    ("--item-tokens", "item_tokens"),
+    ("--cf-cue", "cf_cue"),
+    ("--surprise-cue", "surprise_cue"),
+    ("--cf-prior", "cf_prior"),
+    ("--cf-items", "cf_items"),
+    ("--patience", "patience"),
+    ("--checkpoint-every", "checkpoint_every"),
+    ("--item-learning-rate", "item_learning_rate"),
+    ("--lower-dtype", "lower_dtype"),
+    ("--device", "device"),
+    ("--workers", "workers"),
+    ("--no-progress", "no_progress"),
+    ("--no-compile", "no_compile"),
+)
+SHIPPED_ONLY = (("--history", "history"), ("--chunk", "chunk"), ("--min-context", "min_context"))
+
+
+def _shipped_defaults() -> dict:
+    """The shipped recipe's values of the options both recipes read."""
+    from training.sequence_training import PERSONA_TASTE, SequenceTrainConfig
+
+    d = SequenceTrainConfig()
+    return {
+        "learning_rate": d.learning_rate,
+        "epochs": d.epochs,
+        "batch": d.batch,
+        "val_per_user": d.val_per_user,
+        "eval_every": d.eval_every,
+        "window": d.window,
+        "persona_taste": PERSONA_TASTE,
+    }
+
+
+def _paper_defaults() -> dict:
+    """The paper preset's values of the options both recipes read (TrainConfig's defaults)."""
+    d = TrainConfig()
+    return {
+        "learning_rate": d.learning_rate,
+        "epochs": d.epochs,
+        "batch": d.batch_examples,
+        "val_per_user": d.val_per_user,
+        "eval_every": d.eval_every,
+        "window": d.prompt.window_size,
+        "persona_taste": d.prompt.persona_taste,
+    }
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    defaults = TrainConfig()
+    from training.sequence_training import SequenceTrainConfig
+
+    paper = TrainConfig()
+    shipped = SequenceTrainConfig()
+    both_shipped, both_paper = _shipped_defaults(), _paper_defaults()
+
+    def two(dest: str, text: str) -> str:
+        return f"{text} (default: {both_shipped[dest]}; --preset paper: {both_paper[dest]})"
+
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune persona LoRA adapters (stage 3)",
+        help="train the simulator's persona adapters (stage 3)",
         description=plain(__doc__ or ""),
         formatter_class=_HelpFormatter,
     )
@@ -477,187 +552,373 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="directory written by `persona-gym distill` and `persona-gym personas`",
     )
-    parser.add_argument("--variants", nargs="+", default=list(defaults.variants), choices=VARIANTS)
-    parser.add_argument("--base-model", default=defaults.base_model)
-    parser.add_argument("--rank", type=int, default=defaults.rank)
-    parser.add_argument("--alpha", type=int, default=defaults.alpha)
-    parser.add_argument("--dropout", type=float, default=defaults.dropout)
-    parser.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules))
     parser.add_argument(
-        "--lora-layers",
-        type=int,
-        default=defaults.lora_layers,
-        help="LoRA on the top N layers (0 = all)",
+        "--preset",
+        choices=PRESETS,
+        default="shipped",
+        help="shipped: the sequence user model of the shipped simulator "
+        "(training/sequence_training.py); paper: the paper's configuration (text prompts, "
+        "persona and single adapters, no collaborative signal; `make paper-table`)",
     )
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument(
+        "--base-model", default=paper.base_model, help="base SLM: alias, local folder or hub id"
+    )
+    parser.add_argument("--rank", type=int, default=shipped.rank, help="LoRA rank r")
+    parser.add_argument("--alpha", type=int, default=shipped.alpha, help="LoRA scaling alpha")
+    parser.add_argument("--dropout", type=float, default=shipped.dropout, help="LoRA dropout")
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help=two("learning_rate", "AdamW rate")
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=two("epochs", "passes over the training data")
+    )
     parser.add_argument(
         "--batch-size",
-        dest="batch_examples",
+        dest="batch",
         type=int,
-        default=defaults.batch_examples,
-        help="examples per optimizer step (train-agent's --batch-size)",
+        default=None,
+        help=two("batch", "sequences (paper: examples) per optimizer step"),
     )
     parser.add_argument(
-        "--blocks-per-sequence",
-        type=int,
-        default=defaults.blocks_per_sequence,
-        help="examples of one user packed behind one profile prefix",
-    )
-    parser.add_argument("--max-examples-per-user", type=int, default=defaults.max_examples_per_user)
-    parser.add_argument("--mse-weight", type=float, default=defaults.mse_weight)
-    parser.add_argument(
-        "--window",
-        type=int,
-        default=defaults.prompt.window_size,
-        help="short-term window size k (0 = none)",
-    )
-    parser.add_argument(
-        "--memories",
-        type=int,
-        default=defaults.prompt.n_memories,
-        help="retrieved Ml memories per prompt (0 = none)",
-    )
-    parser.add_argument("--no-profile", action="store_true", help="leave Ms out of the prompt")
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=defaults.prompt.max_tokens,
-        help="prompt budget in tokens; older memories are dropped first",
-    )
-    parser.add_argument(
-        "--item-tokens",
-        action="store_true",
-        help="compact prompts: each movie is one soft token projected from its "
-        "embedding, trained with each adapter (~3x fewer tokens per rating)",
-    )
-    parser.add_argument(
-        "--cf-cue",
-        action="store_true",
-        help="show the collaborative model's prediction next to the answer",
-    )
-    parser.add_argument(
-        "--surprise-cue",
-        action="store_true",
-        help="show how the window's ratings deviated from the collaborative predictions",
-    )
-    parser.add_argument(
-        "--cf-prior",
-        action="store_true",
-        help="add a learned Gaussian prior around the collaborative prediction to the "
-        "rating logits (needs --cf-cue)",
-    )
-    parser.add_argument(
-        "--persona-taste",
+        "--mse-weight",
         type=float,
-        default=defaults.prompt.persona_taste,
-        metavar="S",
-        help="share of each user's collaborative taste their persona adapter owns (0..1; "
-        "needs --cf-cue and --variants persona; personas clustered with --features taste)",
-    )
-    parser.add_argument(
-        "--cf-items",
-        action="store_true",
-        help="item tokens carry collaborative factors (needs --item-tokens)",
+        default=shipped.mse_weight,
+        help="weight of the expected rating's squared error beside the cross-entropy",
     )
     parser.add_argument(
         "--val-per-user",
         type=int,
-        default=defaults.val_per_user,
-        help="the last N training interactions of each user form the validation slice",
-    )
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    parser.add_argument("--patience", type=int, default=defaults.patience)
-    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    parser.add_argument("--item-learning-rate", type=float, default=defaults.item_learning_rate)
-    parser.add_argument(
-        "--lower-dtype",
-        default=defaults.lower_dtype,
-        choices=["auto", "float32", "bfloat16"],
-        help="dtype of the one-off frozen-layer pass (auto: bfloat16 where the hardware has it)",
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument(
-        "--device", default="cpu", help="torch device of the training (cpu, cuda, cuda:N)"
+        default=None,
+        help=two("val_per_user", "each user's last N training ratings form the validation slice"),
     )
     parser.add_argument(
-        "--workers",
+        "--eval-every",
         type=int,
-        default=1,
-        metavar="N",
-        help="train the adapters in N processes, the adapters split over them (at "
-        "most one per adapter to train); each runs its share of the torch "
-        "threads (this process's // N). The adapters and metrics are those of one "
-        "process; a killed run resumes with any N",
+        default=None,
+        help=two("eval_every", "optimizer steps between validation passes"),
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--window", type=int, default=None, help=two("window", "short-term window size k")
+    )
+    parser.add_argument(
+        "--persona-taste",
+        type=float,
+        default=None,
+        metavar="S",
+        help=two(
+            "persona_taste",
+            "share of each user's collaborative taste their persona adapter owns (0..1)",
+        ),
+    )
+    parser.add_argument(
+        "--seed", type=int, default=shipped.seed, help="data order and adapter initialisation"
+    )
     parser.add_argument(
         "--force",
         action="store_true",
         help="replace adapters trained with another config (and their evaluation)",
     )
-    parser.add_argument(
+    seq = parser.add_argument_group("the shipped recipe only (the sequence user model)")
+    seq.add_argument(
+        "--history",
+        type=int,
+        default=None,
+        help=f"logged events in each user's static prefix (default: {shipped.history})",
+    )
+    seq.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help=f"events per training sequence (default: {shipped.chunk})",
+    )
+    seq.add_argument(
+        "--min-context",
+        type=int,
+        default=None,
+        help=f"events before the first trained rating of a sequence (default: "
+        f"{shipped.min_context})",
+    )
+    block = parser.add_argument_group(
+        "--preset paper only (the block trainer: text prompts, LoRA on the top layers)"
+    )
+    block.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=VARIANTS,
+        help=f"adapter sets to train (default: {' '.join(paper.variants)})",
+    )
+    block.add_argument("--target-modules", nargs="+", default=None, help="linear layers with LoRA")
+    block.add_argument(
+        "--lora-layers",
+        type=int,
+        default=None,
+        help=f"LoRA on the top N layers, 0 = all (default: {paper.lora_layers})",
+    )
+    block.add_argument(
+        "--blocks-per-sequence",
+        type=int,
+        default=None,
+        help=f"examples of one user packed behind one profile prefix (default: "
+        f"{paper.blocks_per_sequence})",
+    )
+    block.add_argument(
+        "--max-examples-per-user",
+        type=int,
+        default=None,
+        help=f"each user's most recent N training interactions, 0 = all (default: "
+        f"{paper.max_examples_per_user})",
+    )
+    block.add_argument(
+        "--memories",
+        type=int,
+        default=None,
+        help=f"retrieved Ml memories per prompt, 0 = none (default: {paper.prompt.n_memories})",
+    )
+    block.add_argument(
+        "--no-profile", action="store_true", default=None, help="leave Ms out of the prompt"
+    )
+    block.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help=f"prompt budget in tokens; older memories are dropped first (default: "
+        f"{paper.prompt.max_tokens})",
+    )
+    block.add_argument(
+        "--item-tokens",
+        action="store_true",
+        default=None,
+        help="compact prompts: each movie is one soft token projected from its embedding",
+    )
+    block.add_argument(
+        "--cf-cue",
+        action="store_true",
+        default=None,
+        help="show the collaborative model's prediction next to the answer",
+    )
+    block.add_argument(
+        "--surprise-cue",
+        action="store_true",
+        default=None,
+        help="show how the window's ratings deviated from the collaborative predictions",
+    )
+    block.add_argument(
+        "--cf-prior",
+        action="store_true",
+        default=None,
+        help="a learned Gaussian prior around the collaborative prediction (needs --cf-cue)",
+    )
+    block.add_argument(
+        "--cf-items",
+        action="store_true",
+        default=None,
+        help="item tokens carry collaborative factors (needs --item-tokens)",
+    )
+    block.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help=f"validation passes without improvement before stopping (default: {paper.patience})",
+    )
+    block.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help=f"steps between checkpoints (default: {paper.checkpoint_every})",
+    )
+    block.add_argument(
+        "--item-learning-rate",
+        type=float,
+        default=None,
+        help=f"learning rate of the item projection (default: {paper.item_learning_rate})",
+    )
+    block.add_argument(
+        "--lower-dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16"],
+        help="dtype of the one-off frozen-layer pass (default: auto, bfloat16 where the "
+        "hardware has it)",
+    )
+    block.add_argument(
+        "--device", default=None, help="torch device: cpu, cuda, cuda:N (default: cpu)"
+    )
+    block.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train the adapters in N processes, each with its share of the torch threads; "
+        "a killed run resumes with any N (default: 1)",
+    )
+    block.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
+    block.add_argument(
         "--no-compile",
         action="store_true",
-        help="run eagerly instead of through torch.compile (slower, no warm-up)",
+        default=None,
+        help="run eagerly instead of through torch.compile",
     )
-    helps = field_help(TrainConfig)
-    for (
-        action
-    ) in parser._actions:  # the rest of the flags: their TrainConfig field's docstring line
-        if action.help is None and action.dest in helps:
-            action.help = plain(helps[action.dest]).replace("%", "%%")
     parser.set_defaults(func=_run)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default."""
+    """The module docstring as written, and every flag's default (where it has one for both
+    recipes; the others name theirs)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, argparse._StoreTrueAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _refuse_other_recipe(args: argparse.Namespace) -> None:
+    """One line naming the given options that the chosen recipe does not read."""
+    if args.preset == "paper":
+        given, recipe = [f for f, d in SHIPPED_ONLY if getattr(args, d) is not None], "shipped"
+        fix = "drop them (the paper preset is the block trainer)"
+    else:
+        given, recipe = [f for f, d in PAPER_ONLY if getattr(args, d) is not None], "paper"
+        fix = "drop them, or add --preset paper (the default recipe is the sequence user model)"
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of the "
+            f"{recipe} recipe only; {fix}"
+        )
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.preset == "paper":
+        return _run_paper(args)
+    return _run_shipped(args)
+
+
+def _given(args: argparse.Namespace, dest: str, default):
+    value = getattr(args, dest)
+    return default if value is None else value
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the chosen recipe's defaults for what was not given (after refusing the
+    other recipe's options)."""
+    _refuse_other_recipe(args)
+    defaults = _paper_defaults() if args.preset == "paper" else _shipped_defaults()
+    args = argparse.Namespace(**vars(args))
+    for dest, value in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    return args
+
+
+def shipped_config(args: argparse.Namespace):
+    """The :class:`~training.sequence_training.SequenceTrainConfig` and persona taste share of
+    parsed ``persona-gym train`` options (the default recipe)."""
+    from training.sequence_training import SequenceTrainConfig
+
+    args = _resolve(args)
+    shipped = SequenceTrainConfig()
+    config = SequenceTrainConfig(
+        history=shipped.history if args.history is None else args.history,
+        window=args.window,
+        chunk=shipped.chunk if args.chunk is None else args.chunk,
+        min_context=shipped.min_context if args.min_context is None else args.min_context,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        learning_rate=args.learning_rate,
+        epochs=args.epochs,
+        batch=args.batch,
+        mse_weight=args.mse_weight,
+        val_per_user=args.val_per_user,
+        eval_every=args.eval_every,
+        seed=args.seed,
+    )
+    for name in ("history", "window", "chunk", "rank", "alpha", "epochs", "batch", "eval_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
+            )
+    if not 0 <= config.min_context < config.chunk:
+        raise ConfigError(
+            f"--min-context must be in [0, --chunk), got {config.min_context} (chunk {config.chunk})"
+        )
+    if not 0.0 <= args.persona_taste <= 1.0:
+        raise ConfigError(f"--persona-taste must be in [0, 1], got {args.persona_taste}")
+    return config, args.persona_taste
+
+
+def _run_shipped(args: argparse.Namespace) -> int:
+    """The shipped recipe: the sequence user model's persona adapters."""
+    from training.sequence_training import train_sequence
+
+    config, persona_taste = shipped_config(args)
+    results = train_sequence(args.artifacts, config, args.base_model, persona_taste, args.force)
+    for name, m in results.items():
+        print(
+            f"{name:>14}: {m['train_chunks']:5d} sequences, {m['steps']:4d} steps, "
+            f"val RMSE {m['best']['rmse']:.4f} (prior alone {m['prior_alone']['rmse']:.4f})"
+        )
+    manifest = json.loads((Path(args.artifacts) / "manifest.json").read_text())
+    print(json.dumps(manifest["metrics"]["run"]))
+    print(json.dumps(library_versions()))
+    return 0
+
+
+def paper_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``persona-gym train --preset paper`` options (its
+    defaults: the paper's configuration)."""
+    args = _resolve(args)
+    paper = TrainConfig()
     prompt = PromptConfig(
         window_size=args.window,
-        n_memories=args.memories,
+        n_memories=paper.prompt.n_memories if args.memories is None else args.memories,
         use_profile=not args.no_profile,
-        max_tokens=args.max_tokens,
-        item_tokens=args.item_tokens,
-        cf_cue=args.cf_cue,
-        surprise_cue=args.surprise_cue,
-        cf_items=args.cf_items,
-        cf_prior=args.cf_prior,
+        max_tokens=paper.prompt.max_tokens if args.max_tokens is None else args.max_tokens,
+        item_tokens=bool(args.item_tokens),
+        cf_cue=bool(args.cf_cue),
+        surprise_cue=bool(args.surprise_cue),
+        cf_items=bool(args.cf_items),
+        cf_prior=bool(args.cf_prior),
         persona_taste=args.persona_taste,
     )
+
     config = TrainConfig(
-        variants=tuple(args.variants),
+        variants=tuple(_given(args, "variants", paper.variants)),
         base_model=args.base_model,
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
-        target_modules=tuple(args.target_modules),
-        lora_layers=args.lora_layers,
+        target_modules=tuple(_given(args, "target_modules", paper.target_modules)),
+        lora_layers=_given(args, "lora_layers", paper.lora_layers),
         learning_rate=args.learning_rate,
         epochs=args.epochs,
-        batch_examples=args.batch_examples,
-        max_examples_per_user=args.max_examples_per_user,
+        batch_examples=args.batch,
+        max_examples_per_user=_given(args, "max_examples_per_user", paper.max_examples_per_user),
         mse_weight=args.mse_weight,
         seed=args.seed,
         prompt=prompt,
-        item_learning_rate=args.item_learning_rate,
+        item_learning_rate=_given(args, "item_learning_rate", paper.item_learning_rate),
         val_per_user=args.val_per_user,
-        lower_dtype=args.lower_dtype,
-        blocks_per_sequence=args.blocks_per_sequence,
+        lower_dtype=_given(args, "lower_dtype", paper.lower_dtype),
+        blocks_per_sequence=_given(args, "blocks_per_sequence", paper.blocks_per_sequence),
         eval_every=args.eval_every,
-        patience=args.patience,
-        checkpoint_every=args.checkpoint_every,
+        patience=_given(args, "patience", paper.patience),
+        checkpoint_every=_given(args, "checkpoint_every", paper.checkpoint_every),
     )
+    return config
+
+
+def _run_paper(args: argparse.Namespace) -> int:
+    """``--preset paper``: the block trainer (:func:`train`)."""
+    config = paper_config(args)
+
     manifest = train(
         args.artifacts,
         config,
-        device=args.device,
+        device=_given(args, "device", "cpu"),
         progress=not args.no_progress,
         compile=not args.no_compile,
         force=args.force,
-        workers=args.workers,
+        workers=_given(args, "workers", 1),
     )
     for name, m in manifest["metrics"]["adapters"].items():
         print(

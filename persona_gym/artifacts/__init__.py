@@ -224,7 +224,7 @@ class Artifacts:
             raise ArtifactsError(
                 f"{self.root / MANIFEST} has no adapter {missing[:3]} for {len(lost)} of the "
                 f"{len(users)} users (e.g. {lost[:5]}) under variant={variant!r}; train them with "
-                f"`persona-gym train --artifacts {self.root} --variants {variants}`"
+                f"`persona-gym train --artifacts {self.root} --preset paper --variants {variants}`"
             )
 
 

@@ -121,7 +121,7 @@ class RatingModel:
             if missing:
                 raise ValueError(
                     f"the prompt uses {what} but adapters {missing} have no {file}: "
-                    f"train them with `persona-gym train {flag}`"
+                    f"train them with `persona-gym train --preset paper {flag}`"
                 )
         self.max_batch_tokens = max_batch_tokens
         self.cache = PrefixCache(max_cache_bytes)
@@ -165,7 +165,7 @@ class RatingModel:
             if self.builder.config.item_tokens and adapter not in self.item_tokens:
                 raise ValueError(
                     f"adapter {adapter!r} has no item projection: item-token prompts "
-                    "need adapters trained with `persona-gym train --item-tokens`"
+                    "need adapters trained with `persona-gym train --preset paper --item-tokens`"
                 )
             self.layered.items = self.item_tokens.get(adapter)
             with self._adapter_context(adapter):
@@ -195,7 +195,7 @@ class RatingModel:
                 if adapter not in self.priors:
                     raise ValueError(
                         f"adapter {adapter!r} has no collaborative prior: prompts with "
-                        "cf_prior need adapters trained with `persona-gym train --cf-prior`"
+                        "cf_prior need adapters trained with `persona-gym train --preset paper --cf-prior`"
                     )
                 positions = [i for i, _, _ in items]
                 predictions = torch.tensor([requests[i].cf_prediction for i in positions])

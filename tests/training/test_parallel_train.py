@@ -111,6 +111,8 @@ def test_bad_worker_counts_get_one_line(artifacts, tiny_base, capsys):
             "train",
             "--artifacts",
             str(artifacts),
+            "--preset",
+            "paper",
             "--base-model",
             tiny_base,
             "--workers",
