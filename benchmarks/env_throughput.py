@@ -19,9 +19,9 @@ def env_throughput(
     rater: str = "slm",
     sizes: tuple[int, ...] = (1, 16, 64),
 ) -> dict:
-    """Env steps/s of ``make_vec(n)`` for each of ``sizes`` on real artifacts, after ``warmup``
-    env steps (compiled graphs and cached prefixes are built on first use); ``rater="prior"``:
-    the collaborative prior alone, no model tokens."""
+    """Env steps/s of ``make_vec(n)`` for each of ``sizes`` on real artifacts, in the steady
+    state: after every user was rated once (the per-user prefix each design caches) and
+    ``warmup`` env steps; ``rater="prior"``: the collaborative prior alone, no model tokens."""
     import gymnasium as gym
 
     import persona_gym  # noqa: F401  (registers the ids)
@@ -37,7 +37,16 @@ def env_throughput(
             compile=compile,
             rater=rater,
         )
-        rating_model = getattr(env.unwrapped.core.rater, "model", None)
+        rater = env.unwrapped.core.rater
+        rating_model = getattr(rater, "model", None)
+        # warm-up: every user rated once (what a user costs once per process, its cached prefix,
+        # is not a per-step cost), then some steps (kernels, allocator)
+        users = list(rater.user_ids)
+        for first in range(0, len(users), 64):
+            part = users[first : first + 64]
+            rater.rate(
+                part, [0] * len(part), [rater.history(u)[-rater.window_size :] for u in part]
+            )
         rng = np.random.default_rng(seed)
         env.reset(seed=seed)
         for _ in range(max(1, warmup // n_envs)):  # warm-up: every persona's kernels compiled

@@ -170,6 +170,9 @@ PREFIX_CACHE = 512  # prefixes kept as keys/values (one per user, adapter and wi
 class SequenceRatingModel:
     """Scores rating requests with the sequence layout (module docstring): the local engine.
 
+    Each persona adapter is merged into its own copy of the base model's weights at load (no
+    LoRA layers and no adapter switching per call: the same numbers within float rounding).
+
     Args:
         model: the base LM wrapped in a ``PeftModel`` holding the persona adapters.
         tokenizer: its tokenizer (the head text and the rating digits).
@@ -179,15 +182,14 @@ class SequenceRatingModel:
     """
 
     def __init__(self, model, tokenizer, builder, artifacts, tokens: dict, priors: dict):
-        self.model = model
         self.builder = builder
         self.artifacts = artifacts
         self.tokens = tokens
         self.priors = priors
         self.history_size = builder.config.history
         self.window_size = builder.config.window_size
-        self.lm = SequenceLM(model, tokenizer)
-        self.body = self.lm.body
+        self.lms = {name: SequenceLM(merged(model, name), tokenizer) for name in tokens}
+        self.lm = next(iter(self.lms.values()))  # the head text and LM head: the base model's
         self.head = self.lm.head
         self._prefixes: dict[tuple, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._histories: dict[int, tuple[Interaction, ...]] = {}
@@ -206,7 +208,7 @@ class SequenceRatingModel:
 
     @property
     def adapters(self) -> list[str]:
-        return sorted(getattr(self.model, "peft_config", {}).keys())
+        return sorted(self.lms)
 
     def history(self, user_id: int) -> tuple[Interaction, ...]:
         """The user's time-ordered logged interactions (read once)."""
@@ -247,8 +249,8 @@ class SequenceRatingModel:
             torch.cat([self._sequence(user, adapter, window).embed(tokens), candidate]),
         )
 
-    def _prefix_kvs(self, wanted: dict[tuple, torch.Tensor]) -> dict[tuple, tuple]:
-        """The keys/values of the ``{key: embeddings}`` prefixes (their adapter active): the
+    def _prefix_kvs(self, adapter: str, wanted: dict[tuple, torch.Tensor]) -> dict[tuple, tuple]:
+        """The keys/values of the ``{key: embeddings}`` prefixes of ``adapter``'s users: the
         cached ones, the others computed in batches of equal length and cached."""
         found = {key: self._prefixes[key] for key in wanted if key in self._prefixes}
         missing: dict[int, list[tuple]] = {}
@@ -257,7 +259,7 @@ class SequenceRatingModel:
                 missing.setdefault(len(embeds), []).append(key)
         for keys in missing.values():
             embeds = torch.stack([wanted[k] for k in keys])
-            cache = self.body(inputs_embeds=embeds, use_cache=True).cache
+            cache = self.lms[adapter].body(inputs_embeds=embeds, use_cache=True).cache
             self.tokens_processed += embeds.shape[0] * embeds.shape[1]
             for row, key in enumerate(keys):
                 if len(self._prefixes) >= PREFIX_CACHE:
@@ -296,8 +298,7 @@ class SequenceRatingModel:
             states.setdefault((*key, tuple(request.window)), []).append(i)
         kvs: dict[tuple, tuple] = {}
         for adapter, wanted in prefixes.items():
-            self.model.set_adapter(adapter)
-            kvs.update(self._prefix_kvs(wanted))
+            kvs.update(self._prefix_kvs(adapter, wanted))
         hidden = torch.empty((len(requests), self.head.shape[1]))
         # states with one candidate: window and candidate in one forward on the prefix
         singles: dict[tuple, list[int]] = {}
@@ -309,22 +310,20 @@ class SequenceRatingModel:
             else:
                 shared.setdefault((state[1], length, len(blocks[index[0]]) - 1), []).append(state)
         for (adapter, length), index in singles.items():
-            self.model.set_adapter(adapter)
             longest = max(len(blocks[i]) for i in index)
             embeds = torch.zeros(len(index), longest, self.head.shape[1])
             for row, i in enumerate(index):
                 embeds[row, : len(blocks[i])] = blocks[i]  # right padding: never attended to
             key_of = [(requests[i].user_id, adapter) for i in index]
-            out = self._run(embeds, [kvs[k] for k in key_of], length)[0]
+            out = self._run(adapter, embeds, [kvs[k] for k in key_of], length)[0]
             ends = torch.as_tensor([len(blocks[i]) - 1 for i in index])
             hidden[torch.as_tensor(index)] = out[torch.arange(len(index)), ends]
         # states ranked for several candidates: the state once, then one token per candidate
         for (adapter, length, n_window), group in shared.items():
-            self.model.set_adapter(adapter)
             state_kvs = [kvs[state[:2]] for state in group]
             if n_window:
                 window = torch.stack([blocks[states[state][0]][:-1] for state in group])
-                cache = self._run(window, state_kvs, length)[1]
+                cache = self._run(adapter, window, state_kvs, length)[1]
                 state_kvs = [
                     tuple(
                         (layer.keys[r : r + 1], layer.values[r : r + 1]) for layer in cache.layers
@@ -333,7 +332,9 @@ class SequenceRatingModel:
                 ]
             rows = [(r, i) for r, state in enumerate(group) for i in states[state]]
             candidates = torch.stack([blocks[i][-1] for _, i in rows])[:, None]  # (N, 1, H)
-            out = self._run(candidates, [state_kvs[r] for r, _ in rows], length + n_window)[0]
+            out = self._run(
+                adapter, candidates, [state_kvs[r] for r, _ in rows], length + n_window
+            )[0]
             hidden[torch.as_tensor([i for _, i in rows])] = out[:, -1]
         logits = torch.empty((len(requests), 5), dtype=torch.float32)
         adapters = [r.adapter for r in requests]
@@ -353,9 +354,9 @@ class SequenceRatingModel:
             logits[rows_] = self.priors[adapter](self.lm.logits(hidden[rows_]), predictions, zeros)
         return logits
 
-    def _run(self, embeds: torch.Tensor, kvs: list[tuple], length: int):
-        """The decoder on ``(B, T, H)`` input embeddings after the ``B`` cached sequences
-        ``kvs`` (each ``length`` tokens): last hidden states and the extended cache."""
+    def _run(self, adapter: str, embeds: torch.Tensor, kvs: list[tuple], length: int):
+        """``adapter``'s decoder on ``(B, T, H)`` input embeddings after the ``B`` cached
+        sequences ``kvs`` (each ``length`` tokens): last hidden states and the extended cache."""
         from transformers import DynamicCache
 
         layers = [
@@ -363,11 +364,20 @@ class SequenceRatingModel:
             for j in range(len(kvs[0]))
         ]
         positions = torch.arange(length, length + embeds.shape[1])[None].expand(len(kvs), -1)
-        out = self.body(
+        out = self.lms[adapter].body(
             inputs_embeds=embeds, cache=DynamicCache(layers), position_ids=positions, use_cache=True
         )
         self.tokens_processed += embeds.shape[0] * embeds.shape[1]
         return out.last_hidden_state, out.cache
+
+
+def merged(model, adapter: str) -> torch.nn.Module:
+    """A copy of the base model with ``adapter``'s LoRA weights merged in (``model``: a peft
+    model holding it; left unchanged)."""
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).merge_and_unload(adapter_names=[adapter]).eval()
 
 
 def _length(kv: tuple) -> int:

@@ -60,15 +60,29 @@ def simulator(seq_artifacts, tiny_base):
     return UserSimulator.load(seq_artifacts, base_model=tiny_base, dtype="float32")
 
 
-def _full_forward(sim, user, candidate, window) -> np.ndarray:
-    """The rating distribution from ONE forward pass over prefix + block (no cache)."""
+@pytest.fixture(scope="module")
+def lora_lm(simulator, tiny_base):
+    """The LM with the LoRA adapters unmerged (peft), apart from the engine's merged copies."""
+    from persona_gym.simulator.sequence import SequenceLM
+    from persona_gym.simulator.simulator import load_model
+
+    artifacts = simulator.artifacts
+    peft_model, tokenizer = load_model(
+        artifacts, artifacts.adapter_dirs, tiny_base, dtype="float32"
+    )
+    return SequenceLM(peft_model, tokenizer)
+
+
+def _full_forward(sim, lm, user, candidate, window) -> np.ndarray:
+    """The rating distribution from ONE forward pass over prefix + block, through the unmerged
+    LoRA adapter (no cache, no merged weights)."""
     model = sim.model
     request = sim.request(user, candidate, window)
     prefix, block = model.embeddings(request)
-    model.model.set_adapter(request.adapter)
+    lm.model.set_adapter(request.adapter)
     with torch.no_grad():
-        hidden = model.body(inputs_embeds=torch.cat([prefix, block])[None]).last_hidden_state
-        logits = model.lm.logits(hidden[0, -1:])
+        hidden = lm.body(inputs_embeds=torch.cat([prefix, block])[None]).last_hidden_state
+        logits = lm.logits(hidden[0, -1:])
         prediction = torch.tensor(request.cf_prediction, dtype=torch.float32)[None]
         logits = model.priors[request.adapter](logits, prediction, torch.zeros(1))
     return logits.softmax(-1).double().numpy()[0]
@@ -83,7 +97,7 @@ def test_the_artifacts_are_sequence_users(seq_artifacts, simulator):
     assert sorted(simulator.model.adapters) == ["persona-0", "persona-1"]
 
 
-def test_cached_scores_equal_one_full_forward(simulator):
+def test_cached_scores_equal_one_full_forward(simulator, lora_lm):
     user = simulator.user_ids[0]
     history = simulator.history(user)
     episode = (Interaction(history[0].item_index, 5.0, history[-1].timestamp + 1),)
@@ -94,7 +108,7 @@ def test_cached_scores_equal_one_full_forward(simulator):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
     for row, window in enumerate(windows):
         np.testing.assert_allclose(
-            probs[row], _full_forward(simulator, user, candidates[row], window), atol=1e-5
+            probs[row], _full_forward(simulator, lora_lm, user, candidates[row], window), atol=1e-5
         )
     one_by_one = np.vstack(
         [simulator.rate([u], [c], [w]) for u, c, w in zip(users, candidates, windows, strict=True)]
