@@ -37,8 +37,8 @@ def env_throughput(
             compile=compile,
             rater=rater,
         )
-        rater = env.unwrapped.core.rater
-        rating_model = getattr(rater, "model", None)
+        users_model = env.unwrapped.core.rater
+        rating_model = getattr(users_model, "model", None)
         # warm-up: every user rated once (what a user costs once per process, its cached prefix,
         # is not a per-step cost), then some steps (kernels, allocator)
         users = list(rater.user_ids)
