@@ -164,7 +164,8 @@ class UserSequence:
         return torch.stack([items, rated], dim=1).reshape(-1, items.shape[-1])
 
 
-PREFIX_CACHE = 512  # prefixes kept as keys/values (one per user, adapter and window start)
+PREFIX_CACHE = 512  # prefixes kept as keys/values (one per user and adapter)
+ROWS_PER_FORWARD = 256  # rows batched in one forward: each holds a copy of its cached prefix
 
 
 class SequenceRatingModel:
@@ -309,15 +310,17 @@ class SequenceRatingModel:
                 singles.setdefault((state[1], length), []).append(index[0])
             else:
                 shared.setdefault((state[1], length, len(blocks[index[0]]) - 1), []).append(state)
-        for (adapter, length), index in singles.items():
-            longest = max(len(blocks[i]) for i in index)
-            embeds = torch.zeros(len(index), longest, self.head.shape[1])
-            for row, i in enumerate(index):
-                embeds[row, : len(blocks[i])] = blocks[i]  # right padding: never attended to
-            key_of = [(requests[i].user_id, adapter) for i in index]
-            out = self._run(adapter, embeds, [kvs[k] for k in key_of], length)[0]
-            ends = torch.as_tensor([len(blocks[i]) - 1 for i in index])
-            hidden[torch.as_tensor(index)] = out[torch.arange(len(index)), ends]
+        for (adapter, length), every in singles.items():
+            for first in range(0, len(every), ROWS_PER_FORWARD):  # each row copies its prefix
+                index = every[first : first + ROWS_PER_FORWARD]
+                longest = max(len(blocks[i]) for i in index)
+                embeds = torch.zeros(len(index), longest, self.head.shape[1])
+                for row, i in enumerate(index):
+                    embeds[row, : len(blocks[i])] = blocks[i]  # right padding: never attended to
+                key_of = [(requests[i].user_id, adapter) for i in index]
+                out = self._run(adapter, embeds, [kvs[k] for k in key_of], length)[0]
+                ends = torch.as_tensor([len(blocks[i]) - 1 for i in index])
+                hidden[torch.as_tensor(index)] = out[torch.arange(len(index)), ends]
         # states ranked for several candidates: the state once, then one token per candidate
         for (adapter, length, n_window), group in shared.items():
             state_kvs = [kvs[state[:2]] for state in group]
@@ -331,11 +334,13 @@ class SequenceRatingModel:
                     for r in range(len(group))
                 ]
             rows = [(r, i) for r, state in enumerate(group) for i in states[state]]
-            candidates = torch.stack([blocks[i][-1] for _, i in rows])[:, None]  # (N, 1, H)
-            out = self._run(
-                adapter, candidates, [state_kvs[r] for r, _ in rows], length + n_window
-            )[0]
-            hidden[torch.as_tensor([i for _, i in rows])] = out[:, -1]
+            for first in range(0, len(rows), ROWS_PER_FORWARD):  # each row copies its state
+                part = rows[first : first + ROWS_PER_FORWARD]
+                candidates = torch.stack([blocks[i][-1] for _, i in part])[:, None]  # (N, 1, H)
+                out = self._run(
+                    adapter, candidates, [state_kvs[r] for r, _ in part], length + n_window
+                )[0]
+                hidden[torch.as_tensor([i for _, i in part])] = out[:, -1]
         logits = torch.empty((len(requests), 5), dtype=torch.float32)
         adapters = [r.adapter for r in requests]
         for adapter in set(adapters):
