@@ -138,7 +138,7 @@ def sequential_study(simulator, data, k: int = 3, chunk: int = 256, n_boot: int 
         }
     out["ratio"] = {
         name: {
-            effect: out[name][effect]["slope"] / out["real"][effect]["slope"]
+            effect: _ratio(out[name][effect]["slope"], out["real"][effect]["slope"])
             for effect in ("mood", "similarity", "text_similarity")
         }
         for name in ("simulator", "prior", "mf")
@@ -163,6 +163,11 @@ def sequential_study(simulator, data, k: int = 3, chunk: int = 256, n_boot: int 
     return out
 
 
+def _ratio(slope: float, real: float) -> float | None:
+    """A row's slope over the real one (None where the real slope is 0)."""
+    return slope / real if real else None
+
+
 def sequential_table(study: dict) -> str:
     """The study as the report's markdown table."""
 
@@ -180,7 +185,8 @@ def sequential_table(study: dict) -> str:
     for row in ROWS:
         ratio = (
             " / ".join(
-                f"{study['ratio'][row][e]:.2f}" for e in ("mood", "similarity", "text_similarity")
+                "-" if study["ratio"][row][e] is None else f"{study['ratio'][row][e]:.2f}"
+                for e in ("mood", "similarity", "text_similarity")
             )
             if row != "real"
             else "1"
