@@ -332,7 +332,7 @@ def test_demo_missing_simulator(capsys, tmp_path):
         run(capsys, "demo", "--artifacts", tmp_path / "nowhere", "--out", tmp_path / "demo"),
         "demo",
         str(tmp_path / "nowhere" / "manifest.json"),
-        "persona-gym distill",
+        "persona-gym build ml-100k --out",
     )
 
 

@@ -31,7 +31,7 @@ def test_a_misspelt_policy_is_refused_before_loading_and_leaves_no_out(
         run(capsys, "evaluate-policy", "--policies", "random", "item-maen", "--out", out),
         "evaluate-policy",
         "'item-maen'",
-        "random, most-popular, item-mean, mf, simulator-greedy, agent",
+        "random, most-popular, item-mean, mf, window-greedy, simulator-greedy, agent",
         "persona-gym train-agent",
     )
     assert len(line) < 250

@@ -20,6 +20,7 @@ from agents.policies import (
     RandomPolicy,
     SB3Policy,
     SimulatorGreedyPolicy,
+    WindowGreedyPolicy,
     make_policy,
 )
 from persona_gym.evaluation.baselines import BiasedMF, ItemMean
@@ -186,6 +187,7 @@ def test_policy_names_and_errors(core, ratings, tmp_path):
         "most-popular": MostPopularPolicy,
         "item-mean": ItemMeanPolicy,
         "mf": MFPolicy,
+        "window-greedy": WindowGreedyPolicy,
         "simulator-greedy": SimulatorGreedyPolicy,
     }
     for name, cls in names.items():
@@ -202,7 +204,7 @@ def test_policy_names_and_errors(core, ratings, tmp_path):
         make_policy(str(tmp_path / "nowhere"), core, ratings)
     assert str(err.value) == (
         f"unknown policy {str(tmp_path / 'nowhere')!r}: choose from ['random', 'most-popular', 'item-mean', "
-        "'mf', 'simulator-greedy'], 'agent' (the shipped agent) or give a run folder / model.zip written "
+        "'mf', 'window-greedy', 'simulator-greedy'], 'agent' (the shipped agent) or give a run folder / model.zip written "
         "by `persona-gym train-agent`"
     )
 
