@@ -8,9 +8,10 @@ they are scored with the layout the simulator uses (``history`` events, then the
 choose the step to keep (the lowest validation RMSE: the adapters overfit within a few epochs).
 The prior alone is scored on the same slice, so what the SLM adds is measured while it trains.
 
-This is the shipped recipe: ``persona-gym train --artifacts DIR`` with its defaults
-(:class:`SequenceTrainConfig` and :func:`sequence_prompt`) reads what ``persona-gym distill`` and
-``persona-gym personas`` wrote into DIR and writes the adapters and the manifest.
+``persona-gym train --artifacts DIR --preset sequence`` (with :class:`SequenceTrainConfig` and
+:func:`sequence_prompt`) reads what ``persona-gym distill`` and ``persona-gym personas`` wrote
+into DIR and writes the adapters and the manifest. The model was measured and is not shipped:
+the shipped simulator is the block trainer's (``persona-gym train``'s default preset).
 """
 
 from __future__ import annotations

@@ -1,13 +1,20 @@
 """Stage 3: fine-tune LoRA adapters that rate movies like the users of a persona.
 
-``persona-gym train --artifacts DIR`` reads what ``distill`` and ``personas`` wrote into DIR and
-trains the shipped recipe: the sequence user model's persona adapters
-(``training/sequence_training.py``; its defaults are the shipped simulator's), then writes the
-manifest.
+``persona-gym train --artifacts DIR`` reads what ``distill`` and ``personas`` wrote into DIR,
+trains the adapters and writes the manifest. ``--preset`` picks the recipe:
 
-``--preset paper`` trains the paper's configuration instead, with the block trainer below (what
-``make paper-table`` runs); the options of the block trainer apply under it only. It trains,
-with RAFT (retrieved ``Ml`` memories in every training prompt, as at inference):
+* ``shipped`` (the default): the recipe of the shipped PersonaML100K-v0 simulator, with the
+  block trainer below: persona adapters with item tokens and the collaborative signal (cf cue,
+  surprise cue, cf items, cf prior) owning 0.75 of their users' taste, on every training
+  interaction (:func:`shipped_train_config`).
+* ``sequence``: the sequence user model's persona adapters (``training/sequence_training.py``;
+  its defaults), which was measured and is not shipped.
+* ``paper``: the paper's configuration with the block trainer (:class:`TrainConfig`'s defaults:
+  text prompts, persona and single adapters, no collaborative signal; ``make paper-table``).
+
+The block trainer's options apply under ``shipped`` and ``paper``, the sequence model's under
+``sequence``; the other trainer's options are refused. The block trainer trains, with RAFT
+(retrieved ``Ml`` memories in every training prompt, as at inference):
 
 * ``persona``     one adapter per persona (θpersona), on its users' training interactions;
 * ``single-max``  one adapter for all users, sub-sampled per user to the largest persona's size;
@@ -201,7 +208,7 @@ def _trained_with(root: Path, config: TrainConfig) -> bool:
     variants may be added to them)."""
     try:
         recorded = json.loads((root / "manifest.json").read_text())["training"]
-        if "sequence" in recorded:  # the shipped recipe's adapters, not the block trainer's
+        if "sequence" in recorded:  # the sequence model's adapters (--preset sequence)
             return False
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         return (
@@ -471,10 +478,38 @@ def train(
     return manifest
 
 
-PRESETS = ("shipped", "paper")
+# -- the CLI: three presets ----------------------------------------------------------------------
+PRESETS = ("shipped", "sequence", "paper")
 
-# Options of one recipe only: (flag, dest). Given under the other, they are refused in one line.
-PAPER_ONLY = (
+
+def shipped_train_config() -> TrainConfig:
+    """The shipped PersonaML100K-v0 simulator's recipe (``--preset shipped``, the default): the
+    block trainer's persona adapters with item tokens and the collaborative signal, owning 0.75
+    of their users' taste, on every training interaction."""
+    return TrainConfig(
+        variants=("persona",),
+        blocks_per_sequence=8,
+        max_examples_per_user=0,
+        val_per_user=5,
+        prompt=PromptConfig(
+            item_tokens=True,
+            cf_cue=True,
+            surprise_cue=True,
+            cf_items=True,
+            cf_prior=True,
+            persona_taste=0.75,
+        ),
+    )
+
+
+def block_preset(preset: str) -> TrainConfig:
+    """The :class:`TrainConfig` of a block-trainer preset: ``shipped`` or ``paper`` (the paper's
+    configuration: TrainConfig's defaults)."""
+    return shipped_train_config() if preset == "shipped" else TrainConfig()
+
+
+# Options of one trainer only: (flag, dest). Given under the other, they are refused in one line.
+BLOCK_ONLY = (
     ("--variants", "variants"),
     ("--target-modules", "target_modules"),
     ("--lora-layers", "lora_layers"),
@@ -483,11 +518,11 @@ PAPER_ONLY = (
     ("--memories", "memories"),
     ("--no-profile", "no_profile"),
     ("--max-tokens", "max_tokens"),
-    ("--item-tokens", "item_tokens"),
-    ("--cf-cue", "cf_cue"),
-    ("--surprise-cue", "surprise_cue"),
-    ("--cf-prior", "cf_prior"),
-    ("--cf-items", "cf_items"),
+    ("--[no-]item-tokens", "item_tokens"),
+    ("--[no-]cf-cue", "cf_cue"),
+    ("--[no-]surprise-cue", "surprise_cue"),
+    ("--[no-]cf-prior", "cf_prior"),
+    ("--[no-]cf-items", "cf_items"),
     ("--patience", "patience"),
     ("--checkpoint-every", "checkpoint_every"),
     ("--item-learning-rate", "item_learning_rate"),
@@ -497,48 +532,58 @@ PAPER_ONLY = (
     ("--no-progress", "no_progress"),
     ("--no-compile", "no_compile"),
 )
-SHIPPED_ONLY = (("--history", "history"), ("--chunk", "chunk"), ("--min-context", "min_context"))
+SEQUENCE_ONLY = (("--history", "history"), ("--chunk", "chunk"), ("--min-context", "min_context"))
 
 
-def _shipped_defaults() -> dict:
-    """The shipped recipe's values of the options both recipes read."""
-    from training.sequence_training import PERSONA_TASTE, SequenceTrainConfig
+def _common_defaults(preset: str) -> dict:
+    """A preset's values of the options both trainers read."""
+    if preset == "sequence":
+        from training.sequence_training import PERSONA_TASTE, SequenceTrainConfig
 
-    d = SequenceTrainConfig()
+        s = SequenceTrainConfig()
+        return {
+            "rank": s.rank,
+            "alpha": s.alpha,
+            "dropout": s.dropout,
+            "learning_rate": s.learning_rate,
+            "epochs": s.epochs,
+            "batch": s.batch,
+            "mse_weight": s.mse_weight,
+            "val_per_user": s.val_per_user,
+            "eval_every": s.eval_every,
+            "window": s.window,
+            "persona_taste": PERSONA_TASTE,
+            "seed": s.seed,
+        }
+    b = block_preset(preset)
     return {
-        "learning_rate": d.learning_rate,
-        "epochs": d.epochs,
-        "batch": d.batch,
-        "val_per_user": d.val_per_user,
-        "eval_every": d.eval_every,
-        "window": d.window,
-        "persona_taste": PERSONA_TASTE,
-    }
-
-
-def _paper_defaults() -> dict:
-    """The paper preset's values of the options both recipes read (TrainConfig's defaults)."""
-    d = TrainConfig()
-    return {
-        "learning_rate": d.learning_rate,
-        "epochs": d.epochs,
-        "batch": d.batch_examples,
-        "val_per_user": d.val_per_user,
-        "eval_every": d.eval_every,
-        "window": d.prompt.window_size,
-        "persona_taste": d.prompt.persona_taste,
+        "rank": b.rank,
+        "alpha": b.alpha,
+        "dropout": b.dropout,
+        "learning_rate": b.learning_rate,
+        "epochs": b.epochs,
+        "batch": b.batch_examples,
+        "mse_weight": b.mse_weight,
+        "val_per_user": b.val_per_user,
+        "eval_every": b.eval_every,
+        "window": b.prompt.window_size,
+        "persona_taste": b.prompt.persona_taste,
+        "seed": b.seed,
     }
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from training.sequence_training import SequenceTrainConfig
 
-    paper = TrainConfig()
-    shipped = SequenceTrainConfig()
-    both_shipped, both_paper = _shipped_defaults(), _paper_defaults()
+    shipped, paper, sequence = shipped_train_config(), TrainConfig(), SequenceTrainConfig()
+    common = {p: _common_defaults(p) for p in PRESETS}
 
-    def two(dest: str, text: str) -> str:
-        return f"{text} (default: {both_shipped[dest]}; --preset paper: {both_paper[dest]})"
+    def three(dest: str, text: str) -> str:
+        values = "; ".join(f"{p}: {common[p][dest]}" for p in PRESETS)
+        return f"{text} ({values})"
+
+    def blocks(text: str, of_shipped, of_paper) -> str:
+        return f"{text} (shipped: {of_shipped}; paper: {of_paper})"
 
     parser = subparsers.add_parser(
         "train",
@@ -556,124 +601,141 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         choices=PRESETS,
         default="shipped",
-        help="shipped: the sequence user model of the shipped simulator "
-        "(training/sequence_training.py); paper: the paper's configuration (text prompts, "
-        "persona and single adapters, no collaborative signal; `make paper-table`)",
+        help="shipped: the shipped simulator's recipe (block trainer: persona adapters with item "
+        "tokens and the collaborative signal); sequence: the sequence user model "
+        "(training/sequence_training.py); paper: the paper's configuration (block trainer: text "
+        "prompts, persona and single adapters, no collaborative signal; `make paper-table`)",
     )
     parser.add_argument(
         "--base-model", default=paper.base_model, help="base SLM: alias, local folder or hub id"
     )
-    parser.add_argument("--rank", type=int, default=shipped.rank, help="LoRA rank r")
-    parser.add_argument("--alpha", type=int, default=shipped.alpha, help="LoRA scaling alpha")
-    parser.add_argument("--dropout", type=float, default=shipped.dropout, help="LoRA dropout")
+    parser.add_argument("--rank", type=int, default=None, help=three("rank", "LoRA rank r"))
     parser.add_argument(
-        "--learning-rate", type=float, default=None, help=two("learning_rate", "AdamW rate")
+        "--alpha", type=int, default=None, help=three("alpha", "LoRA scaling alpha")
     )
     parser.add_argument(
-        "--epochs", type=int, default=None, help=two("epochs", "passes over the training data")
+        "--dropout", type=float, default=None, help=three("dropout", "LoRA dropout")
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help=three("learning_rate", "AdamW rate")
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=three("epochs", "passes over the training data")
     )
     parser.add_argument(
         "--batch-size",
         dest="batch",
         type=int,
         default=None,
-        help=two("batch", "sequences (paper: examples) per optimizer step"),
+        help=three("batch", "examples (sequence: sequences) per optimizer step"),
     )
     parser.add_argument(
         "--mse-weight",
         type=float,
-        default=shipped.mse_weight,
-        help="weight of the expected rating's squared error beside the cross-entropy",
+        default=None,
+        help=three(
+            "mse_weight", "weight of the expected rating's squared error beside the cross-entropy"
+        ),
     )
     parser.add_argument(
         "--val-per-user",
         type=int,
         default=None,
-        help=two("val_per_user", "each user's last N training ratings form the validation slice"),
+        help=three("val_per_user", "each user's last N training ratings form the validation slice"),
     )
     parser.add_argument(
         "--eval-every",
         type=int,
         default=None,
-        help=two("eval_every", "optimizer steps between validation passes"),
+        help=three("eval_every", "optimizer steps between validation passes"),
     )
     parser.add_argument(
-        "--window", type=int, default=None, help=two("window", "short-term window size k")
+        "--window", type=int, default=None, help=three("window", "short-term window size k")
     )
     parser.add_argument(
         "--persona-taste",
         type=float,
         default=None,
         metavar="S",
-        help=two(
+        help=three(
             "persona_taste",
             "share of each user's collaborative taste their persona adapter owns (0..1)",
         ),
     )
     parser.add_argument(
-        "--seed", type=int, default=shipped.seed, help="data order and adapter initialisation"
+        "--seed", type=int, default=None, help=three("seed", "data order and initialisation")
     )
     parser.add_argument(
         "--force",
         action="store_true",
         help="replace adapters trained with another config (and their evaluation)",
     )
-    seq = parser.add_argument_group("the shipped recipe only (the sequence user model)")
+    seq = parser.add_argument_group("--preset sequence only (the sequence user model)")
     seq.add_argument(
         "--history",
         type=int,
         default=None,
-        help=f"logged events in each user's static prefix (default: {shipped.history})",
+        help=f"logged events in each user's static prefix (default: {sequence.history})",
     )
     seq.add_argument(
         "--chunk",
         type=int,
         default=None,
-        help=f"events per training sequence (default: {shipped.chunk})",
+        help=f"events per training sequence (default: {sequence.chunk})",
     )
     seq.add_argument(
         "--min-context",
         type=int,
         default=None,
         help=f"events before the first trained rating of a sequence (default: "
-        f"{shipped.min_context})",
+        f"{sequence.min_context})",
     )
     block = parser.add_argument_group(
-        "--preset paper only (the block trainer: text prompts, LoRA on the top layers)"
+        "--preset shipped and paper only (the block trainer: LoRA on the top layers)"
     )
     block.add_argument(
         "--variants",
         nargs="+",
         default=None,
         choices=VARIANTS,
-        help=f"adapter sets to train (default: {' '.join(paper.variants)})",
+        help=blocks("adapter sets to train", " ".join(shipped.variants), " ".join(paper.variants)),
     )
     block.add_argument("--target-modules", nargs="+", default=None, help="linear layers with LoRA")
     block.add_argument(
         "--lora-layers",
         type=int,
         default=None,
-        help=f"LoRA on the top N layers, 0 = all (default: {paper.lora_layers})",
+        help=blocks("LoRA on the top N layers, 0 = all", shipped.lora_layers, paper.lora_layers),
     )
     block.add_argument(
         "--blocks-per-sequence",
         type=int,
         default=None,
-        help=f"examples of one user packed behind one profile prefix (default: "
-        f"{paper.blocks_per_sequence})",
+        help=blocks(
+            "examples of one user packed behind one profile prefix",
+            shipped.blocks_per_sequence,
+            paper.blocks_per_sequence,
+        ),
     )
     block.add_argument(
         "--max-examples-per-user",
         type=int,
         default=None,
-        help=f"each user's most recent N training interactions, 0 = all (default: "
-        f"{paper.max_examples_per_user})",
+        help=blocks(
+            "each user's most recent N training interactions, 0 = all",
+            shipped.max_examples_per_user,
+            paper.max_examples_per_user,
+        ),
     )
     block.add_argument(
         "--memories",
         type=int,
         default=None,
-        help=f"retrieved Ml memories per prompt, 0 = none (default: {paper.prompt.n_memories})",
+        help=blocks(
+            "retrieved Ml memories per prompt, 0 = none",
+            shipped.prompt.n_memories,
+            paper.prompt.n_memories,
+        ),
     )
     block.add_argument(
         "--no-profile", action="store_true", default=None, help="leave Ms out of the prompt"
@@ -682,56 +744,56 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--max-tokens",
         type=int,
         default=None,
-        help=f"prompt budget in tokens; older memories are dropped first (default: "
-        f"{paper.prompt.max_tokens})",
+        help=blocks(
+            "prompt budget in tokens; older memories are dropped first",
+            shipped.prompt.max_tokens,
+            paper.prompt.max_tokens,
+        ),
     )
-    block.add_argument(
-        "--item-tokens",
-        action="store_true",
-        default=None,
-        help="compact prompts: each movie is one soft token projected from its embedding",
-    )
-    block.add_argument(
-        "--cf-cue",
-        action="store_true",
-        default=None,
-        help="show the collaborative model's prediction next to the answer",
-    )
-    block.add_argument(
-        "--surprise-cue",
-        action="store_true",
-        default=None,
-        help="show how the window's ratings deviated from the collaborative predictions",
-    )
-    block.add_argument(
-        "--cf-prior",
-        action="store_true",
-        default=None,
-        help="a learned Gaussian prior around the collaborative prediction (needs --cf-cue)",
-    )
-    block.add_argument(
-        "--cf-items",
-        action="store_true",
-        default=None,
-        help="item tokens carry collaborative factors (needs --item-tokens)",
-    )
+    for flag, text in (
+        (
+            "item_tokens",
+            "compact prompts: each movie is one soft token projected from its embedding",
+        ),
+        ("cf_cue", "the collaborative model's prediction next to the answer"),
+        ("surprise_cue", "how the window's ratings deviated from the collaborative predictions"),
+        (
+            "cf_prior",
+            "a learned Gaussian prior around the collaborative prediction (with the cf cue)",
+        ),
+        ("cf_items", "item tokens carry collaborative factors (with item tokens)"),
+    ):
+        block.add_argument(
+            f"--{flag.replace('_', '-')}",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=blocks(text, "on" if getattr(shipped.prompt, flag) else "off", "off"),
+        )
     block.add_argument(
         "--patience",
         type=int,
         default=None,
-        help=f"validation passes without improvement before stopping (default: {paper.patience})",
+        help=blocks(
+            "validation passes without improvement before stopping",
+            shipped.patience,
+            paper.patience,
+        ),
     )
     block.add_argument(
         "--checkpoint-every",
         type=int,
         default=None,
-        help=f"steps between checkpoints (default: {paper.checkpoint_every})",
+        help=blocks("steps between checkpoints", shipped.checkpoint_every, paper.checkpoint_every),
     )
     block.add_argument(
         "--item-learning-rate",
         type=float,
         default=None,
-        help=f"learning rate of the item projection (default: {paper.item_learning_rate})",
+        help=blocks(
+            "learning rate of the item projection",
+            shipped.item_learning_rate,
+            paper.item_learning_rate,
+        ),
     )
     block.add_argument(
         "--lower-dtype",
@@ -762,8 +824,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default (where it has one for both
-    recipes; the others name theirs)."""
+    """The module docstring as written, and every flag's default (where it has one for every
+    preset; the others name theirs)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or isinstance(action, argparse._StoreTrueAction):
@@ -771,25 +833,27 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
-def _refuse_other_recipe(args: argparse.Namespace) -> None:
-    """One line naming the given options that the chosen recipe does not read."""
-    if args.preset == "paper":
-        given, recipe = [f for f, d in SHIPPED_ONLY if getattr(args, d) is not None], "shipped"
-        fix = "drop them (the paper preset is the block trainer)"
+def _refuse_other_trainer(args: argparse.Namespace) -> None:
+    """One line naming the given options that the chosen preset's trainer does not read."""
+    only: tuple[tuple[str, str], ...]
+    if args.preset == "sequence":
+        only, trainer = BLOCK_ONLY, "the block trainer's (--preset shipped or paper)"
+        fix = "drop them, or leave --preset sequence out"
     else:
-        given, recipe = [f for f, d in PAPER_ONLY if getattr(args, d) is not None], "paper"
-        fix = "drop them, or add --preset paper (the default recipe is the sequence user model)"
+        only, trainer = SEQUENCE_ONLY, "the sequence user model's (--preset sequence)"
+        fix = "drop them, or add --preset sequence"
+    given = [flag for flag, dest in only if getattr(args, dest) is not None]
     if given:
         raise ConfigError(
-            f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of the "
-            f"{recipe} recipe only; {fix}"
+            f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of {trainer} "
+            f"only; {fix}"
         )
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.preset == "paper":
-        return _run_paper(args)
-    return _run_shipped(args)
+    if args.preset == "sequence":
+        return _run_sequence(args)
+    return _run_block(args)
 
 
 def _given(args: argparse.Namespace, dest: str, default):
@@ -798,29 +862,28 @@ def _given(args: argparse.Namespace, dest: str, default):
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with the chosen recipe's defaults for what was not given (after refusing the
-    other recipe's options)."""
-    _refuse_other_recipe(args)
-    defaults = _paper_defaults() if args.preset == "paper" else _shipped_defaults()
+    """``args`` with the chosen preset's defaults for what was not given (after refusing the
+    other trainer's options)."""
+    _refuse_other_trainer(args)
     args = argparse.Namespace(**vars(args))
-    for dest, value in defaults.items():
+    for dest, value in _common_defaults(args.preset).items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
     return args
 
 
-def shipped_config(args: argparse.Namespace):
+def sequence_config(args: argparse.Namespace):
     """The :class:`~training.sequence_training.SequenceTrainConfig` and persona taste share of
-    parsed ``persona-gym train`` options (the default recipe)."""
+    parsed ``persona-gym train --preset sequence`` options."""
     from training.sequence_training import SequenceTrainConfig
 
     args = _resolve(args)
-    shipped = SequenceTrainConfig()
+    d = SequenceTrainConfig()
     config = SequenceTrainConfig(
-        history=shipped.history if args.history is None else args.history,
+        history=_given(args, "history", d.history),
         window=args.window,
-        chunk=shipped.chunk if args.chunk is None else args.chunk,
-        min_context=shipped.min_context if args.min_context is None else args.min_context,
+        chunk=_given(args, "chunk", d.chunk),
+        min_context=_given(args, "min_context", d.min_context),
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
@@ -846,11 +909,11 @@ def shipped_config(args: argparse.Namespace):
     return config, args.persona_taste
 
 
-def _run_shipped(args: argparse.Namespace) -> int:
-    """The shipped recipe: the sequence user model's persona adapters."""
+def _run_sequence(args: argparse.Namespace) -> int:
+    """``--preset sequence``: the sequence user model's persona adapters."""
     from training.sequence_training import train_sequence
 
-    config, persona_taste = shipped_config(args)
+    config, persona_taste = sequence_config(args)
     results = train_sequence(args.artifacts, config, args.base_model, persona_taste, args.force)
     for name, m in results.items():
         print(
@@ -863,53 +926,58 @@ def _run_shipped(args: argparse.Namespace) -> int:
     return 0
 
 
-def paper_config(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed ``persona-gym train --preset paper`` options (its
-    defaults: the paper's configuration)."""
+def block_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``persona-gym train`` options under a block-trainer
+    preset (``shipped``, the default, or ``paper``), with that preset's defaults."""
     args = _resolve(args)
-    paper = TrainConfig()
+    preset = block_preset(args.preset)
+    p = preset.prompt
+
+    def flag(dest: str) -> bool:
+        return bool(_given(args, dest, getattr(p, dest)))
+
     prompt = PromptConfig(
         window_size=args.window,
-        n_memories=paper.prompt.n_memories if args.memories is None else args.memories,
-        use_profile=not args.no_profile,
-        max_tokens=paper.prompt.max_tokens if args.max_tokens is None else args.max_tokens,
-        item_tokens=bool(args.item_tokens),
-        cf_cue=bool(args.cf_cue),
-        surprise_cue=bool(args.surprise_cue),
-        cf_items=bool(args.cf_items),
-        cf_prior=bool(args.cf_prior),
+        n_memories=_given(args, "memories", p.n_memories),
+        use_profile=p.use_profile and not args.no_profile,
+        max_tokens=_given(args, "max_tokens", p.max_tokens),
+        crowd_cue=p.crowd_cue,
+        item_tokens=flag("item_tokens"),
+        cf_cue=flag("cf_cue"),
+        surprise_cue=flag("surprise_cue"),
+        cf_items=flag("cf_items"),
+        cf_prior=flag("cf_prior"),
         persona_taste=args.persona_taste,
     )
-
-    config = TrainConfig(
-        variants=tuple(_given(args, "variants", paper.variants)),
+    return TrainConfig(
+        variants=tuple(_given(args, "variants", preset.variants)),
         base_model=args.base_model,
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
-        target_modules=tuple(_given(args, "target_modules", paper.target_modules)),
-        lora_layers=_given(args, "lora_layers", paper.lora_layers),
+        target_modules=tuple(_given(args, "target_modules", preset.target_modules)),
+        lora_layers=_given(args, "lora_layers", preset.lora_layers),
         learning_rate=args.learning_rate,
         epochs=args.epochs,
         batch_examples=args.batch,
-        max_examples_per_user=_given(args, "max_examples_per_user", paper.max_examples_per_user),
+        max_examples_per_user=_given(args, "max_examples_per_user", preset.max_examples_per_user),
         mse_weight=args.mse_weight,
         seed=args.seed,
         prompt=prompt,
-        item_learning_rate=_given(args, "item_learning_rate", paper.item_learning_rate),
+        item_learning_rate=_given(args, "item_learning_rate", preset.item_learning_rate),
         val_per_user=args.val_per_user,
-        lower_dtype=_given(args, "lower_dtype", paper.lower_dtype),
-        blocks_per_sequence=_given(args, "blocks_per_sequence", paper.blocks_per_sequence),
+        lower_dtype=_given(args, "lower_dtype", preset.lower_dtype),
+        blocks_per_sequence=_given(args, "blocks_per_sequence", preset.blocks_per_sequence),
         eval_every=args.eval_every,
-        patience=_given(args, "patience", paper.patience),
-        checkpoint_every=_given(args, "checkpoint_every", paper.checkpoint_every),
+        patience=_given(args, "patience", preset.patience),
+        checkpoint_every=_given(args, "checkpoint_every", preset.checkpoint_every),
     )
-    return config
 
 
-def _run_paper(args: argparse.Namespace) -> int:
-    """``--preset paper``: the block trainer (:func:`train`)."""
-    config = paper_config(args)
+def _run_block(args: argparse.Namespace) -> int:
+    """``--preset shipped`` (the default) or ``--preset paper``: the block trainer
+    (:func:`train`)."""
+    config = block_config(args)
 
     manifest = train(
         args.artifacts,

@@ -1,10 +1,11 @@
-"""``persona-gym train --artifacts DIR`` with its defaults builds the shipped recipe (the sequence
-user model), and ``--preset paper`` the paper's configuration with the block trainer (issue 35).
+"""``persona-gym train --artifacts DIR`` with its defaults (``--preset shipped``) builds the shipped
+simulator's recipe with the block trainer; ``--preset sequence`` trains the sequence user model
+and ``--preset paper`` the paper's configuration with the block trainer (issue 35).
 
 The default run trains on a directory as ``distill`` and ``personas`` leave it (no manifest), on
-the tiny random base model; every other setting is the default: the tiny protocol users are
-short enough for them. Its manifest's prompt and ``training.sequence`` are compared field by
-field with the shipped recipe and with the shipped simulator's manifest.
+the tiny random base model; every other setting is the default (the tiny protocol users are few
+and short enough for them), so its manifest's ``training`` and ``prompt`` are compared field by
+field with the shipped PersonaML100K-v0 manifest's.
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ from persona_gym.cli import main
 from persona_gym.prompt_config import PromptConfig
 from persona_gym.registry import SHIPPED_DIR
 from training.sequence_training import SequenceTrainConfig
+from training.train import TrainConfig
 
-# The shipped simulator's recipe, written out: what the defaults must build.
-SHIPPED_PROMPT = {
+SHIPPED_MANIFEST = SHIPPED_DIR / "ml100k" / "manifest.json"
+# What the default run gives beside --artifacts: the tiny base model (--base-model), and how it
+# runs (--no-progress --no-compile: not part of the config). No size knob is overridden; a field
+# a tiny test must shrink is listed here and left out of the comparison.
+OVERRIDDEN: tuple[str, ...] = ("base_model",)
+# Recorded beside the config: the first LoRA layer, which depends on the base model's depth.
+DERIVED = ("split_layer",)
+
+# The sequence user model's recipe (--preset sequence), written out.
+SEQUENCE_PROMPT = {
     "window_size": 3,
     "n_memories": 0,
     "use_profile": False,
@@ -37,7 +47,7 @@ SHIPPED_PROMPT = {
     "layout": "sequence",
     "history": 32,
 }
-SHIPPED_SEQUENCE = {
+SEQUENCE_CONFIG = {
     "history": 32,
     "window": 3,
     "chunk": 64,
@@ -53,10 +63,10 @@ SHIPPED_SEQUENCE = {
     "eval_every": 8,
     "seed": 0,
 }
-# What this test gives beside --artifacts: the tiny base model only. No field of the prompt or
-# of SequenceTrainConfig is overridden (a size knob added here must be listed and skipped below).
-OVERRIDDEN: tuple[str, ...] = ()
-SHIPPED_MANIFEST = SHIPPED_DIR / "ml100k" / "manifest.json"
+
+PROMPT_FIELDS = [f.name for f in dataclasses.fields(PromptConfig)]
+TRAINING_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+SEQUENCE_FIELDS = [f.name for f in dataclasses.fields(SequenceTrainConfig)]
 
 
 def _fresh_copy(protocol_artifacts: Path, to: Path) -> Path:
@@ -71,16 +81,13 @@ def _fresh_copy(protocol_artifacts: Path, to: Path) -> Path:
     return to
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory, protocol_artifacts, tiny_base) -> tuple[Path, str]:
-    root = _fresh_copy(protocol_artifacts, tmp_path_factory.mktemp("defaults") / "art")
-    argv = ["train", "--artifacts", str(root), "--base-model", tiny_base]
-    assert main(argv) == 0
-    return root, tiny_base
-
-
 def _manifest(root: Path) -> dict:
     return json.loads((root / "manifest.json").read_text())
+
+
+def _as_loaded(prompt: dict) -> dict:
+    """A manifest's prompt as the artifacts load it (fields it lacks take their defaults)."""
+    return dataclasses.asdict(PromptConfig(**{"crowd_cue": False, **prompt}))
 
 
 def _compare(recorded: dict, expected: dict, fields: list[str]) -> list[str]:
@@ -92,52 +99,43 @@ def _compare(recorded: dict, expected: dict, fields: list[str]) -> list[str]:
     ]
 
 
-PROMPT_FIELDS = [f.name for f in dataclasses.fields(PromptConfig)]
-SEQUENCE_FIELDS = [f.name for f in dataclasses.fields(SequenceTrainConfig)]
-
-
-def test_the_recipe_written_out_covers_every_field():
-    assert sorted(SHIPPED_PROMPT) == sorted(PROMPT_FIELDS)
-    assert sorted(SHIPPED_SEQUENCE) == sorted(SEQUENCE_FIELDS)
-
-
-def test_train_with_defaults_builds_the_shipped_recipe(default_run):
-    root, tiny_base = default_run
-    manifest = _manifest(root)
-    assert _compare(manifest["prompt"], SHIPPED_PROMPT, PROMPT_FIELDS) == []
-    assert _compare(manifest["training"]["sequence"], SHIPPED_SEQUENCE, SEQUENCE_FIELDS) == []
-    assert manifest["training"]["base_model"] == tiny_base
-    # one persona adapter per persona, on the protocol users; the manifest loads and verifies
-    personas = json.loads((root / "personas.json").read_text())["k"]
-    assert sorted(manifest["adapters"]) == [f"persona-{p}" for p in range(personas)]
-    assert manifest["metrics"]["run"]["training_users"] == 4
-    from persona_gym.artifacts import load_artifacts
-
-    loaded = load_artifacts(root)
-    assert loaded.prompt_config == PromptConfig(**SHIPPED_PROMPT)
-    assert main(["artifacts", "verify", str(root)]) == 0
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, protocol_artifacts, tiny_base) -> tuple[Path, str]:
+    root = _fresh_copy(protocol_artifacts, tmp_path_factory.mktemp("defaults") / "art")
+    argv = ["train", "--artifacts", str(root), "--base-model", tiny_base]
+    assert main([*argv, "--no-progress", "--no-compile"]) == 0
+    return root, tiny_base
 
 
 def test_train_with_defaults_matches_the_shipped_manifest(default_run):
-    shipped = json.loads(SHIPPED_MANIFEST.read_text())
-    if shipped["prompt"].get("layout") != "sequence":
-        pytest.skip(f"{SHIPPED_MANIFEST} is still the block simulator (no sequence recipe)")
-    manifest = _manifest(default_run[0])
-    assert _compare(manifest["prompt"], shipped["prompt"], PROMPT_FIELDS) == []
-    assert (
-        _compare(manifest["training"]["sequence"], shipped["training"]["sequence"], SEQUENCE_FIELDS)
-        == []
-    )
+    root, tiny_base = default_run
+    shipped, manifest = json.loads(SHIPPED_MANIFEST.read_text()), _manifest(root)
+    training, expected = manifest["training"], shipped["training"]
+    # every field of the shipped manifest's training config, and nothing else
+    assert sorted(training) == sorted(expected) == sorted([*TRAINING_FIELDS, *DERIVED])
+    scalar = [f for f in TRAINING_FIELDS if f != "prompt"]
+    assert _compare(training, expected, scalar) == []
+    assert _compare(training["prompt"], _as_loaded(expected["prompt"]), PROMPT_FIELDS) == []
+    assert _compare(manifest["prompt"], _as_loaded(shipped["prompt"]), PROMPT_FIELDS) == []
+    assert training["base_model"] == tiny_base
+    # the shipped recipe: the block trainer's persona adapters, one per persona
+    personas = json.loads((root / "personas.json").read_text())["k"]
+    assert sorted(manifest["adapters"]) == [f"persona-{p}" for p in range(personas)]
+    from persona_gym.artifacts import load_artifacts
+
+    loaded = load_artifacts(root)
+    assert loaded.prompt_config == PromptConfig(**_as_loaded(shipped["prompt"]))
+    assert main(["artifacts", "verify", str(root)]) == 0
 
 
 def test_the_same_command_again_resumes_and_another_config_is_refused(default_run, capsys):
     root, tiny_base = default_run
     before = _manifest(root)["metrics"]["adapters"]
-    assert main(["train", "--artifacts", str(root), "--base-model", tiny_base]) == 0
+    argv = ["train", "--artifacts", str(root), "--base-model", tiny_base, "--no-progress"]
+    assert main([*argv, "--no-compile"]) == 0
     assert _manifest(root)["metrics"]["adapters"] == before  # nothing trained again
     capsys.readouterr()
-    argv = ["train", "--artifacts", str(root), "--base-model", tiny_base, "--epochs", "1"]
-    assert main(argv) == 2
+    assert main([*argv, "--no-compile", "--rank", "8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err
 
@@ -152,27 +150,58 @@ def _parse(*argv: str):
     return parser.parse_args(["train", "--artifacts", "x", *argv])
 
 
-def test_the_cli_defaults_are_the_configs_defaults():
+def test_the_presets_are_their_configs():
     from training.sequence_training import PERSONA_TASTE
-    from training.train import TrainConfig, paper_config, shipped_config
+    from training.train import block_config, sequence_config, shipped_train_config
 
-    assert shipped_config(_parse()) == (SequenceTrainConfig(), PERSONA_TASTE)
-    assert paper_config(_parse("--preset", "paper")) == TrainConfig()
+    assert block_config(_parse()) == shipped_train_config()
+    assert block_config(_parse("--preset", "shipped")) == shipped_train_config()
+    assert block_config(_parse("--preset", "paper")) == TrainConfig()
+    assert sequence_config(_parse("--preset", "sequence")) == (SequenceTrainConfig(), PERSONA_TASTE)
+    # the shipped preset's cues can be turned off one by one
+    no_surprise = block_config(_parse("--no-surprise-cue")).prompt
+    assert not no_surprise.surprise_cue and no_surprise.item_tokens and no_surprise.cf_prior
+
+
+def test_the_sequence_recipe_written_out_covers_every_field():
+    assert sorted(SEQUENCE_PROMPT) == sorted(PROMPT_FIELDS)
+    assert sorted(SEQUENCE_CONFIG) == sorted(SEQUENCE_FIELDS)
+    assert dataclasses.asdict(SequenceTrainConfig()) == SEQUENCE_CONFIG
 
 
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--lora-layers", "2"], "--lora-layers"),
-        (["--item-tokens", "--no-compile"], "--item-tokens, --no-compile"),
-        (["--preset", "paper", "--chunk", "8"], "--chunk"),
+        (["--chunk", "8"], "--chunk"),
+        (["--preset", "paper", "--history", "8"], "--history"),
+        (["--preset", "sequence", "--lora-layers", "2"], "--lora-layers"),
+        (
+            ["--preset", "sequence", "--item-tokens", "--no-compile"],
+            "--[no-]item-tokens, --no-compile",
+        ),
     ],
 )
-def test_options_of_the_other_recipe_are_refused_in_one_line(argv, named, tmp_path, capsys):
+def test_options_of_the_other_trainer_are_refused_in_one_line(argv, named, tmp_path, capsys):
     assert main(["train", "--artifacts", str(tmp_path / "art"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"persona-gym train: error: {named}: ")
     assert not (tmp_path / "art").exists()
+
+
+def test_preset_sequence_trains_the_sequence_model(tmp_path, protocol_artifacts, tiny_base):
+    root = _fresh_copy(protocol_artifacts, tmp_path / "art")
+    argv = ["train", "--artifacts", str(root), "--preset", "sequence", "--base-model", tiny_base]
+    assert main(argv) == 0
+    manifest = _manifest(root)
+    assert _compare(manifest["prompt"], SEQUENCE_PROMPT, PROMPT_FIELDS) == []
+    assert _compare(manifest["training"]["sequence"], SEQUENCE_CONFIG, SEQUENCE_FIELDS) == []
+    personas = json.loads((root / "personas.json").read_text())["k"]
+    assert sorted(manifest["adapters"]) == [f"persona-{p}" for p in range(personas)]
+    assert manifest["metrics"]["run"]["training_users"] == 4
+    from persona_gym.artifacts import load_artifacts
+
+    assert load_artifacts(root).prompt_config == PromptConfig(**SEQUENCE_PROMPT)
+    assert main(["artifacts", "verify", str(root)]) == 0
 
 
 def test_preset_paper_still_trains_the_block_model(tmp_path, catalog, tiny_base, capsys):
@@ -189,6 +218,7 @@ def test_preset_paper_still_trains_the_block_model(tmp_path, catalog, tiny_base,
     loaded = load_artifacts(art)
     assert set(loaded.adapter_dirs) == {"persona-0", "persona-1"}
     assert loaded.prompt_config.layout == "block" and loaded.prompt_config.use_profile
+    assert not loaded.prompt_config.item_tokens and not loaded.prompt_config.cf_cue
     training = loaded.manifest["training"]
     assert "sequence" not in training and training["lora_layers"] == 2
-    assert training["learning_rate"] == 5e-4  # the paper preset's, not the shipped recipe's
+    assert training["learning_rate"] == 5e-4 and training["prompt"]["persona_taste"] == 0.0
