@@ -31,6 +31,8 @@ def _build(*extra: str, base: str) -> list[str]:
         "--all-users",
         "--base-model",
         base,
+        "--max-examples-per-user",
+        "4",
         "--val-per-user",
         "1",
         "--max-test-per-user",
@@ -70,7 +72,7 @@ def test_build_end_to_end_resumes_and_evaluates_from_another_folder(
     log = (root / "build.log").read_text()
     for line in ("[2/4] distill: done in", "[4/4] train: done in", "[5/5] evaluate: done in"):
         assert line in log  # the progress lines of both runs, with the stages' own log records
-    assert "training.sequence_training" in log  # the train stage's own records
+    assert "training.train" in log  # the train stage's own records
 
     # the artifacts name the dataset by its absolute folder, and verify with the build's files
     folder = str((work / "ml1m").resolve())
@@ -217,9 +219,9 @@ def _check_all_users(root, tiny_base) -> None:
         sorted(u for card in personas["cards"] for u in card["user_ids"]) == protocol
     )  # clustered: protocol only
     manifest = json.loads((root / "manifest.json").read_text())
-    # the adapters train on the protocol users only, with the build's --val-per-user
-    assert manifest["metrics"]["run"]["training_users"] == 3
-    assert manifest["training"]["sequence"]["val_per_user"] == 1
+    # 4 training + 1 validation example (--max-examples-per-user 4 --val-per-user 1) for each
+    # protocol user, none for the others
+    assert manifest["metrics"]["run"]["examples"] == 3 * 5
 
     report = json.loads((root / "evaluation" / "others" / "results.json").read_text())
     assert report["data"]["users"] == "others" and report["data"]["n_users"] == 2

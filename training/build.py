@@ -12,10 +12,10 @@ Five stages, each the command that does it by hand, with the same flags:
 
 The defaults are the recipe of the shipped PersonaML100K-v0 simulator (the Makefile's
 ``simulator`` target): two personas clustered on the users' collaborative taste (--features
-taste --k 2), then ``persona-gym train`` with its defaults, the sequence user model
-(``training/sequence_training.py``: one persona adapter per persona reading its users' rating
-sequences, with the collaborative prior, owning 0.75 of their users' taste along the axes that
-separate the personas), and the evaluation of persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms.
+taste --k 2), then ``persona-gym train`` with its defaults (``--preset shipped``: one persona
+adapter per persona with item tokens and the collaborative signal, owning 0.75 of their users'
+taste along the axes that separate the personas, on every training interaction), and the
+evaluation of persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms.
 ``--dry-run`` prints the commands.
 
 Resumable: ``DIR/build.json`` records each finished stage, the settings it ran with and the
@@ -138,11 +138,12 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
     ]
     stages.append(Stage("personas", [*PERSONAS_RECIPE, "--k", str(args.k), *seed]))
     train = [*seed]  # train's defaults are the shipped recipe
-    for flag in ("base_model", "epochs", "val_per_user"):
+    for flag in ("base_model", "epochs", "val_per_user", "max_examples_per_user", "lora_layers"):
         value = getattr(args, flag)
         if value is not None:
             train += [f"--{flag.replace('_', '-')}", str(value)]
-    stages.append(Stage("train", train))
+    no_compile = ["--no-compile"] if args.no_compile else []
+    stages.append(Stage("train", train, [*progress, *device, *no_compile]))
     if not args.no_evaluate:
         evaluate = ["--configs", *EVALUATE_CONFIGS, *seed]
         if args.max_test_per_user is not None:
@@ -292,7 +293,7 @@ def _summary(root: Path, stage: str) -> str:
             )
         if stage == "train":
             adapters = read(MANIFEST)["metrics"]["adapters"]
-            rmse = [  # the sequence trainer's record, or the block trainer's (--preset paper)
+            rmse = [  # the block trainer's record, or the sequence trainer's
                 m["best"]["rmse"] if "best" in m else m["best_val_rmse"] for m in adapters.values()
             ]
             return f"{len(adapters)} adapters, validation RMSE {sum(rmse) / len(rmse):.3f} (mean)"
@@ -555,9 +556,9 @@ def _dry_run(
 # -- CLI -----------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
     """Add ``persona-gym build``."""
-    from training.sequence_training import SequenceTrainConfig
+    from training.train import TrainConfig, shipped_train_config
 
-    helps = field_help(SequenceTrainConfig)
+    helps, shipped = field_help(TrainConfig), shipped_train_config()
     p = subparsers.add_parser(
         "build",
         help="build a dataset's simulator in one command: fetch, distill, personas, train, evaluate",
@@ -619,13 +620,27 @@ def add_parser(subparsers) -> None:
         type=int,
         default=None,
         help=plain(helps["val_per_user"]).rstrip(".")
-        + f" (default: train's, {SequenceTrainConfig.val_per_user})",
+        + f" (default: train's, {shipped.val_per_user})",
     )
     p.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help=plain(helps["epochs"]).rstrip(".") + f" (default: {SequenceTrainConfig.epochs})",
+        help=plain(helps["epochs"]).rstrip(".") + f" (default: train's, {shipped.epochs})",
+    )
+    p.add_argument(
+        "--max-examples-per-user",
+        type=int,
+        default=None,
+        help=plain(helps["max_examples_per_user"]).rstrip(".")
+        + f" (default: train's, {shipped.max_examples_per_user})",
+    )
+    p.add_argument(
+        "--lora-layers",
+        type=int,
+        default=None,
+        help=plain(helps["lora_layers"]).rstrip(".")
+        + f" (default: train's, {shipped.lora_layers})",
     )
     p.add_argument(
         "--max-test-per-user",
@@ -643,14 +658,13 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--device",
         default="cpu",
-        help="torch device of the evaluation: cpu, cuda, cuda:N (default: cpu; training "
-        "runs on the CPU)",
+        help="torch device of training and evaluation: cpu, cuda, cuda:N (default: cpu)",
     )
     p.add_argument(
         "--no-compile",
         action="store_true",
-        help="evaluate eagerly instead of through torch.compile (no compile warm-up, slower "
-        "on a long CPU run; its gain on a GPU is not measured)",
+        help="train and evaluate eagerly instead of through torch.compile (no compile "
+        "warm-up, slower on a long CPU run; its gain on a GPU is not measured)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside the stages")
     p.add_argument(
