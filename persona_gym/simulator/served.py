@@ -23,7 +23,15 @@ engine's ``softmax(z[ratings])``, to float rounding (benchmarks/README.md has th
 
 Modes served: text prompts (profile, window, memories, ``crowd_cue``, ``cf_cue``,
 ``surprise_cue``), with ``cf_prior`` applied here, on the five log-probabilities, exactly as
-the local engine applies it to its logits. Not served: ``item_tokens`` prompts. Their soft
+the local engine applies it to its logits; and the **sequence layout**
+(:mod:`persona_gym.simulator.sequence`, the shipped default) on the offline engine
+(``backend="vllm"``): :class:`ServedSequenceModel` sends each request's input embeddings
+(:meth:`~persona_gym.simulator.sequence.SequenceRatingModel.embeddings`, prefix + block) as a
+vLLM ``prompt_embeds`` prompt (``enable_prompt_embeds``) under its adapter's ``LoRARequest``,
+and adds the adapter's collaborative prior to the five log-probabilities as the local engine
+adds it to its logits. Only the input embedding table is loaded here (the soft tokens are
+computed from it and each adapter's projections); vLLM holds the model. Not served:
+``item_tokens`` prompts. Their soft
 tokens replace a placeholder's hidden state at the input of the first LoRA layer
 (``ItemTokens.layer``, layer 26 of 30 for the shipped adapters) with a per-adapter projection;
 vLLM's ``prompt_embeds`` replace the input of layer 0 (and one embedding tensor per request
@@ -78,6 +86,8 @@ __all__ = [
     "ReplyTooLargeError",
     "ServedError",
     "ServedRatingModel",
+    "ServedSequenceModel",
+    "InputEmbeddings",
     "VLLMEngineClient",
     "VLLMServerClient",
     "VLLMSettings",
@@ -443,6 +453,9 @@ def stop_vllm_server(process: subprocess.Popen) -> None:
 class VLLMEngineClient:
     """vLLM's offline engine in this process, one ``LoRARequest`` per adapter.
 
+    ``prompt_embeds``: the engine also takes input embeddings (``enable_prompt_embeds``;
+    :meth:`embeds_logprobs`), what the sequence layout sends.
+
     The engine starts worker processes: a script that creates one needs the
     ``if __name__ == "__main__":`` guard.
     """
@@ -455,6 +468,7 @@ class VLLMEngineClient:
         max_model_len: int,
         dtype: str = "float32",
         settings: VLLMSettings | None = None,
+        prompt_embeds: bool = False,
     ):
         try:
             from vllm import LLM, SamplingParams
@@ -469,6 +483,8 @@ class VLLMEngineClient:
         options: dict[str, Any] = {}
         if settings.max_num_batched_tokens:
             options["max_num_batched_tokens"] = settings.max_num_batched_tokens
+        if prompt_embeds:
+            options["enable_prompt_embeds"] = True
         if adapter_dirs:
             options.update(
                 enable_lora=True,
@@ -500,14 +516,26 @@ class VLLMEngineClient:
         )
 
     def logprobs(self, prompts: Sequence[list[int]], adapters: Sequence[str]) -> torch.Tensor:
+        return self._generate([{"prompt_token_ids": list(p)} for p in prompts], adapters)
+
+    def embeds_logprobs(
+        self, embeds: Sequence[torch.Tensor], adapters: Sequence[str]
+    ) -> torch.Tensor:
+        """``(n, 5)`` log-probabilities of "1".."5" after each ``(T, H)`` input-embedding
+        prompt, under its adapter (the engine needs ``prompt_embeds=True``)."""
+        return self._generate([{"prompt_embeds": e} for e in embeds], adapters)
+
+    def _generate(self, prompts: list[Any], adapters: Sequence[str]) -> torch.Tensor:
         unknown = sorted(set(adapters) - set(self._requests) - {BASE})
         if unknown:
             raise ConfigError(
                 f"adapters {unknown} are not loaded in the vLLM engine; loaded: "
                 f"{sorted(self._requests)}"
             )
+        if not prompts:
+            return torch.empty((0, N_LEVELS), dtype=torch.float32)
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompts],
+            prompts,
             self._params,
             lora_request=[self._requests.get(a) for a in adapters],
             use_tqdm=False,
@@ -792,6 +820,166 @@ class ServedRatingModel:
         return rating_distribution(self.score_logits(requests))
 
 
+class ServedSequenceModel:
+    """The served counterpart of :class:`~persona_gym.simulator.sequence.SequenceRatingModel`:
+    each request's input embeddings (prefix + block, computed by ``users``, the local sequence
+    model reduced to its input embedding table) go to vLLM as a ``prompt_embeds`` prompt under
+    the request's adapter; the adapter's collaborative prior is added to the five returned
+    log-probabilities as the local engine adds it to its logits (module docstring).
+
+    Args:
+        client: a :class:`VLLMEngineClient` started with ``prompt_embeds=True``.
+        users: the sequence model that builds the embeddings (its tokens and priors per adapter).
+        adapters: names of the adapters the client serves.
+    """
+
+    def __init__(self, client: EmbedsClient, users: Any, adapters: Sequence[str]):
+        self.client = client
+        self.users = users
+        self.builder: PromptBuilder = users.builder
+        self._adapters = sorted(adapters)
+        missing = sorted(set(self._adapters) - set(users.tokens))
+        if missing:
+            raise ConfigError(f"adapters {missing} have no sequence tokens to serve")
+        self.requests_sent = 0  # prompts sent (benchmarks)
+        self.tokens_sent = 0  # their input embeddings, in tokens
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the served adapters."""
+        return list(self._adapters)
+
+    @property
+    def priors(self) -> dict[str, RatingPrior]:
+        return self.users.priors
+
+    def embeddings(self, request: RatingRequest) -> torch.Tensor:
+        """``(T, H)`` float32 input embeddings sent for ``request`` (the local engine's prefix
+        and block, concatenated)."""
+        if request.adapter not in self.users.tokens:
+            raise KeyError(
+                f"adapter {request.adapter!r} is not loaded; loaded: {sorted(self.users.tokens)}"
+            )
+        prefix, block = self.users.embeddings(request)
+        return torch.cat([prefix, block]).float().detach().contiguous()
+
+    def score_logits(self, requests: Sequence[RatingRequest]) -> torch.Tensor:
+        """``(n, 5)`` rating logits up to a per-row constant (float32), prior applied."""
+        if not requests:
+            return torch.empty((0, N_LEVELS), dtype=torch.float32)
+        with torch.no_grad():
+            embeds = [self.embeddings(r) for r in requests]
+            logits = self.client.embeds_logprobs(embeds, [r.adapter for r in requests])
+            self.requests_sent += len(requests)
+            self.tokens_sent += sum(len(e) for e in embeds)
+            groups: dict[str, list[int]] = defaultdict(list)
+            for index, request in enumerate(requests):
+                groups[request.adapter].append(index)
+            out = logits.clone()
+            for adapter, positions in groups.items():
+                predictions = torch.as_tensor(
+                    np.concatenate(
+                        [
+                            self.users.predictions(
+                                requests[i].user_id, adapter, [requests[i].candidate]
+                            )
+                            for i in positions
+                        ]
+                    ),
+                    dtype=torch.float32,
+                )
+                out[positions] = self.priors[adapter](
+                    logits[positions], predictions, torch.zeros_like(predictions)
+                )
+        return out
+
+    def score(self, requests: Sequence[RatingRequest]) -> np.ndarray:
+        """``(len(requests), 5)`` probabilities of the ratings 1..5, in request order."""
+        return rating_distribution(self.score_logits(requests))
+
+
+class EmbedsClient(Protocol):
+    """Runs input-embedding prompts under named adapters (:meth:`VLLMEngineClient.embeds_logprobs`)."""
+
+    def embeds_logprobs(
+        self, embeds: Sequence[torch.Tensor], adapters: Sequence[str]
+    ) -> torch.Tensor: ...
+
+
+class _EmbeddingBody(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding.from_pretrained(weight, freeze=True)
+
+
+class InputEmbeddings(torch.nn.Module):
+    """A causal LM reduced to its input embedding table (``model.embed_tokens``), in the shape
+    :class:`~persona_gym.simulator.sequence.SequenceRatingModel` reads it; no layer, no head.
+
+    It stands in for the peft model the local engine merges each adapter into: merging an
+    adapter into it is the identity (it has no LoRA layer) and a copy shares the frozen table.
+    """
+
+    lm_head = None
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.model = _EmbeddingBody(weight)
+
+    def __deepcopy__(self, memo: dict) -> InputEmbeddings:
+        return self
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> InputEmbeddings:
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> InputEmbeddings:
+        """The float32 input embeddings of the model folder ``path``: read alone from its
+        safetensors, or (other formats) from the model loaded whole."""
+        from safetensors import safe_open
+
+        folder = Path(path)
+        key = "model.embed_tokens.weight"
+        index = folder / "model.safetensors.index.json"
+        name = (
+            json.loads(index.read_text())["weight_map"].get(key)
+            if index.exists()
+            else "model.safetensors"
+        )
+        if name and (folder / name).exists():
+            with safe_open(str(folder / name), framework="pt") as weights:
+                if key in weights.keys():
+                    return cls(weights.get_tensor(key).float())
+        from persona_gym.assets import load_causal_lm
+
+        model, _ = load_causal_lm(str(path), dtype="float32")
+        return cls(model.get_input_embeddings().weight.detach().float())
+
+
+def load_served_sequence(
+    artifacts: Any,
+    adapters: Mapping[str, str | Path],
+    path: str | Path,
+    builder: PromptBuilder,
+    dtype: str = "float32",
+    settings: VLLMSettings | None = None,
+) -> ServedSequenceModel:
+    """The sequence-layout scorer on vLLM's offline engine: the embedding table of ``path``
+    (with each adapter's tokens and prior) builds the prompts, the engine runs ``path`` with the
+    adapters as LoRAs on input embeddings."""
+    from persona_gym.simulator.sequence import SequenceRatingModel
+
+    users = SequenceRatingModel.load(
+        InputEmbeddings.load(path), builder.tokenizer, builder, artifacts, adapters
+    )
+    config = builder.config
+    longest = len(users.head) + 2 * (config.history + config.window_size) + 1
+    client = VLLMEngineClient(
+        path, adapters, builder.rating_token_ids, longest + 1, dtype, settings, prompt_embeds=True
+    )
+    return ServedSequenceModel(client, users, list(adapters))
+
+
 def load_served(
     artifacts_dir: str | Path,
     backend: str = "vllm",
@@ -832,6 +1020,17 @@ def load_served(
         AutoTokenizer.from_pretrained(path), artifacts.catalog, prompt or artifacts.prompt_config
     )
     check_servable(builder)
+    if builder.config.layout == "sequence":
+        if backend != "vllm":
+            raise ConfigError(
+                "sequence-layout artifacts are served by backend 'vllm' (the offline engine "
+                f"with prompt embeddings); backend {backend!r} sends token ids only"
+            )
+        return UserSimulator(
+            artifacts,
+            load_served_sequence(artifacts, adapters, path, builder, dtype, settings),
+            variant,
+        )
     priors = load_rating_priors(adapters) if builder.config.cf_prior else None
     client: LogprobClient
     if backend == "vllm":
