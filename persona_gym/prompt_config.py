@@ -26,7 +26,7 @@ class PromptConfig:
         crowd_cue: start the answer with the candidate's average rating (module docstring);
             artifacts trained before this option existed load with ``False``.
         item_tokens: each movie is one soft token (the compact mode; module docstring). Needs
-            adapters trained with it (``persona-gym train --preset paper --item-tokens``).
+            adapters trained with it (``persona-gym train``: the shipped recipe has them).
         cf_cue: the answer shows the collaborative model's prediction for the candidate
             (``Predicted:3.6``, :mod:`persona_gym.collaborative`).
         surprise_cue: the window shows how far the user's recent ratings fell from the

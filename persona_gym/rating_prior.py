@@ -110,7 +110,7 @@ def load_rating_prior(folder: str | Path) -> RatingPrior:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: the prompt has cf_prior but this adapter was "
-            "trained without it; retrain with `persona-gym train --preset paper --cf-prior`"
+            "trained without it; retrain with `persona-gym train` (the shipped recipe has it)"
         )
     state = torch.load(path, weights_only=True)
     prior = RatingPrior()

@@ -44,7 +44,7 @@ def load_item_tokens(
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} not found: adapter {name!r} was trained without "
-                "item tokens; retrain with `persona-gym train --preset paper --item-tokens`"
+                "item tokens; retrain with `persona-gym train` (the shipped recipe has them)"
             )
         state = torch.load(path, weights_only=True)
         if state["weight"].shape[1] != embeddings.shape[1]:

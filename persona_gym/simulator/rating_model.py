@@ -101,27 +101,27 @@ class RatingModel:
         )
         self.item_tokens = item_tokens or {}
         self.priors = priors or {}
-        for needed, per_adapter, what, file, flag in (
+        for needed, per_adapter, what, file, them in (
             (
                 builder.config.item_tokens,
                 self.item_tokens,
                 "item tokens",
                 ITEM_TOKENS_FILE,
-                "--item-tokens",
+                "them",
             ),
             (
                 builder.config.cf_prior,
                 self.priors,
                 "a collaborative prior",
                 PRIOR_FILE,
-                "--cf-prior",
+                "it",
             ),
         ):
             missing = sorted(set(self.adapters) - set(per_adapter)) if needed else []
             if missing:
                 raise ValueError(
                     f"the prompt uses {what} but adapters {missing} have no {file}: "
-                    f"train them with `persona-gym train --preset paper {flag}`"
+                    f"train them with `persona-gym train` (the shipped recipe has {them})"
                 )
         self.max_batch_tokens = max_batch_tokens
         self.cache = PrefixCache(max_cache_bytes)
@@ -165,7 +165,7 @@ class RatingModel:
             if self.builder.config.item_tokens and adapter not in self.item_tokens:
                 raise ValueError(
                     f"adapter {adapter!r} has no item projection: item-token prompts "
-                    "need adapters trained with `persona-gym train --preset paper --item-tokens`"
+                    "need adapters trained with `persona-gym train` (the shipped recipe has them)"
                 )
             self.layered.items = self.item_tokens.get(adapter)
             with self._adapter_context(adapter):
@@ -195,7 +195,7 @@ class RatingModel:
                 if adapter not in self.priors:
                     raise ValueError(
                         f"adapter {adapter!r} has no collaborative prior: prompts with "
-                        "cf_prior need adapters trained with `persona-gym train --preset paper --cf-prior`"
+                        "cf_prior need adapters trained with `persona-gym train` (the shipped recipe has it)"
                     )
                 positions = [i for i, _, _ in items]
                 predictions = torch.tensor([requests[i].cf_prediction for i in positions])

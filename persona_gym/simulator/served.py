@@ -310,7 +310,7 @@ def apply_priors(
             if adapter not in priors:
                 raise ConfigError(
                     f"adapter {adapter!r} has no collaborative prior: prompts with "
-                    "cf_prior need adapters trained with `persona-gym train --cf-prior`"
+                    "cf_prior need adapters trained with `persona-gym train` (the shipped recipe has it)"
                 )
             if any(requests[i].cf_prediction is None for i in positions):
                 raise ConfigError("the prompt has cf_prior but a request carries no cf_prediction")
@@ -795,7 +795,7 @@ class ServedRatingModel:
             if missing:
                 raise ConfigError(
                     f"the prompt uses a collaborative prior but adapters {missing} have "
-                    "none: train them with `persona-gym train --cf-prior`"
+                    "none: train them with `persona-gym train` (the shipped recipe has it)"
                 )
         self.requests_sent = 0  # running count of prompts sent (benchmarks)
 

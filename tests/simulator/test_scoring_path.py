@@ -254,7 +254,7 @@ def test_item_token_and_prior_prompts_need_them_for_every_adapter(peft_model):
         RatingModel(peft_model, TokenBuilder(items), item_tokens={"p0": object()})
     assert str(err.value) == (
         "the prompt uses item tokens but adapters ['p1'] have no item_tokens.pt: "
-        "train them with `persona-gym train --preset paper --item-tokens`"
+        "train them with `persona-gym train` (the shipped recipe has them)"
     )
     prior = PromptConfig(window_size=2, n_memories=0, max_tokens=256, cf_cue=True, cf_prior=True)
     with pytest.raises(ValueError) as err:
@@ -263,7 +263,7 @@ def test_item_token_and_prior_prompts_need_them_for_every_adapter(peft_model):
         "the prompt uses a collaborative prior but adapters ['p0', 'p1'] have no "
     )
     assert str(err.value).endswith(
-        ": train them with `persona-gym train --preset paper --cf-prior`"
+        ": train them with `persona-gym train` (the shipped recipe has it)"
     )
     # the base model has no projection: an item-token request for it is refused
     model = RatingModel(
@@ -272,7 +272,7 @@ def test_item_token_and_prior_prompts_need_them_for_every_adapter(peft_model):
     with pytest.raises(
         ValueError,
         match=r"^adapter 'base' has no item projection: item-token prompts "
-        r"need adapters trained with `persona-gym train --preset paper --item-tokens`$",
+        r"need adapters trained with `persona-gym train` \(the shipped recipe has them\)$",
     ):
         model.score([RatingRequest(0, "", 1, adapter="base")])
     # without item tokens or a prior, nothing is needed
@@ -318,7 +318,7 @@ def test_the_prior_moves_each_adapters_logits_with_the_requests_cues(peft_model)
     with pytest.raises(
         ValueError,
         match=r"^adapter 'base' has no collaborative prior: prompts with cf_prior "
-        r"need adapters trained with `persona-gym train --preset paper --cf-prior`$",
+        r"need adapters trained with `persona-gym train` \(the shipped recipe has it\)$",
     ):
         model.score([RatingRequest(0, "", 1, adapter="base", cf_prediction=3.0)])
 

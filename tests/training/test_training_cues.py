@@ -122,7 +122,7 @@ def test_simulator_applies_the_prior(cued_artifacts, tiny_base, tmp_path):
 
 
 def test_missing_prior_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--cf-prior"):
+    with pytest.raises(FileNotFoundError, match="retrain with `persona-gym train`"):
         load_rating_prior(tmp_path)
 
 
