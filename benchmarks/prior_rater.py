@@ -23,7 +23,7 @@ from persona_gym.evaluation.sequential import (
 )
 from persona_gym.ratings import expected
 from persona_gym.simulator.prior_rater import PriorRater
-from training.eval_sequential import _all_ratings, _windows
+from training.eval_sequential import all_ratings, rolling_windows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     root = resolve_artifacts(args[0] if args else "ml-100k")
     rater = PriorRater.load(root)
     data = logged_data(rater.artifacts)
-    frame = _all_ratings(data, rater.catalog)
+    frame = all_ratings(data, rater.catalog)
     reference = reference_predictions(frame)
     residual = frame["rating"].to_numpy(np.float64) - reference
     k = rater.window_size
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     users, items = test["user_id"].to_numpy(), test["item_index"].to_numpy()
     real = test["rating"].to_numpy(np.float64)
     static = [rater.history(int(u))[-k:] for u in users]
-    rolling = _windows(frame, rows, k)
+    rolling = rolling_windows(frame, rows, k)
     out = {}
     for name, windows in (("evaluator_window", static), ("rolling_window", rolling)):
         pred = expected(rater.rate(users, items, windows))

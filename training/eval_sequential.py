@@ -60,7 +60,9 @@ def prior_only(simulator, users: Sequence[int], items: Sequence[int], windows) -
     return out
 
 
-def _all_ratings(data, catalog) -> pd.DataFrame:
+def all_ratings(data, catalog) -> pd.DataFrame:
+    """Every rating of the logged data (train, test, background) with its catalogue index and
+    an ``is_test`` flag, sorted by user then time."""
     frames = [data.train, data.test, data.background]
     cols = ["user_id", "item_id", "rating", "timestamp"]
     frame = pd.concat([f[cols] for f in frames if f is not None and len(f)], ignore_index=True)
@@ -72,7 +74,7 @@ def _all_ratings(data, catalog) -> pd.DataFrame:
     )
 
 
-def _windows(frame: pd.DataFrame, rows: np.ndarray, k: int) -> list[tuple[Interaction, ...]]:
+def rolling_windows(frame: pd.DataFrame, rows: np.ndarray, k: int) -> list[tuple[Interaction, ...]]:
     """The real previous ``k`` interactions of each row (same user, time order)."""
     users = frame["user_id"].to_numpy()
     items = frame["item_index"].to_numpy()
@@ -95,7 +97,7 @@ def _windows(frame: pd.DataFrame, rows: np.ndarray, k: int) -> list[tuple[Intera
 def sequential_study(simulator, data, k: int = 3, chunk: int = 256, n_boot: int = 1000) -> dict:
     """``studies.sequential`` of the report (module docstring) for a loaded ``UserSimulator``
     and the protocol's logged data."""
-    frame = _all_ratings(data, simulator.catalog)
+    frame = all_ratings(data, simulator.catalog)
     reference = reference_predictions(frame)
     residual = frame["rating"].to_numpy(np.float64) - reference
     features = sequence_features(
@@ -113,7 +115,7 @@ def sequential_study(simulator, data, k: int = 3, chunk: int = 256, n_boot: int 
     users = test["user_id"].to_numpy()
     items = test["item_index"].to_numpy()
     real = test["rating"].to_numpy(np.float64)
-    windows = _windows(frame, rows, k)
+    windows = rolling_windows(frame, rows, k)
     sim = np.zeros(len(rows))
     prior = np.zeros(len(rows))
     for start in range(0, len(rows), chunk):

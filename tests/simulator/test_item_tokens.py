@@ -123,21 +123,23 @@ def test_item_projection_round_trips_through_its_file(tmp_path, tokenizer, catal
     np.testing.assert_array_equal(before, after)
     with pytest.raises(ValueError, match="8-d"):
         load_item_tokens({"base": tmp_path}, embeddings[:, :8])
-    with pytest.raises(FileNotFoundError, match=f"{ITEM_TOKENS_FILE}.*--item-tokens"):
+    with pytest.raises(
+        FileNotFoundError, match=f"{ITEM_TOKENS_FILE}.*retrain with `persona-gym train`"
+    ):
         load_item_tokens({"p0": tmp_path / "nowhere"}, embeddings)
 
 
 def test_item_token_prompts_need_projections_and_cannot_generate(tokenizer, catalog, tiny_llama):
     builder = builder_for(tokenizer, catalog, True)
     peft_model = add_random_adapters(tiny_llama, ["p0"])
-    with pytest.raises(ValueError, match=r"\['p0'\].*--item-tokens"):
+    with pytest.raises(ValueError, match=r"\['p0'\].*train them with `persona-gym train`"):
         RatingModel(peft_model, builder)
     model = RatingModel(
         peft_model,
         builder,
         item_tokens={"p0": random_items(catalog, peft_model.config.hidden_size, 2)},
     )
-    with pytest.raises(ValueError, match="base.*--item-tokens"):
+    with pytest.raises(ValueError, match="base.*`persona-gym train`"):
         model.score([request(1, adapter="base")])
     with pytest.raises(ValueError, match="generation needs text prompts"):
         model.generate([request(1, adapter="p0")])

@@ -145,8 +145,16 @@ def test_evaluate_reports_studies_and_the_prior_alone(cued_artifacts, tmp_path):
     )
     assert studies["memory"]["simulated_rows"] > 0
     assert studies["landscape"] == {}  # the tiny users rated every movie: no unseen ones
+    sequential = studies["sequential"]  # the rolling-window study, in the shape the report reads
+    assert sequential["n"] == len(test)
+    for row in ("real", "simulator", "prior", "mf"):
+        for effect in ("mood", "similarity", "text_similarity"):
+            cell = sequential[row][effect]
+            assert set(cell) == {"slope", "low", "high"} and cell["low"] <= cell["high"]
+    assert set(sequential["rmse_rolling"]) == {"simulator", "prior", "mf", "simulator_minus_prior"}
     text = render_markdown(results)
     assert "Persona specificity" in text and "collaborative prior alone" in text
+    assert "## Sequential fidelity" in text
 
 
 def test_fit_rating_prior_recovers_the_generating_prior():
