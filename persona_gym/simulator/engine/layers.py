@@ -8,6 +8,7 @@ placeholder positions by projected item embeddings before the first LoRA layer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 
 from persona_gym.simulator.engine.attention import attend
 from persona_gym.simulator.engine.packing import PackedBatch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RECOMPILE_LIMIT", "ItemTokens", "LayeredLM"]
 
@@ -85,6 +88,10 @@ class LayeredLM:
             ) from err
         self.rating_ids = torch.as_tensor(list(rating_ids), dtype=torch.long)
         if compile:
+            log.info(
+                "compile=True: the rating model's layers are compiled on first use, once per "
+                "adapter and shape class; the first steps wait for it"
+            )
             # dynamo guards on peft's active adapter name: each adapter gets its own graph
             # (compiled once); past the default limit of 8 the rest would run eagerly
             torch._dynamo.config.recompile_limit = max(
