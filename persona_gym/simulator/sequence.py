@@ -22,7 +22,7 @@ start the last ``k`` logged ones, then the episode's recommendations with their 
 events between the prefix and the window are not shown once the window has moved past them).
 
 Every input is an embedding at the input layer, so a server that takes prompt embeddings (vLLM's
-``enable_prompt_embeds``) computes the same logits from :meth:`SequenceUserModel.embeddings`.
+``enable_prompt_embeds``) computes the same logits from :meth:`SequenceRatingModel.embeddings`.
 Training (``training/sequence_training.py``) reads each user's logged sequence autoregressively:
 every rating is predicted at its item token from the ratings before it.
 """
@@ -43,7 +43,15 @@ TOKENS_FILE = "sequence_tokens.pt"
 HEAD_TEXT = "Movie ratings:"
 CENTRE = 3.0  # predictions enter the item tokens as (prediction - CENTRE)
 
-__all__ = ["CENTRE", "HEAD_TEXT", "TOKENS_FILE", "SequenceTokens", "UserSequence"]
+__all__ = [
+    "CENTRE",
+    "HEAD_TEXT",
+    "TOKENS_FILE",
+    "SequenceLM",
+    "SequenceRatingModel",
+    "SequenceTokens",
+    "UserSequence",
+]
 
 
 class SequenceTokens(torch.nn.Module):
@@ -104,7 +112,7 @@ class SequenceTokens(torch.nn.Module):
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} not found: this adapter was not trained as a sequence user model; "
-                "retrain it with `persona-gym train`"
+                "retrain it with `persona-gym train --preset sequence`"
             )
         state = torch.load(path, weights_only=True)
         hidden = state["digits"].shape[1]

@@ -165,7 +165,9 @@ def test_missing_tokens_file_names_the_fix(seq_artifacts, tmp_path):
     folder = tmp_path / "persona-0"
     shutil.copytree(seq_artifacts / "adapters" / "persona-0", folder)
     (folder / TOKENS_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="retrain it with `persona-gym train`"):
+    with pytest.raises(
+        FileNotFoundError, match="retrain it with `persona-gym train --preset sequence`"
+    ):
         SequenceTokens.load(folder, np.zeros((6, 3)))
 
 
