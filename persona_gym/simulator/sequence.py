@@ -243,34 +243,41 @@ class SequenceRatingModel:
         end = max(0, len(history) - self.window_size)
         return tuple(history[max(0, end - self.history_size) : end])
 
+    def prefix_embeddings(self, user_id: int, adapter: str) -> torch.Tensor:
+        """``(T_prefix, H)`` input embeddings of the user's static prefix under ``adapter``."""
+        prefix = self._sequence(user_id, adapter, self.prefix_events(user_id))
+        return torch.cat([self.head, prefix.embed(self.tokens[adapter])])
+
+    def block_embeddings(self, request) -> tuple[torch.Tensor, float]:
+        """``(2 len(window) + 1, H)`` input embeddings of a request's window and candidate, and
+        the candidate's collaborative prediction (the prior's centre)."""
+        user, adapter, window = request.user_id, request.adapter, tuple(request.window)
+        items = [x.item_index for x in window] + [request.candidate]
+        predicted = self.predictions(user, adapter, items)
+        tokens = self.tokens[adapter]
+        candidate = tokens.items(torch.as_tensor(items[-1:]), torch.as_tensor(predicted[-1:]))
+        block = torch.cat([UserSequence.of(window, predicted[:-1]).embed(tokens), candidate])
+        return block, float(predicted[-1])
+
     def embeddings(self, request) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prefix, block)`` input embeddings of a request: what a server taking prompt
         embeddings is sent (their concatenation), and what the local engine computes."""
-        tokens = self.tokens[request.adapter]
-        user, adapter, window = request.user_id, request.adapter, tuple(request.window)
-        prefix = self._sequence(user, adapter, self.prefix_events(user))
-        candidate = tokens.items(
-            torch.as_tensor([request.candidate]),
-            torch.as_tensor(self.predictions(user, adapter, [request.candidate])),
-        )
-        return (
-            torch.cat([self.head, prefix.embed(tokens)]),
-            torch.cat([self._sequence(user, adapter, window).embed(tokens), candidate]),
-        )
+        block, _ = self.block_embeddings(request)
+        return self.prefix_embeddings(request.user_id, request.adapter), block
 
-    def _prefix_kvs(self, adapter: str, wanted: dict[tuple, torch.Tensor]) -> dict[tuple, tuple]:
-        """The keys/values of the ``{key: embeddings}`` prefixes of ``adapter``'s users: the
-        cached ones, the others computed in batches of equal length and cached."""
-        found = {key: self._prefixes[key] for key in wanted if key in self._prefixes}
-        missing: dict[int, list[tuple]] = {}
-        for key, embeds in wanted.items():
-            if key not in found:
-                missing.setdefault(len(embeds), []).append(key)
-        for keys in missing.values():
-            embeds = torch.stack([wanted[k] for k in keys])
+    def _prefix_kvs(self, adapter: str, keys: list[tuple]) -> dict[tuple, tuple]:
+        """The keys/values of the ``(user, adapter)`` prefixes ``keys``, computed in batches of
+        equal length and cached."""
+        found = {}
+        by_length: dict[int, list[tuple[tuple, torch.Tensor]]] = {}
+        for key in keys:
+            embeds = self.prefix_embeddings(*key)
+            by_length.setdefault(len(embeds), []).append((key, embeds))
+        for group in by_length.values():
+            embeds = torch.stack([e for _, e in group])
             cache = self.lms[adapter].body(inputs_embeds=embeds, use_cache=True).cache
             self.tokens_processed += embeds.shape[0] * embeds.shape[1]
-            for row, key in enumerate(keys):
+            for row, (key, _) in enumerate(group):
                 if len(self._prefixes) >= PREFIX_CACHE:
                     self._prefixes.pop(next(iter(self._prefixes)))
                 found[key] = self._prefixes[key] = tuple(
@@ -293,21 +300,28 @@ class SequenceRatingModel:
         candidate costs one token on it. Rows of equal length are batched.
         """
         states: dict[tuple, list[int]] = {}
-        prefixes: dict[str, dict[tuple, torch.Tensor]] = {}
         blocks: list[torch.Tensor] = []
+        predictions = torch.empty(len(requests))
         for i, request in enumerate(requests):
             if request.adapter not in self.tokens:
                 raise KeyError(
                     f"adapter {request.adapter!r} is not loaded; loaded: {sorted(self.tokens)}"
                 )
-            key = (request.user_id, request.adapter)
-            prefix, block = self.embeddings(request)
-            prefixes.setdefault(request.adapter, {})[key] = prefix
+            block, predictions[i] = self.block_embeddings(request)
             blocks.append(block)
-            states.setdefault((*key, tuple(request.window)), []).append(i)
+            states.setdefault((request.user_id, request.adapter, tuple(request.window)), []).append(
+                i
+            )
+        # the prefixes this call reads: cached ones kept here (the cache may evict during it)
         kvs: dict[tuple, tuple] = {}
-        for adapter, wanted in prefixes.items():
-            kvs.update(self._prefix_kvs(adapter, wanted))
+        missing: dict[str, list[tuple]] = {}
+        for key in {state[:2] for state in states}:
+            if key in self._prefixes:
+                kvs[key] = self._prefixes[key]
+            else:
+                missing.setdefault(key[1], []).append(key)
+        for adapter, keys in missing.items():
+            kvs.update(self._prefix_kvs(adapter, keys))
         hidden = torch.empty((len(requests), self.head.shape[1]))
         # states with one candidate: window and candidate in one forward on the prefix
         singles: dict[tuple, list[int]] = {}
@@ -352,19 +366,10 @@ class SequenceRatingModel:
         logits = torch.empty((len(requests), 5), dtype=torch.float32)
         adapters = [r.adapter for r in requests]
         for adapter in set(adapters):
-            index = [i for i, a in enumerate(adapters) if a == adapter]
-            predictions = torch.as_tensor(
-                np.concatenate(
-                    [
-                        self.predictions(requests[i].user_id, adapter, [requests[i].candidate])
-                        for i in index
-                    ]
-                ),
-                dtype=torch.float32,
-            )
-            zeros = torch.zeros_like(predictions)
-            rows_ = torch.as_tensor(index)
-            logits[rows_] = self.priors[adapter](self.lm.logits(hidden[rows_]), predictions, zeros)
+            mine = torch.as_tensor([i for i, a in enumerate(adapters) if a == adapter])
+            centre = predictions[mine]
+            prior = self.priors[adapter]
+            logits[mine] = prior(self.lm.logits(hidden[mine]), centre, torch.zeros_like(centre))
         return logits
 
     def _run(self, adapter: str, embeds: torch.Tensor, kvs: list[tuple], length: int):

@@ -34,13 +34,12 @@ TINY = SequenceTrainConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def seq_artifacts(tmp_path_factory, trained_tiny_artifacts, tiny_base):
-    """The tiny tables and personas as ``distill`` and ``personas`` leave them (no manifest, no
-    adapters), a collaborative model fitted on them, then the sequence adapters trained."""
-    root = tmp_path_factory.mktemp("sequence") / "art"
+def write_sequence_artifacts(source, root, base_model: str):
+    """The tables and personas of artifacts ``source`` as ``distill`` and ``personas`` leave them
+    (no manifest, no adapters) copied to ``root``, a collaborative model fitted on them, then
+    the sequence adapters trained on ``base_model``."""
     shutil.copytree(
-        trained_tiny_artifacts,
+        source,
         root,
         ignore=shutil.ignore_patterns("cache", "checkpoints", "adapters", "manifest.json"),
     )
@@ -49,8 +48,15 @@ def seq_artifacts(tmp_path_factory, trained_tiny_artifacts, tiny_base):
     fit_collaborative(memories[columns], pd.DataFrame(columns=columns), catalog, seed=0).save(
         root / CF_FILE
     )
-    train_sequence(root, TINY, tiny_base)
+    train_sequence(root, TINY, base_model)
     return root
+
+
+@pytest.fixture(scope="module")
+def seq_artifacts(tmp_path_factory, trained_tiny_artifacts, tiny_base):
+    return write_sequence_artifacts(
+        trained_tiny_artifacts, tmp_path_factory.mktemp("sequence") / "art", tiny_base
+    )
 
 
 @pytest.fixture(scope="module")

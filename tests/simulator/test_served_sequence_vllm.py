@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 
 from persona_gym.memory import Interaction
-from tests.simulator.test_sequence import TINY
+from tests.simulator.test_sequence import write_sequence_artifacts
 from tests.simulator.test_served_vllm import PROB_TOL, VLLM_ENV
 
 pytestmark = [
@@ -79,25 +78,8 @@ def tiny_base32(tmp_path_factory, tokenizer) -> str:
 def tiny_sequence_artifacts(tmp_path_factory, table_artifacts, tiny_base32) -> Path:
     """The tiny tables and personas, a collaborative model fitted on them, and sequence users
     trained on :func:`tiny_base32` (as ``tests/simulator/test_sequence.py`` builds them)."""
-    import pandas as pd
-
-    from persona_gym.artifacts import load_tables
-    from persona_gym.collaborative import CF_FILE, fit_collaborative
-    from training.sequence_training import train_sequence
-
     root = tmp_path_factory.mktemp("served-sequence") / "art"
-    shutil.copytree(
-        table_artifacts,
-        root,
-        ignore=shutil.ignore_patterns("cache", "checkpoints", "adapters", "manifest.json"),
-    )
-    catalog, _, memories, _ = load_tables(root)
-    columns = ["user_id", "item_id", "rating", "timestamp"]
-    fit_collaborative(memories[columns], pd.DataFrame(columns=columns), catalog, seed=0).save(
-        root / CF_FILE
-    )
-    train_sequence(root, TINY, tiny_base32)
-    return root
+    return write_sequence_artifacts(table_artifacts, root, tiny_base32)
 
 
 def sequence_triples(sim, n: int, seed: int = 0) -> tuple[list, list, list]:
