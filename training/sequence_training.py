@@ -1,12 +1,16 @@
 """Train the sequence user model's persona adapters (:mod:`persona_gym.simulator.sequence`).
 
 Each persona adapter (LoRA on every layer, its soft tokens and its collaborative prior) reads
-its users' logged rating sequences autoregressively: in chunks of ``chunk`` events, every rating
-after the first ``min_context`` of a chunk is predicted at its item token from the events before
-it. The last ``val_per_user`` ratings of each user are the validation slice (never trained on):
-they are scored with the layout the simulator uses (``history`` events, then the window), and
-choose the step to keep (the lowest validation RMSE: the adapters overfit within a few epochs).
-The prior alone is scored on the same slice, so what the SLM adds is measured while it trains.
+its users' logged rating sequences in the simulator's layout: a static prefix of ``history``
+events, then blocks of ``window`` events and a target whose rating is read at its item token.
+Each epoch draws each user's prefix end anew and up to ``targets_per_user`` targets after it, so
+the gap between the prefix and the window ranges from none to the whole training part, as it
+does for a late test rating or deep in an episode (a model trained only on contiguous context
+learns to trust a prefix that is stale by then). The last ``val_per_user`` ratings of each user
+are the validation slice (never trained on), scored in the simulator's layout for a first test
+rating; it chooses the step to keep (the lowest validation RMSE: the adapters overfit within a
+few epochs). The prior alone is scored on the same slice, so what the SLM adds is measured while
+it trains.
 
 ``persona-gym train --artifacts DIR --preset sequence`` (with :class:`SequenceTrainConfig` and
 :func:`sequence_prompt`) reads what ``persona-gym distill`` and ``persona-gym personas`` wrote
@@ -54,7 +58,12 @@ from persona_gym.memory import logged_history
 from persona_gym.prompt_config import PromptConfig
 from persona_gym.rating_prior import RatingPrior, fit_rating_prior
 from persona_gym.ratings import RATING_VALUES
-from persona_gym.simulator.sequence import SequenceLM, SequenceTokens, UserSequence
+from persona_gym.simulator.sequence import (
+    SequenceLM,
+    SequenceTokens,
+    UserSequence,
+    item_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +75,12 @@ class SequenceTrainConfig:
     Attributes:
         history: logged events in a user's static prefix (the simulator's layout).
         window: events after the prefix that a step shows (``k``).
-        chunk: events per training sequence.
-        min_context: events before the first trained rating of a chunk.
+        targets_per_user: target events per user and epoch, read after a prefix drawn anew
+            each epoch (:func:`_examples`).
         rank, alpha, dropout: the LoRA adapters (every linear layer of every block).
         learning_rate: AdamW, linear warm-up over the first 10% of steps, then constant.
-        epochs: passes over the training chunks (early stopping keeps the best step).
-        batch: chunks per optimiser step.
+        epochs: passes over the training users (early stopping keeps the best step).
+        batch: users per optimiser step.
         mse_weight: weight of the squared error of the expected rating beside the NLL.
         val_per_user: each user's last ratings held out as the validation slice.
         eval_every: optimiser steps between validation passes.
@@ -80,17 +89,16 @@ class SequenceTrainConfig:
 
     history: int = 32
     window: int = 3
-    chunk: int = 64
-    min_context: int = 24
+    targets_per_user: int = 32
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
     learning_rate: float = 3e-4
-    epochs: int = 2
-    batch: int = 8
+    epochs: int = 3
+    batch: int = 4
     mse_weight: float = 0.1
     val_per_user: int = 5
-    eval_every: int = 8
+    eval_every: int = 5
     seed: int = 0
 
 
@@ -113,11 +121,12 @@ class SequenceInputs:
     user_persona: dict[int, int]
     users: list[int]  # the adapters' training users (the protocol users of split.json)
     tastes: dict[int, np.ndarray | None]
+    genres: tuple[tuple[str, ...], ...]  # each catalogue item's genres
 
     @classmethod
     def load(cls, root: str | Path, persona_taste: float = PERSONA_TASTE) -> SequenceInputs:
         root = Path(root)
-        _, profiles, memories, item_embeddings = load_tables(root)
+        catalog, profiles, memories, item_embeddings = load_tables(root)
         if not (root / CF_FILE).exists():
             raise ArtifactsError(
                 f"{root / CF_FILE} not found: the sequence user model reads the collaborative "
@@ -134,7 +143,9 @@ class SequenceInputs:
                 u: collaborative.taste_of(u, means[user_persona[u]], persona_taste, axes)
                 for u in users
             }
-        return cls(memories, item_embeddings, collaborative, user_persona, users, tastes)
+        return cls(
+            memories, item_embeddings, collaborative, user_persona, users, tastes, catalog.genres
+        )
 
     def personas(self) -> dict[str, list[int]]:
         """``{adapter name: its training users}``, one adapter per persona."""
@@ -160,56 +171,88 @@ def _slice(seq: UserSequence, start: int, end: int) -> UserSequence:
 
 
 @dataclass
-class _Chunk:
-    seq: UserSequence
-    first_target: int  # index in the chunk of the first trained rating
+class _Example:
+    """One user's static prefix and the blocks read after it, laid out as the simulator does:
+    ``[head] prefix | block`` for each block, every block on the same prefix (its own copy of
+    the prefix's keys/values) at the positions that follow it. A block is ``window`` events and
+    a target event, ``2 window + 1`` tokens (the target's rating token is not shown)."""
+
+    prefix: UserSequence
+    blocks: list[UserSequence]
 
 
-def _chunks(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[_Chunk]:
-    stride = config.chunk - config.min_context
-    chunks = []
+def _examples(
+    seqs: dict[int, UserSequence], config: SequenceTrainConfig, rng: np.random.Generator
+) -> list[_Example]:
+    """This epoch's training examples: for each user a prefix end ``s`` drawn at random, the
+    ``history`` events before it as the prefix, and up to ``targets_per_user`` target events
+    ``t >= s + window`` (each with the ``window`` events before it) drawn from the rest of the
+    training part. The gap between prefix and window then spans what the rolling window of a
+    test rating or an episode shows: from none to the whole training part."""
+    k = config.window
+    out = []
     for seq in seqs.values():
         n = len(seq) - config.val_per_user
-        for start in range(0, max(n - config.min_context, 0), stride):
-            end = min(start + config.chunk, n)
-            if end - start > config.min_context:
-                chunks.append(_Chunk(_slice(seq, start, end), config.min_context))
-    return chunks
+        first_end = min(config.history, max(n - k - 1, 1))
+        if n - k - 1 < first_end:
+            continue
+        s = int(rng.integers(first_end, n - k))
+        targets = np.arange(s + k, n)
+        if len(targets) > config.targets_per_user:
+            targets = np.sort(rng.choice(targets, config.targets_per_user, replace=False))
+        prefix = _slice(seq, max(0, s - config.history), s)
+        out.append(_Example(prefix, [_slice(seq, t - k, t + 1) for t in targets]))
+    return out
 
 
-def _val_chunks(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[_Chunk]:
-    """Each user's validation ratings, each with the ``history + window`` events before it."""
-    context = config.history + config.window
-    chunks = []
+def _val_examples(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[_Example]:
+    """Each user's validation ratings, in the simulator's layout for the first test ratings:
+    the prefix is the ``history`` events before the ``window`` that precede the first one."""
+    k = config.window
+    out = []
     for seq in seqs.values():
-        n = len(seq)
-        first = n - config.val_per_user
-        start = max(0, first - context)
-        chunks.append(_Chunk(_slice(seq, start, n), first - start))
-    return chunks
+        first = len(seq) - config.val_per_user
+        s = max(0, first - k)
+        prefix = _slice(seq, max(0, s - config.history), s)
+        out.append(_Example(prefix, [_slice(seq, max(0, t - k), t + 1) for t in range(first, len(seq))]))
+    return out
 
 
 def _batch_logits(
-    lm: SequenceLM, tokens: SequenceTokens, chunks: list[_Chunk]
+    lm: SequenceLM, tokens: SequenceTokens, examples: list[_Example], every_event: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rating logits at every target item token of ``chunks`` (one padded forward), with the
-    targets' 1..5 ratings and collaborative predictions."""
+    """Rating logits of the blocks of ``examples`` with their targets' 1..5 ratings and
+    collaborative predictions: each prefix runs once, then its blocks on copies of its
+    keys/values (as :meth:`SequenceRatingModel.score_logits` does). ``every_event``: also read
+    each window event's rating at its item token (from the prefix and the block's events before
+    it), not only the target's."""
+    from transformers import DynamicCache
+
     head = lm.head
-    seqs = [torch.cat([head, c.seq.embed(tokens)]) for c in chunks]
-    longest = max(len(s) for s in seqs)
-    embeds = torch.zeros(len(seqs), longest, head.shape[1])
-    for row, s in enumerate(seqs):
-        embeds[row, : len(s)] = s  # right padding: causal attention never reads it
-    hidden = lm.body(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    rows, cols, ratings, predictions = [], [], [], []
-    for row, c in enumerate(chunks):
-        for j in range(c.first_target, len(c.seq)):
-            rows.append(row)
-            cols.append(len(head) + 2 * j)
-            ratings.append(int(round(float(c.seq.ratings[j]))))
-            predictions.append(float(c.seq.predictions[j]))
-    logits = lm.logits(hidden[torch.tensor(rows), torch.tensor(cols)])
-    return logits, torch.tensor(ratings), torch.tensor(predictions)
+    groups: dict[tuple[int, int], list[tuple[int, UserSequence]]] = {}
+    for i, ex in enumerate(examples):
+        for block in ex.blocks:
+            groups.setdefault((len(ex.prefix), len(block)), []).append((i, block))
+    logits, ratings, predictions = [], [], []
+    for (_, length), group in groups.items():
+        owners = sorted({i for i, _ in group})
+        prefixes = torch.stack([torch.cat([head, examples[i].prefix.embed(tokens)]) for i in owners])
+        cache = lm.body(inputs_embeds=prefixes, use_cache=True).cache
+        row_of = {i: row for row, i in enumerate(owners)}
+        index = torch.tensor([row_of[i] for i, _ in group])
+        layers = [(layer.keys[index], layer.values[index]) for layer in cache.layers]
+        blocks = [block for _, block in group]
+        embeds = torch.stack([block.embed(tokens)[:-1] for block in blocks])
+        start = prefixes.shape[1]
+        positions = torch.arange(start, start + embeds.shape[1])[None].expand(len(blocks), -1)
+        hidden = lm.body(
+            inputs_embeds=embeds, cache=DynamicCache(layers), position_ids=positions
+        ).last_hidden_state
+        events = list(range(length)) if every_event else [length - 1]
+        logits.append(lm.logits(hidden[:, [2 * j for j in events]]).reshape(-1, 5))
+        ratings.append(torch.from_numpy(np.rint(np.stack([b.ratings[events] for b in blocks]))).long().reshape(-1))
+        predictions.append(torch.from_numpy(np.stack([b.predictions[events] for b in blocks])).reshape(-1))
+    return torch.cat(logits), torch.cat(ratings), torch.cat(predictions)
 
 
 def _with_prior(prior: RatingPrior, logits: torch.Tensor, predictions: torch.Tensor):
@@ -243,12 +286,13 @@ def train_sequence_adapter(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     seqs = _sequences(inputs, users)
-    train, val = _chunks(seqs, config), _val_chunks(seqs, config)
-    if not train:
+    val = _val_examples(seqs, config)
+    n_train = len(_examples(seqs, config, np.random.default_rng(config.seed)))
+    if not n_train:
         raise ConfigError(
-            f"{name}: no training sequence: its {len(users)} users have at most "
-            f"min_context + val_per_user = {config.min_context + config.val_per_user} ratings; "
-            "lower --min-context or --val-per-user"
+            f"{name}: no training example: its {len(users)} users have at most "
+            f"window + val_per_user = {config.window + config.val_per_user} ratings; "
+            "lower --window or --val-per-user"
         )
     lora = LoraConfig(
         r=config.rank,
@@ -259,41 +303,40 @@ def train_sequence_adapter(
     )
     model = get_peft_model(base, lora, adapter_name=name)
     lm = SequenceLM(model, tokenizer)
-    features = np.c_[inputs.item_embeddings, inputs.collaborative.item_features()]
+    features = item_features(inputs.item_embeddings, inputs.collaborative, inputs.genres)
     tokens = SequenceTokens.initial(features, lm, tokenizer)
-    fit_targets = [c.seq for c in train]
-    ratings_fit = np.concatenate([np.rint(s.ratings[config.min_context :]) for s in fit_targets])
-    preds_fit = np.concatenate([s.predictions[config.min_context :] for s in fit_targets])
+    fit_on = [s for s in seqs.values() if len(s) > config.val_per_user + config.window]
+    ratings_fit = np.concatenate(
+        [np.rint(s.ratings[config.window : -config.val_per_user]) for s in fit_on]
+    )
+    preds_fit = np.concatenate([s.predictions[config.window : -config.val_per_user] for s in fit_on])
     prior = fit_rating_prior(preds_fit, np.zeros_like(preds_fit), ratings_fit.astype(np.int64))
     prior.memory.requires_grad_(False)  # no window term: the window is the SLM's
 
     params = [p for p in model.parameters() if p.requires_grad]
     params += list(tokens.parameters()) + [prior.log_precision, prior.bias]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    steps = config.epochs * int(np.ceil(len(train) / config.batch))
+    per_epoch = int(np.ceil(n_train / config.batch))
+    steps = config.epochs * per_epoch
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
     def validate() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
-            logits, ratings, predictions = _batch_logits(lm, tokens, val)
+            logits, ratings, predictions = _batch_logits(lm, tokens, val, every_event=False)
             return _scores(_with_prior(prior, logits, predictions), ratings)
 
     with torch.no_grad():
-        val_ratings = torch.tensor(
-            [int(round(float(r))) for c in val for r in c.seq.ratings[c.first_target :]]
-        )
-        val_preds = torch.tensor(
-            [float(p) for c in val for p in c.seq.predictions[c.first_target :]]
-        )
+        val_ratings = torch.tensor([int(round(float(b.ratings[-1]))) for e in val for b in e.blocks])
+        val_preds = torch.tensor([float(b.predictions[-1]) for e in val for b in e.blocks])
         prior_only = _scores(
             _with_prior(prior, torch.zeros(len(val_ratings), 5), val_preds), val_ratings
         )
     log.info(
-        "%s: %d train chunks, %d val ratings; prior alone %s",
+        "%s: %d training users, %d val ratings; prior alone %s",
         name,
-        len(train),
+        len(seqs),
         len(val_ratings),
         prior_only,
     )
@@ -303,11 +346,12 @@ def train_sequence_adapter(
     started = time.perf_counter()
     step = 0
     for epoch in range(config.epochs):
+        train = _examples(seqs, config, rng)
         order = rng.permutation(len(train))
         for first in range(0, len(order), config.batch):
             model.train()
             batch = [train[i] for i in order[first : first + config.batch]]
-            logits, ratings, predictions = _batch_logits(lm, tokens, batch)
+            logits, ratings, predictions = _batch_logits(lm, tokens, batch, every_event=True)
             logits = _with_prior(prior, logits, predictions)
             expected = logits.softmax(-1) @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
             loss = torch.nn.functional.cross_entropy(logits, ratings - 1)
@@ -349,7 +393,7 @@ def train_sequence_adapter(
         "history": history,
         "steps": step,
         "seconds": time.perf_counter() - started,
-        "train_chunks": len(train),
+        "training_users": len(seqs),
     }
     (folder / "training.json").write_text(json.dumps(metrics, indent=1))
     model.unload()

@@ -532,7 +532,7 @@ BLOCK_ONLY = (
     ("--no-progress", "no_progress"),
     ("--no-compile", "no_compile"),
 )
-SEQUENCE_ONLY = (("--history", "history"), ("--chunk", "chunk"), ("--min-context", "min_context"))
+SEQUENCE_ONLY = (("--history", "history"), ("--targets-per-user", "targets_per_user"))
 
 
 def _common_defaults(preset: str) -> dict:
@@ -627,7 +627,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         dest="batch",
         type=int,
         default=None,
-        help=three("batch", "examples (sequence: sequences) per optimizer step"),
+        help=three("batch", "examples (sequence: users) per optimizer step"),
     )
     parser.add_argument(
         "--mse-weight",
@@ -678,17 +678,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"logged events in each user's static prefix (default: {sequence.history})",
     )
     seq.add_argument(
-        "--chunk",
+        "--targets-per-user",
         type=int,
         default=None,
-        help=f"events per training sequence (default: {sequence.chunk})",
-    )
-    seq.add_argument(
-        "--min-context",
-        type=int,
-        default=None,
-        help=f"events before the first trained rating of a sequence (default: "
-        f"{sequence.min_context})",
+        help=f"rated events per user and epoch, read after a prefix drawn each epoch (default: "
+        f"{sequence.targets_per_user})",
     )
     block = parser.add_argument_group(
         "--preset shipped and paper only (the block trainer: LoRA on the top layers)"
@@ -882,8 +876,7 @@ def sequence_config(args: argparse.Namespace):
     config = SequenceTrainConfig(
         history=_given(args, "history", d.history),
         window=args.window,
-        chunk=_given(args, "chunk", d.chunk),
-        min_context=_given(args, "min_context", d.min_context),
+        targets_per_user=_given(args, "targets_per_user", d.targets_per_user),
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
@@ -895,15 +888,20 @@ def sequence_config(args: argparse.Namespace):
         eval_every=args.eval_every,
         seed=args.seed,
     )
-    for name in ("history", "window", "chunk", "rank", "alpha", "epochs", "batch", "eval_every"):
+    for name in (
+        "history",
+        "window",
+        "targets_per_user",
+        "rank",
+        "alpha",
+        "epochs",
+        "batch",
+        "eval_every",
+    ):
         if getattr(config, name) < 1:
             raise ConfigError(
                 f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
             )
-    if not 0 <= config.min_context < config.chunk:
-        raise ConfigError(
-            f"--min-context must be in [0, --chunk), got {config.min_context} (chunk {config.chunk})"
-        )
     if not 0.0 <= args.persona_taste <= 1.0:
         raise ConfigError(f"--persona-taste must be in [0, 1], got {args.persona_taste}")
     return config, args.persona_taste
@@ -917,7 +915,7 @@ def _run_sequence(args: argparse.Namespace) -> int:
     results = train_sequence(args.artifacts, config, args.base_model, persona_taste, args.force)
     for name, m in results.items():
         print(
-            f"{name:>14}: {m['train_chunks']:5d} sequences, {m['steps']:4d} steps, "
+            f"{name:>14}: {m['training_users']:5d} users, {m['steps']:4d} steps, "
             f"val RMSE {m['best']['rmse']:.4f} (prior alone {m['prior_alone']['rmse']:.4f})"
         )
     manifest = json.loads((Path(args.artifacts) / "manifest.json").read_text())

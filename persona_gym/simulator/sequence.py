@@ -6,8 +6,8 @@ A user's state is a sequence of input embeddings, not text::
            `-- the prefix: the user's `history` --'  `--- the window ---'
                logged events before their last k        (the block)
 
-* an **item token** is one vector: a learned projection of the movie's text embedding and its
-  collaborative factors and bias, plus a learned direction times the collaborative model's
+* an **item token** is one vector: a learned projection of the movie's text embedding, its
+  collaborative factors and bias and its genres, plus a learned direction times the collaborative model's
   prediction of this user's rating of it (centred on 3);
 * a **rating token** is the LM's own embedding of the digit "1".."5" plus a learned direction
   times the residual (rating minus that prediction): how far the rating fell from expectation.
@@ -23,8 +23,8 @@ events between the prefix and the window are not shown once the window has moved
 
 Every input is an embedding at the input layer, so a server that takes prompt embeddings (vLLM's
 ``enable_prompt_embeds``) computes the same logits from :meth:`SequenceRatingModel.embeddings`.
-Training (``training/sequence_training.py``) reads each user's logged sequence autoregressively:
-every rating is predicted at its item token from the ratings before it.
+Training (``training/sequence_training.py``) reads each user's logged sequence in this same
+layout: a prefix, then blocks of a window and a target event at any distance after it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,20 @@ __all__ = [
     "SequenceRatingModel",
     "SequenceTokens",
     "UserSequence",
+    "item_features",
 ]
+
+
+def item_features(item_embeddings, collaborative, genres: Sequence[Sequence[str]]) -> np.ndarray:
+    """``(n_items, E)`` what an item token is projected from: the movie's text embedding, its
+    collaborative factors and bias, and its genres (one indicator per genre of the catalogue,
+    in sorted order) so that the similarity of two movies' genres is linear in their tokens."""
+    names = sorted({g for item in genres for g in item})
+    column = {g: j for j, g in enumerate(names)}
+    indicators = np.zeros((len(genres), len(names)), dtype=np.float32)
+    for row, item in enumerate(genres):
+        indicators[row, [column[g] for g in item]] = 1.0
+    return np.c_[item_embeddings, collaborative.item_features(), indicators]
 
 
 class SequenceTokens(torch.nn.Module):
@@ -209,9 +222,9 @@ class SequenceRatingModel:
         """The engine over ``model`` with each adapter's tokens and prior read from its folder."""
         from persona_gym.rating_prior import load_rating_priors
 
-        features = np.c_[
-            artifacts.item_embeddings, artifacts.require_collaborative().item_features()
-        ]
+        features = item_features(
+            artifacts.item_embeddings, artifacts.require_collaborative(), artifacts.catalog.genres
+        )
         tokens = {name: SequenceTokens.load(folder, features) for name, folder in adapters.items()}
         return cls(model, tokenizer, builder, artifacts, tokens, load_rating_priors(adapters))
 

@@ -23,8 +23,7 @@ from training.sequence_training import SequenceTrainConfig, train_sequence
 TINY = SequenceTrainConfig(
     history=2,
     window=2,
-    chunk=4,
-    min_context=1,
+    targets_per_user=3,
     rank=4,
     alpha=8,
     epochs=1,

@@ -50,17 +50,16 @@ SEQUENCE_PROMPT = {
 SEQUENCE_CONFIG = {
     "history": 32,
     "window": 3,
-    "chunk": 64,
-    "min_context": 24,
+    "targets_per_user": 32,
     "rank": 16,
     "alpha": 32,
     "dropout": 0.05,
     "learning_rate": 3e-4,
-    "epochs": 2,
-    "batch": 8,
+    "epochs": 3,
+    "batch": 4,
     "mse_weight": 0.1,
     "val_per_user": 5,
-    "eval_every": 8,
+    "eval_every": 5,
     "seed": 0,
 }
 
@@ -172,7 +171,7 @@ def test_the_sequence_recipe_written_out_covers_every_field():
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--chunk", "8"], "--chunk"),
+        (["--targets-per-user", "8"], "--targets-per-user"),
         (["--preset", "paper", "--history", "8"], "--history"),
         (["--preset", "sequence", "--lora-layers", "2"], "--lora-layers"),
         (
