@@ -3,9 +3,14 @@
 * ``persona_gym`` (the runtime library) never imports ``training`` or ``agents``; only its
   composition root, ``persona_gym/cli.py``, names them (as command modules).
 * ``agents`` never imports ``training``.
-* Inside ``persona_gym``, the first-level parts (``artifacts``, ``simulator``, ``envs``, ...)
+* Inside ``persona_gym``, the first-level parts (``artifacts``, ``envs``, ``evaluation``, ...)
   import each other without cycles. Imports under ``if TYPE_CHECKING:`` are not counted: they
   never run.
+* The user model's package, ``persona_gym.simulator``, spans ``artifacts``: the pieces an
+  artifacts directory is made of (the collaborative model, the prompt settings, the adapter
+  names) sit below ``persona_gym.artifacts``, the raters that load such a directory above it. So
+  its modules (and ``simulator.engine``) are parts of their own, and its ``__init__.py`` imports
+  nothing: importing one of its modules never runs another.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"persona_gym": {"training", "agents"}, "agents": {"training"}}
 COMPOSITION_ROOT = "persona_gym/cli.py"
+# packages whose modules are parts of their own (their ``__init__.py`` imports nothing)
+SPLIT = ("persona_gym.simulator",)
 
 
 def _module(path: Path, root: Path = ROOT) -> str:
@@ -75,7 +82,10 @@ def back_edges() -> list[str]:
 
 
 def _part(module: str) -> str:
-    return ".".join(module.split(".")[:2])
+    """The part a module belongs to: its first-level package, or in a package of
+    :data:`SPLIT` the module (or subpackage) itself."""
+    parts = module.split(".")
+    return ".".join(parts[: 3 if ".".join(parts[:2]) in SPLIT else 2])
 
 
 def part_graph() -> dict[str, set[str]]:
@@ -137,6 +147,13 @@ def test_no_import_cycles_between_the_parts_of_persona_gym():
     assert not found, f"import cycles between parts of persona_gym: {found}"
 
 
+def test_split_packages_import_nothing_from_their_init():
+    """A package whose modules are parts of their own must not tie them together on import."""
+    for package in SPLIT:
+        init = ROOT.joinpath(*package.split("."), "__init__.py")
+        assert [name for _, name in _imports(init) if name.startswith("persona_gym")] == [], init
+
+
 def test_the_scan_sees_a_back_edge_and_a_cycle(tmp_path):
     """The checks fail when they should (a planted back-edge, a planted cycle)."""
     planted = tmp_path / "planted.py"
@@ -147,3 +164,5 @@ def test_the_scan_sees_a_back_edge_and_a_cycle(tmp_path):
     assert [name for _, name in _imports(planted, tmp_path)] == ["typing", "training.train"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+    assert _part("persona_gym.envs.core") == "persona_gym.envs"
+    assert _part("persona_gym.simulator.engine.layers") == "persona_gym.simulator.engine"
