@@ -171,7 +171,7 @@ def _slice(seq: UserSequence, start: int, end: int) -> UserSequence:
 
 
 @dataclass
-class _Example:
+class BlockExample:
     """One user's static prefix and the blocks read after it, laid out as the simulator does:
     ``[head] prefix | block`` for each block, every block on the same prefix (its own copy of
     the prefix's keys/values) at the positions that follow it. A block is ``window`` events and
@@ -183,7 +183,7 @@ class _Example:
 
 def _examples(
     seqs: dict[int, UserSequence], config: SequenceTrainConfig, rng: np.random.Generator
-) -> list[_Example]:
+) -> list[BlockExample]:
     """This epoch's training examples: for each user a prefix end ``s`` drawn at random, the
     ``history`` events before it as the prefix, and up to ``targets_per_user`` target events
     ``t >= s + window`` (each with the ``window`` events before it) drawn from the rest of the
@@ -201,11 +201,11 @@ def _examples(
         if len(targets) > config.targets_per_user:
             targets = np.sort(rng.choice(targets, config.targets_per_user, replace=False))
         prefix = _slice(seq, max(0, s - config.history), s)
-        out.append(_Example(prefix, [_slice(seq, t - k, t + 1) for t in targets]))
+        out.append(BlockExample(prefix, [_slice(seq, t - k, t + 1) for t in targets]))
     return out
 
 
-def _val_examples(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[_Example]:
+def _val_examples(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[BlockExample]:
     """Each user's validation ratings, in the simulator's layout for the first test ratings:
     the prefix is the ``history`` events before the ``window`` that precede the first one."""
     k = config.window
@@ -214,12 +214,16 @@ def _val_examples(seqs: dict[int, UserSequence], config: SequenceTrainConfig) ->
         first = len(seq) - config.val_per_user
         s = max(0, first - k)
         prefix = _slice(seq, max(0, s - config.history), s)
-        out.append(_Example(prefix, [_slice(seq, max(0, t - k), t + 1) for t in range(first, len(seq))]))
+        out.append(
+            BlockExample(
+                prefix, [_slice(seq, max(0, t - k), t + 1) for t in range(first, len(seq))]
+            )
+        )
     return out
 
 
-def _batch_logits(
-    lm: SequenceLM, tokens: SequenceTokens, examples: list[_Example], every_event: bool
+def block_logits(
+    lm: SequenceLM, tokens: SequenceTokens, examples: list[BlockExample], every_event: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rating logits of the blocks of ``examples`` with their targets' 1..5 ratings and
     collaborative predictions: each prefix runs once, then its blocks on copies of its
@@ -236,7 +240,9 @@ def _batch_logits(
     logits, ratings, predictions = [], [], []
     for (_, length), group in groups.items():
         owners = sorted({i for i, _ in group})
-        prefixes = torch.stack([torch.cat([head, examples[i].prefix.embed(tokens)]) for i in owners])
+        prefixes = torch.stack(
+            [torch.cat([head, examples[i].prefix.embed(tokens)]) for i in owners]
+        )
         cache = lm.body(inputs_embeds=prefixes, use_cache=True).cache
         row_of = {i: row for row, i in enumerate(owners)}
         index = torch.tensor([row_of[i] for i, _ in group])
@@ -250,8 +256,14 @@ def _batch_logits(
         ).last_hidden_state
         events = list(range(length)) if every_event else [length - 1]
         logits.append(lm.logits(hidden[:, [2 * j for j in events]]).reshape(-1, 5))
-        ratings.append(torch.from_numpy(np.rint(np.stack([b.ratings[events] for b in blocks]))).long().reshape(-1))
-        predictions.append(torch.from_numpy(np.stack([b.predictions[events] for b in blocks])).reshape(-1))
+        ratings.append(
+            torch.from_numpy(np.rint(np.stack([b.ratings[events] for b in blocks])))
+            .long()
+            .reshape(-1)
+        )
+        predictions.append(
+            torch.from_numpy(np.stack([b.predictions[events] for b in blocks])).reshape(-1)
+        )
     return torch.cat(logits), torch.cat(ratings), torch.cat(predictions)
 
 
@@ -309,7 +321,9 @@ def train_sequence_adapter(
     ratings_fit = np.concatenate(
         [np.rint(s.ratings[config.window : -config.val_per_user]) for s in fit_on]
     )
-    preds_fit = np.concatenate([s.predictions[config.window : -config.val_per_user] for s in fit_on])
+    preds_fit = np.concatenate(
+        [s.predictions[config.window : -config.val_per_user] for s in fit_on]
+    )
     prior = fit_rating_prior(preds_fit, np.zeros_like(preds_fit), ratings_fit.astype(np.int64))
     prior.memory.requires_grad_(False)  # no window term: the window is the SLM's
 
@@ -324,11 +338,13 @@ def train_sequence_adapter(
     def validate() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
-            logits, ratings, predictions = _batch_logits(lm, tokens, val, every_event=False)
+            logits, ratings, predictions = block_logits(lm, tokens, val, every_event=False)
             return _scores(_with_prior(prior, logits, predictions), ratings)
 
     with torch.no_grad():
-        val_ratings = torch.tensor([int(round(float(b.ratings[-1]))) for e in val for b in e.blocks])
+        val_ratings = torch.tensor(
+            [int(round(float(b.ratings[-1]))) for e in val for b in e.blocks]
+        )
         val_preds = torch.tensor([float(b.predictions[-1]) for e in val for b in e.blocks])
         prior_only = _scores(
             _with_prior(prior, torch.zeros(len(val_ratings), 5), val_preds), val_ratings
@@ -351,7 +367,7 @@ def train_sequence_adapter(
         for first in range(0, len(order), config.batch):
             model.train()
             batch = [train[i] for i in order[first : first + config.batch]]
-            logits, ratings, predictions = _batch_logits(lm, tokens, batch, every_event=True)
+            logits, ratings, predictions = block_logits(lm, tokens, batch, every_event=True)
             logits = _with_prior(prior, logits, predictions)
             expected = logits.softmax(-1) @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
             loss = torch.nn.functional.cross_entropy(logits, ratings - 1)

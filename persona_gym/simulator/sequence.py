@@ -244,7 +244,9 @@ class SequenceRatingModel:
         taste = self.artifacts.taste(user_id, adapter)
         return self.artifacts.require_collaborative().predict([user_id] * len(items), items, taste)
 
-    def _sequence(self, user_id: int, adapter: str, events: Sequence[Interaction]) -> UserSequence:
+    def user_sequence(
+        self, user_id: int, adapter: str, events: Sequence[Interaction]
+    ) -> UserSequence:
         return UserSequence.of(
             events, self.predictions(user_id, adapter, [x.item_index for x in events])
         )
@@ -258,7 +260,7 @@ class SequenceRatingModel:
 
     def prefix_embeddings(self, user_id: int, adapter: str) -> torch.Tensor:
         """``(T_prefix, H)`` input embeddings of the user's static prefix under ``adapter``."""
-        prefix = self._sequence(user_id, adapter, self.prefix_events(user_id))
+        prefix = self.user_sequence(user_id, adapter, self.prefix_events(user_id))
         return torch.cat([self.head, prefix.embed(self.tokens[adapter])])
 
     def block_embeddings(self, request) -> tuple[torch.Tensor, float]:

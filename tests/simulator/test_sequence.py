@@ -259,3 +259,34 @@ def test_candidates_ranked_in_one_state_share_its_window(simulator):
     assert model.tokens_processed - before == 2 * len(window) + 4
     alone = np.vstack([simulator.rate([user], [c], [window]) for c in (0, 3, 4, 5)])
     np.testing.assert_allclose(ranked, alone, atol=1e-5)
+
+
+def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
+    """The trainer's layout (prefix, then a block of window + target on its keys/values) gives
+    the engine's logits for the same user, window and candidate."""
+    from persona_gym.simulator.sequence import UserSequence
+    from training.sequence_training import BlockExample, block_logits
+
+    model = simulator.model
+    user = simulator.user_ids[0]
+    history = simulator.history(user)
+    window, candidate = history[:2], history[-1]
+    request = simulator.request(user, candidate.item_index, window)
+    events = model.prefix_events(user)
+    prefix = model.user_sequence(user, request.adapter, events)
+    block = UserSequence.of(
+        (*window, candidate),
+        model.predictions(user, request.adapter, [x.item_index for x in (*window, candidate)]),
+    )
+    lora_lm.model.set_adapter(request.adapter)
+    with torch.no_grad():
+        logits, ratings, predictions = block_logits(
+            lora_lm, model.tokens[request.adapter], [BlockExample(prefix, [block])], False
+        )
+        logits = model.priors[request.adapter](logits, predictions, torch.zeros(1))
+    assert int(ratings[0]) == round(candidate.rating)
+    np.testing.assert_allclose(
+        logits.softmax(-1).numpy()[0],
+        simulator.rate([user], [candidate.item_index], [window])[0],
+        atol=1e-5,
+    )
