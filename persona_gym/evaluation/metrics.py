@@ -4,9 +4,11 @@ Conventions (shared by the simulator evaluation, the CF baselines and offline po
 
 * Ratings are on the 1..5 scale. A prediction may be NaN: an *unrelated* response of the
   paper's generation mode (no digit 1-5 in the text).
-* :func:`rmse` and :func:`mae` are computed over the finite predictions only; :func:`urr`
-  (unrelated response rate) is the share of NaN predictions. So a model that answers rarely
-  but well scores a low RMSE and a high URR: always read the three together (the paper's way).
+* :func:`rmse` and :func:`mae` are computed over the finite predictions only (they are defined
+  with the rating scale, :mod:`persona_gym.ratings`, since the user model's collaborative tuning
+  scores with them too); :func:`urr` (unrelated response rate) is the share of NaN predictions.
+  So a model that answers rarely but well scores a low RMSE and a high URR: always read the
+  three together (the paper's way).
 * Rating distributions are ``(n, 5)`` arrays of P(rating = 1..5), rows summing to 1.
 * :func:`expected_calibration_error` is the **top-label** ECE: each prediction is binned by its
   confidence ``max_r p(r)`` into ``n_bins`` equal-width bins on [0, 1]; per bin, the gap
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from persona_gym.ratings import RATING_VALUES
+from persona_gym.ratings import RATING_VALUES, mae, paired, rmse
 
 __all__ = [
     "RATING_VALUES",
@@ -53,30 +55,6 @@ __all__ = [
     "user_mean_correlation",
     "within_user",
 ]
-
-
-def _pair(pred, real) -> tuple[np.ndarray, np.ndarray]:
-    pred = np.asarray(pred, dtype=np.float64).ravel()
-    real = np.asarray(real, dtype=np.float64).ravel()
-    if pred.shape != real.shape:
-        raise ValueError(f"predictions {pred.shape} and real ratings {real.shape} differ in length")
-    if np.isnan(real).any():
-        raise ValueError("real ratings contain NaN")
-    return pred, real
-
-
-def rmse(pred, real) -> float:
-    """Root mean squared error over finite predictions (NaN if there are none)."""
-    pred, real = _pair(pred, real)
-    ok = np.isfinite(pred)
-    return float(np.sqrt(np.mean((pred[ok] - real[ok]) ** 2))) if ok.any() else float("nan")
-
-
-def mae(pred, real) -> float:
-    """Mean absolute error over finite predictions (NaN if there are none)."""
-    pred, real = _pair(pred, real)
-    ok = np.isfinite(pred)
-    return float(np.mean(np.abs(pred[ok] - real[ok]))) if ok.any() else float("nan")
 
 
 def urr(pred) -> float:
@@ -171,7 +149,7 @@ def ndcg_at_k(user_ids, pred, real, k: int = 10) -> float:
 
     NaN predictions rank last. Returns NaN when there are no users.
     """
-    pred, real = _pair(pred, real)
+    pred, real = paired(pred, real)
     user_ids = np.asarray(user_ids).ravel()
     if len(user_ids) != len(pred):
         raise ValueError("user_ids and predictions differ in length")
@@ -201,7 +179,7 @@ def user_mean_correlation(user_ids, pred, real) -> float:
 
     NaN when fewer than two users, or when either side has no variance.
     """
-    pred, real = _pair(pred, real)
+    pred, real = paired(pred, real)
     user_ids = np.asarray(user_ids).ravel()
     means_p, means_r = [], []
     for rows in _groups(user_ids).values():
@@ -219,7 +197,7 @@ def user_mean_correlation(user_ids, pred, real) -> float:
 
 def per_group(groups, pred, real) -> dict:
     """``{group: {"n", "rmse", "mae", "urr"}}`` for each value of ``groups`` (e.g. persona)."""
-    pred, real = _pair(pred, real)
+    pred, real = paired(pred, real)
     out = {}
     for key, rows in _groups(np.asarray(groups).ravel()).items():
         key = key.item() if hasattr(key, "item") else key
@@ -309,7 +287,7 @@ def within_user(user_ids, pred, real, min_items: int = 3) -> dict:
     of the predictions and of the real ratings; each averaged over users."""
     from scipy.stats import rankdata
 
-    pred, real = _pair(pred, real)
+    pred, real = paired(pred, real)
     pearson, spearman, std_pred, std_real = [], [], [], []
     for rows in _groups(np.asarray(user_ids).ravel()).values():
         rows = rows[np.isfinite(pred[rows])]
