@@ -563,7 +563,7 @@ def load_evaluation(
     from persona_gym.artifacts import load_artifacts, resolve_artifacts
     from persona_gym.data.protocol import logged_data
     from persona_gym.envs.config import load_env_config
-    from persona_gym.evaluation.baselines import fit_frame
+    from persona_gym.simulator.cf_models import fit_frame
 
     config = load_env_config(env_config_name(env_id), dtype=dtype, **overrides)
     core = RecCore(config, rater)

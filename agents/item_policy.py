@@ -36,8 +36,8 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from persona_gym.errors import ConfigError
-from persona_gym.evaluation.baselines import BiasedMF
 from persona_gym.io import atomic_write
+from persona_gym.simulator.cf_models import BiasedMF
 
 __all__ = ["CFFeatures", "ItemScoringPolicy", "add_user_features"]
 

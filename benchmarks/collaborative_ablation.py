@@ -28,7 +28,11 @@ import torch
 from persona_gym.catalog import ItemCatalog
 from persona_gym.collaborative import BLENDS, fit_collaborative, gain_nlls, gained, user_level
 from persona_gym.data import load_dataset, protocol_split
-from persona_gym.evaluation.baselines import (
+from persona_gym.evaluation.metrics import rmse, within_user
+from persona_gym.io import atomic_write_json
+from persona_gym.rating_prior import fit_rating_prior
+from persona_gym.ratings import RATING_VALUES
+from persona_gym.simulator.cf_models import (
     DEFAULT_GRIDS,
     BiasedMF,
     ItemKNN,
@@ -36,10 +40,6 @@ from persona_gym.evaluation.baselines import (
     tune,
     validation_split,
 )
-from persona_gym.evaluation.metrics import rmse, within_user
-from persona_gym.io import atomic_write_json
-from persona_gym.rating_prior import fit_rating_prior
-from persona_gym.ratings import RATING_VALUES
 
 HERE = Path(__file__).parent
 

@@ -28,9 +28,9 @@ from sklearn.cluster import KMeans
 from persona_gym.catalog import ItemCatalog
 from persona_gym.collaborative import CollaborativeModel, fit_collaborative, taste_axes
 from persona_gym.data import load_dataset, protocol_split
-from persona_gym.evaluation.baselines import validation_split
 from persona_gym.evaluation.metrics import rmse
 from persona_gym.io import atomic_write_json
+from persona_gym.simulator.cf_models import validation_split
 
 HERE = Path(__file__).parent
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -22,8 +22,8 @@ over movies. Rated by another persona's adapter, the user gets that persona's ta
 carries something of its own users.
 
 The prediction is a blend ``(1 - w) * MF + w * kNN`` of two baselines of
-:mod:`persona_gym.evaluation.baselines`, :class:`~persona_gym.evaluation.baselines.BiasedMF`
-and :class:`~persona_gym.evaluation.baselines.ItemKNN` (they err differently: the factors see
+:mod:`persona_gym.simulator.cf_models`, :class:`~persona_gym.simulator.cf_models.BiasedMF`
+and :class:`~persona_gym.simulator.cf_models.ItemKNN` (they err differently: the factors see
 global taste, the neighbourhood the user's own ratings of similar movies), with its part that
 varies from movie to movie scaled by a gain ``g`` around the user's level ``mu + b_u``:
 ``mu + b_u + g (blend - mu - b_u)``. Each baseline is tuned on the validation slice of the
@@ -51,7 +51,10 @@ import pandas as pd
 import torch
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.evaluation.baselines import (
+from persona_gym.io import atomic_write
+from persona_gym.rating_prior import fit_rating_prior
+from persona_gym.ratings import rmse
+from persona_gym.simulator.cf_models import (
     DEFAULT_GRIDS,
     BiasedMF,
     ItemKNN,
@@ -59,9 +62,6 @@ from persona_gym.evaluation.baselines import (
     tune,
     validation_split,
 )
-from persona_gym.evaluation.metrics import rmse
-from persona_gym.io import atomic_write
-from persona_gym.rating_prior import fit_rating_prior
 
 __all__ = [
     "CF_FILE",

@@ -147,7 +147,7 @@ def test_prediction_blends_mf_and_knn_by_the_validated_weight(fitted):
     expected = np.clip(level + gain * ((1 - w) * mf + w * model.knn[rows, items] - level), 1, 5)
     np.testing.assert_allclose(model.predict(users, items), expected, rtol=1e-6)
     # the kNN table is the item-kNN baseline's own prediction
-    from persona_gym.evaluation.baselines import ItemKNN, fit_frame
+    from persona_gym.simulator.cf_models import ItemKNN, fit_frame
 
     ratings, _ = _ratings()
     knn = ItemKNN(**model.params["knn"]).fit(fit_frame(train, ratings[ratings.user_id >= 10]))

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from persona_gym.evaluation.baselines import BiasedMF, fit_frame
 from persona_gym.evaluation.sequential import (
     paired_rmse_difference,
     reference_predictions,
@@ -30,6 +29,7 @@ from persona_gym.evaluation.sequential import (
 from persona_gym.memory import Interaction
 from persona_gym.rater import check_distribution
 from persona_gym.ratings import expected
+from persona_gym.simulator.cf_models import BiasedMF, fit_frame
 
 log = logging.getLogger(__name__)
 

@@ -5,14 +5,6 @@ reusable outside the simulator evaluation, e.g. for offline policy evaluation. T
 ``persona-gym evaluate`` command lives in ``training/evaluate.py``.
 """
 
-from persona_gym.evaluation.baselines import (
-    BiasedMF,
-    BiasModel,
-    GlobalMean,
-    ItemMean,
-    run_baselines,
-    validation_split,
-)
 from persona_gym.evaluation.metrics import (
     expected_calibration_error,
     fidelity_report,
@@ -22,6 +14,14 @@ from persona_gym.evaluation.metrics import (
     rmse,
     urr,
     user_mean_correlation,
+)
+from persona_gym.simulator.cf_models import (
+    BiasedMF,
+    BiasModel,
+    GlobalMean,
+    ItemMean,
+    run_baselines,
+    validation_split,
 )
 
 __all__ = [

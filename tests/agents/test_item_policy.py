@@ -12,7 +12,7 @@ from agents.item_policy import CFFeatures
 from agents.policies import MFPolicy, SB3Policy, make_policy
 from agents.runs import FEATURES_FILE, read_run, ship_agent
 from agents.train import AgentConfig, train_agent
-from persona_gym.evaluation.baselines import BiasedMF
+from persona_gym.simulator.cf_models import BiasedMF
 
 
 def test_cf_features_reproduce_the_mf_prediction(core, ratings):

@@ -23,8 +23,8 @@ from agents.policies import (
     WindowGreedyPolicy,
     make_policy,
 )
-from persona_gym.evaluation.baselines import BiasedMF, ItemMean
 from persona_gym.ratings import RATING_VALUES
+from persona_gym.simulator.cf_models import BiasedMF, ItemMean
 
 
 def batch_of(core, masked=()):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from persona_gym.evaluation.baselines import (
+from persona_gym.simulator.cf_models import (
     BiasedMF,
     BiasModel,
     GlobalMean,

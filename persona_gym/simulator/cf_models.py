@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from persona_gym.evaluation.metrics import mae, rmse
+from persona_gym.ratings import mae, rmse
 
 log = logging.getLogger(__name__)
 
