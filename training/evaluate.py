@@ -233,7 +233,7 @@ def evaluate(
         max_users: evaluate a seeded sample (``seed``) of this many of the test users.
     """
     from persona_gym.artifacts import load_artifacts
-    from persona_gym.simulator.cf_models import run_baselines
+    from persona_gym.evaluation.baselines import run_baselines
 
     started = time.perf_counter()
     artifacts = load_artifacts(artifacts_dir)

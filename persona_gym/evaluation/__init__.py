@@ -1,10 +1,12 @@
 """Evaluation of simulated users: fidelity metrics and collaborative-filtering baselines.
 
-``metrics`` (pure numpy) and ``baselines`` (numpy CF models fitted on train + background) are
-reusable outside the simulator evaluation, e.g. for offline policy evaluation. The
-``persona-gym evaluate`` command lives in ``training/evaluate.py``.
+``metrics`` (pure numpy) is reusable outside the simulator evaluation, e.g. for offline policy
+evaluation; ``baselines`` scores the collaborative-filtering models of the user model
+(:mod:`persona_gym.simulator.cf_models`, numpy, fitted on train + background) on the test split.
+The ``persona-gym evaluate`` command lives in ``training/evaluate.py``.
 """
 
+from persona_gym.evaluation.baselines import run_baselines
 from persona_gym.evaluation.metrics import (
     expected_calibration_error,
     fidelity_report,
@@ -15,20 +17,8 @@ from persona_gym.evaluation.metrics import (
     urr,
     user_mean_correlation,
 )
-from persona_gym.simulator.cf_models import (
-    BiasedMF,
-    BiasModel,
-    GlobalMean,
-    ItemMean,
-    run_baselines,
-    validation_split,
-)
 
 __all__ = [
-    "BiasModel",
-    "BiasedMF",
-    "GlobalMean",
-    "ItemMean",
     "expected_calibration_error",
     "fidelity_report",
     "mae",
@@ -38,5 +28,4 @@ __all__ = [
     "run_baselines",
     "urr",
     "user_mean_correlation",
-    "validation_split",
 ]

@@ -1,8 +1,11 @@
-"""Collaborative-filtering baselines on the protocol split (numpy, seeded, CPU-seconds).
+"""Collaborative-filtering models (numpy, seeded, CPU-seconds): the user model's collaborative
+signal is built from them (:mod:`persona_gym.collaborative`), and the evaluation reports them as
+baselines (:mod:`persona_gym.evaluation.baselines`).
 
 Every model is fitted on the information the simulator may use — the selected users' TRAINING
-interactions plus the other users' ratings (``Split.train`` + ``Split.background``) — and
-predicts ratings for ``(user_id, item_id)`` pairs. Test ratings are never read by ``fit``.
+interactions plus the other users' ratings (``Split.train`` + ``Split.background``,
+:func:`fit_frame`) — and predicts ratings for ``(user_id, item_id)`` pairs. Test ratings are
+never read by ``fit``.
 
 * :class:`GlobalMean`  the mean training rating.
 * :class:`ItemMean`    the item's mean training rating, optionally shrunk toward the global
@@ -20,23 +23,20 @@ Predictions are clipped to [1, 5]. Unknown users/items fall back to the parts th
 
 Hyper-parameters are chosen on a **validation slice of the training part**
 (:func:`validation_split`: the last ``fraction`` of each selected user's time-ordered training
-interactions), fitting on the rest of train + background; the chosen setting is then refitted
-on all of train + background and only then asked about the test pairs (:func:`run_baselines`).
+interactions), fitting on the rest of train + background (:func:`tune`, over the grids of
+:data:`DEFAULT_GRIDS`); the chosen setting is then refitted on all of train + background.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from persona_gym.ratings import mae, rmse
-
-log = logging.getLogger(__name__)
+from persona_gym.ratings import rmse
 
 __all__ = [
     "DEFAULT_GRIDS",
@@ -46,7 +46,6 @@ __all__ = [
     "ItemKNN",
     "ItemMean",
     "fit_frame",
-    "run_baselines",
     "tune",
     "validation_split",
 ]
@@ -371,63 +370,3 @@ def tune(
         trials.append({"params": setting, "val_rmse": rmse(pred, validation["rating"])})
     best = min(trials, key=lambda t: t["val_rmse"])
     return best["params"], best["val_rmse"], trials
-
-
-def run_baselines(
-    train: pd.DataFrame,
-    background: pd.DataFrame | None,
-    test: pd.DataFrame,
-    seed: int = 0,
-    grids: dict | None = None,
-    val_fraction: float = 0.2,
-    subsets: dict[str, np.ndarray] | None = None,
-) -> dict:
-    """Tune on the validation slice, refit on train + background, score the test pairs.
-
-    ``test`` needs ``user_id, item_id, rating``. ``subsets`` maps a name to a boolean mask over
-    ``test`` rows for extra scores (e.g. the rows the simulator was evaluated on).
-    Returns ``{name: {"params", "val_rmse", "rmse", "mae", "n", "predictions", "subsets"}}``
-    (``predictions`` aligned with ``test`` rows).
-    """
-    grids = grids or DEFAULT_GRIDS
-    fit_part, validation = validation_split(train, val_fraction)
-    tune_on = fit_frame(fit_part, background)
-    full = fit_frame(train, background)
-    real = test["rating"].to_numpy(np.float64)
-    results = {}
-    for name, (cls, grid) in grids.items():
-        extra = {"seed": seed} if cls is BiasedMF else None
-        params, val_rmse, trials = (
-            tune(cls, grid, tune_on, validation, extra)
-            if len(validation)
-            else ({k: v[0] for k, v in grid.items()}, float("nan"), [])
-        )
-        model = cls(**params, **(extra or {})).fit(full)
-        pred = model.predict(test["user_id"], test["item_id"])
-        entry = {
-            "params": model.params(),
-            "val_rmse": val_rmse,
-            "trials": trials,
-            "n": int(len(test)),
-            "rmse": rmse(pred, real),
-            "mae": mae(pred, real),
-            "predictions": pred,
-            "subsets": {},
-        }
-        for subset, mask in (subsets or {}).items():
-            mask = np.asarray(mask, dtype=bool)
-            entry["subsets"][subset] = {
-                "n": int(mask.sum()),
-                "rmse": rmse(pred[mask], real[mask]),
-                "mae": mae(pred[mask], real[mask]),
-            }
-        log.info(
-            "baseline %s %s: val RMSE %.4f, test RMSE %.4f MAE %.4f",
-            name,
-            params,
-            val_rmse,
-            entry["rmse"],
-            entry["mae"],
-        )
-        results[name] = entry
-    return results

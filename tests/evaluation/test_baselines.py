@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from persona_gym.evaluation.baselines import run_baselines
 from persona_gym.simulator.cf_models import (
     BiasedMF,
     BiasModel,
     GlobalMean,
     ItemKNN,
     ItemMean,
-    run_baselines,
     validation_split,
 )
 
