@@ -86,6 +86,41 @@ def sequence_features(
     return pd.DataFrame({"mood": mood, "genre": jaccard, "text": cosine}, index=frame.index)
 
 
+def _user_statistics(
+    e: np.ndarray, mood: np.ndarray, similarity: np.ndarray, users: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user sums ``(X'X, X'y)`` of the fixed-effects regression of ``e`` on mood and
+    similarity (each user's rows centred on their means; rows with a NaN left out): a bootstrap
+    replicate over users is a weighted sum of them."""
+    keep = np.isfinite(e) & np.isfinite(mood) & np.isfinite(similarity)
+    frame = pd.DataFrame({"u": users[keep], "e": e[keep], "m": mood[keep], "s": similarity[keep]})
+    centred = frame[["e", "m", "s"]] - frame.groupby("u")[["e", "m", "s"]].transform("mean")
+    x = centred[["m", "s"]].to_numpy()
+    y = centred["e"].to_numpy()
+    codes, _ = pd.factorize(frame["u"])
+    n_users = codes.max() + 1
+    xtx = np.zeros((n_users, 2, 2))
+    xty = np.zeros((n_users, 2))
+    np.add.at(xtx, codes, x[:, :, None] * x[:, None, :])
+    np.add.at(xty, codes, x * y[:, None])
+    return xtx, xty
+
+
+def _bootstrap(xtx: np.ndarray, xty: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``(n_boot, 2)`` slopes of users drawn with replacement (the draws depend on the seed and
+    the number of users only, so two calls on the same users draw the same replicates)."""
+    rng = np.random.default_rng(seed)
+    n_users = len(xtx)
+    draws = np.empty((n_boot, 2))
+    for b in range(n_boot):
+        weight = np.bincount(rng.integers(n_users, size=n_users), minlength=n_users)
+        draws[b] = _solve(np.tensordot(weight, xtx, axes=1), np.tensordot(weight, xty, axes=1))
+    return draws
+
+
+EFFECTS = ("mood", "similarity")
+
+
 def sequential_slopes(
     e: np.ndarray,
     mood: np.ndarray,
@@ -97,28 +132,44 @@ def sequential_slopes(
     """Joint least-squares slopes of ``e`` on mood and similarity with user fixed effects, and
     their 95% bootstrap intervals over users: ``{"mood": {"slope", "low", "high"},
     "similarity": {...}}``. Rows with a NaN are left out."""
-    keep = np.isfinite(e) & np.isfinite(mood) & np.isfinite(similarity)
-    frame = pd.DataFrame({"u": users[keep], "e": e[keep], "m": mood[keep], "s": similarity[keep]})
-    centred = frame[["e", "m", "s"]] - frame.groupby("u")[["e", "m", "s"]].transform("mean")
-    x = centred[["m", "s"]].to_numpy()
-    y = centred["e"].to_numpy()
-    codes, _ = pd.factorize(frame["u"])
-    n_users = codes.max() + 1
-    # per-user sufficient statistics: a bootstrap replicate is a weighted sum of them
-    xtx = np.zeros((n_users, 2, 2))
-    xty = np.zeros((n_users, 2))
-    np.add.at(xtx, codes, x[:, :, None] * x[:, None, :])
-    np.add.at(xty, codes, x * y[:, None])
+    xtx, xty = _user_statistics(e, mood, similarity, users)
     full = _solve(xtx.sum(0), xty.sum(0))
-    rng = np.random.default_rng(seed)
-    draws = np.empty((n_boot, 2))
-    for b in range(n_boot):
-        weight = np.bincount(rng.integers(n_users, size=n_users), minlength=n_users)
-        draws[b] = _solve(np.tensordot(weight, xtx, axes=1), np.tensordot(weight, xty, axes=1))
-    low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+    low, high = np.percentile(_bootstrap(xtx, xty, n_boot, seed), [2.5, 97.5], axis=0)
     return {
         name: {"slope": float(full[j]), "low": float(low[j]), "high": float(high[j])}
-        for j, name in enumerate(("mood", "similarity"))
+        for j, name in enumerate(EFFECTS)
+    }
+
+
+def slope_ratios(
+    e: np.ndarray,
+    e_real: np.ndarray,
+    mood: np.ndarray,
+    similarity: np.ndarray,
+    users: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """The slopes of ``e`` over those of ``e_real`` on the same rows (:func:`sequential_slopes`),
+    with 95% intervals from the same bootstrap draws of users for both:
+    ``{"mood": {"ratio", "low", "high"}, "similarity": {...}}``."""
+    keep = np.isfinite(e) & np.isfinite(e_real)
+    fits = [
+        _user_statistics(values[keep], mood[keep], similarity[keep], users[keep])
+        for values in (e, e_real)
+    ]
+    full = [_solve(xtx.sum(0), xty.sum(0)) for xtx, xty in fits]
+    draws = [_bootstrap(xtx, xty, n_boot, seed) for xtx, xty in fits]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = draws[0] / draws[1]
+    low, high = np.nanpercentile(ratios, [2.5, 97.5], axis=0)
+    return {
+        name: {
+            "ratio": float(full[0][j] / full[1][j]) if full[1][j] else float("nan"),
+            "low": float(low[j]),
+            "high": float(high[j]),
+        }
+        for j, name in enumerate(EFFECTS)
     }
 
 

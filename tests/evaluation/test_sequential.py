@@ -12,6 +12,7 @@ from persona_gym.evaluation.sequential import (
     reference_predictions,
     sequence_features,
     sequential_slopes,
+    slope_ratios,
     within_user_pearson,
 )
 
@@ -34,6 +35,20 @@ def test_slopes_recover_known_effects_within_their_intervals():
         assert slopes[name]["low"] < slopes[name]["slope"] < slopes[name]["high"]
     none = sequential_slopes(*_synthetic(0.0, 0.0, seed=1), n_boot=300)
     assert none["mood"]["low"] < 0 < none["mood"]["high"]
+
+
+def test_slope_ratios_share_the_bootstrap_draws():
+    """A row with half the real effects plus noise: the ratio is about 0.5 and its interval,
+    from the same user draws for both rows, holds it; the ratio of a row to itself is exactly 1."""
+    e_real, m, s, users = _synthetic(0.3, 0.2)
+    rng = np.random.default_rng(5)
+    half = 0.5 * e_real + rng.normal(0, 0.1, len(e_real))
+    ratios = slope_ratios(half, e_real, m, s, users, n_boot=300)
+    for name in ("mood", "similarity"):
+        assert ratios[name]["low"] < 0.5 < ratios[name]["high"]
+        assert ratios[name]["low"] < ratios[name]["ratio"] < ratios[name]["high"]
+    same = slope_ratios(e_real, e_real, m, s, users, n_boot=50)
+    assert same["mood"] == {"ratio": 1.0, "low": 1.0, "high": 1.0}
 
 
 def test_rows_with_a_missing_feature_are_left_out():
