@@ -46,18 +46,19 @@ from persona_gym.artifacts import (
 )
 from persona_gym.artifacts.manifest import MANIFEST
 from persona_gym.assets import DEFAULT_SLM, model_source, resolve_model
-from persona_gym.collaborative import (
+from persona_gym.catalog import ItemCatalog
+from persona_gym.errors import ConfigError
+from persona_gym.ratings import RATING_VALUES
+from persona_gym.simulator.collaborative import (
     CF_FILE,
     CollaborativeModel,
     load_collaborative,
     persona_tastes,
     taste_axes,
 )
-from persona_gym.errors import ConfigError
-from persona_gym.memory import logged_history
-from persona_gym.prompt_config import PromptConfig
-from persona_gym.rating_prior import RatingPrior, fit_rating_prior
-from persona_gym.ratings import RATING_VALUES
+from persona_gym.simulator.memory import logged_history
+from persona_gym.simulator.prompt_config import PromptConfig
+from persona_gym.simulator.rating_prior import RatingPrior, fit_rating_prior
 from persona_gym.simulator.sequence import (
     SequenceLM,
     SequenceTokens,
@@ -83,6 +84,9 @@ class SequenceTrainConfig:
         batch: users per optimiser step.
         mse_weight: weight of the squared error of the expected rating beside the NLL.
         val_per_user: each user's last ratings held out as the validation slice.
+        other_users: also train each adapter on the dataset's other users (those the simulator
+            does not simulate) nearest its persona's taste, with out-of-fold collaborative
+            predictions (:func:`other_users`); the validation slice stays the simulated users'.
         eval_every: optimiser steps between validation passes.
         seed: shuffling and initialisation.
     """
@@ -98,6 +102,7 @@ class SequenceTrainConfig:
     batch: int = 4
     mse_weight: float = 0.1
     val_per_user: int = 5
+    other_users: bool = False
     eval_every: int = 5
     seed: int = 0
 
@@ -121,7 +126,8 @@ class SequenceInputs:
     user_persona: dict[int, int]
     users: list[int]  # the adapters' training users (the protocol users of split.json)
     tastes: dict[int, np.ndarray | None]
-    genres: tuple[tuple[str, ...], ...]  # each catalogue item's genres
+    catalog: ItemCatalog
+    others: dict[int, tuple[UserSequence, int]] | None = None  # other users: sequence, persona
 
     @classmethod
     def load(cls, root: str | Path, persona_taste: float = PERSONA_TASTE) -> SequenceInputs:
@@ -143,9 +149,19 @@ class SequenceInputs:
                 u: collaborative.taste_of(u, means[user_persona[u]], persona_taste, axes)
                 for u in users
             }
-        return cls(
-            memories, item_embeddings, collaborative, user_persona, users, tastes, catalog.genres
-        )
+        return cls(memories, item_embeddings, collaborative, user_persona, users, tastes, catalog)
+
+    def with_other_users(
+        self, root: str | Path, persona_taste: float = PERSONA_TASTE, seed: int = 0
+    ) -> SequenceInputs:
+        """These inputs with the dataset's other users added (:func:`other_users`)."""
+        from dataclasses import replace
+
+        from persona_gym.data.protocol import read_split_record, rebuild_split
+
+        _, split = rebuild_split(read_split_record(root), Path(root) / "split.json")
+        others = other_users(self, split.simulated_train(), split.background, persona_taste, seed)
+        return replace(self, others=others)
 
     def personas(self) -> dict[str, list[int]]:
         """``{adapter name: its training users}``, one adapter per persona."""
@@ -163,6 +179,67 @@ def _sequences(inputs: SequenceInputs, users: list[int]) -> dict[int, UserSequen
             [user] * len(history), [x.item_index for x in history], inputs.tastes[user]
         )
         out[user] = UserSequence.of(history, predictions)
+    return out
+
+
+def other_users(
+    inputs: SequenceInputs,
+    train: pd.DataFrame,
+    background: pd.DataFrame,
+    persona_taste: float = PERSONA_TASTE,
+    seed: int = 0,
+    folds: int = 5,
+) -> dict[int, tuple[UserSequence, int]]:
+    """The dataset's other users as training sequences: ``{user: (their ratings in time order
+    with out-of-fold collaborative predictions, the persona nearest their taste)}``.
+
+    A rating of ``background`` (the users the simulator does not simulate) is predicted by the
+    collaborative model's blend refitted, with its recorded parameters, on ``train`` and the
+    background ratings outside its fold (``folds`` seeded random folds), as the simulated users'
+    training ratings are: a prediction never sees the rating it predicts. The user's taste moves
+    toward that persona's as a simulated user's does (``inputs.tastes``), and the model's gain
+    around the user's level applies. The nearest persona is the closest persona taste along the
+    axes that separate them (:func:`taste_axes`).
+    """
+    from persona_gym.simulator.cf_models import BiasedMF, ItemKNN, fit_frame
+    from persona_gym.simulator.collaborative import gained
+
+    cf = inputs.collaborative
+    params = cf.params
+    mf_params = {k: v for k, v in params["mf"].items() if k != "seed"}
+    w, gain = float(params["blend"]), float(params.get("gain", 1.0))
+    frame = background.reset_index(drop=True)
+    fold = np.random.default_rng([seed, folds, 1]).integers(0, folds, len(frame))
+    blend = np.zeros(len(frame))
+    for f in range(folds):
+        held = fold == f
+        part = fit_frame(train, frame[~held])
+        rows = frame[held]["user_id"], frame[held]["item_id"]
+        mf = BiasedMF(**mf_params, seed=seed).fit(part).predict(*rows)
+        knn = ItemKNN(**params["knn"]).fit(part).predict(*rows)
+        blend[held] = np.clip((1.0 - w) * mf + w * knn, 1.0, 5.0)
+    catalog_index = inputs.catalog.indices_of(frame["item_id"])
+    means = persona_tastes(cf, inputs.user_persona, inputs.users)
+    axes = taste_axes(means)
+    personas = sorted(means)
+    centres = np.stack([means[p] for p in personas]) @ axes.T
+    out = {}
+    frame = frame.assign(item_index=catalog_index, predicted=blend)
+    for user, rows in frame.sort_values(["timestamp", "item_index"]).groupby("user_id"):
+        row = int(cf.user_rows([user])[0])
+        if row < 0:
+            continue
+        own = cf.user_factors[row]
+        persona = personas[int(np.argmin(((own @ axes.T - centres) ** 2).sum(1)))]
+        taste = cf.taste_of(int(user), means[persona], persona_taste, axes)
+        items = rows["item_index"].to_numpy(np.int64)
+        shift = (1.0 - w) * (cf.item_factors[items] @ (taste - own))
+        level = cf.mu + cf.user_bias[row]
+        predicted = gained(np.full(len(items), level), rows["predicted"].to_numpy() + shift, gain)
+        out[int(user)] = (
+            UserSequence(items, rows["rating"].to_numpy(np.float32), predicted.astype(np.float32)),
+            persona,
+        )
     return out
 
 
@@ -299,7 +376,10 @@ def train_sequence_adapter(
     rng = np.random.default_rng(config.seed)
     seqs = _sequences(inputs, users)
     val = _val_examples(seqs, config)
-    n_train = len(_examples(seqs, config, np.random.default_rng(config.seed)))
+    persona = inputs.user_persona[users[0]]
+    others = {u: seq for u, (seq, p) in (inputs.others or {}).items() if p == persona}
+    trained_on = {**seqs, **others}
+    n_train = len(_examples(trained_on, config, np.random.default_rng(config.seed)))
     if not n_train:
         raise ConfigError(
             f"{name}: no training example: its {len(users)} users have at most "
@@ -315,7 +395,7 @@ def train_sequence_adapter(
     )
     model = get_peft_model(base, lora, adapter_name=name)
     lm = SequenceLM(model, tokenizer)
-    features = item_features(inputs.item_embeddings, inputs.collaborative, inputs.genres)
+    features = item_features(inputs.item_embeddings, inputs.collaborative, inputs.catalog.genres)
     tokens = SequenceTokens.initial(features, lm, tokenizer)
     fit_on = [s for s in seqs.values() if len(s) > config.val_per_user + config.window]
     ratings_fit = np.concatenate(
@@ -350,9 +430,10 @@ def train_sequence_adapter(
             _with_prior(prior, torch.zeros(len(val_ratings), 5), val_preds), val_ratings
         )
     log.info(
-        "%s: %d training users, %d val ratings; prior alone %s",
+        "%s: %d training users (%d of them other users), %d val ratings; prior alone %s",
         name,
-        len(seqs),
+        len(trained_on),
+        len(others),
         len(val_ratings),
         prior_only,
     )
@@ -362,7 +443,7 @@ def train_sequence_adapter(
     started = time.perf_counter()
     step = 0
     for epoch in range(config.epochs):
-        train = _examples(seqs, config, rng)
+        train = _examples(trained_on, config, rng)
         order = rng.permutation(len(train))
         for first in range(0, len(order), config.batch):
             model.train()
@@ -409,7 +490,8 @@ def train_sequence_adapter(
         "history": history,
         "steps": step,
         "seconds": time.perf_counter() - started,
-        "training_users": len(seqs),
+        "training_users": len(trained_on),
+        "other_users": len(others),
     }
     (folder / "training.json").write_text(json.dumps(metrics, indent=1))
     model.unload()
@@ -540,6 +622,8 @@ def train_sequence(
     )
     prepare_stage(root, "train", force=force, same_run=same_run)
     inputs = SequenceInputs.load(root, persona_taste)
+    if config.other_users:
+        inputs = inputs.with_other_users(root, persona_taste, config.seed)
     base_id = model_source(resolve_model(name))
     base, tokenizer = load_causal_lm(name)
     for p in base.parameters():

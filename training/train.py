@@ -70,14 +70,19 @@ from persona_gym.assets import (
     model_source,
     resolve_model,
 )
-from persona_gym.collaborative import CF_FILE, load_collaborative, persona_tastes, taste_axes
 from persona_gym.config_cli import plain
 from persona_gym.errors import ConfigError
 from persona_gym.io import atomic_write, atomic_write_json
-from persona_gym.rating_prior import fit_rating_prior
-from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.collaborative import (
+    CF_FILE,
+    load_collaborative,
+    persona_tastes,
+    taste_axes,
+)
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig
+from persona_gym.simulator.rating_prior import fit_rating_prior
+from persona_gym.simulator.retrieval import MemoryIndex
 from training.adapter_training import train_adapter
 from training.examples import LowerCache, _frozen_pass, adapter_datasets, build_examples
 from training.parallel import run_in_workers
@@ -532,7 +537,11 @@ BLOCK_ONLY = (
     ("--no-progress", "no_progress"),
     ("--no-compile", "no_compile"),
 )
-SEQUENCE_ONLY = (("--history", "history"), ("--targets-per-user", "targets_per_user"))
+SEQUENCE_ONLY = (
+    ("--history", "history"),
+    ("--targets-per-user", "targets_per_user"),
+    ("--other-users", "other_users"),
+)
 
 
 def _common_defaults(preset: str) -> dict:
@@ -676,6 +685,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help=f"logged events in each user's static prefix (default: {sequence.history})",
+    )
+    seq.add_argument(
+        "--other-users",
+        action="store_true",
+        default=None,
+        help="also train on the dataset's other users, each under the persona nearest their taste",
     )
     seq.add_argument(
         "--targets-per-user",
@@ -877,6 +892,7 @@ def sequence_config(args: argparse.Namespace):
         history=_given(args, "history", d.history),
         window=args.window,
         targets_per_user=_given(args, "targets_per_user", d.targets_per_user),
+        other_users=_given(args, "other_users", d.other_users),
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,

@@ -15,8 +15,8 @@ import torch
 
 import persona_gym  # noqa: F401  (registers the ids)
 from persona_gym.artifacts import load_tables
-from persona_gym.collaborative import CF_FILE, fit_collaborative
-from persona_gym.memory import Interaction
+from persona_gym.simulator.collaborative import CF_FILE, fit_collaborative
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.sequence import TOKENS_FILE, SequenceTokens
 from training.sequence_training import SequenceTrainConfig, train_sequence
 
@@ -290,3 +290,31 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
         simulator.rate([user], [candidate.item_index], [window])[0],
         atol=1e-5,
     )
+
+
+def test_other_users_get_out_of_fold_predictions_and_a_persona(seq_artifacts):
+    """The other users' sequences: time-ordered, each under one of the personas, and a rating's
+    prediction never sees that rating (changing it leaves its own prediction unchanged)."""
+    from training.sequence_training import SequenceInputs, other_users
+
+    inputs = SequenceInputs.load(seq_artifacts)
+    memories = inputs.memories[["user_id", "item_id", "rating", "timestamp"]]
+    users = sorted(memories["user_id"].unique())
+    half = users[: len(users) // 2]
+    train = memories[memories["user_id"].isin(half)]
+    background = memories[~memories["user_id"].isin(half)].reset_index(drop=True)
+    others = other_users(inputs, train, background)
+    assert set(others) == set(background["user_id"])
+    assert {persona for _, persona in others.values()} <= set(inputs.user_persona.values())
+    user = int(background["user_id"].iloc[0])
+    seq, _ = others[user]
+    assert len(seq) == int((background["user_id"] == user).sum())
+    assert np.all((seq.predictions >= 1) & (seq.predictions <= 5))
+    first = int(np.flatnonzero(background["user_id"] == user)[0])
+    changed = background.copy()
+    changed.loc[first, "rating"] = 6 - changed.loc[first, "rating"]
+    again, _ = other_users(inputs, train, changed)[user]
+    item = inputs.catalog.indices_of(background["item_id"].iloc[[first]])[0]
+    position = int(np.flatnonzero(seq.items == item)[0])
+    assert again.predictions[position] == seq.predictions[position]
+    assert not np.array_equal(again.predictions, seq.predictions)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from persona_gym.cli import main
-from persona_gym.prompt_config import PromptConfig
 from persona_gym.registry import SHIPPED_DIR
+from persona_gym.simulator.prompt_config import PromptConfig
 from training.sequence_training import SequenceTrainConfig
 from training.train import TrainConfig
 
@@ -59,6 +59,7 @@ SEQUENCE_CONFIG = {
     "batch": 4,
     "mse_weight": 0.1,
     "val_per_user": 5,
+    "other_users": False,
     "eval_every": 5,
     "seed": 0,
 }
