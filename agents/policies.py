@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 
 from persona_gym.envs.core import EpisodeState, RecCore
-from persona_gym.rater import check_distribution
 from persona_gym.ratings import RATING_VALUES
 from persona_gym.simulator.cf_models import BiasedMF, ItemMean
+from persona_gym.simulator.rater import check_distribution
 
 if TYPE_CHECKING:
     from agents.item_policy import CFFeatures

@@ -25,8 +25,8 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
 from agents.item_policy import USER_KEY, CFFeatures, add_user_features, user_space
 from persona_gym.envs import PersonaRecVectorEnv
-from persona_gym.rater import Rater
 from persona_gym.registry import env_config_name
+from persona_gym.simulator.rater import Rater
 
 __all__ = ["SB3VecEnv"]
 

@@ -45,8 +45,8 @@ from agents.runs import (
 from persona_gym.config_cli import add_config_arguments, config_from_args, plain
 from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
 from persona_gym.io import atomic_write_json
-from persona_gym.rater import Rater
 from persona_gym.registry import ENV_IDS, env_config_name
+from persona_gym.simulator.rater import Rater
 
 if TYPE_CHECKING:
     import pandas as pd

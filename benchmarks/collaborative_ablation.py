@@ -26,11 +26,9 @@ import pandas as pd
 import torch
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import BLENDS, fit_collaborative, gain_nlls, gained, user_level
 from persona_gym.data import load_dataset, protocol_split
 from persona_gym.evaluation.metrics import rmse, within_user
 from persona_gym.io import atomic_write_json
-from persona_gym.rating_prior import fit_rating_prior
 from persona_gym.ratings import RATING_VALUES
 from persona_gym.simulator.cf_models import (
     DEFAULT_GRIDS,
@@ -40,6 +38,14 @@ from persona_gym.simulator.cf_models import (
     tune,
     validation_split,
 )
+from persona_gym.simulator.collaborative import (
+    BLENDS,
+    fit_collaborative,
+    gain_nlls,
+    gained,
+    user_level,
+)
+from persona_gym.simulator.rating_prior import fit_rating_prior
 
 HERE = Path(__file__).parent
 

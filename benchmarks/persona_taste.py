@@ -4,7 +4,7 @@ The simulator's persona adapters own a share ``s`` of their users' collaborative
 (``PromptConfig.persona_taste``): under persona ``k``'s adapter a user's MF factors ``p_u`` move
 a share ``s`` toward ``c_k``, the mean factors of the persona's users (who are clustered on those
 factors, ``persona-gym personas --features taste``), along the axes that separate the personas
-(:func:`persona_gym.collaborative.taste_axes`). For each K and ``s`` this scores the
+(:func:`persona_gym.simulator.collaborative.taste_axes`). For each K and ``s`` this scores the
 collaborative prediction alone under every persona's taste, on the validation slice (the last
 20% of each protocol user's training interactions; the model refitted without it), and reports
 the share of users whose own persona fits their validation ratings best (RMSE), the RMSE and the
@@ -26,11 +26,11 @@ import pandas as pd
 from sklearn.cluster import KMeans
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import CollaborativeModel, fit_collaborative, taste_axes
 from persona_gym.data import load_dataset, protocol_split
 from persona_gym.evaluation.metrics import rmse
 from persona_gym.io import atomic_write_json
 from persona_gym.simulator.cf_models import validation_split
+from persona_gym.simulator.collaborative import CollaborativeModel, fit_collaborative, taste_axes
 
 HERE = Path(__file__).parent
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -215,8 +215,8 @@ def free_port() -> int:
 
 def start_server(simulator, port: int, log_path: Path, timeout_s: float):
     """``vllm serve`` on 127.0.0.1 with the simulator's adapters; returns (process, seconds to ready)."""
-    from persona_gym.adapter_names import variant_adapters
     from persona_gym.assets import resolve_model
+    from persona_gym.simulator.adapter_names import variant_adapters
     from persona_gym.simulator.served import start_vllm_server, vllm_serve_command
 
     adapters = variant_adapters(simulator.variant, simulator.artifacts.adapter_dirs)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import fit_collaborative, load_collaborative
-from persona_gym.memory import Interaction
+from persona_gym.simulator.collaborative import fit_collaborative, load_collaborative
+from persona_gym.simulator.memory import Interaction
 
 
 def _ratings(
@@ -128,7 +128,7 @@ def test_fit_is_deterministic():
 
 
 def test_prediction_blends_mf_and_knn_by_the_validated_weight(fitted):
-    from persona_gym.collaborative import BLENDS
+    from persona_gym.simulator.collaborative import BLENDS
 
     model, train, catalog = fitted
     w, gain = model.params["blend"], model.params["gain"]
@@ -176,7 +176,7 @@ def test_a_file_from_before_the_knn_part_names_the_fix(fitted, tmp_path):
 def test_taste_replaces_the_user_factors_in_every_prediction(fitted):
     from dataclasses import replace
 
-    from persona_gym.collaborative import persona_tastes
+    from persona_gym.simulator.collaborative import persona_tastes
 
     model, train, catalog = fitted
     model = replace(model, params={**model.params, "gain": 1.0})  # the gain has its own test
@@ -224,7 +224,7 @@ def test_taste_replaces_the_user_factors_in_every_prediction(fitted):
 
 
 def test_taste_axes_are_an_orthonormal_basis_of_the_centred_persona_tastes():
-    from persona_gym.collaborative import taste_axes
+    from persona_gym.simulator.collaborative import taste_axes
 
     rng = np.random.default_rng(0)
     tastes = {p: rng.normal(size=6) for p in range(3)}
@@ -243,7 +243,7 @@ def test_taste_axes_are_an_orthonormal_basis_of_the_centred_persona_tastes():
 
 
 def test_recorded_params_skip_the_tuning_and_give_the_same_model(fitted, monkeypatch):
-    import persona_gym.collaborative as collaborative
+    import persona_gym.simulator.collaborative as collaborative
 
     model, train, catalog = fitted
     ratings, _ = _ratings()
@@ -296,7 +296,7 @@ def _drifting(amplitudes: np.ndarray, n_users: int = 40, n_items: int = 40, seed
 
 
 def test_the_gain_is_chosen_by_the_validation_slice():
-    from persona_gym.collaborative import GAINS
+    from persona_gym.simulator.collaborative import GAINS
 
     # tastes that grow stronger over time: the later (validation) ratings ask for more spread
     growing = fit_collaborative(*_drifting(np.r_[np.full(24, 0.6), np.full(6, 1.8)]), seed=0)

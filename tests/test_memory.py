@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.memory import Interaction, format_window, short_term_window
+from persona_gym.simulator.memory import Interaction, format_window, short_term_window
 
 
 def _history(n: int) -> list[Interaction]:

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from persona_gym.memory import Interaction
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.prompts import ITEM_MARK, PromptBuilder, PromptConfig, RatingRequest
 
 PROFILE = (

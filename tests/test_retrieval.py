@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.retrieval import MemoryIndex
 
 
 def _unit(rows: list[list[float]]) -> np.ndarray:

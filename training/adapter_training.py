@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from persona_gym.io import atomic_write
-from persona_gym.rating_prior import RatingPrior
 from persona_gym.ratings import RATING_VALUES
 from persona_gym.simulator.adapters import quiet_peft, save_item_tokens
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
+from persona_gym.simulator.rating_prior import RatingPrior
 from training.examples import Example, LowerCache, _batches, _chunks
 
 if TYPE_CHECKING:

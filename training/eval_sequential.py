@@ -26,10 +26,10 @@ from persona_gym.evaluation.sequential import (
     sequential_slopes,
     within_user_pearson,
 )
-from persona_gym.memory import Interaction
-from persona_gym.rater import check_distribution
 from persona_gym.ratings import expected
 from persona_gym.simulator.cf_models import BiasedMF, fit_frame
+from persona_gym.simulator.memory import Interaction
+from persona_gym.simulator.rater import check_distribution
 
 log = logging.getLogger(__name__)
 

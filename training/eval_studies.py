@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 from persona_gym.evaluation.metrics import fidelity_report, mae, rmse
-from persona_gym.memory import logged_history
-from persona_gym.rater import check_distribution
 from persona_gym.ratings import expected
+from persona_gym.simulator.memory import logged_history
+from persona_gym.simulator.rater import check_distribution
 from training.eval_configs import EvalConfig, select_test
 
 if TYPE_CHECKING:

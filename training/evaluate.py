@@ -67,9 +67,9 @@ import pandas as pd
 from persona_gym.config_cli import plain
 from persona_gym.data.protocol import USER_GROUPS, EvalData, logged_data
 from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
-from persona_gym.memory import logged_history
-from persona_gym.rater import check_distribution
 from persona_gym.ratings import expected
+from persona_gym.simulator.memory import logged_history
+from persona_gym.simulator.rater import check_distribution
 from training.eval_configs import (
     DEFAULT_CONFIGS,
     EXTRA_CONFIGS,
@@ -137,7 +137,7 @@ class _Models:
             )
         self.priors = None
         if artifacts.prompt_config.cf_prior:
-            from persona_gym.rating_prior import load_rating_priors
+            from persona_gym.simulator.rating_prior import load_rating_priors
 
             self.priors = load_rating_priors(artifacts.adapter_dirs)
         self.artifacts = artifacts

@@ -15,11 +15,11 @@ import torch
 from tqdm import tqdm
 
 from persona_gym.assets import load_causal_lm, resolve_dtype
-from persona_gym.collaborative import CollaborativeModel
-from persona_gym.memory import logged_history, short_term_window
-from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.collaborative import CollaborativeModel
 from persona_gym.simulator.engine import LayeredLM, pack
+from persona_gym.simulator.memory import logged_history, short_term_window
 from persona_gym.simulator.prompts import RatingRequest
+from persona_gym.simulator.retrieval import MemoryIndex
 
 if TYPE_CHECKING:
     from training.train import TrainConfig
@@ -48,7 +48,7 @@ def build_examples(
     """RAFT examples from each user's time-ordered training interactions (Ml table).
 
     With collaborative cues in the prompt, ``collaborative`` gives them (out-of-fold for
-    these logged interactions, see :mod:`persona_gym.collaborative`), under ``tastes[user]``
+    these logged interactions, see :mod:`persona_gym.simulator.collaborative`), under ``tastes[user]``
     (the user's factors moved toward their persona's, ``PromptConfig.persona_taste``) if given.
     """
     cued = config.prompt.cf_cue or config.prompt.surprise_cue

@@ -391,7 +391,7 @@ def run_personas_stage(
     t0 = time.perf_counter()
     features = embeddings
     if config.features != "profile":
-        from persona_gym.collaborative import CF_FILE, load_collaborative
+        from persona_gym.simulator.collaborative import CF_FILE, load_collaborative
 
         collaborative = load_collaborative(artifacts / CF_FILE)
         if config.features == "taste":

@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona_gym import adapter_names
 from persona_gym.artifacts.manifest import (
     BUILD_LOG,
     BUILD_RECORD,
@@ -73,6 +72,7 @@ from persona_gym.artifacts.shipped import (
 )
 from persona_gym.artifacts.stages import prepare_stage, staged_dir
 from persona_gym.artifacts.tables import load_personas, load_tables, tables_digest, training_users
+from persona_gym.simulator import adapter_names
 
 __all__ = [
     "BUILD_LOG",
@@ -110,14 +110,14 @@ __all__ = [
     "write_manifest",
 ]
 from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import (
+from persona_gym.simulator.collaborative import (
     CF_FILE,
     CollaborativeModel,
     load_collaborative,
     persona_tastes,
     taste_axes,
 )
-from persona_gym.prompt_config import PromptConfig
+from persona_gym.simulator.prompt_config import PromptConfig
 
 
 @dataclass
@@ -179,7 +179,7 @@ class Artifacts:
 
     @functools.cached_property
     def taste_axes(self) -> np.ndarray:
-        """The axes that separate the personas' tastes (:func:`~persona_gym.collaborative.taste_axes`)."""
+        """The axes that separate the personas' tastes (:func:`~persona_gym.simulator.collaborative.taste_axes`)."""
         return taste_axes(self.persona_tastes)
 
     def taste(self, user_id: int, adapter: str) -> np.ndarray | None:

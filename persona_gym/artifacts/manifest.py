@@ -16,9 +16,9 @@ import platform
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from persona_gym import registry
-from persona_gym.collaborative import CF_FILE
 from persona_gym.errors import PersonaGymError
 from persona_gym.io import _json_default, atomic_write_json
+from persona_gym.simulator.collaborative import CF_FILE
 
 # 2: the manifest records the hash of every file (``files``) and of itself (``manifest_sha256``)
 SCHEMA_VERSION = 2

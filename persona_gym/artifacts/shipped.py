@@ -22,9 +22,9 @@ from persona_gym.artifacts.manifest import (
 from persona_gym.artifacts.stages import file_lock
 from persona_gym.artifacts.tables import tables_digest
 from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import CF_FILE, load_collaborative
 from persona_gym.io import atomic_write_json
 from persona_gym.registry import SIMULATORS
+from persona_gym.simulator.collaborative import CF_FILE, load_collaborative
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from persona_gym.artifacts.manifest import ArtifactsError, _read_json
 from persona_gym.catalog import ItemCatalog
-from persona_gym.collaborative import CF_FILE, load_collaborative
+from persona_gym.simulator.collaborative import CF_FILE, load_collaborative
 
 log = logging.getLogger(__name__)
 

@@ -123,14 +123,14 @@ def write_artifacts(
 
     ``items.parquet`` (the catalogue), ``profiles.jsonl`` (user_id, text, traits),
     ``memories.parquet``, ``collaborative.npz`` (the collaborative model the prompts' cues and
-    item tokens use, :mod:`persona_gym.collaborative`), ``split.json`` (the dataset's
+    item tokens use, :mod:`persona_gym.simulator.collaborative`), ``split.json`` (the dataset's
     ``source``, a known name or the folder's absolute path, so that later commands rebuild the
     split from any working folder; parameters, user ids, counts; no ratings),
     ``embeddings/items.npy`` (catalogue order) and ``distill.json`` (backend and text lengths).
     ``cf_params``: the collaborative model's tuned parameters, known already (a shipped
     simulator's), so that its fit skips the tuning.
     """
-    from persona_gym.collaborative import CF_FILE, fit_collaborative
+    from persona_gym.simulator.collaborative import CF_FILE, fit_collaborative
 
     out = Path(out)
     atomic_write_parquet(out / "items.parquet", catalog.to_frame())

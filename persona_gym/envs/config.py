@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_gym.errors import ConfigError, ConfigTypeError
-from persona_gym.rater import redact_url
+from persona_gym.simulator.rater import redact_url
 
 REWARDS = ("expected", "sampled")
 REPEAT_RULES = ("penalty", "terminate")
@@ -76,7 +76,7 @@ class EnvConfig:
         server_url: base URL of the server for ``backend="vllm-server"``
             (``"http://127.0.0.1:8000/v1"``); must be ``None`` for the other backends. It may
             carry credentials (``http://user:pass@host/v1``, ``?api_key=...``): messages, logs
-            and this config's ``repr`` show it redacted (``persona_gym.rater.redact_url``).
+            and this config's ``repr`` show it redacted (``persona_gym.simulator.rater.redact_url``).
         server_timeout_s: ``backend="vllm-server"``: seconds one request to the server may
             take, its retries included (``VLLMSettings.timeout_s``); a server that holds a
             request fails within it. Must be > 0.

@@ -1,6 +1,6 @@
 """The episode logic shared by the single and the vector environment (one definition).
 
-:class:`RecCore` owns the rater (:class:`~persona_gym.rater.Rater`), the spaces and the rules;
+:class:`RecCore` owns the rater (:class:`~persona_gym.simulator.rater.Rater`), the spaces and the rules;
 :class:`EpisodeState` is one user's episode. Both environments call :meth:`RecCore.step` with
 their states, actions and random generators: the non-masked actions go to ONE ``Rater.rate``
 call, then each state is advanced with its own generator, so a sub-environment of the vector
@@ -24,8 +24,8 @@ from persona_gym.artifacts import resolve_artifacts
 from persona_gym.envs.config import EnvConfig
 from persona_gym.errors import ConfigTypeError
 from persona_gym.leave import LeaveModel, episode_features, load_leave_model
-from persona_gym.memory import Interaction, format_window, short_term_window
-from persona_gym.rater import Rater, check_distribution
+from persona_gym.simulator.memory import Interaction, format_window, short_term_window
+from persona_gym.simulator.rater import Rater, check_distribution
 
 __all__ = [
     "EpisodeState",
@@ -320,7 +320,7 @@ class RecCore:
         rngs: Sequence[np.random.Generator],
     ) -> list[StepResult]:
         """Advance each state by its action; all rated actions in ONE ``Rater.rate`` call, whose
-        rows must be rating distributions (:func:`~persona_gym.rater.check_distribution`: a
+        rows must be rating distributions (:func:`~persona_gym.simulator.rater.check_distribution`: a
         corrupt model raises there, before any state changes)."""
         items = [self.check_action(a) for a in actions]
         rated = [i for i, (s, a) in enumerate(zip(states, items, strict=True)) if s.allowed[a]]

@@ -18,7 +18,7 @@ import numpy as np
 from persona_gym.envs.config import EnvConfig, load_env_config
 from persona_gym.envs.core import EpisodeState, RecCore
 from persona_gym.errors import ConfigError, ConfigTypeError
-from persona_gym.rater import Rater, redact_url
+from persona_gym.simulator.rater import Rater, redact_url
 
 __all__ = [
     "ActType",
@@ -109,7 +109,7 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
     catalogue item per step; the user rates it from their profile, the memories retrieved for
     the item and their short-term window (the last ``k`` interactions: the logged history, then
     this episode's recommendations with the ratings the user gave, i.e. the sampled ones). The
-    rating rule is the :class:`~persona_gym.rater.Rater`'s; everything else is the env's.
+    rating rule is the :class:`~persona_gym.simulator.rater.Rater`'s; everything else is the env's.
 
     ## Action Space
 
@@ -186,7 +186,7 @@ class PersonaRecEnv(gym.Env[ObsType, ActType]):
     | ``render_mode`` | ``None``    | ``"ansi"``: ``render()`` returns the text view; any other |
     |                 |             | mode is refused (a ``TypeError``, so SB3's                |
     |                 |             | ``make_vec_env`` retries without its ``"rgb_array"``)     |
-    | ``rater``       | ``None``    | a :class:`~persona_gym.rater.Rater` to use instead of     |
+    | ``rater``       | ``None``    | a :class:`~persona_gym.simulator.rater.Rater` to use instead of     |
     |                 |             | loading the config's SLM simulator (e.g. a ``TableRater``)|
     | ``**overrides`` |             | single :class:`EnvConfig` fields; those that shape the    |
     |                 |             | episode: ``artifacts``, ``variant``, ``reward``,          |

@@ -22,7 +22,7 @@ from persona_gym.envs.config import EnvConfig, load_env_config
 from persona_gym.envs.core import EpisodeState, RecCore, check_options
 from persona_gym.envs.recsys_env import EnvTypeError, check_render_mode
 from persona_gym.errors import ConfigError, ConfigTypeError
-from persona_gym.rater import Rater
+from persona_gym.simulator.rater import Rater
 
 __all__ = ["PersonaRecVectorEnv"]
 

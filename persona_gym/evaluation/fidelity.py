@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from persona_gym.evaluation.metrics import RATING_VALUES, reward_landscape, slope
-from persona_gym.memory import Interaction
+from persona_gym.simulator.memory import Interaction
 
 Rate = Callable[[str, Sequence[int], Sequence[int], Sequence[Sequence[Interaction]]], np.ndarray]
 

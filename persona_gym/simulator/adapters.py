@@ -2,7 +2,7 @@
 
 A trained adapter is a peft ``save_pretrained`` folder (``adapter_config.json``,
 ``adapter_model.safetensors``); with item-token prompts it also holds the adapter's item
-projection (:data:`ITEM_TOKENS_FILE`). Names follow :mod:`persona_gym.adapter_names`.
+projection (:data:`ITEM_TOKENS_FILE`). Names follow :mod:`persona_gym.simulator.adapter_names`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from persona_gym.adapter_names import BASE
+from persona_gym.simulator.adapter_names import BASE
 from persona_gym.simulator.engine import ItemTokens
 
 __all__ = ["ITEM_TOKENS_FILE", "attach_adapters", "load_item_tokens", "save_item_tokens"]

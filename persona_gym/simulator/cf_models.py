@@ -1,5 +1,5 @@
 """Collaborative-filtering models (numpy, seeded, CPU-seconds): the user model's collaborative
-signal is built from them (:mod:`persona_gym.collaborative`), and the evaluation reports them as
+signal is built from them (:mod:`persona_gym.simulator.collaborative`), and the evaluation reports them as
 baselines (:mod:`persona_gym.evaluation.baselines`).
 
 Every model is fitted on the information the simulator may use — the selected users' TRAINING

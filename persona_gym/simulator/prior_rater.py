@@ -1,7 +1,7 @@
 """``PriorRater``: the simulator's collaborative prior without the SLM, for fast prototyping.
 
 ``gym.make("PersonaML100K-v0", rater="prior")`` rates with each persona's collaborative prior
-(:class:`~persona_gym.rating_prior.RatingPrior`): a discretised Gaussian over 1..5 around the
+(:class:`~persona_gym.simulator.rating_prior.RatingPrior`): a discretised Gaussian over 1..5 around the
 collaborative model's prediction for the user under their persona's taste, moved by a window
 term (the mean residual of the window's ratings times a fitted ``memory``). Its seven numbers per
 persona are fitted at load on the persona's logged histories (:func:`fit_rating_prior`, L-BFGS,
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from persona_gym.adapter_names import adapter_of
 from persona_gym.artifacts import Artifacts, load_artifacts
 from persona_gym.catalog import ItemCatalog
-from persona_gym.memory import Interaction, logged_history
-from persona_gym.rating_prior import RatingPrior, fit_rating_prior
 from persona_gym.ratings import RATING_VALUES
+from persona_gym.simulator.adapter_names import adapter_of
+from persona_gym.simulator.memory import Interaction, logged_history
+from persona_gym.simulator.rating_prior import RatingPrior, fit_rating_prior
 
 RATINGS = np.asarray(RATING_VALUES, dtype=np.float64)
 

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.memory import Interaction, format_window
-from persona_gym.prompt_config import PromptConfig
 from persona_gym.ratings import RATING_TOKENS
+from persona_gym.simulator.memory import Interaction, format_window
+from persona_gym.simulator.prompt_config import PromptConfig
 
 ITEM_MARK = "\ue000"  # stands for an item token in block text (a private-use character)
 TASK = "Rate this movie from 1 (hated it) to 5 (loved it). Answer with one digit."

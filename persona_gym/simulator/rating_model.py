@@ -28,9 +28,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from persona_gym.adapter_names import BASE
-from persona_gym.rating_prior import PRIOR_FILE, RatingPrior
 from persona_gym.ratings import MAX_RATING, MIN_RATING, N_LEVELS
+from persona_gym.simulator.adapter_names import BASE
 from persona_gym.simulator.adapters import ITEM_TOKENS_FILE
 from persona_gym.simulator.engine import (
     ItemTokens,
@@ -41,6 +40,7 @@ from persona_gym.simulator.engine import (
 )
 from persona_gym.simulator.prefix_cache import PrefixCache
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
+from persona_gym.simulator.rating_prior import PRIOR_FILE, RatingPrior
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class RatingModel:
         layered: an existing ``LayeredLM`` of ``model`` to share (its compiled kernels too).
         item_tokens: each adapter's :class:`ItemTokens` (:func:`load_item_tokens`), needed when
             the prompt config has ``item_tokens``.
-        priors: each adapter's collaborative :class:`~persona_gym.rating_prior.RatingPrior`
-            (:func:`~persona_gym.rating_prior.load_rating_priors`), needed when the prompt
+        priors: each adapter's collaborative :class:`~persona_gym.simulator.rating_prior.RatingPrior`
+            (:func:`~persona_gym.simulator.rating_prior.load_rating_priors`), needed when the prompt
             config has ``cf_prior``.
     """
 

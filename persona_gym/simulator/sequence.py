@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from persona_gym.memory import Interaction, logged_history
+from persona_gym.simulator.memory import Interaction, logged_history
 
 TOKENS_FILE = "sequence_tokens.pt"
 HEAD_TEXT = "Movie ratings:"
@@ -220,7 +220,7 @@ class SequenceRatingModel:
     @classmethod
     def load(cls, model, tokenizer, builder, artifacts, adapters) -> SequenceRatingModel:
         """The engine over ``model`` with each adapter's tokens and prior read from its folder."""
-        from persona_gym.rating_prior import load_rating_priors
+        from persona_gym.simulator.rating_prior import load_rating_priors
 
         features = item_features(
             artifacts.item_embeddings, artifacts.require_collaborative(), artifacts.catalog.genres

@@ -3,7 +3,7 @@
 :class:`ServedRatingModel` is the scorer a :class:`~persona_gym.simulator.simulator.UserSimulator`
 calls in place of the local :class:`~persona_gym.simulator.rating_model.RatingModel`: the
 simulator still builds every request (retrieved memories, window, collaborative cues, the
-user's adapter), so the :class:`~persona_gym.rater.Rater` seam, the prompts and the adapter
+user's adapter), so the :class:`~persona_gym.simulator.rater.Rater` seam, the prompts and the adapter
 routing are the local engine's. Only the forward pass moves to vLLM, which batches across LoRA
 adapters (one ``LoRARequest`` / served LoRA name per persona) over one base model:
 
@@ -66,13 +66,13 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import numpy as np
 import torch
 
-from persona_gym.adapter_names import BASE
 from persona_gym.errors import ConfigError, PersonaGymError
-from persona_gym.prompt_config import PromptConfig
-from persona_gym.rater import redact_url
-from persona_gym.rating_prior import RatingPrior
 from persona_gym.ratings import N_LEVELS
+from persona_gym.simulator.adapter_names import BASE
+from persona_gym.simulator.prompt_config import PromptConfig
 from persona_gym.simulator.prompts import PromptBuilder, RatingRequest
+from persona_gym.simulator.rater import redact_url
+from persona_gym.simulator.rating_prior import RatingPrior
 
 if TYPE_CHECKING:
     from persona_gym.simulator.simulator import UserSimulator
@@ -1000,10 +1000,10 @@ def load_served(
     """
     from transformers import AutoTokenizer
 
-    from persona_gym.adapter_names import variant_adapters
     from persona_gym.artifacts import check_base_model, load_artifacts
     from persona_gym.assets import DEFAULT_SLM, resolve_model
-    from persona_gym.rating_prior import load_rating_priors
+    from persona_gym.simulator.adapter_names import variant_adapters
+    from persona_gym.simulator.rating_prior import load_rating_priors
     from persona_gym.simulator.simulator import UserSimulator
 
     if backend not in SERVED_BACKENDS:

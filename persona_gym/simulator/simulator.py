@@ -1,6 +1,6 @@
 """The SLM simulated users of an artifacts directory: profiles, memories, adapters, one call.
 
-``UserSimulator`` is the SLM :class:`~persona_gym.rater.Rater`: ``rate`` turns
+``UserSimulator`` is the SLM :class:`~persona_gym.simulator.rater.Rater`: ``rate`` turns
 ``(user, candidate, short-term window)`` triples into rating distributions. It retrieves each
 candidate's top-k ``Ml`` memories, picks the user's adapter (their persona's, by default) and
 scores everything in one :class:`RatingScorer` call: the local
@@ -17,15 +17,15 @@ from typing import Protocol
 
 import numpy as np
 
-from persona_gym.adapter_names import BASE, adapter_of, variant_adapters
 from persona_gym.artifacts import Artifacts, check_base_model, load_artifacts
 from persona_gym.catalog import ItemCatalog
-from persona_gym.memory import Interaction, logged_history, short_term_window
-from persona_gym.rating_prior import load_rating_priors
-from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.adapter_names import BASE, adapter_of, variant_adapters
 from persona_gym.simulator.adapters import attach_adapters, load_item_tokens
+from persona_gym.simulator.memory import Interaction, logged_history, short_term_window
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import RatingModel
+from persona_gym.simulator.rating_prior import load_rating_priors
+from persona_gym.simulator.retrieval import MemoryIndex
 
 
 class RatingScorer(Protocol):

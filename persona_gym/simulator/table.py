@@ -1,6 +1,6 @@
 """``TableRater``: simulated users rated by a collaborative-filtering table, no language model.
 
-A :class:`~persona_gym.rater.Rater` over an artifacts directory's tables (catalogue, profiles,
+A :class:`~persona_gym.simulator.rater.Rater` over an artifacts directory's tables (catalogue, profiles,
 logged interactions, item embeddings, personas). Its expected rating of item ``i`` for user
 ``u`` after a short-term window ``W`` is
 
@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from persona_gym.catalog import ItemCatalog
-from persona_gym.memory import Interaction, logged_history, short_term_window
 from persona_gym.ratings import RATING_VALUES, clip
+from persona_gym.simulator.memory import Interaction, logged_history, short_term_window
 
 __all__ = ["TableRater"]
 

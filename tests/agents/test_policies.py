@@ -203,7 +203,7 @@ def test_coverage_interval_contains_its_estimate(core, ratings):
 
 
 def test_window_greedy_adds_genre_similarity_to_the_liked_window(core, ratings):
-    from persona_gym.memory import Interaction
+    from persona_gym.simulator.memory import Interaction
 
     policy = make_policy("window-greedy", core, ratings)
     state = core.new_episode(np.random.default_rng(0), {"user_id": core.user_ids[0]})

@@ -140,7 +140,7 @@ def test_simulator_greedy_rates_the_mf_candidates_with_the_window(core, ratings)
 def test_simulator_greedy_refuses_a_rater_output_that_is_not_distributions(
     core, ratings, monkeypatch
 ):
-    from persona_gym.rater import RaterOutputError
+    from persona_gym.simulator.rater import RaterOutputError
 
     greedy = SimulatorGreedyPolicy(core, MFPolicy(core, ratings), n_candidates=3)
     batch = batch_of(core)

@@ -2,7 +2,7 @@
 produce (rewards, end flags, info, text), the logged-history mask, the observation's numbers,
 the draws' order, one rater call per step, the errors' wording, pickling and the simulator cache.
 
-The rater is a hand-made :class:`~persona_gym.rater.Rater`: four users with chosen histories,
+The rater is a hand-made :class:`~persona_gym.simulator.rater.Rater`: four users with chosen histories,
 six items with chosen embeddings, a fixed distribution per item, every call recorded.
 """
 
@@ -19,8 +19,8 @@ from persona_gym import ratings
 from persona_gym.envs.config import EnvConfig
 from persona_gym.envs.core import RecCore, clear_simulator_cache, get_simulator
 from persona_gym.leave import LeaveModel, episode_features
-from persona_gym.memory import Interaction
-from persona_gym.rater import Rater
+from persona_gym.simulator.memory import Interaction
+from persona_gym.simulator.rater import Rater
 
 # six items (the tiny catalogue's order: Toy Story, GoldenEye, Heat, Casino, Babe, Se7en)
 EMBEDDINGS = np.array(

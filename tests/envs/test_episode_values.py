@@ -122,7 +122,7 @@ def test_profile_uses_only_liked_items(tiny_config, table_rater):
 
 
 def test_each_user_is_rated_by_their_own_personas_adapter(trained_tiny_artifacts):
-    from persona_gym.adapter_names import persona_adapter
+    from persona_gym.simulator.adapter_names import persona_adapter
     from persona_gym.simulator.simulator import UserSimulator
 
     routed = UserSimulator.load(trained_tiny_artifacts, dtype="float32")

@@ -15,7 +15,7 @@ import pytest
 
 from persona_gym.envs import PersonaRecEnv, PersonaRecVectorEnv, load_env_config
 from persona_gym.errors import ConfigError, PersonaGymError
-from persona_gym.rater import RaterOutputError
+from persona_gym.simulator.rater import RaterOutputError
 
 ENV_ID = "PersonaML100K-v0"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from persona_gym.artifacts import load_artifacts
-from persona_gym.memory import Interaction
 from persona_gym.simulator.adapters import ITEM_TOKENS_FILE, load_item_tokens, save_item_tokens
 from persona_gym.simulator.engine import ItemTokens, pack
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import RatingModel
 from persona_gym.simulator.simulator import UserSimulator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from persona_gym.memory import Interaction
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.prompts import ITEM_MARK, PromptBuilder, PromptConfig, RatingRequest
 
 WINDOW = (Interaction(0, 4.0, 1), Interaction(1, 2.0, 2))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from persona_gym.artifacts import SCHEMA_VERSION, ArtifactsError, read_manifest, write_manifest
-from persona_gym.memory import Interaction
 from persona_gym.simulator.adapters import attach_adapters
 from persona_gym.simulator.engine import pack
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.prompts import (
     PromptBuilder,
     PromptConfig,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from persona_gym.memory import Interaction
 from persona_gym.simulator.engine import PackedBatch, SharedRow, pack, share_rows
 from persona_gym.simulator.engine.kv_cache import PrefixKV, _rows, _stack_padded
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.prompts import PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import RatingModel, parse_rating
 from tests.conftest import make_tiny_llama

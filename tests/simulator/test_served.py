@@ -17,10 +17,10 @@ import torch
 
 from persona_gym.envs.config import EnvConfig, load_env_config
 from persona_gym.errors import ConfigError
-from persona_gym.memory import Interaction
-from persona_gym.rating_prior import RatingPrior
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.prompts import PromptBuilder, PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import RatingModel
+from persona_gym.simulator.rating_prior import RatingPrior
 from persona_gym.simulator.served import (
     ServedError,
     ServedRatingModel,

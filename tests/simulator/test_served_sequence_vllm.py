@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from persona_gym.memory import Interaction
+from persona_gym.simulator.memory import Interaction
 from tests.simulator.test_sequence import write_sequence_artifacts
 from tests.simulator.test_served_vllm import PROB_TOL, VLLM_ENV
 
@@ -121,7 +121,7 @@ def sequence_triples(sim, n: int, seed: int = 0) -> tuple[list, list, list]:
 LOCAL_RATE = """
 import json, sys, time
 import numpy as np
-from persona_gym.memory import Interaction
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.simulator import UserSimulator
 job = json.loads(open(sys.argv[1]).read())
 sim = UserSimulator.load(job["artifacts"], base_model=job["base_model"], dtype="float32")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from persona_gym.memory import Interaction
+from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.simulator import UserSimulator
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from persona_gym.artifacts import Artifacts, ArtifactsError, load_personas, load_tables
-from persona_gym.memory import Interaction, logged_history
-from persona_gym.retrieval import MemoryIndex
+from persona_gym.simulator.memory import Interaction, logged_history
 from persona_gym.simulator.prompts import PromptConfig
+from persona_gym.simulator.retrieval import MemoryIndex
 from persona_gym.simulator.simulator import UserSimulator
 
 ADAPTERS = ["persona-0", "persona-1", "single-max"]

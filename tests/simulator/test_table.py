@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from persona_gym.memory import Interaction
-from persona_gym.rater import Rater
+from persona_gym.simulator.memory import Interaction
+from persona_gym.simulator.rater import Rater
 from persona_gym.simulator.table import TableRater
 
 

@@ -92,7 +92,7 @@ def test_other_users_get_the_nearest_centroids_persona() -> None:
 
 
 def test_taste_features_are_the_collaborative_user_factors(protocol_artifacts) -> None:
-    from persona_gym.collaborative import CF_FILE, load_collaborative
+    from persona_gym.simulator.collaborative import CF_FILE, load_collaborative
     from training.personas import taste_features
 
     cf = load_collaborative(protocol_artifacts / CF_FILE)

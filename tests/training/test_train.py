@@ -174,7 +174,7 @@ def test_shipped_artifacts_regenerate_their_tables(tmp_path, protocol_artifacts,
     export_shippable(protocol_artifacts, shipped)
     assert not (shipped / "memories.parquet").exists() and not (shipped / "profiles.jsonl").exists()
     monkeypatch.setattr(registry, "SHIPPED_DIR", shipped.parent)
-    import persona_gym.collaborative as collaborative
+    import persona_gym.simulator.collaborative as collaborative
 
     original = collaborative.load_collaborative(protocol_artifacts / "collaborative.npz")
     assert json.loads((shipped / "collaborative.json").read_text()) == original.params

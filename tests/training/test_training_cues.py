@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from persona_gym.artifacts import load_tables
-from persona_gym.collaborative import CF_FILE, fit_collaborative
-from persona_gym.rating_prior import PRIOR_FILE, RatingPrior, load_rating_prior
+from persona_gym.simulator.collaborative import CF_FILE, fit_collaborative
 from persona_gym.simulator.prompts import PromptConfig
+from persona_gym.simulator.rating_prior import PRIOR_FILE, RatingPrior, load_rating_prior
 
 
 def test_prior_is_a_gaussian_around_the_prediction():
@@ -24,7 +24,7 @@ def test_prior_is_a_gaussian_around_the_prediction():
 
 
 def test_prior_centre_moves_with_the_window_surprise(tmp_path):
-    from persona_gym.rating_prior import PRIOR_FILE, load_rating_prior
+    from persona_gym.simulator.rating_prior import PRIOR_FILE, load_rating_prior
 
     prior = RatingPrior(precision=0.5)
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_simulator_applies_the_prior(cued_artifacts, tiny_base, tmp_path):
     import shutil
 
     from persona_gym.artifacts import rehash
-    from persona_gym.rating_prior import PRIOR_FILE
+    from persona_gym.simulator.rating_prior import PRIOR_FILE
     from persona_gym.simulator.simulator import UserSimulator
 
     # a sharp saved prior (sd 0.2) must dominate the tiny random SLM's nearly flat logits
@@ -158,7 +158,7 @@ def test_evaluate_reports_studies_and_the_prior_alone(cued_artifacts, tmp_path):
 
 
 def test_fit_rating_prior_recovers_the_generating_prior():
-    from persona_gym.rating_prior import fit_rating_prior
+    from persona_gym.simulator.rating_prior import fit_rating_prior
 
     true = RatingPrior(precision=1.5)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(
     import json
 
     from persona_gym.artifacts import load_artifacts, rehash
-    from persona_gym.collaborative import load_collaborative, persona_tastes
+    from persona_gym.simulator.collaborative import load_collaborative, persona_tastes
     from persona_gym.simulator.simulator import UserSimulator
     from training.examples import build_examples
 
@@ -216,7 +216,7 @@ def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(
         assert request.cf_prediction == pytest.approx(float(expected[0]))
     assert artifacts.taste(user, "single-max") is None  # an adapter of no persona: the user's own
     # the training examples show the same moved cues (their out-of-fold predictions moved alike)
-    from persona_gym.retrieval import MemoryIndex
+    from persona_gym.simulator.retrieval import MemoryIndex
     from training.train import TrainConfig
 
     config = TrainConfig(

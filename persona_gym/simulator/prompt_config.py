@@ -28,17 +28,17 @@ class PromptConfig:
         item_tokens: each movie is one soft token (the compact mode; module docstring). Needs
             adapters trained with it (``persona-gym train``: the shipped recipe has them).
         cf_cue: the answer shows the collaborative model's prediction for the candidate
-            (``Predicted:3.6``, :mod:`persona_gym.collaborative`).
+            (``Predicted:3.6``, :mod:`persona_gym.simulator.collaborative`).
         surprise_cue: the window shows how far the user's recent ratings fell from the
             collaborative predictions (``Surprise:+0.4``): the episode's mood.
         cf_items: item tokens carry the item's collaborative factors and bias next to its text
             embedding (with ``item_tokens``).
         cf_prior: the rating logits get a learned Gaussian prior around the collaborative
-            prediction (with ``cf_cue``; ``persona_gym.rating_prior``).
+            prediction (with ``cf_cue``; ``persona_gym.simulator.rating_prior``).
         persona_taste: share ``s`` of a user's collaborative taste that their persona adapter
             owns (0..1, with ``cf_cue``): under persona ``k``'s adapter the prediction uses the
             user's MF factors moved a share ``s`` toward the persona's mean factors along the
-            axes that separate the personas (:mod:`persona_gym.collaborative`); 0 = each user's
+            axes that separate the personas (:mod:`persona_gym.simulator.collaborative`); 0 = each user's
             own factors.
         layout: ``"block"``, the text prompt of :mod:`persona_gym.simulator.prompts`, or
             ``"sequence"``, the user as their rating sequence of soft tokens

@@ -35,7 +35,7 @@ from persona_gym.errors import PersonaGymError
 
 if TYPE_CHECKING:
     from persona_gym.catalog import ItemCatalog
-    from persona_gym.memory import Interaction
+    from persona_gym.simulator.memory import Interaction
 
 __all__ = [
     "DISTRIBUTION_ATOL",

@@ -28,7 +28,7 @@ global taste, the neighbourhood the user's own ratings of similar movies), with 
 varies from movie to movie scaled by a gain ``g`` around the user's level ``mu + b_u``:
 ``mu + b_u + g (blend - mu - b_u)``. Each baseline is tuned on the validation slice of the
 training part exactly as its baseline is, and ``w`` is chosen on the same slice, then ``g``: the
-gain whose prediction the rating prior (:mod:`persona_gym.rating_prior`, the discretised
+gain whose prediction the rating prior (:mod:`persona_gym.simulator.rating_prior`, the discretised
 Gaussian the simulator reads it through) fits best, by that prior's likelihood of the validation
 ratings. Regularised factors and a prior that smooths over five stars both pull the expected
 rating toward the user's level; the later ratings of the validation slice ask for more of the
@@ -52,7 +52,6 @@ import torch
 
 from persona_gym.catalog import ItemCatalog
 from persona_gym.io import atomic_write
-from persona_gym.rating_prior import fit_rating_prior
 from persona_gym.ratings import rmse
 from persona_gym.simulator.cf_models import (
     DEFAULT_GRIDS,
@@ -62,6 +61,7 @@ from persona_gym.simulator.cf_models import (
     tune,
     validation_split,
 )
+from persona_gym.simulator.rating_prior import fit_rating_prior
 
 __all__ = [
     "CF_FILE",
