@@ -285,7 +285,9 @@ def _ci(
 
 
 # -- on logged data -------------------------------------------------------------------------------
-def _top_k(scores: np.ndarray, k: int) -> list[list[int]]:
+def top_k(scores: np.ndarray, k: int) -> list[list[int]]:
+    """Per row of ``(n, n_items)`` scores, the indices of its ``k`` best finite scores, best
+    first (ties to the lower index)."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return [[int(i) for i in row if np.isfinite(scores[r, i])] for r, row in enumerate(order)]
 
@@ -310,7 +312,7 @@ def evaluate_logged(
     }
     rng = np.random.default_rng(seed)  # unused by new_episode with a user id; required by its API
     states = [core.new_episode(rng, {"user_id": u}) for u in users]
-    ranked = _top_k(policy.scores(make_batch(core, states)), k)
+    ranked = top_k(policy.scores(make_batch(core, states)), k)
     ndcgs, hits, hit_ratings = [], [], []
     for user, top in zip(users, ranked, strict=True):
         g = events[user]
@@ -334,7 +336,7 @@ def evaluate_logged(
     ]
     for t in range(max(len(s) for s in sequences)):
         rows = [r for r, s in enumerate(sequences) if t < len(s)]
-        tops = _top_k(policy.scores(make_batch(core, [states[r] for r in rows])), k)
+        tops = top_k(policy.scores(make_batch(core, [states[r] for r in rows])), k)
         for r, top in zip(rows, tops, strict=True):
             item, rating, stamp = sequences[r][t]
             if item in top:

@@ -70,7 +70,7 @@ class CFFeatures:
         seed: int = 0,
     ) -> CFFeatures:
         """From a fitted ``BiasedMF`` and the catalogue (ids, training counts, text embeddings)."""
-        items = BiasedMF._lookup(model.items_, item_ids)
+        items = BiasedMF.lookup(model.items_, item_ids)
         known = items >= 0
         q = np.where(known[:, None], model.q_[np.maximum(items, 0)], 0.0)
         bi = np.where(known, model.bi_[np.maximum(items, 0)], 0.0)
@@ -152,7 +152,7 @@ class CFFeatures:
     def users(self, user_ids: np.ndarray) -> np.ndarray:
         """``(B, f + 2)`` user vectors (zeros but the constant for users MF never saw)."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
-        rows = BiasedMF._lookup(self.user_ids, user_ids)
+        rows = BiasedMF.lookup(self.user_ids, user_ids)
         out = np.zeros((len(user_ids), self.dim), dtype=np.float32)
         out[:, -1] = 1.0
         out[rows >= 0] = self.user_vectors[rows[rows >= 0]]

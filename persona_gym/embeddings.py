@@ -49,7 +49,7 @@ class Embedder:
         self.model_id = name_or_path
         self.device = device
         self.batch_size = batch_size
-        root = Path(cache_dir) if cache_dir is not None else _default_cache()
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_path = root / _slug(name_or_path)
         self._model: Any = None  # the SentenceTransformer, loaded on first use
         self._cache: dict[str, np.ndarray] | None = None
@@ -141,7 +141,8 @@ def embed_items(catalog, embedder: Embedder) -> np.ndarray:
     return embedder.encode(item_texts(catalog))
 
 
-def _default_cache() -> Path:
+def default_cache_dir() -> Path:
+    """Where :class:`Embedder` caches vectors by default: ``<persona-gym cache>/embeddings``."""
     return cache_dir() / "embeddings"
 
 

@@ -76,7 +76,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON (indented, keys in insertion order) atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    return atomic_write_text(path, json.dumps(data, indent=2, default=json_default) + "\n")
 
 
 def atomic_write_parquet(path: str | os.PathLike, frame) -> Path:
@@ -84,7 +84,9 @@ def atomic_write_parquet(path: str | os.PathLike, frame) -> Path:
     return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default``: numpy scalars and arrays as numbers and lists, paths as
+    strings; ``TypeError`` for anything else."""
     import numpy as np
 
     if isinstance(value, np.integer):

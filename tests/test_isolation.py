@@ -14,9 +14,9 @@ def _inside(path: str | Path, root: Path) -> bool:
 def test_persona_gym_cache_and_data_dir_are_the_sessions(user_dirs: Path) -> None:
     from persona_gym.assets import cache_dir
     from persona_gym.data.download import default_data_dir
-    from persona_gym.embeddings import _default_cache
+    from persona_gym.embeddings import default_cache_dir
 
-    assert _inside(cache_dir(), user_dirs) and _inside(_default_cache(), user_dirs)
+    assert _inside(cache_dir(), user_dirs) and _inside(default_cache_dir(), user_dirs)
     assert _inside(default_data_dir(), user_dirs)
 
 

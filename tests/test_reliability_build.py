@@ -270,7 +270,7 @@ def test_a_cache_that_is_a_file_fails_the_build_in_one_line(
 def test_changed_evaluation_results_are_evaluated_again(tmp_path):
     """Evaluate's results are not the simulator: a changed file there runs evaluate again
     (the other stages refuse); a record written before file hashes is trusted as it was."""
-    from training.build import Stage, _decide, stage_files
+    from training.build import Stage, stage_action, stage_files
 
     root = tmp_path / "art"
     (root / "evaluation").mkdir(parents=True)
@@ -279,8 +279,8 @@ def test_changed_evaluation_results_are_evaluated_again(tmp_path):
     done = {"settings": stage.settings, "files": stage_files(root, "evaluate")}
     record = {"stages": {"evaluate": done}}
     assert done["files"] == {"evaluation/results.json": done["files"]["evaluation/results.json"]}
-    assert _decide(stage, root, record, force=False) == "skip"
+    assert stage_action(stage, root, record, force=False) == "skip"
     (root / "evaluation" / "results.json").write_text('{"configs": [1]}')
-    assert _decide(stage, root, record, force=False) == "run"
+    assert stage_action(stage, root, record, force=False) == "run"
     del done["files"]
-    assert _decide(stage, root, record, force=False) == "skip"
+    assert stage_action(stage, root, record, force=False) == "skip"

@@ -92,7 +92,7 @@ def test_distill_openai_needs_its_endpoint(capsys, tmp_path, ml1m):
 
 
 def test_distill_backend_failure_is_one_line_without_the_key(capsys, tmp_path, ml1m, monkeypatch):
-    from tests.distill.test_distill import _Server
+    from tests.distill.test_distill import ScriptedServer
 
     monkeypatch.setattr("training.chat.time.sleep", lambda s: None)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-live-0123456789abcdef")
@@ -103,7 +103,7 @@ def test_distill_backend_failure_is_one_line_without_the_key(capsys, tmp_path, m
             "pad": "x" * 2000,
         }
     )
-    with _Server([(503, echo)] * 4) as server:
+    with ScriptedServer([(503, echo)] * 4) as server:
         result = run(
             capsys,
             "distill",

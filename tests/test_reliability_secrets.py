@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from tests.distill.test_distill import _Server
+from tests.distill.test_distill import ScriptedServer
 from training.chat import ChatBackendError, OpenAIChatBackend
 
 KEY = "sk-proj-SECRET0123456789abcdefXYZ"
@@ -40,7 +40,7 @@ def key_env(monkeypatch):
 @pytest.mark.parametrize("case", sorted(ECHOES))
 def test_http_errors_never_quote_the_key(key_env, caplog, status, case):
     script = [echo(status, ECHOES[case])] * 3
-    with _Server(script) as server, caplog.at_level(logging.WARNING, logger="training.chat"):
+    with ScriptedServer(script) as server, caplog.at_level(logging.WARNING, logger="training.chat"):
         backend = OpenAIChatBackend(
             server.base_url, "m", api_key_env="TEST_SECRET_KEY", max_retries=2, backoff_s=0
         )
@@ -55,7 +55,7 @@ def test_http_errors_never_quote_the_key(key_env, caplog, status, case):
 
 def test_malformed_replies_never_quote_the_key(key_env):
     body = json.dumps({"not_choices": [], "echo": {"Authorization": f"Bearer {KEY}"}})
-    with _Server([(200, body)] * 2) as server:
+    with ScriptedServer([(200, body)] * 2) as server:
         backend = OpenAIChatBackend(
             server.base_url, "m", api_key_env="TEST_SECRET_KEY", max_retries=1, backoff_s=0
         )

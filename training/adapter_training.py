@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
@@ -22,13 +23,39 @@ from persona_gym.ratings import RATING_VALUES
 from persona_gym.simulator.adapters import quiet_peft, save_item_tokens
 from persona_gym.simulator.engine import ItemTokens, LayeredLM
 from persona_gym.simulator.rating_prior import RatingPrior
-from training.examples import Example, LowerCache, _batches, _chunks
+from training.examples import Example, LowerCache
 
 if TYPE_CHECKING:
     from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 RATINGS = torch.as_tensor(RATING_VALUES, dtype=torch.float32)
+
+
+def _chunks(indices: list[int], examples: list[Example], size: int, rng: np.random.Generator):
+    """Shuffle examples within users, cut into same-user chunks of ``size``, shuffle the chunks."""
+    by_user: defaultdict[int, list[int]] = defaultdict(list)
+    for n in indices:
+        by_user[examples[n].user_id].append(n)
+    chunks: list[tuple[int, list[int]]] = []
+    for user in sorted(by_user):
+        ns = list(rng.permutation(by_user[user]))
+        chunks.extend((user, [int(n) for n in ns[i : i + size]]) for i in range(0, len(ns), size))
+    order = rng.permutation(len(chunks))
+    return [chunks[i] for i in order]
+
+
+def _batches(chunks, batch_examples: int):
+    """Group chunks into optimizer steps of about ``batch_examples`` examples."""
+    batch, count = [], 0
+    for chunk in chunks:
+        batch.append(chunk)
+        count += len(chunk[1])
+        if count >= batch_examples:
+            yield batch
+            batch, count = [], 0
+    if batch:
+        yield batch
 
 
 class _TrainState(TypedDict):

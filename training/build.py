@@ -365,7 +365,7 @@ def _changed_file(root: Path, stage: str, done: dict) -> str | None:
     return None
 
 
-def _decide(stage: Stage, root: Path, record: dict, force: bool, command: str = "") -> str:
+def stage_action(stage: Stage, root: Path, record: dict, force: bool, command: str = "") -> str:
     """``"skip"``, ``"run"`` or ``"force"`` (personas only: rewrite its unrecorded outputs);
     :class:`StageError` when a finished stage of another build is in the way, or its files
     changed since it finished (``command``: the build's own, for the fix)."""
@@ -460,7 +460,7 @@ def _build(args: argparse.Namespace, out: str, root: Path, build_log: BuildLog) 
         if stage.name != "distill":
             build_log.open(root / BUILD_LOG)
         record = _read_record(root)
-        action = _decide(stage, root, record, args.force, command)
+        action = stage_action(stage, root, record, args.force, command)
         tag = f"[{number}/{total}] {stage.name}"
         if action == "skip":
             build_log.progress(
@@ -543,7 +543,7 @@ def _dry_run(
     record = _read_record(root)
     for number, stage in enumerate(stages, start=2):
         try:
-            action = _decide(stage, root, record, force, command)
+            action = stage_action(stage, root, record, force, command)
         except StageError as error:
             action = f"refused: {error}"
         state = {"skip": "done, would skip", "run": "would run", "force": "would run with --force"}

@@ -18,12 +18,12 @@ from training.eval_configs import EvalConfig, select_test
 
 if TYPE_CHECKING:
     from persona_gym.data.protocol import EvalData
-    from training.evaluate import _Models
+    from training.evaluate import SharedModels
 
 log = logging.getLogger(__name__)
 
 
-def _prior_alone(
+def prior_alone(
     priors: dict,
     artifacts,
     rows: pd.DataFrame,
@@ -78,11 +78,11 @@ def _prior_alone(
             probs=probs,
             groups=personas,
         ),
-        "first_3": _first_3(rows, expected(probs), real),
+        "first_3": first_3(rows, expected(probs), real),
     }
 
 
-def _first_3(rows: pd.DataFrame, pred: np.ndarray, real: np.ndarray) -> dict:
+def first_3(rows: pd.DataFrame, pred: np.ndarray, real: np.ndarray) -> dict:
     """RMSE and MAE on each user's first 3 evaluated test interactions (the shipped report's
     historical 600-row subset)."""
     first = rows.groupby("user_id").cumcount().to_numpy() < 3
@@ -93,8 +93,8 @@ def _first_3(rows: pd.DataFrame, pred: np.ndarray, real: np.ndarray) -> dict:
     }
 
 
-def _studies(
-    models: _Models,
+def simulator_studies(
+    models: SharedModels,
     artifacts,
     data: EvalData,
     full_test: pd.DataFrame,

@@ -80,7 +80,7 @@ from training.eval_configs import (
     select_test,
 )
 from training.eval_report import render_markdown, write_report
-from training.eval_studies import _first_3, _prior_alone, _studies
+from training.eval_studies import first_3, prior_alone, simulator_studies
 
 if TYPE_CHECKING:
     from persona_gym.simulator.engine import LayeredLM
@@ -116,7 +116,7 @@ def _check_no_leakage(test: pd.DataFrame, memories: pd.DataFrame) -> None:
         )
 
 
-class _Models:
+class SharedModels:
     """One base model with every adapter of the artifacts, shared by all configurations."""
 
     def __init__(
@@ -314,7 +314,7 @@ def evaluate(
     predictions = rows[["user_id", "item_id", "item_index", "rating", "timestamp"]].copy()
     predictions["persona"] = personas
 
-    models = _Models(artifacts, base_model, device, dtype, compile) if configs else None
+    models = SharedModels(artifacts, base_model, device, dtype, compile) if configs else None
     history_cache: dict[int, tuple] = {}
     generation_rows = (
         np.flatnonzero(rows.groupby("user_id").cumcount().to_numpy() < generation_per_user)
@@ -370,7 +370,7 @@ def evaluate(
             expected=report,
         )
         predictions[f"pred:{config.spec}"] = expected(probs)
-        entry["first_3"] = _first_3(rows, expected(probs), real)
+        entry["first_3"] = first_3(rows, expected(probs), real)
         for r in range(5):
             predictions[f"p{r + 1}:{config.spec}"] = probs[:, r].astype(np.float32)
         if generation and prompt.item_tokens:
@@ -435,7 +435,7 @@ def evaluate(
                     pred=pred,
                     groups=personas,
                 ),
-                "first_3": _first_3(rows, pred, real),
+                "first_3": first_3(rows, pred, real),
             }
     if models is not None and models.priors and artifacts.collaborative is not None:
         k = trained_prompt.window_size
@@ -443,13 +443,13 @@ def evaluate(
             int(u): logged_history(artifacts.memories, int(u))[-k:] if k else ()
             for u in np.unique(full_test["user_id"])
         }
-        results["baselines"]["collaborative prior alone (no SLM)"] = _prior_alone(
+        results["baselines"]["collaborative prior alone (no SLM)"] = prior_alone(
             models.priors, artifacts, rows, full_test, personas, logged_windows
         )
     persona = parse_config("persona:Ms+Ml")
     if studies and models is not None and not models.missing(persona, np.unique(user_ids)):
         t0 = time.perf_counter()
-        results["studies"] = _studies(
+        results["studies"] = simulator_studies(
             models,
             artifacts,
             data,

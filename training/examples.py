@@ -178,7 +178,7 @@ class LowerCache:
         }
 
 
-def _frozen_pass(
+def frozen_pass(
     examples,
     builder,
     layered: LayeredLM,
@@ -205,32 +205,6 @@ def _frozen_pass(
     return LowerCache.compute(
         examples, builder, lower, split_layer, pad_id, config.blocks_per_sequence, progress
     )
-
-
-def _chunks(indices: list[int], examples: list[Example], size: int, rng: np.random.Generator):
-    """Shuffle examples within users, cut into same-user chunks of ``size``, shuffle the chunks."""
-    by_user: defaultdict[int, list[int]] = defaultdict(list)
-    for n in indices:
-        by_user[examples[n].user_id].append(n)
-    chunks: list[tuple[int, list[int]]] = []
-    for user in sorted(by_user):
-        ns = list(rng.permutation(by_user[user]))
-        chunks.extend((user, [int(n) for n in ns[i : i + size]]) for i in range(0, len(ns), size))
-    order = rng.permutation(len(chunks))
-    return [chunks[i] for i in order]
-
-
-def _batches(chunks, batch_examples: int):
-    """Group chunks into optimizer steps of about ``batch_examples`` examples."""
-    batch, count = [], 0
-    for chunk in chunks:
-        batch.append(chunk)
-        count += len(chunk[1])
-        if count >= batch_examples:
-            yield batch
-            batch, count = [], 0
-    if batch:
-        yield batch
 
 
 def adapter_datasets(

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from persona_gym import registry
 from persona_gym.errors import PersonaGymError
-from persona_gym.io import _json_default, atomic_write_json
+from persona_gym.io import atomic_write_json, json_default
 from persona_gym.simulator.collaborative import CF_FILE
 
 # 2: the manifest records the hash of every file (``files``) and of itself (``manifest_sha256``)
@@ -141,7 +141,7 @@ def seal_manifest(root: str | Path, manifest: dict) -> dict:
     body = json.loads(
         json.dumps(
             {**body, "schema_version": SCHEMA_VERSION, "files": file_hashes(root)},
-            default=_json_default,
+            default=json_default,
         )
     )
     body[SEAL] = _seal(body)
@@ -170,13 +170,15 @@ def rehash(root: str | Path) -> dict:
             f"{root / MANIFEST} not found: there is nothing to rehash; "
             f"train a simulator with `persona-gym train --artifacts {root}`"
         )
-    manifest = _read_json(root / MANIFEST, f"re-run `persona-gym train --artifacts {root}`")
+    manifest = read_json(root / MANIFEST, f"re-run `persona-gym train --artifacts {root}`")
     _check_structure(root, manifest, root / MANIFEST)
     return seal_manifest(root, manifest)
 
 
 # -- reading and verifying -------------------------------------------------------------------------
-def _read_json(path: Path, fix: str):
+def read_json(path: Path, fix: str):
+    """A JSON file of an artifacts directory; :class:`ArtifactsError` naming the file and ``fix``
+    when it is not valid JSON or not UTF-8 text."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -253,7 +255,7 @@ def read_manifest(root: str | Path) -> dict:
             f"{path} not found: train a simulator with `persona-gym train --artifacts {root}` "
             "(after `persona-gym distill` and `persona-gym personas`)"
         )
-    manifest = _read_json(path, "re-run `persona-gym train` to rewrite it")
+    manifest = read_json(path, "re-run `persona-gym train` to rewrite it")
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION:
         raise ArtifactsError(
@@ -372,7 +374,7 @@ def check_adapters(root: str | Path, manifest: dict) -> None:
     for name, rel in manifest["adapters"].items():
         folder = root / rel
         fix = _fix(root, f"adapters/{name}", manifest)
-        config = _read_json(folder / "adapter_config.json", fix)
+        config = read_json(folder / "adapter_config.json", fix)
         if not isinstance(config, dict) or "peft_type" not in config:
             raise ArtifactsError(
                 f"{folder / 'adapter_config.json'} is not a peft adapter config "

@@ -14,7 +14,7 @@ from persona_gym import registry
 from persona_gym.artifacts.manifest import (
     MANIFEST,
     ArtifactsError,
-    _read_json,
+    read_json,
     read_manifest,
     seal_manifest,
     verify_artifacts,
@@ -90,7 +90,7 @@ def resolve_artifacts(
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
             shutil.copytree(shipped, tmp / "art", ignore=shutil.ignore_patterns(".*"))
-            split_info = _read_json(shipped / "split.json", "reinstall persona-gym")
+            split_info = read_json(shipped / "split.json", "reinstall persona-gym")
             _regenerate_tables(tmp / "art", split_info)
             actual = tables_digest(tmp / "art")
             if actual != manifest.get("tables_sha256"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona_gym.artifacts.manifest import ArtifactsError, _read_json
+from persona_gym.artifacts.manifest import ArtifactsError, read_json
 from persona_gym.catalog import ItemCatalog
 from persona_gym.simulator.collaborative import CF_FILE, load_collaborative
 
@@ -98,7 +98,7 @@ def load_personas(root: str | Path) -> dict[int, int]:
         raise ArtifactsError(
             f"{path} not found: run `persona-gym personas --artifacts {root}` first"
         )
-    data = _read_json(path, fix)
+    data = read_json(path, fix)
     try:
         return {int(u): int(p) for u, p in data["assignment"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -117,7 +117,7 @@ def training_users(root: str | Path, user_ids) -> list[int]:
         return users
     protocol = {
         int(u)
-        for u in _read_json(path, f"re-run `persona-gym distill --out {root} --force`").get(
+        for u in read_json(path, f"re-run `persona-gym distill --out {root} --force`").get(
             "user_ids", []
         )
     }

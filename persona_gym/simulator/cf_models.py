@@ -69,8 +69,9 @@ class _Model:
         return u, i, r
 
     @staticmethod
-    def _lookup(known: np.ndarray, ids) -> np.ndarray:
-        """Dense index of each id, -1 where unknown."""
+    def lookup(known: np.ndarray, ids) -> np.ndarray:
+        """Dense index of each id in the sorted ``known`` ids (a fitted ``users_`` or ``items_``),
+        -1 where unknown."""
         ids = np.asarray(ids, dtype=np.int64)
         if not len(known):
             return np.full(len(ids), -1)
@@ -86,7 +87,7 @@ class _Model:
         if user_ids.shape != item_ids.shape:
             raise ValueError("user_ids and item_ids differ in length")
         return np.clip(
-            self._predict(self._lookup(self.users_, user_ids), self._lookup(self.items_, item_ids)),
+            self._predict(self.lookup(self.users_, user_ids), self.lookup(self.items_, item_ids)),
             1.0,
             5.0,
         )
@@ -259,8 +260,8 @@ class ItemKNN(_Model):
         u, i, r = self._index(ratings)
         self.baseline_ = BiasModel(self.reg_user, self.reg_item).fit(ratings)
         base = self.baseline_._predict(
-            self.baseline_._lookup(self.baseline_.users_, self.users_[u]),
-            self.baseline_._lookup(self.baseline_.items_, self.items_[i]),
+            self.baseline_.lookup(self.baseline_.users_, self.users_[u]),
+            self.baseline_.lookup(self.baseline_.items_, self.items_[i]),
         )
         n_u, n_i = len(self.users_), len(self.items_)
         resid = np.zeros((n_u, n_i), dtype=np.float32)
@@ -296,8 +297,8 @@ class ItemKNN(_Model):
             np.where(i >= 0, self.items_[np.maximum(i, 0)], -1),
         )
         out = self.baseline_._predict(
-            self.baseline_._lookup(self.baseline_.users_, users),
-            self.baseline_._lookup(self.baseline_.items_, items),
+            self.baseline_.lookup(self.baseline_.users_, users),
+            self.baseline_.lookup(self.baseline_.items_, items),
         )
         known = (u >= 0) & (i >= 0)
         for row in np.unique(u[known]):

@@ -264,7 +264,7 @@ def load_collaborative(path: str | Path) -> CollaborativeModel:
 
 
 def _to_catalog(model: BiasedMF, catalog: ItemCatalog) -> tuple[np.ndarray, np.ndarray]:
-    rows = model._lookup(model.items_, catalog.item_ids)
+    rows = model.lookup(model.items_, catalog.item_ids)
     known = rows >= 0
     bias = np.where(known, model.bi_[np.maximum(rows, 0)], 0.0)
     factors = np.where(known[:, None], model.q_[np.maximum(rows, 0)], 0.0)
@@ -286,7 +286,7 @@ def gained(level: np.ndarray, blend: np.ndarray, gain: float) -> np.ndarray:
 
 def user_level(mf: BiasedMF, users, fallback: np.ndarray) -> np.ndarray:
     """``mu + b_u`` of a fitted MF per user, ``fallback`` where the fit never saw the user."""
-    seen = mf._lookup(mf.users_, users)
+    seen = mf.lookup(mf.users_, users)
     return np.where(seen >= 0, mf.mu_ + mf.bu_[np.maximum(seen, 0)], fallback)
 
 

@@ -13,7 +13,6 @@ import pytest
 
 from agents.evaluate import (
     PolicyEvalConfig,
-    _top_k,
     evaluate_logged,
     evaluate_policies,
     gap_closed,
@@ -21,6 +20,7 @@ from agents.evaluate import (
     paired_differences,
     simulate,
     summarize_episodes,
+    top_k,
 )
 from agents.metrics import bootstrap_ci, intra_list_diversity, novelty
 from agents.policies import Policy, RandomPolicy
@@ -241,14 +241,14 @@ def test_paired_differences_by_hand():
 
 def test_top_k_keeps_the_best_finite_scores_ties_to_the_lower_index():
     scores = np.array([[1.0, 3.0, 3.0, -np.inf, 2.0], [-np.inf, -np.inf, 0.5, -np.inf, -np.inf]])
-    assert _top_k(scores, 3) == [[1, 2, 4], [2]]
-    assert _top_k(scores, 1) == [[1], [2]]
-    assert _top_k(scores, 10) == [[1, 2, 4, 0], [2]]
-    assert all(type(i) is int for row in _top_k(scores, 3) for i in row)
+    assert top_k(scores, 3) == [[1, 2, 4], [2]]
+    assert top_k(scores, 1) == [[1], [2]]
+    assert top_k(scores, 10) == [[1, 2, 4, 0], [2]]
+    assert all(type(i) is int for row in top_k(scores, 3) for i in row)
     ties = np.zeros((1, 300))
     ties[0, ::7] = 1.0  # 43 items tied first, the rest tied second: lower indices first in each
-    assert _top_k(ties, 10) == [[0, 7, 14, 21, 28, 35, 42, 49, 56, 63]]
-    assert _top_k(ties, 45)[0][43:] == [1, 2]
+    assert top_k(ties, 10) == [[0, 7, 14, 21, 28, 35, 42, 49, 56, 63]]
+    assert top_k(ties, 45)[0][43:] == [1, 2]
 
 
 def test_logged_metrics_of_two_users_by_hand(core):

@@ -191,7 +191,7 @@ def _good_reply(n: int = 10) -> str:
     return "\n".join(lines) + "\nPROFILE: I like clever stories and dislike gore."
 
 
-class _Server:
+class ScriptedServer:
     """A real OpenAI-style HTTP server on 127.0.0.1 replying from a script of responses."""
 
     def __init__(self, script: list[tuple[int, str]] | None = None) -> None:
@@ -234,7 +234,7 @@ class _Server:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> ScriptedServer:
         self.thread.start()
         return self
 
@@ -249,7 +249,7 @@ def _ok(content: str) -> tuple[int, str]:
 
 def test_http_backend_retries_a_malformed_response(monkeypatch) -> None:
     monkeypatch.setenv("TEST_KEY", "sk-test")
-    with _Server(
+    with ScriptedServer(
         [(200, "this is not json"), (200, json.dumps({"choices": []})), _ok("hello")]
     ) as server:
         backend = OpenAIChatBackend(
@@ -263,14 +263,14 @@ def test_http_backend_retries_a_malformed_response(monkeypatch) -> None:
 
 
 def test_http_backend_gives_up_with_a_clear_error() -> None:
-    with _Server([(200, "garbage")] * 3 + [(503, "overloaded")]) as server:
+    with ScriptedServer([(200, "garbage")] * 3 + [(503, "overloaded")]) as server:
         backend = OpenAIChatBackend(server.base_url, "m", max_retries=2, backoff_s=0.01)
         with pytest.raises(ChatBackendError) as err:
             backend.complete([{"role": "user", "content": "hi"}])
         assert server.base_url + "/chat/completions" in str(err.value)
         assert "garbage" in str(err.value) and "3 attempts" in str(err.value)
         assert len(server.requests) == 3
-    with _Server([(400, "bad model name")]) as server:  # client errors are not retried
+    with ScriptedServer([(400, "bad model name")]) as server:  # client errors are not retried
         backend = OpenAIChatBackend(server.base_url, "m", max_retries=2, backoff_s=0.01)
         with pytest.raises(ChatBackendError, match="bad model name"):
             backend.complete([{"role": "user", "content": "hi"}])
@@ -285,7 +285,7 @@ def test_llm_distiller_end_to_end_over_http(tmp_path) -> None:
     ds, split, catalog = synthetic_split()
     # one reply loses its reason lines and profile: those fall back to templates
     script = [_ok(_good_reply()), _ok("I cannot help with that.")]
-    with _Server(script) as server:
+    with ScriptedServer(script) as server:
         backend = OpenAIChatBackend(server.base_url, "gpt-test", backoff_s=0.01)
         config = LLMDistillerConfig(cache_dir=str(tmp_path / "cache"), progress=False)
         result = LLMDistiller(backend, config).distill(ds, split, catalog)

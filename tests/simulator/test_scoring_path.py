@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from persona_gym.simulator.engine import PackedBatch, SharedRow, pack, share_rows
-from persona_gym.simulator.engine.kv_cache import PrefixKV, _rows, _stack_padded
+from persona_gym.simulator.engine.kv_cache import PrefixKV, pad_rows, stack_padded
 from persona_gym.simulator.memory import Interaction
 from persona_gym.simulator.prompts import PromptConfig, RatingRequest
 from persona_gym.simulator.rating_model import RatingModel, parse_rating
@@ -461,7 +461,7 @@ def test_pack_builds_every_tensor_on_the_device():
 
 # -- the prefix cache's tensors ---------------------------------------------------------------------
 def test_rows_pad_on_the_right_and_prefixes_stack_zero_padded():
-    ids, lengths = _rows([[5, 6, 7], [8]], pad_id=3)
+    ids, lengths = pad_rows([[5, 6, 7], [8]], pad_id=3)
     assert (
         ids.tolist() == [[5, 6, 7], [8, 3, 3]]
         and lengths.tolist() == [3, 1]
@@ -469,12 +469,12 @@ def test_rows_pad_on_the_right_and_prefixes_stack_zero_padded():
     )
     one = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
     two = torch.ones(2, 1, 1, 2)
-    stacked = _stack_padded([one, two])
+    stacked = stack_padded([one, two])
     assert stacked.shape == (2, 2, 1, 3, 2)
     torch.testing.assert_close(stacked[:, 0], one)
     torch.testing.assert_close(stacked[:, 1, :, :1], two)
     assert not stacked[:, 1, :, 1:].any()
-    equal = _stack_padded([one, one + 1])
+    equal = stack_padded([one, one + 1])
     torch.testing.assert_close(equal, torch.stack([one, one + 1], dim=1))
     kv = PrefixKV(one, two)
     assert kv.length == 3 and kv.nbytes == 2 * one.numel() * 4 and kv.values is two

@@ -148,7 +148,7 @@ def test_select_test_first_and_random():
 # -- end to end on the tiny artifacts ------------------------------------------------------------
 
 
-def _held_out_artifacts(src, dst, n_test: int = 2):
+def held_out_artifacts(src, dst, n_test: int = 2):
     """Copy the tiny artifacts and move each user's last ``n_test`` memories to a test set."""
     shutil.copytree(src, dst)
     memories = pd.read_parquet(dst / "memories.parquet").sort_values(["user_id", "timestamp"])
@@ -161,7 +161,7 @@ def _held_out_artifacts(src, dst, n_test: int = 2):
 
 @pytest.fixture(scope="module")
 def held_out(trained_tiny_artifacts, tmp_path_factory):
-    return _held_out_artifacts(trained_tiny_artifacts, tmp_path_factory.mktemp("eval") / "art")
+    return held_out_artifacts(trained_tiny_artifacts, tmp_path_factory.mktemp("eval") / "art")
 
 
 @pytest.fixture(scope="module")
@@ -248,11 +248,11 @@ def test_predictions_do_not_read_test_ratings(held_out, evaluated):
     again = evaluate(root, ["persona:Ms+Ml"], test=flipped, write=False, dtype="float32")
     persona = again["configs"][0]["expected"]
     assert persona["rmse"] != evaluated[0]["configs"][3]["expected"]["rmse"]
-    from training.evaluate import _Models, parse_config as parse  # noqa: I001
+    from training.evaluate import SharedModels, parse_config as parse  # noqa: I001
     from persona_gym.artifacts import load_artifacts
 
     art = load_artifacts(root)
-    models = _Models(art, None, "cpu", "float32")
+    models = SharedModels(art, None, "cpu", "float32")
     config = parse("persona:Ms+Ml")
     sim = models.simulator(config, config.prompt(art.prompt_config))
     rows = select_test(test)

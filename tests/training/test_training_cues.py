@@ -128,10 +128,10 @@ def test_missing_prior_is_named(tmp_path):
 
 def test_evaluate_reports_studies_and_the_prior_alone(cued_artifacts, tmp_path):
     from persona_gym.artifacts import rehash
-    from tests.training.test_evaluate import _held_out_artifacts
+    from tests.training.test_evaluate import held_out_artifacts
     from training.evaluate import evaluate, render_markdown
 
-    root, test = _held_out_artifacts(cued_artifacts, tmp_path / "art")
+    root, test = held_out_artifacts(cued_artifacts, tmp_path / "art")
     rehash(root)  # the memories changed on purpose
     results = evaluate(
         root, ["persona:Ms+Ml"], test=test, dtype="float32", write=False, study_rows_per_user=2

@@ -33,7 +33,7 @@ class PrefixKV:
         return 2 * self.keys.numel() * self.keys.element_size()
 
 
-def _rows(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids ``(B, T)`` and lengths ``(B,)``."""
     lengths = torch.tensor([len(s) for s in sequences])
     ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
@@ -47,7 +47,7 @@ def encode_prefixes(
     layered: LayeredLM, prefixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
 ) -> list[PrefixKV]:
     """Run prefixes through every layer and keep their keys/values (the prefix KV cache)."""
-    ids, lengths = _rows(prefixes, pad_id)
+    ids, lengths = pad_rows(prefixes, pad_id)
     ids, lengths = ids.to(device), lengths.to(device)
     width = ids.shape[1]
     positions = torch.arange(width, device=device).expand(len(prefixes), width)
@@ -100,8 +100,8 @@ def score_blocks(
     )[:, None]
     hidden = layered.embed_ids(ids)
     position_embeddings = layered.rotary(hidden, position_ids=positions)
-    past_k = _stack_padded([p.keys for p in prefixes]).to(device)  # (layers, B, heads, P, d)
-    past_v = _stack_padded([p.values for p in prefixes]).to(device)
+    past_k = stack_padded([p.keys for p in prefixes]).to(device)  # (layers, B, heads, P, d)
+    past_v = stack_padded([p.values for p in prefixes]).to(device)
     for index, layer in enumerate(layered.layers):
         hidden = layered.before_layer(index, hidden, ids)
         hidden, _, _ = layered.attend(
@@ -110,7 +110,7 @@ def score_blocks(
     return layered.head(hidden[packed.rows, packed.cols])
 
 
-def _stack_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def stack_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack ``(layers, heads, n_i, d)`` tensors into ``(layers, B, heads, max n_i, d)``, zero-padded
     at the end (one copy per prefix for all layers: fewer, larger copies than per layer)."""
     if all(t.shape[2] == tensors[0].shape[2] for t in tensors):
