@@ -11,6 +11,9 @@
   names) sit below ``persona_gym.artifacts``, the raters that load such a directory above it. So
   its modules (and ``simulator.engine``) are parts of their own, and its ``__init__.py`` imports
   nothing: importing one of its modules never runs another.
+* No module of ``persona_gym``, ``agents``, ``training`` or ``benchmarks`` imports a private
+  name (``_name``, or a ``_module``) of the project's packages, ``TYPE_CHECKING`` imports
+  included: a helper another module needs is public (documented) or lives where it is used.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ FORBIDDEN = {"persona_gym": {"training", "agents"}, "agents": {"training"}}
 COMPOSITION_ROOT = "persona_gym/cli.py"
 # packages whose modules are parts of their own (their ``__init__.py`` imports nothing)
 SPLIT = ("persona_gym.simulator",)
+# the project's packages: whose private names no other module imports, and whose modules are scanned
+PROJECT = ("persona_gym", "agents", "training", "benchmarks", "envs_config")
+SCANNED = ("persona_gym", "agents", "training", "benchmarks")
 
 
 def _module(path: Path, root: Path = ROOT) -> str:
@@ -30,11 +36,25 @@ def _module(path: Path, root: Path = ROOT) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _package(path: Path, root: Path) -> str:
+    """The package relative imports of a file start from."""
+    module = _module(path, root)
+    return module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+
+def _from_base(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module of a ``from ... import``."""
+    base = node.module or ""
+    if node.level:
+        parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(parent + ([base] if base else []))
+    return base
+
+
 def _imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
     """``(line, absolute module)`` of every import in a file, outside ``if TYPE_CHECKING:``."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    module = _module(path, root)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    package = _package(path, root)
     skipped = {
         id(n)
         for node in ast.walk(tree)
@@ -50,10 +70,7 @@ def _imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + ([base] if base else []))
+            base = _from_base(node, package)
             for alias in node.names:  # ``from pkg import module`` imports pkg.module
                 sub = root.joinpath(*base.split("."), alias.name)
                 is_module = sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file()
@@ -78,6 +95,32 @@ def back_edges() -> list[str]:
                 for line, name in _imports(path)
                 if name.split(".")[0] in forbidden
             ]
+    return out
+
+
+def private_imports(root: Path = ROOT) -> list[str]:
+    """Every import of a private name of the project (a ``_name`` or a ``_module`` anywhere in
+    the imported path; dunders are not private), ``TYPE_CHECKING`` imports included, as
+    ``file:line imports module.name``. Aliases do not matter: the imported name does."""
+    out = []
+    for package in SCANNED:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names = [(node.lineno, alias.name) for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = _from_base(node, _package(path, root))
+                    names = [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+                else:
+                    continue
+                out += [
+                    f"{rel}:{line} imports {name}"
+                    for line, name in names
+                    if name.split(".")[0] in PROJECT
+                    and any(p.startswith("_") and not p.startswith("__") for p in name.split("."))
+                ]
     return out
 
 
@@ -145,6 +188,35 @@ def test_no_back_edges():
 def test_no_import_cycles_between_the_parts_of_persona_gym():
     found = cycles(part_graph())
     assert not found, f"import cycles between parts of persona_gym: {found}"
+
+
+def test_no_module_imports_a_private_name_of_another():
+    found = private_imports()
+    assert not found, "private names imported across modules:\n" + "\n".join(found)
+
+
+def test_the_scan_sees_a_private_import(tmp_path):
+    """A private name is caught however it is imported; a public one under a private alias,
+    a dunder and a library's private module are not the project's business."""
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "planted.py").write_text(
+        "from __future__ import annotations\n"
+        "from typing import TYPE_CHECKING\n"
+        "from training.examples import frozen_pass as _frozen_pass, _chunks\n"
+        "from persona_gym import _hidden\n"
+        "import training._internal.tools\n"
+        "from ._helpers import helper\n"
+        "from torch._C import Tensor\n"
+        "if TYPE_CHECKING:\n"
+        "    from training.evaluate import _Models\n"
+    )
+    assert private_imports(tmp_path) == [
+        "agents/planted.py:3 imports training.examples._chunks",
+        "agents/planted.py:4 imports persona_gym._hidden",
+        "agents/planted.py:5 imports training._internal.tools",
+        "agents/planted.py:6 imports agents._helpers.helper",
+        "agents/planted.py:9 imports training.evaluate._Models",
+    ]
 
 
 def test_split_packages_import_nothing_from_their_init():
