@@ -18,7 +18,7 @@ def _register_envs() -> None:
     import gymnasium
 
     from envs_config import read_config
-    from persona_gym.registry import ENVS
+    from persona_gym.registry import ENVS, MAX_EPISODE_STEPS
 
     for entry in ENVS:
         if entry.env_id in gymnasium.registry:
@@ -27,7 +27,9 @@ def _register_envs() -> None:
             id=entry.env_id,
             entry_point="persona_gym.envs:PersonaRecEnv",
             vector_entry_point="persona_gym.envs:PersonaRecVectorEnv",
-            max_episode_steps=int(read_config(entry.config)[0]["max_episode_steps"]),
+            max_episode_steps=int(
+                read_config(entry.config)[0].get("max_episode_steps", MAX_EPISODE_STEPS)
+            ),
             nondeterministic=False,
             kwargs={"config": entry.config},
         )

@@ -45,6 +45,7 @@ ENV_IDS: tuple[str, ...] = tuple(e.env_id for e in ENVS)
 # Where the package keeps the simulators it ships (adapters, manifest and persona cards only:
 # the MovieLens-derived tables are regenerated on first use, see persona_gym.artifacts).
 SHIPPED_DIR = Path(__file__).parent / "default_artifacts"
+MAX_EPISODE_STEPS = 20  # EnvConfig.max_episode_steps's default (read here without loading torch)
 # Simulator names an env config's ``artifacts`` may use, and their folder in SHIPPED_DIR. A
 # name is shipped when its folder holds a manifest; the others (ML-1M: its licence and size)
 # are trained by the user, and naming them gives the commands that do it.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_gym.errors import ConfigError, ConfigTypeError
+from persona_gym.registry import MAX_EPISODE_STEPS
 from persona_gym.simulator.rater import redact_url
 
 REWARDS = ("expected", "sampled")
@@ -130,7 +131,7 @@ class EnvConfig:
     server_url: str | None = None
     vllm_kv_cache_gb: float = 2.0
     server_timeout_s: float = 300.0
-    max_episode_steps: int = 20
+    max_episode_steps: int = MAX_EPISODE_STEPS
     reward: str = "expected"
     reward_scale: float = 1.0
     reward_offset: float = 0.0

@@ -312,6 +312,19 @@ def test_bundled_configs_load():
     assert gym.spec("PersonaML1M-v0").kwargs == {"config": "ml1m"}
 
 
+def test_bundled_configs_list_only_what_differs_from_the_defaults():
+    """EnvConfig holds the defaults; a bundled YAML lists only the fields it changes."""
+    from envs_config import available, read_config
+    from persona_gym.envs.config import EnvConfig
+
+    defaults = EnvConfig()
+    for name in available():
+        data, path = read_config(name)
+        same = [key for key, value in data.items() if getattr(defaults, key) == value]
+        assert not same, f"{path} repeats EnvConfig's defaults: {same}"
+    assert load_env_config("ml100k") == defaults
+
+
 def test_config_errors_name_key_and_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("reward: expected\nhorizon: 5\n")
