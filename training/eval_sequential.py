@@ -24,6 +24,7 @@ from persona_gym.evaluation.sequential import (
     reference_predictions,
     sequence_features,
     sequential_slopes,
+    slope_ratios,
     within_user_pearson,
 )
 from persona_gym.ratings import expected
@@ -138,13 +139,17 @@ def sequential_study(simulator, data, k: int = 3, chunk: int = 256, n_boot: int 
             "similarity": genre["similarity"],
             "text_similarity": text["similarity"],
         }
-    out["ratio"] = {
-        name: {
-            effect: _ratio(out[name][effect]["slope"], out["real"][effect]["slope"])
-            for effect in ("mood", "similarity", "text_similarity")
+    e_real = real - reference[rows]
+    out["ratio"] = {}
+    for name in ("simulator", "prior", "mf"):
+        e = predictions[name] - reference[rows]
+        genre = slope_ratios(e, e_real, mood, features["genre"].to_numpy()[rows], users, n_boot)
+        text = slope_ratios(e, e_real, mood, features["text"].to_numpy()[rows], users, n_boot)
+        out["ratio"][name] = {
+            "mood": genre["mood"],
+            "similarity": genre["similarity"],
+            "text_similarity": text["similarity"],
         }
-        for name in ("simulator", "prior", "mf")
-    }
     out["real_all_users"] = {
         "mood": real_all["genre"]["mood"],
         "similarity": real_all["genre"]["similarity"],
@@ -165,9 +170,8 @@ def sequential_study(simulator, data, k: int = 3, chunk: int = 256, n_boot: int 
     return out
 
 
-def _ratio(slope: float, real: float) -> float | None:
-    """A row's slope over the real one (None where the real slope is 0)."""
-    return slope / real if real else None
+def _ratio_cell(ratio: dict) -> str:
+    return f"{ratio['ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"
 
 
 def sequential_table(study: dict) -> str:
@@ -181,13 +185,14 @@ def sequential_table(study: dict) -> str:
         f"Rolling window k={study['k']}, {study['n']} test ratings of {study['n_users']} users; "
         "slopes of the residual on mood and similarity, user fixed effects, 95% bootstrap over users.",
         "",
-        "| row | mood | genre similarity | text similarity | ratio to real (mood / genre / text) | RMSE | within-user Pearson |",
+        "| row | mood | genre similarity | text similarity | ratio to real, mood / genre / text "
+        "(95% interval, same bootstrap draws) | RMSE | within-user Pearson |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
         ratio = (
             " / ".join(
-                "-" if study["ratio"][row][e] is None else f"{study['ratio'][row][e]:.2f}"
+                _ratio_cell(study["ratio"][row][e])
                 for e in ("mood", "similarity", "text_similarity")
             )
             if row != "real"

@@ -152,6 +152,9 @@ def test_evaluate_reports_studies_and_the_prior_alone(cued_artifacts, tmp_path):
             cell = sequential[row][effect]
             assert set(cell) == {"slope", "low", "high"} and cell["low"] <= cell["high"]
     assert set(sequential["rmse_rolling"]) == {"simulator", "prior", "mf", "simulator_minus_prior"}
+    for row in ("simulator", "prior", "mf"):  # ratios to real, from the same bootstrap draws
+        assert set(sequential["ratio"][row]) == {"mood", "similarity", "text_similarity"}
+        assert set(sequential["ratio"][row]["mood"]) == {"ratio", "low", "high"}
     text = render_markdown(results)
     assert "Persona specificity" in text and "collaborative prior alone" in text
     assert "## Sequential fidelity" in text
