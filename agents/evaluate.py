@@ -70,7 +70,6 @@ from agents.metrics import (
     MIN_AGREEMENT_POLICIES,
     bootstrap_ci,
     intra_list_diversity,
-    ndcg_hit_at_k,
     novelty,
     rank_agreement,
 )
@@ -79,6 +78,7 @@ from agents.report import format_table, write_report
 from persona_gym.config_cli import add_config_arguments, config_from_args, plain
 from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
 from persona_gym.envs.core import EpisodeState, RecCore
+from persona_gym.evaluation.metrics import ndcg_hit_at_k
 from persona_gym.registry import ENV_IDS, env_config_name
 from persona_gym.simulator.rater import Rater
 

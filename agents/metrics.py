@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -13,7 +13,6 @@ __all__ = [
     "MIN_AGREEMENT_POLICIES",
     "bootstrap_ci",
     "intra_list_diversity",
-    "ndcg_hit_at_k",
     "novelty",
     "rank_agreement",
 ]
@@ -73,19 +72,6 @@ def bootstrap_ci(
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
     return value, min(float(low), value), max(float(high), value)  # min/max: float rounding only
-
-
-def ndcg_hit_at_k(ranked: Sequence[int], relevant: Iterable[int], k: int = 10) -> tuple[float, int]:
-    """``(NDCG@k, hits)`` of a ranked list against a set of relevant items (binary gains).
-
-    DCG = sum over relevant items at rank r (1-based, r <= k) of 1 / log2(r + 1); the ideal
-    ranks ``min(k, |relevant|)`` relevant items first. No relevant items: ``(0.0, 0)``.
-    """
-    relevant = set(int(i) for i in relevant)
-    top = [int(i) for i in ranked[:k]]
-    gains = [1.0 / np.log2(r + 2) for r, item in enumerate(top) if item in relevant]
-    ideal = sum(1.0 / np.log2(r + 2) for r in range(min(k, len(relevant))))
-    return (float(sum(gains) / ideal) if ideal else 0.0), len(gains)
 
 
 def intra_list_diversity(genres: Sequence[Sequence[str]]) -> float:

@@ -16,20 +16,27 @@ Conventions (shared by the simulator evaluation, the CF baselines and offline po
   rating); ECE = sum over bins of (bin share of rows) × |gap|. :func:`reliability` returns the
   per-bin figures (the reliability diagram).
 * :func:`nll` is the mean of ``-log p(real rating)`` (probabilities floored at ``1e-12``).
-* :func:`ndcg_at_k`: per user, the user's test items are ordered by predicted rating
-  (descending; ties keep the input order, which is time order in the evaluator — no
-  tie-breaking by the real rating), gains are ``2**r - 1`` of the real rating ``r``,
-  DCG@k = sum gain_i / log2(i + 1) over ranks i = 1..k, divided by the ideal DCG@k (items
-  ordered by real rating). The mean over users is returned. Every test item is "relevant"
-  (gain >= 1), so even a random order scores well above 0: compare against
-  :func:`ndcg_random` (the mean over seeded random orders), not against 0.
+* One NDCG, :func:`ndcg`: of one ranked list, DCG@k = sum gain_i / log2(i + 1) over ranks
+  i = 1..k, divided by the ideal DCG@k (every gain
+  that could be ranked, sorted descending, cut at k); 0 when the ideal DCG is 0. Its two uses
+  differ only in the gains:
+
+  - :func:`ndcg_at_k` (simulator fidelity, *graded*): per user, the user's test items are
+    ordered by predicted rating (descending; ties keep the input order, which is time order in
+    the evaluator — no tie-breaking by the real rating), gains are ``2**r - 1`` of the real
+    rating ``r``, the ideal orders them by real rating. The mean over users is returned. Every
+    test item is "relevant" (gain >= 1), so even a random order scores well above 0: compare
+    against :func:`ndcg_random` (the mean over seeded random orders), not against 0.
+  - :func:`ndcg_hit_at_k` (policy evaluation on logged data, *binary*): a policy's top-k list
+    over the catalogue, gain 1 for a relevant (held-out test) item and 0 otherwise; the ideal
+    ranks ``min(k, |relevant|)`` relevant items first.
 * :func:`user_mean_correlation`: Pearson correlation, over users, of the mean predicted rating
   and the mean real rating of each user's test items (does the simulator know who rates high?).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -42,7 +49,9 @@ __all__ = [
     "histogram_distance",
     "mae",
     "mean_distribution",
+    "ndcg",
     "ndcg_at_k",
+    "ndcg_hit_at_k",
     "ndcg_random",
     "nll",
     "per_group",
@@ -144,6 +153,17 @@ def _groups(keys) -> dict:
     }
 
 
+def ndcg(ranked_gains, gains, k: int = 10) -> float:
+    """NDCG@k of one ranked list (module docstring): DCG@k of ``ranked_gains`` (the gains in
+    ranked order) over the ideal DCG@k (``gains``, every gain that could be ranked, sorted
+    descending); 0.0 when the ideal DCG is 0."""
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ranked = np.asarray(ranked_gains, dtype=np.float64)[:k]
+    ideal = np.sort(np.asarray(gains, dtype=np.float64))[::-1][:k]
+    idcg = float(ideal @ discounts[: len(ideal)])
+    return float(ranked @ discounts[: len(ranked)]) / idcg if idcg > 0 else 0.0
+
+
 def ndcg_at_k(user_ids, pred, real, k: int = 10) -> float:
     """Mean over users of NDCG@k of their items ordered by predicted rating (module docstring).
 
@@ -153,16 +173,21 @@ def ndcg_at_k(user_ids, pred, real, k: int = 10) -> float:
     user_ids = np.asarray(user_ids).ravel()
     if len(user_ids) != len(pred):
         raise ValueError("user_ids and predictions differ in length")
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
     scores = []
     for rows in _groups(user_ids).values():
         p = np.where(np.isfinite(pred[rows]), pred[rows], -np.inf)
         gains = 2.0 ** real[rows] - 1.0
-        ranked = gains[np.argsort(-p, kind="stable")][:k]
-        ideal = np.sort(gains)[::-1][:k]
-        idcg = float(ideal @ discounts[: len(ideal)])
-        scores.append(float(ranked @ discounts[: len(ranked)]) / idcg if idcg > 0 else 0.0)
+        scores.append(ndcg(gains[np.argsort(-p, kind="stable")], gains, k))
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def ndcg_hit_at_k(ranked: Sequence[int], relevant: Iterable[int], k: int = 10) -> tuple[float, int]:
+    """``(NDCG@k, hits)`` of a ranked list of items against a set of relevant items: the
+    binary-gain :func:`ndcg` (gain 1 for a relevant item, 0 otherwise; the ideal ranks
+    ``min(k, |relevant|)`` relevant items first). No relevant items: ``(0.0, 0)``."""
+    relevant = set(int(i) for i in relevant)
+    hits = np.array([int(i) in relevant for i in ranked[:k]], dtype=np.float64)
+    return ndcg(hits, np.ones(len(relevant)), k), int(hits.sum())
 
 
 def ndcg_random(user_ids, real, k: int = 10, n_draws: int = 20, seed: int = 0) -> float:

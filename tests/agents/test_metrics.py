@@ -10,10 +10,10 @@ import pytest
 from agents.metrics import (
     bootstrap_ci,
     intra_list_diversity,
-    ndcg_hit_at_k,
     novelty,
     rank_agreement,
 )
+from persona_gym.evaluation.metrics import ndcg, ndcg_at_k, ndcg_hit_at_k
 
 
 def test_ndcg_and_hits_by_hand():
@@ -165,3 +165,16 @@ def test_bootstrap_leaves_out_resamples_where_the_statistic_is_undefined():
         return 2.0 if len(calls) == 1 else float("nan")
 
     assert bootstrap_ci(4, first_only, n_boot=10) == (2.0, 2.0, 2.0) and len(calls) == 11
+
+
+def test_one_ndcg_for_graded_and_binary_gains():
+    # the binary NDCG of a top-k list is the general one with 0/1 gains ...
+    value, _ = ndcg_hit_at_k([5, 4, 3], [3, 4], k=3)
+    assert value == pytest.approx(ndcg([0.0, 1.0, 1.0], [1.0, 1.0], k=3))
+    # ... and the fidelity NDCG of one user is the general one with gains 2**r - 1
+    real, pred = np.array([5.0, 3.0, 1.0]), np.array([1.0, 3.0, 2.0])
+    gains = 2.0**real - 1.0
+    assert ndcg_at_k([7, 7, 7], pred, real, k=2) == pytest.approx(
+        ndcg(gains[[1, 2, 0]], gains, k=2)
+    )
+    assert ndcg([0.0, 0.0], [], k=2) == 0.0
