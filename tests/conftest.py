@@ -239,7 +239,7 @@ def tiny_train_config(base_model: str, **overrides):
         val_per_user=1,
         eval_every=2,
         checkpoint_every=100,
-        prompt=PromptConfig(window_size=2, n_memories=1, max_tokens=256),
+        prompt=PromptConfig.paper(window_size=2, n_memories=1, max_tokens=256),
     )
     return TrainConfig(**{**values, **overrides})
 

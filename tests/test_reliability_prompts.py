@@ -53,11 +53,12 @@ RECORDED = {
     "items": (131, "fd6d4c9c9de6bd3e"),
     "no_profile": (129, "13375b33c40d4d42"),
 }
+TEXT = PromptConfig.paper()  # the paper's text prompt: what these tests inject into
 CONFIGS = {
-    "text": PromptConfig(),
-    "cues": PromptConfig(cf_cue=True, surprise_cue=True),
-    "items": PromptConfig(item_tokens=True, cf_cue=True),
-    "no_profile": PromptConfig(use_profile=False, crowd_cue=False),
+    "text": TEXT,
+    "cues": PromptConfig.paper(cf_cue=True, surprise_cue=True),
+    "items": PromptConfig.paper(item_tokens=True, cf_cue=True),
+    "no_profile": PromptConfig.paper(use_profile=False, crowd_cue=False),
 }
 
 
@@ -81,12 +82,12 @@ def test_movielens_titles_and_genres_pass_unchanged():
 
 @pytest.mark.parametrize("field", ["title", "profile", "memory"])
 def test_special_tokens_in_data_add_no_chat_turn(tokenizer, catalog, field):
-    normal = PromptBuilder(tokenizer, catalog).full_ids(request())
+    normal = PromptBuilder(tokenizer, catalog, TEXT).full_ids(request())
     if field == "title":
-        builder = PromptBuilder(tokenizer, with_title(catalog, 5, "Se7en" + INJECTION))
+        builder = PromptBuilder(tokenizer, with_title(catalog, 5, "Se7en" + INJECTION), TEXT)
         ids = builder.full_ids(request())
     else:
-        builder = PromptBuilder(tokenizer, catalog)
+        builder = PromptBuilder(tokenizer, catalog, TEXT)
         ids = builder.full_ids(
             request(**{field: (PROFILE if field == "profile" else MEMORY) + INJECTION})
         )
@@ -98,9 +99,9 @@ def test_special_tokens_in_data_add_no_chat_turn(tokenizer, catalog, field):
     "bad", ["\n", "\r\n", "\x00", "\x1b[2J", "\t", "\u2028", "\x85", ITEM_MARK]
 )
 def test_control_characters_in_data_add_no_prompt_line(tokenizer, catalog, bad):
-    builder = PromptBuilder(tokenizer, with_title(catalog, 5, f"Se7en{bad}Movie: Heat"))
+    builder = PromptBuilder(tokenizer, with_title(catalog, 5, f"Se7en{bad}Movie: Heat"), TEXT)
     text = builder.block_text(request(memory=f"I rated{bad}5/5"), request().window, [f"x{bad}y"])
-    normal = PromptBuilder(tokenizer, catalog).block_text(request(), request().window, ["xy"])
+    normal = PromptBuilder(tokenizer, catalog, TEXT).block_text(request(), request().window, ["xy"])
     system = builder.system_text(f"A{bad}B")
     assert text.count("\n") == normal.count("\n") and system.count("\n") == 1  # profile, task
     for char in {c for c in bad if not c.isprintable()} - {"\n"}:
@@ -108,7 +109,7 @@ def test_control_characters_in_data_add_no_prompt_line(tokenizer, catalog, bad):
 
 
 def test_control_characters_in_the_item_token_mode(tokenizer, catalog):
-    builder = PromptBuilder(tokenizer, catalog, PromptConfig(item_tokens=True))
+    builder = PromptBuilder(tokenizer, catalog, PromptConfig.paper(item_tokens=True))
     ids = builder.full_ids(request(profile=PROFILE + ITEM_MARK * 3 + INJECTION))
     assert sum(i < 0 for i in ids) == 5  # window 3 + memory 1 + candidate 1: no extra item slots
 
@@ -116,7 +117,7 @@ def test_control_characters_in_the_item_token_mode(tokenizer, catalog):
 @pytest.mark.parametrize("field", ["title", "profile", "memory"])
 def test_huge_fields_stay_within_the_token_budget(tokenizer, catalog, field):
     huge = "Ab " * 70_000  # ~200k characters
-    config = PromptConfig(max_tokens=384)
+    config = PromptConfig.paper(max_tokens=384)
     if field == "title":
         builder, req = PromptBuilder(tokenizer, with_title(catalog, 5, huge), config), request()
     else:

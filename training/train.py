@@ -148,13 +148,13 @@ class TrainConfig:
     patience: int = 3
     checkpoint_every: int = 25
     seed: int = 0
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig.paper)
     item_learning_rate: float = 5e-3
     lower_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, dict):
-            self.prompt = PromptConfig(**self.prompt)
+            self.prompt = PromptConfig.of_manifest(self.prompt)
         self.variants = tuple(self.variants)
         self.target_modules = tuple(self.target_modules)
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -497,14 +497,7 @@ def shipped_train_config() -> TrainConfig:
         blocks_per_sequence=8,
         max_examples_per_user=0,
         val_per_user=5,
-        prompt=PromptConfig(
-            item_tokens=True,
-            cf_cue=True,
-            surprise_cue=True,
-            cf_items=True,
-            cf_prior=True,
-            persona_taste=0.75,
-        ),
+        prompt=PromptConfig(),
     )
 
 

@@ -147,9 +147,7 @@ class Artifacts:
 
     @property
     def prompt_config(self) -> PromptConfig:
-        return PromptConfig(
-            **{"crowd_cue": False, **self.manifest["prompt"]}
-        )  # older manifests lack it
+        return PromptConfig.of_manifest(self.manifest["prompt"])
 
     @property
     def adapter_dirs(self) -> dict[str, Path]:

@@ -9,14 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LAYOUTS", "PromptConfig"]
+__all__ = ["LAYOUTS", "LEGACY_PROMPT", "PAPER_PROMPT", "PromptConfig"]
 
 LAYOUTS = ("block", "sequence")
+
+# the paper's text prompt differs from the defaults (the shipped recipe) in these fields
+PAPER_PROMPT: dict[str, object] = {
+    "item_tokens": False,
+    "cf_cue": False,
+    "surprise_cue": False,
+    "cf_items": False,
+    "cf_prior": False,
+    "persona_taste": 0.0,
+}
+# what a manifest written before a field existed meant by leaving it out
+LEGACY_PROMPT: dict[str, object] = {**PAPER_PROMPT, "crowd_cue": False, "layout": "block"}
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """What goes into a prompt.
+    """What goes into a prompt. The defaults are the shipped simulator's recipe (item tokens and
+    the collaborative signal); :meth:`paper` is the paper's text prompt.
 
     Attributes:
         window_size: short-term window length ``k`` (0 disables the window).
@@ -52,14 +65,26 @@ class PromptConfig:
     use_profile: bool = True
     max_tokens: int = 384
     crowd_cue: bool = True
-    item_tokens: bool = False
-    cf_cue: bool = False
-    surprise_cue: bool = False
-    cf_items: bool = False
-    cf_prior: bool = False
-    persona_taste: float = 0.0
+    item_tokens: bool = True
+    cf_cue: bool = True
+    surprise_cue: bool = True
+    cf_items: bool = True
+    cf_prior: bool = True
+    persona_taste: float = 0.75
     layout: str = "block"
     history: int = 32
+
+    @classmethod
+    def paper(cls, **fields: object) -> PromptConfig:
+        """The paper's text prompt (profile, retrieved memory, window, crowd cue; no item
+        tokens, no collaborative signal), with ``fields`` changed."""
+        return cls(**{**PAPER_PROMPT, **fields})  # type: ignore[arg-type]
+
+    @classmethod
+    def of_manifest(cls, recorded: dict) -> PromptConfig:
+        """The prompt a manifest records; a field it lacks (written before the field existed)
+        takes the value that meant: :data:`LEGACY_PROMPT`."""
+        return cls(**{**LEGACY_PROMPT, **recorded})
 
     def __post_init__(self) -> None:
         for name in ("window_size", "n_memories", "max_tokens"):

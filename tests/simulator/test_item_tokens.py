@@ -33,7 +33,9 @@ def request(candidate: int, user: int = 0, adapter: str = "base", window=WINDOW)
 
 
 def builder_for(tokenizer, catalog, item_tokens: bool) -> PromptBuilder:
-    prompt = PromptConfig(window_size=2, n_memories=1, max_tokens=256, item_tokens=item_tokens)
+    prompt = PromptConfig.paper(
+        window_size=2, n_memories=1, max_tokens=256, item_tokens=item_tokens
+    )
     return PromptBuilder(tokenizer, catalog, prompt)
 
 
@@ -146,7 +148,7 @@ def test_item_token_prompts_need_projections_and_cannot_generate(tokenizer, cata
 
 
 def test_training_with_item_tokens_learns_and_ships_a_projection(artifacts, tiny_base):
-    prompt = PromptConfig(window_size=2, n_memories=1, max_tokens=256, item_tokens=True)
+    prompt = PromptConfig.paper(window_size=2, n_memories=1, max_tokens=256, item_tokens=True)
     manifest = train(
         artifacts, config(tiny_base, variants=("persona",), prompt=prompt), progress=False
     )

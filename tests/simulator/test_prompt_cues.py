@@ -23,18 +23,20 @@ def _request(**kw):
 
 
 def test_text_prompt_shows_prediction_and_surprise(tokenizer, catalog):
-    builder = PromptBuilder(tokenizer, catalog, PromptConfig(cf_cue=True, surprise_cue=True))
+    builder = PromptBuilder(tokenizer, catalog, PromptConfig.paper(cf_cue=True, surprise_cue=True))
     request = _request(cf_prediction=4.26, surprise=-0.34)
     text = tokenizer.decode(builder.block_ids(request))
     assert "Surprise:-0.3" in text
     assert text.endswith("Viewers' average: 3.8. Predicted: 4.3. My rating:")
-    plain = tokenizer.decode(PromptBuilder(tokenizer, catalog, PromptConfig()).block_ids(request))
+    plain = tokenizer.decode(
+        PromptBuilder(tokenizer, catalog, PromptConfig.paper()).block_ids(request)
+    )
     assert "Predicted" not in plain and "Surprise" not in plain
     assert plain.endswith("Viewers' average: 3.8. My rating:")
 
 
 def test_item_prompt_puts_prediction_before_the_answer(tokenizer, catalog):
-    config = PromptConfig(item_tokens=True, cf_cue=True, surprise_cue=True, cf_items=True)
+    config = PromptConfig.paper(item_tokens=True, cf_cue=True, surprise_cue=True, cf_items=True)
     builder = PromptBuilder(tokenizer, catalog, config)
     request = _request(cf_prediction=2.0, surprise=1.25)
     text = builder.answer_start(request, request.memory_items)
@@ -45,12 +47,15 @@ def test_item_prompt_puts_prediction_before_the_answer(tokenizer, catalog):
 
 
 def test_missing_cues_and_bad_config_are_named(tokenizer, catalog):
-    builder = PromptBuilder(tokenizer, catalog, PromptConfig(cf_cue=True))
+    builder = PromptBuilder(tokenizer, catalog, PromptConfig.paper(cf_cue=True))
     with pytest.raises(ValueError, match="cf_prediction"):
         builder.block_ids(_request())
-    builder = PromptBuilder(tokenizer, catalog, PromptConfig(surprise_cue=True))
+    builder = PromptBuilder(tokenizer, catalog, PromptConfig.paper(surprise_cue=True))
     with pytest.raises(ValueError, match="surprise"):
         builder.block_ids(_request())
     with pytest.raises(ValueError, match="cf_items needs item_tokens"):
-        PromptConfig(cf_items=True)
-    assert PromptConfig(cf_cue=True).uses_collaborative and not PromptConfig().uses_collaborative
+        PromptConfig.paper(cf_items=True)
+    assert (
+        PromptConfig.paper(cf_cue=True).uses_collaborative
+        and not PromptConfig.paper().uses_collaborative
+    )

@@ -67,7 +67,7 @@ def requests(adapters=("base",)):
 @pytest.fixture
 def builder(tokenizer, catalog):
     return PromptBuilder(
-        tokenizer, catalog, PromptConfig(window_size=2, n_memories=1, max_tokens=256)
+        tokenizer, catalog, PromptConfig.paper(window_size=2, n_memories=1, max_tokens=256)
     )
 
 
@@ -186,7 +186,7 @@ def test_prompt_budget_cuts_memories_then_window_then_profile(tokenizer, catalog
     sizes = {}
     for budget in (4096, 200, 150, 100):
         b = PromptBuilder(
-            tokenizer, catalog, PromptConfig(window_size=5, n_memories=2, max_tokens=budget)
+            tokenizer, catalog, PromptConfig.paper(window_size=5, n_memories=2, max_tokens=budget)
         )
         prefix, block = b.segments(request)
         text = tokenizer.decode(block)
@@ -245,12 +245,12 @@ def test_repeated_kv_heads_give_the_same_attention():
 
 def test_crowd_cue_starts_the_answer_with_the_item_average(tokenizer, catalog):
     """The block ends with the candidate's average right before the rating is read."""
-    config = PromptConfig(window_size=0, n_memories=0, max_tokens=256)
+    config = PromptConfig.paper(window_size=0, n_memories=0, max_tokens=256)
     cued = PromptBuilder(tokenizer, catalog, config)
     plain = PromptBuilder(
         tokenizer,
         catalog,
-        PromptConfig(window_size=0, n_memories=0, max_tokens=256, crowd_cue=False),
+        PromptConfig.paper(window_size=0, n_memories=0, max_tokens=256, crowd_cue=False),
     )
     request = RatingRequest(user_id=0, profile=PROFILE_A, candidate=0)
     text = tokenizer.decode(cued.block_ids(request))

@@ -29,7 +29,7 @@ class TokenBuilder:
     then the candidate (so candidates rated in one state share the block's start)."""
 
     def __init__(self, config: PromptConfig | None = None, pad: int | None = 0, eos: int = 1):
-        self.config = config or PromptConfig(window_size=2, n_memories=0, max_tokens=256)
+        self.config = config or PromptConfig.paper(window_size=2, n_memories=0, max_tokens=256)
         self.tokenizer = SimpleNamespace(pad_token_id=pad, eos_token_id=eos)
         self.rating_token_ids = RATING_IDS
         self.item_placeholder_id = 2
@@ -249,14 +249,16 @@ def test_unknown_adapters_are_named(peft_model):
 
 
 def test_item_token_and_prior_prompts_need_them_for_every_adapter(peft_model):
-    items = PromptConfig(window_size=2, n_memories=0, max_tokens=256, item_tokens=True)
+    items = PromptConfig.paper(window_size=2, n_memories=0, max_tokens=256, item_tokens=True)
     with pytest.raises(ValueError) as err:
         RatingModel(peft_model, TokenBuilder(items), item_tokens={"p0": object()})
     assert str(err.value) == (
         "the prompt uses item tokens but adapters ['p1'] have no item_tokens.pt: "
         "train them with `persona-gym train` (the shipped recipe has them)"
     )
-    prior = PromptConfig(window_size=2, n_memories=0, max_tokens=256, cf_cue=True, cf_prior=True)
+    prior = PromptConfig.paper(
+        window_size=2, n_memories=0, max_tokens=256, cf_cue=True, cf_prior=True
+    )
     with pytest.raises(ValueError) as err:
         RatingModel(peft_model, TokenBuilder(prior))
     assert str(err.value).startswith(
@@ -296,7 +298,9 @@ class ShiftPrior:
 
 
 def test_the_prior_moves_each_adapters_logits_with_the_requests_cues(peft_model):
-    config = PromptConfig(window_size=2, n_memories=0, max_tokens=256, cf_cue=True, cf_prior=True)
+    config = PromptConfig.paper(
+        window_size=2, n_memories=0, max_tokens=256, cf_cue=True, cf_prior=True
+    )
     priors = {"p0": ShiftPrior([]), "p1": ShiftPrior([])}
     model = RatingModel(peft_model, TokenBuilder(config), priors=priors)
     plain_model = RatingModel(peft_model, TokenBuilder())
@@ -326,7 +330,7 @@ def test_the_prior_moves_each_adapters_logits_with_the_requests_cues(peft_model)
 def test_each_adapters_item_tokens_shape_its_scores(peft_model):
     from persona_gym.simulator.engine import ItemTokens
 
-    config = PromptConfig(window_size=2, n_memories=0, max_tokens=256, item_tokens=True)
+    config = PromptConfig.paper(window_size=2, n_memories=0, max_tokens=256, item_tokens=True)
     embeddings = np.random.default_rng(0).normal(size=(10, 6))
     items = {
         "p0": ItemTokens(embeddings, hidden_size=64, layer=1),

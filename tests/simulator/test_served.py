@@ -182,7 +182,7 @@ def _requests(adapters=("persona-0", "persona-1", "base")) -> list[RatingRequest
 def test_served_scorer_matches_the_local_engine(tokenizer, catalog, cf_prior):
     """Same requests, same model: the served path (full prompt ids, vocabulary logprobs, prior
     here) gives the local engine's distributions (cached prefix + block, rating logits)."""
-    config = PromptConfig(
+    config = PromptConfig.paper(
         window_size=2,
         n_memories=1,
         max_tokens=256,
@@ -205,12 +205,12 @@ def test_served_scorer_matches_the_local_engine(tokenizer, catalog, cf_prior):
 
 def test_served_scorer_refuses_item_tokens_and_missing_priors(tokenizer, catalog):
     client = ModelClient(None, IDS)
-    items = PromptBuilder(tokenizer, catalog, PromptConfig(item_tokens=True))
+    items = PromptBuilder(tokenizer, catalog, PromptConfig.paper(item_tokens=True))
     with pytest.raises(ConfigError, match="serves text prompts only.*item_tokens"):
         check_servable(items)
     with pytest.raises(ConfigError, match="serves text prompts only"):
         ServedRatingModel(client, items, ["persona-0"])
-    prior = PromptBuilder(tokenizer, catalog, PromptConfig(cf_cue=True, cf_prior=True))
+    prior = PromptBuilder(tokenizer, catalog, PromptConfig.paper(cf_cue=True, cf_prior=True))
     with pytest.raises(ConfigError, match=r"adapters \['persona-1'\] have none"):
         ServedRatingModel(client, prior, ["persona-0", "persona-1"], {"persona-0": _prior(0)})
 

@@ -75,7 +75,7 @@ def artifacts(table_artifacts, personas=None, collaborative=None) -> Artifacts:
 def simulator(
     table_artifacts, variant="persona", prompt=None, **kwargs
 ) -> tuple[UserSimulator, FakeScorer]:
-    prompt = prompt or PromptConfig(window_size=2, n_memories=2, max_tokens=256)
+    prompt = prompt or PromptConfig.paper(window_size=2, n_memories=2, max_tokens=256)
     scorer = FakeScorer(prompt)
     return UserSimulator(artifacts(table_artifacts, **kwargs), scorer, variant), scorer
 
@@ -108,7 +108,7 @@ def test_each_user_is_rated_by_their_personas_adapter(table_artifacts):
 
 
 def test_persona_is_the_default_variant(table_artifacts):
-    scorer = FakeScorer(PromptConfig(window_size=2, n_memories=2, max_tokens=256))
+    scorer = FakeScorer(PromptConfig.paper(window_size=2, n_memories=2, max_tokens=256))
     sim = UserSimulator(artifacts(table_artifacts), scorer)
     assert sim.variant == "persona" and sim.adapter_of(3) == "persona-1"
 
@@ -185,7 +185,7 @@ def test_rate_without_windows_means_empty_windows(table_artifacts):
 )
 def test_collaborative_cues_come_from_the_artifacts_model(table_artifacts, cues):
     collaborative = FakeCollaborative()
-    prompt = PromptConfig(window_size=2, n_memories=1, max_tokens=256, **cues)
+    prompt = PromptConfig.paper(window_size=2, n_memories=1, max_tokens=256, **cues)
     sim, _ = simulator(table_artifacts, prompt=prompt, collaborative=collaborative)
     window = (Interaction(0, 5.0, 1), Interaction(1, 4.0, 2), Interaction(3, 2.0, 3))
     request = sim.request(2, 4, window)

@@ -111,15 +111,26 @@ def test_user_mean_correlation_and_report():
 def test_parse_config_and_prompts():
     from persona_gym.simulator.prompts import PromptConfig
 
-    trained = PromptConfig(window_size=3, n_memories=1, use_profile=True, max_tokens=384)
+    trained = PromptConfig.paper(window_size=3, n_memories=1, use_profile=True, max_tokens=384)
     c = parse_config("persona:Ms+Ml")
     assert c.paper_no == 10 and c.adapter_label == "θpersona" and c.prompt(trained) == trained
-    assert parse_config("base:Ml").prompt(trained) == PromptConfig(3, 1, False, 384)
-    assert parse_config("single-min:Ms").prompt(trained) == PromptConfig(3, 0, True, 384)
+    assert parse_config("base:Ml").prompt(trained) == PromptConfig.paper(
+        window_size=3, n_memories=1, use_profile=False, max_tokens=384
+    )
+    assert parse_config("single-min:Ms").prompt(trained) == PromptConfig.paper(
+        window_size=3, n_memories=0, use_profile=True, max_tokens=384
+    )
     extra = parse_config("persona:Ms+Ml:w0:k3")
-    assert extra.paper_no is None and extra.prompt(trained) == PromptConfig(0, 3, True, 384)
+    assert extra.paper_no is None and extra.prompt(trained) == PromptConfig.paper(
+        window_size=0, n_memories=3, use_profile=True, max_tokens=384
+    )
     # k defaults to 1 (the paper's) when training used no memories
-    assert parse_config("base:Ms+Ml").prompt(PromptConfig(2, 0, True, 384)).n_memories == 1
+    assert (
+        parse_config("base:Ms+Ml")
+        .prompt(PromptConfig.paper(window_size=2, n_memories=0, use_profile=True, max_tokens=384))
+        .n_memories
+        == 1
+    )
     for bad in ("persona", "persona:XY", "persona:Ms+Ml:z1", "persona:Ms:k2"):
         with pytest.raises(ValueError):
             parse_config(bad)

@@ -33,7 +33,7 @@ def config(base: str, **overrides) -> TrainConfig:
         patience=100,
         checkpoint_every=2,
         learning_rate=1e-2,
-        prompt=PromptConfig(window_size=2, n_memories=1, max_tokens=256),
+        prompt=PromptConfig.paper(window_size=2, n_memories=1, max_tokens=256),
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -112,7 +112,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, artifacts, tiny_base, m
     (``test_kill_resume.py``: a SIGKILLed ``persona-gym train`` on text prompts)."""
     other = tmp_path / "other"
     shutil.copytree(artifacts, other)
-    prompt = PromptConfig(window_size=2, n_memories=1, max_tokens=256, item_tokens=True)
+    prompt = PromptConfig.paper(window_size=2, n_memories=1, max_tokens=256, item_tokens=True)
     cfg = config(tiny_base, variants=("single-max",), epochs=3, prompt=prompt)
     train(artifacts, cfg, progress=False)
 

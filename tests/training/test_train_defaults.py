@@ -87,7 +87,7 @@ def _manifest(root: Path) -> dict:
 
 def _as_loaded(prompt: dict) -> dict:
     """A manifest's prompt as the artifacts load it (fields it lacks take their defaults)."""
-    return dataclasses.asdict(PromptConfig(**{"crowd_cue": False, **prompt}))
+    return dataclasses.asdict(PromptConfig.of_manifest(prompt))
 
 
 def _compare(recorded: dict, expected: dict, fields: list[str]) -> list[str]:

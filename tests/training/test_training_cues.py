@@ -58,7 +58,7 @@ def cued_artifacts(tmp_path_factory, trained_tiny_artifacts, tiny_base):
         catalog,
         seed=0,
     ).save(root / CF_FILE)
-    prompt = PromptConfig(
+    prompt = PromptConfig.paper(
         window_size=2,
         n_memories=1,
         max_tokens=256,
@@ -239,6 +239,6 @@ def test_persona_taste_moves_the_cues_toward_the_rating_adapters_persona(
     with pytest.raises(ValueError, match="--variants persona"):
         TrainConfig(variants=("persona", "single-max"), prompt=artifacts.prompt_config)
     with pytest.raises(ValueError, match="persona_taste"):
-        PromptConfig(persona_taste=1.5, cf_cue=True)
+        PromptConfig.paper(persona_taste=1.5, cf_cue=True)
     with pytest.raises(ValueError, match="needs cf_cue"):
-        PromptConfig(persona_taste=0.5)
+        PromptConfig.paper(persona_taste=0.5)
