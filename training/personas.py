@@ -55,7 +55,7 @@ ELBOW_RULE = (
 class PersonaConfig:
     """How personas are chosen."""
 
-    k: int | None = None  # fixed K; None: elbow over k_min..k_max
+    k: int | None = 2  # fixed K (the shipped simulator's); None: elbow over k_min..k_max
     k_min: int = (
         2  # smallest K tried by the elbow (an elbow is never at an end: use 1 to allow K=2)
     )
@@ -68,7 +68,7 @@ class PersonaConfig:
     # (how they rate: level, spread, extremes, drift from the collaborative model, its user
     # factors; see behaviour_features), "both", or "taste" (the collaborative model's user
     # factors alone: what a persona adapter owns with `train --persona-taste`)
-    features: str = "behaviour"
+    features: str = "taste"  # the shipped simulator's
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
@@ -467,15 +467,21 @@ def add_parser(subparsers) -> None:
         description=(
             f"Stage 2 of the paper: KMeans++ on the users' --features (default: "
             f"{PersonaConfig.features}; 'profile', the paper's, clusters the embeddings of the "
-            "profiles (Ms) written by 'persona-gym distill'). K is --k, or chosen by the elbow method over "
-            "--k-min..--k-max (largest distance below the chord of the scaled log-inertia curve); "
+            "profiles (Ms) written by 'persona-gym distill'). K is --k, or with --k 0 chosen by the elbow "
+            "method over --k-min..--k-max (largest distance below the chord of the scaled log-inertia curve); "
             "silhouette is reported for every K. Writes personas.json, personas.png and "
             "embeddings/profiles.npy into the artifacts directory."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--artifacts", required=True, help="artifacts directory from distill")
-    p.add_argument("--k", type=int, default=None, help="fixed number of personas (skips elbow)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=PersonaConfig.k,
+        help="number of personas (the shipped simulator's: 2); 0 chooses it by the elbow "
+        "over --k-min..--k-max",
+    )
     p.add_argument("--k-min", type=int, default=2, help="smallest K tried by the elbow")
     p.add_argument("--k-max", type=int, default=10, help="largest K tried by the elbow")
     p.add_argument("--seed", type=int, default=0, help="KMeans seed")
@@ -498,7 +504,7 @@ def add_parser(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     config = PersonaConfig(
-        k=args.k, k_min=args.k_min, k_max=args.k_max, seed=args.seed, features=args.features
+        k=args.k or None, k_min=args.k_min, k_max=args.k_max, seed=args.seed, features=args.features
     )
     out = run_personas_stage(args.artifacts, config, force=args.force)
     for card in out["cards"]:

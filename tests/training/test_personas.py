@@ -25,7 +25,7 @@ def _blobs(k: int, per: int = 30, dim: int = 16, seed: int = 0) -> tuple[np.ndar
 @pytest.mark.parametrize("k", [3, 4, 6])
 def test_elbow_finds_the_true_k_on_clustered_data(k: int) -> None:
     x, truth = _blobs(k)
-    result = cluster_profiles(x, PersonaConfig(k_min=2, k_max=10, seed=0))
+    result = cluster_profiles(x, PersonaConfig(k=None, k_min=2, k_max=10, seed=0))
     assert result.k == k
     assert set(result.inertias) == set(result.silhouettes) == set(range(2, 11))
     assert max(result.silhouettes, key=lambda j: result.silhouettes[j]) == k
@@ -43,7 +43,7 @@ def test_elbow_rule_on_a_hand_made_curve() -> None:
 
 def test_elbow_can_pick_two_when_the_range_starts_at_one() -> None:
     x, _ = _blobs(2)
-    result = cluster_profiles(x, PersonaConfig(k_min=1, k_max=8))
+    result = cluster_profiles(x, PersonaConfig(k=None, k_min=1, k_max=8))
     assert result.k == 2 and result.silhouettes[1] is None
 
 
@@ -53,9 +53,9 @@ def test_fixed_k_and_determinism() -> None:
     b = cluster_profiles(x, PersonaConfig(k=5, seed=3))
     assert a.k == 5 and a.rule == "fixed" and np.array_equal(a.labels, b.labels)
     with pytest.raises(ValueError, match="k_min"):
-        PersonaConfig(k_min=5, k_max=3)
+        PersonaConfig(k=None, k_min=5, k_max=3)
     with pytest.raises(ValueError, match="k_min"):
-        PersonaConfig(k_min=0, k_max=3)
+        PersonaConfig(k=None, k_min=0, k_max=3)
 
 
 def test_cards_describe_each_cluster() -> None:
