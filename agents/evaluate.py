@@ -5,7 +5,7 @@
 same users for every policy — and runs the environments' own episode logic
 (:class:`persona_gym.envs.core.RecCore`, ``--n-envs`` episodes per simulator call). Per policy,
 with a 95% bootstrap interval over all episodes of all seeds (centred on its estimate:
-``agents.metrics.bootstrap_ci``):
+``persona_gym.evaluation.policy.bootstrap_ci``):
 
 * ``return``          sum of rewards (the env's reward: expected rating by default);
 * ``mean_rating``     mean expected rating of the recommended movies;
@@ -33,7 +33,7 @@ its bootstrap interval; a pair whose interval contains 0 is *not distinguishable
 **Gap closed** (with ``random`` and ``simulator-greedy`` among the policies): ``(policy - random)
 / (simulator-greedy - random)`` of mean return and mean rating.
 
-Every interval is clipped to its metric's range (``agents.metrics.METRIC_BOUNDS``: a share
+Every interval is clipped to its metric's range (``persona_gym.evaluation.policy.METRIC_BOUNDS``: a share
 within 0..1, a rating within 1..5).
 
 **Agreement** (with at least 4 policies evaluated on logged data): Kendall's tau / Spearman's
@@ -65,7 +65,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agents.metrics import (
+from agents.policies import BASELINES, Batch, MFPolicy, Policy, make_policy
+from agents.report import format_table, write_report
+from persona_gym.config_cli import add_config_arguments, config_from_args, plain
+from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
+from persona_gym.envs.core import EpisodeState, RecCore
+from persona_gym.evaluation.metrics import ndcg_hit_at_k
+from persona_gym.evaluation.policy import (
     METRIC_BOUNDS,
     MIN_AGREEMENT_POLICIES,
     bootstrap_ci,
@@ -73,12 +79,6 @@ from agents.metrics import (
     novelty,
     rank_agreement,
 )
-from agents.policies import BASELINES, Batch, MFPolicy, Policy, make_policy
-from agents.report import format_table, write_report
-from persona_gym.config_cli import add_config_arguments, config_from_args, plain
-from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
-from persona_gym.envs.core import EpisodeState, RecCore
-from persona_gym.evaluation.metrics import ndcg_hit_at_k
 from persona_gym.registry import ENV_IDS, env_config_name
 from persona_gym.simulator.rater import Rater
 
@@ -425,7 +425,7 @@ def evaluate_policies(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Simulator and logged metrics of each policy, and the agreement of their orderings (with
-    at least :data:`agents.metrics.MIN_AGREEMENT_POLICIES` policies evaluated on logged data).
+    at least :data:`persona_gym.evaluation.policy.MIN_AGREEMENT_POLICIES` policies evaluated on logged data).
 
     ``progress``: called with one line per policy and seed as their episodes finish (with Ray:
     per policy, all seeds), and per policy when its logged evaluation is done.

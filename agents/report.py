@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.metrics import MIN_AGREEMENT_POLICIES
+from persona_gym.evaluation.policy import MIN_AGREEMENT_POLICIES
 from persona_gym.io import atomic_write_json, atomic_write_text
 
 __all__ = ["LOGGED_METRICS", "SIM_METRICS", "format_table", "plot_policies", "write_report"]

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from agents.evaluate import PolicyEvalConfig, evaluate_policies, simulate, summarize_episodes
-from agents.metrics import METRIC_BOUNDS, MIN_AGREEMENT_POLICIES, bootstrap_ci
 from agents.policies import RandomPolicy, make_policy
+from persona_gym.evaluation.policy import METRIC_BOUNDS, MIN_AGREEMENT_POLICIES, bootstrap_ci
 from tests.test_reliability_cli import assert_one_line, run
 
 

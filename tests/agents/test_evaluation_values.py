@@ -22,10 +22,10 @@ from agents.evaluate import (
     summarize_episodes,
     top_k,
 )
-from agents.metrics import bootstrap_ci, intra_list_diversity, novelty
 from agents.policies import Policy, RandomPolicy
 from persona_gym.envs.core import RecCore
 from persona_gym.errors import ConfigError
+from persona_gym.evaluation.policy import bootstrap_ci, intra_list_diversity, novelty
 
 
 class Ranked(Policy):
@@ -398,7 +398,7 @@ def test_agreement_on_both_logged_metrics(core):
     logged = {n: results["policies"][n]["logged"] for n in policies}
     assert logged["first"]["replay"]["mean"] == 4.0 and logged["second"]["replay"]["mean"] == 3.0
     assert set(results["agreement"]) == {"mean_rating_vs_ndcg", "mean_rating_vs_replay"}
-    from agents.metrics import rank_agreement
+    from persona_gym.evaluation.policy import rank_agreement
 
     means = [results["policies"][n]["simulator"]["mean_rating"]["mean"] for n in policies]
     for metric in ("ndcg", "replay"):

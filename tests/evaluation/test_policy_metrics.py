@@ -1,4 +1,4 @@
-"""The evaluation's metrics against hand-computed cases."""
+"""The policy evaluation's metrics against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from agents.metrics import (
+from persona_gym.evaluation.metrics import ndcg, ndcg_at_k, ndcg_hit_at_k
+from persona_gym.evaluation.policy import (
     bootstrap_ci,
     intra_list_diversity,
     novelty,
     rank_agreement,
 )
-from persona_gym.evaluation.metrics import ndcg, ndcg_at_k, ndcg_hit_at_k
 
 
 def test_ndcg_and_hits_by_hand():

@@ -1,4 +1,7 @@
-"""Pure metric functions of the policy evaluation (checked against hand-computed cases)."""
+"""The metrics and statistics of the policy evaluation (``persona-gym evaluate-policy``,
+:mod:`agents.evaluate`): bootstrap intervals, their ranges, diversity, novelty and rank agreement.
+Pure numpy/scipy, checked against hand-computed cases; the binary NDCG@k of a policy's top-k
+list is :func:`persona_gym.evaluation.metrics.ndcg_hit_at_k` (the one NDCG of the package)."""
 
 from __future__ import annotations
 
