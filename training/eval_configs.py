@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from persona_gym.simulator.prompt_config import PromptConfig
 
 # The paper's Table 1 (arXiv 2509.09689; MovieLens-1M, Phi-3-Mini / LLaMA-3-8B, generation mode).
 PAPER_TABLE: dict[int, dict] = {
@@ -161,7 +165,7 @@ class EvalConfig:
     def memories_label(self) -> str:
         return self.memories.replace("+", " + ")
 
-    def prompt(self, trained) -> object:
+    def prompt(self, trained: PromptConfig) -> PromptConfig:
         """The PromptConfig of this configuration, from the training prompt ``trained``."""
         use_profile, use_ml = _MEMORIES[self.memories]
         k = self.n_memories if self.n_memories is not None else (trained.n_memories or 1)

@@ -58,8 +58,10 @@ import argparse
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -96,6 +98,7 @@ __all__ = [
     "TABLE_CONFIGS",
     "EvalConfig",
     "EvalData",
+    "FidelityEvalConfig",
     "add_parser",
     "evaluate",
     "parse_config",
@@ -187,58 +190,103 @@ class SharedModels:
         return sorted(needed - self.adapters)
 
 
+@dataclass(frozen=True)
+class FidelityEvalConfig:
+    """Settings of :func:`evaluate` (``persona-gym evaluate``'s options; the defaults are the
+    command's). What is evaluated, on which rows, how the models run, and what else is computed;
+    the data (``test``, ``train``, ``background``) and where the report goes are arguments of
+    :func:`evaluate`, not settings.
+
+    Attributes:
+        configs: the configurations, as specs ``VARIANT:MEMORIES[:wN][:kN]`` or
+            :class:`EvalConfig` (``None``: :data:`DEFAULT_CONFIGS`). Configurations whose
+            adapters the artifacts lack are reported as skipped.
+        max_test_per_user: evaluate only N test interactions per user (``None``: all).
+        seed: the seed of the subsample, the user sample, generation and the baselines' MF.
+        subsample: which N: ``"first"`` in time order, or ``"random"`` (drawn with ``seed``,
+            kept in time order).
+        generation: also the paper's generation mode (slow) on the first
+            ``generation_per_user`` evaluated interactions of each user.
+        generation_per_user: see ``generation``.
+        baselines: fit and score the collaborative-filtering baselines.
+        base_model: the base model (``None``: the one the adapters were trained on).
+        device: torch device of the models.
+        dtype: ``"auto"`` (bfloat16 where the hardware has it, else float32), ``"float32"`` or
+            ``"bfloat16"``.
+        compile: run the decoder layers through ``torch.compile`` (faster on CPU after a
+            one-off warm-up; same results).
+        chunk_users: users rated per simulator call.
+        studies: also run the persona-specificity, memory-slope and reward-landscape studies of
+            the persona simulator (:mod:`persona_gym.evaluation.fidelity`) on the first
+            ``study_rows_per_user`` test interactions of each user (needs ``split.json``).
+        study_rows_per_user: see ``studies``.
+        users: whose held-out interactions (when :func:`evaluate` gets no ``test``):
+            ``"training"``, the users the adapters were trained on, or ``"others"``, the other
+            simulated users of an ``--all-users`` distillation, whom the adapters never saw.
+        max_users: evaluate a seeded sample (``seed``) of this many of the test users.
+    """
+
+    configs: Sequence[str | EvalConfig] | None = None
+    max_test_per_user: int | None = None
+    seed: int = 0
+    subsample: str = "first"
+    generation: bool = False
+    generation_per_user: int = 2
+    baselines: bool = True
+    base_model: str | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    compile: bool = False
+    chunk_users: int = 16
+    studies: bool = True
+    study_rows_per_user: int = 15
+    users: str = "training"
+    max_users: int | None = None
+
+
 def evaluate(
     artifacts_dir: str | Path,
-    configs=None,
-    max_test_per_user: int | None = None,
-    seed: int = 0,
+    config: FidelityEvalConfig | Sequence[str | EvalConfig] | None = None,
     *,
-    subsample: str = "first",
-    generation: bool = False,
-    generation_per_user: int = 2,
     test: pd.DataFrame | None = None,
     train: pd.DataFrame | None = None,
     background: pd.DataFrame | None = None,
-    baselines: bool = True,
-    base_model: str | None = None,
-    device: str = "cpu",
-    dtype: str = "auto",
-    compile: bool = False,
     out_dir: str | Path | None = None,
     write: bool = True,
-    chunk_users: int = 16,
-    studies: bool = True,
-    study_rows_per_user: int = 15,
-    users: str = "training",
-    max_users: int | None = None,
+    **settings: Any,
 ) -> dict:
     """Evaluate the simulated users of ``artifacts_dir``; return (and write) every figure.
 
     Args:
-        configs: specs or :class:`EvalConfig` (default :data:`DEFAULT_CONFIGS`). Configurations
-            whose adapters the artifacts lack are reported as skipped.
+        config: the settings (default ``FidelityEvalConfig()``); a list of specs is short for
+            ``FidelityEvalConfig(configs=...)``.
         test: the test interactions (``user_id, item_id, item_index, rating, timestamp``);
             default: rebuilt from ``split.json`` (:func:`persona_gym.data.protocol.logged_data`).
         train, background: what the baselines fit on when ``test`` is given (default: the
             artifacts' memories, i.e. the logged training interactions; no background).
-        write: write the report into ``out_dir`` (default ``<artifacts>/evaluation``).
-        compile: run the decoder layers through ``torch.compile`` (faster on CPU after a
-            one-off warm-up; same results).
-        studies: also run the persona-specificity, memory-slope and reward-landscape studies of
-            the persona simulator (:mod:`persona_gym.evaluation.fidelity`) on the first
-            ``study_rows_per_user`` test interactions of each user (needs ``split.json``).
-        users: whose held-out interactions (with ``test`` None): ``"training"``, the users the
-            adapters were trained on, or ``"others"``, the other simulated users of an
-            ``--all-users`` distillation, whom the adapters never saw.
-        max_users: evaluate a seeded sample (``seed``) of this many of the test users.
+        out_dir: where the report goes (default ``<artifacts>/evaluation``).
+        write: write the report into ``out_dir``.
+        settings: fields of :class:`FidelityEvalConfig` replacing those of ``config``
+            (``evaluate(dir, ["persona:Ms"], max_test_per_user=2)``).
     """
     from persona_gym.artifacts import load_artifacts
     from persona_gym.evaluation.baselines import run_baselines
 
+    if not isinstance(config, FidelityEvalConfig):
+        config = FidelityEvalConfig(configs=config)
+    cfg = dataclasses.replace(config, **settings) if settings else config
+    max_test_per_user, seed, subsample = cfg.max_test_per_user, cfg.seed, cfg.subsample
+    generation, generation_per_user, chunk_users = (
+        cfg.generation,
+        cfg.generation_per_user,
+        cfg.chunk_users,
+    )
+    users, max_users = cfg.users, cfg.max_users
     started = time.perf_counter()
     artifacts = load_artifacts(artifacts_dir)
     configs = [
-        c if isinstance(c, EvalConfig) else parse_config(c) for c in (configs or DEFAULT_CONFIGS)
+        c if isinstance(c, EvalConfig) else parse_config(c)
+        for c in (cfg.configs or DEFAULT_CONFIGS)
     ]
     if test is None:
         data = logged_data(artifacts, users)
@@ -314,32 +362,37 @@ def evaluate(
     predictions = rows[["user_id", "item_id", "item_index", "rating", "timestamp"]].copy()
     predictions["persona"] = personas
 
-    models = SharedModels(artifacts, base_model, device, dtype, compile) if configs else None
+    models = (
+        SharedModels(artifacts, cfg.base_model, cfg.device, cfg.dtype, cfg.compile)
+        if configs
+        else None
+    )
     history_cache: dict[int, tuple] = {}
     generation_rows = (
         np.flatnonzero(rows.groupby("user_id").cumcount().to_numpy() < generation_per_user)
         if generation
         else None
     )
-    for config in configs:
+    for eval_config in configs:
         assert models is not None  # loaded above when there are configs
-        prompt = config.prompt(trained_prompt)
-        entry = {
-            "spec": config.spec,
-            "paper_no": config.paper_no,
-            "adapter": config.adapter_label,
-            "memories": config.memories_label,
-            "variant": config.variant,
+        prompt = eval_config.prompt(trained_prompt)
+        entry: dict[str, Any] = {
+            "spec": eval_config.spec,
+            "paper_no": eval_config.paper_no,
+            "adapter": eval_config.adapter_label,
+            "memories": eval_config.memories_label,
+            "variant": eval_config.variant,
             "prompt": dataclasses.asdict(prompt),
-            "prompt_differs_from_training": config.variant != "base" and prompt != trained_prompt,
+            "prompt_differs_from_training": eval_config.variant != "base"
+            and prompt != trained_prompt,
         }
-        missing = models.missing(config, np.unique(user_ids))
+        missing = models.missing(eval_config, np.unique(user_ids))
         if missing:
             entry.update(status="skipped", reason=f"not in the artifacts: {missing}")
-            log.warning("%s: skipped (%s)", config.spec, entry["reason"])
+            log.warning("%s: skipped (%s)", eval_config.spec, entry["reason"])
             results["configs"].append(entry)
             continue
-        simulator = models.simulator(config, prompt)
+        simulator = models.simulator(eval_config, prompt)
         windows = []
         for u in user_ids:
             if int(u) not in history_cache:
@@ -369,14 +422,14 @@ def evaluate(
             ratings_per_s=round(len(rows) / max(seconds, 1e-9), 1),
             expected=report,
         )
-        predictions[f"pred:{config.spec}"] = expected(probs)
+        predictions[f"pred:{eval_config.spec}"] = expected(probs)
         entry["first_3"] = first_3(rows, expected(probs), real)
         for r in range(5):
-            predictions[f"p{r + 1}:{config.spec}"] = probs[:, r].astype(np.float32)
+            predictions[f"p{r + 1}:{eval_config.spec}"] = probs[:, r].astype(np.float32)
         if generation and prompt.item_tokens:
             log.info(
                 "%s: no paper-style generation with item tokens (soft tokens are not text)",
-                config.spec,
+                eval_config.spec,
             )
         elif generation_rows is not None:  # with --generation
             requests = [
@@ -398,7 +451,7 @@ def evaluate(
             }
         log.info(
             "%-22s RMSE %.4f MAE %.4f NLL %.3f (%.0f ratings/s)%s",
-            config.spec,
+            eval_config.spec,
             report["rmse"],
             report["mae"],
             report["nll"],
@@ -407,7 +460,7 @@ def evaluate(
         )
         results["configs"].append(entry)
 
-    if baselines:
+    if cfg.baselines:
         evaluated = (
             full_test.merge(
                 rows[["user_id", "item_id"]].assign(_in=True), on=["user_id", "item_id"], how="left"
@@ -447,7 +500,7 @@ def evaluate(
             models.priors, artifacts, rows, full_test, personas, logged_windows
         )
     persona = parse_config("persona:Ms+Ml")
-    if studies and models is not None and not models.missing(persona, np.unique(user_ids)):
+    if cfg.studies and models is not None and not models.missing(persona, np.unique(user_ids)):
         t0 = time.perf_counter()
         results["studies"] = simulator_studies(
             models,
@@ -456,7 +509,7 @@ def evaluate(
             full_test,
             trained_prompt,
             seed,
-            study_rows_per_user,
+            cfg.study_rows_per_user,
             chunk_users,
         )
         if trained_prompt.cf_prior:  # the prior-alone row needs the adapters' priors
@@ -575,11 +628,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else args.artifacts / "evaluation"
     # the other users first: the training users' report is the stage's product (build resumes on it)
     for group in sorted(dict.fromkeys(args.users), key=lambda g: g == "training"):
-        results = evaluate(
-            args.artifacts,
-            configs,
-            args.max_test_per_user,
-            args.seed,
+        config = FidelityEvalConfig(
+            configs=configs,
+            max_test_per_user=args.max_test_per_user,
+            seed=args.seed,
             subsample=args.subsample,
             generation=args.generation,
             generation_per_user=args.generation_per_user,
@@ -588,11 +640,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             compile=args.compile,
-            out_dir=out if group == "training" else out / group,
             studies=not args.no_studies,
             study_rows_per_user=args.study_rows_per_user,
             users=group,
             max_users=args.max_users,
+        )
+        results = evaluate(
+            args.artifacts, config, out_dir=out if group == "training" else out / group
         )
         print(render_markdown(results))
         print(f"written to {results['out_dir']} in {results['seconds']} s")
