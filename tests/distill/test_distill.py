@@ -160,7 +160,10 @@ def test_cli_outputs_are_byte_identical(tmp_path) -> None:
             )
             == 0
         )
-        assert main(["personas", "--artifacts", str(out), "--k-min", "2", "--k-max", "3"]) == 0
+        assert (
+            main(["personas", "--artifacts", str(out), "--k", "0", "--k-min", "2", "--k-max", "3"])
+            == 0
+        )
     files = sorted(p.relative_to(dirs[0]) for p in dirs[0].rglob("*") if p.is_file())
     assert {str(f) for f in files} >= {
         "items.parquet",
