@@ -52,11 +52,11 @@ from persona_gym.ratings import RATING_VALUES
 from persona_gym.simulator.collaborative import (
     CF_FILE,
     CollaborativeModel,
-    gained,
     load_collaborative,
     persona_tastes,
     taste_axes,
 )
+from persona_gym.simulator.memory import logged_history
 from persona_gym.simulator.prompt_config import PromptConfig
 from persona_gym.simulator.rating_prior import RatingPrior, fit_rating_prior
 from persona_gym.simulator.sequence import (
@@ -93,17 +93,17 @@ class SequenceTrainConfig:
 
     history: int = 32
     window: int = 3
-    targets_per_user: int = 32
+    targets_per_user: int = 16
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
     learning_rate: float = 3e-4
-    epochs: int = 3
-    batch: int = 4
+    epochs: int = 1
+    batch: int = 8
     mse_weight: float = 0.1
     val_per_user: int = 5
-    other_users: bool = False
-    eval_every: int = 5
+    other_users: bool = True
+    eval_every: int = 8
     seed: int = 0
 
 
@@ -117,11 +117,8 @@ PERSONA_TASTE = 0.75  # the shipped share of a user's collaborative taste their 
 class SequenceInputs:
     """What the trainer reads from a directory written by ``persona-gym distill`` and
     ``persona-gym personas`` (no manifest needed): the logged ratings, the item features, the
-    collaborative model, the personas, the collaborative taste each training user is
-    predicted with (their own moved toward their persona's, ``PromptConfig.persona_taste``),
-    and the protocol split's other users' ratings and training share (what the collaborative
-    model was fitted with beside the logged ratings; none for artifacts without a recorded
-    protocol split)."""
+    collaborative model, the personas, and the collaborative taste each training user is
+    predicted with (their own moved toward their persona's, ``PromptConfig.persona_taste``)."""
 
     memories: pd.DataFrame
     item_embeddings: np.ndarray
@@ -130,13 +127,10 @@ class SequenceInputs:
     users: list[int]  # the adapters' training users (the protocol users of split.json)
     tastes: dict[int, np.ndarray | None]
     catalog: ItemCatalog
-    background: pd.DataFrame  # user_id, item_id, rating, timestamp of the other users
-    train_fraction: float  # the protocol's share of each user's ratings before their test part
+    others: dict[int, tuple[UserSequence, int]] | None = None  # other users: sequence, persona
 
     @classmethod
     def load(cls, root: str | Path, persona_taste: float = PERSONA_TASTE) -> SequenceInputs:
-        from persona_gym.data.protocol import read_split_record, rebuild_split
-
         root = Path(root)
         catalog, profiles, memories, item_embeddings = load_tables(root)
         if not (root / CF_FILE).exists():
@@ -155,25 +149,19 @@ class SequenceInputs:
                 u: collaborative.taste_of(u, means[user_persona[u]], persona_taste, axes)
                 for u in users
             }
-        record = (
-            json.loads((root / "split.json").read_text()) if (root / "split.json").exists() else {}
-        )
-        background = memories.iloc[:0][list(RATING_COLUMNS)]
-        if "params" in record:
-            _, split = rebuild_split(read_split_record(root), root / "split.json")
-            background = split.background[list(RATING_COLUMNS)]
-        train_fraction = float(record.get("params", {}).get("train_fraction", TRAIN_FRACTION))
-        return cls(
-            memories,
-            item_embeddings,
-            collaborative,
-            user_persona,
-            users,
-            tastes,
-            catalog,
-            background.reset_index(drop=True),
-            train_fraction,
-        )
+        return cls(memories, item_embeddings, collaborative, user_persona, users, tastes, catalog)
+
+    def with_other_users(
+        self, root: str | Path, persona_taste: float = PERSONA_TASTE, seed: int = 0
+    ) -> SequenceInputs:
+        """These inputs with the dataset's other users added (:func:`other_users`)."""
+        from dataclasses import replace
+
+        from persona_gym.data.protocol import read_split_record, rebuild_split
+
+        _, split = rebuild_split(read_split_record(root), Path(root) / "split.json")
+        others = other_users(self, split.simulated_train(), split.background, persona_taste, seed)
+        return replace(self, others=others)
 
     def personas(self) -> dict[str, list[int]]:
         """``{adapter name: its training users}``, one adapter per persona."""
@@ -183,112 +171,73 @@ class SequenceInputs:
         return {name: sorted(out[name]) for name in sorted(out)}
 
 
-RATING_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
-TRAIN_FRACTION = 0.6  # for artifacts whose split.json records none
+def _sequences(inputs: SequenceInputs, users: list[int]) -> dict[int, UserSequence]:
+    out = {}
+    for user in users:
+        history = logged_history(inputs.memories, user)
+        predictions = inputs.collaborative.predict(
+            [user] * len(history), [x.item_index for x in history], inputs.tastes[user]
+        )
+        out[user] = UserSequence.of(history, predictions)
+    return out
 
 
-@dataclass(frozen=True)
-class TrainingSequence:
-    """One user's ratings as the trainer reads them: early ratings with the predictions a
-    logged rating gets at simulation time (the collaborative model fitted with it out of fold),
-    late ones (from ``boundary`` on) with the predictions a test rating gets (a model fitted
-    without the user's late ratings: stale by the time they were given)."""
-
-    seq: UserSequence
-    boundary: int
-    persona: int
-
-
-def training_sequences(
+def other_users(
     inputs: SequenceInputs,
-    other_users: bool,
+    train: pd.DataFrame,
+    background: pd.DataFrame,
     persona_taste: float = PERSONA_TASTE,
     seed: int = 0,
     folds: int = 5,
-) -> dict[int, TrainingSequence]:
-    """The training users' sequences (and the other users' with ``other_users``), split as the
-    protocol splits a simulated user: the first ``train_fraction`` of each user's ratings early,
-    the rest late.
+) -> dict[int, tuple[UserSequence, int]]:
+    """The dataset's other users as training sequences: ``{user: (their ratings in time order
+    with out-of-fold collaborative predictions, the persona nearest their taste)}``.
 
-    What a simulated user's test rating is compared with (its collaborative prediction) comes
-    from a model that never saw that user's later ratings, so the residuals of a test period
-    drift and carry over from one rating to the next far more than the residuals of ratings
-    predicted out of fold within one period do. The late ratings reproduce this: each is
-    predicted by the collaborative blend refitted (with its recorded parameters) on everything
-    but the late ratings of its user's fold of users (``folds`` seeded folds). Early ratings of
-    the simulated users keep their logged out-of-fold predictions; early ratings of the other
-    users get the same (random folds of their ratings, the model refitted without each). Every
-    prediction then moves with the user's persona taste and the model's gain, as
-    :meth:`CollaborativeModel.predict` moves a logged one. Another user's persona is the one
-    whose taste is nearest theirs along the axes that separate the personas.
+    A rating of ``background`` (the users the simulator does not simulate) is predicted by the
+    collaborative model's blend refitted, with its recorded parameters, on ``train`` and the
+    background ratings outside its fold (``folds`` seeded random folds), as the simulated users'
+    training ratings are: a prediction never sees the rating it predicts. The user's taste moves
+    toward that persona's as a simulated user's does (``inputs.tastes``), and the model's gain
+    around the user's level applies. The nearest persona is the closest persona taste along the
+    axes that separate them (:func:`taste_axes`).
     """
-    from persona_gym.simulator.cf_models import BiasedMF, ItemKNN
+    from persona_gym.simulator.cf_models import BiasedMF, ItemKNN, fit_frame
+    from persona_gym.simulator.collaborative import gained
 
     cf = inputs.collaborative
-    w = float(cf.params["blend"])
-    mf_params = {k: v for k, v in cf.params["mf"].items() if k != "seed"}
-
-    def refit(fit_on: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
-        pairs = rows["user_id"], rows["item_id"]
-        mf = BiasedMF(**mf_params, seed=seed).fit(fit_on).predict(*pairs)
-        knn = ItemKNN(**cf.params["knn"]).fit(fit_on).predict(*pairs)
-        return np.clip((1.0 - w) * mf + w * knn, 1.0, 5.0)
-
-    train = inputs.memories[list(RATING_COLUMNS)]
-    everyone = pd.concat([train.assign(simulated=True), inputs.background.assign(simulated=False)])
-    everyone = everyone.assign(item_index=inputs.catalog.indices_of(everyone["item_id"]))
-    everyone = everyone.sort_values(["user_id", "timestamp", "item_index"], kind="stable")
-    everyone = everyone.reset_index(drop=True)
-    position = everyone.groupby("user_id").cumcount().to_numpy()
-    count = everyone.groupby("user_id")["item_id"].transform("size").to_numpy()
-    boundary = np.rint(inputs.train_fraction * count).astype(np.int64)
-    late = position >= boundary
-    read = everyone["simulated"].to_numpy(bool) | other_users
-    read = read & (cf.user_rows(everyone["user_id"]) >= 0)
-    blend = np.full(len(everyone), np.nan)
-    rng = np.random.default_rng([seed, folds])
-    users = everyone["user_id"].unique()
-    user_fold = dict(zip(users, rng.integers(0, folds, len(users)), strict=True))
-    fold_of_user = everyone["user_id"].map(user_fold).to_numpy()
+    params = cf.params
+    mf_params = {k: v for k, v in params["mf"].items() if k != "seed"}
+    w, gain = float(params["blend"]), float(params.get("gain", 1.0))
+    frame = background.reset_index(drop=True)
+    fold = np.random.default_rng([seed, folds, 1]).integers(0, folds, len(frame))
+    blend = np.zeros(len(frame))
     for f in range(folds):
-        held = late & (fold_of_user == f)
-        if (held & read).any():
-            blend[held & read] = refit(everyone[~held], everyone[held & read])
-    row_fold = rng.integers(0, folds, len(everyone))
-    other_early = read & ~late & ~everyone["simulated"].to_numpy()
-    for f in range(folds):
-        held = other_early & (row_fold == f)
-        if held.any():
-            blend[held] = refit(everyone[~held], everyone[held])
-
+        held = fold == f
+        part = fit_frame(train, frame[~held])
+        rows = frame[held]["user_id"], frame[held]["item_id"]
+        mf = BiasedMF(**mf_params, seed=seed).fit(part).predict(*rows)
+        knn = ItemKNN(**params["knn"]).fit(part).predict(*rows)
+        blend[held] = np.clip((1.0 - w) * mf + w * knn, 1.0, 5.0)
+    catalog_index = inputs.catalog.indices_of(frame["item_id"])
     means = persona_tastes(cf, inputs.user_persona, inputs.users)
     axes = taste_axes(means)
     personas = sorted(means)
-    centres = np.stack([means[p] for p in personas]) @ axes.T if len(axes) else None
-    gain = float(cf.params.get("gain", 1.0))
+    centres = np.stack([means[p] for p in personas]) @ axes.T
     out = {}
-    for user, rows in everyone[read].groupby("user_id").indices.items():
-        index = np.flatnonzero(read)[rows]
-        items = everyone["item_index"].to_numpy()[index]
+    frame = frame.assign(item_index=catalog_index, predicted=blend)
+    for user, rows in frame.sort_values(["timestamp", "item_index"]).groupby("user_id"):
         row = int(cf.user_rows([user])[0])
+        if row < 0:
+            continue
         own = cf.user_factors[row]
-        if user in inputs.user_persona:
-            persona = inputs.user_persona[int(user)]
-            taste = inputs.tastes.get(int(user))
-        else:
-            nearest = ((own @ axes.T - centres) ** 2).sum(1) if centres is not None else [0]
-            persona = personas[int(np.argmin(nearest))]
-            taste = cf.taste_of(int(user), means[persona], persona_taste, axes)
-        level = np.full(len(items), cf.mu + cf.user_bias[row])
-        shift = 0.0 if taste is None else (1.0 - w) * (cf.item_factors[items] @ (taste - own))
-        predicted = gained(level, blend[index] + shift, gain)
-        if user in inputs.user_persona:  # early: their logged out-of-fold predictions
-            early = ~late[index]
-            predicted[early] = cf.predict([user] * int(early.sum()), items[early], taste)
-        ratings = everyone["rating"].to_numpy(np.float32)[index]
-        out[int(user)] = TrainingSequence(
-            UserSequence(items, ratings, predicted.astype(np.float32)),
-            int(boundary[index[0]]),
+        persona = personas[int(np.argmin(((own @ axes.T - centres) ** 2).sum(1)))]
+        taste = cf.taste_of(int(user), means[persona], persona_taste, axes)
+        items = rows["item_index"].to_numpy(np.int64)
+        shift = (1.0 - w) * (cf.item_factors[items] @ (taste - own))
+        level = cf.mu + cf.user_bias[row]
+        predicted = gained(np.full(len(items), level), rows["predicted"].to_numpy() + shift, gain)
+        out[int(user)] = (
+            UserSequence(items, rows["rating"].to_numpy(np.float32), predicted.astype(np.float32)),
             persona,
         )
     return out
@@ -303,71 +252,70 @@ class BlockExample:
     """One user's static prefix and the blocks read after it, laid out as the simulator does:
     ``[head] prefix | block`` for each block, every block on the same prefix (its own copy of
     the prefix's keys/values) at the positions that follow it. A block is ``window`` events and
-    a target event, ``2 window + 1`` tokens (the target's rating token is not shown); its
-    last ``targets`` events are read (their ratings at their item tokens)."""
+    a target event, ``2 window + 1`` tokens (the target's rating token is not shown)."""
 
     prefix: UserSequence
     blocks: list[UserSequence]
-    targets: list[int]
 
 
 def _examples(
-    users: dict[int, TrainingSequence], config: SequenceTrainConfig, rng: np.random.Generator
+    seqs: dict[int, UserSequence], config: SequenceTrainConfig, rng: np.random.Generator
 ) -> list[BlockExample]:
-    """This epoch's training examples, each user's late ratings read as a simulated user's test
-    ratings are: the prefix is the ``history`` events before the last ``window`` early ones,
-    a block the ``window`` events before a late target (up to ``targets_per_user`` of them
-    drawn), so the gap between prefix and window runs from none to the whole late part. The
-    late events of a window are read too; a simulated user's last ``val_per_user`` ratings are
-    left out (the validation slice)."""
+    """This epoch's training examples: for each user a prefix end ``s`` drawn at random, the
+    ``history`` events before it as the prefix, and up to ``targets_per_user`` target events
+    ``t >= s + window`` (each with the ``window`` events before it) drawn from the rest of the
+    training part. The gap between prefix and window then spans what the rolling window of a
+    test rating or an episode shows: from none to the whole training part."""
     k = config.window
     out = []
-    for user in users.values():
-        seq, b = user.seq, user.boundary
+    for seq in seqs.values():
         n = len(seq) - config.val_per_user
-        if b - k < 1 or n <= b:
+        first_end = min(config.history, max(n - k - 1, 1))
+        if n - k - 1 < first_end:
             continue
-        targets = np.arange(b, n)
+        s = int(rng.integers(first_end, n - k))
+        targets = np.arange(s + k, n)
         if len(targets) > config.targets_per_user:
             targets = np.sort(rng.choice(targets, config.targets_per_user, replace=False))
-        prefix = _slice(seq, max(0, b - k - config.history), b - k)
-        blocks = [_slice(seq, int(t) - k, int(t) + 1) for t in targets]
-        out.append(BlockExample(prefix, blocks, [min(k + 1, int(t) - b + 1) for t in targets]))
+        prefix = _slice(seq, max(0, s - config.history), s)
+        out.append(BlockExample(prefix, [_slice(seq, int(t) - k, int(t) + 1) for t in targets]))
     return out
 
 
-def _val_examples(
-    users: dict[int, TrainingSequence], config: SequenceTrainConfig
-) -> list[BlockExample]:
-    """Each simulated user's last ``val_per_user`` ratings, read as their :func:`_examples`
-    late ratings are (the target alone)."""
+def _val_examples(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[BlockExample]:
+    """Each user's validation ratings, in the simulator's layout for the first test ratings:
+    the prefix is the ``history`` events before the ``window`` that precede the first one."""
     k = config.window
     out = []
-    for user in users.values():
-        seq, b = user.seq, user.boundary
+    for seq in seqs.values():
         first = len(seq) - config.val_per_user
-        start = max(0, min(b, first) - k)
-        prefix = _slice(seq, max(0, start - config.history), start)
-        blocks = [_slice(seq, max(0, t - k), t + 1) for t in range(first, len(seq))]
-        out.append(BlockExample(prefix, blocks, [1] * len(blocks)))
+        s = max(0, first - k)
+        prefix = _slice(seq, max(0, s - config.history), s)
+        out.append(
+            BlockExample(
+                prefix, [_slice(seq, max(0, t - k), t + 1) for t in range(first, len(seq))]
+            )
+        )
     return out
 
 
 def block_logits(
-    lm: SequenceLM, tokens: SequenceTokens, examples: list[BlockExample]
+    lm: SequenceLM, tokens: SequenceTokens, examples: list[BlockExample], every_event: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rating logits of the target events of ``examples``' blocks, with their 1..5 ratings and
+    """Rating logits of the blocks of ``examples`` with their targets' 1..5 ratings and
     collaborative predictions: each prefix runs once, then its blocks on copies of its
-    keys/values (as :meth:`SequenceRatingModel.score_logits` does)."""
+    keys/values (as :meth:`SequenceRatingModel.score_logits` does). ``every_event``: also read
+    each window event's rating at its item token (from the prefix and the block's events before
+    it), not only the target's."""
     from transformers import DynamicCache
 
     head = lm.head
-    groups: dict[tuple[int, int, int], list[tuple[int, UserSequence]]] = {}
+    groups: dict[tuple[int, int], list[tuple[int, UserSequence]]] = {}
     for i, ex in enumerate(examples):
-        for block, targets in zip(ex.blocks, ex.targets, strict=True):
-            groups.setdefault((len(ex.prefix), len(block), targets), []).append((i, block))
+        for block in ex.blocks:
+            groups.setdefault((len(ex.prefix), len(block)), []).append((i, block))
     logits, ratings, predictions = [], [], []
-    for (_, length, targets), group in groups.items():
+    for (_, length), group in groups.items():
         owners = sorted({i for i, _ in group})
         prefixes = torch.stack(
             [torch.cat([head, examples[i].prefix.embed(tokens)]) for i in owners]
@@ -383,7 +331,7 @@ def block_logits(
         hidden = lm.body(
             inputs_embeds=embeds, cache=DynamicCache(layers), position_ids=positions
         ).last_hidden_state
-        events = list(range(length - targets, length))
+        events = list(range(length)) if every_event else [length - 1]
         logits.append(lm.logits(hidden[:, [2 * j for j in events]]).reshape(-1, 5))
         ratings.append(
             torch.from_numpy(np.rint(np.stack([b.ratings[events] for b in blocks])))
@@ -412,7 +360,6 @@ def train_sequence_adapter(
     name: str,
     inputs: SequenceInputs,
     users: list[int],
-    sequences: dict[int, TrainingSequence],
     base: torch.nn.Module,
     tokenizer,
     config: SequenceTrainConfig,
@@ -420,24 +367,24 @@ def train_sequence_adapter(
     persona_taste: float = PERSONA_TASTE,
     base_model: dict | None = None,
 ) -> dict:
-    """Train one persona adapter on its ``users`` and the other users of its persona in
-    ``sequences`` (:func:`training_sequences`); save it under ``out / name``
+    """Train one persona adapter on ``users``' sequences; save it under ``out / name``
     (``persona_taste`` and the ``base_model``'s identity are recorded with it: a rerun reuses
     it only for the same ones)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    seqs = _sequences(inputs, users)
+    val = _val_examples(seqs, config)
     persona = inputs.user_persona[users[0]]
-    trained_on = {u: seq for u, seq in sequences.items() if seq.persona == persona}
-    simulated = {u: trained_on[u] for u in users if u in trained_on}
-    val = _val_examples(simulated, config)
+    others = {u: seq for u, (seq, p) in (inputs.others or {}).items() if p == persona}
+    trained_on = {**seqs, **others}
     n_train = len(_examples(trained_on, config, np.random.default_rng(config.seed)))
-    if not n_train or not val:
+    if not n_train:
         raise ConfigError(
-            f"{name}: no training example: its {len(users)} users have no rating after the "
-            f"first {inputs.train_fraction:.0%} of theirs but the last val_per_user = "
-            f"{config.val_per_user}; lower --val-per-user"
+            f"{name}: no training example: its {len(users)} users have at most "
+            f"window + val_per_user = {config.window + config.val_per_user} ratings; "
+            "lower --window or --val-per-user"
         )
     lora = LoraConfig(
         r=config.rank,
@@ -450,11 +397,13 @@ def train_sequence_adapter(
     lm = SequenceLM(model, tokenizer)
     features = item_features(inputs.item_embeddings, inputs.collaborative, inputs.catalog.genres)
     tokens = SequenceTokens.initial(features, lm, tokenizer)
-    # the prior starts fitted to every rating it may train on, then trains with the adapter
-    fit_on = [u.seq for u in simulated.values()]
-    end = -config.val_per_user or None
-    ratings_fit = np.concatenate([np.rint(seq.ratings[config.window : end]) for seq in fit_on])
-    preds_fit = np.concatenate([seq.predictions[config.window : end] for seq in fit_on])
+    fit_on = [s for s in seqs.values() if len(s) > config.val_per_user + config.window]
+    ratings_fit = np.concatenate(
+        [np.rint(s.ratings[config.window : -config.val_per_user]) for s in fit_on]
+    )
+    preds_fit = np.concatenate(
+        [s.predictions[config.window : -config.val_per_user] for s in fit_on]
+    )
     prior = fit_rating_prior(preds_fit, np.zeros_like(preds_fit), ratings_fit.astype(np.int64))
     prior.memory.requires_grad_(False)  # no window term: the window is the SLM's
 
@@ -469,7 +418,7 @@ def train_sequence_adapter(
     def validate() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
-            logits, ratings, predictions = block_logits(lm, tokens, val)
+            logits, ratings, predictions = block_logits(lm, tokens, val, every_event=False)
             return _scores(_with_prior(prior, logits, predictions), ratings)
 
     with torch.no_grad():
@@ -484,7 +433,7 @@ def train_sequence_adapter(
         "%s: %d training users (%d of them other users), %d val ratings; prior alone %s",
         name,
         len(trained_on),
-        len(trained_on) - len(simulated),
+        len(others),
         len(val_ratings),
         prior_only,
     )
@@ -499,7 +448,7 @@ def train_sequence_adapter(
         for first in range(0, len(order), config.batch):
             model.train()
             batch = [train[i] for i in order[first : first + config.batch]]
-            logits, ratings, predictions = block_logits(lm, tokens, batch)
+            logits, ratings, predictions = block_logits(lm, tokens, batch, every_event=True)
             logits = _with_prior(prior, logits, predictions)
             expected = logits.softmax(-1) @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
             loss = torch.nn.functional.cross_entropy(logits, ratings - 1)
@@ -542,7 +491,7 @@ def train_sequence_adapter(
         "steps": step,
         "seconds": time.perf_counter() - started,
         "training_users": len(trained_on),
-        "other_users": len(trained_on) - len(simulated),
+        "other_users": len(others),
     }
     (folder / "training.json").write_text(json.dumps(metrics, indent=1))
     model.unload()
@@ -673,7 +622,8 @@ def train_sequence(
     )
     prepare_stage(root, "train", force=force, same_run=same_run)
     inputs = SequenceInputs.load(root, persona_taste)
-    sequences = training_sequences(inputs, config.other_users, persona_taste, config.seed)
+    if config.other_users:
+        inputs = inputs.with_other_users(root, persona_taste, config.seed)
     base_id = model_source(resolve_model(name))
     base, tokenizer = load_causal_lm(name)
     for p in base.parameters():
@@ -694,16 +644,7 @@ def train_sequence(
                 results[adapter] = done
                 continue
         results[adapter] = train_sequence_adapter(
-            adapter,
-            inputs,
-            users,
-            sequences,
-            base,
-            tokenizer,
-            config,
-            staging,
-            persona_taste,
-            base_id,
+            adapter, inputs, users, base, tokenizer, config, staging, persona_taste, base_id
         )
     run = {
         "wall_seconds": round(time.perf_counter() - started, 1),

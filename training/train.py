@@ -682,9 +682,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     seq.add_argument(
         "--other-users",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="also train on the dataset's other users, each under the persona nearest their taste",
+        help="also train on the dataset's other users, each under the persona nearest their "
+        f"taste (default: {sequence.other_users})",
     )
     seq.add_argument(
         "--targets-per-user",

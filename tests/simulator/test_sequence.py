@@ -30,6 +30,7 @@ TINY = SequenceTrainConfig(
     batch=2,
     eval_every=1,
     val_per_user=1,
+    other_users=False,
 )
 
 
@@ -281,7 +282,7 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
     lora_lm.model.set_adapter(request.adapter)
     with torch.no_grad():
         logits, ratings, predictions = block_logits(
-            lora_lm, model.tokens[request.adapter], [BlockExample(prefix, [block], [1])]
+            lora_lm, model.tokens[request.adapter], [BlockExample(prefix, [block])], False
         )
         logits = model.priors[request.adapter](logits, predictions, torch.zeros(1))
     assert int(ratings[0]) == round(candidate.rating)
@@ -292,41 +293,29 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
     )
 
 
-def test_late_ratings_are_predicted_without_them_and_other_users_join_a_persona(seq_artifacts):
-    """The trainer's sequences: early ratings keep their logged predictions; a late rating's
-    prediction never sees its user's late ratings (changing them leaves it unchanged); the
-    other users join the nearest persona."""
-    from dataclasses import replace
-
-    from training.sequence_training import SequenceInputs, training_sequences
+def test_other_users_get_out_of_fold_predictions_and_a_persona(seq_artifacts):
+    """The other users' sequences: time-ordered, each under one of the personas, and a rating's
+    prediction never sees that rating (changing it leaves its own prediction unchanged)."""
+    from training.sequence_training import SequenceInputs, other_users
 
     inputs = SequenceInputs.load(seq_artifacts)
-    user = inputs.users[0]
-    seq = training_sequences(inputs, other_users=False)[user]
-    n, b = len(seq.seq), seq.boundary
-    assert seq.persona == inputs.user_persona[user]
-    assert b == round(inputs.train_fraction * n) and 0 < b < n
-    logged = inputs.collaborative.predict([user] * b, seq.seq.items[:b], inputs.tastes[user])
-    np.testing.assert_allclose(seq.seq.predictions[:b], logged, rtol=1e-6)
-    assert np.all((seq.seq.predictions >= 1) & (seq.seq.predictions <= 5))
-    memories = inputs.memories.copy()
-    mine = np.flatnonzero(memories["user_id"] == user)
-    order = memories.iloc[mine].sort_values(["timestamp", "item_index"], kind="stable").index
-    memories.loc[order[b:], "rating"] = 6 - memories.loc[order[b:], "rating"]
-    again = training_sequences(replace(inputs, memories=memories), other_users=False)[user]
-    np.testing.assert_allclose(again.seq.predictions[b:], seq.seq.predictions[b:], rtol=1e-6)
-    assert not np.array_equal(again.seq.ratings, seq.seq.ratings)
-
-    simulated = inputs.users[: len(inputs.users) // 2]
-    columns = ["user_id", "item_id", "rating", "timestamp"]
-    split = replace(
-        inputs,
-        memories=memories[memories["user_id"].isin(simulated)],
-        users=simulated,
-        background=inputs.memories.loc[~inputs.memories["user_id"].isin(simulated), columns],
-    )
-    both = training_sequences(split, other_users=True)
-    others = set(both) - set(simulated)
-    assert others == set(split.background["user_id"])
-    assert {both[u].persona for u in others} <= set(inputs.user_persona.values())
-    assert set(training_sequences(split, other_users=False)) == set(simulated)
+    memories = inputs.memories[["user_id", "item_id", "rating", "timestamp"]]
+    users = sorted(memories["user_id"].unique())
+    half = users[: len(users) // 2]
+    train = memories[memories["user_id"].isin(half)]
+    background = memories[~memories["user_id"].isin(half)].reset_index(drop=True)
+    others = other_users(inputs, train, background)
+    assert set(others) == set(background["user_id"])
+    assert {persona for _, persona in others.values()} <= set(inputs.user_persona.values())
+    user = int(background["user_id"].iloc[0])
+    seq, _ = others[user]
+    assert len(seq) == int((background["user_id"] == user).sum())
+    assert np.all((seq.predictions >= 1) & (seq.predictions <= 5))
+    first = int(np.flatnonzero(background["user_id"] == user)[0])
+    changed = background.copy()
+    changed.loc[first, "rating"] = 6 - changed.loc[first, "rating"]
+    again, _ = other_users(inputs, train, changed)[user]
+    item = inputs.catalog.indices_of(background["item_id"].iloc[[first]])[0]
+    position = int(np.flatnonzero(seq.items == item)[0])
+    assert again.predictions[position] == seq.predictions[position]
+    assert not np.array_equal(again.predictions, seq.predictions)

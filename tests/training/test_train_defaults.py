@@ -50,17 +50,17 @@ SEQUENCE_PROMPT = {
 SEQUENCE_CONFIG = {
     "history": 32,
     "window": 3,
-    "targets_per_user": 32,
+    "targets_per_user": 16,
     "rank": 16,
     "alpha": 32,
     "dropout": 0.05,
     "learning_rate": 3e-4,
-    "epochs": 3,
-    "batch": 4,
+    "epochs": 1,
+    "batch": 8,
     "mse_weight": 0.1,
     "val_per_user": 5,
-    "other_users": False,
-    "eval_every": 5,
+    "other_users": True,
+    "eval_every": 8,
     "seed": 0,
 }
 
