@@ -21,9 +21,9 @@ from persona_gym.evaluation.sequential import (
     sequential_slopes,
     within_user_pearson,
 )
+from persona_gym.evaluation.sequential_study import all_ratings, rolling_windows
 from persona_gym.ratings import expected
 from persona_gym.simulator.prior_rater import PriorRater
-from training.eval_sequential import all_ratings, rolling_windows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,11 +68,7 @@ import pandas as pd
 
 from persona_gym.config_cli import plain
 from persona_gym.data.protocol import USER_GROUPS, EvalData, logged_data
-from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
-from persona_gym.ratings import expected
-from persona_gym.simulator.memory import logged_history
-from persona_gym.simulator.rater import check_distribution
-from training.eval_configs import (
+from persona_gym.evaluation.configs import (
     DEFAULT_CONFIGS,
     EXTRA_CONFIGS,
     PAPER_TABLE,
@@ -81,8 +77,12 @@ from training.eval_configs import (
     parse_config,
     select_test,
 )
-from training.eval_report import render_markdown, write_report
-from training.eval_studies import first_3, prior_alone, simulator_studies
+from persona_gym.evaluation.metrics import fidelity_report, mae, ndcg_random, rmse, urr
+from persona_gym.evaluation.report import render_markdown, write_report
+from persona_gym.evaluation.studies import first_3, prior_alone, simulator_studies
+from persona_gym.ratings import expected
+from persona_gym.simulator.memory import logged_history
+from persona_gym.simulator.rater import check_distribution
 
 if TYPE_CHECKING:
     from persona_gym.simulator.engine import LayeredLM
@@ -513,7 +513,7 @@ def evaluate(
             chunk_users,
         )
         if trained_prompt.cf_prior:  # the prior-alone row needs the adapters' priors
-            from training.eval_sequential import sequential_study
+            from persona_gym.evaluation.sequential_study import sequential_study
 
             log.info("studies: sequential fidelity (rolling window)")
             simulator = models.simulator(persona, trained_prompt)

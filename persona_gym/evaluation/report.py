@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from persona_gym.evaluation.configs import PAPER_TABLE
 from persona_gym.io import atomic_write, atomic_write_json, atomic_write_parquet, atomic_write_text
-from training.eval_configs import PAPER_TABLE
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def render_markdown(results: dict) -> str:
                 f"{_f(r['top_minus_mean'])} | {_f(r['between_user_share'], percent=True)} |"
             )
         if "sequential" in studies:
-            from training.eval_sequential import sequential_table
+            from persona_gym.evaluation.sequential_study import sequential_table
 
             lines += ["", "## Sequential fidelity", "", sequential_table(studies["sequential"])]
     lines += [

@@ -5,22 +5,29 @@ slope, reward landscape; :mod:`persona_gym.evaluation.fidelity`)."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 
+from persona_gym.evaluation.configs import EvalConfig, select_test
 from persona_gym.evaluation.metrics import fidelity_report, mae, rmse
 from persona_gym.ratings import expected
 from persona_gym.simulator.memory import logged_history
 from persona_gym.simulator.rater import check_distribution
-from training.eval_configs import EvalConfig, select_test
 
 if TYPE_CHECKING:
     from persona_gym.data.protocol import EvalData
-    from training.evaluate import SharedModels
+    from persona_gym.simulator.prompt_config import PromptConfig
 
 log = logging.getLogger(__name__)
+
+
+class Simulators(Protocol):
+    """What the studies need of the loaded models (``training.evaluate.SharedModels``): a
+    simulator per configuration and prompt."""
+
+    def simulator(self, config: EvalConfig, prompt: PromptConfig) -> Any: ...
 
 
 def prior_alone(
@@ -94,7 +101,7 @@ def first_3(rows: pd.DataFrame, pred: np.ndarray, real: np.ndarray) -> dict:
 
 
 def simulator_studies(
-    models: SharedModels,
+    models: Simulators,
     artifacts,
     data: EvalData,
     full_test: pd.DataFrame,
