@@ -142,7 +142,7 @@ def test_personas_missing_artifacts(capsys, tmp_path):
 def test_personas_bad_k(capsys, tmp_path, catalog):
     art = write_tiny_artifacts(tmp_path / "art", catalog)
     assert_one_line(
-        run(capsys, "personas", "--artifacts", art, "--k", "0"), "personas", "k must be >= 1"
+        run(capsys, "personas", "--artifacts", art, "--k", "-1"), "personas", "--k must be >= 0"
     )
 
 

@@ -503,6 +503,8 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.k is not None and args.k < 0:
+        raise ValueError(f"--k must be >= 0 (0: chosen by the elbow), got {args.k}")
     config = PersonaConfig(
         k=args.k or None, k_min=args.k_min, k_max=args.k_max, seed=args.seed, features=args.features
     )
