@@ -85,7 +85,7 @@ from persona_gym.simulator.rating_prior import fit_rating_prior
 from persona_gym.simulator.retrieval import MemoryIndex
 from training.adapter_training import train_adapter
 from training.examples import LowerCache, adapter_datasets, build_examples
-from training.examples import frozen_pass as _frozen_pass
+from training.examples import frozen_pass
 from training.parallel import run_in_workers
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ def _load_run(root: Path, config: TrainConfig, device: str, compile: bool, progr
         cache = LowerCache(**torch.load(cache_path, weights_only=False))
         log.info("reusing frozen-layer activations from %s", cache_path)
     else:
-        cache = _frozen_pass(
+        cache = frozen_pass(
             examples, builder, layered, config, split_layer, pad_id, device, compile, progress
         )
         atomic_write(cache_path, lambda tmp: torch.save(cache.state(), tmp))

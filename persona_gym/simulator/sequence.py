@@ -13,7 +13,7 @@ A user's state is a sequence of input embeddings, not text::
   times the residual (rating minus that prediction): how far the rating fell from expectation.
 
 The rating of the candidate is read from the LM's next-token logits of "1".."5" at the
-candidate's item token, plus the adapter's collaborative prior (:mod:`persona_gym.rating_prior`,
+candidate's item token, plus the adapter's collaborative prior (:mod:`persona_gym.simulator.rating_prior`,
 a Gaussian around the prediction, without a window term: what the window does to a rating is the
 SLM's). The prefix is static per user and adapter (computed once, kept as keys/values); a step
 pays for the window and the candidate: ``2 k + 1`` tokens, and each further candidate ranked in
