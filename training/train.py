@@ -84,8 +84,7 @@ from persona_gym.simulator.prompts import PromptBuilder, PromptConfig
 from persona_gym.simulator.rating_prior import fit_rating_prior
 from persona_gym.simulator.retrieval import MemoryIndex
 from training.adapter_training import train_adapter
-from training.examples import LowerCache, adapter_datasets, build_examples
-from training.examples import frozen_pass
+from training.examples import LowerCache, adapter_datasets, build_examples, frozen_pass
 from training.parallel import run_in_workers
 
 log = logging.getLogger(__name__)
