@@ -317,7 +317,7 @@ def test_demo_smoke_run_on_a_trained_simulator(capsys, tmp_path, protocol_artifa
     )
     assert code == 0, err
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results["policies"]) == {"random", "most-popular", "item-mean", "mf"}
+    assert set(results["policies"]) == {"random", "most-popular", "mf"}
     assert all(e["simulator"]["episodes"] == 2 for e in results["policies"].values())
     assert results["policies"]["mf"]["logged"]["test_interactions"] == len(
         logged_test(protocol_artifacts)
@@ -325,6 +325,8 @@ def test_demo_smoke_run_on_a_trained_simulator(capsys, tmp_path, protocol_artifa
     report = (tmp_path / "demo" / "report.md").read_text()
     assert f"Main job on the simulator `{protocol_artifacts}` (float32), seed 0." in report
     assert "| most-popular |" in out and "report: " in out
+    assert "Best in the simulator: " in report and "Best in the simulator: " in out
+    assert "(simulator " in out and "evaluation " in out  # the time of each part
 
 
 def test_demo_missing_simulator(capsys, tmp_path):
