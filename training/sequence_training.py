@@ -307,8 +307,6 @@ def block_logits(
     keys/values (as :meth:`SequenceRatingModel.score_logits` does). ``every_event``: also read
     each window event's rating at its item token (from the prefix and the block's events before
     it), not only the target's."""
-    from transformers import DynamicCache
-
     head = lm.head
     groups: dict[tuple[int, int], list[tuple[int, UserSequence]]] = {}
     for i, ex in enumerate(examples):
@@ -320,7 +318,7 @@ def block_logits(
         prefixes = torch.stack(
             [torch.cat([head, examples[i].prefix.embed(tokens)]) for i in owners]
         )
-        cache = lm.body(inputs_embeds=prefixes, use_cache=True).cache
+        _, cache = lm.decode(prefixes)
         row_of = {i: row for row, i in enumerate(owners)}
         index = torch.tensor([row_of[i] for i, _ in group])
         layers = [(layer.keys[index], layer.values[index]) for layer in cache.layers]
@@ -328,9 +326,7 @@ def block_logits(
         embeds = torch.stack([block.embed(tokens)[:-1] for block in blocks])
         start = prefixes.shape[1]
         positions = torch.arange(start, start + embeds.shape[1])[None].expand(len(blocks), -1)
-        hidden = lm.body(
-            inputs_embeds=embeds, cache=DynamicCache(layers), position_ids=positions
-        ).last_hidden_state
+        hidden, _ = lm.decode(embeds, layers, positions)
         events = list(range(length)) if every_event else [length - 1]
         logits.append(lm.logits(hidden[:, [2 * j for j in events]]).reshape(-1, 5))
         ratings.append(

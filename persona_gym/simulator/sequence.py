@@ -29,6 +29,7 @@ layout: a prefix, then blocks of a window and a target event at any distance aft
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,10 @@ class SequenceLM:
         get_base = getattr(model, "get_base_model", None)
         inner: Any = get_base() if get_base is not None else model
         self.body: Any = inner.model  # the decoder stack (LoRA layers inside when attached)
+        # transformers 5.20 renamed the decoder's ``past_key_values`` (argument and output) to
+        # ``cache``; vLLM's environment pins an earlier release
+        parameters = inspect.signature(self.body.forward).parameters
+        self._cache = "cache" if "cache" in parameters else "past_key_values"
         self.lm_head: Any = inner.lm_head
         self.rating_ids = torch.as_tensor(rating_token_ids(tokenizer))
         head_ids = torch.as_tensor(tokenizer(HEAD_TEXT, add_special_tokens=False)["input_ids"])
@@ -154,6 +159,23 @@ class SequenceLM:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., 5)`` logits of "1".."5" from final hidden states ``(..., H)``."""
         return (hidden @ self.lm_head.weight[self.rating_ids].T).float()
+
+    def decode(
+        self,
+        embeds: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """The decoder stack on ``(B, T, H)`` input embeddings after the cached keys/values
+        ``past`` (one ``(K, V)`` pair per layer; ``None``: from the start): the last hidden
+        states and the extended cache."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(past) if past is not None else None
+        out = self.body(
+            inputs_embeds=embeds, position_ids=positions, use_cache=True, **{self._cache: cache}
+        )
+        return out.last_hidden_state, getattr(out, self._cache)
 
 
 @dataclass(frozen=True)
@@ -290,7 +312,7 @@ class SequenceRatingModel:
             by_length.setdefault(len(embeds), []).append((key, embeds))
         for group in by_length.values():
             embeds = torch.stack([e for _, e in group])
-            cache = self.lms[adapter].body(inputs_embeds=embeds, use_cache=True).cache
+            _, cache = self.lms[adapter].decode(embeds)
             self.tokens_processed += embeds.shape[0] * embeds.shape[1]
             for row, (key, _) in enumerate(group):
                 if len(self._prefixes) >= PREFIX_CACHE:
@@ -390,18 +412,14 @@ class SequenceRatingModel:
     def _run(self, adapter: str, embeds: torch.Tensor, kvs: list[tuple], length: int):
         """``adapter``'s decoder on ``(B, T, H)`` input embeddings after the ``B`` cached
         sequences ``kvs`` (each ``length`` tokens): last hidden states and the extended cache."""
-        from transformers import DynamicCache
-
         layers = [
             (torch.cat([kv[j][0] for kv in kvs]), torch.cat([kv[j][1] for kv in kvs]))
             for j in range(len(kvs[0]))
         ]
         positions = torch.arange(length, length + embeds.shape[1])[None].expand(len(kvs), -1)
-        out = self.lms[adapter].body(
-            inputs_embeds=embeds, cache=DynamicCache(layers), position_ids=positions, use_cache=True
-        )
+        hidden, cache = self.lms[adapter].decode(embeds, layers, positions)
         self.tokens_processed += embeds.shape[0] * embeds.shape[1]
-        return out.last_hidden_state, out.cache
+        return hidden, cache
 
 
 def merged(model, adapter: str) -> torch.nn.Module:
