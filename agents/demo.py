@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
     from agents.evaluate import PolicyEvalConfig, evaluate_policies, load_evaluation
     from agents.policies import SB3Policy, make_policy
-    from agents.report import format_table, write_report
     from agents.train import AgentConfig, train_agent
     from persona_gym.data import load_dataset
+    from persona_gym.evaluation.policy_report import format_table, write_report
 
     started = time.perf_counter()
     evaluation = PolicyEvalConfig(episodes=args.episodes, seeds=(args.seed,))  # bad values fail now

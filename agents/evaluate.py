@@ -66,7 +66,6 @@ import numpy as np
 import pandas as pd
 
 from agents.policies import BASELINES, Batch, MFPolicy, Policy, make_policy
-from agents.report import format_table, write_report
 from persona_gym.config_cli import add_config_arguments, config_from_args, plain
 from persona_gym.envs.config import add_env_kwargs_argument, parse_env_kwargs
 from persona_gym.envs.core import EpisodeState, RecCore
@@ -79,6 +78,7 @@ from persona_gym.evaluation.policy import (
     novelty,
     rank_agreement,
 )
+from persona_gym.evaluation.policy_report import format_table, write_report
 from persona_gym.registry import ENV_IDS, env_config_name
 from persona_gym.simulator.rater import Rater
 

@@ -3,7 +3,9 @@
 * ``metrics`` (pure numpy): the fidelity metrics, the fidelity report, and the one NDCG
   (:func:`~persona_gym.evaluation.metrics.ndcg`, graded for fidelity, binary for policies);
 * ``policy``: the policy evaluation's statistics (bootstrap intervals and their ranges,
-  diversity, novelty, rank agreement; ``persona-gym evaluate-policy`` is ``agents/evaluate.py``);
+  diversity, novelty, rank agreement) and ``policy_report`` its table, plot and files; the
+  rollouts of ``persona-gym evaluate-policy``, which build the agents' policies, live in
+  ``agents/evaluate.py``;
 * ``baselines``: the collaborative-filtering models of the user model
   (:mod:`persona_gym.simulator.cf_models`, fitted on train + background) scored on the test split;
 * ``configs`` (the paper's Table 1, the configuration specs, the choice of test rows),

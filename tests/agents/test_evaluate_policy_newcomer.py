@@ -171,6 +171,6 @@ def test_agreement_needs_at_least_four_policies(core):
     for n in (2, 3):
         fewer = evaluate_policies(core, dict(list(base.items())[:n]), config, test, n_users=4)
         assert "agreement" not in fewer
-        from agents.report import format_table
+        from persona_gym.evaluation.policy_report import format_table
 
         assert f"({n} here)" in format_table(fewer) and "Kendall" not in format_table(fewer)
