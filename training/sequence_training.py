@@ -8,7 +8,9 @@ the gap between the prefix and the window ranges from none to the whole training
 does for a late test rating or deep in an episode (a model trained only on contiguous context
 learns to trust a prefix that is stale by then). The last ``val_per_user`` ratings of each user
 are the validation slice (never trained on), scored in the simulator's layout for a first test
-rating; it chooses the step to keep (the lowest validation RMSE: the adapters overfit within a
+rating; every rating is read with a collaborative prediction that never saw the stretch of the
+user's sequence around it (:func:`training_sequences`), as a test rating's never saw the test
+period; it chooses the step to keep (the lowest validation RMSE: the adapters overfit within a
 few epochs). The prior alone is scored on the same slice, so what the SLM adds is measured while
 it trains.
 
@@ -56,7 +58,6 @@ from persona_gym.simulator.collaborative import (
     persona_tastes,
     taste_axes,
 )
-from persona_gym.simulator.memory import logged_history
 from persona_gym.simulator.prompt_config import PromptConfig
 from persona_gym.simulator.rating_prior import RatingPrior, fit_rating_prior
 from persona_gym.simulator.sequence import (
@@ -79,14 +80,17 @@ class SequenceTrainConfig:
         targets_per_user: target events per user and epoch, read after a prefix drawn anew
             each epoch (:func:`_examples`).
         rank, alpha, dropout: the LoRA adapters (every linear layer of every block).
-        learning_rate: AdamW, linear warm-up over the first 10% of steps, then constant.
+        learning_rate: AdamW on the LoRA weights, linear warm-up over the first 10% of steps,
+            then constant.
+        token_learning_rate: the same for the soft tokens and the prior, new parameters that
+            start from zero or from the LM's embeddings.
         epochs: passes over the training users (early stopping keeps the best step).
         batch: users per optimiser step.
         mse_weight: weight of the squared error of the expected rating beside the NLL.
         val_per_user: each user's last ratings held out as the validation slice.
         other_users: also train each adapter on the dataset's other users (those the simulator
-            does not simulate) nearest its persona's taste, with out-of-fold collaborative
-            predictions (:func:`other_users`); the validation slice stays the simulated users'.
+            does not simulate) nearest its persona's taste (:func:`training_sequences`); the
+            validation slice stays the simulated users'.
         eval_every: optimiser steps between validation passes.
         seed: shuffling and initialisation.
     """
@@ -98,6 +102,7 @@ class SequenceTrainConfig:
     alpha: int = 32
     dropout: float = 0.05
     learning_rate: float = 3e-4
+    token_learning_rate: float = 3e-3
     epochs: int = 1
     batch: int = 8
     mse_weight: float = 0.1
@@ -127,7 +132,10 @@ class SequenceInputs:
     users: list[int]  # the adapters' training users (the protocol users of split.json)
     tastes: dict[int, np.ndarray | None]
     catalog: ItemCatalog
-    others: dict[int, tuple[UserSequence, int]] | None = None  # other users: sequence, persona
+    # the training users' sequences and the other users' (with their persona), with blocked
+    # out-of-fold collaborative predictions (:func:`training_sequences`, :meth:`with_sequences`)
+    sequences: dict[int, UserSequence] | None = None
+    others: dict[int, tuple[UserSequence, int]] | None = None
 
     @classmethod
     def load(cls, root: str | Path, persona_taste: float = PERSONA_TASTE) -> SequenceInputs:
@@ -151,17 +159,27 @@ class SequenceInputs:
             }
         return cls(memories, item_embeddings, collaborative, user_persona, users, tastes, catalog)
 
-    def with_other_users(
-        self, root: str | Path, persona_taste: float = PERSONA_TASTE, seed: int = 0
+    def with_sequences(
+        self,
+        root: str | Path,
+        persona_taste: float = PERSONA_TASTE,
+        seed: int = 0,
+        other_users: bool = True,
     ) -> SequenceInputs:
-        """These inputs with the dataset's other users added (:func:`other_users`)."""
+        """These inputs with the training users' sequences (their logged ratings) and, with
+        ``other_users``, the other users' of the split recorded in ``root/split.json``
+        (:func:`training_sequences`; without them its refits see the training users only)."""
         from dataclasses import replace
 
         from persona_gym.data.protocol import read_split_record, rebuild_split
 
-        _, split = rebuild_split(read_split_record(root), Path(root) / "split.json")
-        others = other_users(self, split.simulated_train(), split.background, persona_taste, seed)
-        return replace(self, others=others)
+        cols = ["user_id", "item_id", "rating", "timestamp"]
+        background = self.memories[cols].iloc[:0]
+        if other_users:
+            _, split = rebuild_split(read_split_record(root), Path(root) / "split.json")
+            background = split.background
+        own, others = training_sequences(self, self.memories[cols], background, persona_taste, seed)
+        return replace(self, sequences=own, others=others)
 
     def personas(self) -> dict[str, list[int]]:
         """``{adapter name: its training users}``, one adapter per persona."""
@@ -171,35 +189,29 @@ class SequenceInputs:
         return {name: sorted(out[name]) for name in sorted(out)}
 
 
-def _sequences(inputs: SequenceInputs, users: list[int]) -> dict[int, UserSequence]:
-    out = {}
-    for user in users:
-        history = logged_history(inputs.memories, user)
-        predictions = inputs.collaborative.predict(
-            [user] * len(history), [x.item_index for x in history], inputs.tastes[user]
-        )
-        out[user] = UserSequence.of(history, predictions)
-    return out
-
-
-def other_users(
+def training_sequences(
     inputs: SequenceInputs,
     train: pd.DataFrame,
     background: pd.DataFrame,
     persona_taste: float = PERSONA_TASTE,
     seed: int = 0,
     folds: int = 5,
-) -> dict[int, tuple[UserSequence, int]]:
-    """The dataset's other users as training sequences: ``{user: (their ratings in time order
-    with out-of-fold collaborative predictions, the persona nearest their taste)}``.
+) -> tuple[dict[int, UserSequence], dict[int, tuple[UserSequence, int]]]:
+    """The training users' sequences and the dataset's other users': ``({training user: their
+    ratings in time order with blocked out-of-fold collaborative predictions}, {other user:
+    (the same, the persona nearest their taste)})``.
 
-    A rating of ``background`` (the users the simulator does not simulate) is predicted by the
-    collaborative model's blend refitted, with its recorded parameters, on ``train`` and the
-    background ratings outside its fold (``folds`` seeded random folds), as the simulated users'
-    training ratings are: a prediction never sees the rating it predicts. The user's taste moves
-    toward that persona's as a simulated user's does (``inputs.tastes``), and the model's gain
-    around the user's level applies. The nearest persona is the closest persona taste along the
-    axes that separate them (:func:`taste_axes`).
+    Each user's time-ordered ratings (``train``: the training users', ``background``: the users
+    the simulator does not simulate; a user of ``train`` outside ``inputs.users`` is left out) are
+    cut into ``folds`` contiguous stretches; stretch ``f``
+    of every user is predicted by the collaborative model's blend refitted, with its recorded
+    parameters, on all the other stretches. A rating's prediction never sees it nor the ratings
+    around it, as a test rating's never sees the test period: what the user's last ratings
+    carry beyond the collaborative model stays in the residuals the SLM learns from (a random
+    fold would leave the neighbours in the fit, which absorbs most of it). A user's taste moves
+    toward their persona's as in the simulator (``inputs.tastes``; an other user's toward the
+    persona nearest theirs, the closest persona taste along the axes that separate them,
+    :func:`taste_axes`), and the model's gain around the user's level applies.
     """
     from persona_gym.simulator.cf_models import BiasedMF, ItemKNN, fit_frame
     from persona_gym.simulator.collaborative import gained
@@ -208,39 +220,53 @@ def other_users(
     params = cf.params
     mf_params = {k: v for k, v in params["mf"].items() if k != "seed"}
     w, gain = float(params["blend"]), float(params.get("gain", 1.0))
-    frame = background.reset_index(drop=True)
-    fold = np.random.default_rng([seed, folds, 1]).integers(0, folds, len(frame))
+    cols = ["user_id", "item_id", "rating", "timestamp"]
+    frame = pd.concat(
+        [train[cols].assign(other=False), background[cols].assign(other=True)], ignore_index=True
+    )
+    frame["item_index"] = inputs.catalog.indices_of(frame["item_id"])
+    frame = frame.sort_values(["user_id", "timestamp", "item_index"], kind="stable")
+    frame = frame.reset_index(drop=True)
+    position = frame.groupby("user_id").cumcount().to_numpy()
+    length = frame.groupby("user_id")["user_id"].transform("size").to_numpy()
+    fold = position * folds // length
     blend = np.zeros(len(frame))
     for f in range(folds):
         held = fold == f
-        part = fit_frame(train, frame[~held])
-        rows = frame[held]["user_id"], frame[held]["item_id"]
+        part = fit_frame(frame.loc[~held, cols], frame.loc[[], cols])
+        rows = frame.loc[held, "user_id"], frame.loc[held, "item_id"]
         mf = BiasedMF(**mf_params, seed=seed).fit(part).predict(*rows)
         knn = ItemKNN(**params["knn"]).fit(part).predict(*rows)
         blend[held] = np.clip((1.0 - w) * mf + w * knn, 1.0, 5.0)
-    catalog_index = inputs.catalog.indices_of(frame["item_id"])
     means = persona_tastes(cf, inputs.user_persona, inputs.users)
     axes = taste_axes(means)
     personas = sorted(means)
     centres = np.stack([means[p] for p in personas]) @ axes.T
-    out = {}
-    frame = frame.assign(item_index=catalog_index, predicted=blend)
-    for user, rows in frame.sort_values(["timestamp", "item_index"]).groupby("user_id"):
+    training = set(inputs.users)
+    own: dict[int, UserSequence] = {}
+    others: dict[int, tuple[UserSequence, int]] = {}
+    for user, rows in frame.assign(predicted=blend).groupby("user_id"):
+        user = int(user)
         row = int(cf.user_rows([user])[0])
-        if row < 0:
+        other = bool(rows["other"].iloc[0])
+        if row < 0 or not (other or user in training):
             continue
-        own = cf.user_factors[row]
-        persona = personas[int(np.argmin(((own @ axes.T - centres) ** 2).sum(1)))]
-        taste = cf.taste_of(int(user), means[persona], persona_taste, axes)
+        factors = cf.user_factors[row]
+        if not other:
+            persona, taste = inputs.user_persona[user], inputs.tastes[user]
+        else:
+            persona = personas[int(np.argmin(((factors @ axes.T - centres) ** 2).sum(1)))]
+            taste = cf.taste_of(user, means[persona], persona_taste, axes)
         items = rows["item_index"].to_numpy(np.int64)
-        shift = (1.0 - w) * (cf.item_factors[items] @ (taste - own))
-        level = cf.mu + cf.user_bias[row]
-        predicted = gained(np.full(len(items), level), rows["predicted"].to_numpy() + shift, gain)
-        out[int(user)] = (
-            UserSequence(items, rows["rating"].to_numpy(np.float32), predicted.astype(np.float32)),
-            persona,
-        )
-    return out
+        shift = 0.0 if taste is None else (1.0 - w) * (cf.item_factors[items] @ (taste - factors))
+        level = np.full(len(items), cf.mu + cf.user_bias[row])
+        predicted = gained(level, rows["predicted"].to_numpy() + shift, gain).astype(np.float32)
+        seq = UserSequence(items, rows["rating"].to_numpy(np.float32), predicted)
+        if not other:
+            own[user] = seq
+        else:
+            others[user] = (seq, persona)
+    return own, others
 
 
 def _slice(seq: UserSequence, start: int, end: int) -> UserSequence:
@@ -370,12 +396,15 @@ def train_sequence_adapter(
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    seqs = _sequences(inputs, users)
+    if inputs.sequences is None:
+        raise ValueError("SequenceInputs.with_sequences() first: the training sequences")
+    seqs = {u: inputs.sequences[u] for u in users}
     val = _val_examples(seqs, config)
     persona = inputs.user_persona[users[0]]
     others = {u: seq for u, (seq, p) in (inputs.others or {}).items() if p == persona}
     trained_on = {**seqs, **others}
-    n_train = len(_examples(trained_on, config, np.random.default_rng(config.seed)))
+    initial = _examples(trained_on, config, np.random.default_rng(config.seed))
+    n_train = len(initial)
     if not n_train:
         raise ConfigError(
             f"{name}: no training example: its {len(users)} users have at most "
@@ -402,10 +431,21 @@ def train_sequence_adapter(
     )
     prior = fit_rating_prior(preds_fit, np.zeros_like(preds_fit), ratings_fit.astype(np.int64))
     prior.memory.requires_grad_(False)  # no window term: the window is the SLM's
+    with torch.no_grad():
+        # start from the prior alone: the untrained LM's mean digit logits are cancelled
+        model.eval()
+        prior.bias.sub_(block_logits(lm, tokens, initial[:32], every_event=False)[0].mean(0))
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    params += list(tokens.parameters()) + [prior.log_precision, prior.bias]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    new_params = list(tokens.parameters()) + [prior.log_precision, prior.bias]
+    params = lora_params + new_params
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": lora_params, "lr": config.learning_rate},
+            {"params": new_params, "lr": config.token_learning_rate},
+        ],
+        weight_decay=0.0,
+    )
     per_epoch = int(np.ceil(n_train / config.batch))
     steps = config.epochs * per_epoch
     warmup = max(1, steps // 10)
@@ -617,9 +657,9 @@ def train_sequence(
         root, config, prompt, model_source(resolve_model(name))
     )
     prepare_stage(root, "train", force=force, same_run=same_run)
-    inputs = SequenceInputs.load(root, persona_taste)
-    if config.other_users:
-        inputs = inputs.with_other_users(root, persona_taste, config.seed)
+    inputs = SequenceInputs.load(root, persona_taste).with_sequences(
+        root, persona_taste, config.seed, config.other_users
+    )
     base_id = model_source(resolve_model(name))
     base, tokenizer = load_causal_lm(name)
     for p in base.parameters():

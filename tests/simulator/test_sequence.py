@@ -293,29 +293,33 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
     )
 
 
-def test_other_users_get_out_of_fold_predictions_and_a_persona(seq_artifacts):
-    """The other users' sequences: time-ordered, each under one of the personas, and a rating's
-    prediction never sees that rating (changing it leaves its own prediction unchanged)."""
-    from training.sequence_training import SequenceInputs, other_users
+def test_training_sequences_get_blocked_out_of_fold_predictions_and_a_persona(seq_artifacts):
+    """The training and other users' sequences: time-ordered, each other user under one of the
+    personas, and a rating's prediction never sees the stretch of the sequence around it
+    (changing a rating leaves the predictions of its stretch unchanged, not the others')."""
+    from training.sequence_training import SequenceInputs, training_sequences
 
     inputs = SequenceInputs.load(seq_artifacts)
     memories = inputs.memories[["user_id", "item_id", "rating", "timestamp"]]
-    users = sorted(memories["user_id"].unique())
-    half = users[: len(users) // 2]
+    half = inputs.users[: len(inputs.users) // 2]  # the rest play the other users
+    inputs = dataclasses.replace(inputs, users=half)
     train = memories[memories["user_id"].isin(half)]
     background = memories[~memories["user_id"].isin(half)].reset_index(drop=True)
-    others = other_users(inputs, train, background)
+    own, others = training_sequences(inputs, train, background, folds=5)
+    assert set(own) == set(half)
     assert set(others) == set(background["user_id"])
     assert {persona for _, persona in others.values()} <= set(inputs.user_persona.values())
     user = int(background["user_id"].iloc[0])
     seq, _ = others[user]
-    assert len(seq) == int((background["user_id"] == user).sum())
+    rows = background[background["user_id"] == user].sort_values(["timestamp", "item_id"])
+    assert len(seq) == len(rows)
     assert np.all((seq.predictions >= 1) & (seq.predictions <= 5))
-    first = int(np.flatnonzero(background["user_id"] == user)[0])
+    first = int(rows.index[0])
     changed = background.copy()
     changed.loc[first, "rating"] = 6 - changed.loc[first, "rating"]
-    again, _ = other_users(inputs, train, changed)[user]
-    item = inputs.catalog.indices_of(background["item_id"].iloc[[first]])[0]
-    position = int(np.flatnonzero(seq.items == item)[0])
-    assert again.predictions[position] == seq.predictions[position]
-    assert not np.array_equal(again.predictions, seq.predictions)
+    again, _ = training_sequences(inputs, train, changed, folds=5)[1][user]
+    stretch = len(seq) // 5  # the first stretch: the changed rating and the ones after it
+    np.testing.assert_array_equal(again.predictions[:stretch], seq.predictions[:stretch])
+    assert not np.array_equal(again.predictions[stretch:], seq.predictions[stretch:])
+    training_user = half[0]
+    assert len(own[training_user]) == int((train["user_id"] == training_user).sum())

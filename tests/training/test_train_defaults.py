@@ -55,6 +55,7 @@ SEQUENCE_CONFIG = {
     "alpha": 32,
     "dropout": 0.05,
     "learning_rate": 3e-4,
+    "token_learning_rate": 3e-3,
     "epochs": 1,
     "batch": 8,
     "mse_weight": 0.1,
