@@ -328,6 +328,7 @@ def evaluate(
     user_ids = rows["user_id"].to_numpy(np.int64)
     items = rows["item_index"].to_numpy(np.int64)
     real = rows["rating"].to_numpy(np.float64)
+    gaps = rows["gap"].to_numpy(np.int64)  # test rows between the evaluator's window and each
     personas = np.array([artifacts.user_persona.get(int(u), -1) for u in user_ids])
     trained_prompt = artifacts.prompt_config
     log.info(
@@ -408,7 +409,10 @@ def evaluate(
             index = np.flatnonzero(mask)
             probs[index] = check_distribution(
                 simulator.rate(
-                    user_ids[index].tolist(), items[index].tolist(), [windows[i] for i in index]
+                    user_ids[index].tolist(),
+                    items[index].tolist(),
+                    [windows[i] for i in index],
+                    gaps[index].tolist(),
                 ),
                 simulator.source,
                 n_rows=len(index),

@@ -64,6 +64,7 @@ from persona_gym.simulator.sequence import (
     SequenceLM,
     SequenceTokens,
     UserSequence,
+    gap_bucket,
     item_features,
 )
 
@@ -278,10 +279,12 @@ class BlockExample:
     """One user's static prefix and the blocks read after it, laid out as the simulator does:
     ``[head] prefix | block`` for each block, every block on the same prefix (its own copy of
     the prefix's keys/values) at the positions that follow it. A block is ``window`` events and
-    a target event, ``2 window + 1`` tokens (the target's rating token is not shown)."""
+    a target event, ``2 window + 1`` tokens (the target's rating token is not shown); ``gaps``:
+    per block, the user's events between its window and its target."""
 
     prefix: UserSequence
     blocks: list[UserSequence]
+    gaps: list[int]
 
 
 def _examples(
@@ -289,9 +292,11 @@ def _examples(
 ) -> list[BlockExample]:
     """This epoch's training examples: for each user a prefix end ``s`` drawn at random, the
     ``history`` events before it as the prefix, and up to ``targets_per_user`` target events
-    ``t >= s + window`` (each with the ``window`` events before it) drawn from the rest of the
-    training part. The gap between prefix and window then spans what the rolling window of a
-    test rating or an episode shows: from none to the whole training part."""
+    ``t >= s + window`` drawn from the rest of the training part, each with a window of
+    ``window`` events that ends ``gap`` events before it. The gap between prefix and window then
+    spans what the rolling window of a test rating or an episode shows (from none to the whole
+    training part), and the gap between window and target what the evaluator's window shows
+    for a late test rating (:func:`_gap`)."""
     k = config.window
     out = []
     for seq in seqs.values():
@@ -303,9 +308,27 @@ def _examples(
         targets = np.arange(s + k, n)
         if len(targets) > config.targets_per_user:
             targets = np.sort(rng.choice(targets, config.targets_per_user, replace=False))
+        gaps = [_gap(rng, int(t) - k - s) for t in targets]
         prefix = _slice(seq, max(0, s - config.history), s)
-        out.append(BlockExample(prefix, [_slice(seq, int(t) - k, int(t) + 1) for t in targets]))
+        blocks = [
+            _slice(seq, int(t) - g - k, int(t) + 1) for t, g in zip(targets, gaps, strict=True)
+        ]
+        out.append(BlockExample(prefix, [_window_and_target(b, k) for b in blocks], gaps))
     return out
+
+
+def _gap(rng: np.random.Generator, most: int) -> int:
+    """A gap between window and target, at most ``most``: none half of the time (an episode's
+    case), else log-uniform from 1 to 127 (a late test rating under the evaluator's window)."""
+    if most <= 0 or rng.random() < 0.5:
+        return 0
+    return min(int(2 ** (rng.random() * 7)), most)
+
+
+def _window_and_target(stretch: UserSequence, k: int) -> UserSequence:
+    """The first ``k`` events of ``stretch`` and its last one."""
+    keep = np.r_[np.arange(k), len(stretch) - 1]
+    return UserSequence(stretch.items[keep], stretch.ratings[keep], stretch.predictions[keep])
 
 
 def _val_examples(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[BlockExample]:
@@ -317,11 +340,8 @@ def _val_examples(seqs: dict[int, UserSequence], config: SequenceTrainConfig) ->
         first = len(seq) - config.val_per_user
         s = max(0, first - k)
         prefix = _slice(seq, max(0, s - config.history), s)
-        out.append(
-            BlockExample(
-                prefix, [_slice(seq, max(0, t - k), t + 1) for t in range(first, len(seq))]
-            )
-        )
+        blocks = [_slice(seq, max(0, t - k), t + 1) for t in range(first, len(seq))]
+        out.append(BlockExample(prefix, blocks, [0] * len(blocks)))
     return out
 
 
@@ -334,22 +354,24 @@ def block_logits(
     each window event's rating at its item token (from the prefix and the block's events before
     it), not only the target's."""
     head = lm.head
-    groups: dict[tuple[int, int], list[tuple[int, UserSequence]]] = {}
+    groups: dict[tuple[int, int], list[tuple[int, UserSequence, int]]] = {}
     for i, ex in enumerate(examples):
-        for block in ex.blocks:
-            groups.setdefault((len(ex.prefix), len(block)), []).append((i, block))
+        for block, gap in zip(ex.blocks, ex.gaps, strict=True):
+            groups.setdefault((len(ex.prefix), len(block)), []).append((i, block, gap))
     logits, ratings, predictions = [], [], []
     for (_, length), group in groups.items():
-        owners = sorted({i for i, _ in group})
+        owners = sorted({i for i, _, _ in group})
         prefixes = torch.stack(
             [torch.cat([head, examples[i].prefix.embed(tokens)]) for i in owners]
         )
         _, cache = lm.decode(prefixes)
         row_of = {i: row for row, i in enumerate(owners)}
-        index = torch.tensor([row_of[i] for i, _ in group])
+        index = torch.tensor([row_of[i] for i, _, _ in group])
         layers = [(layer.keys[index], layer.values[index]) for layer in cache.layers]
-        blocks = [block for _, block in group]
+        blocks = [block for _, block, _ in group]
         embeds = torch.stack([block.embed(tokens)[:-1] for block in blocks])
+        gaps = tokens.gap(gap_bucket(torch.tensor([gap for _, _, gap in group])))
+        embeds = torch.cat([embeds[:, :-1], (embeds[:, -1] + gaps)[:, None]], dim=1)
         start = prefixes.shape[1]
         positions = torch.arange(start, start + embeds.shape[1])[None].expand(len(blocks), -1)
         hidden, _ = lm.decode(embeds, layers, positions)

@@ -202,12 +202,14 @@ def select_test(
     test: pd.DataFrame, max_per_user: int | None = None, subsample: str = "first", seed: int = 0
 ) -> pd.DataFrame:
     """Each user's test rows in time order; with ``max_per_user``, the first N (``subsample=
-    "first"``) or N drawn with ``seed`` (``"random"``), kept in time order."""
+    "first"``) or N drawn with ``seed`` (``"random"``), kept in time order. Column ``gap``: the
+    user's test rows before each one (those between the evaluator's window and it)."""
     if subsample not in ("first", "random"):
         raise ValueError(f"subsample must be 'first' or 'random', got {subsample!r}")
     ordered = test.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(
         drop=True
     )
+    ordered["gap"] = ordered.groupby("user_id").cumcount()
     if max_per_user is None:
         return ordered
     if max_per_user < 1:

@@ -116,6 +116,9 @@ class RatingRequest:
     memory_items: tuple[tuple[int, float], ...] = ()  # (item index, rating) of each memory
     cf_prediction: float | None = None  # the collaborative model's rating of the candidate
     surprise: float | None = None  # mean of (rating - collaborative prediction) over the window
+    # the user's interactions between the window and the candidate (0: the candidate follows the
+    # window, as in an episode); only the sequence user model reads it
+    gap: int = 0
 
 
 @dataclass

@@ -68,6 +68,16 @@ def item_features(item_embeddings, collaborative, genres: Sequence[Sequence[str]
     return np.c_[item_embeddings, collaborative.item_features(), indicators]
 
 
+GAP_BUCKETS = 8
+
+
+def gap_bucket(gaps: torch.Tensor) -> torch.Tensor:
+    """The bucket of each gap (interactions between a window and its candidate): 0 for none,
+    ``b`` for ``2^(b-1) <= gap < 2^b``, the last one from 64 on."""
+    gaps = torch.as_tensor(gaps, dtype=torch.float64).clamp_min(0)
+    return torch.ceil(torch.log2(gaps + 1)).long().clamp_max(GAP_BUCKETS - 1)
+
+
 class SequenceTokens(torch.nn.Module):
     """The soft input tokens of one adapter: items and ratings as input embeddings.
 
@@ -94,12 +104,23 @@ class SequenceTokens(torch.nn.Module):
             self.item.bias.copy_(placeholder.detach().float())
         self.prediction = torch.nn.Parameter(torch.zeros(hidden))
         self.residual = torch.nn.Parameter(torch.zeros(hidden))
+        # how far the candidate falls after the window, by powers of two (:func:`gap_bucket`)
+        self.gap = torch.nn.Embedding(GAP_BUCKETS, hidden)
+        torch.nn.init.zeros_(self.gap.weight)
 
     def items(self, indices: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` item tokens of catalogue ``indices`` with this user's ``predictions``."""
         feats = self.features[indices.to(self.features.device)]
         centred = (predictions.to(feats.device, torch.float32) - CENTRE)[..., None]
         return self.item(feats) + centred * self.prediction
+
+    def candidates(
+        self, indices: torch.Tensor, predictions: torch.Tensor, gaps: torch.Tensor
+    ) -> torch.Tensor:
+        """``(..., H)`` item tokens of candidates to rate, each ``gaps`` interactions after the
+        window before it."""
+        buckets = gap_bucket(gaps).to(self.gap.weight.device)
+        return self.items(indices, predictions) + self.gap(buckets)
 
     def ratings(self, ratings: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` rating tokens of 1..5 ``ratings`` with their ``residuals``."""
@@ -292,7 +313,11 @@ class SequenceRatingModel:
         items = [x.item_index for x in window] + [request.candidate]
         predicted = self.predictions(user, adapter, items)
         tokens = self.tokens[adapter]
-        candidate = tokens.items(torch.as_tensor(items[-1:]), torch.as_tensor(predicted[-1:]))
+        candidate = tokens.candidates(
+            torch.as_tensor(items[-1:]),
+            torch.as_tensor(predicted[-1:]),
+            torch.as_tensor([request.gap]),
+        )
         block = torch.cat([UserSequence.of(window, predicted[:-1]).embed(tokens), candidate])
         return block, float(predicted[-1])
 

@@ -140,9 +140,10 @@ class UserSimulator:
         return logged_history(self.artifacts.memories, user_id)
 
     def request(
-        self, user_id: int, candidate: int, window: Sequence[Interaction] = ()
+        self, user_id: int, candidate: int, window: Sequence[Interaction] = (), gap: int = 0
     ) -> RatingRequest:
-        """The rating request for one candidate, with retrieved memories and the user's adapter."""
+        """The rating request for one candidate, with retrieved memories and the user's adapter
+        (``gap``: :attr:`RatingRequest.gap`)."""
         if user_id not in self.artifacts.profiles:
             raise KeyError(f"user {user_id} is not a simulated user of {self.artifacts.root}")
         if not 0 <= candidate < len(self.catalog):
@@ -167,6 +168,7 @@ class UserSimulator:
             memory_items=tuple((m.item_index, m.rating) for m in memories),
             cf_prediction=prediction,
             surprise=surprise,
+            gap=int(gap),
         )
 
     def rate(
@@ -174,12 +176,16 @@ class UserSimulator:
         user_ids: Sequence[int],
         candidates: Sequence[int],
         windows: Sequence[Sequence[Interaction]] | None = None,
+        gaps: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """``(n, 5)`` rating distributions, one per ``(user, candidate, window)``, in one call."""
+        """``(n, 5)`` rating distributions, one per ``(user, candidate, window)``, in one call;
+        ``gaps``: the user's interactions between each window and its candidate (default 0:
+        the candidate follows the window, as in an episode)."""
         windows = windows if windows is not None else [()] * len(user_ids)
+        gaps = gaps if gaps is not None else [0] * len(user_ids)
         requests = [
-            self.request(int(u), int(c), w)
-            for u, c, w in zip(user_ids, candidates, windows, strict=True)
+            self.request(int(u), int(c), w, int(g))
+            for u, c, w, g in zip(user_ids, candidates, windows, gaps, strict=True)
         ]
         return self.model.score(requests)
 

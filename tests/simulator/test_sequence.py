@@ -264,7 +264,8 @@ def test_candidates_ranked_in_one_state_share_its_window(simulator):
 
 def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
     """The trainer's layout (prefix, then a block of window + target on its keys/values) gives
-    the engine's logits for the same user, window and candidate."""
+    the engine's logits for the same user, window, candidate and gap between them; the gap
+    changes them."""
     from persona_gym.simulator.sequence import UserSequence
     from training.sequence_training import BlockExample, block_logits
 
@@ -279,18 +280,24 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
         (*window, candidate),
         model.predictions(user, request.adapter, [x.item_index for x in (*window, candidate)]),
     )
+    tokens = model.tokens[request.adapter]
+    trained = tokens.gap.weight.detach().clone()
     lora_lm.model.set_adapter(request.adapter)
-    with torch.no_grad():
-        logits, ratings, predictions = block_logits(
-            lora_lm, model.tokens[request.adapter], [BlockExample(prefix, [block])], False
-        )
-        logits = model.priors[request.adapter](logits, predictions, torch.zeros(1))
-    assert int(ratings[0]) == round(candidate.rating)
-    np.testing.assert_allclose(
-        logits.softmax(-1).numpy()[0],
-        simulator.rate([user], [candidate.item_index], [window])[0],
-        atol=1e-5,
-    )
+    found = {}
+    try:
+        with torch.no_grad():
+            tokens.gap.weight.normal_(generator=torch.Generator().manual_seed(0))
+            for gap in (0, 5):
+                example = BlockExample(prefix, [block], [gap])
+                logits, ratings, predictions = block_logits(lora_lm, tokens, [example], False)
+                logits = model.priors[request.adapter](logits, predictions, torch.zeros(1))
+                found[gap] = simulator.rate([user], [candidate.item_index], [window], gaps=[gap])[0]
+                assert int(ratings[0]) == round(candidate.rating)
+                np.testing.assert_allclose(logits.softmax(-1).numpy()[0], found[gap], atol=1e-5)
+    finally:
+        with torch.no_grad():
+            tokens.gap.weight.copy_(trained)
+    assert np.abs(found[0] - found[5]).max() > 1e-3
 
 
 def test_training_sequences_get_blocked_out_of_fold_predictions_and_a_persona(seq_artifacts):

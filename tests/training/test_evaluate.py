@@ -149,11 +149,17 @@ def test_select_test_first_and_random():
         }
     )
     assert select_test(test)["item_id"].tolist() == [1, 2, 3, 8, 9]
+    assert select_test(test)["gap"].tolist() == [0, 1, 2, 0, 1]  # earlier test rows of the user
     assert select_test(test, 2)["item_id"].tolist() == [1, 2, 8, 9]
     a = select_test(test, 2, "random", seed=3)
     assert a.equals(select_test(test, 2, "random", seed=3))
     assert a.groupby("user_id").size().tolist() == [2, 2]
     assert a.groupby("user_id")["timestamp"].apply(lambda s: s.is_monotonic_increasing).all()
+    # a drawn row keeps its place among all the user's test rows
+    for row in a.itertuples():
+        assert row.gap == int(
+            ((test.user_id == row.user_id) & (test.timestamp < row.timestamp)).sum()
+        )
 
 
 # -- end to end on the tiny artifacts ------------------------------------------------------------
