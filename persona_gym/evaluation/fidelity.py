@@ -1,7 +1,8 @@
 """Studies of a simulator beyond held-out error: persona specificity, memory, reward landscape.
 
-Each study asks the simulator through ``rate(variant, users, items, windows) -> (n, 5)``
-(``variant`` = ``"persona"`` for every user's own adapter, or one adapter's name for everyone)
+Each study asks the simulator through ``rate(variant, users, items, windows, gaps=None) ->
+(n, 5)`` (``variant`` = ``"persona"`` for every user's own adapter, or one adapter's name for
+everyone; ``gaps``: the user's interactions between each window and its candidate, default none)
 and compares with the collaborative-filtering side where that makes sense:
 
 * :func:`persona_specificity`: each user's RMSE under their own persona adapter and under
@@ -16,6 +17,7 @@ and compares with the collaborative-filtering side where that makes sense:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -23,7 +25,19 @@ import pandas as pd
 from persona_gym.evaluation.metrics import RATING_VALUES, reward_landscape, slope
 from persona_gym.simulator.memory import Interaction
 
-Rate = Callable[[str, Sequence[int], Sequence[int], Sequence[Sequence[Interaction]]], np.ndarray]
+
+class Rate(Protocol):
+    """How a study asks the simulator (module docstring)."""
+
+    def __call__(
+        self,
+        variant: str,
+        users: Sequence[int],
+        items: Sequence[int],
+        windows: Sequence[Sequence[Interaction]],
+        gaps: Sequence[int] | None = None,
+    ) -> np.ndarray: ...
+
 
 __all__ = ["landscape", "memory_slope", "persona_specificity"]
 
@@ -35,6 +49,7 @@ def persona_specificity(
     real: np.ndarray,
     windows: Sequence,
     user_persona: dict[int, int],
+    gaps: Sequence[int] | None = None,
 ) -> dict:
     """Own-adapter vs other-adapter fit per user (rows: the users' test interactions): RMSE of
     the expected rating, and which adapter is best per user by RMSE and by NLL (the whole
@@ -45,7 +60,7 @@ def persona_specificity(
     grade = np.rint(real).astype(np.int64) - 1
     errors, nlls = {}, {}
     for p in personas:
-        probs = rate(f"persona-{p}", users.tolist(), np.asarray(items).tolist(), windows)
+        probs = rate(f"persona-{p}", users.tolist(), np.asarray(items).tolist(), windows, gaps)
         errors[p] = (probs @ RATING_VALUES - real) ** 2
         nlls[p] = -np.log(np.clip(probs[np.arange(len(real)), grade], 1e-12, None))
     own: list[float] = []

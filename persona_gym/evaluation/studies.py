@@ -115,7 +115,7 @@ def simulator_studies(
 
     simulators: dict = {}
 
-    def rate(variant, users, items, windows):
+    def rate(variant, users, items, windows, gaps=None):
         if variant not in simulators:
             simulators[variant] = models.simulator(EvalConfig(variant, variant, "Ms+Ml"), prompt)
         simulator = simulators[variant]
@@ -129,6 +129,7 @@ def simulator_studies(
                     users[index].tolist(),
                     [int(items[i]) for i in index],
                     [windows[i] for i in index],
+                    None if gaps is None else [int(gaps[i]) for i in index],
                 ),
                 simulator.source,
                 n_rows=len(index),
@@ -152,6 +153,7 @@ def simulator_studies(
         rows["rating"].to_numpy(np.float64),
         [last[int(u)] for u in rows["user_id"]],
         artifacts.user_persona,
+        rows["gap"].to_numpy(),
     )
     catalog = artifacts.catalog
     global_mean = float(

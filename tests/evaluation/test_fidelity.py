@@ -49,7 +49,7 @@ def test_reward_landscape_by_hand():
 def _table_rate(table: dict[int, float]):
     """A rater whose expected rating is table[variant persona] (+ the window's mean rating)."""
 
-    def rate(variant, users, items, windows):
+    def rate(variant, users, items, windows, gaps=None):
         out = np.zeros((len(users), 5))
         for n, (u, w) in enumerate(zip(users, windows, strict=True)):
             level = table[variant] if variant != "persona" else table[f"persona-{u % 2}"]
@@ -85,7 +85,7 @@ def test_persona_specificity_counts_own_best():
 def test_persona_specificity_by_nll_sees_the_spread():
     # both adapters predict a mean of 3; persona-0 spreads its mass over 1 and 5, persona-1 puts
     # it on 3: a user who rates 1 and 5 is fitted equally by RMSE, better by persona-0's NLL
-    def rate(variant, users, items, windows):
+    def rate(variant, users, items, windows, gaps=None):
         wide, narrow = [0.5, 0, 0, 0, 0.5], [0.05, 0.05, 0.8, 0.05, 0.05]
         return np.array([wide if variant == "persona-0" else narrow] * len(users))
 
@@ -126,7 +126,7 @@ def test_landscape_samples_unseen_movies_only():
     seen = {u: set(range(u, u + 5)) for u in range(4)}
     calls = {}
 
-    def rate(variant, users, items, windows):
+    def rate(variant, users, items, windows, gaps=None):
         calls["items"] = list(zip(users, items, strict=True))
         return np.eye(5)[np.asarray(items) % 5]
 
