@@ -388,8 +388,11 @@ def block_logits(
     return torch.cat(logits), torch.cat(ratings), torch.cat(predictions)
 
 
-def _with_prior(prior: RatingPrior, logits: torch.Tensor, predictions: torch.Tensor):
-    return prior(logits, predictions, torch.zeros_like(predictions))
+def _with_prior(
+    prior: RatingPrior, tokens: SequenceTokens, logits: torch.Tensor, predictions: torch.Tensor
+) -> torch.Tensor:
+    """As :meth:`SequenceRatingModel.combine`: the SLM's part, then the prior."""
+    return prior(tokens.read(logits), predictions, torch.zeros_like(predictions))
 
 
 def _scores(logits: torch.Tensor, ratings: torch.Tensor) -> dict[str, float]:
@@ -452,14 +455,14 @@ def train_sequence_adapter(
         [s.predictions[config.window : -config.val_per_user] for s in fit_on]
     )
     prior = fit_rating_prior(preds_fit, np.zeros_like(preds_fit), ratings_fit.astype(np.int64))
-    prior.memory.requires_grad_(False)  # no window term: the window is the SLM's
+    prior.requires_grad_(False)  # fitted alone and kept: the prior-alone row of the report
     with torch.no_grad():
         # start from the prior alone: the untrained LM's mean digit logits are cancelled
         model.eval()
-        prior.bias.sub_(block_logits(lm, tokens, initial[:32], every_event=False)[0].mean(0))
+        tokens.offset.sub_(block_logits(lm, tokens, initial[:32], every_event=False)[0].mean(0))
 
     lora_params = [p for p in model.parameters() if p.requires_grad]
-    new_params = list(tokens.parameters()) + [prior.log_precision, prior.bias]
+    new_params = list(tokens.parameters())
     params = lora_params + new_params
     optimizer = torch.optim.AdamW(
         [
@@ -477,7 +480,7 @@ def train_sequence_adapter(
         model.eval()
         with torch.no_grad():
             logits, ratings, predictions = block_logits(lm, tokens, val, every_event=False)
-            return _scores(_with_prior(prior, logits, predictions), ratings)
+            return _scores(_with_prior(prior, tokens, logits, predictions), ratings)
 
     with torch.no_grad():
         val_ratings = torch.tensor(
@@ -485,7 +488,8 @@ def train_sequence_adapter(
         )
         val_preds = torch.tensor([float(b.predictions[-1]) for e in val for b in e.blocks])
         prior_only = _scores(
-            _with_prior(prior, torch.zeros(len(val_ratings), 5), val_preds), val_ratings
+            prior(torch.zeros(len(val_ratings), 5), val_preds, torch.zeros_like(val_preds)),
+            val_ratings,
         )
     log.info(
         "%s: %d training users (%d of them other users), %d val ratings; prior alone %s",
@@ -507,7 +511,7 @@ def train_sequence_adapter(
             model.train()
             batch = [train[i] for i in order[first : first + config.batch]]
             logits, ratings, predictions = block_logits(lm, tokens, batch, every_event=True)
-            logits = _with_prior(prior, logits, predictions)
+            logits = _with_prior(prior, tokens, logits, predictions)
             expected = logits.softmax(-1) @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
             loss = torch.nn.functional.cross_entropy(logits, ratings - 1)
             loss = loss + config.mse_weight * ((expected - ratings.float()) ** 2).mean()

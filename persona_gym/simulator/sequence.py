@@ -107,6 +107,8 @@ class SequenceTokens(torch.nn.Module):
         # how far the candidate falls after the window, by powers of two (:func:`gap_bucket`)
         self.gap = torch.nn.Embedding(GAP_BUCKETS, hidden)
         torch.nn.init.zeros_(self.gap.weight)
+        # added to the LM's five rating logits before the prior (:meth:`read`)
+        self.offset = torch.nn.Parameter(torch.zeros(5))
 
     def items(self, indices: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` item tokens of catalogue ``indices`` with this user's ``predictions``."""
@@ -121,6 +123,12 @@ class SequenceTokens(torch.nn.Module):
         window before it."""
         buckets = gap_bucket(gaps).to(self.gap.weight.device)
         return self.items(indices, predictions) + self.gap(buckets)
+
+    def read(self, logits: torch.Tensor) -> torch.Tensor:
+        """The SLM's ``(..., 5)`` part of the rating logits from the LM's logits of "1".."5":
+        a learned offset per rating (trained from the untrained LM's mean with the opposite
+        sign, so training starts from the collaborative prior alone)."""
+        return logits + self.offset.to(logits.device)
 
     def ratings(self, ratings: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` rating tokens of 1..5 ``ratings`` with their ``residuals``."""
@@ -429,10 +437,20 @@ class SequenceRatingModel:
         adapters = [r.adapter for r in requests]
         for adapter in set(adapters):
             mine = torch.as_tensor([i for i, a in enumerate(adapters) if a == adapter])
-            centre = predictions[mine]
-            prior = self.priors[adapter]
-            logits[mine] = prior(self.lm.logits(hidden[mine]), centre, torch.zeros_like(centre))
+            logits[mine] = self.combine(adapter, self.lm.logits(hidden[mine]), predictions[mine])
         return logits
+
+    def combine(
+        self, adapter: str, digits: torch.Tensor, predictions: torch.Tensor
+    ) -> torch.Tensor:
+        """``(n, 5)`` rating logits from the LM's ``(n, 5)`` logits of "1".."5" and the
+        candidates' ``(n,)`` collaborative predictions: ``adapter``'s SLM part
+        (:meth:`SequenceTokens.read`) plus its collaborative prior around the predictions. The
+        prior was fitted alone and kept fixed while the SLM trained: without the SLM's part it is
+        the report's prior-alone row."""
+        centre = predictions.to(torch.float32)
+        slm = self.tokens[adapter].read(digits)
+        return self.priors[adapter](slm, centre, torch.zeros_like(centre))
 
     def _run(self, adapter: str, embeds: torch.Tensor, kvs: list[tuple], length: int):
         """``adapter``'s decoder on ``(B, T, H)`` input embeddings after the ``B`` cached

@@ -888,9 +888,7 @@ class ServedSequenceModel:
                     ),
                     dtype=torch.float32,
                 )
-                out[positions] = self.priors[adapter](
-                    logits[positions], predictions, torch.zeros_like(predictions)
-                )
+                out[positions] = self.users.combine(adapter, logits[positions], predictions)
         return out
 
     def score(self, requests: Sequence[RatingRequest]) -> np.ndarray:
