@@ -64,7 +64,6 @@ from persona_gym.simulator.sequence import (
     SequenceLM,
     SequenceTokens,
     UserSequence,
-    gap_bucket,
     item_features,
 )
 
@@ -370,8 +369,11 @@ def block_logits(
         layers = [(layer.keys[index], layer.values[index]) for layer in cache.layers]
         blocks = [block for _, block, _ in group]
         embeds = torch.stack([block.embed(tokens)[:-1] for block in blocks])
-        gaps = tokens.gap(gap_bucket(torch.tensor([gap for _, _, gap in group])))
-        embeds = torch.cat([embeds[:, :-1], (embeds[:, -1] + gaps)[:, None]], dim=1)
+        cues = tokens.cue(
+            torch.tensor([gap for _, _, gap in group]),
+            torch.tensor([_slice(b, 0, len(b) - 1).surprise() for b in blocks]),
+        )
+        embeds = torch.cat([embeds[:, :-1], (embeds[:, -1] + cues)[:, None]], dim=1)
         start = prefixes.shape[1]
         positions = torch.arange(start, start + embeds.shape[1])[None].expand(len(blocks), -1)
         hidden, _ = lm.decode(embeds, layers, positions)

@@ -109,6 +109,8 @@ class SequenceTokens(torch.nn.Module):
         torch.nn.init.zeros_(self.gap.weight)
         # added to the LM's five rating logits before the prior (:meth:`read`)
         self.offset = torch.nn.Parameter(torch.zeros(5))
+        # the window's mean residual, read on the candidate's token (:meth:`cue`)
+        self.surprise = torch.nn.Parameter(torch.zeros(hidden))
 
     def items(self, indices: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` item tokens of catalogue ``indices`` with this user's ``predictions``."""
@@ -117,12 +119,22 @@ class SequenceTokens(torch.nn.Module):
         return self.item(feats) + centred * self.prediction
 
     def candidates(
-        self, indices: torch.Tensor, predictions: torch.Tensor, gaps: torch.Tensor
+        self,
+        indices: torch.Tensor,
+        predictions: torch.Tensor,
+        gaps: torch.Tensor,
+        surprises: torch.Tensor,
     ) -> torch.Tensor:
-        """``(..., H)`` item tokens of candidates to rate, each ``gaps`` interactions after the
-        window before it."""
+        """``(..., H)`` item tokens of candidates to rate, with their :meth:`cue`."""
+        return self.items(indices, predictions) + self.cue(gaps, surprises)
+
+    def cue(self, gaps: torch.Tensor, surprises: torch.Tensor) -> torch.Tensor:
+        """``(..., H)`` what a candidate's token adds to its item token: how many interactions
+        after the window it falls (``gaps``) and how far the window's ratings fell from the
+        collaborative expectation (``surprises``, :meth:`UserSequence.surprise`)."""
         buckets = gap_bucket(gaps).to(self.gap.weight.device)
-        return self.items(indices, predictions) + self.gap(buckets)
+        moved = torch.as_tensor(surprises, dtype=torch.float32).to(self.surprise.device)
+        return self.gap(buckets) + moved[..., None] * self.surprise
 
     def read(self, logits: torch.Tensor) -> torch.Tensor:
         """The SLM's ``(..., 5)`` part of the rating logits from the LM's logits of "1".."5":
@@ -227,6 +239,10 @@ class UserSequence:
             np.asarray(predictions, dtype=np.float32).reshape(-1),
         )
 
+    def surprise(self) -> float:
+        """The mean residual (rating - collaborative prediction) of these events; 0 if none."""
+        return float(np.mean(self.ratings - self.predictions)) if len(self) else 0.0
+
     def embed(self, tokens: SequenceTokens) -> torch.Tensor:
         """``(2 n, H)`` input embeddings: each event's item token then its rating token."""
         items = tokens.items(torch.from_numpy(self.items), torch.from_numpy(self.predictions))
@@ -321,12 +337,14 @@ class SequenceRatingModel:
         items = [x.item_index for x in window] + [request.candidate]
         predicted = self.predictions(user, adapter, items)
         tokens = self.tokens[adapter]
+        events = UserSequence.of(window, predicted[:-1])
         candidate = tokens.candidates(
             torch.as_tensor(items[-1:]),
             torch.as_tensor(predicted[-1:]),
             torch.as_tensor([request.gap]),
+            torch.as_tensor([events.surprise()]),
         )
-        block = torch.cat([UserSequence.of(window, predicted[:-1]).embed(tokens), candidate])
+        block = torch.cat([events.embed(tokens), candidate])
         return block, float(predicted[-1])
 
     def embeddings(self, request) -> tuple[torch.Tensor, torch.Tensor]:

@@ -264,8 +264,8 @@ def test_candidates_ranked_in_one_state_share_its_window(simulator):
 
 def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
     """The trainer's layout (prefix, then a block of window + target on its keys/values) gives
-    the engine's logits for the same user, window, candidate and gap between them; the gap
-    changes them."""
+    the engine's logits for the same user, window, candidate and gap between them (the
+    candidate's cue: gap and the window's surprise); the gap changes them."""
     from persona_gym.simulator.sequence import UserSequence
     from training.sequence_training import BlockExample, block_logits
 
@@ -281,12 +281,13 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
         model.predictions(user, request.adapter, [x.item_index for x in (*window, candidate)]),
     )
     tokens = model.tokens[request.adapter]
-    trained = tokens.gap.weight.detach().clone()
+    trained = [p.detach().clone() for p in (tokens.gap.weight, tokens.surprise)]
     lora_lm.model.set_adapter(request.adapter)
     found = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad():  # cues the trained tiny model may have left at zero
             tokens.gap.weight.normal_(generator=torch.Generator().manual_seed(0))
+            tokens.surprise.normal_(generator=torch.Generator().manual_seed(1))
             for gap in (0, 5):
                 example = BlockExample(prefix, [block], [gap])
                 logits, ratings, predictions = block_logits(lora_lm, tokens, [example], False)
@@ -296,7 +297,8 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
                 np.testing.assert_allclose(logits.softmax(-1).numpy()[0], found[gap], atol=1e-5)
     finally:
         with torch.no_grad():
-            tokens.gap.weight.copy_(trained)
+            tokens.gap.weight.copy_(trained[0])
+            tokens.surprise.copy_(trained[1])
     assert np.abs(found[0] - found[5]).max() > 1e-3
 
 
