@@ -97,7 +97,7 @@ class SequenceTrainConfig:
 
     history: int = 32
     window: int = 3
-    targets_per_user: int = 16
+    targets_per_user: int = 32
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05

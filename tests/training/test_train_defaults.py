@@ -50,7 +50,7 @@ SEQUENCE_PROMPT = {
 SEQUENCE_CONFIG = {
     "history": 32,
     "window": 3,
-    "targets_per_user": 16,
+    "targets_per_user": 32,
     "rank": 16,
     "alpha": 32,
     "dropout": 0.05,
