@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from persona_gym.artifacts.manifest import ArtifactsError
 from persona_gym.simulator.memory import Interaction, logged_history
 
 TOKENS_FILE = "sequence_tokens.pt"
@@ -172,6 +173,12 @@ class SequenceTokens(torch.nn.Module):
         state = torch.load(path, weights_only=True)
         hidden = state["digits"].shape[1]
         tokens = cls(features, state["digits"], torch.zeros(hidden))
+        missing = sorted(set(tokens.state_dict()) - set(state))
+        if missing:
+            raise ArtifactsError(
+                f"{path} lacks {missing}: written by an older sequence trainer; retrain the "
+                "adapters with `persona-gym train --preset sequence --force`"
+            )
         tokens.load_state_dict(state)
         return tokens
 

@@ -177,6 +177,19 @@ def test_missing_tokens_file_names_the_fix(seq_artifacts, tmp_path):
         SequenceTokens.load(folder, np.zeros((6, 3)))
 
 
+def test_tokens_of_an_older_trainer_name_the_fix(seq_artifacts, tmp_path):
+    from persona_gym.artifacts import ArtifactsError
+
+    folder = tmp_path / "persona-0"
+    shutil.copytree(seq_artifacts / "adapters" / "persona-0", folder)
+    state = torch.load(folder / TOKENS_FILE, weights_only=True)
+    del state["gap.weight"]  # the tokens before the candidate's gap existed
+    torch.save(state, folder / TOKENS_FILE)
+    features = load_tables(seq_artifacts)[3]
+    with pytest.raises(ArtifactsError, match=r"lacks \['gap.weight'\].*--preset sequence"):
+        SequenceTokens.load(folder, features)
+
+
 # -- the prior-only rater ---------------------------------------------------------------------
 def test_prior_rater_is_the_fitted_prior_formula(seq_artifacts):
     from persona_gym.simulator.prior_rater import PriorRater
