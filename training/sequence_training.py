@@ -82,8 +82,8 @@ class SequenceTrainConfig:
         rank, alpha, dropout: the LoRA adapters (every linear layer of every block).
         learning_rate: AdamW on the LoRA weights, linear warm-up over the first 10% of steps,
             then constant.
-        token_learning_rate: the same for the soft tokens and the prior, new parameters that
-            start from zero or from the LM's embeddings.
+        token_learning_rate: the same for the soft tokens, new parameters that start from zero
+            or from the LM's embeddings (the collaborative prior is fitted first and kept).
         epochs: passes over the training users (early stopping keeps the best step).
         batch: users per optimiser step.
         mse_weight: weight of the squared error of the expected rating beside the NLL.
@@ -203,9 +203,9 @@ def training_sequences(
 
     Each user's time-ordered ratings (``train``: the training users', ``background``: the users
     the simulator does not simulate; a user of ``train`` outside ``inputs.users`` is left out) are
-    cut into ``folds`` contiguous stretches; stretch ``f``
-    of every user is predicted by the collaborative model's blend refitted, with its recorded
-    parameters, on all the other stretches. A rating's prediction never sees it nor the ratings
+    cut into ``folds`` contiguous stretches; stretch ``f`` of every user is predicted by the
+    collaborative model's blend refitted, with its recorded parameters, on all the other
+    stretches. A rating's prediction never sees it nor the ratings
     around it, as a test rating's never sees the test period: what the user's last ratings
     carry beyond the collaborative model stays in the residuals the SLM learns from (a random
     fold would leave the neighbours in the fit, which absorbs most of it). A user's taste moves
