@@ -10,12 +10,15 @@ A user's state is a sequence of input embeddings, not text::
   collaborative factors and bias and its genres, plus a learned direction times the collaborative model's
   prediction of this user's rating of it (centred on 3);
 * a **rating token** is the LM's own embedding of the digit "1".."5" plus a learned direction
-  times the residual (rating minus that prediction): how far the rating fell from expectation.
+  times the residual (rating minus that prediction): how far the rating fell from expectation;
+* the **candidate** is an item token plus its cue: how many of the user's interactions fall
+  between the window and it (``RatingRequest.gap``: none in an episode) and the window's mean
+  residual, each through a learned embedding.
 
 The rating of the candidate is read from the LM's next-token logits of "1".."5" at the
-candidate's item token, plus the adapter's collaborative prior (:mod:`persona_gym.simulator.rating_prior`,
-a Gaussian around the prediction, without a window term: what the window does to a rating is the
-SLM's). The prefix is static per user and adapter (computed once, kept as keys/values); a step
+candidate's token (plus a learned offset each), plus the adapter's collaborative prior
+(:mod:`persona_gym.simulator.rating_prior`, a Gaussian around the prediction, fitted alone and
+without a window term: what the window does to a rating is the SLM's). The prefix is static per user and adapter (computed once, kept as keys/values); a step
 pays for the window and the candidate: ``2 k + 1`` tokens, and each further candidate ranked in
 the same state one token. The window is the user's last ``k`` interactions: at an episode's
 start the last ``k`` logged ones, then the episode's recommendations with their ratings (the
