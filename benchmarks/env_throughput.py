@@ -41,11 +41,13 @@ def env_throughput(
         rating_model = getattr(users_model, "model", None)
         # warm-up: every user rated once (what a user costs once per process, its cached prefix,
         # is not a per-step cost), then some steps (kernels, allocator)
-        users = list(rater.user_ids)
+        users = list(users_model.user_ids)
         for first in range(0, len(users), 64):
             part = users[first : first + 64]
-            rater.rate(
-                part, [0] * len(part), [rater.history(u)[-rater.window_size :] for u in part]
+            users_model.rate(
+                part,
+                [0] * len(part),
+                [users_model.history(u)[-users_model.window_size :] for u in part],
             )
         rng = np.random.default_rng(seed)
         env.reset(seed=seed)
