@@ -59,7 +59,7 @@ from persona_gym.simulator.collaborative import (
     taste_axes,
 )
 from persona_gym.simulator.prompt_config import PromptConfig
-from persona_gym.simulator.rating_prior import RatingPrior, fit_rating_prior
+from persona_gym.simulator.rating_prior import fit_rating_prior
 from persona_gym.simulator.sequence import (
     SequenceLM,
     SequenceTokens,
@@ -390,13 +390,6 @@ def block_logits(
     return torch.cat(logits), torch.cat(ratings), torch.cat(predictions)
 
 
-def _with_prior(
-    prior: RatingPrior, tokens: SequenceTokens, logits: torch.Tensor, predictions: torch.Tensor
-) -> torch.Tensor:
-    """As :meth:`SequenceRatingModel.combine`: the SLM's part, then the prior."""
-    return prior(tokens.read(logits), predictions, torch.zeros_like(predictions))
-
-
 def _scores(logits: torch.Tensor, ratings: torch.Tensor) -> dict[str, float]:
     probs = logits.softmax(-1)
     expected = probs @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
@@ -482,7 +475,7 @@ def train_sequence_adapter(
         model.eval()
         with torch.no_grad():
             logits, ratings, predictions = block_logits(lm, tokens, val, every_event=False)
-            return _scores(_with_prior(prior, tokens, logits, predictions), ratings)
+            return _scores(tokens.rating_logits(prior, logits, predictions), ratings)
 
     with torch.no_grad():
         val_ratings = torch.tensor(
@@ -513,7 +506,7 @@ def train_sequence_adapter(
             model.train()
             batch = [train[i] for i in order[first : first + config.batch]]
             logits, ratings, predictions = block_logits(lm, tokens, batch, every_event=True)
-            logits = _with_prior(prior, tokens, logits, predictions)
+            logits = tokens.rating_logits(prior, logits, predictions)
             expected = logits.softmax(-1) @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
             loss = torch.nn.functional.cross_entropy(logits, ratings - 1)
             loss = loss + config.mse_weight * ((expected - ratings.float()) ** 2).mean()

@@ -43,6 +43,7 @@ import torch
 
 from persona_gym.artifacts.manifest import ArtifactsError
 from persona_gym.simulator.memory import Interaction, logged_history
+from persona_gym.simulator.rating_prior import RatingPrior
 
 TOKENS_FILE = "sequence_tokens.pt"
 HEAD_TEXT = "Movie ratings:"
@@ -122,16 +123,6 @@ class SequenceTokens(torch.nn.Module):
         centred = (predictions.to(feats.device, torch.float32) - CENTRE)[..., None]
         return self.item(feats) + centred * self.prediction
 
-    def candidates(
-        self,
-        indices: torch.Tensor,
-        predictions: torch.Tensor,
-        gaps: torch.Tensor,
-        surprises: torch.Tensor,
-    ) -> torch.Tensor:
-        """``(..., H)`` item tokens of candidates to rate, with their :meth:`cue`."""
-        return self.items(indices, predictions) + self.cue(gaps, surprises)
-
     def cue(self, gaps: torch.Tensor, surprises: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` what a candidate's token adds to its item token: how many interactions
         after the window it falls (``gaps``) and how far the window's ratings fell from the
@@ -145,6 +136,16 @@ class SequenceTokens(torch.nn.Module):
         a learned offset per rating (trained from the untrained LM's mean with the opposite
         sign, so training starts from the collaborative prior alone)."""
         return logits + self.offset.to(logits.device)
+
+    def rating_logits(
+        self, prior: RatingPrior, digits: torch.Tensor, predictions: torch.Tensor
+    ) -> torch.Tensor:
+        """``(n, 5)`` rating logits from the LM's ``(n, 5)`` logits of "1".."5" and the
+        candidates' ``(n,)`` collaborative predictions: the SLM's part (:meth:`read`) plus
+        ``prior`` around the predictions. The prior was fitted alone and kept fixed while the
+        SLM trained: without the SLM's part it is the report's prior-alone row."""
+        centre = predictions.to(torch.float32)
+        return prior(self.read(digits), centre, torch.zeros_like(centre))
 
     def ratings(self, ratings: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` rating tokens of 1..5 ``ratings`` with their ``residuals``."""
@@ -348,12 +349,9 @@ class SequenceRatingModel:
         predicted = self.predictions(user, adapter, items)
         tokens = self.tokens[adapter]
         events = UserSequence.of(window, predicted[:-1])
-        candidate = tokens.candidates(
-            torch.as_tensor(items[-1:]),
-            torch.as_tensor(predicted[-1:]),
-            torch.as_tensor([request.gap]),
-            torch.as_tensor([events.surprise()]),
-        )
+        candidate = tokens.items(
+            torch.as_tensor(items[-1:]), torch.as_tensor(predicted[-1:])
+        ) + tokens.cue(torch.as_tensor([request.gap]), torch.as_tensor([events.surprise()]))
         block = torch.cat([events.embed(tokens), candidate])
         return block, float(predicted[-1])
 
@@ -471,14 +469,8 @@ class SequenceRatingModel:
     def combine(
         self, adapter: str, digits: torch.Tensor, predictions: torch.Tensor
     ) -> torch.Tensor:
-        """``(n, 5)`` rating logits from the LM's ``(n, 5)`` logits of "1".."5" and the
-        candidates' ``(n,)`` collaborative predictions: ``adapter``'s SLM part
-        (:meth:`SequenceTokens.read`) plus its collaborative prior around the predictions. The
-        prior was fitted alone and kept fixed while the SLM trained: without the SLM's part it is
-        the report's prior-alone row."""
-        centre = predictions.to(torch.float32)
-        slm = self.tokens[adapter].read(digits)
-        return self.priors[adapter](slm, centre, torch.zeros_like(centre))
+        """:meth:`SequenceTokens.rating_logits` under ``adapter``'s tokens and prior."""
+        return self.tokens[adapter].rating_logits(self.priors[adapter], digits, predictions)
 
     def _run(self, adapter: str, embeds: torch.Tensor, kvs: list[tuple], length: int):
         """``adapter``'s decoder on ``(B, T, H)`` input embeddings after the ``B`` cached
