@@ -52,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="seed of the episodes and of the short run (default: 0)"
     )
     parser.add_argument(
-        "--episodes", type=int, default=12, help="simulator episodes per policy (default: 12)"
+        "--episodes", type=int, default=8, help="simulator episodes per policy (default: 8)"
     )
     parser.add_argument(
         "--train-steps",
