@@ -11,7 +11,13 @@ state ``s`` as
 * ``h(s)``: an MLP of the observation (profile, recent movies and ratings, step) and the user's
   collaborative vector, so the ranking can follow what happened in the episode;
 * ``c_i``: a learned per-item correction; ``a``: a learned weight (starting at 0) of the
-  collaborative prediction ``cf(u, i)``, the dot product of the user's and the item's vectors.
+  collaborative prediction ``cf(u, i)``, the dot product of the user's and the item's vectors;
+* with the catalogue's text embeddings (``item_embeddings``, what the observation shows of the
+  window's movies), a window term ``sum_j m_j cos(i, j) (alpha + beta r_j) / sum_j m_j`` over
+  the observation's recent movies ``j``: how much to recommend what resembles what was just
+  watched (``alpha``) and how much more when it was rated above what MF expected of it
+  (``beta``, on the residual ``r_j`` = rating - MF prediction, the movie found by its
+  embedding). Both start at 0: the sequence effects a static ranking misses.
 
 The agent therefore knows what the matrix-factorisation baseline knows (the same ``BiasedMF``
 fitted on train + background) and learns, from the simulated users' ratings alone, how far to
@@ -185,26 +191,40 @@ def _shape(space: spaces.Space[Any]) -> tuple[int, ...]:
     return space.shape
 
 
+def _feature_keys(observation_space: spaces.Dict) -> list[str]:
+    """The order :class:`_StateExtractor` flattens the keys in: the user vector first."""
+    return [USER_KEY] + sorted(k for k in observation_space.spaces if k != USER_KEY)
+
+
+def _feature_slices(observation_space: spaces.Dict) -> dict[str, slice]:
+    """Where each key lies in :class:`_StateExtractor`'s flat features."""
+    out, start = {}, 0
+    for key in _feature_keys(observation_space):
+        size = int(np.prod(_shape(observation_space.spaces[key])))
+        out[key], start = slice(start, start + size), start + size
+    return out
+
+
 class _StateExtractor(BaseFeaturesExtractor):
     """Flattens the observation dict: the user vector first, then every other key (sorted)."""
 
     def __init__(self, observation_space: spaces.Dict):
-        self.keys = [USER_KEY] + sorted(k for k in observation_space.spaces if k != USER_KEY)
+        self.keys = _feature_keys(observation_space)
         dim = sum(int(np.prod(_shape(observation_space.spaces[k]))) for k in self.keys)
         super().__init__(observation_space, features_dim=dim)
-        self.user_dim = int(_shape(observation_space.spaces[USER_KEY])[0])
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([observations[k].flatten(1) for k in self.keys], dim=1)
 
 
 class _Extractor(nn.Module):
-    """Actor latent = [MLP(state), raw user vector]; critic latent = MLP(state)."""
+    """Actor latent = [MLP(state), the raw features (user vector first)]; critic latent =
+    MLP(state)."""
 
-    def __init__(self, features_dim: int, user_dim: int, hidden: int):
+    def __init__(self, features_dim: int, hidden: int):
         super().__init__()
-        self.user_dim, self.hidden = user_dim, hidden
-        self.latent_dim_pi = hidden + user_dim
+        self.hidden = hidden
+        self.latent_dim_pi = hidden + features_dim
         self.latent_dim_vf = hidden
 
         def mlp() -> nn.Sequential:
@@ -218,22 +238,31 @@ class _Extractor(nn.Module):
         return self.forward_actor(features), self.forward_critic(features)
 
     def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.policy_net(features), features[:, : self.user_dim]], dim=1)
+        return torch.cat([self.policy_net(features), features], dim=1)
 
     def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
         return self.value_net(features)
 
 
 class _ItemScorer(nn.Module):
-    """``logits = h · W e_i + c_i + a · (user · item_vector_i)`` for every catalogue item."""
+    """``logits = h · W e_i + c_i + a · (user · item_vector_i)`` for every catalogue item, plus
+    the window term (:class:`_WindowTerm`) when given one."""
 
     # registered buffers (nn.Module's __getattr__ types them as `Tensor | Module`)
     item_side: torch.Tensor
     item_vectors: torch.Tensor
 
-    def __init__(self, hidden: int, item_side: np.ndarray, item_vectors: np.ndarray, dim: int):
+    def __init__(
+        self,
+        hidden: int,
+        user_dim: int,
+        item_side: np.ndarray,
+        item_vectors: np.ndarray,
+        dim: int,
+        window: _WindowTerm | None = None,
+    ):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.user_dim = hidden, user_dim
         self.register_buffer("item_side", torch.as_tensor(item_side, dtype=torch.float32))
         self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32))
         self.query = nn.Linear(hidden, dim)
@@ -244,13 +273,59 @@ class _ItemScorer(nn.Module):
         self.keys = nn.Linear(item_side.shape[1], dim, bias=False)
         self.item_bias = nn.Parameter(torch.zeros(len(item_side)))
         self.cf_weight = nn.Parameter(torch.zeros(()))
+        self.window = window
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        h, user = latent[:, : self.hidden], latent[:, self.hidden :]
+        h, raw = latent[:, : self.hidden], latent[:, self.hidden :]
+        user = raw[:, : self.user_dim]
         learned = self.query(h) @ self.keys(self.item_side).T
         # the gain lets Adam's ~lr-sized steps move the weight to a useful sharpness in a few
         # hundred updates (the MF predictions of one user span only about 2 stars)
-        return learned + self.item_bias + CF_GAIN * self.cf_weight * (user @ self.item_vectors.T)
+        logits = learned + self.item_bias + CF_GAIN * self.cf_weight * (user @ self.item_vectors.T)
+        if self.window is not None:
+            logits = logits + self.window(raw, user, self.item_vectors)
+        return logits
+
+
+class _WindowTerm(nn.Module):
+    """``gain · sum_j m_j cos(i, j) (alpha + beta r_j) / max(sum_j m_j, 1)`` for every item
+    ``i`` and the observation's recent movies ``j`` (module docstring).
+
+    ``recent``, ``mask`` and ``ratings``: where the observation's ``recent_items`` (``w x D``
+    embeddings), ``recent_mask`` and ``recent_ratings`` (on [0, 1]) lie in the flat features.
+    """
+
+    # registered buffers
+    embeddings: torch.Tensor
+    centre: torch.Tensor
+
+    def __init__(self, item_embeddings: np.ndarray, recent: slice, mask: slice, ratings: slice):
+        super().__init__()
+        emb = torch.as_tensor(np.asarray(item_embeddings), dtype=torch.float32)
+        self.register_buffer("embeddings", emb)
+        # similarities around the catalogue's mean: text embeddings share a large common part
+        self.register_buffer("centre", emb.mean(dim=0))
+        self.recent, self.mask, self.ratings = recent, mask, ratings
+        self.alpha = nn.Parameter(torch.zeros(()))
+        self.beta = nn.Parameter(torch.zeros(()))
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x - self.centre, dim=-1)
+
+    def forward(
+        self, raw: torch.Tensor, user: torch.Tensor, item_vectors: torch.Tensor
+    ) -> torch.Tensor:
+        n, d = self.embeddings.shape
+        recent = raw[:, self.recent].reshape(len(raw), -1, d)  # (B, w, D)
+        mask = raw[:, self.mask]  # (B, w)
+        stars = 1.0 + 4.0 * raw[:, self.ratings]
+        # the window's movies: the catalogue rows their embeddings are (exact: the env shows them)
+        index = (recent @ self.embeddings.T).argmax(dim=-1)  # (B, w)
+        expected = (user[:, None, :] * item_vectors[index]).sum(-1).clamp(1.0, 5.0)
+        weight = mask * (self.alpha + self.beta * (stars - expected))
+        weight = weight / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        similarity = self._unit(self.embeddings) @ self._unit(recent).transpose(1, 2)  # (B, n, w)
+        return CF_GAIN * (similarity @ weight[:, :, None])[:, :, 0]
 
 
 class ItemScoringPolicy(MaskableActorCriticPolicy):
@@ -259,6 +334,9 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
     Extra keyword arguments (``policy_kwargs``, saved with the model):
         item_side: ``(n_items, F)`` standardised item features (``CFFeatures.item_side``).
         item_vectors: ``(n_items, f + 2)`` collaborative item vectors (``CFFeatures.item_vectors``).
+        item_embeddings: ``(n_items, D)`` the catalogue's text embeddings as the observation
+            shows them (``RecCore.item_embeddings``): adds the window term; ``None`` (agents
+            trained before it) leaves it out.
         hidden: width of the state MLPs.
         dim: width of the item/state embedding the two sides meet in.
     """
@@ -270,6 +348,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         lr_schedule: Any,
         item_side: np.ndarray,
         item_vectors: np.ndarray,
+        item_embeddings: np.ndarray | None = None,
         hidden: int = 64,
         dim: int = 32,
         **kwargs: Any,
@@ -284,22 +363,36 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
                 f"ItemScoringPolicy: {len(item_side)} item vectors for Discrete({action_space.n})"
             )
         self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
+        self.item_embeddings = None if item_embeddings is None else np.asarray(item_embeddings)
+        if self.item_embeddings is not None and len(self.item_embeddings) != action_space.n:
+            raise ValueError(
+                f"ItemScoringPolicy: {len(self.item_embeddings)} item embeddings for "
+                f"Discrete({action_space.n})"
+            )
         self.hidden, self.dim = int(hidden), int(dim)
         kwargs.setdefault("features_extractor_class", _StateExtractor)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _build_mlp_extractor(self) -> None:
-        assert isinstance(self.observation_space, spaces.Dict)  # __init__ took a Dict
-        user_dim = int(_shape(self.observation_space.spaces[USER_KEY])[0])
         # SB3 types the attribute as its MlpExtractor; its docs' custom-network example assigns
         # any module with latent_dim_pi/vf and forward_actor/critic, as _Extractor is
         self.mlp_extractor = _Extractor(  # type: ignore[assignment]
-            self.features_dim, user_dim, self.hidden
+            self.features_dim, self.hidden
         )
 
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
-        self.action_net = _ItemScorer(self.hidden, self.item_side, self.item_vectors, self.dim)
+        assert isinstance(self.observation_space, spaces.Dict)  # __init__ took a Dict
+        user_dim = int(_shape(self.observation_space.spaces[USER_KEY])[0])
+        window = None
+        if self.item_embeddings is not None:
+            at = _feature_slices(self.observation_space)
+            window = _WindowTerm(
+                self.item_embeddings, at["recent_items"], at["recent_mask"], at["recent_ratings"]
+            )
+        self.action_net = _ItemScorer(
+            self.hidden, user_dim, self.item_side, self.item_vectors, self.dim, window
+        )
         # SB3 types optimizer_class as type[Optimizer], whose base __init__ takes no `lr`; every
         # concrete optimizer (Adam by default) does, and SB3's own _build passes it the same way
         self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
@@ -311,6 +404,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         data.update(
             item_side=self.item_side,
             item_vectors=self.item_vectors,
+            item_embeddings=self.item_embeddings,
             hidden=self.hidden,
             dim=self.dim,
         )

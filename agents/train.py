@@ -213,6 +213,7 @@ def train_agent(
             kwargs["policy_kwargs"] = {
                 "item_side": features.item_side,
                 "item_vectors": features.item_vectors,
+                "item_embeddings": env.core.item_embeddings,
             }
         model = algo(policy, monitored, tensorboard_log=str(run_dir / "tb"), **kwargs)
     checkpoints = atomic_checkpoints(

@@ -107,3 +107,59 @@ def test_items_policy_bad_settings_are_clear(tmp_path):
     (tmp_path / FEATURES_FILE).write_bytes(b"not an archive")
     with pytest.raises(ValueError, match="not the collaborative features"):
         CFFeatures.load(tmp_path / FEATURES_FILE)
+
+
+def test_window_term_follows_the_observed_window(core, ratings):
+    """The window term finds the window's movies from their embeddings, reads their MF
+    residuals, and scores each item by its centred cosine to them (a numpy reference)."""
+    from gymnasium import spaces
+
+    from agents.item_policy import ItemScoringPolicy, add_user_features, user_space
+
+    model = BiasedMF(factors=2, reg=1.0, reg_bias=1.0).fit(ratings)
+    emb = core.item_embeddings
+    features = CFFeatures.fit(model, core.catalog.item_ids, core.catalog.n_ratings, emb)
+    space = spaces.Dict({**core.observation_space.spaces, "user": user_space(features)})
+    policy = ItemScoringPolicy(
+        space,
+        core.action_space,
+        lambda _: 3e-4,
+        item_side=features.item_side,
+        item_vectors=features.item_vectors,
+        item_embeddings=emb,
+    )
+    w = core.config.obs_window
+    user = core.user_ids[0]
+    window = np.arange(w - 1)  # one empty slot: the mask counts
+    stars = np.array([5.0, 1.0, 4.0][: w - 1])
+    obs = core.observation(core.new_episode(np.random.default_rng(0), {"user_id": user}))
+    obs["recent_items"] = np.zeros((w, emb.shape[1]), np.float32)
+    obs["recent_items"][1:] = emb[window]
+    obs["recent_items"] = obs["recent_items"].reshape(-1)
+    obs["recent_mask"] = np.r_[0.0, np.ones(w - 1)].astype(np.float32)
+    obs["recent_ratings"] = np.r_[0.0, (stars - 1) / 4].astype(np.float32)
+    batch = add_user_features({k: v[None] for k, v in obs.items()}, np.array([user]), features)
+    scorer = policy.action_net
+    with torch.no_grad():
+        for p in (scorer.query.weight, scorer.query.bias, scorer.item_bias, scorer.cf_weight):
+            p.zero_()
+        scorer.window.alpha.fill_(0.5)
+        scorer.window.beta.fill_(0.25)
+        logits = policy.get_distribution(policy.obs_to_tensor(batch)[0]).distribution.logits
+
+    unit = emb - emb.mean(axis=0)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    expected = np.clip(features.users(np.array([user])) @ features.item_vectors[window].T, 1, 5)
+    weight = (0.5 + 0.25 * (stars - expected[0])) / len(window)
+    reference = 30.0 * unit @ unit[window].T @ weight
+    # the distribution normalises the logits: compare them up to their constant
+    got = logits[0].numpy().astype(np.float64)
+    np.testing.assert_allclose(got - got.mean(), reference - reference.mean(), atol=2e-3)
+    # the residual matters: a window rated as MF expected it scores by similarity alone
+    obs_expected = dict(batch)
+    obs_expected["recent_ratings"] = np.r_[0.0, (expected[0] - 1) / 4][None].astype(np.float32)
+    with torch.no_grad():
+        flat = policy.get_distribution(policy.obs_to_tensor(obs_expected)[0]).distribution.logits
+    plain = 30.0 * unit @ unit[window].T @ np.full(len(window), 0.5 / len(window))
+    got = flat[0].numpy().astype(np.float64)
+    np.testing.assert_allclose(got - got.mean(), plain - plain.mean(), atol=2e-3)
