@@ -556,17 +556,20 @@ def check_policy_names(names: Sequence[str]) -> None:
 
 
 def load_evaluation(
-    env_id: str, dtype: str = "auto", rater: Rater | None = None, **overrides: Any
+    env_id: str, dtype: str = "auto", rater: Rater | str | None = None, **overrides: Any
 ) -> tuple[RecCore, pd.DataFrame, pd.DataFrame, int]:  # pragma: no mutate block
     """``(core, ratings, test, n_users)``: the env's episode logic on its shipped or configured
-    simulator (or ``rater``), the train + background ratings the baselines fit on, the logged
-    test interactions of the simulator's users (the protocol split rebuilt from the artifacts'
-    ``split.json``), and the number of users in the dataset (for novelty)."""
+    simulator (or ``rater``: a Rater, or a name of ``EnvConfig.rater`` such as ``"prior"``), the
+    train + background ratings the baselines fit on, the logged test interactions of the
+    simulator's users (the protocol split rebuilt from the artifacts' ``split.json``), and the
+    number of users in the dataset (for novelty)."""
     from persona_gym.artifacts import load_artifacts, resolve_artifacts
     from persona_gym.data.protocol import logged_data
     from persona_gym.envs.config import load_env_config
     from persona_gym.simulator.cf_models import fit_frame
 
+    if isinstance(rater, str):  # `--env-kwargs rater=prior`: the env config's field
+        overrides["rater"], rater = rater, None
     config = load_env_config(env_config_name(env_id), dtype=dtype, **overrides)
     core = RecCore(config, rater)
     data = logged_data(load_artifacts(resolve_artifacts(config.artifacts, dataset=config.dataset)))

@@ -189,10 +189,9 @@ def train_agent(
     env = SB3VecEnv(
         config.env_id,
         config.n_envs,
-        rater=rater,
         features=features,
         dtype=config.dtype,
-        **config.env_kwargs,
+        **_with_rater(rater, config.env_kwargs),
     )
     algo = algorithm(config.algo)
     if latest is not None:
@@ -383,6 +382,12 @@ def periodic_eval(core: Any, features: Any, config: AgentConfig, run_dir: Path) 
     return _Callback()
 
 
+def _with_rater(rater: Rater | None, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The env's keyword arguments with ``rater`` among them when given (``env_kwargs`` may
+    name one instead: ``--env-kwargs rater=prior``)."""
+    return env_kwargs if rater is None else {**env_kwargs, "rater": rater}
+
+
 def _features(
     config: AgentConfig, rater: Rater | None, ratings: pd.DataFrame | None, run_dir: Path
 ) -> Any:
@@ -398,7 +403,7 @@ def _features(
         return CFFeatures.load(path)
     if ratings is None:
         core, ratings, _, _ = load_evaluation(
-            config.env_id, config.dtype, rater, **config.env_kwargs
+            config.env_id, config.dtype, **_with_rater(rater, config.env_kwargs)
         )
     else:
         core = RecCore(

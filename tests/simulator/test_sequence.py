@@ -345,3 +345,39 @@ def test_training_sequences_get_blocked_out_of_fold_predictions_and_a_persona(se
     assert not np.array_equal(again.predictions[stretch:], seq.predictions[stretch:])
     training_user = half[0]
     assert len(own[training_user]) == int((train["user_id"] == training_user).sum())
+
+
+def test_agents_take_the_prior_rater_by_name(seq_artifacts, tiny_base, tmp_path):
+    """`--env-kwargs rater=prior` reaches the env config in `train-agent` and `evaluate-policy`
+    (the name is not a Rater object)."""
+    import pandas as pd
+
+    from agents.evaluate import load_evaluation
+    from agents.train import AgentConfig, train_agent
+
+    kwargs = dict(
+        artifacts=str(seq_artifacts),
+        base_model=tiny_base,
+        dataset="synthetic",
+        mask_rated=False,
+        leave_rule="threshold",
+        leave_prob=0.0,
+        rater="prior",
+    )
+    ratings = pd.read_parquet(seq_artifacts / "memories.parquet")[["user_id", "item_id", "rating"]]
+    config = AgentConfig(
+        policy="items",
+        timesteps=8,
+        n_envs=2,
+        n_steps=4,
+        batch_size=4,
+        out=str(tmp_path),
+        dtype="float32",
+        env_kwargs=kwargs,
+    )
+    run_dir = train_agent(config, progress=False, ratings=ratings)
+    assert (run_dir / "model.zip").is_file()
+    # evaluate-policy's loader builds the prior rater, then wants the logged split these
+    # synthetic artifacts do not record
+    with pytest.raises(ValueError, match="split.json lacks"):
+        load_evaluation("PersonaML100K-v0", "float32", **kwargs)
