@@ -260,6 +260,7 @@ class _ItemScorer(nn.Module):
         item_vectors: np.ndarray,
         dim: int,
         window: _WindowTerm | None = None,
+        cf_start: float = 0.0,
     ):
         super().__init__()
         self.hidden, self.user_dim = hidden, user_dim
@@ -272,7 +273,7 @@ class _ItemScorer(nn.Module):
         nn.init.zeros_(self.query.bias)
         self.keys = nn.Linear(item_side.shape[1], dim, bias=False)
         self.item_bias = nn.Parameter(torch.zeros(len(item_side)))
-        self.cf_weight = nn.Parameter(torch.zeros(()))
+        self.cf_weight = nn.Parameter(torch.tensor(cf_start / CF_GAIN))
         self.window = window
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
@@ -337,6 +338,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         item_embeddings: ``(n_items, D)`` the catalogue's text embeddings as the observation
             shows them (``RecCore.item_embeddings``): adds the window term; ``None`` (agents
             trained before it) leaves it out.
+        cf_start: the starting weight on MF's predicted rating, in logits per star (0: uniform).
         hidden: width of the state MLPs.
         dim: width of the item/state embedding the two sides meet in.
     """
@@ -349,6 +351,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         item_side: np.ndarray,
         item_vectors: np.ndarray,
         item_embeddings: np.ndarray | None = None,
+        cf_start: float = 0.0,
         hidden: int = 64,
         dim: int = 32,
         **kwargs: Any,
@@ -369,7 +372,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
                 f"ItemScoringPolicy: {len(self.item_embeddings)} item embeddings for "
                 f"Discrete({action_space.n})"
             )
-        self.hidden, self.dim = int(hidden), int(dim)
+        self.hidden, self.dim, self.cf_start = int(hidden), int(dim), float(cf_start)
         kwargs.setdefault("features_extractor_class", _StateExtractor)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -391,7 +394,13 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
                 self.item_embeddings, at["recent_items"], at["recent_mask"], at["recent_ratings"]
             )
         self.action_net = _ItemScorer(
-            self.hidden, user_dim, self.item_side, self.item_vectors, self.dim, window
+            self.hidden,
+            user_dim,
+            self.item_side,
+            self.item_vectors,
+            self.dim,
+            window,
+            self.cf_start,
         )
         # SB3 types optimizer_class as type[Optimizer], whose base __init__ takes no `lr`; every
         # concrete optimizer (Adam by default) does, and SB3's own _build passes it the same way
@@ -405,6 +414,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
             item_side=self.item_side,
             item_vectors=self.item_vectors,
             item_embeddings=self.item_embeddings,
+            cf_start=self.cf_start,
             hidden=self.hidden,
             dim=self.dim,
         )

@@ -75,6 +75,9 @@ class AgentConfig:
         learning_rate: Adam learning rate.
         gamma: discount (episodes are short: 20 steps by default).
         ent_coef: PPO entropy bonus (keeps exploring a 1,682-item action space).
+        cf_start: ``items`` only: the policy's starting weight on MF's predicted rating, in
+            logits per star (0: a uniform start; 4: MF's top movie about e^2 times as likely as
+            one it predicts half a star lower, so PPO starts near MF's ranking and refines it).
         checkpoint_every: env steps between checkpoints.
         eval_every: env steps between evaluations of the greedy policy (0 = none): the same
             ``eval_episodes`` users each time (seed ``EVAL_SEED``, apart from evaluate-policy's
@@ -97,6 +100,7 @@ class AgentConfig:
     learning_rate: float = 3e-4
     gamma: float = 0.9
     ent_coef: float = 0.01
+    cf_start: float = 0.0
     checkpoint_every: int = 2048
     eval_every: int = 0
     eval_episodes: int = 32
@@ -112,6 +116,10 @@ class AgentConfig:
         if self.policy not in POLICY_NAMES:
             raise ValueError(
                 f"AgentConfig.policy={self.policy!r}; choose from {list(POLICY_NAMES)}"
+            )
+        if self.cf_start != 0 and self.policy != "items":
+            raise ValueError(
+                f"AgentConfig.cf_start={self.cf_start} needs policy='items', got {self.policy!r}"
             )
         if self.policy == "items" and self.algo != "maskable-ppo":
             raise ValueError(
@@ -213,6 +221,7 @@ def train_agent(
                 "item_side": features.item_side,
                 "item_vectors": features.item_vectors,
                 "item_embeddings": env.core.item_embeddings,
+                "cf_start": config.cf_start,
             }
         model = algo(policy, monitored, tensorboard_log=str(run_dir / "tb"), **kwargs)
     checkpoints = atomic_checkpoints(

@@ -104,6 +104,8 @@ def test_items_policy_bad_settings_are_clear(tmp_path):
         AgentConfig(policy="items", algo="dqn")
     with pytest.raises(ValueError, match="choose from"):
         AgentConfig(policy="transformer")
+    with pytest.raises(ValueError, match="cf_start=4.0 needs policy='items'"):
+        AgentConfig(policy="mlp", cf_start=4.0)
     (tmp_path / FEATURES_FILE).write_bytes(b"not an archive")
     with pytest.raises(ValueError, match="not the collaborative features"):
         CFFeatures.load(tmp_path / FEATURES_FILE)
@@ -163,3 +165,36 @@ def test_window_term_follows_the_observed_window(core, ratings):
     plain = 30.0 * unit @ unit[window].T @ np.full(len(window), 0.5 / len(window))
     got = flat[0].numpy().astype(np.float64)
     np.testing.assert_allclose(got - got.mean(), plain - plain.mean(), atol=2e-3)
+
+
+def test_cf_start_sets_the_starting_sharpness_on_mf(core, ratings):
+    """``cf_start`` logits per star of MF's prediction before any update: the untrained policy
+    ranks as MF, with that sharpness."""
+    from gymnasium import spaces
+
+    from agents.item_policy import ItemScoringPolicy, add_user_features, user_space
+
+    torch.manual_seed(0)
+    model = BiasedMF(factors=2, reg=1.0, reg_bias=1.0).fit(ratings)
+    features = CFFeatures.fit(
+        model, core.catalog.item_ids, core.catalog.n_ratings, core.item_embeddings
+    )
+    space = spaces.Dict({**core.observation_space.spaces, "user": user_space(features)})
+    policy = ItemScoringPolicy(
+        space,
+        core.action_space,
+        lambda _: 3e-4,
+        item_side=features.item_side,
+        item_vectors=features.item_vectors,
+        cf_start=4.0,
+    )
+    user = core.user_ids[0]
+    obs = core.observation(core.new_episode(np.random.default_rng(0), {"user_id": user}))
+    batch = add_user_features({k: v[None] for k, v in obs.items()}, np.array([user]), features)
+    with torch.no_grad():
+        scorer = policy.action_net
+        scorer.query.weight.zero_()  # the learned part starts near 0, not at 0
+        logits = policy.get_distribution(policy.obs_to_tensor(batch)[0]).distribution.logits[0]
+    mf = (features.users(np.array([user])) @ features.item_vectors.T)[0]
+    got = logits.numpy().astype(np.float64)
+    np.testing.assert_allclose(got - got.mean(), 4.0 * (mf - mf.mean()), atol=1e-3)
