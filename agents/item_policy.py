@@ -261,6 +261,7 @@ class _ItemScorer(nn.Module):
         dim: int,
         window: _WindowTerm | None = None,
         cf_start: float = 0.0,
+        item_gain: float = 1.0,
     ):
         super().__init__()
         self.hidden, self.user_dim = hidden, user_dim
@@ -273,6 +274,7 @@ class _ItemScorer(nn.Module):
         nn.init.zeros_(self.query.bias)
         self.keys = nn.Linear(item_side.shape[1], dim, bias=False)
         self.item_bias = nn.Parameter(torch.zeros(len(item_side)))
+        self.item_gain = item_gain
         self.cf_weight = nn.Parameter(torch.tensor(cf_start / CF_GAIN))
         self.window = window
 
@@ -282,7 +284,11 @@ class _ItemScorer(nn.Module):
         learned = self.query(h) @ self.keys(self.item_side).T
         # the gain lets Adam's ~lr-sized steps move the weight to a useful sharpness in a few
         # hundred updates (the MF predictions of one user span only about 2 stars)
-        logits = learned + self.item_bias + CF_GAIN * self.cf_weight * (user @ self.item_vectors.T)
+        logits = (
+            learned
+            + self.item_gain * self.item_bias
+            + CF_GAIN * self.cf_weight * (user @ self.item_vectors.T)
+        )
         if self.window is not None:
             logits = logits + self.window(raw, user, self.item_vectors)
         return logits
@@ -339,6 +345,8 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
             shows them (``RecCore.item_embeddings``): adds the window term; ``None`` (agents
             trained before it) leaves it out.
         cf_start: the starting weight on MF's predicted rating, in logits per star (0: uniform).
+        item_gain: multiplies the per-item corrections ``c_i``, so Adam's lr-sized steps move
+            them that many times faster (1: agents trained before it).
         hidden: width of the state MLPs.
         dim: width of the item/state embedding the two sides meet in.
     """
@@ -352,6 +360,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         item_vectors: np.ndarray,
         item_embeddings: np.ndarray | None = None,
         cf_start: float = 0.0,
+        item_gain: float = 1.0,
         hidden: int = 64,
         dim: int = 32,
         **kwargs: Any,
@@ -373,6 +382,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
                 f"Discrete({action_space.n})"
             )
         self.hidden, self.dim, self.cf_start = int(hidden), int(dim), float(cf_start)
+        self.item_gain = float(item_gain)
         kwargs.setdefault("features_extractor_class", _StateExtractor)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -401,6 +411,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
             self.dim,
             window,
             self.cf_start,
+            self.item_gain,
         )
         # SB3 types optimizer_class as type[Optimizer], whose base __init__ takes no `lr`; every
         # concrete optimizer (Adam by default) does, and SB3's own _build passes it the same way
@@ -415,6 +426,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
             item_vectors=self.item_vectors,
             item_embeddings=self.item_embeddings,
             cf_start=self.cf_start,
+            item_gain=self.item_gain,
             hidden=self.hidden,
             dim=self.dim,
         )

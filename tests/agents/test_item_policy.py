@@ -106,6 +106,8 @@ def test_items_policy_bad_settings_are_clear(tmp_path):
         AgentConfig(policy="transformer")
     with pytest.raises(ValueError, match="cf_start=4.0 needs policy='items'"):
         AgentConfig(policy="mlp", cf_start=4.0)
+    with pytest.raises(ValueError, match="item_gain must be > 0"):
+        AgentConfig(policy="items", item_gain=0.0)
     (tmp_path / FEATURES_FILE).write_bytes(b"not an archive")
     with pytest.raises(ValueError, match="not the collaborative features"):
         CFFeatures.load(tmp_path / FEATURES_FILE)
@@ -169,7 +171,7 @@ def test_window_term_follows_the_observed_window(core, ratings):
 
 def test_cf_start_sets_the_starting_sharpness_on_mf(core, ratings):
     """``cf_start`` logits per star of MF's prediction before any update: the untrained policy
-    ranks as MF, with that sharpness."""
+    ranks as MF, with that sharpness; ``item_gain`` scales the per-item corrections."""
     from gymnasium import spaces
 
     from agents.item_policy import ItemScoringPolicy, add_user_features, user_space
@@ -187,6 +189,7 @@ def test_cf_start_sets_the_starting_sharpness_on_mf(core, ratings):
         item_side=features.item_side,
         item_vectors=features.item_vectors,
         cf_start=4.0,
+        item_gain=10.0,
     )
     user = core.user_ids[0]
     obs = core.observation(core.new_episode(np.random.default_rng(0), {"user_id": user}))
@@ -194,7 +197,10 @@ def test_cf_start_sets_the_starting_sharpness_on_mf(core, ratings):
     with torch.no_grad():
         scorer = policy.action_net
         scorer.query.weight.zero_()  # the learned part starts near 0, not at 0
+        scorer.item_bias[0] = 0.1  # x item_gain: one logit
         logits = policy.get_distribution(policy.obs_to_tensor(batch)[0]).distribution.logits[0]
     mf = (features.users(np.array([user])) @ features.item_vectors.T)[0]
     got = logits.numpy().astype(np.float64)
-    np.testing.assert_allclose(got - got.mean(), 4.0 * (mf - mf.mean()), atol=1e-3)
+    reference = 4.0 * mf
+    reference[0] += 1.0
+    np.testing.assert_allclose(got - got.mean(), reference - reference.mean(), atol=1e-3)
