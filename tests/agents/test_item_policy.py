@@ -8,7 +8,7 @@ import torch
 from sb3_contrib import MaskablePPO
 
 from agents.evaluate import make_batch
-from agents.item_policy import CFFeatures
+from agents.item_policy import CFFeatures, add_user_features
 from agents.policies import MFPolicy, SB3Policy, make_policy
 from agents.runs import FEATURES_FILE, read_run, ship_agent
 from agents.train import AgentConfig, train_agent
@@ -113,16 +113,17 @@ def test_items_policy_bad_settings_are_clear(tmp_path):
         CFFeatures.load(tmp_path / FEATURES_FILE)
 
 
-def test_window_term_follows_the_observed_window(core, ratings):
-    """The window term finds the window's movies from their embeddings, reads their MF
-    residuals, and scores each item by its centred cosine to them (a numpy reference)."""
+def _untrained_policy(core, ratings, **kwargs):
+    """An ``ItemScoringPolicy`` for the tiny env with MF features fitted on ``ratings``."""
     from gymnasium import spaces
 
-    from agents.item_policy import ItemScoringPolicy, add_user_features, user_space
+    from agents.item_policy import ItemScoringPolicy, user_space
 
+    torch.manual_seed(0)
     model = BiasedMF(factors=2, reg=1.0, reg_bias=1.0).fit(ratings)
-    emb = core.item_embeddings
-    features = CFFeatures.fit(model, core.catalog.item_ids, core.catalog.n_ratings, emb)
+    features = CFFeatures.fit(
+        model, core.catalog.item_ids, core.catalog.n_ratings, core.item_embeddings
+    )
     space = spaces.Dict({**core.observation_space.spaces, "user": user_space(features)})
     policy = ItemScoringPolicy(
         space,
@@ -130,8 +131,16 @@ def test_window_term_follows_the_observed_window(core, ratings):
         lambda _: 3e-4,
         item_side=features.item_side,
         item_vectors=features.item_vectors,
-        item_embeddings=emb,
+        **kwargs,
     )
+    return policy, features
+
+
+def test_window_term_follows_the_observed_window(core, ratings):
+    """The window term finds the window's movies from their embeddings, reads their MF
+    residuals, and scores each item by its centred cosine to them (a numpy reference)."""
+    emb = core.item_embeddings
+    policy, features = _untrained_policy(core, ratings, item_embeddings=emb)
     w = core.config.obs_window
     user = core.user_ids[0]
     window = np.arange(w - 1)  # one empty slot: the mask counts
@@ -172,25 +181,7 @@ def test_window_term_follows_the_observed_window(core, ratings):
 def test_cf_start_sets_the_starting_sharpness_on_mf(core, ratings):
     """``cf_start`` logits per star of MF's prediction before any update: the untrained policy
     ranks as MF, with that sharpness; ``item_gain`` scales the per-item corrections."""
-    from gymnasium import spaces
-
-    from agents.item_policy import ItemScoringPolicy, add_user_features, user_space
-
-    torch.manual_seed(0)
-    model = BiasedMF(factors=2, reg=1.0, reg_bias=1.0).fit(ratings)
-    features = CFFeatures.fit(
-        model, core.catalog.item_ids, core.catalog.n_ratings, core.item_embeddings
-    )
-    space = spaces.Dict({**core.observation_space.spaces, "user": user_space(features)})
-    policy = ItemScoringPolicy(
-        space,
-        core.action_space,
-        lambda _: 3e-4,
-        item_side=features.item_side,
-        item_vectors=features.item_vectors,
-        cf_start=4.0,
-        item_gain=10.0,
-    )
+    policy, features = _untrained_policy(core, ratings, cf_start=4.0, item_gain=10.0)
     user = core.user_ids[0]
     obs = core.observation(core.new_episode(np.random.default_rng(0), {"user_id": user}))
     batch = add_user_features({k: v[None] for k, v in obs.items()}, np.array([user]), features)
