@@ -322,7 +322,7 @@ class _WindowTerm(nn.Module):
     def forward(
         self, raw: torch.Tensor, user: torch.Tensor, item_vectors: torch.Tensor
     ) -> torch.Tensor:
-        n, d = self.embeddings.shape
+        d = self.embeddings.shape[1]
         recent = raw[:, self.recent].reshape(len(raw), -1, d)  # (B, w, D)
         mask = raw[:, self.mask]  # (B, w)
         stars = 1.0 + 4.0 * raw[:, self.ratings]
