@@ -210,7 +210,7 @@ class _StateExtractor(BaseFeaturesExtractor):
 
     def __init__(self, observation_space: spaces.Dict):
         self.keys = _feature_keys(observation_space)
-        dim = sum(int(np.prod(_shape(observation_space.spaces[k]))) for k in self.keys)
+        dim = max(at.stop for at in _feature_slices(observation_space).values())
         super().__init__(observation_space, features_dim=dim)
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -305,6 +305,7 @@ class _WindowTerm(nn.Module):
     # registered buffers
     embeddings: torch.Tensor
     centre: torch.Tensor
+    units: torch.Tensor
 
     def __init__(self, item_embeddings: np.ndarray, recent: slice, mask: slice, ratings: slice):
         super().__init__()
@@ -312,6 +313,7 @@ class _WindowTerm(nn.Module):
         self.register_buffer("embeddings", emb)
         # similarities around the catalogue's mean: text embeddings share a large common part
         self.register_buffer("centre", emb.mean(dim=0))
+        self.register_buffer("units", self._unit(emb))  # the catalogue's side, computed once
         self.recent, self.mask, self.ratings = recent, mask, ratings
         self.alpha = nn.Parameter(torch.zeros(()))
         self.beta = nn.Parameter(torch.zeros(()))
@@ -331,7 +333,7 @@ class _WindowTerm(nn.Module):
         expected = (user[:, None, :] * item_vectors[index]).sum(-1).clamp(1.0, 5.0)
         weight = mask * (self.alpha + self.beta * (stars - expected))
         weight = weight / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        similarity = self._unit(self.embeddings) @ self._unit(recent).transpose(1, 2)  # (B, n, w)
+        similarity = self.units @ self._unit(recent).transpose(1, 2)  # (B, n, w)
         return CF_GAIN * (similarity @ weight[:, :, None])[:, :, 0]
 
 
