@@ -39,7 +39,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ALGO_NAMES = ("ppo", "dqn", "maskable-ppo")
+ALGO_NAMES = ("ppo", "dqn", "maskable-ppo", "maskable-dqn")
 POLICY_NAMES = ("mlp", "items")
 FEATURES_FILE = "features.npz"  # the collaborative features of an ``items`` policy
 MANIFEST_FILE = "manifest.json"  # {"files": {relative path: sha256}} of a run or shipped agent
@@ -67,7 +67,9 @@ def algorithm(name: str) -> Any:
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import DQN, PPO
 
-    classes = {"ppo": PPO, "dqn": DQN, "maskable-ppo": MaskablePPO}
+    from agents.item_dqn import MaskableDQN
+
+    classes = {"ppo": PPO, "dqn": DQN, "maskable-ppo": MaskablePPO, "maskable-dqn": MaskableDQN}
     if name not in classes:
         raise ValueError(f"unknown algorithm {name!r}; choose from {list(ALGO_NAMES)}")
     return classes[name]

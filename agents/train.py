@@ -62,10 +62,13 @@ class AgentConfig:
 
     Attributes:
         env_id: registered environment id.
-        algo: ``ppo``, ``dqn`` or ``maskable-ppo`` (sb3-contrib; uses the env's action masks).
+        algo: ``ppo``, ``dqn``, ``maskable-ppo`` (sb3-contrib; uses the env's action masks) or
+            ``maskable-dqn`` (:class:`agents.item_dqn.MaskableDQN`: DQN within the masks, a
+            Q-network that starts at MF's predicted ratings; ``items`` only).
         policy: ``mlp`` (SB3's ``MultiInputPolicy``: one output per item) or ``items``
-            (:class:`agents.item_policy.ItemScoringPolicy`: items scored through their vectors,
-            with the MF baseline's collaborative features; ``maskable-ppo`` only).
+            (items scored through their vectors with the MF baseline's collaborative features:
+            :class:`agents.item_policy.ItemScoringPolicy` for ``maskable-ppo``,
+            :class:`agents.item_dqn.ItemQPolicy` for ``maskable-dqn``).
         timesteps: total environment steps (summed over sub-environments); ``--resume``
             without ``--timesteps`` keeps the run's.
         n_envs: sub-environments stepped together (one batched simulator call per step).
@@ -75,9 +78,10 @@ class AgentConfig:
         learning_rate: Adam learning rate.
         gamma: discount (episodes are short: 20 steps by default).
         ent_coef: PPO entropy bonus (keeps exploring a 1,682-item action space).
-        cf_start: ``items`` only: the policy's starting weight on MF's predicted rating, in
-            logits per star (0: a uniform start; 4: MF's top movie about e^2 times as likely as
-            one it predicts half a star lower, so PPO starts near MF's ranking and refines it).
+        cf_start: ``items`` with ``maskable-ppo`` only: the policy's starting weight on MF's
+            predicted rating, in logits per star (0: a uniform start; 4: MF's top movie about
+            e^2 times as likely as one it predicts half a star lower, so PPO starts near MF's
+            ranking and refines it). ``maskable-dqn`` starts at MF's predictions.
         item_gain: ``items`` only: multiplies the policy's per-item corrections, so they learn
             that many times faster than the other weights (1: as before).
         checkpoint_every: env steps between checkpoints.
@@ -128,9 +132,19 @@ class AgentConfig:
                 )
         if self.item_gain <= 0:
             raise ValueError(f"AgentConfig.item_gain must be > 0, got {self.item_gain}")
-        if self.policy == "items" and self.algo != "maskable-ppo":
+        if self.policy == "items" and self.algo not in ("maskable-ppo", "maskable-dqn"):
             raise ValueError(
-                f"AgentConfig.policy='items' needs algo='maskable-ppo', got {self.algo!r}"
+                "AgentConfig.policy='items' needs algo='maskable-ppo' or 'maskable-dqn', "
+                f"got {self.algo!r}"
+            )
+        if self.algo == "maskable-dqn" and self.policy != "items":
+            raise ValueError(
+                f"AgentConfig.algo='maskable-dqn' needs policy='items', got {self.policy!r}"
+            )
+        if self.cf_start and self.algo == "maskable-dqn":
+            raise ValueError(
+                "AgentConfig.cf_start is maskable-ppo's: maskable-dqn's Q-values start at MF's "
+                "predicted ratings"
             )
         for name in (
             "timesteps",
@@ -152,7 +166,7 @@ class AgentConfig:
             device="cpu",
             verbose=0,
         )
-        if self.algo == "dqn":
+        if self.algo in ("dqn", "maskable-dqn"):
             return dict(
                 common,
                 buffer_size=50_000,
@@ -221,16 +235,20 @@ def train_agent(
         policy: Any = "MultiInputPolicy"
         kwargs = config.algo_kwargs()
         if features is not None:
+            from agents.item_dqn import ItemQPolicy
             from agents.item_policy import ItemScoringPolicy
 
-            policy = ItemScoringPolicy
             kwargs["policy_kwargs"] = {
                 "item_side": features.item_side,
                 "item_vectors": features.item_vectors,
                 "item_embeddings": env.core.item_embeddings,
-                "cf_start": config.cf_start,
                 "item_gain": config.item_gain,
             }
+            if config.algo == "maskable-dqn":
+                policy = ItemQPolicy
+            else:
+                policy = ItemScoringPolicy
+                kwargs["policy_kwargs"]["cf_start"] = config.cf_start
         model = algo(policy, monitored, tensorboard_log=str(run_dir / "tb"), **kwargs)
     checkpoints = atomic_checkpoints(
         max(config.checkpoint_every // config.n_envs, 1), run_dir / "checkpoints"
