@@ -153,7 +153,7 @@ class MaskableDQN(DQN):
     def _sample_action(
         self, learning_starts: int, action_noise: ActionNoise | None = None, n_envs: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
-        assert self._last_obs is not None, "self._last_obs was not set"
+        assert self._last_obs is not None and self.env is not None, "learn() sets them"
         masks = get_action_masks(self.env)
         obs, _ = self.policy.obs_to_tensor(self._last_obs)
         with torch.no_grad():
