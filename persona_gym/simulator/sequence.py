@@ -12,10 +12,8 @@ A user's state is a sequence of input embeddings, not text::
 * a **rating token** is the LM's own embedding of the digit "1".."5" plus a learned direction
   times the residual (rating minus that prediction): how far the rating fell from expectation;
 * the **candidate** is an item token plus its cue: how many of the user's interactions fall
-  between the window and it (``RatingRequest.gap``: none in an episode), through a learned
-  embedding per power-of-two bucket, and the window's mean residual times a learned direction
-  of that bucket (in MovieLens the carry-over of a mood fades within a few dozen ratings, so
-  a window next to the candidate and one far before it need their own).
+  between the window and it (``RatingRequest.gap``: none in an episode) and the window's mean
+  residual, each through a learned embedding.
 
 The rating of the candidate is read from the LM's next-token logits of "1".."5" at the
 candidate's token (plus a learned offset each), plus the adapter's collaborative prior
@@ -116,10 +114,8 @@ class SequenceTokens(torch.nn.Module):
         torch.nn.init.zeros_(self.gap.weight)
         # added to the LM's five rating logits before the prior (:meth:`read`)
         self.offset = torch.nn.Parameter(torch.zeros(5))
-        # the window's mean residual, read on the candidate's token through its gap bucket's
-        # direction (:meth:`cue`)
-        self.mood = torch.nn.Embedding(GAP_BUCKETS, hidden)
-        torch.nn.init.zeros_(self.mood.weight)
+        # the window's mean residual, read on the candidate's token (:meth:`cue`)
+        self.surprise = torch.nn.Parameter(torch.zeros(hidden))
 
     def items(self, indices: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` item tokens of catalogue ``indices`` with this user's ``predictions``."""
@@ -130,11 +126,10 @@ class SequenceTokens(torch.nn.Module):
     def cue(self, gaps: torch.Tensor, surprises: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` what a candidate's token adds to its item token: how many interactions
         after the window it falls (``gaps``) and how far the window's ratings fell from the
-        collaborative expectation (``surprises``, :meth:`UserSequence.surprise`), along the
-        direction of the gap's bucket."""
+        collaborative expectation (``surprises``, :meth:`UserSequence.surprise`)."""
         buckets = gap_bucket(gaps).to(self.gap.weight.device)
-        moved = torch.as_tensor(surprises, dtype=torch.float32).to(self.gap.weight.device)
-        return self.gap(buckets) + moved[..., None] * self.mood(buckets)
+        moved = torch.as_tensor(surprises, dtype=torch.float32).to(self.surprise.device)
+        return self.gap(buckets) + moved[..., None] * self.surprise
 
     def read(self, logits: torch.Tensor) -> torch.Tensor:
         """The SLM's ``(..., 5)`` part of the rating logits from the LM's logits of "1".."5":

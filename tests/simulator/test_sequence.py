@@ -294,13 +294,13 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
         model.predictions(user, request.adapter, [x.item_index for x in (*window, candidate)]),
     )
     tokens = model.tokens[request.adapter]
-    trained = [p.detach().clone() for p in (tokens.gap.weight, tokens.mood.weight)]
+    trained = [p.detach().clone() for p in (tokens.gap.weight, tokens.surprise)]
     lora_lm.model.set_adapter(request.adapter)
     found = {}
     try:
         with torch.no_grad():  # cues the trained tiny model may have left at zero
             tokens.gap.weight.normal_(generator=torch.Generator().manual_seed(0))
-            tokens.mood.weight.normal_(generator=torch.Generator().manual_seed(1))
+            tokens.surprise.normal_(generator=torch.Generator().manual_seed(1))
             for gap in (0, 5):
                 example = BlockExample(prefix, [block], [gap])
                 logits, ratings, predictions = block_logits(lora_lm, tokens, [example], False)
@@ -311,7 +311,7 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
     finally:
         with torch.no_grad():
             tokens.gap.weight.copy_(trained[0])
-            tokens.mood.weight.copy_(trained[1])
+            tokens.surprise.copy_(trained[1])
     assert np.abs(found[0] - found[5]).max() > 1e-3
 
 
@@ -381,21 +381,3 @@ def test_agents_take_the_prior_rater_by_name(seq_artifacts, tiny_base, tmp_path)
     # synthetic artifacts do not record
     with pytest.raises(ValueError, match="split.json lacks"):
         load_evaluation("PersonaML100K-v0", "float32", **kwargs)
-
-
-def test_the_window_mood_has_a_direction_per_gap_bucket():
-    """The candidate's cue: the gap's embedding plus the window's mean residual times the
-    direction of the gap's bucket (a mood next to the candidate and one far before it differ)."""
-    from persona_gym.simulator.sequence import gap_bucket
-
-    tokens = SequenceTokens(
-        np.random.default_rng(0).normal(size=(4, 3)), torch.zeros(5, 8), torch.zeros(8)
-    )
-    with torch.no_grad():
-        tokens.gap.weight.normal_(generator=torch.Generator().manual_seed(0))
-        tokens.mood.weight.normal_(generator=torch.Generator().manual_seed(1))
-    gaps = torch.tensor([0, 1, 5, 100])
-    moved = tokens.cue(gaps, torch.full((4,), 0.5)) - tokens.cue(gaps, torch.zeros(4))
-    expected = 0.5 * tokens.mood.weight[gap_bucket(gaps)]
-    torch.testing.assert_close(moved, expected)
-    assert gap_bucket(gaps).unique().numel() == 4
