@@ -166,8 +166,8 @@ class AgentConfig:
             device="cpu",
             verbose=0,
         )
-        if self.algo == "dqn":
-            return dict(
+        if self.algo in ("dqn", "maskable-dqn"):
+            kwargs = dict(
                 common,
                 buffer_size=50_000,
                 learning_starts=min(1_000, self.timesteps // 10),
@@ -177,20 +177,16 @@ class AgentConfig:
                 exploration_fraction=0.3,
                 exploration_final_eps=0.05,
             )
-        if self.algo == "maskable-dqn":
-            # a replay batch per 8 new ratings (n_envs of them arrive per step) and a lasting
-            # exploration: the values of MF's top movies differ by a tenth of a star under a
-            # star of rating noise, so each needs many ratings (evaluation is greedy)
-            return dict(
-                common,
-                buffer_size=50_000,
-                learning_starts=min(1_000, self.timesteps // 10),
-                train_freq=1,
-                gradient_steps=max(1, self.n_envs // 8),
-                target_update_interval=500,
-                exploration_fraction=0.5,
-                exploration_final_eps=0.2,
-            )
+            if self.algo == "maskable-dqn":
+                # a replay batch per 8 new ratings (n_envs of them arrive per step) and a
+                # lasting exploration: the values of MF's top movies differ by a tenth of a star
+                # under a star of rating noise, so each needs many ratings (evaluation is greedy)
+                kwargs.update(
+                    gradient_steps=max(1, self.n_envs // 8),
+                    exploration_fraction=0.5,
+                    exploration_final_eps=0.2,
+                )
+            return kwargs
         return dict(common, n_steps=self.n_steps, n_epochs=10, ent_coef=self.ent_coef)
 
 
