@@ -35,14 +35,7 @@ from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import nn
 
-from agents.item_policy import (
-    USER_KEY,
-    _feature_slices,
-    _ItemScorer,
-    _shape,
-    _StateExtractor,
-    _WindowTerm,
-)
+from agents.item_policy import _ItemScorer, _StateExtractor, check_item_inputs, item_scorer
 
 __all__ = ["EXPLORE_TOP", "ItemQPolicy", "MaskableDQN"]
 
@@ -89,19 +82,14 @@ class ItemQPolicy(DQNPolicy):
         dim: int = 32,
         **kwargs: Any,
     ):
-        if USER_KEY not in observation_space.spaces:
-            raise ValueError(
-                f"ItemQPolicy needs the observation key {USER_KEY!r} "
-                "(train with `persona-gym train-agent --policy items`)"
-            )
-        n = action_space.n
-        for name, array in (
-            ("item_side", item_side),
-            ("item_vectors", item_vectors),
-            ("item_embeddings", item_embeddings),
-        ):
-            if array is not None and len(array) != n:
-                raise ValueError(f"ItemQPolicy: {len(array)} rows of {name} for Discrete({n})")
+        check_item_inputs(
+            "ItemQPolicy",
+            observation_space,
+            action_space,
+            item_side=item_side,
+            item_vectors=item_vectors,
+            item_embeddings=item_embeddings,
+        )
         self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
         self.item_embeddings = None if item_embeddings is None else np.asarray(item_embeddings)
         self.item_gain, self.hidden, self.dim = float(item_gain), int(hidden), int(dim)
@@ -112,22 +100,7 @@ class ItemQPolicy(DQNPolicy):
         args = self._update_features_extractor(self.net_args, features_extractor=None)
         q = QNetwork(**{**args, "net_arch": []})
         assert isinstance(self.observation_space, spaces.Dict)  # __init__ took a Dict
-        at = _feature_slices(self.observation_space)
-        window = None
-        if self.item_embeddings is not None:
-            window = _WindowTerm(
-                self.item_embeddings, at["recent_items"], at["recent_mask"], at["recent_ratings"]
-            )
-        scorer = _ItemScorer(
-            self.hidden,
-            int(_shape(self.observation_space.spaces[USER_KEY])[0]),
-            self.item_side,
-            self.item_vectors,
-            self.dim,
-            window,
-            cf_start=1.0,
-            item_gain=self.item_gain,
-        )
+        scorer = item_scorer(self, self.observation_space, cf_start=1.0)
         nn.init.zeros_(scorer.query.weight)  # the learned correction starts at 0, not near it
         # SB3 types QNetwork.q_net as nn.Sequential (its MLP); any module mapping the
         # extracted features to one value per action serves QNetwork.forward

@@ -337,6 +337,43 @@ class _WindowTerm(nn.Module):
         return CF_GAIN * (similarity @ weight[:, :, None])[:, :, 0]
 
 
+def check_item_inputs(
+    owner: str, observation_space: spaces.Dict, action_space: spaces.Discrete, **arrays: Any
+) -> None:
+    """Refuse, in one line, an observation without the user vector or item arrays (``None``:
+    absent) with another row count than the action space has movies."""
+    if USER_KEY not in observation_space.spaces:
+        raise ValueError(
+            f"{owner} needs the observation key {USER_KEY!r} "
+            "(train with `persona-gym train-agent --policy items`)"
+        )
+    for name, array in arrays.items():
+        if array is not None and len(array) != action_space.n:
+            raise ValueError(f"{owner}: {len(array)} rows of {name} for Discrete({action_space.n})")
+
+
+def item_scorer(policy: Any, observation_space: spaces.Dict, cf_start: float) -> _ItemScorer:
+    """The movie scorer of an item policy (``ItemScoringPolicy`` or ``ItemQPolicy``: their
+    ``item_side``, ``item_vectors``, ``item_embeddings``, ``item_gain``, ``hidden`` and
+    ``dim``), with the window term when the policy has the catalogue's embeddings."""
+    window = None
+    if policy.item_embeddings is not None:
+        at = _feature_slices(observation_space)
+        window = _WindowTerm(
+            policy.item_embeddings, at["recent_items"], at["recent_mask"], at["recent_ratings"]
+        )
+    return _ItemScorer(
+        policy.hidden,
+        int(_shape(observation_space.spaces[USER_KEY])[0]),
+        policy.item_side,
+        policy.item_vectors,
+        policy.dim,
+        window,
+        cf_start,
+        policy.item_gain,
+    )
+
+
 class ItemScoringPolicy(MaskableActorCriticPolicy):
     """MaskablePPO actor-critic whose logits score items through their vectors (module docstring).
 
@@ -367,22 +404,16 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         dim: int = 32,
         **kwargs: Any,
     ):
-        if USER_KEY not in observation_space.spaces:
-            raise ValueError(
-                f"ItemScoringPolicy needs the observation key {USER_KEY!r} "
-                "(train with `persona-gym train-agent --policy items`)"
-            )
-        if len(item_side) != action_space.n or len(item_vectors) != action_space.n:
-            raise ValueError(
-                f"ItemScoringPolicy: {len(item_side)} item vectors for Discrete({action_space.n})"
-            )
+        check_item_inputs(
+            "ItemScoringPolicy",
+            observation_space,
+            action_space,
+            item_side=item_side,
+            item_vectors=item_vectors,
+            item_embeddings=item_embeddings,
+        )
         self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
         self.item_embeddings = None if item_embeddings is None else np.asarray(item_embeddings)
-        if self.item_embeddings is not None and len(self.item_embeddings) != action_space.n:
-            raise ValueError(
-                f"ItemScoringPolicy: {len(self.item_embeddings)} item embeddings for "
-                f"Discrete({action_space.n})"
-            )
         self.hidden, self.dim, self.cf_start = int(hidden), int(dim), float(cf_start)
         self.item_gain = float(item_gain)
         kwargs.setdefault("features_extractor_class", _StateExtractor)
@@ -398,23 +429,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
         assert isinstance(self.observation_space, spaces.Dict)  # __init__ took a Dict
-        user_dim = int(_shape(self.observation_space.spaces[USER_KEY])[0])
-        window = None
-        if self.item_embeddings is not None:
-            at = _feature_slices(self.observation_space)
-            window = _WindowTerm(
-                self.item_embeddings, at["recent_items"], at["recent_mask"], at["recent_ratings"]
-            )
-        self.action_net = _ItemScorer(
-            self.hidden,
-            user_dim,
-            self.item_side,
-            self.item_vectors,
-            self.dim,
-            window,
-            self.cf_start,
-            self.item_gain,
-        )
+        self.action_net = item_scorer(self, self.observation_space, self.cf_start)
         # SB3 types optimizer_class as type[Optimizer], whose base __init__ takes no `lr`; every
         # concrete optimizer (Adam by default) does, and SB3's own _build passes it the same way
         self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
