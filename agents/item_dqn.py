@@ -35,7 +35,7 @@ from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import nn
 
-from agents.item_policy import _ItemScorer, _StateExtractor, check_item_inputs, item_scorer
+from agents.item_policy import ItemScorer, StateExtractor, check_item_inputs, item_scorer
 
 __all__ = ["EXPLORE_TOP", "ItemQPolicy", "MaskableDQN"]
 
@@ -45,7 +45,7 @@ EXPLORE_TOP = 20  # exploration draws among this many best allowed movies (simul
 class _ItemQ(nn.Module):
     """``Q(s, ·) = v(s) + scorer([h(s), features])`` for every movie (module docstring)."""
 
-    def __init__(self, features_dim: int, hidden: int, scorer: _ItemScorer):
+    def __init__(self, features_dim: int, hidden: int, scorer: ItemScorer):
         super().__init__()
         self.state = nn.Sequential(
             nn.Linear(features_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
@@ -93,7 +93,7 @@ class ItemQPolicy(DQNPolicy):
         self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
         self.item_embeddings = None if item_embeddings is None else np.asarray(item_embeddings)
         self.item_gain, self.hidden, self.dim = float(item_gain), int(hidden), int(dim)
-        kwargs.setdefault("features_extractor_class", _StateExtractor)
+        kwargs.setdefault("features_extractor_class", StateExtractor)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def make_q_net(self) -> QNetwork:

@@ -45,7 +45,15 @@ from persona_gym.errors import ConfigError
 from persona_gym.io import atomic_write
 from persona_gym.simulator.cf_models import BiasedMF
 
-__all__ = ["CFFeatures", "ItemScoringPolicy", "add_user_features"]
+__all__ = [
+    "CFFeatures",
+    "ItemScorer",
+    "ItemScoringPolicy",
+    "StateExtractor",
+    "add_user_features",
+    "check_item_inputs",
+    "item_scorer",
+]
 
 USER_KEY = "user"
 CF_GAIN = 30.0
@@ -192,12 +200,12 @@ def _shape(space: spaces.Space[Any]) -> tuple[int, ...]:
 
 
 def _feature_keys(observation_space: spaces.Dict) -> list[str]:
-    """The order :class:`_StateExtractor` flattens the keys in: the user vector first."""
+    """The order :class:`StateExtractor` flattens the keys in: the user vector first."""
     return [USER_KEY] + sorted(k for k in observation_space.spaces if k != USER_KEY)
 
 
 def _feature_slices(observation_space: spaces.Dict) -> dict[str, slice]:
-    """Where each key lies in :class:`_StateExtractor`'s flat features."""
+    """Where each key lies in :class:`StateExtractor`'s flat features."""
     out, start = {}, 0
     for key in _feature_keys(observation_space):
         size = int(np.prod(_shape(observation_space.spaces[key])))
@@ -205,7 +213,7 @@ def _feature_slices(observation_space: spaces.Dict) -> dict[str, slice]:
     return out
 
 
-class _StateExtractor(BaseFeaturesExtractor):
+class StateExtractor(BaseFeaturesExtractor):
     """Flattens the observation dict: the user vector first, then every other key (sorted)."""
 
     def __init__(self, observation_space: spaces.Dict):
@@ -244,7 +252,7 @@ class _Extractor(nn.Module):
         return self.value_net(features)
 
 
-class _ItemScorer(nn.Module):
+class ItemScorer(nn.Module):
     """``logits = h · W e_i + c_i + a · (user · item_vector_i)`` for every catalogue item, plus
     the window term (:class:`_WindowTerm`) when given one."""
 
@@ -352,7 +360,7 @@ def check_item_inputs(
             raise ValueError(f"{owner}: {len(array)} rows of {name} for Discrete({action_space.n})")
 
 
-def item_scorer(policy: Any, observation_space: spaces.Dict, cf_start: float) -> _ItemScorer:
+def item_scorer(policy: Any, observation_space: spaces.Dict, cf_start: float) -> ItemScorer:
     """The movie scorer of an item policy (``ItemScoringPolicy`` or ``ItemQPolicy``: their
     ``item_side``, ``item_vectors``, ``item_embeddings``, ``item_gain``, ``hidden`` and
     ``dim``), with the window term when the policy has the catalogue's embeddings."""
@@ -362,7 +370,7 @@ def item_scorer(policy: Any, observation_space: spaces.Dict, cf_start: float) ->
         window = _WindowTerm(
             policy.item_embeddings, at["recent_items"], at["recent_mask"], at["recent_ratings"]
         )
-    return _ItemScorer(
+    return ItemScorer(
         policy.hidden,
         int(_shape(observation_space.spaces[USER_KEY])[0]),
         policy.item_side,
@@ -416,7 +424,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         self.item_embeddings = None if item_embeddings is None else np.asarray(item_embeddings)
         self.hidden, self.dim, self.cf_start = int(hidden), int(dim), float(cf_start)
         self.item_gain = float(item_gain)
-        kwargs.setdefault("features_extractor_class", _StateExtractor)
+        kwargs.setdefault("features_extractor_class", StateExtractor)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _build_mlp_extractor(self) -> None:
