@@ -1,4 +1,4 @@
-"""``persona-gym train-agent``: train PPO, DQN, MaskablePPO or MaskableDQN on a persona-gym environment.
+"""``persona-gym train-agent``: train PPO, DQN, MaskablePPO or MaskableDQN on a persona-gym env.
 
 The policy learns from the simulated users' ratings (the reward) through
 :class:`agents.sb3_env.SB3VecEnv`: ``--n-envs`` users are stepped together, one batched
