@@ -35,7 +35,7 @@ from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import nn
 
-from agents.item_policy import ItemScorer, StateExtractor, check_item_inputs, item_scorer
+from agents.item_policy import ItemInputs, ItemScorer, StateExtractor
 
 __all__ = ["EXPLORE_TOP", "ItemQPolicy", "MaskableDQN"]
 
@@ -60,7 +60,7 @@ class _ItemQ(nn.Module):
         return self.value(h) + self.scorer(torch.cat([h, features], dim=1))
 
 
-class ItemQPolicy(DQNPolicy):
+class ItemQPolicy(ItemInputs, DQNPolicy):
     """DQN policy whose Q-network scores every movie through its vectors (module docstring).
 
     Extra keyword arguments (saved with the model): ``item_side``, ``item_vectors``,
@@ -82,17 +82,16 @@ class ItemQPolicy(DQNPolicy):
         dim: int = 32,
         **kwargs: Any,
     ):
-        check_item_inputs(
-            "ItemQPolicy",
+        self._keep_item_inputs(
             observation_space,
             action_space,
-            item_side=item_side,
-            item_vectors=item_vectors,
-            item_embeddings=item_embeddings,
+            item_side,
+            item_vectors,
+            item_embeddings,
+            item_gain,
+            hidden,
+            dim,
         )
-        self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
-        self.item_embeddings = None if item_embeddings is None else np.asarray(item_embeddings)
-        self.item_gain, self.hidden, self.dim = float(item_gain), int(hidden), int(dim)
         kwargs.setdefault("features_extractor_class", StateExtractor)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -100,7 +99,7 @@ class ItemQPolicy(DQNPolicy):
         args = self._update_features_extractor(self.net_args, features_extractor=None)
         q = QNetwork(**{**args, "net_arch": []})
         assert isinstance(self.observation_space, spaces.Dict)  # __init__ took a Dict
-        scorer = item_scorer(self, self.observation_space, cf_start=1.0)
+        scorer = self._item_scorer(self.observation_space, cf_start=1.0)
         nn.init.zeros_(scorer.query.weight)  # the learned correction starts at 0, not near it
         # SB3 types QNetwork.q_net as nn.Sequential (its MLP); any module mapping the
         # extracted features to one value per action serves QNetwork.forward
@@ -109,14 +108,7 @@ class ItemQPolicy(DQNPolicy):
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(
-            item_side=self.item_side,
-            item_vectors=self.item_vectors,
-            item_embeddings=self.item_embeddings,
-            item_gain=self.item_gain,
-            hidden=self.hidden,
-            dim=self.dim,
-        )
+        data.update(self._item_parameters())
         return data
 
 

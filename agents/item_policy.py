@@ -47,12 +47,11 @@ from persona_gym.simulator.cf_models import BiasedMF
 
 __all__ = [
     "CFFeatures",
+    "ItemInputs",
     "ItemScorer",
     "ItemScoringPolicy",
     "StateExtractor",
     "add_user_features",
-    "check_item_inputs",
-    "item_scorer",
 ]
 
 USER_KEY = "user"
@@ -345,44 +344,83 @@ class _WindowTerm(nn.Module):
         return CF_GAIN * (similarity @ weight[:, :, None])[:, :, 0]
 
 
-def check_item_inputs(
-    owner: str, observation_space: spaces.Dict, action_space: spaces.Discrete, **arrays: Any
-) -> None:
-    """Refuse, in one line, an observation without the user vector or item arrays (``None``:
-    absent) with another row count than the action space has movies."""
-    if USER_KEY not in observation_space.spaces:
-        raise ValueError(
-            f"{owner} needs the observation key {USER_KEY!r} "
-            "(train with `persona-gym train-agent --policy items`)"
+class ItemInputs:
+    """What an item policy (:class:`ItemScoringPolicy`, ``agents.item_dqn.ItemQPolicy``) scores
+    movies from, checked, kept and saved with the model: the item arrays, the corrections' gain
+    and the widths of its networks."""
+
+    item_side: np.ndarray
+    item_vectors: np.ndarray
+    item_embeddings: np.ndarray | None
+    item_gain: float
+    hidden: int
+    dim: int
+
+    def _keep_item_inputs(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        item_side: np.ndarray,
+        item_vectors: np.ndarray,
+        item_embeddings: np.ndarray | None,
+        item_gain: float,
+        hidden: int,
+        dim: int,
+    ) -> None:
+        """Refuse, in one line, an observation without the user vector or item arrays with
+        another row count than the action space has movies; keep the inputs."""
+        owner = type(self).__name__
+        if USER_KEY not in observation_space.spaces:
+            raise ValueError(
+                f"{owner} needs the observation key {USER_KEY!r} "
+                "(train with `persona-gym train-agent --policy items`)"
+            )
+        arrays: dict[str, np.ndarray | None] = {
+            "item_side": item_side,
+            "item_vectors": item_vectors,
+            "item_embeddings": item_embeddings,
+        }
+        for name, array in arrays.items():
+            if array is not None and len(array) != action_space.n:
+                raise ValueError(
+                    f"{owner}: {len(array)} rows of {name} for Discrete({action_space.n})"
+                )
+        self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
+        self.item_embeddings = None if item_embeddings is None else np.asarray(item_embeddings)
+        self.item_gain, self.hidden, self.dim = float(item_gain), int(hidden), int(dim)
+
+    def _item_parameters(self) -> dict[str, Any]:
+        """The kept inputs, for the policy's ``_get_constructor_parameters``."""
+        return dict(
+            item_side=self.item_side,
+            item_vectors=self.item_vectors,
+            item_embeddings=self.item_embeddings,
+            item_gain=self.item_gain,
+            hidden=self.hidden,
+            dim=self.dim,
         )
-    for name, array in arrays.items():
-        if array is not None and len(array) != action_space.n:
-            raise ValueError(f"{owner}: {len(array)} rows of {name} for Discrete({action_space.n})")
 
-
-def item_scorer(policy: Any, observation_space: spaces.Dict, cf_start: float) -> ItemScorer:
-    """The movie scorer of an item policy (``ItemScoringPolicy`` or ``ItemQPolicy``: their
-    ``item_side``, ``item_vectors``, ``item_embeddings``, ``item_gain``, ``hidden`` and
-    ``dim``), with the window term when the policy has the catalogue's embeddings."""
-    window = None
-    if policy.item_embeddings is not None:
-        at = _feature_slices(observation_space)
-        window = _WindowTerm(
-            policy.item_embeddings, at["recent_items"], at["recent_mask"], at["recent_ratings"]
+    def _item_scorer(self, observation_space: spaces.Dict, cf_start: float) -> ItemScorer:
+        """The movie scorer, with the window term when the catalogue's embeddings are kept."""
+        window = None
+        if self.item_embeddings is not None:
+            at = _feature_slices(observation_space)
+            window = _WindowTerm(
+                self.item_embeddings, at["recent_items"], at["recent_mask"], at["recent_ratings"]
+            )
+        return ItemScorer(
+            self.hidden,
+            int(_shape(observation_space.spaces[USER_KEY])[0]),
+            self.item_side,
+            self.item_vectors,
+            self.dim,
+            window,
+            cf_start,
+            self.item_gain,
         )
-    return ItemScorer(
-        policy.hidden,
-        int(_shape(observation_space.spaces[USER_KEY])[0]),
-        policy.item_side,
-        policy.item_vectors,
-        policy.dim,
-        window,
-        cf_start,
-        policy.item_gain,
-    )
 
 
-class ItemScoringPolicy(MaskableActorCriticPolicy):
+class ItemScoringPolicy(ItemInputs, MaskableActorCriticPolicy):
     """MaskablePPO actor-critic whose logits score items through their vectors (module docstring).
 
     Extra keyword arguments (``policy_kwargs``, saved with the model):
@@ -412,18 +450,17 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
         dim: int = 32,
         **kwargs: Any,
     ):
-        check_item_inputs(
-            "ItemScoringPolicy",
+        self._keep_item_inputs(
             observation_space,
             action_space,
-            item_side=item_side,
-            item_vectors=item_vectors,
-            item_embeddings=item_embeddings,
+            item_side,
+            item_vectors,
+            item_embeddings,
+            item_gain,
+            hidden,
+            dim,
         )
-        self.item_side, self.item_vectors = np.asarray(item_side), np.asarray(item_vectors)
-        self.item_embeddings = None if item_embeddings is None else np.asarray(item_embeddings)
-        self.hidden, self.dim, self.cf_start = int(hidden), int(dim), float(cf_start)
-        self.item_gain = float(item_gain)
+        self.cf_start = float(cf_start)
         kwargs.setdefault("features_extractor_class", StateExtractor)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -437,7 +474,7 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
         assert isinstance(self.observation_space, spaces.Dict)  # __init__ took a Dict
-        self.action_net = item_scorer(self, self.observation_space, self.cf_start)
+        self.action_net = self._item_scorer(self.observation_space, self.cf_start)
         # SB3 types optimizer_class as type[Optimizer], whose base __init__ takes no `lr`; every
         # concrete optimizer (Adam by default) does, and SB3's own _build passes it the same way
         self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
@@ -446,13 +483,5 @@ class ItemScoringPolicy(MaskableActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(
-            item_side=self.item_side,
-            item_vectors=self.item_vectors,
-            item_embeddings=self.item_embeddings,
-            cf_start=self.cf_start,
-            item_gain=self.item_gain,
-            hidden=self.hidden,
-            dim=self.dim,
-        )
+        data.update(self._item_parameters(), cf_start=self.cf_start)
         return data
