@@ -6,13 +6,16 @@ events, then blocks of ``window`` events and a target whose rating is read at it
 Each epoch draws each user's prefix end anew and up to ``targets_per_user`` targets after it, so
 the gap between the prefix and the window ranges from none to the whole training part, as it
 does for a late test rating or deep in an episode (a model trained only on contiguous context
-learns to trust a prefix that is stale by then). The last ``val_per_user`` ratings of each user
-are the validation slice (never trained on), scored in the simulator's layout for a first test
-rating; every rating is read with a collaborative prediction that never saw the stretch of the
-user's sequence around it (:func:`training_sequences`), as a test rating's never saw the test
-period; it chooses the step to keep (the lowest validation RMSE: the adapters overfit within a
-few epochs). The prior alone is scored on the same slice, so what the SLM adds is measured while
-it trains.
+learns to trust a prefix that is stale by then). The last ``val_share`` of each simulated user's
+ratings is the validation stretch (never trained on), read twice as the test ratings are: with
+the rolling window (each rating after its real previous ``window``, as in an episode), which
+chooses the step to keep (the lowest RMSE: the adapters overfit within a few epochs), and with
+the evaluator's window (the ``window`` before the stretch, each rating as many events after it
+as precede it in the stretch), on which, with the rolling reads, the share of its departure from
+the prior the SLM keeps at each gap is refitted (:func:`fit_gap_scale`). Every rating is read
+with a collaborative prediction that never saw the stretch of the user's sequence around it
+(:func:`training_sequences`), as a test rating's never saw the test period. The prior alone is
+scored on the same reads, so what the SLM adds is measured while it trains.
 
 ``persona-gym train --artifacts DIR --preset sequence`` (with :class:`SequenceTrainConfig` and
 :func:`sequence_prompt`) reads what ``persona-gym distill`` and ``persona-gym personas`` wrote
@@ -61,9 +64,11 @@ from persona_gym.simulator.collaborative import (
 from persona_gym.simulator.prompt_config import PromptConfig
 from persona_gym.simulator.rating_prior import fit_rating_prior
 from persona_gym.simulator.sequence import (
+    GAP_BUCKETS,
     SequenceLM,
     SequenceTokens,
     UserSequence,
+    gap_bucket,
     item_features,
 )
 
@@ -87,7 +92,9 @@ class SequenceTrainConfig:
         epochs: passes over the training users (early stopping keeps the best step).
         batch: users per optimiser step.
         mse_weight: weight of the squared error of the expected rating beside the NLL.
-        val_per_user: each user's last ratings held out as the validation slice.
+        val_per_user: the fewest of each simulated user's last ratings held out for validation.
+        val_share: the share of each simulated user's ratings held out for validation (at least
+            ``val_per_user``): long enough to read the gaps of late test ratings.
         other_users: also train each adapter on the dataset's other users (those the simulator
             does not simulate) nearest its persona's taste (:func:`training_sequences`); the
             validation slice stays the simulated users'.
@@ -107,6 +114,7 @@ class SequenceTrainConfig:
     batch: int = 8
     mse_weight: float = 0.1
     val_per_user: int = 5
+    val_share: float = 0.25
     other_users: bool = True
     eval_every: int = 8
     seed: int = 0
@@ -289,9 +297,10 @@ class BlockExample:
 def _examples(
     seqs: dict[int, UserSequence], config: SequenceTrainConfig, rng: np.random.Generator
 ) -> list[BlockExample]:
-    """This epoch's training examples: for each user a prefix end ``s`` drawn at random, the
-    ``history`` events before it as the prefix, and up to ``targets_per_user`` target events
-    ``t >= s + window`` drawn from the rest of the training part, each with a window of
+    """This epoch's training examples: for each user (``seqs``: what is trained on, the
+    validation stretch cut off) a prefix end ``s`` drawn at random, the ``history`` events
+    before it as the prefix, and up to ``targets_per_user`` target events ``t >= s + window``
+    drawn from the rest of the sequence, each with a window of
     ``window`` events that ends ``gap`` events before it. The gap between prefix and window then
     spans what the rolling window of a test rating or an episode shows (from none to the whole
     training part), and the gap between window and target what the evaluator's window shows
@@ -299,7 +308,7 @@ def _examples(
     k = config.window
     out = []
     for seq in seqs.values():
-        n = len(seq) - config.val_per_user
+        n = len(seq)
         first_end = min(config.history, max(n - k - 1, 1))
         if n - k - 1 < first_end:
             continue
@@ -330,34 +339,57 @@ def _window_and_target(stretch: UserSequence, k: int) -> UserSequence:
     return UserSequence(stretch.items[keep], stretch.ratings[keep], stretch.predictions[keep])
 
 
-def _val_examples(seqs: dict[int, UserSequence], config: SequenceTrainConfig) -> list[BlockExample]:
-    """Each user's validation ratings, in the simulator's layout for the first test ratings:
-    the prefix is the ``history`` events before the ``window`` that precede the first one."""
+def held_out(n: int, config: SequenceTrainConfig) -> int:
+    """How many of a simulated user's ``n`` ratings (their last) are held out for validation."""
+    return max(config.val_per_user, round(config.val_share * n))
+
+
+def _val_examples(
+    seqs: dict[int, UserSequence], config: SequenceTrainConfig, rolling: bool
+) -> list[BlockExample]:
+    """Each user's validation stretch (their last :func:`held_out` ratings) in the simulator's
+    layout for test ratings: the prefix is the ``history`` events before the ``window`` that
+    precedes the stretch; with ``rolling`` each rating is read after its real previous
+    ``window`` events (an episode's window), else after that first window, as many events
+    after it as precede the rating in the stretch (the evaluator's window)."""
     k = config.window
     out = []
     for seq in seqs.values():
-        first = len(seq) - config.val_per_user
+        first = len(seq) - held_out(len(seq), config)
         s = max(0, first - k)
         prefix = _slice(seq, max(0, s - config.history), s)
-        blocks = [_slice(seq, max(0, t - k), t + 1) for t in range(first, len(seq))]
-        out.append(BlockExample(prefix, blocks, [0] * len(blocks)))
+        stretch = range(first, len(seq))
+        if rolling:
+            blocks = [_slice(seq, max(0, t - k), t + 1) for t in stretch]
+            gaps = [0] * len(blocks)
+        else:
+            window = _slice(seq, s, first)
+            blocks = [_concat(window, _slice(seq, t, t + 1)) for t in stretch]
+            gaps = [t - first for t in stretch]
+        out.append(BlockExample(prefix, blocks, gaps))
     return out
+
+
+def _concat(a: UserSequence, b: UserSequence) -> UserSequence:
+    return UserSequence(
+        np.r_[a.items, b.items], np.r_[a.ratings, b.ratings], np.r_[a.predictions, b.predictions]
+    )
 
 
 def block_logits(
     lm: SequenceLM, tokens: SequenceTokens, examples: list[BlockExample], every_event: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rating logits of the blocks of ``examples`` with their targets' 1..5 ratings and
-    collaborative predictions: each prefix runs once, then its blocks on copies of its
-    keys/values (as :meth:`SequenceRatingModel.score_logits` does). ``every_event``: also read
-    each window event's rating at its item token (from the prefix and the block's events before
-    it), not only the target's."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM's logits of "1".."5" for the blocks of ``examples`` with their targets' 1..5
+    ratings, collaborative predictions and gaps: each prefix runs once, then its blocks on
+    copies of its keys/values (as :meth:`SequenceRatingModel.score_logits` does).
+    ``every_event``: also read each window event's rating at its item token (right after the
+    events before it: gap 0), not only the target's."""
     head = lm.head
     groups: dict[tuple[int, int], list[tuple[int, UserSequence, int]]] = {}
     for i, ex in enumerate(examples):
         for block, gap in zip(ex.blocks, ex.gaps, strict=True):
             groups.setdefault((len(ex.prefix), len(block)), []).append((i, block, gap))
-    logits, ratings, predictions = [], [], []
+    logits, ratings, predictions, gaps = [], [], [], []
     for (_, length), group in groups.items():
         owners = sorted({i for i, _, _ in group})
         prefixes = torch.stack(
@@ -387,7 +419,10 @@ def block_logits(
         predictions.append(
             torch.from_numpy(np.stack([b.predictions[events] for b in blocks])).reshape(-1)
         )
-    return torch.cat(logits), torch.cat(ratings), torch.cat(predictions)
+        read_at = torch.zeros(len(blocks), len(events), dtype=torch.long)
+        read_at[:, -1] = torch.tensor([gap for _, _, gap in group])
+        gaps.append(read_at.reshape(-1))
+    return torch.cat(logits), torch.cat(ratings), torch.cat(predictions), torch.cat(gaps)
 
 
 def _scores(logits: torch.Tensor, ratings: torch.Tensor) -> dict[str, float]:
@@ -419,16 +454,19 @@ def train_sequence_adapter(
     if inputs.sequences is None:
         raise ValueError("SequenceInputs.with_sequences() first: the training sequences")
     seqs = {u: inputs.sequences[u] for u in users}
-    val = _val_examples(seqs, config)
+    val = _val_examples(seqs, config, rolling=True)
+    val_far = _val_examples(seqs, config, rolling=False)
     persona = inputs.user_persona[users[0]]
     others = {u: seq for u, (seq, p) in (inputs.others or {}).items() if p == persona}
-    trained_on = {**seqs, **others}
+    own = {u: _slice(seq, 0, len(seq) - held_out(len(seq), config)) for u, seq in seqs.items()}
+    trained_on = {**own, **others}
     initial = _examples(trained_on, config, np.random.default_rng(config.seed))
     n_train = len(initial)
     if not n_train:
         raise ConfigError(
             f"{name}: no training example: its {len(users)} users have at most "
-            f"window + val_per_user = {config.window + config.val_per_user} ratings; "
+            f"window + 1 ratings besides their validation stretch (val_share "
+            f"{config.val_share}, at least val_per_user {config.val_per_user}); "
             "lower --window or --val-per-user"
         )
     lora = LoraConfig(
@@ -442,13 +480,9 @@ def train_sequence_adapter(
     lm = SequenceLM(model, tokenizer)
     features = item_features(inputs.item_embeddings, inputs.collaborative, inputs.catalog.genres)
     tokens = SequenceTokens.initial(features, lm, tokenizer)
-    fit_on = [s for s in seqs.values() if len(s) > config.val_per_user + config.window]
-    ratings_fit = np.concatenate(
-        [np.rint(s.ratings[config.window : -config.val_per_user]) for s in fit_on]
-    )
-    preds_fit = np.concatenate(
-        [s.predictions[config.window : -config.val_per_user] for s in fit_on]
-    )
+    fit_on = [s for s in own.values() if len(s) > config.window]
+    ratings_fit = np.concatenate([np.rint(s.ratings[config.window :]) for s in fit_on])
+    preds_fit = np.concatenate([s.predictions[config.window :] for s in fit_on])
     prior = fit_rating_prior(preds_fit, np.zeros_like(preds_fit), ratings_fit.astype(np.int64))
     prior.requires_grad_(False)  # fitted alone and kept: the prior-alone row of the report
     with torch.no_grad():
@@ -471,27 +505,31 @@ def train_sequence_adapter(
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
-    def validate() -> dict[str, float]:
+    def reads(examples: list[BlockExample]) -> tuple[torch.Tensor, ...]:
         model.eval()
         with torch.no_grad():
-            logits, ratings, predictions = block_logits(lm, tokens, val, every_event=False)
-            return _scores(tokens.rating_logits(prior, logits, predictions), ratings)
+            return block_logits(lm, tokens, examples, every_event=False)
 
-    with torch.no_grad():
-        val_ratings = torch.tensor(
-            [int(round(float(b.ratings[-1]))) for e in val for b in e.blocks]
-        )
-        val_preds = torch.tensor([float(b.predictions[-1]) for e in val for b in e.blocks])
-        prior_only = _scores(
-            prior(torch.zeros(len(val_ratings), 5), val_preds, torch.zeros_like(val_preds)),
-            val_ratings,
-        )
+    def scored(read: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        digits, ratings, predictions, gaps = read
+        with torch.no_grad():
+            return _scores(tokens.rating_logits(prior, digits, predictions, gaps), ratings)
+
+    def prior_alone(read: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        _, ratings, predictions, _ = read
+        zeros = torch.zeros_like(predictions)
+        return _scores(prior(torch.zeros(len(ratings), 5), predictions, zeros), ratings)
+
+    def validate() -> dict[str, float]:
+        return scored(reads(val))
+
+    prior_only = prior_alone(reads(val))
     log.info(
         "%s: %d training users (%d of them other users), %d val ratings; prior alone %s",
         name,
         len(trained_on),
         len(others),
-        len(val_ratings),
+        prior_only["n"],
         prior_only,
     )
     best = validate()
@@ -505,8 +543,8 @@ def train_sequence_adapter(
         for first in range(0, len(order), config.batch):
             model.train()
             batch = [train[i] for i in order[first : first + config.batch]]
-            logits, ratings, predictions = block_logits(lm, tokens, batch, every_event=True)
-            logits = tokens.rating_logits(prior, logits, predictions)
+            logits, ratings, predictions, gaps = block_logits(lm, tokens, batch, every_event=True)
+            logits = tokens.rating_logits(prior, logits, predictions, gaps)
             expected = logits.softmax(-1) @ torch.as_tensor(RATING_VALUES, dtype=torch.float32)
             loss = torch.nn.functional.cross_entropy(logits, ratings - 1)
             loss = loss + config.mse_weight * ((expected - ratings.float()) ** 2).mean()
@@ -533,6 +571,20 @@ def train_sequence_adapter(
                 if scores["rmse"] < best["rmse"]:
                     best, best_state = scores, _snapshot(model, tokens, prior)
     _restore(model, tokens, prior, best_state)
+    far, rolling = reads(val_far), reads(val)
+    far_before = scored(far)
+    read = tuple(torch.cat(pair) for pair in zip(rolling, far, strict=True))
+    per_bucket = fit_gap_scale(tokens, prior, *read, config.mse_weight)
+    refit = {
+        "scale": [round(float(x), 4) for x in tokens.scale],
+        "reads_per_bucket": per_bucket,
+        "rolling": scored(rolling),
+        "far_before": far_before,
+        "far": scored(far),
+        "far_prior_alone": prior_alone(far),
+    }
+    best = refit["rolling"]
+    log.info("%s: gap scale refitted on the validation stretch: %s", name, refit)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), selected_adapters=[name])
@@ -544,6 +596,7 @@ def train_sequence_adapter(
         "base_model": base_model,
         "best": best,
         "prior_alone": prior_only,
+        "gap_scale": refit,
         "history": history,
         "steps": step,
         "seconds": time.perf_counter() - started,
@@ -553,6 +606,57 @@ def train_sequence_adapter(
     (folder / "training.json").write_text(json.dumps(metrics, indent=1))
     model.unload()
     return metrics
+
+
+SCALE_GRID = torch.linspace(0.0, 3.0, 121)
+FIT_LEAST = 100  # held-out reads a gap bucket needs for a scale of its own
+
+
+def fit_gap_scale(
+    tokens: SequenceTokens,
+    prior: torch.nn.Module,
+    digits: torch.Tensor,
+    ratings: torch.Tensor,
+    predictions: torch.Tensor,
+    gaps: torch.Tensor,
+    mse_weight: float,
+) -> list[int]:
+    """Refit ``tokens.scale`` on held-out reads (the LM's logits of "1".."5" with their
+    ratings, collaborative predictions and gaps): per gap bucket, the scale on
+    :data:`SCALE_GRID` of the lowest training loss (NLL plus ``mse_weight`` times the squared
+    error of the expected rating). A bucket with fewer than :data:`FIT_LEAST` reads takes the
+    scale of the nearest bucket below it that has them (above it when none below has); with
+    no such bucket the learned scale stays (and a warning says so). Returns the reads per
+    bucket."""
+    buckets = gap_bucket(gaps)
+    counts = [int((buckets == b).sum()) for b in range(GAP_BUCKETS)]
+    values = torch.as_tensor(RATING_VALUES, dtype=torch.float32)
+    fitted: dict[int, float] = {}
+    with torch.no_grad():
+        part = digits + tokens.offset  # the SLM's part at scale 1
+        for b in range(GAP_BUCKETS):
+            if counts[b] < FIT_LEAST:
+                continue
+            rows = buckets == b
+            centre = predictions[rows].float()
+            losses = []
+            for scale in SCALE_GRID:
+                logits = prior(scale * part[rows], centre, torch.zeros_like(centre))
+                nll = torch.nn.functional.cross_entropy(logits, ratings[rows] - 1)
+                expected = logits.softmax(-1) @ values
+                losses.append(nll + mse_weight * ((expected - ratings[rows]) ** 2).mean())
+            fitted[b] = float(SCALE_GRID[int(torch.stack(losses).argmin())])
+        if not fitted:
+            log.warning(
+                "no gap bucket has %d validation reads (%s): the learned gap scale is kept",
+                FIT_LEAST,
+                counts,
+            )
+            return counts
+        for b in range(GAP_BUCKETS):
+            below = [f for f in fitted if f <= b]
+            tokens.scale[b] = fitted[max(below)] if below else fitted[min(fitted)]
+    return counts
 
 
 def _snapshot(model, tokens, prior) -> dict:

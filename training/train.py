@@ -534,6 +534,7 @@ SEQUENCE_ONLY = (
     ("--history", "history"),
     ("--targets-per-user", "targets_per_user"),
     ("--other-users", "other_users"),
+    ("--val-share", "val_share"),
 )
 
 
@@ -685,6 +686,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="also train on the dataset's other users, each under the persona nearest their "
         f"taste (default: {sequence.other_users})",
+    )
+    seq.add_argument(
+        "--val-share",
+        type=float,
+        default=None,
+        help="share of each simulated user's ratings (their last, at least --val-per-user) held "
+        "out to choose the step and fit the gap scale (default: "
+        f"{sequence.val_share})",
     )
     seq.add_argument(
         "--targets-per-user",
@@ -895,9 +904,12 @@ def sequence_config(args: argparse.Namespace):
         batch=args.batch,
         mse_weight=args.mse_weight,
         val_per_user=args.val_per_user,
+        val_share=_given(args, "val_share", d.val_share),
         eval_every=args.eval_every,
         seed=args.seed,
     )
+    if not 0.0 < config.val_share < 1.0:
+        raise ConfigError(f"--val-share must be in (0, 1), got {config.val_share}")
     for name in (
         "history",
         "window",

@@ -16,7 +16,9 @@ A user's state is a sequence of input embeddings, not text::
   residual, each through a learned embedding.
 
 The rating of the candidate is read from the LM's next-token logits of "1".."5" at the
-candidate's token (plus a learned offset each), plus the adapter's collaborative prior
+candidate's token (plus a learned offset each, times a scale per gap bucket: how much of its
+departure from the prior the SLM keeps that far after the window, fitted on held-out ratings
+read at those gaps), plus the adapter's collaborative prior
 (:mod:`persona_gym.simulator.rating_prior`, a Gaussian around the prediction, fitted alone and
 without a window term: what the window does to a rating is the SLM's). The prefix is static per user and adapter (computed once, kept as keys/values); a step
 pays for the window and the candidate: ``2 k + 1`` tokens, and each further candidate ranked in
@@ -51,12 +53,14 @@ CENTRE = 3.0  # predictions enter the item tokens as (prediction - CENTRE)
 
 __all__ = [
     "CENTRE",
+    "GAP_BUCKETS",
     "HEAD_TEXT",
     "TOKENS_FILE",
     "SequenceLM",
     "SequenceRatingModel",
     "SequenceTokens",
     "UserSequence",
+    "gap_bucket",
     "item_features",
 ]
 
@@ -116,6 +120,8 @@ class SequenceTokens(torch.nn.Module):
         self.offset = torch.nn.Parameter(torch.zeros(5))
         # the window's mean residual, read on the candidate's token (:meth:`cue`)
         self.surprise = torch.nn.Parameter(torch.zeros(hidden))
+        # per gap bucket, the share of the SLM's part kept (:meth:`read`)
+        self.scale = torch.nn.Parameter(torch.ones(GAP_BUCKETS))
 
     def items(self, indices: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` item tokens of catalogue ``indices`` with this user's ``predictions``."""
@@ -131,21 +137,28 @@ class SequenceTokens(torch.nn.Module):
         moved = torch.as_tensor(surprises, dtype=torch.float32).to(self.surprise.device)
         return self.gap(buckets) + moved[..., None] * self.surprise
 
-    def read(self, logits: torch.Tensor) -> torch.Tensor:
-        """The SLM's ``(..., 5)`` part of the rating logits from the LM's logits of "1".."5":
-        a learned offset per rating (trained from the untrained LM's mean with the opposite
-        sign, so training starts from the collaborative prior alone)."""
-        return logits + self.offset.to(logits.device)
+    def read(self, logits: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        """The SLM's ``(n, 5)`` part of the rating logits from the LM's logits of "1".."5" of
+        candidates ``gaps`` after their windows: a learned offset per rating (trained from the
+        untrained LM's mean with the opposite sign, so training starts from the collaborative
+        prior alone), times the scale of the gap's bucket (learned, then refitted on held-out
+        ratings: far from its window the SLM's departure from the prior carries less)."""
+        scale = self.scale[gap_bucket(gaps).to(self.scale.device)]
+        return (logits + self.offset.to(logits.device)) * scale[..., None].to(logits.device)
 
     def rating_logits(
-        self, prior: RatingPrior, digits: torch.Tensor, predictions: torch.Tensor
+        self,
+        prior: RatingPrior,
+        digits: torch.Tensor,
+        predictions: torch.Tensor,
+        gaps: torch.Tensor,
     ) -> torch.Tensor:
-        """``(n, 5)`` rating logits from the LM's ``(n, 5)`` logits of "1".."5" and the
-        candidates' ``(n,)`` collaborative predictions: the SLM's part (:meth:`read`) plus
-        ``prior`` around the predictions. The prior was fitted alone and kept fixed while the
-        SLM trained: without the SLM's part it is the report's prior-alone row."""
+        """``(n, 5)`` rating logits from the LM's ``(n, 5)`` logits of "1".."5", the
+        candidates' ``(n,)`` collaborative predictions and gaps: the SLM's part (:meth:`read`)
+        plus ``prior`` around the predictions. The prior was fitted alone and kept fixed while
+        the SLM trained: without the SLM's part it is the report's prior-alone row."""
         centre = predictions.to(torch.float32)
-        return prior(self.read(digits), centre, torch.zeros_like(centre))
+        return prior(self.read(digits, gaps), centre, torch.zeros_like(centre))
 
     def ratings(self, ratings: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` rating tokens of 1..5 ``ratings`` with their ``residuals``."""
@@ -175,6 +188,8 @@ class SequenceTokens(torch.nn.Module):
                 "retrain it with `persona-gym train --preset sequence`"
             )
         state = torch.load(path, weights_only=True)
+        # tokens trained before the gap scale keep their SLM part whole at every gap
+        state.setdefault("scale", torch.ones(GAP_BUCKETS))
         hidden = state["digits"].shape[1]
         tokens = cls(features, state["digits"], torch.zeros(hidden))
         missing = sorted(set(tokens.state_dict()) - set(state))
@@ -461,16 +476,19 @@ class SequenceRatingModel:
                 hidden[torch.as_tensor([i for _, i in part])] = out[:, -1]
         logits = torch.empty((len(requests), 5), dtype=torch.float32)
         adapters = [r.adapter for r in requests]
+        gaps = torch.as_tensor([r.gap for r in requests])
         for adapter in set(adapters):
             mine = torch.as_tensor([i for i, a in enumerate(adapters) if a == adapter])
-            logits[mine] = self.combine(adapter, self.lm.logits(hidden[mine]), predictions[mine])
+            logits[mine] = self.combine(
+                adapter, self.lm.logits(hidden[mine]), predictions[mine], gaps[mine]
+            )
         return logits
 
     def combine(
-        self, adapter: str, digits: torch.Tensor, predictions: torch.Tensor
+        self, adapter: str, digits: torch.Tensor, predictions: torch.Tensor, gaps: torch.Tensor
     ) -> torch.Tensor:
         """:meth:`SequenceTokens.rating_logits` under ``adapter``'s tokens and prior."""
-        return self.tokens[adapter].rating_logits(self.priors[adapter], digits, predictions)
+        return self.tokens[adapter].rating_logits(self.priors[adapter], digits, predictions, gaps)
 
     def _run(self, adapter: str, embeds: torch.Tensor, kvs: list[tuple], length: int):
         """``adapter``'s decoder on ``(B, T, H)`` input embeddings after the ``B`` cached

@@ -90,7 +90,7 @@ def _full_forward(sim, lm, user, candidate, window) -> np.ndarray:
         hidden = lm.body(inputs_embeds=torch.cat([prefix, block])[None]).last_hidden_state
         logits = lm.logits(hidden[0, -1:])
         prediction = torch.tensor(request.cf_prediction, dtype=torch.float32)[None]
-        logits = model.combine(request.adapter, logits, prediction)
+        logits = model.combine(request.adapter, logits, prediction, torch.tensor([request.gap]))
     return logits.softmax(-1).double().numpy()[0]
 
 
@@ -303,8 +303,11 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
             tokens.surprise.normal_(generator=torch.Generator().manual_seed(1))
             for gap in (0, 5):
                 example = BlockExample(prefix, [block], [gap])
-                logits, ratings, predictions = block_logits(lora_lm, tokens, [example], False)
-                logits = model.combine(request.adapter, logits, predictions)
+                logits, ratings, predictions, gaps = block_logits(
+                    lora_lm, tokens, [example], False
+                )
+                assert gaps.tolist() == [gap]
+                logits = model.combine(request.adapter, logits, predictions, gaps)
                 found[gap] = simulator.rate([user], [candidate.item_index], [window], gaps=[gap])[0]
                 assert int(ratings[0]) == round(candidate.rating)
                 np.testing.assert_allclose(logits.softmax(-1).numpy()[0], found[gap], atol=1e-5)

@@ -60,6 +60,7 @@ SEQUENCE_CONFIG = {
     "batch": 8,
     "mse_weight": 0.1,
     "val_per_user": 5,
+    "val_share": 0.25,
     "other_users": True,
     "eval_every": 8,
     "seed": 0,
