@@ -889,9 +889,7 @@ class ServedSequenceModel:
                     dtype=torch.float32,
                 )
                 gaps = torch.as_tensor([requests[i].gap for i in positions])
-                out[positions] = self.users.combine(
-                    adapter, logits[positions], predictions, gaps
-                )
+                out[positions] = self.users.combine(adapter, logits[positions], predictions, gaps)
         return out
 
     def score(self, requests: Sequence[RatingRequest]) -> np.ndarray:

@@ -190,6 +190,17 @@ def test_tokens_of_an_older_trainer_name_the_fix(seq_artifacts, tmp_path):
         SequenceTokens.load(folder, features)
 
 
+def test_tokens_from_before_the_gap_scale_keep_the_slm_part_whole(seq_artifacts, tmp_path):
+    folder = tmp_path / "persona-0"
+    shutil.copytree(seq_artifacts / "adapters" / "persona-0", folder)
+    state = torch.load(folder / TOKENS_FILE, weights_only=True)
+    del state["scale"]
+    torch.save(state, folder / TOKENS_FILE)
+    features = np.random.default_rng(0).normal(size=(6, state["item.weight"].shape[1]))
+    tokens = SequenceTokens.load(folder, features)
+    assert torch.equal(tokens.scale.detach(), torch.ones_like(tokens.scale))
+
+
 # -- the prior-only rater ---------------------------------------------------------------------
 def test_prior_rater_is_the_fitted_prior_formula(seq_artifacts):
     from persona_gym.simulator.prior_rater import PriorRater
@@ -303,9 +314,7 @@ def test_training_reads_a_user_as_the_engine_does(simulator, lora_lm):
             tokens.surprise.normal_(generator=torch.Generator().manual_seed(1))
             for gap in (0, 5):
                 example = BlockExample(prefix, [block], [gap])
-                logits, ratings, predictions, gaps = block_logits(
-                    lora_lm, tokens, [example], False
-                )
+                logits, ratings, predictions, gaps = block_logits(lora_lm, tokens, [example], False)
                 assert gaps.tolist() == [gap]
                 logits = model.combine(request.adapter, logits, predictions, gaps)
                 found[gap] = simulator.rate([user], [candidate.item_index], [window], gaps=[gap])[0]
