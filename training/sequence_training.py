@@ -110,13 +110,13 @@ class SequenceTrainConfig:
     dropout: float = 0.05
     learning_rate: float = 3e-4
     token_learning_rate: float = 3e-3
-    epochs: int = 1
-    batch: int = 8
+    epochs: int = 2
+    batch: int = 4
     mse_weight: float = 0.1
     val_per_user: int = 5
     val_share: float = 0.25
     other_users: bool = True
-    eval_every: int = 8
+    eval_every: int = 16
     seed: int = 0
 
 

@@ -56,13 +56,13 @@ SEQUENCE_CONFIG = {
     "dropout": 0.05,
     "learning_rate": 3e-4,
     "token_learning_rate": 3e-3,
-    "epochs": 1,
-    "batch": 8,
+    "epochs": 2,
+    "batch": 4,
     "mse_weight": 0.1,
     "val_per_user": 5,
     "val_share": 0.25,
     "other_users": True,
-    "eval_every": 8,
+    "eval_every": 16,
     "seed": 0,
 }
 
