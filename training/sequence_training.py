@@ -573,17 +573,19 @@ def train_sequence_adapter(
     _restore(model, tokens, prior, best_state)
     far, rolling = reads(val_far), reads(val)
     far_before = scored(far)
-    read = tuple(torch.cat(pair) for pair in zip(rolling, far, strict=True))
-    per_bucket = fit_gap_scale(tokens, prior, *read, config.mse_weight)
+    digits, ratings, predictions, gaps = (
+        torch.cat(pair) for pair in zip(rolling, far, strict=True)
+    )
+    per_bucket = fit_gap_scale(tokens, prior, digits, ratings, predictions, gaps, config.mse_weight)
+    best = scored(rolling)
     refit = {
         "scale": [round(float(x), 4) for x in tokens.scale],
         "reads_per_bucket": per_bucket,
-        "rolling": scored(rolling),
+        "rolling": best,
         "far_before": far_before,
         "far": scored(far),
         "far_prior_alone": prior_alone(far),
     }
-    best = refit["rolling"]
     log.info("%s: gap scale refitted on the validation stretch: %s", name, refit)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
