@@ -523,7 +523,8 @@ def train_sequence_adapter(
     def validate() -> dict[str, float]:
         return scored(reads(val))
 
-    prior_only = prior_alone(reads(val))
+    start = reads(val)
+    prior_only = prior_alone(start)
     log.info(
         "%s: %d training users (%d of them other users), %d val ratings; prior alone %s",
         name,
@@ -532,7 +533,7 @@ def train_sequence_adapter(
         prior_only["n"],
         prior_only,
     )
-    best = validate()
+    best = scored(start)
     best_state = _snapshot(model, tokens, prior)
     history = [{"step": 0, **best}]
     started = time.perf_counter()
