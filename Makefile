@@ -55,10 +55,10 @@ $(VENV)/.mutation-installed: $(VENV)/.installed
 	touch $@
 
 # The shipped PersonaML100K-v0 simulator, rebuilt into $(SIM) (docs/simulator.md, docs/pipeline.md):
-# distil, taste personas, persona adapters with item tokens and the collaborative signal
-# (`persona-gym train`'s default, `--preset shipped`), report. Its recipe is `persona-gym build`'s
-# default (`--dry-run` prints the four commands); rerun to resume. `--preset sequence` trains the
-# sequence user model instead (measured, not shipped).
+# distil, taste personas, the sequence user model's persona adapters (`persona-gym train`'s
+# default, `--preset sequence`), report. Its recipe is `persona-gym build`'s default (`--dry-run`
+# prints the four commands); rerun to resume. `--preset block` trains the earlier item-token
+# simulator instead.
 SIM ?= artifacts/ml100k
 simulator: install
 	$(VENV)/bin/persona-gym build ml-100k --out $(SIM)

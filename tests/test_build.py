@@ -31,6 +31,8 @@ def _build(*extra: str, base: str) -> list[str]:
         "--all-users",
         "--base-model",
         base,
+        "--preset",  # the block trainer: its budget flags keep the build small
+        "block",
         "--max-examples-per-user",
         "4",
         "--val-per-user",
@@ -116,11 +118,25 @@ def test_dry_run_prints_the_shipped_simulators_recipe(tmp_path, monkeypatch, cap
     lines = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("[")}
     assert "persona-gym distill --out artifacts/ml100k --dataset ml-100k" in lines["[2/5] distill"]
     train = lines["[4/5] train"]
-    # train's defaults are the shipped recipe: the build gives it the seed only
-    assert train.endswith(": persona-gym train --artifacts artifacts/ml100k --seed 0"), train
+    # the shipped recipe (train's default preset), named; the build gives it the seed only
+    assert train.endswith(
+        ": persona-gym train --artifacts artifacts/ml100k --preset sequence --seed 0"
+    ), train
     assert "--configs " + " ".join(EVALUATE_CONFIGS) in lines["[5/5] evaluate"]
     assert lines["[5/5] evaluate"].endswith("--compile")
     assert not (tmp_path / "artifacts").exists()  # nothing written
+
+
+def test_run_flags_reach_the_block_trainer_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--no-compile", "--no-progress", "--device", "cuda", "--dry-run"]
+    for preset, reaches in (("sequence", False), ("block", True)):
+        assert main(["build", "ml-100k", "--preset", preset, *flags]) == 0
+        lines = {l.split(":")[0]: l for l in capsys.readouterr().out.splitlines() if l[:1] == "["}
+        train, evaluate = lines["[4/5] train"], lines["[5/5] evaluate"]
+        assert f"--preset {preset} " in train
+        assert ("--no-compile" in train) == ("--device cuda" in train) == reaches, train
+        assert "--device cuda" in evaluate and "--compile" not in evaluate
 
 
 def test_artifacts_made_by_hand_or_with_other_settings_are_refused(tmp_path, monkeypatch, capsys):

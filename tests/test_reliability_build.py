@@ -36,6 +36,8 @@ def _argv(out: Path | str, tiny_base: str, data: Path, *extra: str) -> list[str]
         "3",
         "--base-model",
         tiny_base,
+        "--preset",  # the block trainer: its budget flag keeps the build small
+        "block",
         "--max-examples-per-user",
         "2",
         "--val-per-user",

@@ -7,15 +7,17 @@ Five stages, each the command that does it by hand, with the same flags:
              has it); a folder of MovieLens files is used where it is
 2. distill   persona-gym distill --dataset DATASET --out DIR
 3. personas  persona-gym personas --artifacts DIR
-4. train     persona-gym train --artifacts DIR (its defaults: the shipped simulator's recipe)
+4. train     persona-gym train --artifacts DIR --preset P (default: the shipped simulator's recipe)
 5. evaluate  persona-gym evaluate --artifacts DIR (its three configurations)
 
 The defaults are the recipe of the shipped PersonaML100K-v0 simulator (the Makefile's
 ``simulator`` target): two personas clustered on the users' collaborative taste (--features
-taste --k 2), then ``persona-gym train`` with its defaults (``--preset shipped``: one persona
-adapter per persona with item tokens and the collaborative signal, owning 0.75 of their users'
-taste along the axes that separate the personas, on every training interaction), and the
-evaluation of persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms.
+taste --k 2), then ``persona-gym train`` with its defaults (``--preset sequence``: one persona
+adapter per persona reading its users' rating sequences, with the collaborative prior, owning
+0.75 of their users' taste along the axes that separate the personas), and the evaluation of
+persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms. ``--preset block`` trains the earlier
+item-token simulator instead (the block trainer: its budget flags ``--max-examples-per-user``
+and ``--lora-layers``, ``--device`` and ``--no-compile`` apply to its training).
 ``--dry-run`` prints the commands.
 
 Resumable: ``DIR/build.json`` records each finished stage, the settings it ran with and the
@@ -137,13 +139,15 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
         )
     ]
     stages.append(Stage("personas", [*PERSONAS_RECIPE, "--k", str(args.k), *seed]))
-    train = [*seed]  # train's defaults are the shipped recipe
+    train = ["--preset", args.preset, *seed]
     for flag in ("base_model", "epochs", "val_per_user", "max_examples_per_user", "lora_layers"):
         value = getattr(args, flag)
         if value is not None:
             train += [f"--{flag.replace('_', '-')}", str(value)]
     no_compile = ["--no-compile"] if args.no_compile else []
-    stages.append(Stage("train", train, [*progress, *device, *no_compile]))
+    # the sequence trainer runs on the CPU, eagerly and with log lines for progress
+    run_flags = [] if args.preset == "sequence" else [*progress, *device, *no_compile]
+    stages.append(Stage("train", train, run_flags))
     if not args.no_evaluate:
         evaluate = ["--configs", *EVALUATE_CONFIGS, *seed]
         if args.max_test_per_user is not None:
@@ -556,9 +560,10 @@ def _dry_run(
 # -- CLI -----------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
     """Add ``persona-gym build``."""
-    from training.train import TrainConfig, shipped_train_config
+    from training.sequence_training import SequenceTrainConfig
+    from training.train import PRESETS, TrainConfig, block_train_config
 
-    helps, shipped = field_help(TrainConfig), shipped_train_config()
+    helps, block, sequence = field_help(TrainConfig), block_train_config(), SequenceTrainConfig()
     p = subparsers.add_parser(
         "build",
         help="build a dataset's simulator in one command: fetch, distill, personas, train, evaluate",
@@ -611,6 +616,13 @@ def add_parser(subparsers) -> None:
         "as the shipped simulator)",
     )
     p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="sequence",
+        help="train's recipe: sequence (the shipped simulator's), block (the earlier item-token "
+        "simulator's) or paper (default: sequence)",
+    )
+    p.add_argument(
         "--base-model",
         default=None,
         help="base SLM: alias, local folder or hub id (default: train's, smollm2-135m-instruct)",
@@ -620,27 +632,27 @@ def add_parser(subparsers) -> None:
         type=int,
         default=None,
         help=plain(helps["val_per_user"]).rstrip(".")
-        + f" (default: train's, {shipped.val_per_user})",
+        + f" (default: train's, {sequence.val_per_user})",
     )
     p.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help=plain(helps["epochs"]).rstrip(".") + f" (default: train's, {shipped.epochs})",
+        help=plain(helps["epochs"]).rstrip(".") + f" (default: train's, {sequence.epochs})",
     )
     p.add_argument(
         "--max-examples-per-user",
         type=int,
         default=None,
         help=plain(helps["max_examples_per_user"]).rstrip(".")
-        + f" (default: train's, {shipped.max_examples_per_user})",
+        + f" (--preset block only; default: train's, {block.max_examples_per_user})",
     )
     p.add_argument(
         "--lora-layers",
         type=int,
         default=None,
         help=plain(helps["lora_layers"]).rstrip(".")
-        + f" (default: train's, {shipped.lora_layers})",
+        + f" (--preset block only; default: train's, {block.lora_layers})",
     )
     p.add_argument(
         "--max-test-per-user",
@@ -658,12 +670,14 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--device",
         default="cpu",
-        help="torch device of training and evaluation: cpu, cuda, cuda:N (default: cpu)",
+        help="torch device of evaluation (and of training under --preset block): cpu, cuda, "
+        "cuda:N (default: cpu)",
     )
     p.add_argument(
         "--no-compile",
         action="store_true",
-        help="train and evaluate eagerly instead of through torch.compile (no compile "
+        help="evaluate (and train under --preset block) eagerly instead of through "
+        "torch.compile (no compile "
         "warm-up, slower on a long CPU run; its gain on a GPU is not measured)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside the stages")

@@ -19,8 +19,8 @@ scored on the same reads, so what the SLM adds is measured while it trains.
 
 ``persona-gym train --artifacts DIR --preset sequence`` (with :class:`SequenceTrainConfig` and
 :func:`sequence_prompt`) reads what ``persona-gym distill`` and ``persona-gym personas`` wrote
-into DIR and writes the adapters and the manifest. The model was measured and is not shipped:
-the shipped simulator is the block trainer's (``persona-gym train``'s default preset).
+into DIR and writes the adapters and the manifest: the recipe of the shipped PersonaML100K-v0
+simulator (``persona-gym train``'s default preset).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from persona_gym.simulator.sequence import (
     gap_bucket,
     item_features,
 )
+from training.adapter_training import _strip_machine_path
 
 log = logging.getLogger(__name__)
 
@@ -591,6 +592,7 @@ def train_sequence_adapter(
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), selected_adapters=[name])
+    _strip_machine_path(folder / "adapter_config.json")
     tokens.save(folder)
     prior.save(folder)
     metrics = {

@@ -3,16 +3,16 @@
 ``persona-gym train --artifacts DIR`` reads what ``distill`` and ``personas`` wrote into DIR,
 trains the adapters and writes the manifest. ``--preset`` picks the recipe:
 
-* ``shipped`` (the default): the recipe of the shipped PersonaML100K-v0 simulator, with the
-  block trainer below: persona adapters with item tokens and the collaborative signal (cf cue,
-  surprise cue, cf items, cf prior) owning 0.75 of their users' taste, on every training
-  interaction (:func:`shipped_train_config`).
-* ``sequence``: the sequence user model's persona adapters (``training/sequence_training.py``;
-  its defaults), which was measured and is not shipped.
+* ``sequence`` (the default): the recipe of the shipped PersonaML100K-v0 simulator, the
+  sequence user model's persona adapters (``training/sequence_training.py``; its defaults).
+* ``block``: the earlier item-token simulator's recipe, with the block trainer below: persona
+  adapters with item tokens and the collaborative signal (cf cue, surprise cue, cf items, cf
+  prior) owning 0.75 of their users' taste, on every training interaction
+  (:func:`block_train_config`).
 * ``paper``: the paper's configuration with the block trainer (:class:`TrainConfig`'s defaults:
   text prompts, persona and single adapters, no collaborative signal; ``make paper-table``).
 
-The block trainer's options apply under ``shipped`` and ``paper``, the sequence model's under
+The block trainer's options apply under ``block`` and ``paper``, the sequence model's under
 ``sequence``; the other trainer's options are refused. The block trainer trains, with RAFT
 (retrieved ``Ml`` memories in every training prompt, as at inference):
 
@@ -484,11 +484,11 @@ def train(
 
 
 # -- the CLI: three presets ----------------------------------------------------------------------
-PRESETS = ("shipped", "sequence", "paper")
+PRESETS = ("sequence", "block", "paper")
 
 
-def shipped_train_config() -> TrainConfig:
-    """The shipped PersonaML100K-v0 simulator's recipe (``--preset shipped``, the default): the
+def block_train_config() -> TrainConfig:
+    """The earlier item-token simulator's recipe (``--preset block``): the
     block trainer's persona adapters with item tokens and the collaborative signal, owning 0.75
     of their users' taste, on every training interaction."""
     return TrainConfig(
@@ -501,9 +501,9 @@ def shipped_train_config() -> TrainConfig:
 
 
 def block_preset(preset: str) -> TrainConfig:
-    """The :class:`TrainConfig` of a block-trainer preset: ``shipped`` or ``paper`` (the paper's
+    """The :class:`TrainConfig` of a block-trainer preset: ``block`` or ``paper`` (the paper's
     configuration: TrainConfig's defaults)."""
-    return shipped_train_config() if preset == "shipped" else TrainConfig()
+    return block_train_config() if preset == "block" else TrainConfig()
 
 
 # Options of one trainer only: (flag, dest). Given under the other, they are refused in one line.
@@ -578,15 +578,15 @@ def _common_defaults(preset: str) -> dict:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from training.sequence_training import SequenceTrainConfig
 
-    shipped, paper, sequence = shipped_train_config(), TrainConfig(), SequenceTrainConfig()
+    block_recipe, paper, sequence = block_train_config(), TrainConfig(), SequenceTrainConfig()
     common = {p: _common_defaults(p) for p in PRESETS}
 
     def three(dest: str, text: str) -> str:
         values = "; ".join(f"{p}: {common[p][dest]}" for p in PRESETS)
         return f"{text} ({values})"
 
-    def blocks(text: str, of_shipped, of_paper) -> str:
-        return f"{text} (shipped: {of_shipped}; paper: {of_paper})"
+    def blocks(text: str, of_block, of_paper) -> str:
+        return f"{text} (block: {of_block}; paper: {of_paper})"
 
     parser = subparsers.add_parser(
         "train",
@@ -603,10 +603,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preset",
         choices=PRESETS,
-        default="shipped",
-        help="shipped: the shipped simulator's recipe (block trainer: persona adapters with item "
-        "tokens and the collaborative signal); sequence: the sequence user model "
-        "(training/sequence_training.py); paper: the paper's configuration (block trainer: text "
+        default="sequence",
+        help="sequence: the shipped simulator's recipe, the sequence user model "
+        "(training/sequence_training.py); block: the earlier item-token simulator's (block "
+        "trainer: persona adapters with item tokens and the collaborative signal); paper: the paper's configuration (block trainer: text "
         "prompts, persona and single adapters, no collaborative signal; `make paper-table`)",
     )
     parser.add_argument(
@@ -703,21 +703,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"{sequence.targets_per_user})",
     )
     block = parser.add_argument_group(
-        "--preset shipped and paper only (the block trainer: LoRA on the top layers)"
+        "--preset block and paper only (the block trainer: LoRA on the top layers)"
     )
     block.add_argument(
         "--variants",
         nargs="+",
         default=None,
         choices=VARIANTS,
-        help=blocks("adapter sets to train", " ".join(shipped.variants), " ".join(paper.variants)),
+        help=blocks(
+            "adapter sets to train", " ".join(block_recipe.variants), " ".join(paper.variants)
+        ),
     )
     block.add_argument("--target-modules", nargs="+", default=None, help="linear layers with LoRA")
     block.add_argument(
         "--lora-layers",
         type=int,
         default=None,
-        help=blocks("LoRA on the top N layers, 0 = all", shipped.lora_layers, paper.lora_layers),
+        help=blocks(
+            "LoRA on the top N layers, 0 = all", block_recipe.lora_layers, paper.lora_layers
+        ),
     )
     block.add_argument(
         "--blocks-per-sequence",
@@ -725,7 +729,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=blocks(
             "examples of one user packed behind one profile prefix",
-            shipped.blocks_per_sequence,
+            block_recipe.blocks_per_sequence,
             paper.blocks_per_sequence,
         ),
     )
@@ -735,7 +739,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=blocks(
             "each user's most recent N training interactions, 0 = all",
-            shipped.max_examples_per_user,
+            block_recipe.max_examples_per_user,
             paper.max_examples_per_user,
         ),
     )
@@ -745,7 +749,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=blocks(
             "retrieved Ml memories per prompt, 0 = none",
-            shipped.prompt.n_memories,
+            block_recipe.prompt.n_memories,
             paper.prompt.n_memories,
         ),
     )
@@ -758,7 +762,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=blocks(
             "prompt budget in tokens; older memories are dropped first",
-            shipped.prompt.max_tokens,
+            block_recipe.prompt.max_tokens,
             paper.prompt.max_tokens,
         ),
     )
@@ -779,7 +783,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             f"--{flag.replace('_', '-')}",
             action=argparse.BooleanOptionalAction,
             default=None,
-            help=blocks(text, "on" if getattr(shipped.prompt, flag) else "off", "off"),
+            help=blocks(text, "on" if getattr(block_recipe.prompt, flag) else "off", "off"),
         )
     block.add_argument(
         "--patience",
@@ -787,7 +791,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=blocks(
             "validation passes without improvement before stopping",
-            shipped.patience,
+            block_recipe.patience,
             paper.patience,
         ),
     )
@@ -795,7 +799,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint-every",
         type=int,
         default=None,
-        help=blocks("steps between checkpoints", shipped.checkpoint_every, paper.checkpoint_every),
+        help=blocks(
+            "steps between checkpoints", block_recipe.checkpoint_every, paper.checkpoint_every
+        ),
     )
     block.add_argument(
         "--item-learning-rate",
@@ -803,7 +809,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=blocks(
             "learning rate of the item projection",
-            shipped.item_learning_rate,
+            block_recipe.item_learning_rate,
             paper.item_learning_rate,
         ),
     )
@@ -849,11 +855,11 @@ def _refuse_other_trainer(args: argparse.Namespace) -> None:
     """One line naming the given options that the chosen preset's trainer does not read."""
     only: tuple[tuple[str, str], ...]
     if args.preset == "sequence":
-        only, trainer = BLOCK_ONLY, "the block trainer's (--preset shipped or paper)"
-        fix = "drop them, or leave --preset sequence out"
+        only, trainer = BLOCK_ONLY, "the block trainer's (--preset block or paper)"
+        fix = "drop them, or add --preset block"
     else:
         only, trainer = SEQUENCE_ONLY, "the sequence user model's (--preset sequence)"
-        fix = "drop them, or add --preset sequence"
+        fix = "drop them, or leave --preset out"
     given = [flag for flag, dest in only if getattr(args, dest) is not None]
     if given:
         raise ConfigError(
@@ -948,7 +954,7 @@ def _run_sequence(args: argparse.Namespace) -> int:
 
 def block_config(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of parsed ``persona-gym train`` options under a block-trainer
-    preset (``shipped``, the default, or ``paper``), with that preset's defaults."""
+    preset (``block`` or ``paper``), with that preset's defaults."""
     args = _resolve(args)
     preset = block_preset(args.preset)
     p = preset.prompt
@@ -995,7 +1001,7 @@ def block_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_block(args: argparse.Namespace) -> int:
-    """``--preset shipped`` (the default) or ``--preset paper``: the block trainer
+    """``--preset block`` or ``--preset paper``: the block trainer
     (:func:`train`)."""
     config = block_config(args)
 

@@ -1,6 +1,6 @@
-"""``persona-gym train --artifacts DIR`` with its defaults (``--preset shipped``) builds the shipped
-simulator's recipe with the block trainer; ``--preset sequence`` trains the sequence user model
-and ``--preset paper`` the paper's configuration with the block trainer (issue 35).
+"""``persona-gym train --artifacts DIR`` with its defaults (``--preset sequence``) builds the shipped
+simulator's recipe, the sequence user model; ``--preset block`` trains the earlier item-token
+simulator and ``--preset paper`` the paper's configuration, both with the block trainer (issue 35).
 
 The default run trains on a directory as ``distill`` and ``personas`` leave it (no manifest), on
 the tiny random base model; every other setting is the default (the tiny protocol users are few
@@ -24,14 +24,11 @@ from training.sequence_training import SequenceTrainConfig
 from training.train import TrainConfig
 
 SHIPPED_MANIFEST = SHIPPED_DIR / "ml100k" / "manifest.json"
-# What the default run gives beside --artifacts: the tiny base model (--base-model), and how it
-# runs (--no-progress --no-compile: not part of the config). No size knob is overridden; a field
-# a tiny test must shrink is listed here and left out of the comparison.
+# What the default run gives beside --artifacts: the tiny base model (--base-model). No size knob
+# is overridden; a field a tiny test must shrink is listed here and left out of the comparison.
 OVERRIDDEN: tuple[str, ...] = ("base_model",)
-# Recorded beside the config: the first LoRA layer, which depends on the base model's depth.
-DERIVED = ("split_layer",)
 
-# The sequence user model's recipe (--preset sequence), written out.
+# The shipped recipe (the sequence user model, train's default preset), written out.
 SEQUENCE_PROMPT = {
     "window_size": 3,
     "n_memories": 0,
@@ -67,7 +64,6 @@ SEQUENCE_CONFIG = {
 }
 
 PROMPT_FIELDS = [f.name for f in dataclasses.fields(PromptConfig)]
-TRAINING_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 SEQUENCE_FIELDS = [f.name for f in dataclasses.fields(SequenceTrainConfig)]
 
 
@@ -104,8 +100,7 @@ def _compare(recorded: dict, expected: dict, fields: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory, protocol_artifacts, tiny_base) -> tuple[Path, str]:
     root = _fresh_copy(protocol_artifacts, tmp_path_factory.mktemp("defaults") / "art")
-    argv = ["train", "--artifacts", str(root), "--base-model", tiny_base]
-    assert main([*argv, "--no-progress", "--no-compile"]) == 0
+    assert main(["train", "--artifacts", str(root), "--base-model", tiny_base]) == 0
     return root, tiny_base
 
 
@@ -113,16 +108,20 @@ def test_train_with_defaults_matches_the_shipped_manifest(default_run):
     root, tiny_base = default_run
     shipped, manifest = json.loads(SHIPPED_MANIFEST.read_text()), _manifest(root)
     training, expected = manifest["training"], shipped["training"]
-    # every field of the shipped manifest's training config, and nothing else
-    assert sorted(training) == sorted(expected) == sorted([*TRAINING_FIELDS, *DERIVED])
-    scalar = [f for f in TRAINING_FIELDS if f != "prompt"]
-    assert _compare(training, expected, scalar) == []
-    assert _compare(training["prompt"], _as_loaded(expected["prompt"]), PROMPT_FIELDS) == []
-    assert _compare(manifest["prompt"], _as_loaded(shipped["prompt"]), PROMPT_FIELDS) == []
+    assert sorted(training) == sorted(expected) == ["base_model", "sequence"]
     assert training["base_model"] == tiny_base
-    # the shipped recipe: the block trainer's persona adapters, one per persona
+    # every field of the shipped training config and prompt, and the recipe written out above
+    assert _compare(training["sequence"], expected["sequence"], SEQUENCE_FIELDS) == []
+    assert _compare(training["sequence"], SEQUENCE_CONFIG, SEQUENCE_FIELDS) == []
+    assert _compare(manifest["prompt"], _as_loaded(shipped["prompt"]), PROMPT_FIELDS) == []
+    assert _compare(manifest["prompt"], SEQUENCE_PROMPT, PROMPT_FIELDS) == []
+    # the shipped recipe: one sequence adapter per persona, on the protocol users
     personas = json.loads((root / "personas.json").read_text())["k"]
     assert sorted(manifest["adapters"]) == [f"persona-{p}" for p in range(personas)]
+    assert manifest["metrics"]["run"]["training_users"] == 4
+    for name in manifest["adapters"]:  # peft records the base model's folder: its name only
+        config = json.loads((root / "adapters" / name / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == Path(tiny_base).name
     from persona_gym.artifacts import load_artifacts
 
     loaded = load_artifacts(root)
@@ -133,11 +132,11 @@ def test_train_with_defaults_matches_the_shipped_manifest(default_run):
 def test_the_same_command_again_resumes_and_another_config_is_refused(default_run, capsys):
     root, tiny_base = default_run
     before = _manifest(root)["metrics"]["adapters"]
-    argv = ["train", "--artifacts", str(root), "--base-model", tiny_base, "--no-progress"]
-    assert main([*argv, "--no-compile"]) == 0
+    argv = ["train", "--artifacts", str(root), "--base-model", tiny_base]
+    assert main(argv) == 0
     assert _manifest(root)["metrics"]["adapters"] == before  # nothing trained again
     capsys.readouterr()
-    assert main([*argv, "--no-compile", "--rank", "8"]) == 2
+    assert main([*argv, "--rank", "8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err
 
@@ -154,14 +153,14 @@ def _parse(*argv: str):
 
 def test_the_presets_are_their_configs():
     from training.sequence_training import PERSONA_TASTE
-    from training.train import block_config, sequence_config, shipped_train_config
+    from training.train import block_config, block_train_config, sequence_config
 
-    assert block_config(_parse()) == shipped_train_config()
-    assert block_config(_parse("--preset", "shipped")) == shipped_train_config()
-    assert block_config(_parse("--preset", "paper")) == TrainConfig()
+    assert sequence_config(_parse()) == (SequenceTrainConfig(), PERSONA_TASTE)
     assert sequence_config(_parse("--preset", "sequence")) == (SequenceTrainConfig(), PERSONA_TASTE)
-    # the shipped preset's cues can be turned off one by one
-    no_surprise = block_config(_parse("--no-surprise-cue")).prompt
+    assert block_config(_parse("--preset", "block")) == block_train_config()
+    assert block_config(_parse("--preset", "paper")) == TrainConfig()
+    # the block preset's cues can be turned off one by one
+    no_surprise = block_config(_parse("--preset", "block", "--no-surprise-cue")).prompt
     assert not no_surprise.surprise_cue and no_surprise.item_tokens and no_surprise.cf_prior
 
 
@@ -174,7 +173,8 @@ def test_the_sequence_recipe_written_out_covers_every_field():
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--targets-per-user", "8"], "--targets-per-user"),
+        (["--preset", "block", "--targets-per-user", "8"], "--targets-per-user"),
+        (["--lora-layers", "2"], "--lora-layers"),
         (["--preset", "paper", "--history", "8"], "--history"),
         (["--preset", "sequence", "--lora-layers", "2"], "--lora-layers"),
         (
@@ -188,22 +188,6 @@ def test_options_of_the_other_trainer_are_refused_in_one_line(argv, named, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"persona-gym train: error: {named}: ")
     assert not (tmp_path / "art").exists()
-
-
-def test_preset_sequence_trains_the_sequence_model(tmp_path, protocol_artifacts, tiny_base):
-    root = _fresh_copy(protocol_artifacts, tmp_path / "art")
-    argv = ["train", "--artifacts", str(root), "--preset", "sequence", "--base-model", tiny_base]
-    assert main(argv) == 0
-    manifest = _manifest(root)
-    assert _compare(manifest["prompt"], SEQUENCE_PROMPT, PROMPT_FIELDS) == []
-    assert _compare(manifest["training"]["sequence"], SEQUENCE_CONFIG, SEQUENCE_FIELDS) == []
-    personas = json.loads((root / "personas.json").read_text())["k"]
-    assert sorted(manifest["adapters"]) == [f"persona-{p}" for p in range(personas)]
-    assert manifest["metrics"]["run"]["training_users"] == 4
-    from persona_gym.artifacts import load_artifacts
-
-    assert load_artifacts(root).prompt_config == PromptConfig(**SEQUENCE_PROMPT)
-    assert main(["artifacts", "verify", str(root)]) == 0
 
 
 def test_preset_paper_still_trains_the_block_model(tmp_path, catalog, tiny_base, capsys):
