@@ -132,7 +132,8 @@ def test_run_flags_reach_the_block_trainer_only(tmp_path, monkeypatch, capsys):
     flags = ["--no-compile", "--no-progress", "--device", "cuda", "--dry-run"]
     for preset, reaches in (("sequence", False), ("block", True)):
         assert main(["build", "ml-100k", "--preset", preset, *flags]) == 0
-        lines = {l.split(":")[0]: l for l in capsys.readouterr().out.splitlines() if l[:1] == "["}
+        out = capsys.readouterr().out.splitlines()
+        lines = {line.split(":")[0]: line for line in out if line[:1] == "["}
         train, evaluate = lines["[4/5] train"], lines["[5/5] evaluate"]
         assert f"--preset {preset} " in train
         assert ("--no-compile" in train) == ("--device cuda" in train) == reaches, train
