@@ -74,15 +74,18 @@ paper-table: install
 	$(VENV)/bin/persona-gym evaluate --artifacts $(PAPER) --max-test-per-user 3 --generation --generation-per-user 1 --compile --no-studies
 
 # The RL agent shipped in agents/shipped/PersonaML100K-v0 and its evaluation in benchmarks/rl/
-# (docs/agents.md): item-scoring MaskablePPO, then evaluate-policy against every baseline and the
-# copy into the package (times: benchmarks/README.md). On a GPU add --env-kwargs device=cuda.
+# (docs/agents.md): an item-scoring maskable DQN (gamma 0: it learns the users' expected rating of
+# each movie given the episode), then evaluate-policy against every baseline and the copy into
+# the package (27 min of training on 2 CPU cores: benchmarks/README.md).
 AGENT_RUNS ?= runs/rl
 agent: install
-	$(VENV)/bin/persona-gym train-agent --policy items --timesteps 49152 --n-envs 32 --n-steps 32 \
-		--ent-coef 0.003 --eval-every 8192 --eval-episodes 32 --checkpoint-every 8192 --out $(AGENT_RUNS) \
-		--no-progress --env-kwargs compile=true
-	$(VENV)/bin/persona-gym evaluate-policy --policies random most-popular item-mean mf simulator-greedy \
-		$$(ls -d $(AGENT_RUNS)/*/ | tail -1) --episodes 64 --seeds 0 1 2 --env-kwargs compile=true --out benchmarks/rl
+	$(VENV)/bin/persona-gym train-agent --algo maskable-dqn --policy items --timesteps 40960 \
+		--n-envs 32 --n-steps 64 --batch-size 256 --learning-rate 0.001 --gamma 0 --cf-start 0 \
+		--item-gain 3 --eval-every 10240 --eval-episodes 64 --checkpoint-every 10240 \
+		--out $(AGENT_RUNS) --no-progress
+	$(VENV)/bin/persona-gym evaluate-policy --policies random most-popular item-mean mf \
+		window-greedy simulator-greedy $$(ls -d $(AGENT_RUNS)/*/ | tail -1) --episodes 64 \
+		--seeds 0 1 2 --n-envs 64 --out benchmarks/rl
 	$(PY) -c "import sys; from agents.runs import ship_agent; print(ship_agent(sys.argv[1]))" $$(ls -d $(AGENT_RUNS)/*/ | tail -1)
 	cp $$(ls -d $(AGENT_RUNS)/*/ | tail -1)learning_curve.png benchmarks/rl/learning_curve.png
 

@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if args.artifacts is None:
         header = (
             f"Main job: `PersonaML100K-v0` (shipped simulator, {args.dtype}), seed {args.seed}; `agent` is "
-            "the item-scoring MaskablePPO agent shipped with the package (`make agent`, benchmarks/rl/)."
+            "the item-scoring maskable DQN agent shipped with the package (`make agent`, "
+            "benchmarks/rl/)."
         )
     else:
         header = f"Main job on the simulator `{args.artifacts}` ({args.dtype}), seed {args.seed}."
