@@ -122,6 +122,24 @@ def test_cached_scores_equal_one_full_forward(simulator, lora_lm):
     np.testing.assert_allclose(probs, one_by_one, atol=1e-5)
 
 
+def test_users_of_every_persona_in_one_call_get_their_own_adapter(simulator, lora_lm):
+    users = simulator.user_ids[:8]
+    candidates = [simulator.history(u)[0].item_index for u in users]
+    windows = [simulator.history(u)[-2:] for u in users]
+    adapters = {simulator.request(u, c, w).adapter for u, c, w in zip(users, candidates, windows)}
+    assert adapters == {"persona-0", "persona-1"}  # the batch mixes both personas
+    model = simulator.model
+    model._prefixes.clear()
+    forwards = model.tokens_processed
+    probs = simulator.rate(users, candidates, windows)
+    for row, user in enumerate(users):
+        expected = _full_forward(simulator, lora_lm, user, candidates[row], windows[row])
+        np.testing.assert_allclose(probs[row], expected, atol=1e-5)
+    # each user's prefix and block once (history=2, window=2: 2 * 2 + 1 block tokens)
+    prefix = len(model.prefix_embeddings(users[0], simulator.request(users[0], 0, ()).adapter))
+    assert model.tokens_processed - forwards == len(users) * (prefix + 2 * 2 + 1)
+
+
 def test_the_prefix_is_the_logged_history_before_the_first_window(simulator):
     user = simulator.user_ids[1]
     history = simulator.history(user)
