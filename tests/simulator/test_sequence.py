@@ -126,7 +126,10 @@ def test_users_of_every_persona_in_one_call_get_their_own_adapter(simulator, lor
     users = simulator.user_ids[:8]
     candidates = [simulator.history(u)[0].item_index for u in users]
     windows = [simulator.history(u)[-2:] for u in users]
-    adapters = {simulator.request(u, c, w).adapter for u, c, w in zip(users, candidates, windows)}
+    adapters = {
+        simulator.request(u, c, w).adapter
+        for u, c, w in zip(users, candidates, windows, strict=True)
+    }
     assert adapters == {"persona-0", "persona-1"}  # the batch mixes both personas
     model = simulator.model
     model._prefixes.clear()
