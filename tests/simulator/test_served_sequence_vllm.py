@@ -6,8 +6,8 @@ embeddings (prefix + block) to vLLM's offline engine and adds the collaborative 
 five returned log-probabilities: its distributions are the local engine's on >= 200
 (user, candidate, window) triples, windows of every kind (inside the logged history, empty,
 an episode's). On the tiny random model's sequence artifacts, and on the shipped simulator
-when it is a sequence-layout one (``PERSONA_GYM_SERVED_ARTIFACTS`` names another artifacts
-folder, e.g. ``artifacts/ml100k-seq``). Runs in vLLM's environment (``make test-vllm``).
+(the sequence user model; ``PERSONA_GYM_SERVED_ARTIFACTS`` names another sequence-layout
+artifacts folder instead). Runs in vLLM's environment (``make test-vllm``).
 """
 
 from __future__ import annotations
@@ -227,8 +227,8 @@ def test_shipped_sequence_simulator_served_gives_the_local_distributions(tmp_pat
     root = _shipped_sequence()
     if root is None:
         pytest.skip(
-            "the shipped simulator is not a sequence-layout one; set "
-            "PERSONA_GYM_SERVED_ARTIFACTS to sequence artifacts (artifacts/ml100k-seq)"
+            f"{os.environ.get('PERSONA_GYM_SERVED_ARTIFACTS')} is not a sequence-layout "
+            "simulator; unset PERSONA_GYM_SERVED_ARTIFACTS to serve the shipped one"
         )
     found = compare(root, None, tmp_path)
     print(f"\n{root}: {found}")
