@@ -332,7 +332,7 @@ def train_adapter(
     return model.unload(), metrics
 
 
-def _strip_machine_path(config_file: Path) -> None:
+def strip_machine_path(config_file: Path) -> None:
     """peft records the base model's local folder; keep only its name (the manifest records
     the model and its file hash), so adapters carry no path of the machine that trained them."""
     config = json.loads(config_file.read_text())
@@ -356,7 +356,7 @@ def _save_adapter(
     try:
         model.save_pretrained(tmp, selected_adapters=[name])
         written = tmp / name if (tmp / name).is_dir() else tmp
-        _strip_machine_path(written / "adapter_config.json")
+        strip_machine_path(written / "adapter_config.json")
         if items is not None:
             save_item_tokens(items, written)
         if prior is not None:

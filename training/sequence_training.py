@@ -71,7 +71,7 @@ from persona_gym.simulator.sequence import (
     gap_bucket,
     item_features,
 )
-from training.adapter_training import _strip_machine_path
+from training.adapter_training import strip_machine_path
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +592,7 @@ def train_sequence_adapter(
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), selected_adapters=[name])
-    _strip_machine_path(folder / "adapter_config.json")
+    strip_machine_path(folder / "adapter_config.json")
     tokens.save(folder)
     prior.save(folder)
     metrics = {

@@ -334,4 +334,4 @@ def test_the_shipped_agent_is_the_policy_named_agent(core):
     policy = SB3Policy.load(SHIPPED_AGENT, name="agent")
     assert isinstance(policy, SB3Policy) and policy.name == "agent" and policy.features is not None
     assert policy.features.user_vectors.shape[0] > 100  # the ML-100k users it was trained with
-    assert SB3Policy.load(SHIPPED_AGENT).name == "maskable-ppo:s0:49152"
+    assert SB3Policy.load(SHIPPED_AGENT).name == "maskable-dqn:s0:40960"
