@@ -17,7 +17,7 @@ import pytest
 
 from persona_gym.cli import main
 from tests.envs.test_ml1m import write_ml1m_folder
-from training.build import EVALUATE_CONFIGS, STAGES
+from training.build import EVALUATE_CONFIGS, SEQUENCE_EVALUATE_CONFIGS, STAGES
 
 
 def _build(*extra: str, base: str) -> list[str]:
@@ -122,7 +122,7 @@ def test_dry_run_prints_the_shipped_simulators_recipe(tmp_path, monkeypatch, cap
     assert train.endswith(
         ": persona-gym train --artifacts artifacts/ml100k --preset sequence --seed 0"
     ), train
-    assert "--configs " + " ".join(EVALUATE_CONFIGS) in lines["[5/5] evaluate"]
+    assert "--configs " + " ".join(SEQUENCE_EVALUATE_CONFIGS) + " --seed" in lines["[5/5] evaluate"]
     assert lines["[5/5] evaluate"].endswith("--compile")
     assert not (tmp_path / "artifacts").exists()  # nothing written
 
@@ -138,6 +138,8 @@ def test_run_flags_reach_the_block_trainer_only(tmp_path, monkeypatch, capsys):
         assert f"--preset {preset} " in train
         assert ("--no-compile" in train) == ("--device cuda" in train) == reaches, train
         assert "--device cuda" in evaluate and "--compile" not in evaluate
+        configs = SEQUENCE_EVALUATE_CONFIGS if preset == "sequence" else EVALUATE_CONFIGS
+        assert "--configs " + " ".join(configs) + " --seed" in evaluate
 
 
 def test_artifacts_made_by_hand_or_with_other_settings_are_refused(tmp_path, monkeypatch, capsys):

@@ -8,14 +8,14 @@ Five stages, each the command that does it by hand, with the same flags:
 2. distill   persona-gym distill --dataset DATASET --out DIR
 3. personas  persona-gym personas --artifacts DIR
 4. train     persona-gym train --artifacts DIR --preset P (default: the shipped simulator's recipe)
-5. evaluate  persona-gym evaluate --artifacts DIR (its three configurations)
+5. evaluate  persona-gym evaluate --artifacts DIR (two configurations, three under block)
 
 The defaults are the recipe of the shipped PersonaML100K-v0 simulator (the Makefile's
 ``simulator`` target): two personas clustered on the users' collaborative taste (--features
 taste --k 2), then ``persona-gym train`` with its defaults (``--preset sequence``: one persona
 adapter per persona reading its users' rating sequences, with the collaborative prior, owning
 0.75 of their users' taste along the axes that separate the personas), and the evaluation of
-persona:Ms+Ml, persona:Ms+Ml:w0 and persona:Ms. ``--preset block`` trains the earlier
+persona:Ms+Ml and persona:Ms+Ml:w0 (its window emptied; ``--preset block`` adds persona:Ms). ``--preset block`` trains the earlier
 item-token simulator instead (the block trainer: its budget flags ``--max-examples-per-user``
 and ``--lora-layers``, ``--device`` and ``--no-compile`` apply to its training).
 ``--dry-run`` prints the commands.
@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EVALUATE_CONFIGS",
+    "SEQUENCE_EVALUATE_CONFIGS",
     "PERSONAS_RECIPE",
     "STAGES",
     "Stage",
@@ -83,6 +84,8 @@ __all__ = [
 # budget knobs are build's own flags.
 PERSONAS_RECIPE = ("--features", "taste")
 EVALUATE_CONFIGS = ("persona:Ms+Ml", "persona:Ms+Ml:w0", "persona:Ms")
+# the sequence layout reads no memories: persona:Ms would repeat persona:Ms+Ml
+SEQUENCE_EVALUATE_CONFIGS = ("persona:Ms+Ml", "persona:Ms+Ml:w0")
 STAGES = ("fetch", "distill", "personas", "train", "evaluate")
 # What a finished stage leaves; a recorded stage whose product is gone runs again.
 _PRODUCT = {
@@ -149,7 +152,8 @@ def plan(args: argparse.Namespace, dataset: str) -> list[Stage]:
     run_flags = [] if args.preset == "sequence" else [*progress, *device, *no_compile]
     stages.append(Stage("train", train, run_flags))
     if not args.no_evaluate:
-        evaluate = ["--configs", *EVALUATE_CONFIGS, *seed]
+        configs = SEQUENCE_EVALUATE_CONFIGS if args.preset == "sequence" else EVALUATE_CONFIGS
+        evaluate = ["--configs", *configs, *seed]
         if args.max_test_per_user is not None:
             evaluate += ["--max-test-per-user", str(args.max_test_per_user)]
         if args.no_studies:
