@@ -15,9 +15,10 @@ The defaults are the recipe of the shipped PersonaML100K-v0 simulator (the Makef
 taste --k 2), then ``persona-gym train`` with its defaults (``--preset sequence``: one persona
 adapter per persona reading its users' rating sequences, with the collaborative prior, owning
 0.75 of their users' taste along the axes that separate the personas), and the evaluation of
-persona:Ms+Ml and persona:Ms+Ml:w0 (its window emptied; ``--preset block`` adds persona:Ms). ``--preset block`` trains the earlier
+persona:Ms+Ml and persona:Ms+Ml:w0 (its window emptied). ``--preset block`` trains the earlier
 item-token simulator instead (the block trainer: its budget flags ``--max-examples-per-user``
-and ``--lora-layers``, ``--device`` and ``--no-compile`` apply to its training).
+and ``--lora-layers``, ``--device`` and ``--no-compile`` apply to its training) and adds
+persona:Ms to the evaluation.
 ``--dry-run`` prints the commands.
 
 Resumable: ``DIR/build.json`` records each finished stage, the settings it ran with and the
