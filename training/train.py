@@ -606,7 +606,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="sequence",
         help="sequence: the shipped simulator's recipe, the sequence user model "
         "(training/sequence_training.py); block: the earlier item-token simulator's (block "
-        "trainer: persona adapters with item tokens and the collaborative signal); paper: the paper's configuration (block trainer: text "
+        "trainer: persona adapters with item tokens and the collaborative signal); paper: the "
+        "paper's configuration (block trainer: text "
         "prompts, persona and single adapters, no collaborative signal; `make paper-table`)",
     )
     parser.add_argument(
