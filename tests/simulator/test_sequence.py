@@ -133,14 +133,14 @@ def test_users_of_every_persona_in_one_call_get_their_own_adapter(simulator, lor
     assert adapters == {"persona-0", "persona-1"}  # the batch mixes both personas
     model = simulator.model
     model._prefixes.clear()
-    forwards = model.tokens_processed
+    before = model.tokens_processed
     probs = simulator.rate(users, candidates, windows)
     for row, user in enumerate(users):
         expected = _full_forward(simulator, lora_lm, user, candidates[row], windows[row])
         np.testing.assert_allclose(probs[row], expected, atol=1e-5)
     # each user's prefix and block once (history=2, window=2: 2 * 2 + 1 block tokens)
     prefix = len(model.prefix_embeddings(users[0], simulator.request(users[0], 0, ()).adapter))
-    assert model.tokens_processed - forwards == len(users) * (prefix + 2 * 2 + 1)
+    assert model.tokens_processed - before == len(users) * (prefix + 2 * 2 + 1)
 
 
 def test_the_prefix_is_the_logged_history_before_the_first_window(simulator):
